@@ -1,0 +1,673 @@
+//! Configuration: a TOML file plus `EMBER_*` environment overrides, resolved into [`Settings`].
+//!
+//! Two layers, as the conventions ask: [`RawConfig`] mirrors the file (`deny_unknown_fields`,
+//! every field optional), and [`Settings::resolve`] fills in the named defaults below and
+//! validates every value. An invalid configuration is refused before any file is written or
+//! socket bound, with an error that names the key and says how to fix it.
+//!
+//! Environment overrides: `EMBER_<KEY>` for a top-level key and `EMBER_<SECTION>__<KEY>` for a
+//! key in a table, e.g. `EMBER_DEVICE_ID=dev-7`, `EMBER_MQTT__PORT=8883`,
+//! `EMBER_QUEUE__FSYNC=never`. Values are parsed as TOML scalars (so `8883` is an integer and
+//! `true` a boolean) and fall back to strings. Sources (`[[source]]`) can only be set in the
+//! file. Variables starting with `EMBER_FLEET_` belong to the fleet service and are ignored.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use ember_proto::Encoding;
+
+// ---- named defaults -----------------------------------------------------------------------
+
+pub const DEFAULT_DATA_DIR: &str = "ember-data";
+pub const DEFAULT_MQTT_HOST: &str = "127.0.0.1";
+pub const DEFAULT_MQTT_PORT: u16 = 1883;
+pub const DEFAULT_KEEP_ALIVE_S: u64 = 30;
+/// AWS IoT Core caps a message at 128 KiB; Azure IoT Hub at 256 KiB. The smaller is the default.
+pub const DEFAULT_MESSAGE_MAX_BYTES: usize = 128 * 1024;
+pub const DEFAULT_MESSAGE_MAX_RECORDS: usize = 100;
+pub const DEFAULT_MESSAGE_MAX_DELAY_MS: u64 = 100;
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 32;
+pub const DEFAULT_RECONNECT_MIN_MS: u64 = 250;
+pub const DEFAULT_RECONNECT_MAX_MS: u64 = 30_000;
+pub const DEFAULT_HEARTBEAT_S: u64 = 30;
+pub const DEFAULT_STATUS_INTERVAL_S: u64 = 10;
+pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 256 * 1024 * 1024;
+pub const DEFAULT_QUEUE_MAX_AGE_S: u64 = 7 * 24 * 3600;
+pub const DEFAULT_FSYNC_INTERVAL_MS: u64 = 1000;
+pub const DEFAULT_APPEND_MAX_RECORDS: usize = 1000;
+pub const DEFAULT_APPEND_MAX_DELAY_MS: u64 = 20;
+pub const DEFAULT_CACHE_BYTES: u64 = 2 * 1024 * 1024;
+pub const DEFAULT_RECLAIM_BYTES: u64 = 16 * 1024 * 1024;
+pub const DEFAULT_GRACE_MS: u64 = 5000;
+pub const DEFAULT_SAMPLE_CHANNEL: usize = 8192;
+
+/// What went wrong, and where.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+// ---- the file layer -----------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub device_id: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub mqtt: RawMqtt,
+    #[serde(default)]
+    pub queue: RawQueue,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
+    pub shutdown: RawShutdown,
+    #[serde(default, rename = "source")]
+    pub sources: Vec<RawSource>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqtt {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub client_id: Option<String>,
+    pub keep_alive_s: Option<u64>,
+    pub encoding: Option<String>,
+    pub message_max_records: Option<usize>,
+    pub message_max_bytes: Option<usize>,
+    pub message_max_delay_ms: Option<u64>,
+    pub max_in_flight: Option<usize>,
+    pub reconnect_min_ms: Option<u64>,
+    pub reconnect_max_ms: Option<u64>,
+    pub heartbeat_s: Option<u64>,
+    pub status_interval_s: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    pub max_bytes: Option<u64>,
+    pub max_age_s: Option<u64>,
+    pub full_policy: Option<String>,
+    pub fsync: Option<String>,
+    pub fsync_interval_ms: Option<u64>,
+    pub append_max_records: Option<usize>,
+    pub append_max_delay_ms: Option<u64>,
+    pub cache_bytes: Option<u64>,
+    pub reclaim_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShutdown {
+    pub grace_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub stream: Option<String>,
+    // sim
+    pub rate_hz: Option<f64>,
+    pub channels: Option<usize>,
+    pub seed: Option<u64>,
+    // replay
+    pub path: Option<PathBuf>,
+    pub format: Option<String>,
+    #[serde(rename = "loop")]
+    pub looped: Option<bool>,
+    // socket
+    pub unix: Option<PathBuf>,
+    pub tcp: Option<String>,
+}
+
+// ---- the resolved layer -------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub device_id: String,
+    pub data_dir: PathBuf,
+    pub log: LogSettings,
+    pub mqtt: MqttSettings,
+    pub queue: QueueSettings,
+    pub metrics: MetricsSettings,
+    pub shutdown: ShutdownSettings,
+    pub sources: Vec<SourceSettings>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info` or `ember_agent=debug,info`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MqttSettings {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub keep_alive_s: u64,
+    pub encoding: Encoding,
+    pub message_max_records: usize,
+    pub message_max_bytes: usize,
+    pub message_max_delay_ms: u64,
+    pub max_in_flight: usize,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub heartbeat_s: u64,
+    pub status_interval_s: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FullPolicy {
+    /// Evict the oldest records to make room (default): capture never stops.
+    DropOldest,
+    /// Stop accepting new records until the uplink frees space: sources see backpressure.
+    Block,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum FsyncPolicy {
+    /// fsync after every appended batch, before the append returns.
+    EveryBatch,
+    /// fsync at most every `ms` milliseconds.
+    Interval { ms: u64 },
+    /// Never fsync explicitly; sled writes its buffers out every 500 ms.
+    Never,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueSettings {
+    pub max_bytes: u64,
+    pub max_age_s: u64,
+    pub full_policy: FullPolicy,
+    pub fsync: FsyncPolicy,
+    pub append_max_records: usize,
+    pub append_max_delay_ms: u64,
+    pub cache_bytes: u64,
+    pub reclaim_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricsSettings {
+    /// Where the Prometheus endpoint listens; `None` disables it.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ShutdownSettings {
+    pub grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplayFormat {
+    /// One sample per line, comma-separated numbers; a header line is skipped.
+    Csv,
+    /// UEA/sktime `.ts`: one multichannel series per line, channels separated by `:`.
+    Ts,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceSettings {
+    Sim { stream: String, rate_hz: f64, channels: usize, seed: u64 },
+    Replay { stream: String, path: PathBuf, format: ReplayFormat, rate_hz: f64, looped: bool },
+    Socket { stream: String, endpoint: SocketEndpoint },
+}
+
+impl SourceSettings {
+    pub fn stream(&self) -> &str {
+        match self {
+            SourceSettings::Sim { stream, .. }
+            | SourceSettings::Replay { stream, .. }
+            | SourceSettings::Socket { stream, .. } => stream,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketEndpoint {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl Settings {
+    /// Reads `path` (or uses an empty config when `None`), applies `env`, resolves and validates.
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Settings, ConfigError> {
+        let (text, name) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "<defaults>".to_string()),
+        };
+        Self::from_toml(&text, &name, env)
+    }
+
+    pub fn from_toml(
+        text: &str,
+        name: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: name.to_string(), message: e.to_string() })?;
+        apply_env(&mut table, env)?;
+        let raw: RawConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { path: name.to_string(), message: e.to_string() })?;
+        Settings::resolve(raw)
+    }
+
+    pub fn resolve(raw: RawConfig) -> Result<Settings, ConfigError> {
+        let device_id = raw.device_id.ok_or_else(|| {
+            invalid("device_id", "missing: set device_id = \"<name>\" in the file or EMBER_DEVICE_ID")
+        })?;
+        ember_proto::check_name(&device_id).map_err(|why| {
+            invalid("device_id", format!("{device_id:?} is not usable as a device id: {why} (use 1-64 of A-Z a-z 0-9 - _ .)"))
+        })?;
+        let data_dir = raw.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        if data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "is empty: give a directory the agent may write to"));
+        }
+
+        let log = LogSettings {
+            format: match raw.log.format.as_deref() {
+                None | Some("pretty") => LogFormat::Pretty,
+                Some("json") => LogFormat::Json,
+                Some(other) => return Err(invalid("log.format", format!("{other:?} is not a log format: use \"pretty\" or \"json\""))),
+            },
+            level: raw.log.level.unwrap_or_else(|| "info".into()),
+        };
+        if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+            return Err(invalid("log.level", format!("{:?} is not a filter: use e.g. \"info\", \"debug\" or \"ember_agent=debug,warn\"", log.level)));
+        }
+
+        let m = raw.mqtt;
+        let mqtt = MqttSettings {
+            host: m.host.unwrap_or_else(|| DEFAULT_MQTT_HOST.into()),
+            port: m.port.unwrap_or(DEFAULT_MQTT_PORT),
+            client_id: m.client_id.unwrap_or_else(|| device_id.clone()),
+            keep_alive_s: m.keep_alive_s.unwrap_or(DEFAULT_KEEP_ALIVE_S),
+            encoding: match m.encoding.as_deref() {
+                None | Some("json") => Encoding::Json,
+                Some("cbor") => Encoding::Cbor,
+                Some(other) => return Err(invalid("mqtt.encoding", format!("{other:?} is not an encoding: use \"json\" or \"cbor\""))),
+            },
+            message_max_records: m.message_max_records.unwrap_or(DEFAULT_MESSAGE_MAX_RECORDS),
+            message_max_bytes: m.message_max_bytes.unwrap_or(DEFAULT_MESSAGE_MAX_BYTES),
+            message_max_delay_ms: m.message_max_delay_ms.unwrap_or(DEFAULT_MESSAGE_MAX_DELAY_MS),
+            max_in_flight: m.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
+            reconnect_min_ms: m.reconnect_min_ms.unwrap_or(DEFAULT_RECONNECT_MIN_MS),
+            reconnect_max_ms: m.reconnect_max_ms.unwrap_or(DEFAULT_RECONNECT_MAX_MS),
+            heartbeat_s: m.heartbeat_s.unwrap_or(DEFAULT_HEARTBEAT_S),
+            status_interval_s: m.status_interval_s.unwrap_or(DEFAULT_STATUS_INTERVAL_S),
+        };
+        if mqtt.host.trim().is_empty() {
+            return Err(invalid("mqtt.host", "is empty: give the broker's host name or address"));
+        }
+        if mqtt.port == 0 {
+            return Err(invalid("mqtt.port", "0 is not a port: use 1883 (plain) or 8883 (TLS)"));
+        }
+        if mqtt.client_id.is_empty() || mqtt.client_id.len() > 128 {
+            return Err(invalid("mqtt.client_id", "must be 1-128 bytes"));
+        }
+        if !(5..=3600).contains(&mqtt.keep_alive_s) {
+            return Err(invalid("mqtt.keep_alive_s", format!("{} is out of range: use 5-3600 seconds", mqtt.keep_alive_s)));
+        }
+        if !(1..=10_000).contains(&mqtt.message_max_records) {
+            return Err(invalid("mqtt.message_max_records", format!("{} is out of range: use 1-10000", mqtt.message_max_records)));
+        }
+        if !(1024..=256 * 1024 * 1024).contains(&mqtt.message_max_bytes) {
+            return Err(invalid(
+                "mqtt.message_max_bytes",
+                format!("{} is out of range: use 1024-268435456 (AWS IoT Core allows 131072, Azure IoT Hub 262144)", mqtt.message_max_bytes),
+            ));
+        }
+        if mqtt.message_max_delay_ms > 60_000 {
+            return Err(invalid("mqtt.message_max_delay_ms", "must be at most 60000"));
+        }
+        if !(1..=1000).contains(&mqtt.max_in_flight) {
+            return Err(invalid("mqtt.max_in_flight", format!("{} is out of range: use 1-1000", mqtt.max_in_flight)));
+        }
+        if mqtt.reconnect_min_ms == 0 || mqtt.reconnect_min_ms > mqtt.reconnect_max_ms {
+            return Err(invalid("mqtt.reconnect_min_ms", "must be at least 1 and at most mqtt.reconnect_max_ms"));
+        }
+        if mqtt.heartbeat_s == 0 {
+            return Err(invalid("mqtt.heartbeat_s", "must be at least 1 second"));
+        }
+        if mqtt.status_interval_s == 0 {
+            return Err(invalid("mqtt.status_interval_s", "must be at least 1 second"));
+        }
+
+        let q = raw.queue;
+        let queue = QueueSettings {
+            max_bytes: q.max_bytes.unwrap_or(DEFAULT_QUEUE_MAX_BYTES),
+            max_age_s: q.max_age_s.unwrap_or(DEFAULT_QUEUE_MAX_AGE_S),
+            full_policy: match q.full_policy.as_deref() {
+                None | Some("drop_oldest") => FullPolicy::DropOldest,
+                Some("block") => FullPolicy::Block,
+                Some(other) => return Err(invalid("queue.full_policy", format!("{other:?} is not a policy: use \"drop_oldest\" or \"block\""))),
+            },
+            fsync: match q.fsync.as_deref() {
+                None | Some("every_batch") => FsyncPolicy::EveryBatch,
+                Some("interval_ms") | Some("interval") => FsyncPolicy::Interval { ms: q.fsync_interval_ms.unwrap_or(DEFAULT_FSYNC_INTERVAL_MS) },
+                Some("never") => FsyncPolicy::Never,
+                Some(other) => return Err(invalid("queue.fsync", format!("{other:?} is not a policy: use \"every_batch\", \"interval_ms\" or \"never\""))),
+            },
+            append_max_records: q.append_max_records.unwrap_or(DEFAULT_APPEND_MAX_RECORDS),
+            append_max_delay_ms: q.append_max_delay_ms.unwrap_or(DEFAULT_APPEND_MAX_DELAY_MS),
+            cache_bytes: q.cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES),
+            reclaim_bytes: q.reclaim_bytes.unwrap_or(DEFAULT_RECLAIM_BYTES),
+        };
+        if queue.max_bytes < 64 * 1024 {
+            return Err(invalid("queue.max_bytes", format!("{} is too small: use at least 65536 bytes", queue.max_bytes)));
+        }
+        if queue.max_age_s == 0 {
+            return Err(invalid("queue.max_age_s", "must be at least 1 second"));
+        }
+        if let FsyncPolicy::Interval { ms } = queue.fsync {
+            if !(1..=60_000).contains(&ms) {
+                return Err(invalid("queue.fsync_interval_ms", format!("{ms} is out of range: use 1-60000")));
+            }
+        } else if q.fsync_interval_ms.is_some() {
+            return Err(invalid("queue.fsync_interval_ms", "only applies with queue.fsync = \"interval_ms\": remove it or change queue.fsync"));
+        }
+        if !(1..=100_000).contains(&queue.append_max_records) {
+            return Err(invalid("queue.append_max_records", "must be 1-100000"));
+        }
+        if queue.append_max_delay_ms > 10_000 {
+            return Err(invalid("queue.append_max_delay_ms", "must be at most 10000"));
+        }
+        if queue.cache_bytes < 256 * 1024 {
+            return Err(invalid("queue.cache_bytes", "must be at least 262144 (256 KiB)"));
+        }
+
+        let metrics = MetricsSettings {
+            listen: match raw.metrics.listen {
+                None => None,
+                Some(s) => {
+                    let addr: SocketAddr = s.parse().map_err(|_| {
+                        invalid("metrics.listen", format!("{s:?} is not an address: use e.g. \"127.0.0.1:9898\""))
+                    })?;
+                    Some(addr)
+                }
+            },
+        };
+        let shutdown = ShutdownSettings { grace_ms: raw.shutdown.grace_ms.unwrap_or(DEFAULT_GRACE_MS) };
+        if shutdown.grace_ms > 600_000 {
+            return Err(invalid("shutdown.grace_ms", "must be at most 600000"));
+        }
+
+        if raw.sources.is_empty() {
+            return Err(invalid("source", "no [[source]] configured: add at least one, e.g. [[source]] type = \"sim\" stream = \"imu\""));
+        }
+        let mut sources = Vec::new();
+        let mut streams = BTreeMap::new();
+        for (i, s) in raw.sources.into_iter().enumerate() {
+            let src = resolve_source(i, s)?;
+            if let Some(prev) = streams.insert(src.stream().to_string(), i) {
+                return Err(invalid(
+                    format!("source[{i}].stream"),
+                    format!("stream {:?} is already produced by source[{prev}]: give each source its own stream", src.stream()),
+                ));
+            }
+            sources.push(src);
+        }
+        Ok(Settings { device_id, data_dir, log, mqtt, queue, metrics, shutdown, sources })
+    }
+
+    pub fn grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown.grace_ms)
+    }
+
+    /// The resolved configuration as TOML, for `check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render settings: {e}"))
+    }
+}
+
+fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError> {
+    let key = |k: &str| format!("source[{i}].{k}");
+    let kind = s.kind.ok_or_else(|| invalid(key("type"), "missing: use \"sim\", \"replay\" or \"socket\""))?;
+    let stream = s.stream.ok_or_else(|| invalid(key("stream"), "missing: name the stream, e.g. stream = \"imu\""))?;
+    ember_proto::check_name(&stream).map_err(|why| invalid(key("stream"), format!("{stream:?}: {why}")))?;
+    let rate = |default: f64| -> Result<f64, ConfigError> {
+        let r = s.rate_hz.unwrap_or(default);
+        if !(r.is_finite() && r > 0.0 && r <= 100_000.0) {
+            return Err(invalid(key("rate_hz"), format!("{r} is out of range: use a rate in (0, 100000] Hz")));
+        }
+        Ok(r)
+    };
+    let reject = |field: &str, present: bool| -> Result<(), ConfigError> {
+        if present {
+            Err(invalid(key(field), format!("does not apply to a {kind:?} source: remove it")))
+        } else {
+            Ok(())
+        }
+    };
+    match kind.as_str() {
+        "sim" => {
+            reject("path", s.path.is_some())?;
+            reject("format", s.format.is_some())?;
+            reject("loop", s.looped.is_some())?;
+            reject("unix", s.unix.is_some())?;
+            reject("tcp", s.tcp.is_some())?;
+            let channels = s.channels.unwrap_or(6);
+            if !(1..=256).contains(&channels) {
+                return Err(invalid(key("channels"), format!("{channels} is out of range: use 1-256")));
+            }
+            Ok(SourceSettings::Sim { stream, rate_hz: rate(100.0)?, channels, seed: s.seed.unwrap_or(1) })
+        }
+        "replay" => {
+            reject("channels", s.channels.is_some())?;
+            reject("seed", s.seed.is_some())?;
+            reject("unix", s.unix.is_some())?;
+            reject("tcp", s.tcp.is_some())?;
+            let path = s.path.ok_or_else(|| invalid(key("path"), "missing: give the CSV or .ts file to replay"))?;
+            let format = match s.format.as_deref() {
+                Some("csv") => ReplayFormat::Csv,
+                Some("ts") => ReplayFormat::Ts,
+                Some(other) => return Err(invalid(key("format"), format!("{other:?} is not a format: use \"csv\" or \"ts\""))),
+                None => match path.extension().and_then(|e| e.to_str()) {
+                    Some("csv") => ReplayFormat::Csv,
+                    Some("ts") => ReplayFormat::Ts,
+                    _ => return Err(invalid(key("format"), "cannot tell from the file extension: set format = \"csv\" or \"ts\"")),
+                },
+            };
+            Ok(SourceSettings::Replay { stream, path, format, rate_hz: rate(10.0)?, looped: s.looped.unwrap_or(true) })
+        }
+        "socket" => {
+            reject("rate_hz", s.rate_hz.is_some())?;
+            reject("channels", s.channels.is_some())?;
+            reject("seed", s.seed.is_some())?;
+            reject("path", s.path.is_some())?;
+            reject("format", s.format.is_some())?;
+            reject("loop", s.looped.is_some())?;
+            let endpoint = match (s.unix, s.tcp) {
+                (Some(p), None) => SocketEndpoint::Unix(p),
+                (None, Some(t)) => {
+                    let addr: SocketAddr = t.parse().map_err(|_| invalid(key("tcp"), format!("{t:?} is not an address: use e.g. \"127.0.0.1:7070\"")))?;
+                    if !addr.ip().is_loopback() {
+                        return Err(invalid(key("tcp"), format!("{addr} is not a loopback address: the socket source only listens on 127.0.0.1 or ::1 (local processes)")));
+                    }
+                    SocketEndpoint::Tcp(addr)
+                }
+                (Some(_), Some(_)) => return Err(invalid(key("tcp"), "set either unix or tcp, not both")),
+                (None, None) => return Err(invalid(key("unix"), "missing: set unix = \"/path/to.sock\" or tcp = \"127.0.0.1:7070\"")),
+            };
+            Ok(SourceSettings::Socket { stream, endpoint })
+        }
+        other => Err(invalid(key("type"), format!("{other:?} is not a source type: use \"sim\", \"replay\" or \"socket\""))),
+    }
+}
+
+/// Applies `EMBER_*` overrides onto the parsed file.
+fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+    for (var, value) in env {
+        let Some(rest) = var.strip_prefix("EMBER_") else { continue };
+        if rest.starts_with("FLEET_") || rest.is_empty() {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if path.iter().any(|p| p.is_empty()) || path.len() > 2 {
+            return Err(ConfigError::Env {
+                var,
+                message: "use EMBER_<KEY> or EMBER_<SECTION>__<KEY> (double underscore between section and key)".into(),
+            });
+        }
+        if path[0] == "source" {
+            return Err(ConfigError::Env { var, message: "sources can only be configured in the file".into() });
+        }
+        let parsed = parse_scalar(&value);
+        let slot = if path.len() == 1 {
+            table
+        } else {
+            let entry = table.entry(path[0].clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(t) => t,
+                _ => return Err(ConfigError::Env { var, message: format!("`{}` is not a table in the config file", path[0]) }),
+            }
+        };
+        slot.insert(path[path.len() - 1].clone(), parsed);
+    }
+    Ok(())
+}
+
+fn parse_scalar(s: &str) -> toml::Value {
+    #[derive(Deserialize)]
+    struct Probe {
+        v: toml::Value,
+    }
+    match toml::from_str::<Probe>(&format!("v = {s}")) {
+        Ok(Probe { v }) if !matches!(v, toml::Value::Table(_) | toml::Value::Array(_)) => v,
+        _ => toml::Value::String(s.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "device_id = \"d1\"\n[[source]]\ntype = \"sim\"\nstream = \"imu\"\n";
+
+    fn load(text: &str) -> Result<Settings, ConfigError> {
+        Settings::from_toml(text, "test.toml", Vec::new())
+    }
+
+    fn err(text: &str) -> String {
+        load(text).expect_err("config should be rejected").to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let s = load(MIN).unwrap();
+        assert_eq!(s.mqtt.port, DEFAULT_MQTT_PORT);
+        assert_eq!(s.mqtt.client_id, "d1");
+        assert_eq!(s.queue.fsync, FsyncPolicy::EveryBatch);
+        assert_eq!(s.queue.full_policy, FullPolicy::DropOldest);
+        assert_eq!(s.sources, vec![SourceSettings::Sim { stream: "imu".into(), rate_hz: 100.0, channels: 6, seed: 1 }]);
+        assert!(s.to_toml().contains("device_id = \"d1\""));
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let env = vec![
+            ("EMBER_MQTT__PORT".to_string(), "8883".to_string()),
+            ("EMBER_DEVICE_ID".to_string(), "from-env".to_string()),
+            ("EMBER_QUEUE__FSYNC".to_string(), "never".to_string()),
+            ("EMBER_FLEET_DATABASE_URL".to_string(), "ignored".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        let s = Settings::from_toml(MIN, "t", env).unwrap();
+        assert_eq!(s.mqtt.port, 8883);
+        assert_eq!(s.device_id, "from-env");
+        assert_eq!(s.queue.fsync, FsyncPolicy::Never);
+    }
+
+    #[test]
+    fn bad_env_names_the_variable() {
+        let e = Settings::from_toml(MIN, "t", vec![("EMBER_MQTT__PROT".into(), "1".into())]).unwrap_err().to_string();
+        assert!(e.contains("prot"), "{e}");
+        let e = Settings::from_toml(MIN, "t", vec![("EMBER_MQTT__PORT".into(), "abc".into())]).unwrap_err().to_string();
+        assert!(e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn invalid_configs_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("[[source]]\ntype=\"sim\"\nstream=\"a\"", "device_id"),
+            ("device_id = \"a/b\"\n[[source]]\ntype=\"sim\"\nstream=\"a\"", "device_id"),
+            ("device_id = \"d\"", "source"),
+            (&format!("{MIN}[mqtt]\nprot = 1"), "prot"),
+            (&format!("{MIN}[mqtt]\nport = 0"), "mqtt.port"),
+            (&format!("{MIN}[mqtt]\nport = 70000"), "port"),
+            (&format!("{MIN}[mqtt]\nencoding = \"xml\""), "mqtt.encoding"),
+            (&format!("{MIN}[mqtt]\nmessage_max_bytes = 10"), "mqtt.message_max_bytes"),
+            (&format!("{MIN}[mqtt]\nmax_in_flight = 0"), "mqtt.max_in_flight"),
+            (&format!("{MIN}[queue]\nfsync = \"sometimes\""), "queue.fsync"),
+            (&format!("{MIN}[queue]\nfull_policy = \"panic\""), "queue.full_policy"),
+            (&format!("{MIN}[queue]\nmax_bytes = 5"), "queue.max_bytes"),
+            (&format!("{MIN}[queue]\nfsync_interval_ms = 5"), "queue.fsync_interval_ms"),
+            (&format!("{MIN}[log]\nformat = \"xml\""), "log.format"),
+            (&format!("{MIN}[metrics]\nlisten = \"nowhere\""), "metrics.listen"),
+            (&format!("{MIN}[[source]]\ntype = \"sim\"\nstream = \"imu\""), "source[1].stream"),
+            (&format!("{MIN}[[source]]\ntype = \"radio\"\nstream = \"x\""), "source[1].type"),
+            (&format!("{MIN}[[source]]\ntype = \"sim\"\nstream = \"x\"\nrate_hz = -1"), "source[1].rate_hz"),
+            (&format!("{MIN}[[source]]\ntype = \"sim\"\nstream = \"x\"\npath = \"a.csv\""), "source[1].path"),
+            (&format!("{MIN}[[source]]\ntype = \"replay\"\nstream = \"x\""), "source[1].path"),
+            (&format!("{MIN}[[source]]\ntype = \"replay\"\nstream = \"x\"\npath = \"a.bin\""), "source[1].format"),
+            (&format!("{MIN}[[source]]\ntype = \"socket\"\nstream = \"x\""), "source[1].unix"),
+            (&format!("{MIN}[[source]]\ntype = \"socket\"\nstream = \"x\"\ntcp = \"10.0.0.1:1\""), "source[1].tcp"),
+            ("device_id = ", "line 1"),
+        ];
+        for (text, key) in cases {
+            let e = err(text);
+            assert!(e.contains(key), "error for {text:?} should name {key:?}: {e}");
+        }
+    }
+}

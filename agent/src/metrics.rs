@@ -1,0 +1,149 @@
+//! The agent's counters: one set of atomics, read by the status message and by the optional
+//! Prometheus endpoint (`metrics.listen`, loopback by convention).
+//!
+//! The endpoint is a minimal HTTP/1.1 responder on tokio rather than a web framework: it serves
+//! one text document, and pulling hyper into a daemon for small devices is not worth that.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use ember_proto::AgentCounters;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub captured: AtomicU64,
+    pub enqueued: AtomicU64,
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    pub evicted_bytes: AtomicU64,
+    pub evicted_age: AtomicU64,
+    pub corrupt: AtomicU64,
+    pub rejected: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub queue_resets: AtomicU64,
+    pub queue_records: AtomicU64,
+    pub queue_bytes: AtomicU64,
+    pub queue_disk_bytes: AtomicU64,
+    pub connected: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub publish_latency_us_sum: AtomicU64,
+    pub fsyncs: AtomicU64,
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> AgentCounters {
+        AgentCounters {
+            captured: self.captured.load(Relaxed),
+            enqueued: self.enqueued.load(Relaxed),
+            sent: self.sent.load(Relaxed),
+            acked: self.acked.load(Relaxed),
+            evicted_bytes: self.evicted_bytes.load(Relaxed),
+            evicted_age: self.evicted_age.load(Relaxed),
+            corrupt: self.corrupt.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
+            reconnects: self.reconnects.load(Relaxed),
+            in_flight: self.in_flight.load(Relaxed),
+            queue_resets: self.queue_resets.load(Relaxed),
+        }
+    }
+
+    /// Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self, device_id: &str) -> String {
+        let counters: [(&str, &str, &str, &str, &AtomicU64); 18] = [
+            ("records_captured_total", "counter", "Samples produced by sources.", "", &self.captured),
+            ("records_enqueued_total", "counter", "Records durably appended to the queue.", "", &self.enqueued),
+            ("records_sent_total", "counter", "Records published to the broker (re-sends count again).", "", &self.sent),
+            ("records_acked_total", "counter", "Records acknowledged by the broker and deleted from the queue.", "", &self.acked),
+            ("records_evicted_total", "counter", "Records evicted from the queue, by reason.", "reason=\"bytes\"", &self.evicted_bytes),
+            ("records_evicted_total", "counter", "", "reason=\"age\"", &self.evicted_age),
+            ("records_corrupt_total", "counter", "Stored records that failed their CRC and were skipped.", "", &self.corrupt),
+            ("input_rejected_total", "counter", "Malformed input lines or samples rejected by sources.", "", &self.rejected),
+            ("reconnects_total", "counter", "Reconnections to the broker after the first connection.", "", &self.reconnects),
+            ("queue_resets_total", "counter", "Times an unreadable queue database was moved aside and replaced.", "", &self.queue_resets),
+            ("messages_sent_total", "counter", "MQTT messages published.", "", &self.messages_sent),
+            ("fsyncs_total", "counter", "fsync calls made by the queue.", "", &self.fsyncs),
+            ("publish_ack_latency_microseconds_sum", "counter", "Sum of publish-to-PUBACK latencies.", "", &self.publish_latency_us_sum),
+            ("records_in_flight", "gauge", "Records published and not yet acknowledged.", "", &self.in_flight),
+            ("queue_records", "gauge", "Records in the durable queue.", "", &self.queue_records),
+            ("queue_bytes", "gauge", "Bytes of record data in the durable queue.", "", &self.queue_bytes),
+            ("queue_disk_bytes", "gauge", "Bytes the queue's files take on disk.", "", &self.queue_disk_bytes),
+            ("connected", "gauge", "1 while connected to the broker.", "", &self.connected),
+        ];
+        let mut out = String::with_capacity(4096);
+        for (name, kind, help, labels, value) in counters {
+            // A metric with several label sets carries its HELP/TYPE once, on the first.
+            if !help.is_empty() {
+                out.push_str(&format!("# HELP ember_agent_{name} {help}\n# TYPE ember_agent_{name} {kind}\n"));
+            }
+            let sep = if labels.is_empty() { "" } else { "," };
+            out.push_str(&format!("ember_agent_{name}{{device=\"{device_id}\"{sep}{labels}}} {}\n", value.load(Relaxed)));
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `addr` until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    device_id: String,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (mut sock, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Metrics endpoint failed to accept a connection.");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let device_id = device_id.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let started = Instant::now();
+            let mut n = 0;
+            // Read until the end of the request head (or give up after a short while).
+            while n < buf.len() && started.elapsed() < Duration::from_secs(2) {
+                match tokio::time::timeout(Duration::from_secs(2), sock.read(&mut buf[n..])).await {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                    Ok(Ok(k)) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
+                ("200 OK", metrics.render(&device_id))
+            } else {
+                ("404 Not Found", "not found: the agent serves GET /metrics\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+/// Binds the metrics listener (done before the agent starts, so a busy port fails fast).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

@@ -1,0 +1,1 @@
+//! Ember benchmarks; see `bench/README.md`.

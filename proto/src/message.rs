@@ -1,0 +1,381 @@
+//! Versioned messages and their encodings.
+//!
+//! Every message carries `v` (the schema version, [`SCHEMA_VERSION`]). Within one version,
+//! fields are only ever added (decoders ignore unknown fields); a breaking change bumps `v`
+//! and the topic prefix together.
+//!
+//! Two encodings exist, and every payload declares its own:
+//! * **JSON** (default): what cloud rule engines (AWS IoT rules, Azure IoT Hub routing) parse.
+//!   A JSON payload starts with `{`.
+//! * **CBOR** (compact, ~40% smaller for float arrays): the payload starts with the CBOR
+//!   self-describe tag 55799 (bytes `d9 d9 f7`, RFC 8949 §3.4.6), which no JSON text can.
+//!
+//! [`Encoding::sniff`] tells them apart, so a subscriber never needs out-of-band configuration.
+
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ProtoError;
+use crate::record::Record;
+
+/// The schema version this build writes and understands.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The CBOR self-describe tag that prefixes every CBOR payload.
+pub const CBOR_MAGIC: [u8; 3] = [0xd9, 0xd9, 0xf7];
+
+/// One record inside a [`TelemetryBatch`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireRecord {
+    pub seq: u64,
+    /// Capture time, microseconds since the Unix epoch.
+    pub ts: u64,
+    pub values: Vec<f32>,
+    /// Envelope CRC32, see [`Record::crc32`].
+    pub crc: u32,
+}
+
+/// Records of one stream, in increasing `seq` order, published on `ember/v1/{device}/telemetry`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryBatch {
+    pub v: u32,
+    pub device: String,
+    pub stream: String,
+    pub records: Vec<WireRecord>,
+}
+
+impl TelemetryBatch {
+    pub fn new(device: &str, stream: &str) -> Self {
+        TelemetryBatch { v: SCHEMA_VERSION, device: device.into(), stream: stream.into(), records: Vec::new() }
+    }
+
+    pub fn push(&mut self, seq: u64, ts: u64, values: Vec<f32>) {
+        let crc = crate::record::envelope_crc(&self.device, &self.stream, seq, ts, &values);
+        self.records.push(WireRecord { seq, ts, values, crc });
+    }
+
+    /// Checks the schema version, names, ordering and every record's CRC.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        check_version(self.v)?;
+        crate::check_name(&self.device)
+            .map_err(|why| ProtoError::InvalidDeviceId { id: self.device.clone(), why })?;
+        crate::check_name(&self.stream)
+            .map_err(|why| ProtoError::InvalidStream { name: self.stream.clone(), why })?;
+        let mut last = 0u64;
+        for r in &self.records {
+            if r.seq <= last {
+                return Err(ProtoError::Malformed {
+                    encoding: "telemetry",
+                    detail: alloc::format!("seq {} follows {} (must increase)", r.seq, last),
+                });
+            }
+            last = r.seq;
+            let computed = crate::record::envelope_crc(&self.device, &self.stream, r.seq, r.ts, &r.values);
+            if computed != r.crc {
+                return Err(ProtoError::RecordCrc { stream: self.stream.clone(), seq: r.seq, sent: r.crc, computed });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn into_records(self) -> impl Iterator<Item = Record> {
+        let stream = self.stream;
+        self.records.into_iter().map(move |r| Record { stream: stream.clone(), seq: r.seq, ts_us: r.ts, values: r.values })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceState {
+    Online,
+    Offline,
+}
+
+/// Size of the agent's durable queue.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QueueGauge {
+    pub records: u64,
+    /// Bytes of record data (keys + values) counted against the byte cap.
+    pub bytes: u64,
+    /// Bytes the queue's files take on disk.
+    pub disk_bytes: u64,
+}
+
+/// Counters since the agent started (they reset on restart; the ledger uses per-stream
+/// sequence numbers, which do not).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentCounters {
+    /// Samples produced by sources.
+    pub captured: u64,
+    /// Records durably appended to the queue.
+    pub enqueued: u64,
+    /// Records published (a record re-sent after a reconnect counts again).
+    pub sent: u64,
+    /// Records acknowledged by the broker (QoS1 PUBACK) and deleted from the queue.
+    pub acked: u64,
+    /// Records evicted because the queue reached its byte cap.
+    pub evicted_bytes: u64,
+    /// Records evicted because they exceeded the maximum age.
+    pub evicted_age: u64,
+    /// Stored records that failed their CRC and were skipped.
+    pub corrupt: u64,
+    /// Input lines or samples rejected by sources (malformed, wrong shape).
+    pub rejected: u64,
+    /// Successful (re)connections to the broker after the first.
+    pub reconnects: u64,
+    /// Records published but not yet acknowledged.
+    pub in_flight: u64,
+    /// Times the queue database could not be opened and was replaced by an empty one.
+    pub queue_resets: u64,
+}
+
+/// A contiguous range of sequence numbers the agent evicted on purpose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvictedRange {
+    pub from: u64,
+    pub to: u64,
+    /// `bytes` (byte cap), `age` (max age), `corrupt` (failed CRC) or `reset` (queue replaced).
+    pub reason: String,
+}
+
+/// Per-stream view, the agent's side of the fleet's durability ledger.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamStatus {
+    pub stream: String,
+    /// The last sequence number assigned (0 when none yet): records 1..=last_seq were captured.
+    pub last_seq: u64,
+    /// Records of this stream still queued.
+    pub queued: u64,
+    /// The most recent ranges evicted on purpose (oldest first, bounded).
+    #[serde(default)]
+    pub evicted: Vec<EvictedRange>,
+}
+
+/// Retained on `ember/v1/{device}/status`; the Last Will publishes the `offline` form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub v: u32,
+    pub device: String,
+    pub state: DeviceState,
+    /// When this status was produced, microseconds since the epoch (0 in the Last Will,
+    /// whose time is when the broker published it).
+    pub ts: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// Active model name -> version.
+    #[serde(default)]
+    pub models: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueGauge>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<AgentCounters>,
+    #[serde(default)]
+    pub streams: Vec<StreamStatus>,
+}
+
+impl Status {
+    /// The Last Will: the broker publishes it, retained, when the agent vanishes.
+    pub fn offline(device: &str) -> Self {
+        Status {
+            v: SCHEMA_VERSION,
+            device: device.into(),
+            state: DeviceState::Offline,
+            ts: 0,
+            agent_version: None,
+            models: BTreeMap::new(),
+            queue: None,
+            counters: None,
+            streams: Vec::new(),
+        }
+    }
+}
+
+/// Periodic liveness beacon on `ember/v1/{device}/heartbeat` (QoS0, not retained).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub v: u32,
+    pub device: String,
+    pub ts: u64,
+    pub uptime_s: u64,
+    pub queue_records: u64,
+}
+
+/// Any message, for subscribers that dispatch on the topic's channel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Telemetry(TelemetryBatch),
+    Status(Status),
+    Heartbeat(Heartbeat),
+}
+
+fn check_version(v: u32) -> Result<(), ProtoError> {
+    if v == SCHEMA_VERSION { Ok(()) } else { Err(ProtoError::UnsupportedVersion { found: v, supported: SCHEMA_VERSION }) }
+}
+
+/// A payload encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Json,
+    Cbor,
+}
+
+impl Encoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Json => "json",
+            Encoding::Cbor => "cbor",
+        }
+    }
+
+    /// Which encoding a payload declares: the CBOR self-describe tag, or a JSON object.
+    pub fn sniff(payload: &[u8]) -> Result<Encoding, ProtoError> {
+        if payload.is_empty() {
+            return Err(ProtoError::Empty);
+        }
+        if payload.starts_with(&CBOR_MAGIC) {
+            return Ok(Encoding::Cbor);
+        }
+        match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => Ok(Encoding::Json),
+            _ => Err(ProtoError::Malformed {
+                encoding: "unknown",
+                detail: "payload is neither a JSON object nor CBOR with the self-describe tag d9d9f7".into(),
+            }),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+mod codec {
+    use super::*;
+    use serde::de::DeserializeOwned;
+
+    #[derive(Deserialize)]
+    struct VersionProbe {
+        v: Option<u32>,
+    }
+
+    /// Encodes a message in the given encoding.
+    pub fn encode<T: Serialize>(msg: &T, encoding: Encoding) -> Result<Vec<u8>, ProtoError> {
+        match encoding {
+            #[cfg(feature = "json")]
+            Encoding::Json => serde_json::to_vec(msg)
+                .map_err(|e| ProtoError::Malformed { encoding: "json", detail: e.to_string() }),
+            #[cfg(feature = "cbor")]
+            Encoding::Cbor => {
+                let mut out = CBOR_MAGIC.to_vec();
+                ciborium::ser::into_writer(msg, &mut out)
+                    .map_err(|e| ProtoError::Malformed { encoding: "cbor", detail: e.to_string() })?;
+                Ok(out)
+            }
+            #[allow(unreachable_patterns)]
+            other => Err(ProtoError::EncodingUnavailable(other.as_str())),
+        }
+    }
+
+    fn decode_raw<T: DeserializeOwned>(payload: &[u8], enc: Encoding) -> Result<T, ProtoError> {
+        match enc {
+            #[cfg(feature = "json")]
+            Encoding::Json => serde_json::from_slice(payload)
+                .map_err(|e| ProtoError::Malformed { encoding: "json", detail: e.to_string() }),
+            #[cfg(feature = "cbor")]
+            Encoding::Cbor => ciborium::de::from_reader(&payload[CBOR_MAGIC.len()..])
+                .map_err(|e| ProtoError::Malformed { encoding: "cbor", detail: e.to_string() }),
+            #[allow(unreachable_patterns)]
+            other => Err(ProtoError::EncodingUnavailable(other.as_str())),
+        }
+    }
+
+    /// Decodes a payload whose encoding it sniffs. A payload from another schema version is
+    /// reported as [`ProtoError::UnsupportedVersion`], not as malformed.
+    pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<(T, Encoding), ProtoError> {
+        let enc = Encoding::sniff(payload)?;
+        match decode_raw::<T>(payload, enc) {
+            Ok(v) => Ok((v, enc)),
+            Err(e) => match decode_raw::<VersionProbe>(payload, enc) {
+                Ok(VersionProbe { v: Some(v) }) if v != SCHEMA_VERSION => {
+                    Err(ProtoError::UnsupportedVersion { found: v, supported: SCHEMA_VERSION })
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Decodes and validates a telemetry batch (version, names, seq order, CRCs).
+    pub fn decode_telemetry(payload: &[u8]) -> Result<(TelemetryBatch, Encoding), ProtoError> {
+        let (b, enc) = decode::<TelemetryBatch>(payload)?;
+        b.validate()?;
+        Ok((b, enc))
+    }
+
+    /// Decodes a status message and checks its version.
+    pub fn decode_status(payload: &[u8]) -> Result<(Status, Encoding), ProtoError> {
+        let (s, enc) = decode::<Status>(payload)?;
+        check_version(s.v)?;
+        Ok((s, enc))
+    }
+}
+
+#[cfg(feature = "std")]
+pub use codec::{decode, decode_status, decode_telemetry, encode};
+
+#[cfg(all(test, feature = "json", feature = "cbor"))]
+mod tests {
+    use super::*;
+
+    fn batch() -> TelemetryBatch {
+        let mut b = TelemetryBatch::new("dev-1", "imu");
+        b.push(1, 1_700_000_000_000_000, alloc::vec![0.1, -2.5, 3.0]);
+        b.push(2, 1_700_000_000_010_000, alloc::vec![0.2, -2.4, 3.1]);
+        b
+    }
+
+    #[test]
+    fn both_encodings_round_trip_and_declare_themselves() {
+        for enc in [Encoding::Json, Encoding::Cbor] {
+            let bytes = encode(&batch(), enc).unwrap();
+            assert_eq!(Encoding::sniff(&bytes).unwrap(), enc);
+            let (back, got) = decode_telemetry(&bytes).unwrap();
+            assert_eq!(got, enc);
+            assert_eq!(back, batch());
+        }
+        let json = encode(&batch(), Encoding::Json).unwrap();
+        let cbor = encode(&batch(), Encoding::Cbor).unwrap();
+        assert!(cbor.len() < json.len());
+    }
+
+    #[test]
+    fn json_shape_is_stable() {
+        let mut b = TelemetryBatch::new("d", "s");
+        b.push(1, 2, alloc::vec![0.5]);
+        let s = String::from_utf8(encode(&b, Encoding::Json).unwrap()).unwrap();
+        assert_eq!(s, format!(r#"{{"v":1,"device":"d","stream":"s","records":[{{"seq":1,"ts":2,"values":[0.5],"crc":{}}}]}}"#, b.records[0].crc));
+        let st = String::from_utf8(encode(&Status::offline("d"), Encoding::Json).unwrap()).unwrap();
+        assert_eq!(st, r#"{"v":1,"device":"d","state":"offline","ts":0,"models":{},"streams":[]}"#);
+    }
+
+    #[test]
+    fn rejects_bad_payloads_with_reasons() {
+        assert_eq!(decode_telemetry(b""), Err(ProtoError::Empty));
+        assert!(matches!(decode_telemetry(b"garbage"), Err(ProtoError::Malformed { .. })));
+        assert!(matches!(decode_telemetry(b"{\"v\":1}"), Err(ProtoError::Malformed { .. })));
+        let v2 = br#"{"v":2,"device":"d","stream":"s","records":[],"new":true}"#;
+        assert_eq!(decode_telemetry(v2), Err(ProtoError::UnsupportedVersion { found: 2, supported: 1 }));
+        let v2_other_shape = br#"{"v":2,"payload":"x"}"#;
+        assert_eq!(decode_telemetry(v2_other_shape), Err(ProtoError::UnsupportedVersion { found: 2, supported: 1 }));
+        let mut bad = batch();
+        bad.records[1].values[0] = 9.0;
+        let bytes = encode(&bad, Encoding::Json).unwrap();
+        assert!(matches!(decode_telemetry(&bytes), Err(ProtoError::RecordCrc { seq: 2, .. })));
+        let mut unordered = batch();
+        unordered.records.swap(0, 1);
+        assert!(matches!(unordered.validate(), Err(ProtoError::Malformed { .. })));
+        let mut bad_dev = batch();
+        bad_dev.device = "a/b".into();
+        assert!(matches!(bad_dev.validate(), Err(ProtoError::InvalidDeviceId { .. })));
+    }
+}
