@@ -565,7 +565,7 @@ fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, Str
         }
         let parsed = parse_scalar(&value);
         let slot = if path.len() == 1 {
-            table
+            &mut *table
         } else {
             let entry = table.entry(path[0].clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
             match entry {

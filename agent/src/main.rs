@@ -1,1 +1,106 @@
-fn main() {}
+//! `ember-agent` binary: parses arguments, sets up logging and signals, and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use ember_agent::config::{LogFormat, Settings};
+
+#[derive(Parser)]
+#[command(name = "ember-agent", version, about = "Ember edge agent: sensors -> durable queue -> MQTT")]
+struct Cli {
+    /// Configuration file (TOML). EMBER_* environment variables override it.
+    #[arg(long, short, global = true, env = "EMBER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Validate the configuration and print it fully resolved.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env = std::env::vars().filter(|(k, _)| k != "EMBER_CONFIG");
+    let settings = match Settings::load(cli.config.as_deref(), env) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ember-agent: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => {
+            print!("{}", settings.to_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Run => match run(settings) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ember-agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn init_logging(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match settings.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn run(settings: Settings) -> anyhow::Result<()> {
+    init_logging(&settings);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(4)
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let force = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone(), force.clone())?;
+        let report = ember_agent::runtime::run(settings, shutdown, force).await?;
+        tracing::info!(outcome = ?report.outcome, queued = report.queued_at_exit, "Exiting.");
+        Ok(())
+    })
+}
+
+/// First SIGTERM/SIGINT: drain gracefully. Second: exit at once.
+fn spawn_signal_handler(shutdown: CancellationToken, force: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            seen += 1;
+            if seen == 1 {
+                tracing::info!("Shutdown requested: draining the queue (send the signal again to exit at once).");
+                shutdown.cancel();
+            } else {
+                tracing::warn!("Second signal: exiting now; queued records stay on disk.");
+                force.cancel();
+                std::process::exit(130);
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,917 @@
+//! The durable record queue: every sample is written here before anything else happens to it,
+//! and deleted only after the broker acknowledged the message that carried it.
+//!
+//! # On-disk layout
+//!
+//! ```text
+//! <data_dir>/queue/                 the live sled database (one tree)
+//!     'r' stream_id:u32be seq:u64be  -> StoredRecord (crc32 | v1 | ts_us | n | f32 × n)
+//!     'm' stream_id:u32be            -> StreamMeta JSON {name, next_seq, evicted ranges}
+//! <data_dir>/queue.seq              sequence reservations per stream (JSON, replaced atomically)
+//! <data_dir>/queue.next/            a compaction in progress (removed, or promoted, at open)
+//! <data_dir>/queue.old/             a finished compaction's old copy (removed at open)
+//! <data_dir>/queue.corrupt-<unix>/  a database that could not be opened, kept for inspection
+//! ```
+//!
+//! # Lifecycle
+//!
+//! `open` recovers: it finishes or discards an interrupted compaction, opens the database
+//! (moving an unreadable one aside and starting empty, reported in [`OpenReport`] and the
+//! `queue_resets` counter), and scans every record to rebuild counts and drop records whose
+//! CRC fails. Then the writer task `append`s batches, the uplink `read`s and `ack`s, and the
+//! writer calls `maintain` between batches (age eviction, disk reclaim).
+//!
+//! # Guarantees
+//!
+//! * Records MUST get per-stream sequence numbers 1, 2, 3, ... that never repeat, across
+//!   restarts, compactions and database resets (resets jump to the persisted reservation in
+//!   `queue.seq`, leaving a gap that is reported as an evicted range with reason `reset`).
+//! * One `append` is one atomic sled batch, together with the stream metadata it changes.
+//! * With `fsync = every_batch`, `append` MUST NOT return before the batch is on stable
+//!   storage (sled flush + `fsync` of its data file). Loss window: none.
+//!   With `interval_ms = N`, records become durable at the next tick. Loss window: the last
+//!   N ms on a crash or power loss. With `never`, sled's own flush (every 500 ms, no fsync) is
+//!   relied on. Loss window: ~500 ms on a process crash, and whatever the OS had not written
+//!   back (Linux: up to ~30 s) on power loss.
+//! * The uplink MUST only be handed records that are durable under the policy in force
+//!   ([`Queue::read`] stops at the durable watermark), so a record the fleet has seen can never
+//!   be lost and its sequence number reused.
+//! * Records are deleted only by [`Queue::ack`] (the broker's PUBACK), by eviction (counted by
+//!   reason and recorded as ranges in the stream's metadata) or, when their CRC fails, as
+//!   corrupt (counted; never a crash).
+//! * Eviction (`drop_oldest`) MUST NOT touch a record already handed to the uplink and not yet
+//!   acknowledged: it may have reached the fleet, and counting it as evicted would break
+//!   `captured = delivered + evicted + queued`.
+//! * The byte cap counts key + value bytes of queued records; sled's file is larger and is
+//!   reclaimed by compaction when the live data is small.
+
+mod engine;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub use engine::{Engine, SledEngine};
+use ember_proto::{EvictedRange, StoredRecord, StreamStatus};
+
+use crate::config::{FsyncPolicy, FullPolicy, QueueSettings};
+use crate::metrics::Metrics;
+use crate::source::Sample;
+
+const RECORD_TAG: u8 = b'r';
+const META_TAG: u8 = b'm';
+const KEY_LEN: usize = 13;
+/// Sequence numbers are reserved in `queue.seq` this many at a time.
+const RESERVE_BLOCK: u64 = 1 << 16;
+/// Evicted ranges kept per stream (oldest dropped first).
+const MAX_EVICTED_RANGES: usize = 32;
+/// How often `maintain` measures disk usage and checks record ages.
+const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("cannot open the queue database at {path}: {detail}")]
+    Open { path: PathBuf, detail: String },
+    #[error(
+        "the queue database at {path} is locked by another process: is another ember-agent using the same data_dir? Stop it or give this agent its own data_dir"
+    )]
+    Locked { path: PathBuf },
+    #[error("queue storage error: {0}")]
+    Engine(String),
+    #[error("{what} failed: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("queue is closed (a compaction failed to reopen it)")]
+    Closed,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> QueueError {
+    let what = what.into();
+    move |source| QueueError::Io { what, source }
+}
+
+pub type StreamId = u32;
+
+fn record_key(sid: StreamId, seq: u64) -> [u8; KEY_LEN] {
+    let mut k = [0u8; KEY_LEN];
+    k[0] = RECORD_TAG;
+    k[1..5].copy_from_slice(&sid.to_be_bytes());
+    k[5..13].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn parse_record_key(k: &[u8]) -> Option<(StreamId, u64)> {
+    if k.len() != KEY_LEN || k[0] != RECORD_TAG {
+        return None;
+    }
+    let sid = u32::from_be_bytes(k[1..5].try_into().ok()?);
+    let seq = u64::from_be_bytes(k[5..13].try_into().ok()?);
+    Some((sid, seq))
+}
+
+fn meta_key(sid: StreamId) -> Vec<u8> {
+    let mut k = vec![META_TAG];
+    k.extend_from_slice(&sid.to_be_bytes());
+    k
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StreamMeta {
+    name: String,
+    next_seq: u64,
+    #[serde(default)]
+    evicted: Vec<EvictedRange>,
+}
+
+#[derive(Debug, Clone)]
+struct StreamState {
+    name: Arc<str>,
+    /// The next sequence number to assign.
+    next_seq: u64,
+    /// Highest sequence number that is durable under the fsync policy.
+    durable_upto: u64,
+    /// Highest sequence number ever handed to the uplink in this process: never evicted.
+    sent_upto: u64,
+    records: u64,
+    bytes: u64,
+    evicted: Vec<EvictedRange>,
+    meta_dirty: bool,
+}
+
+impl StreamState {
+    fn meta(&self) -> StreamMeta {
+        StreamMeta { name: self.name.to_string(), next_seq: self.next_seq, evicted: self.evicted.clone() }
+    }
+
+    fn note_evicted(&mut self, seq: u64, reason: &str) {
+        if let Some(last) = self.evicted.last_mut() {
+            if last.reason == reason && last.to + 1 == seq {
+                last.to = seq;
+                self.meta_dirty = true;
+                return;
+            }
+        }
+        self.evicted.push(EvictedRange { from: seq, to: seq, reason: reason.to_string() });
+        if self.evicted.len() > MAX_EVICTED_RANGES {
+            self.evicted.remove(0);
+        }
+        self.meta_dirty = true;
+    }
+}
+
+/// What `open` found.
+#[derive(Debug, Default, Clone)]
+pub struct OpenReport {
+    pub records: u64,
+    pub bytes: u64,
+    pub corrupt: u64,
+    /// Set when the database could not be opened and was replaced by an empty one.
+    pub reset: Option<ResetInfo>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResetInfo {
+    pub reason: String,
+    pub moved_to: PathBuf,
+}
+
+/// Records read for sending: `(seq, record)` in increasing `seq` order.
+pub type ReadBatch = Vec<(u64, StoredRecord)>;
+
+/// Result of an append: how many samples were taken. With `full_policy = block` a full queue
+/// takes fewer than offered; the caller waits for [`Queue::space_freed`] and offers the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendOutcome {
+    pub accepted: usize,
+}
+
+struct Inner {
+    engine: Option<Arc<SledEngine>>,
+    streams: Vec<StreamState>,
+    by_name: HashMap<Arc<str>, StreamId>,
+    records: u64,
+    bytes: u64,
+    reserved: BTreeMap<String, u64>,
+    last_maintain: Option<Instant>,
+}
+
+impl Inner {
+    fn engine(&self) -> Result<Arc<SledEngine>, QueueError> {
+        self.engine.clone().ok_or(QueueError::Closed)
+    }
+}
+
+pub struct Queue {
+    root: PathBuf,
+    settings: QueueSettings,
+    metrics: Arc<Metrics>,
+    inner: Mutex<Inner>,
+    ready: tokio::sync::Notify,
+    space: tokio::sync::Notify,
+}
+
+impl Queue {
+    /// Opens the queue under `data_dir`, recovering from crashes and damage (see module docs).
+    pub fn open(data_dir: &Path, settings: QueueSettings, metrics: Arc<Metrics>) -> Result<(Queue, OpenReport), QueueError> {
+        std::fs::create_dir_all(data_dir).map_err(io_err(format!("creating data_dir {}", data_dir.display())))?;
+        let live = data_dir.join("queue");
+        let next = data_dir.join("queue.next");
+        let old = data_dir.join("queue.old");
+        // Finish or discard an interrupted compaction.
+        if next.exists() {
+            if live.exists() {
+                std::fs::remove_dir_all(&next).map_err(io_err("removing an unfinished compaction"))?;
+            } else {
+                std::fs::rename(&next, &live).map_err(io_err("promoting a finished compaction"))?;
+            }
+        }
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io_err("removing a compaction's old copy"))?;
+        }
+        let reserved = read_reservations(data_dir)?;
+        let mut report = OpenReport::default();
+        let engine = match SledEngine::open(&live, settings.cache_bytes, background_flush(&settings)) {
+            Ok(e) => e,
+            Err(QueueError::Open { detail, .. }) => {
+                let moved_to = data_dir.join(format!("queue.corrupt-{}", crate::source::now_us() / 1_000_000));
+                tracing::error!(
+                    path = %live.display(), moved_to = %moved_to.display(), error = %detail,
+                    "The queue database cannot be opened; moving it aside and starting an empty queue. Records it held are lost."
+                );
+                std::fs::rename(&live, &moved_to).map_err(io_err("moving the damaged queue aside"))?;
+                metrics.queue_resets.fetch_add(1, Relaxed);
+                report.reset = Some(ResetInfo { reason: detail, moved_to });
+                SledEngine::open(&live, settings.cache_bytes, background_flush(&settings))?
+            }
+            Err(e) => return Err(e),
+        };
+
+        let mut inner = Inner {
+            engine: None,
+            streams: Vec::new(),
+            by_name: HashMap::new(),
+            records: 0,
+            bytes: 0,
+            reserved,
+            last_maintain: None,
+        };
+        // Rebuild state: metadata first (ids, next_seq), then count records.
+        let mut metas: BTreeMap<StreamId, StreamMeta> = BTreeMap::new();
+        let mut last_seq: HashMap<StreamId, u64> = HashMap::new();
+        let mut corrupt_keys = Vec::new();
+        let mut per_stream: HashMap<StreamId, (u64, u64)> = HashMap::new();
+        engine.for_each(|k, v| {
+            if k.first() == Some(&META_TAG) && k.len() == 5 {
+                let sid = u32::from_be_bytes([k[1], k[2], k[3], k[4]]);
+                match serde_json::from_slice::<StreamMeta>(v) {
+                    Ok(m) => {
+                        metas.insert(sid, m);
+                    }
+                    Err(e) => tracing::error!(stream_id = sid, error = %e, "Stream metadata is unreadable; its records will be dropped as corrupt."),
+                }
+            } else if let Some((sid, seq)) = parse_record_key(k) {
+                match StoredRecord::decode(k, v) {
+                    Ok(_) => {
+                        let e = per_stream.entry(sid).or_default();
+                        e.0 += 1;
+                        e.1 += (k.len() + v.len()) as u64;
+                        let l = last_seq.entry(sid).or_default();
+                        *l = (*l).max(seq);
+                    }
+                    Err(err) => {
+                        tracing::warn!(stream_id = sid, seq, error = %err, "Dropping a corrupt queued record.");
+                        corrupt_keys.push((sid, seq, k.to_vec()));
+                    }
+                }
+            } else {
+                tracing::warn!(key = ?k, "Ignoring an unknown key in the queue database.");
+            }
+            Ok(())
+        })?;
+        let max_sid = metas.keys().copied().max();
+        for sid in 0..=max_sid.unwrap_or(0) {
+            if max_sid.is_none() {
+                break;
+            }
+            let meta = metas.remove(&sid).unwrap_or_else(|| StreamMeta {
+                name: format!("lost-stream-{sid}"),
+                next_seq: 1,
+                evicted: Vec::new(),
+            });
+            let (records, bytes) = per_stream.remove(&sid).unwrap_or((0, 0));
+            let next_seq = meta.next_seq.max(last_seq.get(&sid).map_or(1, |s| s + 1));
+            let name: Arc<str> = meta.name.as_str().into();
+            inner.by_name.insert(name.clone(), sid);
+            inner.records += records;
+            inner.bytes += bytes;
+            inner.streams.push(StreamState {
+                name,
+                next_seq,
+                durable_upto: next_seq - 1,
+                sent_upto: 0,
+                records,
+                bytes,
+                evicted: meta.evicted,
+                meta_dirty: false,
+            });
+        }
+        // Records whose stream metadata is gone cannot be attributed: drop them as corrupt.
+        for (sid, _) in per_stream {
+            tracing::error!(stream_id = sid, "Queued records belong to a stream with no metadata; dropping them.");
+            let (n, _) = engine.delete_range(&record_key(sid, 0), &record_key(sid, u64::MAX))?;
+            report.corrupt += n;
+        }
+        if report.reset.is_some() {
+            // Continue every known stream after its reservation, so no number is reused.
+            let names: Vec<(String, u64)> = inner.reserved.iter().map(|(n, r)| (n.clone(), *r)).collect();
+            for (name, reserved) in names {
+                let sid = inner.streams.len() as StreamId;
+                let arc: Arc<str> = name.as_str().into();
+                let mut st = StreamState {
+                    name: arc.clone(),
+                    next_seq: reserved + 1,
+                    durable_upto: reserved,
+                    sent_upto: 0,
+                    records: 0,
+                    bytes: 0,
+                    evicted: Vec::new(),
+                    meta_dirty: true,
+                };
+                st.evicted.push(EvictedRange { from: 1, to: reserved, reason: "reset".into() });
+                inner.by_name.insert(arc, sid);
+                inner.streams.push(st);
+            }
+        }
+        for (sid, seq, key) in corrupt_keys {
+            engine.apply(Vec::new(), vec![key])?;
+            if let Some(st) = inner.streams.get_mut(sid as usize) {
+                st.note_evicted(seq, "corrupt");
+            }
+            report.corrupt += 1;
+        }
+        metrics.corrupt.fetch_add(report.corrupt, Relaxed);
+        let engine = Arc::new(engine);
+        inner.engine = Some(engine.clone());
+        // Persist metadata changed by recovery.
+        let puts: Vec<_> = inner
+            .streams
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, s)| s.meta_dirty)
+            .map(|(sid, s)| {
+                s.meta_dirty = false;
+                (meta_key(sid as StreamId), meta_json(&s.meta()))
+            })
+            .collect();
+        if !puts.is_empty() {
+            engine.apply(puts, Vec::new())?;
+        }
+        engine.sync()?;
+        report.records = inner.records;
+        report.bytes = inner.bytes;
+        let queue = Queue {
+            root: data_dir.to_path_buf(),
+            settings,
+            metrics,
+            inner: Mutex::new(inner),
+            ready: tokio::sync::Notify::new(),
+            space: tokio::sync::Notify::new(),
+        };
+        queue.publish_gauges(&queue.lock());
+        Ok((queue, report))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves counts that may be off by one batch; the data in
+        // sled is still consistent, so carry on rather than poison the whole agent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish_gauges(&self, g: &Inner) {
+        self.metrics.queue_records.store(g.records, Relaxed);
+        self.metrics.queue_bytes.store(g.bytes, Relaxed);
+    }
+
+    pub fn settings(&self) -> &QueueSettings {
+        &self.settings
+    }
+
+    /// Notified whenever new records become durable (and so readable by the uplink).
+    pub fn records_ready(&self) -> &tokio::sync::Notify {
+        &self.ready
+    }
+
+    /// Notified whenever acknowledgements free space (for `full_policy = block`).
+    pub fn space_freed(&self) -> &tokio::sync::Notify {
+        &self.space
+    }
+
+    /// Appends samples as one atomic batch, assigning sequence numbers, evicting (or refusing,
+    /// under `block`) when the byte cap is reached, and making the batch durable according to
+    /// the fsync policy before returning.
+    pub fn append(&self, samples: &[Sample]) -> Result<AppendOutcome, QueueError> {
+        if samples.is_empty() {
+            return Ok(AppendOutcome { accepted: 0 });
+        }
+        let mut g = self.lock();
+        let engine = g.engine()?;
+        // Planning mutates the in-memory state; a failed write (disk full) restores it.
+        let saved = (g.streams.clone(), g.by_name.clone(), g.records, g.bytes);
+        let mut puts = Vec::with_capacity(samples.len() + 2);
+        let mut deletes = Vec::new();
+        let mut evict_cursor: HashMap<StreamId, u64> = HashMap::new();
+        let mut touched: BTreeMap<StreamId, u64> = BTreeMap::new();
+        let mut accepted = 0;
+        let mut evicted = 0u64;
+        for s in samples {
+            let size = (KEY_LEN + StoredRecord::encoded_len(s.values.len().min(StoredRecord::MAX_VALUES))) as u64;
+            if g.bytes + size > self.settings.max_bytes {
+                match self.settings.full_policy {
+                    FullPolicy::Block => break,
+                    FullPolicy::DropOldest => {
+                        let need = g.bytes + size - self.settings.max_bytes;
+                        evicted += self.plan_eviction(&mut g, &engine, need, &mut evict_cursor, &mut deletes)?;
+                        // If nothing evictable is left (all in flight), go over the cap: those
+                        // records are bounded by the in-flight window and leave on PUBACK.
+                    }
+                }
+            }
+            let sid = self.stream_id(&mut g, &s.stream);
+            let st = &mut g.streams[sid as usize];
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            st.records += 1;
+            st.bytes += size;
+            let key = record_key(sid, seq);
+            let value = StoredRecord::encode(&key, s.ts_us, &s.values);
+            puts.push((key.to_vec(), value));
+            touched.insert(sid, seq);
+            g.records += 1;
+            g.bytes += size;
+            accepted += 1;
+        }
+        if accepted == 0 && deletes.is_empty() {
+            return Ok(AppendOutcome { accepted: 0 });
+        }
+        for (sid, st) in g.streams.iter_mut().enumerate() {
+            if st.meta_dirty || touched.contains_key(&(sid as StreamId)) {
+                st.meta_dirty = false;
+                puts.push((meta_key(sid as StreamId), meta_json(&st.meta())));
+            }
+        }
+        if let Err(e) = self.reserve(&mut g, &touched).and_then(|()| engine.apply(puts, deletes)) {
+            (g.streams, g.by_name, g.records, g.bytes) = saved;
+            return Err(e);
+        }
+        self.metrics.enqueued.fetch_add(accepted as u64, Relaxed);
+        self.metrics.evicted_bytes.fetch_add(evicted, Relaxed);
+        self.publish_gauges(&g);
+        drop(g);
+        if self.settings.fsync == FsyncPolicy::EveryBatch {
+            engine.sync()?;
+            self.metrics.fsyncs.fetch_add(1, Relaxed);
+            self.mark_durable(&touched);
+        }
+        Ok(AppendOutcome { accepted })
+    }
+
+    /// Makes everything appended so far durable (`interval_ms`: flush + fsync; `never`: flush
+    /// only) and releases it to the uplink. The writer calls this on its policy's tick.
+    pub fn commit(&self) -> Result<(), QueueError> {
+        let (engine, upto) = {
+            let g = self.lock();
+            let upto: BTreeMap<StreamId, u64> = g
+                .streams
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.durable_upto + 1 < s.next_seq)
+                .map(|(sid, s)| (sid as StreamId, s.next_seq - 1))
+                .collect();
+            (g.engine()?, upto)
+        };
+        if upto.is_empty() {
+            return Ok(());
+        }
+        match self.settings.fsync {
+            FsyncPolicy::Never => engine.flush()?,
+            _ => {
+                engine.sync()?;
+                self.metrics.fsyncs.fetch_add(1, Relaxed);
+            }
+        }
+        self.mark_durable(&upto);
+        Ok(())
+    }
+
+    fn mark_durable(&self, upto: &BTreeMap<StreamId, u64>) {
+        let mut g = self.lock();
+        for (sid, seq) in upto {
+            if let Some(st) = g.streams.get_mut(*sid as usize) {
+                st.durable_upto = st.durable_upto.max(*seq);
+            }
+        }
+        drop(g);
+        self.ready.notify_one();
+    }
+
+    fn stream_id(&self, g: &mut Inner, name: &Arc<str>) -> StreamId {
+        if let Some(sid) = g.by_name.get(name) {
+            return *sid;
+        }
+        let sid = g.streams.len() as StreamId;
+        g.by_name.insert(name.clone(), sid);
+        g.streams.push(StreamState {
+            name: name.clone(),
+            next_seq: 1,
+            durable_upto: 0,
+            sent_upto: 0,
+            records: 0,
+            bytes: 0,
+            evicted: Vec::new(),
+            meta_dirty: true,
+        });
+        sid
+    }
+
+    /// Writes `queue.seq` ahead of the sequence numbers about to be used.
+    fn reserve(&self, g: &mut Inner, touched: &BTreeMap<StreamId, u64>) -> Result<(), QueueError> {
+        let mut changed = false;
+        for (sid, last) in touched {
+            let name = g.streams[*sid as usize].name.to_string();
+            let r = g.reserved.entry(name).or_insert(0);
+            if *last > *r {
+                *r = last + RESERVE_BLOCK;
+                changed = true;
+            }
+        }
+        if changed {
+            write_reservations(&self.root, &g.reserved)?;
+        }
+        Ok(())
+    }
+
+    /// Chooses records to evict for `need` bytes, oldest capture time first, never touching
+    /// records handed to the uplink. Adds their keys to `deletes`; returns how many.
+    fn plan_eviction(
+        &self,
+        g: &mut Inner,
+        engine: &SledEngine,
+        need: u64,
+        cursor: &mut HashMap<StreamId, u64>,
+        deletes: &mut Vec<Vec<u8>>,
+    ) -> Result<u64, QueueError> {
+        let mut freed = 0u64;
+        let mut count = 0u64;
+        while freed < need {
+            // The evictable head of each stream, and its capture time.
+            let mut best: Option<(u64, StreamId, u64)> = None;
+            for sid in 0..g.streams.len() as StreamId {
+                let st = &g.streams[sid as usize];
+                if st.records == 0 {
+                    continue;
+                }
+                let from = *cursor.entry(sid).or_insert(st.sent_upto + 1);
+                let head = engine.scan(&record_key(sid, from), &record_key(sid, u64::MAX), 1)?;
+                if let Some((k, v)) = head.first() {
+                    let ts = StoredRecord::decode(k, v).map(|r| r.ts_us).unwrap_or(0);
+                    let seq = parse_record_key(k).map_or(from, |(_, s)| s);
+                    if best.is_none_or(|(bts, _, _)| ts < bts) {
+                        best = Some((ts, sid, seq));
+                    }
+                }
+            }
+            let Some((_, sid, from)) = best else { break };
+            // Evict a run from that stream until enough is freed.
+            let run = engine.scan(&record_key(sid, from), &record_key(sid, u64::MAX), 256)?;
+            let mut last = from;
+            for (k, v) in run {
+                if freed >= need {
+                    break;
+                }
+                let Some((_, seq)) = parse_record_key(&k) else { continue };
+                let size = (k.len() + v.len()) as u64;
+                freed += size;
+                count += 1;
+                last = seq;
+                let st = &mut g.streams[sid as usize];
+                st.records -= 1;
+                st.bytes -= size;
+                st.note_evicted(seq, "bytes");
+                g.records -= 1;
+                g.bytes -= size;
+                deletes.push(k);
+            }
+            cursor.insert(sid, last + 1);
+        }
+        if count > 0 {
+            tracing::debug!(records = count, bytes = freed, "Queue full: evicted the oldest records.");
+        }
+        Ok(count)
+    }
+
+    /// Streams that have durable records at or after `from`, given per-stream cursors.
+    pub fn stream_names(&self) -> Vec<(StreamId, Arc<str>)> {
+        let g = self.lock();
+        g.streams.iter().enumerate().map(|(i, s)| (i as StreamId, s.name.clone())).collect()
+    }
+
+    /// The highest sequence number of `sid` that may be read (0 when none).
+    pub fn durable_upto(&self, sid: StreamId) -> u64 {
+        self.lock().streams.get(sid as usize).map_or(0, |s| s.durable_upto)
+    }
+
+    /// Reads up to `limit` durable records of `sid` with `seq >= from`, marking them as handed
+    /// to the uplink (so they are never evicted). Corrupt records are deleted, counted and
+    /// skipped.
+    pub fn read(&self, sid: StreamId, from: u64, limit: usize) -> Result<ReadBatch, QueueError> {
+        let mut g = self.lock();
+        let engine = g.engine()?;
+        let Some(st) = g.streams.get(sid as usize) else { return Ok(Vec::new()) };
+        if from > st.durable_upto || st.records == 0 {
+            return Ok(Vec::new());
+        }
+        let entries = engine.scan(&record_key(sid, from), &record_key(sid, st.durable_upto), limit)?;
+        let mut out = Vec::with_capacity(entries.len());
+        let mut corrupt = Vec::new();
+        for (k, v) in entries {
+            let Some((_, seq)) = parse_record_key(&k) else { continue };
+            match StoredRecord::decode(&k, &v) {
+                Ok(r) => out.push((seq, r)),
+                Err(e) => {
+                    tracing::warn!(stream = %st.name, seq, error = %e, "Dropping a corrupt queued record.");
+                    corrupt.push((seq, (k.len() + v.len()) as u64, k));
+                }
+            }
+        }
+        let st = &mut g.streams[sid as usize];
+        if let Some((last, _)) = out.last() {
+            st.sent_upto = st.sent_upto.max(*last);
+        }
+        if !corrupt.is_empty() {
+            let mut keys = Vec::new();
+            let mut bytes = 0;
+            for (seq, size, k) in corrupt.iter().cloned() {
+                st.note_evicted(seq, "corrupt");
+                st.records -= 1;
+                st.bytes -= size;
+                bytes += size;
+                keys.push(k);
+            }
+            let n = keys.len() as u64;
+            st.meta_dirty = false;
+            let meta = (meta_key(sid), meta_json(&st.meta()));
+            g.records -= n;
+            g.bytes -= bytes;
+            engine.apply(vec![meta], keys)?;
+            self.metrics.corrupt.fetch_add(n, Relaxed);
+            self.publish_gauges(&g);
+        }
+        Ok(out)
+    }
+
+    /// The broker acknowledged records `first..=last` of `sid`: delete them (one range delete).
+    /// Returns how many records were deleted.
+    pub fn ack(&self, sid: StreamId, first: u64, last: u64) -> Result<u64, QueueError> {
+        let mut g = self.lock();
+        let engine = g.engine()?;
+        let (n, bytes) = engine.delete_range(&record_key(sid, first), &record_key(sid, last))?;
+        if let Some(st) = g.streams.get_mut(sid as usize) {
+            st.records = st.records.saturating_sub(n);
+            st.bytes = st.bytes.saturating_sub(bytes);
+        }
+        g.records = g.records.saturating_sub(n);
+        g.bytes = g.bytes.saturating_sub(bytes);
+        self.metrics.acked.fetch_add(n, Relaxed);
+        self.publish_gauges(&g);
+        drop(g);
+        self.space.notify_waiters();
+        Ok(n)
+    }
+
+    /// The first queued sequence number of `sid` (None when the stream has no records).
+    pub fn first_seq(&self, sid: StreamId) -> Result<Option<u64>, QueueError> {
+        let g = self.lock();
+        let engine = g.engine()?;
+        if g.streams.get(sid as usize).is_none_or(|s| s.records == 0) {
+            return Ok(None);
+        }
+        let head = engine.scan(&record_key(sid, 0), &record_key(sid, u64::MAX), 1)?;
+        Ok(head.first().and_then(|(k, _)| parse_record_key(k)).map(|(_, s)| s))
+    }
+
+    /// Queue size: `(records, bytes)`.
+    pub fn len(&self) -> (u64, u64) {
+        let g = self.lock();
+        (g.records, g.bytes)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len().0 == 0
+    }
+
+    /// Per-stream status for the status message (the agent's half of the ledger).
+    pub fn stream_status(&self) -> Vec<StreamStatus> {
+        let g = self.lock();
+        g.streams
+            .iter()
+            .map(|s| StreamStatus {
+                stream: s.name.to_string(),
+                last_seq: s.next_seq - 1,
+                queued: s.records,
+                evicted: s.evicted.clone(),
+            })
+            .collect()
+    }
+
+    /// Housekeeping between batches: age eviction and disk-space reclaim, at most once per
+    /// second. Call it from the task that appends (it may swap the database).
+    pub fn maintain(&self) -> Result<(), QueueError> {
+        {
+            let mut g = self.lock();
+            if g.last_maintain.is_some_and(|t| t.elapsed() < MAINTAIN_EVERY) {
+                return Ok(());
+            }
+            g.last_maintain = Some(Instant::now());
+        }
+        self.evict_expired()?;
+        let disk = dir_size(&self.root.join("queue"));
+        self.metrics.queue_disk_bytes.store(disk, Relaxed);
+        let (_, bytes) = self.len();
+        if disk > self.settings.reclaim_bytes && bytes.saturating_mul(4) < disk && bytes < self.settings.reclaim_bytes / 2 {
+            self.compact()?;
+            self.metrics.queue_disk_bytes.store(dir_size(&self.root.join("queue")), Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Bytes the live database takes on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        dir_size(&self.root.join("queue"))
+    }
+
+    fn evict_expired(&self) -> Result<(), QueueError> {
+        let cutoff = crate::source::now_us().saturating_sub(self.settings.max_age_s.saturating_mul(1_000_000));
+        let mut g = self.lock();
+        let engine = g.engine()?;
+        let mut deletes = Vec::new();
+        let mut puts = Vec::new();
+        let mut evicted = 0u64;
+        for sid in 0..g.streams.len() {
+            let mut from = g.streams[sid].sent_upto + 1;
+            'stream: loop {
+                let run = engine.scan(&record_key(sid as StreamId, from), &record_key(sid as StreamId, u64::MAX), 512)?;
+                if run.is_empty() {
+                    break;
+                }
+                for (k, v) in run {
+                    let Some((_, seq)) = parse_record_key(&k) else { continue };
+                    let ts = StoredRecord::decode(&k, &v).map(|r| r.ts_us).unwrap_or(0);
+                    if ts >= cutoff {
+                        break 'stream;
+                    }
+                    let size = (k.len() + v.len()) as u64;
+                    let st = &mut g.streams[sid];
+                    st.records -= 1;
+                    st.bytes -= size;
+                    st.note_evicted(seq, "age");
+                    g.records -= 1;
+                    g.bytes -= size;
+                    evicted += 1;
+                    deletes.push(k);
+                    from = seq + 1;
+                }
+            }
+            let st = &mut g.streams[sid];
+            if st.meta_dirty {
+                st.meta_dirty = false;
+                puts.push((meta_key(sid as StreamId), meta_json(&st.meta())));
+            }
+        }
+        if evicted > 0 {
+            engine.apply(puts, deletes)?;
+            self.metrics.evicted_age.fetch_add(evicted, Relaxed);
+            self.publish_gauges(&g);
+            tracing::warn!(records = evicted, max_age_s = self.settings.max_age_s, "Evicted records older than the queue's maximum age.");
+        }
+        Ok(())
+    }
+
+    /// Rewrites the live data into a fresh database and swaps it in, giving sled's unused file
+    /// space back to the file system. Crash-safe: see the layout in the module docs.
+    pub fn compact(&self) -> Result<(), QueueError> {
+        let mut g = self.lock();
+        let before = dir_size(&self.root.join("queue"));
+        let live = self.root.join("queue");
+        let next = self.root.join("queue.next");
+        let old = self.root.join("queue.old");
+        if next.exists() {
+            std::fs::remove_dir_all(&next).map_err(io_err("removing a stale queue.next"))?;
+        }
+        {
+            let engine = g.engine()?;
+            let fresh = SledEngine::open(&next, self.settings.cache_bytes, None)?;
+            let mut chunk = Vec::new();
+            engine.for_each(|k, v| {
+                chunk.push((k.to_vec(), v.to_vec()));
+                if chunk.len() >= 4096 {
+                    fresh.apply(std::mem::take(&mut chunk), Vec::new())?;
+                }
+                Ok(())
+            })?;
+            fresh.apply(chunk, Vec::new())?;
+            fresh.sync()?;
+        }
+        // Close the old database completely before touching paths: sled writes some files by
+        // path, and its file lock must be released before the new copy opens at `queue/`.
+        let old_engine = g.engine.take().ok_or(QueueError::Closed)?;
+        old_engine.sync()?;
+        if let Err(still_shared) = Arc::try_unwrap(old_engine) {
+            // Someone holds a handle (an fsync in flight): try again later.
+            g.engine = Some(still_shared);
+            return Ok(());
+        }
+        let swap = || -> Result<(), QueueError> {
+            std::fs::rename(&live, &old).map_err(io_err("renaming queue to queue.old"))?;
+            std::fs::rename(&next, &live).map_err(io_err("renaming queue.next to queue"))?;
+            sync_dir(&self.root)?;
+            std::fs::remove_dir_all(&old).map_err(io_err("removing queue.old"))?;
+            Ok(())
+        };
+        let swapped = swap();
+        let reopened = SledEngine::open(&live, self.settings.cache_bytes, background_flush(&self.settings))?;
+        g.engine = Some(Arc::new(reopened));
+        swapped?;
+        let after = dir_size(&live);
+        tracing::info!(before_bytes = before, after_bytes = after, "Compacted the queue database to give disk space back.");
+        Ok(())
+    }
+
+    /// Flushes and fsyncs everything (used at shutdown).
+    pub fn close(&self) -> Result<(), QueueError> {
+        let engine = self.lock().engine()?;
+        engine.sync()
+    }
+}
+
+fn background_flush(settings: &QueueSettings) -> Option<u64> {
+    // sled's own flusher is what `never` relies on; the other policies commit explicitly but
+    // keep it too, as a backstop.
+    let _ = settings;
+    Some(500)
+}
+
+fn meta_json(m: &StreamMeta) -> Vec<u8> {
+    serde_json::to_vec(m).unwrap_or_default()
+}
+
+fn read_reservations(root: &Path) -> Result<BTreeMap<String, u64>, QueueError> {
+    let path = root.join("queue.seq");
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).or_else(|e| {
+            tracing::error!(path = %path.display(), error = %e, "Sequence reservations are unreadable; starting without them.");
+            Ok(BTreeMap::new())
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(QueueError::Io { what: format!("reading {}", path.display()), source: e }),
+    }
+}
+
+fn write_reservations(root: &Path, reserved: &BTreeMap<String, u64>) -> Result<(), QueueError> {
+    let tmp = root.join("queue.seq.tmp");
+    let path = root.join("queue.seq");
+    let bytes = serde_json::to_vec(reserved).unwrap_or_default();
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(io_err("creating queue.seq.tmp"))?;
+        f.write_all(&bytes).map_err(io_err("writing queue.seq.tmp"))?;
+        f.sync_all().map_err(io_err("fsync of queue.seq.tmp"))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(io_err("replacing queue.seq"))?;
+    sync_dir(root)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), QueueError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(format!("fsync of directory {}", dir.display())))
+}
+
+/// Total size of the files under `dir` (not following links).
+pub fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            // Allocated blocks, not the apparent length: sled files can be sparse.
+            Ok(m) => std::os::unix::fs::MetadataExt::blocks(&m) * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,243 @@
+//! Wires the agent together: sources → bounded channel → writer (durable queue) → uplink.
+//!
+//! ```text
+//!  source tasks ──Sample──▶ [bounded mpsc] ──▶ writer ──append──▶ Queue (sled) ──read──▶ uplink ──▶ MQTT
+//!                                               │  commit / maintain              ◀──ack (PUBACK)──┘
+//! ```
+//!
+//! **Invariant:** the writer is the only task that appends to the queue or changes its files
+//! (`commit`, `maintain`, `compact`), so storage lifecycle operations never race each other.
+//!
+//! Shutdown: the first SIGTERM/SIGINT cancels `shutdown`. Sources stop, the writer appends
+//! whatever is still in the channel and commits, and the uplink drains the queue for up to
+//! `shutdown.grace_ms` before disconnecting cleanly. A second signal cancels `force` and the
+//! process exits at once; with `fsync = every_batch` nothing appended can be lost that way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{FsyncPolicy, FullPolicy, Settings};
+use crate::metrics::{self, Metrics};
+use crate::queue::{Queue, QueueError};
+use crate::source::{self, Sample};
+use crate::uplink::{DrainOutcome, Uplink};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("cannot listen for metrics on {addr}: {source} (change metrics.listen or free the port)")]
+    MetricsBind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+/// What a run ended with.
+#[derive(Debug)]
+pub struct RunReport {
+    pub outcome: DrainOutcome,
+    pub queued_at_exit: u64,
+}
+
+/// Runs the agent until `shutdown` (then drains) or `force` (then stops at once).
+pub async fn run(settings: Settings, shutdown: CancellationToken, force: CancellationToken) -> Result<RunReport, AgentError> {
+    let settings = Arc::new(settings);
+    let metrics = Arc::new(Metrics::default());
+
+    let queue = {
+        let (dir, qs, m) = (settings.data_dir.clone(), settings.queue.clone(), metrics.clone());
+        let (queue, report) = tokio::task::spawn_blocking(move || Queue::open(&dir, qs, m))
+            .await
+            .map_err(|e| AgentError::Task(e.to_string()))??;
+        if let Some(reset) = &report.reset {
+            tracing::error!(
+                reason = %reset.reason, moved_to = %reset.moved_to.display(),
+                "The queue was unreadable and was replaced by an empty one; its records are lost."
+            );
+        }
+        if report.corrupt > 0 {
+            tracing::warn!(records = report.corrupt, "Dropped corrupt records found in the queue at start-up.");
+        }
+        tracing::info!(
+            device = %settings.device_id, records = report.records, bytes = report.bytes,
+            data_dir = %settings.data_dir.display(), "Opened the durable queue."
+        );
+        Arc::new(queue)
+    };
+
+    let metrics_task = match settings.metrics.listen {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await.map_err(|source| AgentError::MetricsBind { addr, source })?;
+            tracing::info!(%addr, "Serving Prometheus metrics at /metrics.");
+            Some(tokio::spawn(metrics::serve(listener, metrics.clone(), settings.device_id.clone(), force.clone())))
+        }
+        None => None,
+    };
+
+    let (tx, rx) = mpsc::channel::<Sample>(crate::config::DEFAULT_SAMPLE_CHANNEL);
+    let mut sources = Vec::new();
+    for s in settings.sources.clone() {
+        let (tx, m, stop) = (tx.clone(), metrics.clone(), shutdown.clone());
+        let name = s.stream().to_string();
+        sources.push(tokio::spawn(async move {
+            match source::run(s, tx, m, stop).await {
+                Ok(()) => tracing::info!(stream = %name, "Source finished."),
+                Err(e) => tracing::error!(stream = %name, error = %e, "Source failed; the other sources carry on."),
+            }
+        }));
+    }
+    drop(tx);
+
+    let writer_done = CancellationToken::new();
+    let writer = tokio::spawn(writer(settings.clone(), queue.clone(), rx, writer_done.clone(), force.clone()));
+    let uplink = Uplink::new(settings.clone(), queue.clone(), metrics.clone());
+    let outcome = uplink.run(shutdown.clone(), writer_done.clone(), force.clone()).await;
+
+    // The uplink has finished: make sure everything else stops too.
+    shutdown.cancel();
+    if !force.is_cancelled() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    }
+    for s in sources {
+        s.abort();
+    }
+    force.cancel();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    let q = queue.clone();
+    let _ = tokio::task::spawn_blocking(move || q.close()).await;
+    let queued_at_exit = queue.len().0;
+    match outcome {
+        DrainOutcome::Drained => tracing::info!("Queue drained; agent stopped."),
+        DrainOutcome::GraceExpired => {
+            tracing::warn!(records = queued_at_exit, "Stopped with records still queued; they will be sent after the next start.")
+        }
+    }
+    Ok(RunReport { outcome, queued_at_exit })
+}
+
+/// Appends samples to the queue in batches (up to `append_max_records`, or whatever arrived
+/// within `append_max_delay_ms`), commits on the fsync policy's tick, and does housekeeping.
+async fn writer(
+    settings: Arc<Settings>,
+    queue: Arc<Queue>,
+    mut rx: mpsc::Receiver<Sample>,
+    done: CancellationToken,
+    force: CancellationToken,
+) {
+    let max = settings.queue.append_max_records;
+    let delay = Duration::from_millis(settings.queue.append_max_delay_ms.max(1));
+    let commit_every = match settings.queue.fsync {
+        FsyncPolicy::EveryBatch => None,
+        FsyncPolicy::Interval { ms } => Some(Duration::from_millis(ms)),
+        // sled's own cadence: flushed (not fsynced) every 500 ms.
+        FsyncPolicy::Never => Some(Duration::from_millis(500)),
+    };
+    let mut commit_tick = tokio::time::interval(commit_every.unwrap_or(Duration::from_secs(3600)));
+    commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut maintain_tick = tokio::time::interval(Duration::from_secs(1));
+    maintain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch: Vec<Sample> = Vec::with_capacity(max);
+    let mut open = true;
+    while open || !batch.is_empty() {
+        if open && batch.len() < max {
+            let deadline = tokio::time::sleep(delay);
+            tokio::pin!(deadline);
+            // Collect a batch: block for the first sample, then take what arrives in `delay`.
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = force.cancelled() => { open = false; batch.clear(); break; }
+                    s = rx.recv() => match s {
+                        Some(s) => {
+                            batch.push(s);
+                            if batch.len() >= max { break; }
+                        }
+                        None => { open = false; break; }
+                    },
+                    _ = &mut deadline, if !batch.is_empty() => break,
+                    _ = commit_tick.tick(), if commit_every.is_some() => commit(&queue).await,
+                    _ = maintain_tick.tick() => maintain(&queue).await,
+                }
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let todo = std::mem::take(&mut batch);
+        let remaining = append_all(&queue, todo, &settings, &force).await;
+        if force.is_cancelled() {
+            break;
+        }
+        batch = remaining;
+    }
+    if !force.is_cancelled() {
+        commit(&queue).await;
+    }
+    done.cancel();
+}
+
+/// Appends `samples`, waiting for space under `full_policy = block`. Returns what could not be
+/// appended (only when forced to stop).
+async fn append_all(queue: &Arc<Queue>, mut samples: Vec<Sample>, settings: &Settings, force: &CancellationToken) -> Vec<Sample> {
+    loop {
+        let q = queue.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let r = q.append(&samples);
+            (r, samples)
+        })
+        .await;
+        let (r, back) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "The queue writer panicked; samples of this batch are lost.");
+                return Vec::new();
+            }
+        };
+        samples = back;
+        match r {
+            Ok(out) if out.accepted == samples.len() => return Vec::new(),
+            Ok(out) => {
+                samples.drain(..out.accepted);
+                debug_assert_eq!(settings.queue.full_policy, FullPolicy::Block);
+                tracing::debug!(waiting = samples.len(), "Queue full (block policy): waiting for the uplink to free space.");
+                tokio::select! {
+                    _ = force.cancelled() => return samples,
+                    _ = queue.space_freed().notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+            Err(e) => {
+                // Disk full or an I/O error: keep the samples and retry; sources feel
+                // backpressure through the bounded channel meanwhile.
+                tracing::error!(error = %e, records = samples.len(), "Cannot append to the queue; retrying in 1 s.");
+                tokio::select! {
+                    _ = force.cancelled() => return samples,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn commit(queue: &Arc<Queue>) {
+    let q = queue.clone();
+    match tokio::task::spawn_blocking(move || q.commit()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "Queue commit failed; records stay unsent until the next one succeeds."),
+        Err(e) => tracing::error!(error = %e, "Queue commit panicked."),
+    }
+}
+
+async fn maintain(queue: &Arc<Queue>) {
+    let q = queue.clone();
+    match tokio::task::spawn_blocking(move || q.maintain()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "Queue maintenance failed."),
+        Err(e) => tracing::error!(error = %e, "Queue maintenance panicked."),
+    }
+}

@@ -1,0 +1,484 @@
+//! The uplink: moves durable records from the queue to the MQTT broker, and deletes them when
+//! the broker acknowledges them.
+//!
+//! # State machine
+//!
+//! ```text
+//!            connect ok                 backlog <= 2 messages/stream
+//!  Offline ─────────────▶ CatchingUp ─────────────────────────────▶ Online
+//!     ▲   ◀── error ────────┘  ▲                                      │
+//!     └──────── error ─────────┼──────────────────────────────────────┘
+//!                              └──── backlog grows (e.g. a burst) ────┘
+//!  any state ── shutdown ──▶ Draining ── queue empty or grace over ──▶ (exit)
+//! ```
+//!
+//! * **Offline:** reconnect with exponential backoff (`reconnect_min_ms` doubling up to
+//!   `reconnect_max_ms`) and full jitter, so a fleet does not reconnect in lockstep after a
+//!   broker restart. Records keep accumulating in the durable queue.
+//! * **CatchingUp / Online:** streams are served round-robin, one message each per turn, so a
+//!   stream with a large backlog cannot starve a stream with live data; status and heartbeat
+//!   never wait behind telemetry. While catching up, full messages go out back to back; once
+//!   caught up, a partial message waits at most `message_max_delay_ms` for more records.
+//!   Per stream, records are sent in sequence order (the fleet's ledger depends on it), so a
+//!   stream's own live records follow its backlog.
+//! * **Draining:** after SIGTERM the uplink keeps sending until every durable record is
+//!   acknowledged or the grace period ends, then publishes its `offline` status and
+//!   disconnects cleanly.
+//!
+//! # Delivery
+//!
+//! Telemetry is published at QoS1. A record is deleted from the queue only when the PUBACK of
+//! the message carrying it arrives. rumqttc reports each QoS1 publish's packet id in order
+//! (`Outgoing::Publish(pkid)`), which is how a PUBACK is matched to its records. The session
+//! is clean: on reconnect rumqttc forgets unacknowledged publishes, and so does the uplink,
+//! re-reading them from the queue (the fleet deduplicates on `(device, stream, seq)`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+use ember_proto::{Channel, DeviceState, Heartbeat, QueueGauge, SCHEMA_VERSION, Status, TelemetryBatch, Topic};
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::queue::{Queue, StreamId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UplinkState {
+    Offline,
+    CatchingUp,
+    Online,
+    Draining,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Data { sid: StreamId, first: u64, last: u64, count: u64, sent_at: Instant },
+    Control,
+}
+
+/// Why `run` returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every durable record was acknowledged.
+    Drained,
+    /// The grace period ended with records still queued (they stay in the queue).
+    GraceExpired,
+}
+
+pub struct Uplink {
+    settings: Arc<Settings>,
+    queue: Arc<Queue>,
+    metrics: Arc<Metrics>,
+    topics: Topics,
+    started: Instant,
+    state: UplinkState,
+    connected: bool,
+    ever_connected: bool,
+    /// Next sequence number to send, per stream; 0 = from the queue's head.
+    cursors: Vec<u64>,
+    /// When each stream first had a partial message waiting.
+    waiting_since: Vec<Option<Instant>>,
+    rr: usize,
+    /// QoS1 publishes handed to rumqttc whose packet id is not known yet, in order.
+    awaiting_pkid: VecDeque<Pending>,
+    by_pkid: HashMap<u16, Pending>,
+    in_flight_records: u64,
+    backoff: Duration,
+    failures: u64,
+}
+
+struct Topics {
+    telemetry: String,
+    status: String,
+    heartbeat: String,
+}
+
+impl Uplink {
+    pub fn new(settings: Arc<Settings>, queue: Arc<Queue>, metrics: Arc<Metrics>) -> Self {
+        let topic = |c| Topic { device_id: settings.device_id.clone(), channel: c }.render();
+        let topics =
+            Topics { telemetry: topic(Channel::Telemetry), status: topic(Channel::Status), heartbeat: topic(Channel::Heartbeat) };
+        let backoff = Duration::from_millis(settings.mqtt.reconnect_min_ms);
+        Uplink {
+            settings,
+            queue,
+            metrics,
+            topics,
+            started: Instant::now(),
+            state: UplinkState::Offline,
+            connected: false,
+            ever_connected: false,
+            cursors: Vec::new(),
+            waiting_since: Vec::new(),
+            rr: 0,
+            awaiting_pkid: VecDeque::new(),
+            by_pkid: HashMap::new(),
+            in_flight_records: 0,
+            backoff,
+            failures: 0,
+        }
+    }
+
+    fn mqtt_options(&self) -> MqttOptions {
+        let m = &self.settings.mqtt;
+        let mut o = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
+        o.set_keep_alive(Duration::from_secs(m.keep_alive_s));
+        o.set_clean_session(true);
+        // Room for the largest message plus MQTT's own header and the topic.
+        o.set_max_packet_size(1024 * 1024, m.message_max_bytes + 1024);
+        o.set_inflight((m.max_in_flight + 4).min(u16::MAX as usize) as u16);
+        let will = ember_proto::message::encode(&Status::offline(&self.settings.device_id), m.encoding).unwrap_or_default();
+        o.set_last_will(LastWill::new(self.topics.status.clone(), will, QoS::AtLeastOnce, true));
+        o
+    }
+
+    fn set_state(&mut self, next: UplinkState) {
+        if self.state != next {
+            tracing::info!(from = ?self.state, to = ?next, "Uplink state changed.");
+            self.state = next;
+        }
+    }
+
+    /// Runs until `shutdown` fires and the queue is drained (or `grace` passes), or until
+    /// `force` fires. `writer_done` fires when no more records will be appended.
+    pub async fn run(
+        mut self,
+        shutdown: CancellationToken,
+        writer_done: CancellationToken,
+        force: CancellationToken,
+    ) -> DrainOutcome {
+        let (client, mut eventloop) = AsyncClient::new(self.mqtt_options(), self.settings.mqtt.max_in_flight + 16);
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(self.settings.mqtt.heartbeat_s));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut status_tick = tokio::time::interval(Duration::from_secs(self.settings.mqtt.status_interval_s));
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let linger = Duration::from_millis(self.settings.mqtt.message_max_delay_ms);
+        let queue = self.queue.clone();
+
+        let outcome = loop {
+            if self.connected {
+                self.fill_window(&client, drain_deadline.is_some());
+            }
+            if drain_deadline.is_some() && writer_done.is_cancelled() && self.fully_drained() {
+                break DrainOutcome::Drained;
+            }
+            let next_linger = self.next_linger_deadline(linger);
+            tokio::select! {
+                biased;
+                _ = force.cancelled() => break DrainOutcome::GraceExpired,
+                _ = async { tokio::time::sleep_until(drain_deadline.unwrap_or_else(far_future)).await }, if drain_deadline.is_some() => {
+                    break DrainOutcome::GraceExpired;
+                }
+                _ = shutdown.cancelled(), if drain_deadline.is_none() => {
+                    drain_deadline = Some(tokio::time::Instant::now() + self.settings.grace());
+                    self.set_state(UplinkState::Draining);
+                }
+                _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(far_future)).await }, if retry_at.is_some() => {
+                    retry_at = None;
+                }
+                ev = eventloop.poll(), if retry_at.is_none() => match ev {
+                    Ok(ev) => self.on_event(ev, &client),
+                    Err(e) => {
+                        let delay = self.on_disconnect(&e);
+                        retry_at = Some(tokio::time::Instant::now() + delay);
+                    }
+                },
+                _ = queue.records_ready().notified() => {}
+                _ = async { tokio::time::sleep_until(next_linger.unwrap_or_else(far_future)).await }, if next_linger.is_some() => {}
+                _ = heartbeat.tick() => {
+                    if self.connected {
+                        self.publish_heartbeat(&client);
+                    }
+                }
+                _ = status_tick.tick() => {
+                    if self.connected {
+                        self.publish_status(&client, DeviceState::Online);
+                    }
+                }
+            }
+        };
+
+        // Leave cleanly: an explicit retained `offline` (a clean disconnect suppresses the Last
+        // Will), then DISCONNECT, polling briefly so both actually leave the socket.
+        if self.connected && !force.is_cancelled() {
+            self.publish_status(&client, DeviceState::Offline);
+            let _ = client.try_disconnect();
+            let bye = async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                        Ok(ev) => self.on_event(ev, &client),
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), bye).await;
+        }
+        self.metrics.connected.store(0, Relaxed);
+        outcome
+    }
+
+    fn fully_drained(&self) -> bool {
+        self.by_pkid.is_empty() && self.awaiting_pkid.is_empty() && self.queue.is_empty()
+    }
+
+    fn on_event(&mut self, ev: Event, client: &AsyncClient) {
+        match ev {
+            Event::Incoming(Packet::ConnAck(ack)) => {
+                if ack.code != rumqttc::ConnectReturnCode::Success {
+                    tracing::error!(code = ?ack.code, "The broker refused the connection.");
+                    return;
+                }
+                if self.ever_connected {
+                    self.metrics.reconnects.fetch_add(1, Relaxed);
+                }
+                tracing::info!(
+                    host = %self.settings.mqtt.host, port = self.settings.mqtt.port, failures = self.failures,
+                    "Connected to the MQTT broker."
+                );
+                self.ever_connected = true;
+                self.connected = true;
+                self.failures = 0;
+                self.backoff = Duration::from_millis(self.settings.mqtt.reconnect_min_ms);
+                self.metrics.connected.store(1, Relaxed);
+                self.forget_in_flight();
+                if self.state != UplinkState::Draining {
+                    self.set_state(UplinkState::CatchingUp);
+                }
+                self.publish_status(client, DeviceState::Online);
+            }
+            Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
+                if let Some(p) = self.awaiting_pkid.pop_front() {
+                    self.by_pkid.insert(pkid, p);
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => match self.by_pkid.remove(&ack.pkid) {
+                Some(Pending::Data { sid, first, last, count, sent_at }) => {
+                    self.in_flight_records = self.in_flight_records.saturating_sub(count);
+                    self.metrics.in_flight.store(self.in_flight_records, Relaxed);
+                    self.metrics.publish_latency_us_sum.fetch_add(sent_at.elapsed().as_micros() as u64, Relaxed);
+                    if let Err(e) = self.queue.ack(sid, first, last) {
+                        tracing::error!(error = %e, "Could not delete acknowledged records; they will be sent again.");
+                    }
+                }
+                Some(Pending::Control) => {}
+                None => tracing::debug!(pkid = ack.pkid, "PUBACK for an unknown packet id (from before a reconnect)."),
+            },
+            _ => {}
+        }
+    }
+
+    fn on_disconnect(&mut self, e: &rumqttc::ConnectionError) -> Duration {
+        if self.connected {
+            tracing::warn!(error = %e, "Lost the connection to the MQTT broker; buffering in the queue.");
+        } else if self.failures == 0 || self.failures % 20 == 0 {
+            tracing::warn!(
+                error = %e, host = %self.settings.mqtt.host, port = self.settings.mqtt.port, failures = self.failures,
+                "Cannot reach the MQTT broker; buffering in the queue and retrying."
+            );
+        }
+        self.failures += 1;
+        self.connected = false;
+        self.metrics.connected.store(0, Relaxed);
+        self.forget_in_flight();
+        if self.state != UplinkState::Draining {
+            self.set_state(UplinkState::Offline);
+        }
+        // Full jitter: a uniformly random delay up to the current backoff.
+        let max = self.backoff.as_millis() as u64;
+        let delay = Duration::from_millis(fastrand::u64(max / 2..=max.max(1)));
+        self.backoff = (self.backoff * 2).min(Duration::from_millis(self.settings.mqtt.reconnect_max_ms));
+        delay
+    }
+
+    /// Unacknowledged publishes are gone with the session: re-read them from the queue.
+    fn forget_in_flight(&mut self) {
+        self.awaiting_pkid.clear();
+        self.by_pkid.clear();
+        self.in_flight_records = 0;
+        self.metrics.in_flight.store(0, Relaxed);
+        for c in &mut self.cursors {
+            *c = 0;
+        }
+    }
+
+    fn in_flight_messages(&self) -> usize {
+        self.awaiting_pkid.len() + self.by_pkid.len()
+    }
+
+    fn next_linger_deadline(&self, linger: Duration) -> Option<tokio::time::Instant> {
+        self.waiting_since
+            .iter()
+            .flatten()
+            .min()
+            .map(|t| tokio::time::Instant::from_std(*t + linger))
+    }
+
+    /// Publishes as many messages as the in-flight window allows, round-robin over streams.
+    fn fill_window(&mut self, client: &AsyncClient, draining: bool) {
+        let m = &self.settings.mqtt;
+        let (max_records, linger, window) =
+            (m.message_max_records, Duration::from_millis(m.message_max_delay_ms), m.max_in_flight);
+        let streams = self.queue.stream_names();
+        if self.cursors.len() < streams.len() {
+            self.cursors.resize(streams.len(), 0);
+            self.waiting_since.resize(streams.len(), None);
+        }
+        let mut backlog_messages = 0u64;
+        let mut idle_rounds = 0;
+        while self.in_flight_messages() < window && idle_rounds < streams.len() {
+            let i = self.rr % streams.len().max(1);
+            self.rr = self.rr.wrapping_add(1);
+            let Some((sid, _)) = streams.get(i).cloned() else { break };
+            let sent = self.send_one(client, sid, max_records, linger, draining);
+            if sent { idle_rounds = 0 } else { idle_rounds += 1 }
+        }
+        for (sid, _) in &streams {
+            let durable = self.queue.durable_upto(*sid);
+            let cursor = self.cursors[*sid as usize];
+            if durable >= cursor && cursor > 0 {
+                backlog_messages += (durable - cursor + 1) / max_records as u64;
+            }
+        }
+        if self.state != UplinkState::Draining && self.connected {
+            let caught_up = backlog_messages <= 2 * streams.len() as u64;
+            self.set_state(if caught_up { UplinkState::Online } else { UplinkState::CatchingUp });
+        }
+    }
+
+    /// Sends the next message of one stream if one is due. Returns whether it sent.
+    fn send_one(&mut self, client: &AsyncClient, sid: StreamId, max_records: usize, linger: Duration, draining: bool) -> bool {
+        let idx = sid as usize;
+        let durable = self.queue.durable_upto(sid);
+        if self.cursors[idx] == 0 {
+            match self.queue.first_seq(sid) {
+                Ok(Some(first)) => self.cursors[idx] = first,
+                Ok(None) => {
+                    // Nothing queued: continue after the last durable record.
+                    self.cursors[idx] = durable + 1;
+                    self.waiting_since[idx] = None;
+                    return false;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "Cannot read the queue.");
+                    return false;
+                }
+            }
+        }
+        let cursor = self.cursors[idx];
+        if cursor > durable {
+            self.waiting_since[idx] = None;
+            return false;
+        }
+        let available = durable - cursor + 1;
+        if available < max_records as u64 && !draining && self.state == UplinkState::Online {
+            let since = *self.waiting_since[idx].get_or_insert_with(Instant::now);
+            if since.elapsed() < linger {
+                return false;
+            }
+        }
+        let records = match self.queue.read(sid, cursor, max_records) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot read the queue.");
+                return false;
+            }
+        };
+        let Some((last_seq, _)) = records.last() else {
+            // Everything up to the durable mark was evicted or corrupt.
+            self.cursors[idx] = durable + 1;
+            return false;
+        };
+        let last_seq = *last_seq;
+        let stream = self.queue.stream_names().get(idx).map(|(_, n)| n.clone()).unwrap_or_else(|| "unknown".into());
+        let mut take = records.len();
+        let payload = loop {
+            let mut batch = TelemetryBatch::new(&self.settings.device_id, &stream);
+            for (seq, r) in records.iter().take(take) {
+                batch.push(*seq, r.ts_us, r.values.clone());
+            }
+            match ember_proto::message::encode(&batch, self.settings.mqtt.encoding) {
+                Ok(p) if p.len() <= self.settings.mqtt.message_max_bytes || take == 1 => break p,
+                Ok(_) => take = take.div_ceil(2),
+                Err(e) => {
+                    tracing::error!(error = %e, "Cannot encode a telemetry message.");
+                    return false;
+                }
+            }
+        };
+        let first = records[0].0;
+        let last = records[take - 1].0;
+        let _ = last_seq;
+        match client.try_publish(self.topics.telemetry.clone(), QoS::AtLeastOnce, false, payload) {
+            Ok(()) => {
+                self.awaiting_pkid.push_back(Pending::Data { sid, first, last, count: take as u64, sent_at: Instant::now() });
+                self.cursors[idx] = last + 1;
+                self.waiting_since[idx] = None;
+                self.in_flight_records += take as u64;
+                self.metrics.in_flight.store(self.in_flight_records, Relaxed);
+                self.metrics.sent.fetch_add(take as u64, Relaxed);
+                self.metrics.messages_sent.fetch_add(1, Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "The MQTT request channel is full; retrying shortly.");
+                false
+            }
+        }
+    }
+
+    fn status(&self, state: DeviceState) -> Status {
+        let (records, bytes) = self.queue.len();
+        Status {
+            v: SCHEMA_VERSION,
+            device: self.settings.device_id.clone(),
+            state,
+            ts: crate::source::now_us(),
+            agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+            models: Default::default(),
+            queue: Some(QueueGauge { records, bytes, disk_bytes: self.metrics.queue_disk_bytes.load(Relaxed) }),
+            counters: Some(self.metrics.snapshot()),
+            streams: self.queue.stream_status(),
+        }
+    }
+
+    fn publish_status(&mut self, client: &AsyncClient, state: DeviceState) {
+        let status = self.status(state);
+        match ember_proto::message::encode(&status, self.settings.mqtt.encoding) {
+            Ok(payload) => {
+                if client.try_publish(self.topics.status.clone(), QoS::AtLeastOnce, true, payload).is_ok() {
+                    self.awaiting_pkid.push_back(Pending::Control);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "Cannot encode the status message."),
+        }
+    }
+
+    fn publish_heartbeat(&mut self, client: &AsyncClient) {
+        let hb = Heartbeat {
+            v: SCHEMA_VERSION,
+            device: self.settings.device_id.clone(),
+            ts: crate::source::now_us(),
+            uptime_s: self.started.elapsed().as_secs(),
+            queue_records: self.queue.len().0,
+        };
+        if let Ok(payload) = ember_proto::message::encode(&hb, self.settings.mqtt.encoding) {
+            let _ = client.try_publish(self.topics.heartbeat.clone(), QoS::AtMostOnce, false, payload);
+        }
+    }
+
+    pub fn state(&self) -> UplinkState {
+        self.state
+    }
+
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
+}
