@@ -579,4 +579,26 @@ mod tests {
         assert_eq!(truncate("héllo", 2), "hé");
         assert_eq!(truncate("hi", 5), "hi");
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Every line is a row, a skipped line, or exactly one rejection.
+            #[test]
+            fn csv_lines_are_rows_or_rejections(text in "([0-9a,.e -]{0,10}\n){0,20}") {
+                let mut rejected = 0usize;
+                match parse_csv(text.as_bytes(), |_| rejected += 1) {
+                    Ok(rows) => {
+                        prop_assert!(rows.width >= 1);
+                        prop_assert_eq!(rows.values.len() % rows.width, 0);
+                        prop_assert!(rows.values.iter().all(|v| v.is_finite()));
+                        prop_assert!(rows.len() + rejected <= text.lines().count());
+                    }
+                    Err(message) => prop_assert!(message.starts_with("no data rows")),
+                }
+            }
+        }
+    }
 }

@@ -1001,4 +1001,48 @@ mod tests {
         assert!(!path.exists());
         assert_eq!(metrics.captured.load(Relaxed), 1);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn parse_line_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+                let _ = parse_line(&bytes, "imu", || 0);
+            }
+
+            /// The bounded reader splits exactly like `split('\n')`, whatever the buffer size,
+            /// and reports over-long lines instead of returning them.
+            #[test]
+            fn bounded_reader_matches_a_plain_split(
+                text in "[ab\n]{0,120}",
+                capacity in 1usize..16,
+                max in 0usize..12,
+            ) {
+                let mut expected: Vec<Option<String>> = text
+                    .split('\n')
+                    .map(|l| (l.len() <= max).then(|| l.to_string()))
+                    .collect();
+                // A trailing newline does not start another line.
+                if text.is_empty() || text.ends_with('\n') {
+                    expected.pop();
+                }
+                let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+                let got = rt.block_on(async {
+                    let mut r = BufReader::with_capacity(capacity, text.as_bytes());
+                    let mut buf = Vec::new();
+                    let mut got = Vec::new();
+                    loop {
+                        match read_line_bounded(&mut r, &mut buf, max).await.expect("read") {
+                            Line::Eof => break got,
+                            Line::TooLong => got.push(None),
+                            Line::Complete => got.push(Some(String::from_utf8(buf.clone()).expect("utf8"))),
+                        }
+                    }
+                });
+                prop_assert_eq!(got, expected);
+            }
+        }
+    }
 }

@@ -934,4 +934,67 @@ mod tests {
         let e = err("@dimensions 1\n@classLabel true Up\n@data\n1,2:up\n");
         assert!(matches!(e, TsError::UnknownLabel { .. }), "{e}");
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const LABELS: [&str; 3] = ["sit", "stand", "walk"];
+
+        /// One series: its channels and the index of its label in `LABELS`.
+        type Series = (Vec<Vec<f32>>, usize);
+
+        /// (dimensions, series), every series of the same length.
+        fn dataset() -> impl Strategy<Value = (usize, Vec<Series>)> {
+            (1usize..5, 1usize..8, 1usize..6).prop_flat_map(|(dims, len, n)| {
+                let channel = proptest::collection::vec(-1e30f32..1e30f32, len);
+                let series = (proptest::collection::vec(channel, dims), 0..LABELS.len());
+                (Just(dims), proptest::collection::vec(series, n))
+            })
+        }
+
+        fn write(dims: usize, series: &[Series]) -> String {
+            let len = series[0].0[0].len();
+            let mut out = format!(
+                "@problemName prop\n@univariate {}\n@dimensions {dims}\n@equalLength true\n@seriesLength {len}\n@classLabel true {}\n@data\n",
+                dims == 1,
+                LABELS.join(" ")
+            );
+            for (channels, label) in series {
+                let fields: Vec<String> = channels
+                    .iter()
+                    .map(|c| c.iter().map(f32::to_string).collect::<Vec<_>>().join(","))
+                    .collect();
+                out.push_str(&fields.join(":"));
+                out.push(':');
+                out.push_str(LABELS[*label]);
+                out.push('\n');
+            }
+            out
+        }
+
+        proptest! {
+            #[test]
+            fn written_datasets_parse_back_exactly((dims, series) in dataset()) {
+                let d = parse_ts(&write(dims, &series)).expect("a written dataset parses");
+                prop_assert_eq!(d.dimensions, dims);
+                prop_assert_eq!(d.series_length, Some(series[0].0[0].len()));
+                prop_assert_eq!(d.series.len(), series.len());
+                for (got, (channels, label)) in d.series.iter().zip(&series) {
+                    prop_assert_eq!(&got.channels, channels);
+                    prop_assert_eq!(got.label.as_deref(), Some(LABELS[*label]));
+                }
+            }
+
+            #[test]
+            fn arbitrary_text_never_panics(text in "\\PC*") {
+                let _ = parse_ts(&text);
+            }
+
+            #[test]
+            fn ts_like_text_never_panics(text in "(@(data|dimensions [0-9]|classLabel (true|false)( [ab])*|seriesLength [0-9]|equalLength (true|false))\n|[0-9ab?,:. -]{0,12}\n){0,8}") {
+                let _ = parse_ts(&text);
+            }
+        }
+    }
 }
