@@ -161,6 +161,7 @@ impl Uplink {
         let mut retry_at: Option<tokio::time::Instant> = None;
         let linger = Duration::from_millis(self.settings.mqtt.message_max_delay_ms);
         let queue = self.queue.clone();
+        let mut writer_seen_done = false;
 
         let outcome = loop {
             if self.connected {
@@ -191,6 +192,9 @@ impl Uplink {
                     }
                 },
                 _ = queue.records_ready().notified() => {}
+                _ = writer_done.cancelled(), if drain_deadline.is_some() && !writer_seen_done => {
+                    writer_seen_done = true;
+                }
                 _ = async { tokio::time::sleep_until(next_linger.unwrap_or_else(far_future)).await }, if next_linger.is_some() => {}
                 _ = heartbeat.tick() => {
                     if self.connected {
