@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what Ember's tests need on Debian 12 (run as root, or with sudo available):
+# the Mosquitto broker, qemu-user and the gcc cross linkers, and the Rust cross targets.
+set -euo pipefail
+
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+command -v qemu-aarch64 >/dev/null 2>&1 || need_apt+=(qemu-user)
+command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need_apt+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "install-deps: installing ${need_apt[*]}"
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "install-deps: need root or sudo to apt-get install ${need_apt[*]}" >&2; exit 1; }
+    SUDO=sudo
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+# Debian starts a system-wide broker on 1883 when it installs mosquitto where an init system
+# runs; the tests never use it (each starts its own on an ephemeral port).
+
+installed=$(rustup target list --installed)
+for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf thumbv7em-none-eabihf; do
+  grep -qx "$t" <<<"$installed" || rustup target add "$t"
+done

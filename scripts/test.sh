@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Ember's whole test suite (the README's second command). On a fresh Debian 12 machine with the
+# Rust toolchain it installs what it needs, then runs: format and lint checks, every host test
+# (unit, property and system tests against real Mosquitto brokers), the agent's and proto's
+# unit tests for aarch64 under qemu-aarch64, an armv7 build of the agent, and a no_std build of
+# ember-proto for Cortex-M4F. It ends with a plain "N passed, N failed" line.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+LOGS=target/test-logs
+mkdir -p "$LOGS"
+failed_steps=()
+
+step() {
+  local name=$1; shift
+  echo "==> $name: $*"
+  local t0=$SECONDS
+  if "$@" 2>&1 | tee "$LOGS/$name.log"; then
+    echo "==> $name: ok ($((SECONDS - t0)) s)"
+  else
+    echo "==> $name: FAILED ($((SECONDS - t0)) s)"
+    failed_steps+=("$name")
+  fi
+}
+
+bash scripts/install-deps.sh || { echo "0 passed, 1 failed"; exit 1; }
+
+step fmt cargo fmt --all -- --check
+step clippy cargo clippy --workspace --all-targets -- -D warnings
+step host-tests cargo test --workspace --no-fail-fast
+step thumbv7em-proto cargo build -p ember-proto --no-default-features --target thumbv7em-none-eabihf
+step aarch64-tests cargo test -p ember-proto -p ember-agent --lib --no-fail-fast --target aarch64-unknown-linux-gnu
+step armv7-build cargo build -p ember-agent --bins --target armv7-unknown-linux-gnueabihf
+
+passed=0; failed=0
+for f in "$LOGS"/host-tests.log "$LOGS"/aarch64-tests.log; do
+  [ -f "$f" ] || continue
+  while read -r p q; do passed=$((passed + p)); failed=$((failed + q)); done < <(
+    sed -nE 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' "$f")
+done
+# A failed build or check step counts as a failure too.
+for s in "${failed_steps[@]}"; do
+  case "$s" in host-tests|aarch64-tests) grep -q '^test result:' "$LOGS/$s.log" || failed=$((failed + 1)) ;; *) failed=$((failed + 1)) ;; esac
+done
+[ ${#failed_steps[@]} -gt 0 ] && echo "Failed steps: ${failed_steps[*]}"
+echo "$passed passed, $failed failed"
+[ ${#failed_steps[@]} -eq 0 ]
