@@ -426,18 +426,21 @@ impl Queue {
         let mut touched: BTreeMap<StreamId, u64> = BTreeMap::new();
         let mut accepted = 0;
         let mut evicted = 0u64;
+        let size_of = |s: &Sample| (KEY_LEN + StoredRecord::encoded_len(s.values.len().min(StoredRecord::MAX_VALUES))) as u64;
+        if self.settings.full_policy == FullPolicy::DropOldest {
+            // Make room for the whole batch at once. If nothing evictable is left (everything
+            // is in flight), go over the cap: those records are bounded by the in-flight window
+            // and leave on PUBACK.
+            let incoming: u64 = samples.iter().map(size_of).sum();
+            if g.bytes + incoming > self.settings.max_bytes {
+                let need = g.bytes + incoming - self.settings.max_bytes;
+                evicted += self.plan_eviction(&mut g, &engine, need, &mut evict_cursor, &mut deletes)?;
+            }
+        }
         for s in samples {
-            let size = (KEY_LEN + StoredRecord::encoded_len(s.values.len().min(StoredRecord::MAX_VALUES))) as u64;
-            if g.bytes + size > self.settings.max_bytes {
-                match self.settings.full_policy {
-                    FullPolicy::Block => break,
-                    FullPolicy::DropOldest => {
-                        let need = g.bytes + size - self.settings.max_bytes;
-                        evicted += self.plan_eviction(&mut g, &engine, need, &mut evict_cursor, &mut deletes)?;
-                        // If nothing evictable is left (all in flight), go over the cap: those
-                        // records are bounded by the in-flight window and leave on PUBACK.
-                    }
-                }
+            let size = size_of(s);
+            if self.settings.full_policy == FullPolicy::Block && g.bytes + size > self.settings.max_bytes {
+                break;
             }
             let sid = self.stream_id(&mut g, &s.stream);
             let st = &mut g.streams[sid as usize];
@@ -567,7 +570,7 @@ impl Queue {
         let mut count = 0u64;
         while freed < need {
             // The evictable head of each stream, and its capture time.
-            let mut best: Option<(u64, StreamId, u64)> = None;
+            let mut heads: Vec<(u64, StreamId, u64)> = Vec::new();
             for sid in 0..g.streams.len() as StreamId {
                 let st = &g.streams[sid as usize];
                 if st.records == 0 {
@@ -578,20 +581,24 @@ impl Queue {
                 if let Some((k, v)) = head.first() {
                     let ts = StoredRecord::decode(k, v).map(|r| r.ts_us).unwrap_or(0);
                     let seq = parse_record_key(k).map_or(from, |(_, s)| s);
-                    if best.is_none_or(|(bts, _, _)| ts < bts) {
-                        best = Some((ts, sid, seq));
-                    }
+                    heads.push((ts, sid, seq));
                 }
             }
-            let Some((_, sid, from)) = best else { break };
-            // Evict a run from that stream until enough is freed.
+            heads.sort_unstable();
+            let Some(&(_, sid, from)) = heads.first() else { break };
+            // Evict a run from the oldest stream while it stays older than every other head.
+            let limit_ts = heads.get(1).map_or(u64::MAX, |h| h.0);
             let run = engine.scan(&record_key(sid, from), &record_key(sid, u64::MAX), 256)?;
-            let mut last = from;
-            for (k, v) in run {
+            let mut last = from.saturating_sub(1);
+            for (i, (k, v)) in run.into_iter().enumerate() {
                 if freed >= need {
                     break;
                 }
                 let Some((_, seq)) = parse_record_key(&k) else { continue };
+                let ts = StoredRecord::decode(&k, &v).map(|r| r.ts_us).unwrap_or(0);
+                if i > 0 && ts > limit_ts {
+                    break;
+                }
                 let size = (k.len() + v.len()) as u64;
                 freed += size;
                 count += 1;
