@@ -42,6 +42,8 @@ pub const DEFAULT_APPEND_MAX_RECORDS: usize = 1000;
 pub const DEFAULT_APPEND_MAX_DELAY_MS: u64 = 20;
 pub const DEFAULT_CACHE_BYTES: u64 = 2 * 1024 * 1024;
 pub const DEFAULT_RECLAIM_BYTES: u64 = 16 * 1024 * 1024;
+/// Free space the queue leaves on its file system; below it the full policy applies.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_GRACE_MS: u64 = 5000;
 pub const DEFAULT_SAMPLE_CHANNEL: usize = 8192;
 
@@ -120,6 +122,7 @@ pub struct RawQueue {
     pub append_max_delay_ms: Option<u64>,
     pub cache_bytes: Option<u64>,
     pub reclaim_bytes: Option<u64>,
+    pub min_free_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -229,6 +232,8 @@ pub struct QueueSettings {
     pub append_max_delay_ms: u64,
     pub cache_bytes: u64,
     pub reclaim_bytes: u64,
+    /// Free space to leave on the queue's file system (the disk's own "byte cap").
+    pub min_free_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -403,6 +408,7 @@ impl Settings {
             append_max_delay_ms: q.append_max_delay_ms.unwrap_or(DEFAULT_APPEND_MAX_DELAY_MS),
             cache_bytes: q.cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES),
             reclaim_bytes: q.reclaim_bytes.unwrap_or(DEFAULT_RECLAIM_BYTES),
+            min_free_bytes: q.min_free_bytes.unwrap_or(DEFAULT_MIN_FREE_BYTES),
         };
         if queue.max_bytes < 64 * 1024 {
             return Err(invalid("queue.max_bytes", format!("{} is too small: use at least 65536 bytes", queue.max_bytes)));

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub acked: AtomicU64,
     pub evicted_bytes: AtomicU64,
     pub evicted_age: AtomicU64,
+    pub evicted_disk: AtomicU64,
+    pub storage_errors: AtomicU64,
     pub corrupt: AtomicU64,
     pub rejected: AtomicU64,
     pub reconnects: AtomicU64,
@@ -49,6 +51,7 @@ impl Metrics {
             acked: self.acked.load(Relaxed),
             evicted_bytes: self.evicted_bytes.load(Relaxed),
             evicted_age: self.evicted_age.load(Relaxed),
+            evicted_disk: self.evicted_disk.load(Relaxed),
             corrupt: self.corrupt.load(Relaxed),
             rejected: self.rejected.load(Relaxed),
             reconnects: self.reconnects.load(Relaxed),
@@ -59,13 +62,15 @@ impl Metrics {
 
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render(&self, device_id: &str) -> String {
-        let counters: [(&str, &str, &str, &str, &AtomicU64); 18] = [
+        let counters: [(&str, &str, &str, &str, &AtomicU64); 20] = [
             ("records_captured_total", "counter", "Samples produced by sources.", "", &self.captured),
             ("records_enqueued_total", "counter", "Records durably appended to the queue.", "", &self.enqueued),
             ("records_sent_total", "counter", "Records published to the broker (re-sends count again).", "", &self.sent),
             ("records_acked_total", "counter", "Records acknowledged by the broker and deleted from the queue.", "", &self.acked),
             ("records_evicted_total", "counter", "Records evicted from the queue, by reason.", "reason=\"bytes\"", &self.evicted_bytes),
             ("records_evicted_total", "counter", "", "reason=\"age\"", &self.evicted_age),
+            ("records_evicted_total", "counter", "", "reason=\"disk\"", &self.evicted_disk),
+            ("storage_errors_total", "counter", "Queue storage operations that failed (disk full, I/O errors).", "", &self.storage_errors),
             ("records_corrupt_total", "counter", "Stored records that failed their CRC and were skipped.", "", &self.corrupt),
             ("input_rejected_total", "counter", "Malformed input lines or samples rejected by sources.", "", &self.rejected),
             ("reconnects_total", "counter", "Reconnections to the broker after the first connection.", "", &self.reconnects),

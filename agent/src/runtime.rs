@@ -219,6 +219,8 @@ async fn append_all(queue: &Arc<Queue>, mut samples: Vec<Sample>, settings: &Set
                     _ = force.cancelled() => return samples,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
+                let q = queue.clone();
+                let _ = tokio::task::spawn_blocking(move || q.recover()).await;
             }
         }
     }

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 use ember_proto::{Channel, DeviceState, Heartbeat, QueueGauge, SCHEMA_VERSION, Status, TelemetryBatch, Topic};
@@ -152,7 +152,12 @@ impl Uplink {
         writer_done: CancellationToken,
         force: CancellationToken,
     ) -> DrainOutcome {
-        let (client, mut eventloop) = AsyncClient::new(self.mqtt_options(), self.settings.mqtt.max_in_flight + 16);
+        let (client, eventloop) = AsyncClient::new(self.mqtt_options(), self.settings.mqtt.max_in_flight + 16);
+        // One `poll` stays in flight across loop iterations. Dropping it whenever another branch
+        // wins (a batch became durable, a timer fired) would abort a connection attempt half-way
+        // (TCP connect, CONNECT, CONNACK), so while records keep arriving the agent could
+        // never get back online after an outage.
+        let mut polling = poll_owned(eventloop);
         let mut heartbeat = tokio::time::interval(Duration::from_secs(self.settings.mqtt.heartbeat_s));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut status_tick = tokio::time::interval(Duration::from_secs(self.settings.mqtt.status_interval_s));
@@ -170,7 +175,9 @@ impl Uplink {
             if drain_deadline.is_some() && writer_done.is_cancelled() && self.fully_drained() {
                 break DrainOutcome::Drained;
             }
-            let next_linger = self.next_linger_deadline(linger);
+            // Offline, nothing can be sent: a lingering partial message must not wake the loop
+            // (its deadline has passed, so it would spin).
+            let next_linger = if self.connected { self.next_linger_deadline(linger) } else { None };
             tokio::select! {
                 biased;
                 _ = force.cancelled() => break DrainOutcome::GraceExpired,
@@ -184,13 +191,16 @@ impl Uplink {
                 _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(far_future)).await }, if retry_at.is_some() => {
                     retry_at = None;
                 }
-                ev = eventloop.poll(), if retry_at.is_none() => match ev {
-                    Ok(ev) => self.on_event(ev, &client),
-                    Err(e) => {
-                        let delay = self.on_disconnect(&e);
-                        retry_at = Some(tokio::time::Instant::now() + delay);
+                (el, ev) = &mut polling, if retry_at.is_none() => {
+                    polling = poll_owned(el);
+                    match ev {
+                        Ok(ev) => self.on_event(ev, &client),
+                        Err(e) => {
+                            let delay = self.on_disconnect(&e);
+                            retry_at = Some(tokio::time::Instant::now() + delay);
+                        }
                     }
-                },
+                }
                 _ = queue.records_ready().notified() => {}
                 _ = writer_done.cancelled(), if drain_deadline.is_some() && !writer_seen_done => {
                     writer_seen_done = true;
@@ -216,7 +226,9 @@ impl Uplink {
             let _ = client.try_disconnect();
             let bye = async {
                 loop {
-                    match eventloop.poll().await {
+                    let (el, ev) = (&mut polling).await;
+                    polling = poll_owned(el);
+                    match ev {
                         Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
                         Ok(ev) => self.on_event(ev, &client),
                     }
@@ -481,6 +493,17 @@ impl Uplink {
         self.state
     }
 
+}
+
+type PollFuture = std::pin::Pin<Box<dyn std::future::Future<Output = (EventLoop, Result<Event, ConnectionError>)> + Send>>;
+
+/// One `EventLoop::poll` that owns the event loop and hands it back with the event, so the
+/// future can outlive a `select!` round (see `Uplink::run`).
+fn poll_owned(mut eventloop: EventLoop) -> PollFuture {
+    Box::pin(async move {
+        let ev = eventloop.poll().await;
+        (eventloop, ev)
+    })
 }
 
 fn far_future() -> tokio::time::Instant {

@@ -120,6 +120,9 @@ pub struct AgentCounters {
     pub evicted_bytes: u64,
     /// Records evicted because they exceeded the maximum age.
     pub evicted_age: u64,
+    /// Records evicted because the disk's free space fell below the queue's reserve.
+    #[serde(default)]
+    pub evicted_disk: u64,
     /// Stored records that failed their CRC and were skipped.
     pub corrupt: u64,
     /// Input lines or samples rejected by sources (malformed, wrong shape).
@@ -137,7 +140,8 @@ pub struct AgentCounters {
 pub struct EvictedRange {
     pub from: u64,
     pub to: u64,
-    /// `bytes` (byte cap), `age` (max age), `corrupt` (failed CRC) or `reset` (queue replaced).
+    /// `bytes` (byte cap), `age` (max age), `disk` (free-space reserve), `corrupt` (failed CRC)
+    /// or `reset` (queue replaced).
     pub reason: String,
 }
 

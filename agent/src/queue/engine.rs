@@ -67,6 +67,11 @@ impl SledEngine {
                     attempt += 1;
                     std::thread::sleep(Duration::from_millis(20));
                 }
+                // An I/O error (disk full, permissions) says nothing about the data: never treat
+                // it as corruption, or a full disk would make the agent throw its queue away.
+                Ok(Err(sled::Error::Io(e))) => {
+                    return Err(QueueError::Io { what: format!("opening the queue database at {}", path.display()), source: e });
+                }
                 Ok(Err(e)) => return Err(open_err(e.to_string())),
                 Err(panic) => {
                     let msg = panic

@@ -86,6 +86,8 @@ pub enum QueueError {
     Io { what: String, source: std::io::Error },
     #[error("queue is closed (a compaction failed to reopen it)")]
     Closed,
+    #[error("queue storage is recovering from an earlier error (is the disk full?)")]
+    Unavailable,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> QueueError {
@@ -196,10 +198,19 @@ struct Inner {
     bytes: u64,
     reserved: BTreeMap<String, u64>,
     last_maintain: Option<Instant>,
+    /// A storage operation failed; the engine must be reopened before further use.
+    poisoned: bool,
+    /// `(stream, first, last)` of a batch whose fsync failed: on disk or not, unknown.
+    in_doubt: Vec<(String, u64, u64)>,
+    /// Records that batch evicted `(for bytes, for disk)`; they count only if it landed.
+    in_doubt_evicted: (u64, u64),
 }
 
 impl Inner {
     fn engine(&self) -> Result<Arc<SledEngine>, QueueError> {
+        if self.poisoned {
+            return Err(QueueError::Unavailable);
+        }
         self.engine.clone().ok_or(QueueError::Closed)
     }
 }
@@ -211,6 +222,7 @@ pub struct Queue {
     inner: Mutex<Inner>,
     ready: tokio::sync::Notify,
     space: tokio::sync::Notify,
+    low_disk_warned: std::sync::atomic::AtomicBool,
 }
 
 impl Queue {
@@ -248,7 +260,121 @@ impl Queue {
             }
             Err(e) => return Err(e),
         };
+        let inner = load_state(engine, reserved, &mut report, &metrics)?;
+        let queue = Queue {
+            root: data_dir.to_path_buf(),
+            settings,
+            metrics,
+            inner: Mutex::new(inner),
+            ready: tokio::sync::Notify::new(),
+            space: tokio::sync::Notify::new(),
+            low_disk_warned: std::sync::atomic::AtomicBool::new(false),
+        };
+        queue.publish_gauges(&queue.lock());
+        Ok((queue, report))
+    }
 
+    /// After a storage error (sled refuses all work once an I/O error hit it, e.g. a full
+    /// disk), closes and reopens the database and rebuilds the in-memory state from what is
+    /// on disk. A batch whose append failed is not in the rebuilt state; its samples are still
+    /// with the writer, which retries them. Returns whether the queue is usable.
+    pub fn recover(&self) -> bool {
+        let mut g = self.lock();
+        if !g.poisoned {
+            return true;
+        }
+        if let Some(engine) = g.engine.take() {
+            if let Err(still_shared) = Arc::try_unwrap(engine) {
+                g.engine = Some(still_shared);
+                return false;
+            }
+        }
+        let live = self.root.join("queue");
+        let engine = match SledEngine::open(&live, self.settings.cache_bytes, background_flush(&self.settings)) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "The queue database cannot be reopened yet; retrying.");
+                return false;
+            }
+        };
+        let mut report = OpenReport::default();
+        let in_doubt = std::mem::take(&mut g.in_doubt);
+        let in_doubt_evicted = g.in_doubt_evicted;
+        match load_state(engine, std::mem::take(&mut g.reserved), &mut report, &self.metrics)
+            .and_then(|inner| drop_in_doubt(inner, &in_doubt))
+        {
+            Ok((inner, landed)) => {
+                if !in_doubt.is_empty() && !landed {
+                    // The failed batch never reached the disk: neither did its evictions.
+                    self.metrics.evicted_bytes.fetch_sub(in_doubt_evicted.0, Relaxed);
+                    self.metrics.evicted_disk.fetch_sub(in_doubt_evicted.1, Relaxed);
+                }
+                *g = inner;
+                self.publish_gauges(&g);
+                tracing::info!(records = report.records, "Reopened the queue database after a storage error.");
+                drop(g);
+                self.ready.notify_one();
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "The queue database cannot be reloaded yet; retrying.");
+                g.poisoned = true;
+                g.in_doubt = in_doubt;
+                false
+            }
+        }
+    }
+
+    /// Counts a storage error and marks the engine for reopening (see [`Queue::recover`]).
+    fn storage_failed(&self, g: &mut Inner, e: &QueueError) {
+        self.metrics.storage_errors.fetch_add(1, Relaxed);
+        if !g.poisoned {
+            tracing::error!(error = %e, "Queue storage failed; records already queued are safe, new ones wait until it recovers.");
+        }
+        g.poisoned = true;
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves counts that may be off by one batch; the data in
+        // sled is still consistent, so carry on rather than poison the whole agent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Removes a batch whose fsync failed (if it reached the disk at all) and rewinds its streams'
+/// numbering to where the batch began, so the writer's retry reuses the same numbers.
+fn drop_in_doubt(mut inner: Inner, in_doubt: &[(String, u64, u64)]) -> Result<(Inner, bool), QueueError> {
+    let Some(engine) = inner.engine.clone() else { return Ok((inner, false)) };
+    let mut puts = Vec::new();
+    let mut landed = false;
+    for (name, first, last) in in_doubt {
+        let Some(&sid) = inner.by_name.get(name.as_str()) else { continue };
+        let (n, bytes) = engine.delete_range(&record_key(sid, *first), &record_key(sid, *last))?;
+        landed |= n > 0;
+        let st = &mut inner.streams[sid as usize];
+        st.records -= n;
+        st.bytes -= bytes;
+        st.next_seq = st.next_seq.min(*first);
+        st.durable_upto = st.durable_upto.min(first - 1);
+        puts.push((meta_key(sid), meta_json(&st.meta())));
+        inner.records -= n;
+        inner.bytes -= bytes;
+    }
+    if !puts.is_empty() {
+        engine.apply(puts, Vec::new())?;
+        engine.sync()?;
+    }
+    Ok((inner, landed))
+}
+
+/// Rebuilds the queue's in-memory state from an opened engine: stream metadata, record counts,
+/// corrupt records (dropped and counted), and reservations after a reset.
+fn load_state(
+    engine: SledEngine,
+    reserved: BTreeMap<String, u64>,
+    report: &mut OpenReport,
+    metrics: &Metrics,
+) -> Result<Inner, QueueError> {
         let mut inner = Inner {
             engine: None,
             streams: Vec::new(),
@@ -257,6 +383,9 @@ impl Queue {
             bytes: 0,
             reserved,
             last_maintain: None,
+            poisoned: false,
+            in_doubt: Vec::new(),
+            in_doubt_evicted: (0, 0),
         };
         // Rebuild state: metadata first (ids, next_seq), then count records.
         let mut metas: BTreeMap<StreamId, StreamMeta> = BTreeMap::new();
@@ -372,23 +501,10 @@ impl Queue {
         engine.sync()?;
         report.records = inner.records;
         report.bytes = inner.bytes;
-        let queue = Queue {
-            root: data_dir.to_path_buf(),
-            settings,
-            metrics,
-            inner: Mutex::new(inner),
-            ready: tokio::sync::Notify::new(),
-            space: tokio::sync::Notify::new(),
-        };
-        queue.publish_gauges(&queue.lock());
-        Ok((queue, report))
-    }
+        Ok(inner)
+}
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock leaves counts that may be off by one batch; the data in
-        // sled is still consistent, so carry on rather than poison the whole agent.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
+impl Queue {
 
     fn publish_gauges(&self, g: &Inner) {
         self.metrics.queue_records.store(g.records, Relaxed);
@@ -420,21 +536,45 @@ impl Queue {
         let engine = g.engine()?;
         // Planning mutates the in-memory state; a failed write (disk full) restores it.
         let saved = (g.streams.clone(), g.by_name.clone(), g.records, g.bytes);
+        let saved_for_doubt = saved.0.clone();
         let mut puts = Vec::with_capacity(samples.len() + 2);
         let mut deletes = Vec::new();
         let mut evict_cursor: HashMap<StreamId, u64> = HashMap::new();
         let mut touched: BTreeMap<StreamId, u64> = BTreeMap::new();
         let mut accepted = 0;
         let mut evicted = 0u64;
+        let mut evicted_disk = 0u64;
         let size_of = |s: &Sample| (KEY_LEN + StoredRecord::encoded_len(s.values.len().min(StoredRecord::MAX_VALUES))) as u64;
-        if self.settings.full_policy == FullPolicy::DropOldest {
-            // Make room for the whole batch at once. If nothing evictable is left (everything
-            // is in flight), go over the cap: those records are bounded by the in-flight window
-            // and leave on PUBACK.
-            let incoming: u64 = samples.iter().map(size_of).sum();
-            if g.bytes + incoming > self.settings.max_bytes {
+        let incoming: u64 = samples.iter().map(size_of).sum();
+        // The disk is the other cap: below the free-space reserve, the live data may not grow.
+        // sled reuses the space of deleted records, so evicting as much as arrives keeps its
+        // files from growing further.
+        let low_disk = self.free_space().is_some_and(|free| free < self.settings.min_free_bytes);
+        let mut budget = u64::MAX;
+        if low_disk {
+            budget = match self.settings.full_policy {
+                FullPolicy::Block => 0,
+                FullPolicy::DropOldest => {
+                    let before = g.bytes;
+                    let n = self.plan_eviction(&mut g, &engine, incoming, "disk", &mut evict_cursor, &mut deletes)?;
+                    evicted_disk += n;
+                    before - g.bytes
+                }
+            };
+            if budget < incoming && !self.low_disk_warned.swap(true, Relaxed) {
+                tracing::warn!(
+                    min_free_bytes = self.settings.min_free_bytes, path = %self.root.display(),
+                    "Free disk space is below the queue's reserve: new records wait until space is freed."
+                );
+            }
+        } else {
+            self.low_disk_warned.store(false, Relaxed);
+            if self.settings.full_policy == FullPolicy::DropOldest && g.bytes + incoming > self.settings.max_bytes {
+                // Make room for the whole batch at once. If nothing evictable is left (everything
+                // is in flight), go over the cap: those records are bounded by the in-flight
+                // window and leave on PUBACK.
                 let need = g.bytes + incoming - self.settings.max_bytes;
-                evicted += self.plan_eviction(&mut g, &engine, need, &mut evict_cursor, &mut deletes)?;
+                evicted += self.plan_eviction(&mut g, &engine, need, "bytes", &mut evict_cursor, &mut deletes)?;
             }
         }
         for s in samples {
@@ -442,6 +582,10 @@ impl Queue {
             if self.settings.full_policy == FullPolicy::Block && g.bytes + size > self.settings.max_bytes {
                 break;
             }
+            if size > budget {
+                break;
+            }
+            budget -= size.min(budget);
             let sid = self.stream_id(&mut g, &s.stream);
             let st = &mut g.streams[sid as usize];
             let seq = st.next_seq;
@@ -467,17 +611,36 @@ impl Queue {
         }
         if let Err(e) = self.reserve(&mut g, &touched).and_then(|()| engine.apply(puts, deletes)) {
             (g.streams, g.by_name, g.records, g.bytes) = saved;
+            self.storage_failed(&mut g, &e);
             return Err(e);
         }
-        self.metrics.enqueued.fetch_add(accepted as u64, Relaxed);
         self.metrics.evicted_bytes.fetch_add(evicted, Relaxed);
+        self.metrics.evicted_disk.fetch_add(evicted_disk, Relaxed);
         self.publish_gauges(&g);
         drop(g);
         if self.settings.fsync == FsyncPolicy::EveryBatch {
-            engine.sync()?;
+            if let Err(e) = engine.sync() {
+                // The batch may or may not be on disk. It was never durable, so the uplink never
+                // saw it: `recover` removes it and rewinds the numbers, and the writer's retry
+                // then gets the same sequence numbers (no duplicate, no gap).
+                let mut g = self.lock();
+                g.in_doubt = touched
+                    .iter()
+                    .map(|(sid, last)| {
+                        let first = saved_for_doubt.get(*sid as usize).map_or(1, |st| st.next_seq);
+                        (g.streams[*sid as usize].name.to_string(), first, *last)
+                    })
+                    .collect();
+                g.in_doubt_evicted = (evicted, evicted_disk);
+                self.storage_failed(&mut g, &e);
+                return Err(e);
+            }
             self.metrics.fsyncs.fetch_add(1, Relaxed);
             self.mark_durable(&touched);
         }
+        // Counted once the batch is as durable as the policy makes it: a batch whose fsync
+        // failed is retried by the writer and must not be counted twice.
+        self.metrics.enqueued.fetch_add(accepted as u64, Relaxed);
         Ok(AppendOutcome { accepted })
     }
 
@@ -498,12 +661,15 @@ impl Queue {
         if upto.is_empty() {
             return Ok(());
         }
-        match self.settings.fsync {
-            FsyncPolicy::Never => engine.flush()?,
-            _ => {
-                engine.sync()?;
+        let r = match self.settings.fsync {
+            FsyncPolicy::Never => engine.flush(),
+            _ => engine.sync().inspect(|()| {
                 self.metrics.fsyncs.fetch_add(1, Relaxed);
-            }
+            }),
+        };
+        if let Err(e) = r {
+            self.storage_failed(&mut self.lock(), &e);
+            return Err(e);
         }
         self.mark_durable(&upto);
         Ok(())
@@ -563,6 +729,7 @@ impl Queue {
         g: &mut Inner,
         engine: &SledEngine,
         need: u64,
+        reason: &str,
         cursor: &mut HashMap<StreamId, u64>,
         deletes: &mut Vec<Vec<u8>>,
     ) -> Result<u64, QueueError> {
@@ -606,7 +773,7 @@ impl Queue {
                 let st = &mut g.streams[sid as usize];
                 st.records -= 1;
                 st.bytes -= size;
-                st.note_evicted(seq, "bytes");
+                st.note_evicted(seq, reason);
                 g.records -= 1;
                 g.bytes -= size;
                 deletes.push(k);
@@ -684,7 +851,13 @@ impl Queue {
     pub fn ack(&self, sid: StreamId, first: u64, last: u64) -> Result<u64, QueueError> {
         let mut g = self.lock();
         let engine = g.engine()?;
-        let (n, bytes) = engine.delete_range(&record_key(sid, first), &record_key(sid, last))?;
+        let (n, bytes) = match engine.delete_range(&record_key(sid, first), &record_key(sid, last)) {
+            Ok(v) => v,
+            Err(e) => {
+                self.storage_failed(&mut g, &e);
+                return Err(e);
+            }
+        };
         if let Some(st) = g.streams.get_mut(sid as usize) {
             st.records = st.records.saturating_sub(n);
             st.bytes = st.bytes.saturating_sub(bytes);
@@ -736,6 +909,9 @@ impl Queue {
     /// Housekeeping between batches: age eviction and disk-space reclaim, at most once per
     /// second. Call it from the task that appends (it may swap the database).
     pub fn maintain(&self) -> Result<(), QueueError> {
+        if !self.recover() {
+            return Ok(());
+        }
         {
             let mut g = self.lock();
             if g.last_maintain.is_some_and(|t| t.elapsed() < MAINTAIN_EVERY) {
@@ -752,6 +928,11 @@ impl Queue {
             self.metrics.queue_disk_bytes.store(dir_size(&self.root.join("queue")), Relaxed);
         }
         Ok(())
+    }
+
+    /// Free space on the queue's file system, if it can be read.
+    fn free_space(&self) -> Option<u64> {
+        fs2::available_space(&self.root).ok()
     }
 
     /// Bytes the live database takes on disk.

@@ -13,6 +13,7 @@ fn settings(max_bytes: u64, policy: FullPolicy, fsync: FsyncPolicy) -> QueueSett
         append_max_delay_ms: 10,
         cache_bytes: 1 << 20,
         reclaim_bytes: 1 << 20,
+        min_free_bytes: 0,
     }
 }
 

@@ -1,1 +1,0 @@
-//! Ember benchmarks; see `bench/README.md`.

@@ -1,0 +1,341 @@
+//! `ember-bench`: system benchmarks of the agent's data path, each reported as a ratio to a
+//! baseline measured in the same run (see `docs/benchmarks.md`).
+//!
+//! ```text
+//! cargo build --release -p ember-agent -p ember-bench
+//! target/release/ember-bench e2e        # throughput vs. plain rumqttc and bare sled
+//! target/release/ember-bench rss        # agent memory while streaming 1,000 records/s
+//! ```
+//!
+//! Cases are declared in `cases()`: what load, which configuration, what is measured. Every
+//! broker is a real Mosquitto on an ephemeral 127.0.0.1 port; every agent is the real binary.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use ember_agent::queue::{Engine, SledEngine};
+use ember_proto::{Encoding, TelemetryBatch};
+use ember_testkit::TestBroker;
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+
+#[derive(Parser)]
+struct Cli {
+    /// Seconds each case is measured for (after a warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// End-to-end throughput with 1 and 100 records per message, against both ceilings.
+    E2e,
+    /// Resident memory of the agent streaming 1,000 records/s for the measurement time.
+    Rss,
+}
+
+/// One end-to-end case: the agent's configuration under an unbounded source.
+struct Case {
+    name: &'static str,
+    records_per_message: usize,
+    fsync: &'static str,
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case { name: "agent, 100 records/message, every_batch", records_per_message: 100, fsync: "every_batch" },
+        Case { name: "agent, 100 records/message, interval_ms=1000", records_per_message: 100, fsync: "interval_ms" },
+        Case { name: "agent, 100 records/message, never", records_per_message: 100, fsync: "never" },
+        Case { name: "agent, 1 record/message, every_batch", records_per_message: 1, fsync: "every_batch" },
+    ]
+}
+
+const CHANNELS: usize = 6;
+const STREAMS: usize = 4;
+const IN_FLIGHT: usize = 32;
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let measure = Duration::from_secs(cli.seconds);
+    match cli.cmd {
+        Cmd::E2e => rt.block_on(e2e(measure)),
+        Cmd::Rss => rt.block_on(rss(measure)),
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    format!("{cores} cores, {cpu}")
+}
+
+async fn e2e(measure: Duration) -> Result<()> {
+    println!("machine: {}", machine());
+    let broker = TestBroker::start();
+    let mut rows: Vec<(String, f64)> = Vec::new();
+
+    let publish_100 = plain_publish(broker.port(), 100, measure).await?;
+    rows.push(("plain rumqttc QoS1 loop, 100-record messages".into(), publish_100));
+    let publish_1 = plain_publish(broker.port(), 1, measure).await?;
+    rows.push(("plain rumqttc QoS1 loop, 1-record messages".into(), publish_1));
+    let storage_100 = bare_storage(100, measure)?;
+    rows.push(("bare sled: append 100 + fsync + range delete".into(), storage_100));
+    let storage_1 = bare_storage(1, measure)?;
+    rows.push(("bare sled: append 1 + fsync + range delete".into(), storage_1));
+
+    let mut agent_rows = Vec::new();
+    for case in cases() {
+        let rate = agent_throughput(broker.port(), &case, measure).await?;
+        agent_rows.push((case, rate));
+    }
+
+    println!();
+    println!("| case | records/s | ratio |");
+    println!("|---|---:|---|");
+    for (name, rate) in &rows {
+        println!("| {name} | {rate:.0} | baseline |");
+    }
+    for (case, rate) in &agent_rows {
+        let (publish, storage) =
+            if case.records_per_message == 100 { (publish_100, storage_100) } else { (publish_1, storage_1) };
+        let ceiling = publish.min(storage);
+        println!(
+            "| {} | {rate:.0} | {:.2} of plain publish, {:.2} of bare storage, **{:.2} of the slower ceiling** |",
+            case.name,
+            rate / publish,
+            rate / storage,
+            rate / ceiling
+        );
+    }
+    Ok(())
+}
+
+/// A telemetry message of `n` records, as the agent would encode it.
+fn payload(n: usize) -> Vec<u8> {
+    let mut b = TelemetryBatch::new("bench-0", "imu");
+    for i in 0..n {
+        b.push(i as u64 + 1, 1_800_000_000_000_000 + i as u64 * 1000, (0..CHANNELS).map(|c| c as f32 * 0.731 + 0.1).collect());
+    }
+    ember_proto::message::encode(&b, Encoding::Json).unwrap_or_default()
+}
+
+/// Ceiling 1: a plain rumqttc QoS1 publish loop with the agent's in-flight window and message
+/// size. Returns records/s acknowledged.
+async fn plain_publish(port: u16, records: usize, measure: Duration) -> Result<f64> {
+    let body = payload(records);
+    let mut o = MqttOptions::new(format!("bench-plain-{records}"), "127.0.0.1", port);
+    o.set_max_packet_size(1 << 20, body.len() + 1024);
+    o.set_inflight(IN_FLIGHT as u16);
+    o.set_keep_alive(Duration::from_secs(30));
+    let (client, mut ev) = AsyncClient::new(o, IN_FLIGHT * 2);
+    let acked = Arc::new(AtomicU64::new(0));
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let warmup = Duration::from_secs(2);
+    let mut t0: Option<(Instant, u64)> = None;
+    loop {
+        while (in_flight.load(Ordering::Relaxed) as usize) < IN_FLIGHT {
+            if client.try_publish("ember/v1/bench-0/telemetry", QoS::AtLeastOnce, false, body.clone()).is_err() {
+                break;
+            }
+            in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        match ev.poll().await.context("plain publish loop lost the broker")? {
+            Event::Incoming(Packet::PubAck(_)) => {
+                in_flight.fetch_sub(1, Ordering::Relaxed);
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Outgoing(Outgoing::Publish(_)) | Event::Incoming(_) | Event::Outgoing(_) => {}
+        }
+        if t0.is_none() && start.elapsed() >= warmup {
+            t0 = Some((Instant::now(), acked.load(Ordering::Relaxed)));
+        }
+        if let Some((t, a)) = t0 {
+            if t.elapsed() >= measure {
+                let msgs = acked.load(Ordering::Relaxed) - a;
+                return Ok(msgs as f64 * records as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+    }
+}
+
+/// Ceiling 2: the bare storage engine doing what the queue must per batch: append `batch`
+/// records, fsync, and range-delete the previous batch (as an acknowledgement would).
+fn bare_storage(batch: usize, measure: Duration) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let engine = SledEngine::open(&dir.path().join("db"), 2 << 20, Some(500))?;
+    let value = ember_proto::StoredRecord::encode(b"k", 1, &[0.25; CHANNELS]);
+    let key = |seq: u64| {
+        let mut k = vec![b'r', 0, 0, 0, 0];
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
+    };
+    let mut seq = 0u64;
+    let mut done = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < measure {
+        let first = seq + 1;
+        let puts = (0..batch)
+            .map(|_| {
+                seq += 1;
+                (key(seq), value.clone())
+            })
+            .collect();
+        engine.apply(puts, Vec::new())?;
+        engine.sync()?;
+        if first > batch as u64 {
+            engine.delete_range(&key(first - batch as u64), &key(first - 1))?;
+        }
+        done += batch as u64;
+    }
+    Ok(done as f64 / start.elapsed().as_secs_f64())
+}
+
+fn agent_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.parent().map(|d| d.join("ember-agent")).context("no parent directory")?;
+    if !bin.exists() {
+        bail!("{} not found: build it first with `cargo build --release -p ember-agent -p ember-bench`", bin.display());
+    }
+    Ok(bin)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+struct Agent {
+    child: Child,
+    metrics_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_agent(broker: u16, device: &str, extra: &str, sources: &str) -> Result<Agent> {
+    let dir = tempfile::tempdir()?;
+    let metrics_port = free_port()?;
+    let cfg = format!(
+        "device_id = \"{device}\"\ndata_dir = \"{}\"\n[log]\nlevel = \"warn\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[mqtt]\nport = {broker}\nmax_in_flight = {IN_FLIGHT}\n{extra}\n{sources}",
+        dir.path().join("data").display()
+    );
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, cfg)?;
+    let child = Command::new(agent_binary()?)
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawning ember-agent")?;
+    let agent = Agent { child, metrics_port, _dir: dir };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scrape(metrics_port).is_err() {
+        if Instant::now() > deadline {
+            bail!("the agent did not serve metrics within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(agent)
+}
+
+fn scrape(port: u16) -> Result<std::collections::BTreeMap<String, f64>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    let mut out = std::collections::BTreeMap::new();
+    for line in body.lines().filter(|l| l.starts_with("ember_agent_")) {
+        let Some((name, value)) = line.rsplit_once(' ') else { continue };
+        let name = name.trim_start_matches("ember_agent_");
+        let key = match name.split_once('{') {
+            Some((base, labels)) => match labels.split(',').find(|l| l.starts_with("reason=")) {
+                Some(r) => format!("{base}{{{}}}", r.trim_end_matches('}')),
+                None => base.to_string(),
+            },
+            None => name.to_string(),
+        };
+        out.insert(key, value.parse().unwrap_or(f64::NAN));
+    }
+    Ok(out)
+}
+
+fn sim_sources(streams: usize, rate: u32) -> String {
+    (0..streams)
+        .map(|i| format!("[[source]]\ntype = \"sim\"\nstream = \"s{i}\"\nrate_hz = {rate}\nchannels = {CHANNELS}\nseed = {i}\n"))
+        .collect()
+}
+
+/// The agent under a source faster than it can ship: records/s acknowledged by the broker in
+/// the measurement window (after a warm-up).
+async fn agent_throughput(broker: u16, case: &Case, measure: Duration) -> Result<f64> {
+    let fsync = match case.fsync {
+        "interval_ms" => "fsync = \"interval_ms\"\nfsync_interval_ms = 1000".to_string(),
+        other => format!("fsync = \"{other}\""),
+    };
+    let extra = format!(
+        "message_max_records = {}\nmessage_max_delay_ms = 5\n[queue]\n{fsync}\nmax_bytes = 8589934592\nreclaim_bytes = 1099511627776",
+        case.records_per_message
+    );
+    let agent = spawn_agent(broker, "bench-agent", &extra, &sim_sources(STREAMS, 100_000))?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let m0 = scrape(agent.metrics_port)?;
+    let t0 = Instant::now();
+    tokio::time::sleep(measure).await;
+    let m1 = scrape(agent.metrics_port)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let rate = |k: &str| (m1.get(k).copied().unwrap_or(0.0) - m0.get(k).copied().unwrap_or(0.0)) / secs;
+    eprintln!(
+        "{}: acked {:.0}/s, enqueued {:.0}/s, captured {:.0}/s, backlog {:.0} records",
+        case.name,
+        rate("records_acked_total"),
+        rate("records_enqueued_total"),
+        rate("records_captured_total"),
+        m1.get("queue_records").copied().unwrap_or(0.0)
+    );
+    Ok(rate("records_acked_total"))
+}
+
+async fn rss(measure: Duration) -> Result<()> {
+    println!("machine: {}", machine());
+    let broker = TestBroker::start();
+    let agent = spawn_agent(broker.port(), "bench-rss", "", &sim_sources(1, 1000))?;
+    tokio::time::sleep(measure).await;
+    let m = scrape(agent.metrics_port)?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id()))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "agent streaming 1,000 records/s for {} s: RSS {:.1} MiB, peak RSS {:.1} MiB; acked {} records, queue {} records",
+        measure.as_secs(),
+        field("VmRSS:"),
+        field("VmHWM:"),
+        m.get("records_acked_total").copied().unwrap_or(0.0),
+        m.get("queue_records").copied().unwrap_or(0.0)
+    );
+    Ok(())
+}

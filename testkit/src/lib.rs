@@ -1,0 +1,85 @@
+//! System-test harness for Ember: real processes, real sockets, conditions instead of sleeps.
+//!
+//! * [`TestBroker`]: a private `mosquitto` on an ephemeral 127.0.0.1 port, stoppable and
+//!   restartable on the same port.
+//! * [`Subscriber`]: an MQTT client (rumqttc, its own thread) that decodes everything the
+//!   agent publishes and keeps a per-`(device, stream)` ledger of the sequence numbers it saw.
+//! * [`TestAgent`]: the `ember-agent` binary as a child process, with a generated config, its
+//!   own data dir, metrics endpoint and captured stderr.
+//!
+//! Rules the harness follows, and tests built on it should too:
+//! * Every service gets its own free port (bind `127.0.0.1:0`, read the port, pass it on); no
+//!   fixed ports, nothing but 127.0.0.1.
+//! * Nothing waits a fixed time for something to happen: waits poll a condition until a
+//!   timeout ([`Subscriber::wait_for`], [`TestAgent::wait_metric`], [`wait_until`]) and say
+//!   what they waited for when they fail.
+//! * A missing tool fails loudly (`mosquitto` not installed panics with the command that
+//!   installs it); nothing is skipped.
+//!
+//! **Broker restarts and clean sessions.** The subscriber uses a clean session, so whatever
+//! the broker accepts between its restart and the subscriber's new SUBSCRIBE reaches nobody,
+//! although the broker acknowledged it to the agent (which then, correctly, deletes it). That
+//! is a hole in the test setup, not in the agent, so tests restart the broker with
+//! [`restart_broker`], which holds the agent (SIGSTOP) until the subscriber is subscribed again.
+
+mod agent;
+mod broker;
+mod subscriber;
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+pub use agent::{Metrics, TestAgent, TestAgentBuilder, parse_prometheus, tail};
+pub use broker::TestBroker;
+pub use subscriber::{RecordSeen, StreamLog, Subscriber, SubscriberView};
+
+/// The subscription filter for everything agents publish (`ember/v1/<device>/<channel>`).
+pub const ALL_TOPICS: &str = "ember/v1/#";
+
+/// How often polling waits look again. Short enough not to slow tests down, long enough not
+/// to steal the CPU from the processes under test.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it for a listener that is
+/// closed again before this returns).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0 to find a free port");
+    l.local_addr().expect("a bound listener has an address").port()
+}
+
+/// `127.0.0.1:port`.
+pub fn localhost(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Polls `cond` every [`POLL_INTERVAL`] until it holds (true) or `timeout` passes (false).
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Restarts a stopped broker on its port without losing messages to the clean-session
+/// subscriber: the agent is paused (SIGSTOP) until the subscriber has subscribed again, so
+/// nothing the agent publishes can reach the new broker before there is someone to deliver it
+/// to. Panics if the subscriber does not come back within `timeout`.
+pub fn restart_broker(broker: &mut TestBroker, sub: &Subscriber, agent: &TestAgent, timeout: Duration) {
+    let running = agent.is_running();
+    if running {
+        agent.pause();
+    }
+    let before = sub.subscriptions();
+    broker.restart();
+    let back = sub.wait_for(|v| v.subscriptions > before, timeout);
+    if running {
+        agent.resume();
+    }
+    assert!(back, "the subscriber did not resubscribe within {timeout:?} after the broker restarted");
+}
