@@ -51,7 +51,10 @@ pub const DEFAULT_SAMPLE_CHANNEL: usize = 8192;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: String, message: String },
     #[error("environment variable {var}: {message}")]
@@ -61,7 +64,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 // ---- the file layer -----------------------------------------------------------------------
@@ -259,9 +265,23 @@ pub enum ReplayFormat {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SourceSettings {
-    Sim { stream: String, rate_hz: f64, channels: usize, seed: u64 },
-    Replay { stream: String, path: PathBuf, format: ReplayFormat, rate_hz: f64, looped: bool },
-    Socket { stream: String, endpoint: SocketEndpoint },
+    Sim {
+        stream: String,
+        rate_hz: f64,
+        channels: usize,
+        seed: u64,
+    },
+    Replay {
+        stream: String,
+        path: PathBuf,
+        format: ReplayFormat,
+        rate_hz: f64,
+        looped: bool,
+    },
+    Socket {
+        stream: String,
+        endpoint: SocketEndpoint,
+    },
 }
 
 impl SourceSettings {
@@ -283,10 +303,16 @@ pub enum SocketEndpoint {
 
 impl Settings {
     /// Reads `path` (or uses an empty config when `None`), applies `env`, resolves and validates.
-    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Settings, ConfigError> {
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
         let (text, name) = match path {
             Some(p) => (
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?,
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
                 p.display().to_string(),
             ),
             None => (String::new(), "<defaults>".to_string()),
@@ -299,37 +325,62 @@ impl Settings {
         name: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let mut table: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: name.to_string(), message: e.to_string() })?;
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: name.to_string(),
+            message: e.to_string(),
+        })?;
         apply_env(&mut table, env)?;
-        let raw: RawConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse { path: name.to_string(), message: e.to_string() })?;
+        let raw: RawConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: name.to_string(),
+                    message: e.to_string(),
+                })?;
         Settings::resolve(raw)
     }
 
     pub fn resolve(raw: RawConfig) -> Result<Settings, ConfigError> {
         let device_id = raw.device_id.ok_or_else(|| {
-            invalid("device_id", "missing: set device_id = \"<name>\" in the file or EMBER_DEVICE_ID")
+            invalid(
+                "device_id",
+                "missing: set device_id = \"<name>\" in the file or EMBER_DEVICE_ID",
+            )
         })?;
         ember_proto::check_name(&device_id).map_err(|why| {
             invalid("device_id", format!("{device_id:?} is not usable as a device id: {why} (use 1-64 of A-Z a-z 0-9 - _ .)"))
         })?;
-        let data_dir = raw.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let data_dir = raw
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         if data_dir.as_os_str().is_empty() {
-            return Err(invalid("data_dir", "is empty: give a directory the agent may write to"));
+            return Err(invalid(
+                "data_dir",
+                "is empty: give a directory the agent may write to",
+            ));
         }
 
         let log = LogSettings {
             format: match raw.log.format.as_deref() {
                 None | Some("pretty") => LogFormat::Pretty,
                 Some("json") => LogFormat::Json,
-                Some(other) => return Err(invalid("log.format", format!("{other:?} is not a log format: use \"pretty\" or \"json\""))),
+                Some(other) => {
+                    return Err(invalid(
+                        "log.format",
+                        format!("{other:?} is not a log format: use \"pretty\" or \"json\""),
+                    ));
+                }
             },
             level: raw.log.level.unwrap_or_else(|| "info".into()),
         };
         if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
-            return Err(invalid("log.level", format!("{:?} is not a filter: use e.g. \"info\", \"debug\" or \"ember_agent=debug,warn\"", log.level)));
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "{:?} is not a filter: use e.g. \"info\", \"debug\" or \"ember_agent=debug,warn\"",
+                    log.level
+                ),
+            ));
         }
 
         let m = raw.mqtt;
@@ -341,11 +392,18 @@ impl Settings {
             encoding: match m.encoding.as_deref() {
                 None | Some("json") => Encoding::Json,
                 Some("cbor") => Encoding::Cbor,
-                Some(other) => return Err(invalid("mqtt.encoding", format!("{other:?} is not an encoding: use \"json\" or \"cbor\""))),
+                Some(other) => {
+                    return Err(invalid(
+                        "mqtt.encoding",
+                        format!("{other:?} is not an encoding: use \"json\" or \"cbor\""),
+                    ));
+                }
             },
             message_max_records: m.message_max_records.unwrap_or(DEFAULT_MESSAGE_MAX_RECORDS),
             message_max_bytes: m.message_max_bytes.unwrap_or(DEFAULT_MESSAGE_MAX_BYTES),
-            message_max_delay_ms: m.message_max_delay_ms.unwrap_or(DEFAULT_MESSAGE_MAX_DELAY_MS),
+            message_max_delay_ms: m
+                .message_max_delay_ms
+                .unwrap_or(DEFAULT_MESSAGE_MAX_DELAY_MS),
             max_in_flight: m.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
             reconnect_min_ms: m.reconnect_min_ms.unwrap_or(DEFAULT_RECONNECT_MIN_MS),
             reconnect_max_ms: m.reconnect_max_ms.unwrap_or(DEFAULT_RECONNECT_MAX_MS),
@@ -353,40 +411,67 @@ impl Settings {
             status_interval_s: m.status_interval_s.unwrap_or(DEFAULT_STATUS_INTERVAL_S),
         };
         if mqtt.host.trim().is_empty() {
-            return Err(invalid("mqtt.host", "is empty: give the broker's host name or address"));
+            return Err(invalid(
+                "mqtt.host",
+                "is empty: give the broker's host name or address",
+            ));
         }
         if mqtt.port == 0 {
-            return Err(invalid("mqtt.port", "0 is not a port: use 1883 (plain) or 8883 (TLS)"));
+            return Err(invalid(
+                "mqtt.port",
+                "0 is not a port: use 1883 (plain) or 8883 (TLS)",
+            ));
         }
         if mqtt.client_id.is_empty() || mqtt.client_id.len() > 128 {
             return Err(invalid("mqtt.client_id", "must be 1-128 bytes"));
         }
         if !(5..=3600).contains(&mqtt.keep_alive_s) {
-            return Err(invalid("mqtt.keep_alive_s", format!("{} is out of range: use 5-3600 seconds", mqtt.keep_alive_s)));
+            return Err(invalid(
+                "mqtt.keep_alive_s",
+                format!("{} is out of range: use 5-3600 seconds", mqtt.keep_alive_s),
+            ));
         }
         if !(1..=10_000).contains(&mqtt.message_max_records) {
-            return Err(invalid("mqtt.message_max_records", format!("{} is out of range: use 1-10000", mqtt.message_max_records)));
+            return Err(invalid(
+                "mqtt.message_max_records",
+                format!("{} is out of range: use 1-10000", mqtt.message_max_records),
+            ));
         }
         if !(1024..=256 * 1024 * 1024).contains(&mqtt.message_max_bytes) {
             return Err(invalid(
                 "mqtt.message_max_bytes",
-                format!("{} is out of range: use 1024-268435456 (AWS IoT Core allows 131072, Azure IoT Hub 262144)", mqtt.message_max_bytes),
+                format!(
+                    "{} is out of range: use 1024-268435456 (AWS IoT Core allows 131072, Azure IoT Hub 262144)",
+                    mqtt.message_max_bytes
+                ),
             ));
         }
         if mqtt.message_max_delay_ms > 60_000 {
-            return Err(invalid("mqtt.message_max_delay_ms", "must be at most 60000"));
+            return Err(invalid(
+                "mqtt.message_max_delay_ms",
+                "must be at most 60000",
+            ));
         }
         if !(1..=1000).contains(&mqtt.max_in_flight) {
-            return Err(invalid("mqtt.max_in_flight", format!("{} is out of range: use 1-1000", mqtt.max_in_flight)));
+            return Err(invalid(
+                "mqtt.max_in_flight",
+                format!("{} is out of range: use 1-1000", mqtt.max_in_flight),
+            ));
         }
         if mqtt.reconnect_min_ms == 0 || mqtt.reconnect_min_ms > mqtt.reconnect_max_ms {
-            return Err(invalid("mqtt.reconnect_min_ms", "must be at least 1 and at most mqtt.reconnect_max_ms"));
+            return Err(invalid(
+                "mqtt.reconnect_min_ms",
+                "must be at least 1 and at most mqtt.reconnect_max_ms",
+            ));
         }
         if mqtt.heartbeat_s == 0 {
             return Err(invalid("mqtt.heartbeat_s", "must be at least 1 second"));
         }
         if mqtt.status_interval_s == 0 {
-            return Err(invalid("mqtt.status_interval_s", "must be at least 1 second"));
+            return Err(invalid(
+                "mqtt.status_interval_s",
+                "must be at least 1 second",
+            ));
         }
 
         let q = raw.queue;
@@ -396,13 +481,27 @@ impl Settings {
             full_policy: match q.full_policy.as_deref() {
                 None | Some("drop_oldest") => FullPolicy::DropOldest,
                 Some("block") => FullPolicy::Block,
-                Some(other) => return Err(invalid("queue.full_policy", format!("{other:?} is not a policy: use \"drop_oldest\" or \"block\""))),
+                Some(other) => {
+                    return Err(invalid(
+                        "queue.full_policy",
+                        format!("{other:?} is not a policy: use \"drop_oldest\" or \"block\""),
+                    ));
+                }
             },
             fsync: match q.fsync.as_deref() {
                 None | Some("every_batch") => FsyncPolicy::EveryBatch,
-                Some("interval_ms") | Some("interval") => FsyncPolicy::Interval { ms: q.fsync_interval_ms.unwrap_or(DEFAULT_FSYNC_INTERVAL_MS) },
+                Some("interval_ms") | Some("interval") => FsyncPolicy::Interval {
+                    ms: q.fsync_interval_ms.unwrap_or(DEFAULT_FSYNC_INTERVAL_MS),
+                },
                 Some("never") => FsyncPolicy::Never,
-                Some(other) => return Err(invalid("queue.fsync", format!("{other:?} is not a policy: use \"every_batch\", \"interval_ms\" or \"never\""))),
+                Some(other) => {
+                    return Err(invalid(
+                        "queue.fsync",
+                        format!(
+                            "{other:?} is not a policy: use \"every_batch\", \"interval_ms\" or \"never\""
+                        ),
+                    ));
+                }
             },
             append_max_records: q.append_max_records.unwrap_or(DEFAULT_APPEND_MAX_RECORDS),
             append_max_delay_ms: q.append_max_delay_ms.unwrap_or(DEFAULT_APPEND_MAX_DELAY_MS),
@@ -411,26 +510,41 @@ impl Settings {
             min_free_bytes: q.min_free_bytes.unwrap_or(DEFAULT_MIN_FREE_BYTES),
         };
         if queue.max_bytes < 64 * 1024 {
-            return Err(invalid("queue.max_bytes", format!("{} is too small: use at least 65536 bytes", queue.max_bytes)));
+            return Err(invalid(
+                "queue.max_bytes",
+                format!("{} is too small: use at least 65536 bytes", queue.max_bytes),
+            ));
         }
         if queue.max_age_s == 0 {
             return Err(invalid("queue.max_age_s", "must be at least 1 second"));
         }
         if let FsyncPolicy::Interval { ms } = queue.fsync {
             if !(1..=60_000).contains(&ms) {
-                return Err(invalid("queue.fsync_interval_ms", format!("{ms} is out of range: use 1-60000")));
+                return Err(invalid(
+                    "queue.fsync_interval_ms",
+                    format!("{ms} is out of range: use 1-60000"),
+                ));
             }
         } else if q.fsync_interval_ms.is_some() {
-            return Err(invalid("queue.fsync_interval_ms", "only applies with queue.fsync = \"interval_ms\": remove it or change queue.fsync"));
+            return Err(invalid(
+                "queue.fsync_interval_ms",
+                "only applies with queue.fsync = \"interval_ms\": remove it or change queue.fsync",
+            ));
         }
         if !(1..=100_000).contains(&queue.append_max_records) {
             return Err(invalid("queue.append_max_records", "must be 1-100000"));
         }
         if queue.append_max_delay_ms > 10_000 {
-            return Err(invalid("queue.append_max_delay_ms", "must be at most 10000"));
+            return Err(invalid(
+                "queue.append_max_delay_ms",
+                "must be at most 10000",
+            ));
         }
         if queue.cache_bytes < 256 * 1024 {
-            return Err(invalid("queue.cache_bytes", "must be at least 262144 (256 KiB)"));
+            return Err(invalid(
+                "queue.cache_bytes",
+                "must be at least 262144 (256 KiB)",
+            ));
         }
 
         let metrics = MetricsSettings {
@@ -438,19 +552,27 @@ impl Settings {
                 None => None,
                 Some(s) => {
                     let addr: SocketAddr = s.parse().map_err(|_| {
-                        invalid("metrics.listen", format!("{s:?} is not an address: use e.g. \"127.0.0.1:9898\""))
+                        invalid(
+                            "metrics.listen",
+                            format!("{s:?} is not an address: use e.g. \"127.0.0.1:9898\""),
+                        )
                     })?;
                     Some(addr)
                 }
             },
         };
-        let shutdown = ShutdownSettings { grace_ms: raw.shutdown.grace_ms.unwrap_or(DEFAULT_GRACE_MS) };
+        let shutdown = ShutdownSettings {
+            grace_ms: raw.shutdown.grace_ms.unwrap_or(DEFAULT_GRACE_MS),
+        };
         if shutdown.grace_ms > 600_000 {
             return Err(invalid("shutdown.grace_ms", "must be at most 600000"));
         }
 
         if raw.sources.is_empty() {
-            return Err(invalid("source", "no [[source]] configured: add at least one, e.g. [[source]] type = \"sim\" stream = \"imu\""));
+            return Err(invalid(
+                "source",
+                "no [[source]] configured: add at least one, e.g. [[source]] type = \"sim\" stream = \"imu\"",
+            ));
         }
         let mut sources = Vec::new();
         let mut streams = BTreeMap::new();
@@ -459,12 +581,24 @@ impl Settings {
             if let Some(prev) = streams.insert(src.stream().to_string(), i) {
                 return Err(invalid(
                     format!("source[{i}].stream"),
-                    format!("stream {:?} is already produced by source[{prev}]: give each source its own stream", src.stream()),
+                    format!(
+                        "stream {:?} is already produced by source[{prev}]: give each source its own stream",
+                        src.stream()
+                    ),
                 ));
             }
             sources.push(src);
         }
-        Ok(Settings { device_id, data_dir, log, mqtt, queue, metrics, shutdown, sources })
+        Ok(Settings {
+            device_id,
+            data_dir,
+            log,
+            mqtt,
+            queue,
+            metrics,
+            shutdown,
+            sources,
+        })
     }
 
     pub fn grace(&self) -> Duration {
@@ -479,19 +613,36 @@ impl Settings {
 
 fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError> {
     let key = |k: &str| format!("source[{i}].{k}");
-    let kind = s.kind.ok_or_else(|| invalid(key("type"), "missing: use \"sim\", \"replay\" or \"socket\""))?;
-    let stream = s.stream.ok_or_else(|| invalid(key("stream"), "missing: name the stream, e.g. stream = \"imu\""))?;
-    ember_proto::check_name(&stream).map_err(|why| invalid(key("stream"), format!("{stream:?}: {why}")))?;
+    let kind = s.kind.ok_or_else(|| {
+        invalid(
+            key("type"),
+            "missing: use \"sim\", \"replay\" or \"socket\"",
+        )
+    })?;
+    let stream = s.stream.ok_or_else(|| {
+        invalid(
+            key("stream"),
+            "missing: name the stream, e.g. stream = \"imu\"",
+        )
+    })?;
+    ember_proto::check_name(&stream)
+        .map_err(|why| invalid(key("stream"), format!("{stream:?}: {why}")))?;
     let rate = |default: f64| -> Result<f64, ConfigError> {
         let r = s.rate_hz.unwrap_or(default);
         if !(r.is_finite() && r > 0.0 && r <= 100_000.0) {
-            return Err(invalid(key("rate_hz"), format!("{r} is out of range: use a rate in (0, 100000] Hz")));
+            return Err(invalid(
+                key("rate_hz"),
+                format!("{r} is out of range: use a rate in (0, 100000] Hz"),
+            ));
         }
         Ok(r)
     };
     let reject = |field: &str, present: bool| -> Result<(), ConfigError> {
         if present {
-            Err(invalid(key(field), format!("does not apply to a {kind:?} source: remove it")))
+            Err(invalid(
+                key(field),
+                format!("does not apply to a {kind:?} source: remove it"),
+            ))
         } else {
             Ok(())
         }
@@ -505,27 +656,53 @@ fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError>
             reject("tcp", s.tcp.is_some())?;
             let channels = s.channels.unwrap_or(6);
             if !(1..=256).contains(&channels) {
-                return Err(invalid(key("channels"), format!("{channels} is out of range: use 1-256")));
+                return Err(invalid(
+                    key("channels"),
+                    format!("{channels} is out of range: use 1-256"),
+                ));
             }
-            Ok(SourceSettings::Sim { stream, rate_hz: rate(100.0)?, channels, seed: s.seed.unwrap_or(1) })
+            Ok(SourceSettings::Sim {
+                stream,
+                rate_hz: rate(100.0)?,
+                channels,
+                seed: s.seed.unwrap_or(1),
+            })
         }
         "replay" => {
             reject("channels", s.channels.is_some())?;
             reject("seed", s.seed.is_some())?;
             reject("unix", s.unix.is_some())?;
             reject("tcp", s.tcp.is_some())?;
-            let path = s.path.ok_or_else(|| invalid(key("path"), "missing: give the CSV or .ts file to replay"))?;
+            let path = s.path.ok_or_else(|| {
+                invalid(key("path"), "missing: give the CSV or .ts file to replay")
+            })?;
             let format = match s.format.as_deref() {
                 Some("csv") => ReplayFormat::Csv,
                 Some("ts") => ReplayFormat::Ts,
-                Some(other) => return Err(invalid(key("format"), format!("{other:?} is not a format: use \"csv\" or \"ts\""))),
+                Some(other) => {
+                    return Err(invalid(
+                        key("format"),
+                        format!("{other:?} is not a format: use \"csv\" or \"ts\""),
+                    ));
+                }
                 None => match path.extension().and_then(|e| e.to_str()) {
                     Some("csv") => ReplayFormat::Csv,
                     Some("ts") => ReplayFormat::Ts,
-                    _ => return Err(invalid(key("format"), "cannot tell from the file extension: set format = \"csv\" or \"ts\"")),
+                    _ => {
+                        return Err(invalid(
+                            key("format"),
+                            "cannot tell from the file extension: set format = \"csv\" or \"ts\"",
+                        ));
+                    }
                 },
             };
-            Ok(SourceSettings::Replay { stream, path, format, rate_hz: rate(10.0)?, looped: s.looped.unwrap_or(true) })
+            Ok(SourceSettings::Replay {
+                stream,
+                path,
+                format,
+                rate_hz: rate(10.0)?,
+                looped: s.looped.unwrap_or(true),
+            })
         }
         "socket" => {
             reject("rate_hz", s.rate_hz.is_some())?;
@@ -537,25 +714,50 @@ fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError>
             let endpoint = match (s.unix, s.tcp) {
                 (Some(p), None) => SocketEndpoint::Unix(p),
                 (None, Some(t)) => {
-                    let addr: SocketAddr = t.parse().map_err(|_| invalid(key("tcp"), format!("{t:?} is not an address: use e.g. \"127.0.0.1:7070\"")))?;
+                    let addr: SocketAddr = t.parse().map_err(|_| {
+                        invalid(
+                            key("tcp"),
+                            format!("{t:?} is not an address: use e.g. \"127.0.0.1:7070\""),
+                        )
+                    })?;
                     if !addr.ip().is_loopback() {
-                        return Err(invalid(key("tcp"), format!("{addr} is not a loopback address: the socket source only listens on 127.0.0.1 or ::1 (local processes)")));
+                        return Err(invalid(
+                            key("tcp"),
+                            format!(
+                                "{addr} is not a loopback address: the socket source only listens on 127.0.0.1 or ::1 (local processes)"
+                            ),
+                        ));
                     }
                     SocketEndpoint::Tcp(addr)
                 }
-                (Some(_), Some(_)) => return Err(invalid(key("tcp"), "set either unix or tcp, not both")),
-                (None, None) => return Err(invalid(key("unix"), "missing: set unix = \"/path/to.sock\" or tcp = \"127.0.0.1:7070\"")),
+                (Some(_), Some(_)) => {
+                    return Err(invalid(key("tcp"), "set either unix or tcp, not both"));
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        key("unix"),
+                        "missing: set unix = \"/path/to.sock\" or tcp = \"127.0.0.1:7070\"",
+                    ));
+                }
             };
             Ok(SourceSettings::Socket { stream, endpoint })
         }
-        other => Err(invalid(key("type"), format!("{other:?} is not a source type: use \"sim\", \"replay\" or \"socket\""))),
+        other => Err(invalid(
+            key("type"),
+            format!("{other:?} is not a source type: use \"sim\", \"replay\" or \"socket\""),
+        )),
     }
 }
 
 /// Applies `EMBER_*` overrides onto the parsed file.
-fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
     for (var, value) in env {
-        let Some(rest) = var.strip_prefix("EMBER_") else { continue };
+        let Some(rest) = var.strip_prefix("EMBER_") else {
+            continue;
+        };
         if rest.starts_with("FLEET_") || rest.is_empty() {
             continue;
         }
@@ -567,16 +769,26 @@ fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, Str
             });
         }
         if path[0] == "source" {
-            return Err(ConfigError::Env { var, message: "sources can only be configured in the file".into() });
+            return Err(ConfigError::Env {
+                var,
+                message: "sources can only be configured in the file".into(),
+            });
         }
         let parsed = parse_scalar(&value);
         let slot = if path.len() == 1 {
             &mut *table
         } else {
-            let entry = table.entry(path[0].clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let entry = table
+                .entry(path[0].clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
             match entry {
                 toml::Value::Table(t) => t,
-                _ => return Err(ConfigError::Env { var, message: format!("`{}` is not a table in the config file", path[0]) }),
+                _ => {
+                    return Err(ConfigError::Env {
+                        var,
+                        message: format!("`{}` is not a table in the config file", path[0]),
+                    });
+                }
             }
         };
         slot.insert(path[path.len() - 1].clone(), parsed);
@@ -606,7 +818,9 @@ mod tests {
     }
 
     fn err(text: &str) -> String {
-        load(text).expect_err("config should be rejected").to_string()
+        load(text)
+            .expect_err("config should be rejected")
+            .to_string()
     }
 
     #[test]
@@ -616,7 +830,15 @@ mod tests {
         assert_eq!(s.mqtt.client_id, "d1");
         assert_eq!(s.queue.fsync, FsyncPolicy::EveryBatch);
         assert_eq!(s.queue.full_policy, FullPolicy::DropOldest);
-        assert_eq!(s.sources, vec![SourceSettings::Sim { stream: "imu".into(), rate_hz: 100.0, channels: 6, seed: 1 }]);
+        assert_eq!(
+            s.sources,
+            vec![SourceSettings::Sim {
+                stream: "imu".into(),
+                rate_hz: 100.0,
+                channels: 6,
+                seed: 1
+            }]
+        );
         assert!(s.to_toml().contains("device_id = \"d1\""));
     }
 
@@ -626,7 +848,10 @@ mod tests {
             ("EMBER_MQTT__PORT".to_string(), "8883".to_string()),
             ("EMBER_DEVICE_ID".to_string(), "from-env".to_string()),
             ("EMBER_QUEUE__FSYNC".to_string(), "never".to_string()),
-            ("EMBER_FLEET_DATABASE_URL".to_string(), "ignored".to_string()),
+            (
+                "EMBER_FLEET_DATABASE_URL".to_string(),
+                "ignored".to_string(),
+            ),
             ("PATH".to_string(), "/bin".to_string()),
         ];
         let s = Settings::from_toml(MIN, "t", env).unwrap();
@@ -637,9 +862,13 @@ mod tests {
 
     #[test]
     fn bad_env_names_the_variable() {
-        let e = Settings::from_toml(MIN, "t", vec![("EMBER_MQTT__PROT".into(), "1".into())]).unwrap_err().to_string();
+        let e = Settings::from_toml(MIN, "t", vec![("EMBER_MQTT__PROT".into(), "1".into())])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("prot"), "{e}");
-        let e = Settings::from_toml(MIN, "t", vec![("EMBER_MQTT__PORT".into(), "abc".into())]).unwrap_err().to_string();
+        let e = Settings::from_toml(MIN, "t", vec![("EMBER_MQTT__PORT".into(), "abc".into())])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("port"), "{e}");
     }
 
@@ -647,33 +876,83 @@ mod tests {
     fn invalid_configs_name_the_key() {
         let cases: &[(&str, &str)] = &[
             ("[[source]]\ntype=\"sim\"\nstream=\"a\"", "device_id"),
-            ("device_id = \"a/b\"\n[[source]]\ntype=\"sim\"\nstream=\"a\"", "device_id"),
+            (
+                "device_id = \"a/b\"\n[[source]]\ntype=\"sim\"\nstream=\"a\"",
+                "device_id",
+            ),
             ("device_id = \"d\"", "source"),
             (&format!("{MIN}[mqtt]\nprot = 1"), "prot"),
             (&format!("{MIN}[mqtt]\nport = 0"), "mqtt.port"),
             (&format!("{MIN}[mqtt]\nport = 70000"), "port"),
             (&format!("{MIN}[mqtt]\nencoding = \"xml\""), "mqtt.encoding"),
-            (&format!("{MIN}[mqtt]\nmessage_max_bytes = 10"), "mqtt.message_max_bytes"),
-            (&format!("{MIN}[mqtt]\nmax_in_flight = 0"), "mqtt.max_in_flight"),
-            (&format!("{MIN}[queue]\nfsync = \"sometimes\""), "queue.fsync"),
-            (&format!("{MIN}[queue]\nfull_policy = \"panic\""), "queue.full_policy"),
+            (
+                &format!("{MIN}[mqtt]\nmessage_max_bytes = 10"),
+                "mqtt.message_max_bytes",
+            ),
+            (
+                &format!("{MIN}[mqtt]\nmax_in_flight = 0"),
+                "mqtt.max_in_flight",
+            ),
+            (
+                &format!("{MIN}[queue]\nfsync = \"sometimes\""),
+                "queue.fsync",
+            ),
+            (
+                &format!("{MIN}[queue]\nfull_policy = \"panic\""),
+                "queue.full_policy",
+            ),
             (&format!("{MIN}[queue]\nmax_bytes = 5"), "queue.max_bytes"),
-            (&format!("{MIN}[queue]\nfsync_interval_ms = 5"), "queue.fsync_interval_ms"),
+            (
+                &format!("{MIN}[queue]\nfsync_interval_ms = 5"),
+                "queue.fsync_interval_ms",
+            ),
             (&format!("{MIN}[log]\nformat = \"xml\""), "log.format"),
-            (&format!("{MIN}[metrics]\nlisten = \"nowhere\""), "metrics.listen"),
-            (&format!("{MIN}[[source]]\ntype = \"sim\"\nstream = \"imu\""), "source[1].stream"),
-            (&format!("{MIN}[[source]]\ntype = \"radio\"\nstream = \"x\""), "source[1].type"),
-            (&format!("{MIN}[[source]]\ntype = \"sim\"\nstream = \"x\"\nrate_hz = -1"), "source[1].rate_hz"),
-            (&format!("{MIN}[[source]]\ntype = \"sim\"\nstream = \"x\"\npath = \"a.csv\""), "source[1].path"),
-            (&format!("{MIN}[[source]]\ntype = \"replay\"\nstream = \"x\""), "source[1].path"),
-            (&format!("{MIN}[[source]]\ntype = \"replay\"\nstream = \"x\"\npath = \"a.bin\""), "source[1].format"),
-            (&format!("{MIN}[[source]]\ntype = \"socket\"\nstream = \"x\""), "source[1].unix"),
-            (&format!("{MIN}[[source]]\ntype = \"socket\"\nstream = \"x\"\ntcp = \"10.0.0.1:1\""), "source[1].tcp"),
+            (
+                &format!("{MIN}[metrics]\nlisten = \"nowhere\""),
+                "metrics.listen",
+            ),
+            (
+                &format!("{MIN}[[source]]\ntype = \"sim\"\nstream = \"imu\""),
+                "source[1].stream",
+            ),
+            (
+                &format!("{MIN}[[source]]\ntype = \"radio\"\nstream = \"x\""),
+                "source[1].type",
+            ),
+            (
+                &format!("{MIN}[[source]]\ntype = \"sim\"\nstream = \"x\"\nrate_hz = -1"),
+                "source[1].rate_hz",
+            ),
+            (
+                &format!("{MIN}[[source]]\ntype = \"sim\"\nstream = \"x\"\npath = \"a.csv\""),
+                "source[1].path",
+            ),
+            (
+                &format!("{MIN}[[source]]\ntype = \"replay\"\nstream = \"x\""),
+                "source[1].path",
+            ),
+            (
+                &format!("{MIN}[[source]]\ntype = \"replay\"\nstream = \"x\"\npath = \"a.bin\""),
+                "source[1].format",
+            ),
+            (
+                &format!("{MIN}[[source]]\ntype = \"socket\"\nstream = \"x\""),
+                "source[1].unix",
+            ),
+            (
+                &format!(
+                    "{MIN}[[source]]\ntype = \"socket\"\nstream = \"x\"\ntcp = \"10.0.0.1:1\""
+                ),
+                "source[1].tcp",
+            ),
             ("device_id = ", "line 1"),
         ];
         for (text, key) in cases {
             let e = err(text);
-            assert!(e.contains(key), "error for {text:?} should name {key:?}: {e}");
+            assert!(
+                e.contains(key),
+                "error for {text:?} should name {key:?}: {e}"
+            );
         }
     }
 }

@@ -10,7 +10,11 @@ use tokio_util::sync::CancellationToken;
 use ember_agent::config::{LogFormat, Settings};
 
 #[derive(Parser)]
-#[command(name = "ember-agent", version, about = "Ember edge agent: sensors -> durable queue -> MQTT")]
+#[command(
+    name = "ember-agent",
+    version,
+    about = "Ember edge agent: sensors -> durable queue -> MQTT"
+)]
 struct Cli {
     /// Configuration file (TOML). EMBER_* environment variables override it.
     #[arg(long, short, global = true, env = "EMBER_CONFIG")]
@@ -55,7 +59,9 @@ fn main() -> ExitCode {
 fn init_logging(settings: &Settings) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match settings.log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Pretty => builder.init(),
@@ -80,7 +86,10 @@ fn run(settings: Settings) -> anyhow::Result<()> {
 }
 
 /// First SIGTERM/SIGINT: drain gracefully. Second: exit at once.
-fn spawn_signal_handler(shutdown: CancellationToken, force: CancellationToken) -> anyhow::Result<()> {
+fn spawn_signal_handler(
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
@@ -93,7 +102,9 @@ fn spawn_signal_handler(shutdown: CancellationToken, force: CancellationToken) -
             }
             seen += 1;
             if seen == 1 {
-                tracing::info!("Shutdown requested: draining the queue (send the signal again to exit at once).");
+                tracing::info!(
+                    "Shutdown requested: draining the queue (send the signal again to exit at once)."
+                );
                 shutdown.cancel();
             } else {
                 tracing::warn!("Second signal: exiting now; queued records stay on disk.");

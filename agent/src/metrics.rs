@@ -63,35 +63,160 @@ impl Metrics {
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render(&self, device_id: &str) -> String {
         let counters: [(&str, &str, &str, &str, &AtomicU64); 20] = [
-            ("records_captured_total", "counter", "Samples produced by sources.", "", &self.captured),
-            ("records_enqueued_total", "counter", "Records durably appended to the queue.", "", &self.enqueued),
-            ("records_sent_total", "counter", "Records published to the broker (re-sends count again).", "", &self.sent),
-            ("records_acked_total", "counter", "Records acknowledged by the broker and deleted from the queue.", "", &self.acked),
-            ("records_evicted_total", "counter", "Records evicted from the queue, by reason.", "reason=\"bytes\"", &self.evicted_bytes),
-            ("records_evicted_total", "counter", "", "reason=\"age\"", &self.evicted_age),
-            ("records_evicted_total", "counter", "", "reason=\"disk\"", &self.evicted_disk),
-            ("storage_errors_total", "counter", "Queue storage operations that failed (disk full, I/O errors).", "", &self.storage_errors),
-            ("records_corrupt_total", "counter", "Stored records that failed their CRC and were skipped.", "", &self.corrupt),
-            ("input_rejected_total", "counter", "Malformed input lines or samples rejected by sources.", "", &self.rejected),
-            ("reconnects_total", "counter", "Reconnections to the broker after the first connection.", "", &self.reconnects),
-            ("queue_resets_total", "counter", "Times an unreadable queue database was moved aside and replaced.", "", &self.queue_resets),
-            ("messages_sent_total", "counter", "MQTT messages published.", "", &self.messages_sent),
-            ("fsyncs_total", "counter", "fsync calls made by the queue.", "", &self.fsyncs),
-            ("publish_ack_latency_microseconds_sum", "counter", "Sum of publish-to-PUBACK latencies.", "", &self.publish_latency_us_sum),
-            ("records_in_flight", "gauge", "Records published and not yet acknowledged.", "", &self.in_flight),
-            ("queue_records", "gauge", "Records in the durable queue.", "", &self.queue_records),
-            ("queue_bytes", "gauge", "Bytes of record data in the durable queue.", "", &self.queue_bytes),
-            ("queue_disk_bytes", "gauge", "Bytes the queue's files take on disk.", "", &self.queue_disk_bytes),
-            ("connected", "gauge", "1 while connected to the broker.", "", &self.connected),
+            (
+                "records_captured_total",
+                "counter",
+                "Samples produced by sources.",
+                "",
+                &self.captured,
+            ),
+            (
+                "records_enqueued_total",
+                "counter",
+                "Records durably appended to the queue.",
+                "",
+                &self.enqueued,
+            ),
+            (
+                "records_sent_total",
+                "counter",
+                "Records published to the broker (re-sends count again).",
+                "",
+                &self.sent,
+            ),
+            (
+                "records_acked_total",
+                "counter",
+                "Records acknowledged by the broker and deleted from the queue.",
+                "",
+                &self.acked,
+            ),
+            (
+                "records_evicted_total",
+                "counter",
+                "Records evicted from the queue, by reason.",
+                "reason=\"bytes\"",
+                &self.evicted_bytes,
+            ),
+            (
+                "records_evicted_total",
+                "counter",
+                "",
+                "reason=\"age\"",
+                &self.evicted_age,
+            ),
+            (
+                "records_evicted_total",
+                "counter",
+                "",
+                "reason=\"disk\"",
+                &self.evicted_disk,
+            ),
+            (
+                "storage_errors_total",
+                "counter",
+                "Queue storage operations that failed (disk full, I/O errors).",
+                "",
+                &self.storage_errors,
+            ),
+            (
+                "records_corrupt_total",
+                "counter",
+                "Stored records that failed their CRC and were skipped.",
+                "",
+                &self.corrupt,
+            ),
+            (
+                "input_rejected_total",
+                "counter",
+                "Malformed input lines or samples rejected by sources.",
+                "",
+                &self.rejected,
+            ),
+            (
+                "reconnects_total",
+                "counter",
+                "Reconnections to the broker after the first connection.",
+                "",
+                &self.reconnects,
+            ),
+            (
+                "queue_resets_total",
+                "counter",
+                "Times an unreadable queue database was moved aside and replaced.",
+                "",
+                &self.queue_resets,
+            ),
+            (
+                "messages_sent_total",
+                "counter",
+                "MQTT messages published.",
+                "",
+                &self.messages_sent,
+            ),
+            (
+                "fsyncs_total",
+                "counter",
+                "fsync calls made by the queue.",
+                "",
+                &self.fsyncs,
+            ),
+            (
+                "publish_ack_latency_microseconds_sum",
+                "counter",
+                "Sum of publish-to-PUBACK latencies.",
+                "",
+                &self.publish_latency_us_sum,
+            ),
+            (
+                "records_in_flight",
+                "gauge",
+                "Records published and not yet acknowledged.",
+                "",
+                &self.in_flight,
+            ),
+            (
+                "queue_records",
+                "gauge",
+                "Records in the durable queue.",
+                "",
+                &self.queue_records,
+            ),
+            (
+                "queue_bytes",
+                "gauge",
+                "Bytes of record data in the durable queue.",
+                "",
+                &self.queue_bytes,
+            ),
+            (
+                "queue_disk_bytes",
+                "gauge",
+                "Bytes the queue's files take on disk.",
+                "",
+                &self.queue_disk_bytes,
+            ),
+            (
+                "connected",
+                "gauge",
+                "1 while connected to the broker.",
+                "",
+                &self.connected,
+            ),
         ];
         let mut out = String::with_capacity(4096);
         for (name, kind, help, labels, value) in counters {
             // A metric with several label sets carries its HELP/TYPE once, on the first.
             if !help.is_empty() {
-                out.push_str(&format!("# HELP ember_agent_{name} {help}\n# TYPE ember_agent_{name} {kind}\n"));
+                out.push_str(&format!(
+                    "# HELP ember_agent_{name} {help}\n# TYPE ember_agent_{name} {kind}\n"
+                ));
             }
             let sep = if labels.is_empty() { "" } else { "," };
-            out.push_str(&format!("ember_agent_{name}{{device=\"{device_id}\"{sep}{labels}}} {}\n", value.load(Relaxed)));
+            out.push_str(&format!(
+                "ember_agent_{name}{{device=\"{device_id}\"{sep}{labels}}} {}\n",
+                value.load(Relaxed)
+            ));
         }
         out
     }
@@ -133,11 +258,15 @@ pub async fn serve(
                 }
             }
             let head = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
-                ("200 OK", metrics.render(&device_id))
-            } else {
-                ("404 Not Found", "not found: the agent serves GET /metrics\n".to_string())
-            };
+            let (status, body) =
+                if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
+                    ("200 OK", metrics.render(&device_id))
+                } else {
+                    (
+                        "404 Not Found",
+                        "not found: the agent serves GET /metrics\n".to_string(),
+                    )
+                };
             let resp = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()

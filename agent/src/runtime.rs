@@ -19,18 +19,26 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{FsyncPolicy, FullPolicy, Settings};
+use crate::config::{FsyncPolicy, Settings};
 use crate::metrics::{self, Metrics};
 use crate::queue::{Queue, QueueError};
 use crate::source::{self, Sample};
 use crate::uplink::{DrainOutcome, Uplink};
 
+/// How often the writer runs queue housekeeping (age eviction, disk reclaim, recovery).
+const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
     Queue(#[from] QueueError),
-    #[error("cannot listen for metrics on {addr}: {source} (change metrics.listen or free the port)")]
-    MetricsBind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error(
+        "cannot listen for metrics on {addr}: {source} (change metrics.listen or free the port)"
+    )]
+    MetricsBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("internal task failed: {0}")]
     Task(String),
 }
@@ -43,12 +51,20 @@ pub struct RunReport {
 }
 
 /// Runs the agent until `shutdown` (then drains) or `force` (then stops at once).
-pub async fn run(settings: Settings, shutdown: CancellationToken, force: CancellationToken) -> Result<RunReport, AgentError> {
+pub async fn run(
+    settings: Settings,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) -> Result<RunReport, AgentError> {
     let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::default());
 
     let queue = {
-        let (dir, qs, m) = (settings.data_dir.clone(), settings.queue.clone(), metrics.clone());
+        let (dir, qs, m) = (
+            settings.data_dir.clone(),
+            settings.queue.clone(),
+            metrics.clone(),
+        );
         let (queue, report) = tokio::task::spawn_blocking(move || Queue::open(&dir, qs, m))
             .await
             .map_err(|e| AgentError::Task(e.to_string()))??;
@@ -59,7 +75,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken, force: Cancell
             );
         }
         if report.corrupt > 0 {
-            tracing::warn!(records = report.corrupt, "Dropped corrupt records found in the queue at start-up.");
+            tracing::warn!(
+                records = report.corrupt,
+                "Dropped corrupt records found in the queue at start-up."
+            );
         }
         tracing::info!(
             device = %settings.device_id, records = report.records, bytes = report.bytes,
@@ -70,9 +89,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken, force: Cancell
 
     let metrics_task = match settings.metrics.listen {
         Some(addr) => {
-            let listener = metrics::bind(addr).await.map_err(|source| AgentError::MetricsBind { addr, source })?;
+            let listener = metrics::bind(addr)
+                .await
+                .map_err(|source| AgentError::MetricsBind { addr, source })?;
             tracing::info!(%addr, "Serving Prometheus metrics at /metrics.");
-            Some(tokio::spawn(metrics::serve(listener, metrics.clone(), settings.device_id.clone(), force.clone())))
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                metrics.clone(),
+                settings.device_id.clone(),
+                force.clone(),
+            )))
         }
         None => None,
     };
@@ -92,9 +118,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken, force: Cancell
     drop(tx);
 
     let writer_done = CancellationToken::new();
-    let writer = tokio::spawn(writer(settings.clone(), queue.clone(), rx, writer_done.clone(), force.clone()));
+    let writer = tokio::spawn(writer(
+        settings.clone(),
+        queue.clone(),
+        rx,
+        writer_done.clone(),
+        force.clone(),
+    ));
     let uplink = Uplink::new(settings.clone(), queue.clone(), metrics.clone());
-    let outcome = uplink.run(shutdown.clone(), writer_done.clone(), force.clone()).await;
+    let outcome = uplink
+        .run(shutdown.clone(), writer_done.clone(), force.clone())
+        .await;
 
     // The uplink has finished: make sure everything else stops too.
     shutdown.cancel();
@@ -114,10 +148,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken, force: Cancell
     match outcome {
         DrainOutcome::Drained => tracing::info!("Queue drained; agent stopped."),
         DrainOutcome::GraceExpired => {
-            tracing::warn!(records = queued_at_exit, "Stopped with records still queued; they will be sent after the next start.")
+            tracing::warn!(
+                records = queued_at_exit,
+                "Stopped with records still queued; they will be sent after the next start."
+            )
         }
     }
-    Ok(RunReport { outcome, queued_at_exit })
+    Ok(RunReport {
+        outcome,
+        queued_at_exit,
+    })
 }
 
 /// Appends samples to the queue in batches (up to `append_max_records`, or whatever arrived
@@ -137,43 +177,50 @@ async fn writer(
         // sled's own cadence: flushed (not fsynced) every 500 ms.
         FsyncPolicy::Never => Some(Duration::from_millis(500)),
     };
-    let mut commit_tick = tokio::time::interval(commit_every.unwrap_or(Duration::from_secs(3600)));
-    commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut maintain_tick = tokio::time::interval(Duration::from_secs(1));
-    maintain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Housekeeping runs between batches, never starved by a busy channel.
+    let housekeeping = commit_every.unwrap_or(MAINTAIN_EVERY).min(MAINTAIN_EVERY);
+    let mut last_commit = tokio::time::Instant::now();
+    let mut last_maintain = tokio::time::Instant::now();
     let mut batch: Vec<Sample> = Vec::with_capacity(max);
     let mut open = true;
     while open || !batch.is_empty() {
         if open && batch.len() < max {
             let deadline = tokio::time::sleep(delay);
             tokio::pin!(deadline);
-            // Collect a batch: block for the first sample, then take what arrives in `delay`.
+            let chores = tokio::time::sleep_until(last_commit.min(last_maintain) + housekeeping);
+            tokio::pin!(chores);
+            // Collect a batch: wait for the first sample, then take what arrives in `delay`.
             loop {
+                let room = max - batch.len();
                 tokio::select! {
                     biased;
                     _ = force.cancelled() => { open = false; batch.clear(); break; }
-                    s = rx.recv() => match s {
-                        Some(s) => {
-                            batch.push(s);
-                            if batch.len() >= max { break; }
-                        }
-                        None => { open = false; break; }
-                    },
+                    n = rx.recv_many(&mut batch, room) => {
+                        if n == 0 { open = false; break; }
+                        if batch.len() >= max { break; }
+                    }
                     _ = &mut deadline, if !batch.is_empty() => break,
-                    _ = commit_tick.tick(), if commit_every.is_some() => commit(&queue).await,
-                    _ = maintain_tick.tick() => maintain(&queue).await,
+                    _ = &mut chores => break,
                 }
             }
         }
-        if batch.is_empty() {
-            continue;
+        if !batch.is_empty() {
+            let todo = std::mem::take(&mut batch);
+            let remaining = append_all(&queue, todo, &settings, &force).await;
+            if force.is_cancelled() {
+                break;
+            }
+            batch = remaining;
         }
-        let todo = std::mem::take(&mut batch);
-        let remaining = append_all(&queue, todo, &settings, &force).await;
-        if force.is_cancelled() {
-            break;
+        let now = tokio::time::Instant::now();
+        if commit_every.is_some_and(|every| now >= last_commit + every) {
+            commit(&queue).await;
+            last_commit = now;
         }
-        batch = remaining;
+        if now >= last_maintain + MAINTAIN_EVERY {
+            maintain(&queue).await;
+            last_maintain = now;
+        }
     }
     if !force.is_cancelled() {
         commit(&queue).await;
@@ -183,7 +230,12 @@ async fn writer(
 
 /// Appends `samples`, waiting for space under `full_policy = block`. Returns what could not be
 /// appended (only when forced to stop).
-async fn append_all(queue: &Arc<Queue>, mut samples: Vec<Sample>, settings: &Settings, force: &CancellationToken) -> Vec<Sample> {
+async fn append_all(
+    queue: &Arc<Queue>,
+    mut samples: Vec<Sample>,
+    settings: &Settings,
+    force: &CancellationToken,
+) -> Vec<Sample> {
     loop {
         let q = queue.clone();
         let result = tokio::task::spawn_blocking(move || {
@@ -203,12 +255,26 @@ async fn append_all(queue: &Arc<Queue>, mut samples: Vec<Sample>, settings: &Set
             Ok(out) if out.accepted == samples.len() => return Vec::new(),
             Ok(out) => {
                 samples.drain(..out.accepted);
-                debug_assert_eq!(settings.queue.full_policy, FullPolicy::Block);
-                tracing::debug!(waiting = samples.len(), "Queue full (block policy): waiting for the uplink to free space.");
-                tokio::select! {
-                    _ = force.cancelled() => return samples,
-                    _ = queue.space_freed().notified() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                tracing::debug!(
+                    waiting = samples.len(),
+                    "Queue full: waiting for the uplink to free space."
+                );
+                // Wait for a useful amount of room (hysteresis), not for the first freed
+                // record: fewer, larger batches mean fewer fsyncs and less flash wear.
+                let want = samples
+                    .iter()
+                    .map(|s| Queue::record_size(s.values.len()))
+                    .sum::<u64>()
+                    .min(settings.queue.max_bytes / 8);
+                loop {
+                    tokio::select! {
+                        _ = force.cancelled() => return samples,
+                        _ = queue.space_freed().notified() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                    if queue.room() >= want {
+                        break;
+                    }
                 }
             }
             Err(e) => {
@@ -230,7 +296,9 @@ async fn commit(queue: &Arc<Queue>) {
     let q = queue.clone();
     match tokio::task::spawn_blocking(move || q.commit()).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "Queue commit failed; records stay unsent until the next one succeeds."),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "Queue commit failed; records stay unsent until the next one succeeds.")
+        }
         Err(e) => tracing::error!(error = %e, "Queue commit panicked."),
     }
 }

@@ -38,10 +38,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+};
 use tokio_util::sync::CancellationToken;
 
-use ember_proto::{Channel, DeviceState, Heartbeat, QueueGauge, SCHEMA_VERSION, Status, TelemetryBatch, Topic};
+use ember_proto::{
+    Channel, DeviceState, Heartbeat, QueueGauge, SCHEMA_VERSION, Status, TelemetryBatch, Topic,
+};
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
@@ -57,7 +61,13 @@ pub enum UplinkState {
 
 #[derive(Debug)]
 enum Pending {
-    Data { sid: StreamId, first: u64, last: u64, count: u64, sent_at: Instant },
+    Data {
+        sid: StreamId,
+        first: u64,
+        last: u64,
+        count: u64,
+        sent_at: Instant,
+    },
     Control,
 }
 
@@ -100,9 +110,18 @@ struct Topics {
 
 impl Uplink {
     pub fn new(settings: Arc<Settings>, queue: Arc<Queue>, metrics: Arc<Metrics>) -> Self {
-        let topic = |c| Topic { device_id: settings.device_id.clone(), channel: c }.render();
-        let topics =
-            Topics { telemetry: topic(Channel::Telemetry), status: topic(Channel::Status), heartbeat: topic(Channel::Heartbeat) };
+        let topic = |c| {
+            Topic {
+                device_id: settings.device_id.clone(),
+                channel: c,
+            }
+            .render()
+        };
+        let topics = Topics {
+            telemetry: topic(Channel::Telemetry),
+            status: topic(Channel::Status),
+            heartbeat: topic(Channel::Heartbeat),
+        };
         let backoff = Duration::from_millis(settings.mqtt.reconnect_min_ms);
         Uplink {
             settings,
@@ -132,8 +151,15 @@ impl Uplink {
         // Room for the largest message plus MQTT's own header and the topic.
         o.set_max_packet_size(1024 * 1024, m.message_max_bytes + 1024);
         o.set_inflight((m.max_in_flight + 4).min(u16::MAX as usize) as u16);
-        let will = ember_proto::message::encode(&Status::offline(&self.settings.device_id), m.encoding).unwrap_or_default();
-        o.set_last_will(LastWill::new(self.topics.status.clone(), will, QoS::AtLeastOnce, true));
+        let will =
+            ember_proto::message::encode(&Status::offline(&self.settings.device_id), m.encoding)
+                .unwrap_or_default();
+        o.set_last_will(LastWill::new(
+            self.topics.status.clone(),
+            will,
+            QoS::AtLeastOnce,
+            true,
+        ));
         o
     }
 
@@ -152,15 +178,18 @@ impl Uplink {
         writer_done: CancellationToken,
         force: CancellationToken,
     ) -> DrainOutcome {
-        let (client, eventloop) = AsyncClient::new(self.mqtt_options(), self.settings.mqtt.max_in_flight + 16);
+        let (client, eventloop) =
+            AsyncClient::new(self.mqtt_options(), self.settings.mqtt.max_in_flight + 16);
         // One `poll` stays in flight across loop iterations. Dropping it whenever another branch
         // wins (a batch became durable, a timer fired) would abort a connection attempt half-way
         // (TCP connect, CONNECT, CONNACK), so while records keep arriving the agent could
         // never get back online after an outage.
         let mut polling = poll_owned(eventloop);
-        let mut heartbeat = tokio::time::interval(Duration::from_secs(self.settings.mqtt.heartbeat_s));
+        let mut heartbeat =
+            tokio::time::interval(Duration::from_secs(self.settings.mqtt.heartbeat_s));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut status_tick = tokio::time::interval(Duration::from_secs(self.settings.mqtt.status_interval_s));
+        let mut status_tick =
+            tokio::time::interval(Duration::from_secs(self.settings.mqtt.status_interval_s));
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         let mut retry_at: Option<tokio::time::Instant> = None;
@@ -177,7 +206,11 @@ impl Uplink {
             }
             // Offline, nothing can be sent: a lingering partial message must not wake the loop
             // (its deadline has passed, so it would spin).
-            let next_linger = if self.connected { self.next_linger_deadline(linger) } else { None };
+            let next_linger = if self.connected {
+                self.next_linger_deadline(linger)
+            } else {
+                None
+            };
             tokio::select! {
                 biased;
                 _ = force.cancelled() => break DrainOutcome::GraceExpired,
@@ -275,16 +308,29 @@ impl Uplink {
                 }
             }
             Event::Incoming(Packet::PubAck(ack)) => match self.by_pkid.remove(&ack.pkid) {
-                Some(Pending::Data { sid, first, last, count, sent_at }) => {
+                Some(Pending::Data {
+                    sid,
+                    first,
+                    last,
+                    count,
+                    sent_at,
+                }) => {
                     self.in_flight_records = self.in_flight_records.saturating_sub(count);
-                    self.metrics.in_flight.store(self.in_flight_records, Relaxed);
-                    self.metrics.publish_latency_us_sum.fetch_add(sent_at.elapsed().as_micros() as u64, Relaxed);
+                    self.metrics
+                        .in_flight
+                        .store(self.in_flight_records, Relaxed);
+                    self.metrics
+                        .publish_latency_us_sum
+                        .fetch_add(sent_at.elapsed().as_micros() as u64, Relaxed);
                     if let Err(e) = self.queue.ack(sid, first, last) {
                         tracing::error!(error = %e, "Could not delete acknowledged records; they will be sent again.");
                     }
                 }
                 Some(Pending::Control) => {}
-                None => tracing::debug!(pkid = ack.pkid, "PUBACK for an unknown packet id (from before a reconnect)."),
+                None => tracing::debug!(
+                    pkid = ack.pkid,
+                    "PUBACK for an unknown packet id (from before a reconnect)."
+                ),
             },
             _ => {}
         }
@@ -309,7 +355,8 @@ impl Uplink {
         // Full jitter: a uniformly random delay up to the current backoff.
         let max = self.backoff.as_millis() as u64;
         let delay = Duration::from_millis(fastrand::u64(max / 2..=max.max(1)));
-        self.backoff = (self.backoff * 2).min(Duration::from_millis(self.settings.mqtt.reconnect_max_ms));
+        self.backoff =
+            (self.backoff * 2).min(Duration::from_millis(self.settings.mqtt.reconnect_max_ms));
         delay
     }
 
@@ -339,8 +386,11 @@ impl Uplink {
     /// Publishes as many messages as the in-flight window allows, round-robin over streams.
     fn fill_window(&mut self, client: &AsyncClient, draining: bool) {
         let m = &self.settings.mqtt;
-        let (max_records, linger, window) =
-            (m.message_max_records, Duration::from_millis(m.message_max_delay_ms), m.max_in_flight);
+        let (max_records, linger, window) = (
+            m.message_max_records,
+            Duration::from_millis(m.message_max_delay_ms),
+            m.max_in_flight,
+        );
         let streams = self.queue.stream_names();
         if self.cursors.len() < streams.len() {
             self.cursors.resize(streams.len(), 0);
@@ -351,9 +401,15 @@ impl Uplink {
         while self.in_flight_messages() < window && idle_rounds < streams.len() {
             let i = self.rr % streams.len().max(1);
             self.rr = self.rr.wrapping_add(1);
-            let Some((sid, _)) = streams.get(i).cloned() else { break };
+            let Some((sid, _)) = streams.get(i).cloned() else {
+                break;
+            };
             let sent = self.send_one(client, sid, max_records, linger, draining);
-            if sent { idle_rounds = 0 } else { idle_rounds += 1 }
+            if sent {
+                idle_rounds = 0
+            } else {
+                idle_rounds += 1
+            }
         }
         for (sid, _) in &streams {
             let durable = self.queue.durable_upto(*sid);
@@ -364,12 +420,23 @@ impl Uplink {
         }
         if self.state != UplinkState::Draining && self.connected {
             let caught_up = backlog_messages <= 2 * streams.len() as u64;
-            self.set_state(if caught_up { UplinkState::Online } else { UplinkState::CatchingUp });
+            self.set_state(if caught_up {
+                UplinkState::Online
+            } else {
+                UplinkState::CatchingUp
+            });
         }
     }
 
     /// Sends the next message of one stream if one is due. Returns whether it sent.
-    fn send_one(&mut self, client: &AsyncClient, sid: StreamId, max_records: usize, linger: Duration, draining: bool) -> bool {
+    fn send_one(
+        &mut self,
+        client: &AsyncClient,
+        sid: StreamId,
+        max_records: usize,
+        linger: Duration,
+        draining: bool,
+    ) -> bool {
         let idx = sid as usize;
         let durable = self.queue.durable_upto(sid);
         if self.cursors[idx] == 0 {
@@ -412,7 +479,12 @@ impl Uplink {
             return false;
         };
         let last_seq = *last_seq;
-        let stream = self.queue.stream_names().get(idx).map(|(_, n)| n.clone()).unwrap_or_else(|| "unknown".into());
+        let stream = self
+            .queue
+            .stream_names()
+            .get(idx)
+            .map(|(_, n)| n.clone())
+            .unwrap_or_else(|| "unknown".into());
         let mut take = records.len();
         let payload = loop {
             let mut batch = TelemetryBatch::new(&self.settings.device_id, &stream);
@@ -431,13 +503,26 @@ impl Uplink {
         let first = records[0].0;
         let last = records[take - 1].0;
         let _ = last_seq;
-        match client.try_publish(self.topics.telemetry.clone(), QoS::AtLeastOnce, false, payload) {
+        match client.try_publish(
+            self.topics.telemetry.clone(),
+            QoS::AtLeastOnce,
+            false,
+            payload,
+        ) {
             Ok(()) => {
-                self.awaiting_pkid.push_back(Pending::Data { sid, first, last, count: take as u64, sent_at: Instant::now() });
+                self.awaiting_pkid.push_back(Pending::Data {
+                    sid,
+                    first,
+                    last,
+                    count: take as u64,
+                    sent_at: Instant::now(),
+                });
                 self.cursors[idx] = last + 1;
                 self.waiting_since[idx] = None;
                 self.in_flight_records += take as u64;
-                self.metrics.in_flight.store(self.in_flight_records, Relaxed);
+                self.metrics
+                    .in_flight
+                    .store(self.in_flight_records, Relaxed);
                 self.metrics.sent.fetch_add(take as u64, Relaxed);
                 self.metrics.messages_sent.fetch_add(1, Relaxed);
                 true
@@ -458,7 +543,11 @@ impl Uplink {
             ts: crate::source::now_us(),
             agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
             models: Default::default(),
-            queue: Some(QueueGauge { records, bytes, disk_bytes: self.metrics.queue_disk_bytes.load(Relaxed) }),
+            queue: Some(QueueGauge {
+                records,
+                bytes,
+                disk_bytes: self.metrics.queue_disk_bytes.load(Relaxed),
+            }),
             counters: Some(self.metrics.snapshot()),
             streams: self.queue.stream_status(),
         }
@@ -468,7 +557,10 @@ impl Uplink {
         let status = self.status(state);
         match ember_proto::message::encode(&status, self.settings.mqtt.encoding) {
             Ok(payload) => {
-                if client.try_publish(self.topics.status.clone(), QoS::AtLeastOnce, true, payload).is_ok() {
+                if client
+                    .try_publish(self.topics.status.clone(), QoS::AtLeastOnce, true, payload)
+                    .is_ok()
+                {
                     self.awaiting_pkid.push_back(Pending::Control);
                 }
             }
@@ -485,23 +577,37 @@ impl Uplink {
             queue_records: self.queue.len().0,
         };
         if let Ok(payload) = ember_proto::message::encode(&hb, self.settings.mqtt.encoding) {
-            let _ = client.try_publish(self.topics.heartbeat.clone(), QoS::AtMostOnce, false, payload);
+            let _ = client.try_publish(
+                self.topics.heartbeat.clone(),
+                QoS::AtMostOnce,
+                false,
+                payload,
+            );
         }
     }
 
     pub fn state(&self) -> UplinkState {
         self.state
     }
-
 }
 
-type PollFuture = std::pin::Pin<Box<dyn std::future::Future<Output = (EventLoop, Result<Event, ConnectionError>)> + Send>>;
+type PollFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (EventLoop, Result<Event, ConnectionError>)> + Send>,
+>;
 
 /// One `EventLoop::poll` that owns the event loop and hands it back with the event, so the
 /// future can outlive a `select!` round (see `Uplink::run`).
 fn poll_owned(mut eventloop: EventLoop) -> PollFuture {
     Box::pin(async move {
         let ev = eventloop.poll().await;
+        if ev.is_err() {
+            // Events rumqttc queued for the connection that just failed (e.g. the
+            // `Outgoing::Publish` of a packet whose write failed) would be reported after the
+            // next CONNACK, and the uplink would pair the new connection's packet ids with the
+            // wrong messages: a PUBACK would then delete records of a message not yet
+            // acknowledged. The uplink forgets that connection's in-flight state anyway.
+            eventloop.state.events.clear();
+        }
         (eventloop, ev)
     })
 }

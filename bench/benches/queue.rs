@@ -29,7 +29,11 @@ fn settings(fsync: FsyncPolicy) -> QueueSettings {
 fn batch(n: usize, base: u32) -> Vec<Sample> {
     let stream: Arc<str> = "imu".into();
     (0..n)
-        .map(|i| Sample { stream: stream.clone(), ts_us: u64::from(base) + i as u64, values: vec![0.25; 6] })
+        .map(|i| Sample {
+            stream: stream.clone(),
+            ts_us: u64::from(base) + i as u64,
+            values: vec![0.25; 6],
+        })
         .collect()
 }
 
@@ -43,10 +47,13 @@ fn policies() -> [(&'static str, FsyncPolicy); 3] {
 
 fn append(c: &mut Criterion) {
     let mut g = c.benchmark_group("queue_append");
-    g.throughput(Throughput::Elements(BATCH as u64)).sample_size(20).measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements(BATCH as u64))
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5));
     for (name, policy) in policies() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (q, _) = Queue::open(dir.path(), settings(policy), Arc::new(Metrics::default())).expect("open");
+        let (q, _) =
+            Queue::open(dir.path(), settings(policy), Arc::new(Metrics::default())).expect("open");
         let samples = batch(BATCH, 0);
         let mut last_commit = Instant::now();
         g.bench_with_input(BenchmarkId::from_parameter(name), &policy, |b, policy| {
@@ -67,10 +74,13 @@ fn append(c: &mut Criterion) {
 
 fn drain(c: &mut Criterion) {
     let mut g = c.benchmark_group("queue_drain");
-    g.throughput(Throughput::Elements(BATCH as u64)).sample_size(20).measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements(BATCH as u64))
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5));
     for (name, policy) in policies() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (q, _) = Queue::open(dir.path(), settings(policy), Arc::new(Metrics::default())).expect("open");
+        let (q, _) =
+            Queue::open(dir.path(), settings(policy), Arc::new(Metrics::default())).expect("open");
         let sid = {
             q.append(&batch(1, 0)).expect("append");
             q.commit().expect("commit");

@@ -11,7 +11,6 @@
 //! broker is a real Mosquitto on an ephemeral 127.0.0.1 port; every agent is the real binary.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use ember_agent::queue::{Engine, SledEngine};
 use ember_proto::{Encoding, TelemetryBatch};
-use ember_testkit::TestBroker;
+use ember_testkit::{TestAgent, TestAgentBuilder, TestBroker};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
 #[derive(Parser)]
@@ -49,10 +48,26 @@ struct Case {
 
 fn cases() -> Vec<Case> {
     vec![
-        Case { name: "agent, 100 records/message, every_batch", records_per_message: 100, fsync: "every_batch" },
-        Case { name: "agent, 100 records/message, interval_ms=1000", records_per_message: 100, fsync: "interval_ms" },
-        Case { name: "agent, 100 records/message, never", records_per_message: 100, fsync: "never" },
-        Case { name: "agent, 1 record/message, every_batch", records_per_message: 1, fsync: "every_batch" },
+        Case {
+            name: "agent, 100 records/message, every_batch",
+            records_per_message: 100,
+            fsync: "every_batch",
+        },
+        Case {
+            name: "agent, 100 records/message, interval_ms=1000",
+            records_per_message: 100,
+            fsync: "interval_ms",
+        },
+        Case {
+            name: "agent, 100 records/message, never",
+            records_per_message: 100,
+            fsync: "never",
+        },
+        Case {
+            name: "agent, 1 record/message, every_batch",
+            records_per_message: 1,
+            fsync: "every_batch",
+        },
     ]
 }
 
@@ -62,7 +77,9 @@ const IN_FLIGHT: usize = 32;
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let measure = Duration::from_secs(cli.seconds);
     match cli.cmd {
         Cmd::E2e => rt.block_on(e2e(measure)),
@@ -73,9 +90,15 @@ fn main() -> Result<()> {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     format!("{cores} cores, {cpu}")
 }
 
@@ -85,13 +108,25 @@ async fn e2e(measure: Duration) -> Result<()> {
     let mut rows: Vec<(String, f64)> = Vec::new();
 
     let publish_100 = plain_publish(broker.port(), 100, measure).await?;
-    rows.push(("plain rumqttc QoS1 loop, 100-record messages".into(), publish_100));
+    rows.push((
+        "plain rumqttc QoS1 loop, 100-record messages".into(),
+        publish_100,
+    ));
     let publish_1 = plain_publish(broker.port(), 1, measure).await?;
-    rows.push(("plain rumqttc QoS1 loop, 1-record messages".into(), publish_1));
+    rows.push((
+        "plain rumqttc QoS1 loop, 1-record messages".into(),
+        publish_1,
+    ));
     let storage_100 = bare_storage(100, measure)?;
-    rows.push(("bare sled: append 100 + fsync + range delete".into(), storage_100));
+    rows.push((
+        "bare sled: append 100 + fsync + range delete".into(),
+        storage_100,
+    ));
     let storage_1 = bare_storage(1, measure)?;
-    rows.push(("bare sled: append 1 + fsync + range delete".into(), storage_1));
+    rows.push((
+        "bare sled: append 1 + fsync + range delete".into(),
+        storage_1,
+    ));
 
     let mut agent_rows = Vec::new();
     for case in cases() {
@@ -106,8 +141,11 @@ async fn e2e(measure: Duration) -> Result<()> {
         println!("| {name} | {rate:.0} | baseline |");
     }
     for (case, rate) in &agent_rows {
-        let (publish, storage) =
-            if case.records_per_message == 100 { (publish_100, storage_100) } else { (publish_1, storage_1) };
+        let (publish, storage) = if case.records_per_message == 100 {
+            (publish_100, storage_100)
+        } else {
+            (publish_1, storage_1)
+        };
         let ceiling = publish.min(storage);
         println!(
             "| {} | {rate:.0} | {:.2} of plain publish, {:.2} of bare storage, **{:.2} of the slower ceiling** |",
@@ -124,7 +162,11 @@ async fn e2e(measure: Duration) -> Result<()> {
 fn payload(n: usize) -> Vec<u8> {
     let mut b = TelemetryBatch::new("bench-0", "imu");
     for i in 0..n {
-        b.push(i as u64 + 1, 1_800_000_000_000_000 + i as u64 * 1000, (0..CHANNELS).map(|c| c as f32 * 0.731 + 0.1).collect());
+        b.push(
+            i as u64 + 1,
+            1_800_000_000_000_000 + i as u64 * 1000,
+            (0..CHANNELS).map(|c| c as f32 * 0.731 + 0.1).collect(),
+        );
     }
     ember_proto::message::encode(&b, Encoding::Json).unwrap_or_default()
 }
@@ -145,12 +187,24 @@ async fn plain_publish(port: u16, records: usize, measure: Duration) -> Result<f
     let mut t0: Option<(Instant, u64)> = None;
     loop {
         while (in_flight.load(Ordering::Relaxed) as usize) < IN_FLIGHT {
-            if client.try_publish("ember/v1/bench-0/telemetry", QoS::AtLeastOnce, false, body.clone()).is_err() {
+            if client
+                .try_publish(
+                    "ember/v1/bench-0/telemetry",
+                    QoS::AtLeastOnce,
+                    false,
+                    body.clone(),
+                )
+                .is_err()
+            {
                 break;
             }
             in_flight.fetch_add(1, Ordering::Relaxed);
         }
-        match ev.poll().await.context("plain publish loop lost the broker")? {
+        match ev
+            .poll()
+            .await
+            .context("plain publish loop lost the broker")?
+        {
             Event::Incoming(Packet::PubAck(_)) => {
                 in_flight.fetch_sub(1, Ordering::Relaxed);
                 acked.fetch_add(1, Ordering::Relaxed);
@@ -203,105 +257,60 @@ fn bare_storage(batch: usize, measure: Duration) -> Result<f64> {
 
 fn agent_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let bin = exe.parent().map(|d| d.join("ember-agent")).context("no parent directory")?;
+    let bin = exe
+        .parent()
+        .map(|d| d.join("ember-agent"))
+        .context("no parent directory")?;
     if !bin.exists() {
-        bail!("{} not found: build it first with `cargo build --release -p ember-agent -p ember-bench`", bin.display());
+        bail!(
+            "{} not found: build it first with `cargo build --release -p ember-agent -p ember-bench`",
+            bin.display()
+        );
     }
     Ok(bin)
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-struct Agent {
-    child: Child,
-    metrics_port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// An agent with `streams` simulated sources of `rate` Hz each, logging only warnings.
+fn agent(broker: u16, device: &str, streams: usize, rate: f64) -> Result<TestAgentBuilder> {
+    let mut b = TestAgent::builder(agent_binary()?)
+        .device_id(device)
+        .broker_port(broker)
+        .set("log", "level", "\"warn\"")
+        .set("mqtt", "max_in_flight", &IN_FLIGHT.to_string());
+    for i in 0..streams {
+        b = b.sim(&format!("s{i}"), rate, CHANNELS);
     }
-}
-
-fn spawn_agent(broker: u16, device: &str, extra: &str, sources: &str) -> Result<Agent> {
-    let dir = tempfile::tempdir()?;
-    let metrics_port = free_port()?;
-    let cfg = format!(
-        "device_id = \"{device}\"\ndata_dir = \"{}\"\n[log]\nlevel = \"warn\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[mqtt]\nport = {broker}\nmax_in_flight = {IN_FLIGHT}\n{extra}\n{sources}",
-        dir.path().join("data").display()
-    );
-    let path = dir.path().join("agent.toml");
-    std::fs::write(&path, cfg)?;
-    let child = Command::new(agent_binary()?)
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("spawning ember-agent")?;
-    let agent = Agent { child, metrics_port, _dir: dir };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while scrape(metrics_port).is_err() {
-        if Instant::now() > deadline {
-            bail!("the agent did not serve metrics within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(agent)
-}
-
-fn scrape(port: u16) -> Result<std::collections::BTreeMap<String, f64>> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    let mut out = std::collections::BTreeMap::new();
-    for line in body.lines().filter(|l| l.starts_with("ember_agent_")) {
-        let Some((name, value)) = line.rsplit_once(' ') else { continue };
-        let name = name.trim_start_matches("ember_agent_");
-        let key = match name.split_once('{') {
-            Some((base, labels)) => match labels.split(',').find(|l| l.starts_with("reason=")) {
-                Some(r) => format!("{base}{{{}}}", r.trim_end_matches('}')),
-                None => base.to_string(),
-            },
-            None => name.to_string(),
-        };
-        out.insert(key, value.parse().unwrap_or(f64::NAN));
-    }
-    Ok(out)
-}
-
-fn sim_sources(streams: usize, rate: u32) -> String {
-    (0..streams)
-        .map(|i| format!("[[source]]\ntype = \"sim\"\nstream = \"s{i}\"\nrate_hz = {rate}\nchannels = {CHANNELS}\nseed = {i}\n"))
-        .collect()
+    Ok(b)
 }
 
 /// The agent under a source faster than it can ship: records/s acknowledged by the broker in
 /// the measurement window (after a warm-up).
 async fn agent_throughput(broker: u16, case: &Case, measure: Duration) -> Result<f64> {
-    let fsync = match case.fsync {
-        "interval_ms" => "fsync = \"interval_ms\"\nfsync_interval_ms = 1000".to_string(),
-        other => format!("fsync = \"{other}\""),
-    };
-    let extra = format!(
-        "message_max_records = {}\nmessage_max_delay_ms = 5\n[queue]\n{fsync}\nmax_bytes = 8589934592\nreclaim_bytes = 1099511627776",
-        case.records_per_message
-    );
-    let agent = spawn_agent(broker, "bench-agent", &extra, &sim_sources(STREAMS, 100_000))?;
+    let mut b = agent(broker, "bench-agent", STREAMS, 100_000.0)?
+        .set(
+            "mqtt",
+            "message_max_records",
+            &case.records_per_message.to_string(),
+        )
+        .set("mqtt", "message_max_delay_ms", "5")
+        .set("queue", "fsync", &format!("\"{}\"", case.fsync))
+        // Backpressure instead of an ever-growing backlog: the sources run exactly as fast as
+        // the whole pipeline (append, fsync, publish, PUBACK, delete) can carry records.
+        .set("queue", "full_policy", "\"block\"")
+        .set("queue", "max_bytes", "16777216")
+        .set("queue", "reclaim_bytes", "1099511627776");
+    if case.fsync == "interval_ms" {
+        b = b.set("queue", "fsync_interval_ms", "1000");
+    }
+    let agent = b.start();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let m0 = scrape(agent.metrics_port)?;
+    let m0 = agent.metrics();
     let t0 = Instant::now();
     tokio::time::sleep(measure).await;
-    let m1 = scrape(agent.metrics_port)?;
+    let m1 = agent.metrics();
     let secs = t0.elapsed().as_secs_f64();
-    let rate = |k: &str| (m1.get(k).copied().unwrap_or(0.0) - m0.get(k).copied().unwrap_or(0.0)) / secs;
+    let rate =
+        |k: &str| (m1.get(k).copied().unwrap_or(0.0) - m0.get(k).copied().unwrap_or(0.0)) / secs;
     eprintln!(
         "{}: acked {:.0}/s, enqueued {:.0}/s, captured {:.0}/s, backlog {:.0} records",
         case.name,
@@ -316,10 +325,11 @@ async fn agent_throughput(broker: u16, case: &Case, measure: Duration) -> Result
 async fn rss(measure: Duration) -> Result<()> {
     println!("machine: {}", machine());
     let broker = TestBroker::start();
-    let agent = spawn_agent(broker.port(), "bench-rss", "", &sim_sources(1, 1000))?;
+    let agent = agent(broker.port(), "bench-rss", 1, 1000.0)?.start();
     tokio::time::sleep(measure).await;
-    let m = scrape(agent.metrics_port)?;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id()))?;
+    let m = agent.metrics();
+    let pid = agent.pid().context("the agent is not running")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| {
         status
             .lines()

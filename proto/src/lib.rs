@@ -16,8 +16,8 @@ pub mod record;
 pub mod topic;
 
 pub use message::{
-    AgentCounters, DeviceState, Encoding, EvictedRange, Heartbeat, Message, QueueGauge, SCHEMA_VERSION,
-    Status, StreamStatus, TelemetryBatch, WireRecord,
+    AgentCounters, DeviceState, Encoding, EvictedRange, Heartbeat, Message, QueueGauge,
+    SCHEMA_VERSION, Status, StreamStatus, TelemetryBatch, WireRecord,
 };
 pub use record::{Record, StoredRecord};
 pub use topic::{Channel, Topic};
@@ -26,21 +26,42 @@ pub use topic::{Channel, Topic};
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ProtoError {
     #[error("invalid device id {id:?}: {why} (use 1-64 characters from A-Z a-z 0-9 - _ .)")]
-    InvalidDeviceId { id: alloc::string::String, why: &'static str },
+    InvalidDeviceId {
+        id: alloc::string::String,
+        why: &'static str,
+    },
     #[error("invalid stream name {name:?}: {why} (use 1-64 characters from A-Z a-z 0-9 - _ .)")]
-    InvalidStream { name: alloc::string::String, why: &'static str },
-    #[error("topic {topic:?} is not an Ember v1 topic: {why} (expected ember/v1/<device_id>/<channel>)")]
-    InvalidTopic { topic: alloc::string::String, why: &'static str },
+    InvalidStream {
+        name: alloc::string::String,
+        why: &'static str,
+    },
+    #[error(
+        "topic {topic:?} is not an Ember v1 topic: {why} (expected ember/v1/<device_id>/<channel>)"
+    )]
+    InvalidTopic {
+        topic: alloc::string::String,
+        why: &'static str,
+    },
     #[error("stored record is truncated: needed {needed} bytes, found {found}")]
     Truncated { needed: usize, found: usize },
     #[error("stored record checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     Checksum { stored: u32, computed: u32 },
-    #[error("record {seq} of stream {stream:?} has a bad CRC32 (sent {sent:#010x}, computed {computed:#010x})")]
-    RecordCrc { stream: alloc::string::String, seq: u64, sent: u32, computed: u32 },
+    #[error(
+        "record {seq} of stream {stream:?} has a bad CRC32 (sent {sent:#010x}, computed {computed:#010x})"
+    )]
+    RecordCrc {
+        stream: alloc::string::String,
+        seq: u64,
+        sent: u32,
+        computed: u32,
+    },
     #[error("unsupported schema version {found} (this build understands {supported})")]
     UnsupportedVersion { found: u32, supported: u32 },
     #[error("malformed {encoding} payload: {detail}")]
-    Malformed { encoding: &'static str, detail: alloc::string::String },
+    Malformed {
+        encoding: &'static str,
+        detail: alloc::string::String,
+    },
     #[error("payload is empty")]
     Empty,
     #[error("encoding {0} is not compiled into this build")]
@@ -58,7 +79,10 @@ pub fn check_name(name: &str) -> Result<(), &'static str> {
     if name.len() > 64 {
         return Err("it is longer than 64 bytes");
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
         return Err("it contains a character outside A-Z a-z 0-9 - _ .");
     }
     Ok(())

@@ -49,21 +49,35 @@ pub struct TelemetryBatch {
 
 impl TelemetryBatch {
     pub fn new(device: &str, stream: &str) -> Self {
-        TelemetryBatch { v: SCHEMA_VERSION, device: device.into(), stream: stream.into(), records: Vec::new() }
+        TelemetryBatch {
+            v: SCHEMA_VERSION,
+            device: device.into(),
+            stream: stream.into(),
+            records: Vec::new(),
+        }
     }
 
     pub fn push(&mut self, seq: u64, ts: u64, values: Vec<f32>) {
         let crc = crate::record::envelope_crc(&self.device, &self.stream, seq, ts, &values);
-        self.records.push(WireRecord { seq, ts, values, crc });
+        self.records.push(WireRecord {
+            seq,
+            ts,
+            values,
+            crc,
+        });
     }
 
     /// Checks the schema version, names, ordering and every record's CRC.
     pub fn validate(&self) -> Result<(), ProtoError> {
         check_version(self.v)?;
-        crate::check_name(&self.device)
-            .map_err(|why| ProtoError::InvalidDeviceId { id: self.device.clone(), why })?;
-        crate::check_name(&self.stream)
-            .map_err(|why| ProtoError::InvalidStream { name: self.stream.clone(), why })?;
+        crate::check_name(&self.device).map_err(|why| ProtoError::InvalidDeviceId {
+            id: self.device.clone(),
+            why,
+        })?;
+        crate::check_name(&self.stream).map_err(|why| ProtoError::InvalidStream {
+            name: self.stream.clone(),
+            why,
+        })?;
         let mut last = 0u64;
         for r in &self.records {
             if r.seq <= last {
@@ -73,9 +87,15 @@ impl TelemetryBatch {
                 });
             }
             last = r.seq;
-            let computed = crate::record::envelope_crc(&self.device, &self.stream, r.seq, r.ts, &r.values);
+            let computed =
+                crate::record::envelope_crc(&self.device, &self.stream, r.seq, r.ts, &r.values);
             if computed != r.crc {
-                return Err(ProtoError::RecordCrc { stream: self.stream.clone(), seq: r.seq, sent: r.crc, computed });
+                return Err(ProtoError::RecordCrc {
+                    stream: self.stream.clone(),
+                    seq: r.seq,
+                    sent: r.crc,
+                    computed,
+                });
             }
         }
         Ok(())
@@ -83,7 +103,12 @@ impl TelemetryBatch {
 
     pub fn into_records(self) -> impl Iterator<Item = Record> {
         let stream = self.stream;
-        self.records.into_iter().map(move |r| Record { stream: stream.clone(), seq: r.seq, ts_us: r.ts, values: r.values })
+        self.records.into_iter().map(move |r| Record {
+            stream: stream.clone(),
+            seq: r.seq,
+            ts_us: r.ts,
+            values: r.values,
+        })
     }
 }
 
@@ -216,7 +241,14 @@ pub enum Message {
 }
 
 fn check_version(v: u32) -> Result<(), ProtoError> {
-    if v == SCHEMA_VERSION { Ok(()) } else { Err(ProtoError::UnsupportedVersion { found: v, supported: SCHEMA_VERSION }) }
+    if v == SCHEMA_VERSION {
+        Ok(())
+    } else {
+        Err(ProtoError::UnsupportedVersion {
+            found: v,
+            supported: SCHEMA_VERSION,
+        })
+    }
 }
 
 /// A payload encoding.
@@ -247,7 +279,9 @@ impl Encoding {
             Some(b'{') => Ok(Encoding::Json),
             _ => Err(ProtoError::Malformed {
                 encoding: "unknown",
-                detail: "payload is neither a JSON object nor CBOR with the self-describe tag d9d9f7".into(),
+                detail:
+                    "payload is neither a JSON object nor CBOR with the self-describe tag d9d9f7"
+                        .into(),
             }),
         }
     }
@@ -267,13 +301,17 @@ mod codec {
     pub fn encode<T: Serialize>(msg: &T, encoding: Encoding) -> Result<Vec<u8>, ProtoError> {
         match encoding {
             #[cfg(feature = "json")]
-            Encoding::Json => serde_json::to_vec(msg)
-                .map_err(|e| ProtoError::Malformed { encoding: "json", detail: e.to_string() }),
+            Encoding::Json => serde_json::to_vec(msg).map_err(|e| ProtoError::Malformed {
+                encoding: "json",
+                detail: e.to_string(),
+            }),
             #[cfg(feature = "cbor")]
             Encoding::Cbor => {
                 let mut out = CBOR_MAGIC.to_vec();
-                ciborium::ser::into_writer(msg, &mut out)
-                    .map_err(|e| ProtoError::Malformed { encoding: "cbor", detail: e.to_string() })?;
+                ciborium::ser::into_writer(msg, &mut out).map_err(|e| ProtoError::Malformed {
+                    encoding: "cbor",
+                    detail: e.to_string(),
+                })?;
                 Ok(out)
             }
             #[allow(unreachable_patterns)]
@@ -284,11 +322,19 @@ mod codec {
     fn decode_raw<T: DeserializeOwned>(payload: &[u8], enc: Encoding) -> Result<T, ProtoError> {
         match enc {
             #[cfg(feature = "json")]
-            Encoding::Json => serde_json::from_slice(payload)
-                .map_err(|e| ProtoError::Malformed { encoding: "json", detail: e.to_string() }),
+            Encoding::Json => serde_json::from_slice(payload).map_err(|e| ProtoError::Malformed {
+                encoding: "json",
+                detail: e.to_string(),
+            }),
             #[cfg(feature = "cbor")]
-            Encoding::Cbor => ciborium::de::from_reader(&payload[CBOR_MAGIC.len()..])
-                .map_err(|e| ProtoError::Malformed { encoding: "cbor", detail: e.to_string() }),
+            Encoding::Cbor => {
+                ciborium::de::from_reader(&payload[CBOR_MAGIC.len()..]).map_err(|e| {
+                    ProtoError::Malformed {
+                        encoding: "cbor",
+                        detail: e.to_string(),
+                    }
+                })
+            }
             #[allow(unreachable_patterns)]
             other => Err(ProtoError::EncodingUnavailable(other.as_str())),
         }
@@ -302,7 +348,10 @@ mod codec {
             Ok(v) => Ok((v, enc)),
             Err(e) => match decode_raw::<VersionProbe>(payload, enc) {
                 Ok(VersionProbe { v: Some(v) }) if v != SCHEMA_VERSION => {
-                    Err(ProtoError::UnsupportedVersion { found: v, supported: SCHEMA_VERSION })
+                    Err(ProtoError::UnsupportedVersion {
+                        found: v,
+                        supported: SCHEMA_VERSION,
+                    })
                 }
                 _ => Err(e),
             },
@@ -357,29 +406,65 @@ mod tests {
         let mut b = TelemetryBatch::new("d", "s");
         b.push(1, 2, alloc::vec![0.5]);
         let s = String::from_utf8(encode(&b, Encoding::Json).unwrap()).unwrap();
-        assert_eq!(s, format!(r#"{{"v":1,"device":"d","stream":"s","records":[{{"seq":1,"ts":2,"values":[0.5],"crc":{}}}]}}"#, b.records[0].crc));
+        assert_eq!(
+            s,
+            format!(
+                r#"{{"v":1,"device":"d","stream":"s","records":[{{"seq":1,"ts":2,"values":[0.5],"crc":{}}}]}}"#,
+                b.records[0].crc
+            )
+        );
         let st = String::from_utf8(encode(&Status::offline("d"), Encoding::Json).unwrap()).unwrap();
-        assert_eq!(st, r#"{"v":1,"device":"d","state":"offline","ts":0,"models":{},"streams":[]}"#);
+        assert_eq!(
+            st,
+            r#"{"v":1,"device":"d","state":"offline","ts":0,"models":{},"streams":[]}"#
+        );
     }
 
     #[test]
     fn rejects_bad_payloads_with_reasons() {
         assert_eq!(decode_telemetry(b""), Err(ProtoError::Empty));
-        assert!(matches!(decode_telemetry(b"garbage"), Err(ProtoError::Malformed { .. })));
-        assert!(matches!(decode_telemetry(b"{\"v\":1}"), Err(ProtoError::Malformed { .. })));
+        assert!(matches!(
+            decode_telemetry(b"garbage"),
+            Err(ProtoError::Malformed { .. })
+        ));
+        assert!(matches!(
+            decode_telemetry(b"{\"v\":1}"),
+            Err(ProtoError::Malformed { .. })
+        ));
         let v2 = br#"{"v":2,"device":"d","stream":"s","records":[],"new":true}"#;
-        assert_eq!(decode_telemetry(v2), Err(ProtoError::UnsupportedVersion { found: 2, supported: 1 }));
+        assert_eq!(
+            decode_telemetry(v2),
+            Err(ProtoError::UnsupportedVersion {
+                found: 2,
+                supported: 1
+            })
+        );
         let v2_other_shape = br#"{"v":2,"payload":"x"}"#;
-        assert_eq!(decode_telemetry(v2_other_shape), Err(ProtoError::UnsupportedVersion { found: 2, supported: 1 }));
+        assert_eq!(
+            decode_telemetry(v2_other_shape),
+            Err(ProtoError::UnsupportedVersion {
+                found: 2,
+                supported: 1
+            })
+        );
         let mut bad = batch();
         bad.records[1].values[0] = 9.0;
         let bytes = encode(&bad, Encoding::Json).unwrap();
-        assert!(matches!(decode_telemetry(&bytes), Err(ProtoError::RecordCrc { seq: 2, .. })));
+        assert!(matches!(
+            decode_telemetry(&bytes),
+            Err(ProtoError::RecordCrc { seq: 2, .. })
+        ));
         let mut unordered = batch();
         unordered.records.swap(0, 1);
-        assert!(matches!(unordered.validate(), Err(ProtoError::Malformed { .. })));
+        assert!(matches!(
+            unordered.validate(),
+            Err(ProtoError::Malformed { .. })
+        ));
         let mut bad_dev = batch();
         bad_dev.device = "a/b".into();
-        assert!(matches!(bad_dev.validate(), Err(ProtoError::InvalidDeviceId { .. })));
+        assert!(matches!(
+            bad_dev.validate(),
+            Err(ProtoError::InvalidDeviceId { .. })
+        ));
     }
 }

@@ -86,7 +86,10 @@ impl StoredRecord {
 
     pub fn decode(key: &[u8], bytes: &[u8]) -> Result<Self, ProtoError> {
         if bytes.len() < HEADER {
-            return Err(ProtoError::Truncated { needed: HEADER, found: bytes.len() });
+            return Err(ProtoError::Truncated {
+                needed: HEADER,
+                found: bytes.len(),
+            });
         }
         let stored = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         let computed = stored_crc(key, &bytes[4..]);
@@ -94,20 +97,29 @@ impl StoredRecord {
             return Err(ProtoError::Checksum { stored, computed });
         }
         if bytes[4] != STORED_VERSION {
-            return Err(ProtoError::UnsupportedVersion { found: u32::from(bytes[4]), supported: 1 });
+            return Err(ProtoError::UnsupportedVersion {
+                found: u32::from(bytes[4]),
+                supported: 1,
+            });
         }
         let mut ts = [0u8; 8];
         ts.copy_from_slice(&bytes[5..13]);
         let n = usize::from(u16::from_le_bytes([bytes[13], bytes[14]]));
         let needed = HEADER + 4 * n;
         if bytes.len() != needed {
-            return Err(ProtoError::Truncated { needed, found: bytes.len() });
+            return Err(ProtoError::Truncated {
+                needed,
+                found: bytes.len(),
+            });
         }
         let values = bytes[HEADER..]
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        Ok(StoredRecord { ts_us: u64::from_le_bytes(ts), values })
+        Ok(StoredRecord {
+            ts_us: u64::from_le_bytes(ts),
+            values,
+        })
     }
 }
 
@@ -147,17 +159,37 @@ mod tests {
     #[test]
     fn truncation_and_wrong_key_are_detected() {
         let enc = StoredRecord::encode(b"a", 1, &[1.0, 2.0]);
-        assert!(matches!(StoredRecord::decode(b"a", &enc[..enc.len() - 1]), Err(ProtoError::Checksum { .. })));
-        assert!(matches!(StoredRecord::decode(b"a", &enc[..3]), Err(ProtoError::Truncated { .. })));
-        assert!(matches!(StoredRecord::decode(b"b", &enc), Err(ProtoError::Checksum { .. })));
+        assert!(matches!(
+            StoredRecord::decode(b"a", &enc[..enc.len() - 1]),
+            Err(ProtoError::Checksum { .. })
+        ));
+        assert!(matches!(
+            StoredRecord::decode(b"a", &enc[..3]),
+            Err(ProtoError::Truncated { .. })
+        ));
+        assert!(matches!(
+            StoredRecord::decode(b"b", &enc),
+            Err(ProtoError::Checksum { .. })
+        ));
     }
 
     #[test]
     fn envelope_crc_is_stable() {
         // Pinned so that the fleet, the agent and the firmware never silently diverge.
-        let r = Record { stream: "imu".into(), seq: 7, ts_us: 1_700_000_000_000_000, values: alloc::vec![0.5, -1.0] };
-        assert_eq!(r.crc32("dev-1"), envelope_crc("dev-1", "imu", 7, 1_700_000_000_000_000, &[0.5, -1.0]));
-        let other = Record { seq: 8, ..r.clone() };
+        let r = Record {
+            stream: "imu".into(),
+            seq: 7,
+            ts_us: 1_700_000_000_000_000,
+            values: alloc::vec![0.5, -1.0],
+        };
+        assert_eq!(
+            r.crc32("dev-1"),
+            envelope_crc("dev-1", "imu", 7, 1_700_000_000_000_000, &[0.5, -1.0])
+        );
+        let other = Record {
+            seq: 8,
+            ..r.clone()
+        };
         assert_ne!(r.crc32("dev-1"), other.crc32("dev-1"));
         assert_ne!(r.crc32("dev-1"), r.crc32("dev-2"));
     }

@@ -27,7 +27,12 @@ pub enum Channel {
 }
 
 impl Channel {
-    pub const ALL: [Channel; 4] = [Channel::Telemetry, Channel::Inference, Channel::Status, Channel::Heartbeat];
+    pub const ALL: [Channel; 4] = [
+        Channel::Telemetry,
+        Channel::Inference,
+        Channel::Status,
+        Channel::Heartbeat,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -61,9 +66,14 @@ pub struct Topic {
 
 impl Topic {
     pub fn new(device_id: &str, channel: Channel) -> Result<Self, ProtoError> {
-        check_name(device_id)
-            .map_err(|why| ProtoError::InvalidDeviceId { id: device_id.to_string(), why })?;
-        Ok(Topic { device_id: device_id.to_string(), channel })
+        check_name(device_id).map_err(|why| ProtoError::InvalidDeviceId {
+            id: device_id.to_string(),
+            why,
+        })?;
+        Ok(Topic {
+            device_id: device_id.to_string(),
+            channel,
+        })
     }
 
     /// Renders the topic string. Infallible because the device id was validated.
@@ -77,13 +87,25 @@ impl Topic {
     }
 
     pub fn parse(topic: &str) -> Result<Self, ProtoError> {
-        let bad = |why| ProtoError::InvalidTopic { topic: topic.to_string(), why };
-        let rest = topic.strip_prefix(PREFIX).ok_or_else(|| bad("it does not start with ember/v1"))?;
-        let rest = rest.strip_prefix('/').ok_or_else(|| bad("it does not start with ember/v1/"))?;
-        let (device, channel) = rest.split_once('/').ok_or_else(|| bad("it has no channel segment"))?;
+        let bad = |why| ProtoError::InvalidTopic {
+            topic: topic.to_string(),
+            why,
+        };
+        let rest = topic
+            .strip_prefix(PREFIX)
+            .ok_or_else(|| bad("it does not start with ember/v1"))?;
+        let rest = rest
+            .strip_prefix('/')
+            .ok_or_else(|| bad("it does not start with ember/v1/"))?;
+        let (device, channel) = rest
+            .split_once('/')
+            .ok_or_else(|| bad("it has no channel segment"))?;
         let channel = Channel::from_str(channel).map_err(|_| bad("unknown channel"))?;
         check_name(device).map_err(|_| bad("the device id segment is invalid"))?;
-        Ok(Topic { device_id: device.to_string(), channel })
+        Ok(Topic {
+            device_id: device.to_string(),
+            channel,
+        })
     }
 }
 
@@ -103,7 +125,10 @@ mod tests {
             let t = Topic::new("dev-01.a_b", ch).unwrap();
             assert_eq!(Topic::parse(&t.render()).unwrap(), t);
         }
-        assert_eq!(Topic::new("d1", Channel::Telemetry).unwrap().render(), "ember/v1/d1/telemetry");
+        assert_eq!(
+            Topic::new("d1", Channel::Telemetry).unwrap().render(),
+            "ember/v1/d1/telemetry"
+        );
         assert_eq!(Topic::filter_all(Channel::Status), "ember/v1/+/status");
     }
 
@@ -114,7 +139,13 @@ mod tests {
         assert!(Topic::new("#", Channel::Status).is_err());
         assert!(Topic::new("", Channel::Status).is_err());
         assert!(Topic::new(&"x".repeat(65), Channel::Status).is_err());
-        for bad in ["ember/v2/d/status", "ember/v1/d", "ember/v1/d/nope", "ember/v1/d+x/status", "x"] {
+        for bad in [
+            "ember/v2/d/status",
+            "ember/v1/d",
+            "ember/v1/d/nope",
+            "ember/v1/d+x/status",
+            "x",
+        ] {
             assert!(Topic::parse(bad).is_err(), "{bad}");
         }
     }

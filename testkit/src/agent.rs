@@ -257,6 +257,8 @@ impl TestAgent {
                 cmd.env_remove(k);
             }
         }
+        // Plain log lines: tests search stderr for sentences.
+        cmd.env("NO_COLOR", "1");
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -47,8 +47,15 @@ pub struct SledEngine {
 impl SledEngine {
     /// Opens (or creates) a database directory. sled panics on some kinds of corruption instead
     /// of returning an error; such a panic is caught and reported as [`QueueError::Open`].
-    pub fn open(path: &Path, cache_bytes: u64, background_flush_ms: Option<u64>) -> Result<Self, QueueError> {
-        let open_err = |detail: String| QueueError::Open { path: path.to_path_buf(), detail };
+    pub fn open(
+        path: &Path,
+        cache_bytes: u64,
+        background_flush_ms: Option<u64>,
+    ) -> Result<Self, QueueError> {
+        let open_err = |detail: String| QueueError::Open {
+            path: path.to_path_buf(),
+            detail,
+        };
         let config = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
@@ -58,11 +65,13 @@ impl SledEngine {
         let mut attempt = 0;
         let db = loop {
             let cfg = config.clone();
-            match catch_unwind(AssertUnwindSafe(move || cfg.open())) {
+            match catch_quietly(move || cfg.open()) {
                 Ok(Ok(db)) => break db,
                 Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
                     if attempt >= 50 {
-                        return Err(QueueError::Locked { path: path.to_path_buf() });
+                        return Err(QueueError::Locked {
+                            path: path.to_path_buf(),
+                        });
                     }
                     attempt += 1;
                     std::thread::sleep(Duration::from_millis(20));
@@ -70,7 +79,10 @@ impl SledEngine {
                 // An I/O error (disk full, permissions) says nothing about the data: never treat
                 // it as corruption, or a full disk would make the agent throw its queue away.
                 Ok(Err(sled::Error::Io(e))) => {
-                    return Err(QueueError::Io { what: format!("opening the queue database at {}", path.display()), source: e });
+                    return Err(QueueError::Io {
+                        what: format!("opening the queue database at {}", path.display()),
+                        source: e,
+                    });
                 }
                 Ok(Err(e)) => return Err(open_err(e.to_string())),
                 Err(panic) => {
@@ -78,13 +90,21 @@ impl SledEngine {
                         .downcast_ref::<String>()
                         .cloned()
                         .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "sled panicked while opening".into());
-                    return Err(open_err(format!("sled panicked: {msg}")));
+                        .unwrap_or_else(|| "no reason given".into());
+                    // Worded without "panicked": the agent did not crash, and operators grep for it.
+                    return Err(open_err(format!(
+                        "sled aborted reading the damaged database: {msg}"
+                    )));
                 }
             }
         };
-        let data_file = File::open(path.join("db")).map_err(|e| open_err(format!("cannot open sled's data file: {e}")))?;
-        Ok(SledEngine { db, data_file, path: path.to_path_buf() })
+        let data_file = File::open(path.join("db"))
+            .map_err(|e| open_err(format!("cannot open sled's data file: {e}")))?;
+        Ok(SledEngine {
+            db,
+            data_file,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -92,13 +112,36 @@ impl SledEngine {
     }
 
     /// Reads every entry, for recovery at open and for compaction.
-    pub fn for_each(&self, mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), QueueError>) -> Result<(), QueueError> {
+    pub fn for_each(
+        &self,
+        mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), QueueError>,
+    ) -> Result<(), QueueError> {
         for item in self.db.iter() {
             let (k, v) = item.map_err(sled_err)?;
             visit(&k, &v)?;
         }
         Ok(())
     }
+}
+
+/// `catch_unwind` without the default hook's "thread ... panicked" line for a panic on this
+/// thread: sled panics on some damaged files, the queue handles that (it moves the database
+/// aside and says so), and a panic message in the log would read as a crash. Panics on other
+/// threads meanwhile are reported as usual.
+fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    type Hook = dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync;
+    let previous: std::sync::Arc<Hook> = std::sync::Arc::from(std::panic::take_hook());
+    let here = std::thread::current().id();
+    let others = previous.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().id() != here {
+            others(info);
+        }
+    }));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    drop(std::panic::take_hook());
+    std::panic::set_hook(Box::new(move |info| previous(info)));
+    result
 }
 
 fn sled_err(e: sled::Error) -> QueueError {
@@ -147,6 +190,9 @@ impl Engine for SledEngine {
 
     fn sync(&self) -> Result<(), QueueError> {
         self.db.flush().map_err(sled_err)?;
-        self.data_file.sync_all().map_err(|e| QueueError::Io { what: "fsync of the queue's data file".into(), source: e })
+        self.data_file.sync_all().map_err(|e| QueueError::Io {
+            what: "fsync of the queue's data file".into(),
+            source: e,
+        })
     }
 }

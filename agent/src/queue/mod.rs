@@ -8,6 +8,8 @@
 //!     'r' stream_id:u32be seq:u64be  -> StoredRecord (crc32 | v1 | ts_us | n | f32 × n)
 //!     'm' stream_id:u32be            -> StreamMeta JSON {name, next_seq, evicted ranges}
 //! <data_dir>/queue.seq              sequence reservations per stream (JSON, replaced atomically)
+//! <data_dir>/queue.mark             highest durable seq per stream, as last seen (JSON, replaced
+//!                                   atomically; written by `maintain` when it moved, and at `close`)
 //! <data_dir>/queue.next/            a compaction in progress (removed, or promoted, at open)
 //! <data_dir>/queue.old/             a finished compaction's old copy (removed at open)
 //! <data_dir>/queue.corrupt-<unix>/  a database that could not be opened, kept for inspection
@@ -27,6 +29,10 @@
 //!   restarts, compactions and database resets (resets jump to the persisted reservation in
 //!   `queue.seq`, leaving a gap that is reported as an evicted range with reason `reset`).
 //! * One `append` is one atomic sled batch, together with the stream metadata it changes.
+//! * A database that comes back shorter than it was (a damaged or truncated file that sled
+//!   recovers to an earlier state without an error) MUST NOT make numbers repeat: `open`
+//!   compares each stream with `queue.mark`, reports the missing records as an evicted range
+//!   with reason `corrupt` (counted in `records_corrupt`, logged), and continues after them.
 //! * With `fsync = every_batch`, `append` MUST NOT return before the batch is on stable
 //!   storage (sled flush + `fsync` of its data file). Loss window: none.
 //!   With `interval_ms = N`, records become durable at the next tick. Loss window: the last
@@ -55,8 +61,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-pub use engine::{Engine, SledEngine};
 use ember_proto::{EvictedRange, StoredRecord, StreamStatus};
+pub use engine::{Engine, SledEngine};
 
 use crate::config::{FsyncPolicy, FullPolicy, QueueSettings};
 use crate::metrics::Metrics;
@@ -83,7 +89,10 @@ pub enum QueueError {
     #[error("queue storage error: {0}")]
     Engine(String),
     #[error("{what} failed: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("queue is closed (a compaction failed to reopen it)")]
     Closed,
     #[error("queue storage is recovering from an earlier error (is the disk full?)")]
@@ -145,7 +154,11 @@ struct StreamState {
 
 impl StreamState {
     fn meta(&self) -> StreamMeta {
-        StreamMeta { name: self.name.to_string(), next_seq: self.next_seq, evicted: self.evicted.clone() }
+        StreamMeta {
+            name: self.name.to_string(),
+            next_seq: self.next_seq,
+            evicted: self.evicted.clone(),
+        }
     }
 
     fn note_evicted(&mut self, seq: u64, reason: &str) {
@@ -156,7 +169,11 @@ impl StreamState {
                 return;
             }
         }
-        self.evicted.push(EvictedRange { from: seq, to: seq, reason: reason.to_string() });
+        self.evicted.push(EvictedRange {
+            from: seq,
+            to: seq,
+            reason: reason.to_string(),
+        });
         if self.evicted.len() > MAX_EVICTED_RANGES {
             self.evicted.remove(0);
         }
@@ -223,19 +240,27 @@ pub struct Queue {
     ready: tokio::sync::Notify,
     space: tokio::sync::Notify,
     low_disk_warned: std::sync::atomic::AtomicBool,
+    /// What `queue.mark` holds (see the module docs).
+    marks: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Queue {
     /// Opens the queue under `data_dir`, recovering from crashes and damage (see module docs).
-    pub fn open(data_dir: &Path, settings: QueueSettings, metrics: Arc<Metrics>) -> Result<(Queue, OpenReport), QueueError> {
-        std::fs::create_dir_all(data_dir).map_err(io_err(format!("creating data_dir {}", data_dir.display())))?;
+    pub fn open(
+        data_dir: &Path,
+        settings: QueueSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Queue, OpenReport), QueueError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(io_err(format!("creating data_dir {}", data_dir.display())))?;
         let live = data_dir.join("queue");
         let next = data_dir.join("queue.next");
         let old = data_dir.join("queue.old");
         // Finish or discard an interrupted compaction.
         if next.exists() {
             if live.exists() {
-                std::fs::remove_dir_all(&next).map_err(io_err("removing an unfinished compaction"))?;
+                std::fs::remove_dir_all(&next)
+                    .map_err(io_err("removing an unfinished compaction"))?;
             } else {
                 std::fs::rename(&next, &live).map_err(io_err("promoting a finished compaction"))?;
             }
@@ -245,22 +270,35 @@ impl Queue {
         }
         let reserved = read_reservations(data_dir)?;
         let mut report = OpenReport::default();
-        let engine = match SledEngine::open(&live, settings.cache_bytes, background_flush(&settings)) {
+        let engine = match SledEngine::open(
+            &live,
+            settings.cache_bytes,
+            background_flush(&settings),
+        ) {
             Ok(e) => e,
             Err(QueueError::Open { detail, .. }) => {
-                let moved_to = data_dir.join(format!("queue.corrupt-{}", crate::source::now_us() / 1_000_000));
+                let moved_to = data_dir.join(format!(
+                    "queue.corrupt-{}",
+                    crate::source::now_us() / 1_000_000
+                ));
                 tracing::error!(
                     path = %live.display(), moved_to = %moved_to.display(), error = %detail,
                     "The queue database cannot be opened; moving it aside and starting an empty queue. Records it held are lost."
                 );
-                std::fs::rename(&live, &moved_to).map_err(io_err("moving the damaged queue aside"))?;
+                std::fs::rename(&live, &moved_to)
+                    .map_err(io_err("moving the damaged queue aside"))?;
                 metrics.queue_resets.fetch_add(1, Relaxed);
-                report.reset = Some(ResetInfo { reason: detail, moved_to });
+                report.reset = Some(ResetInfo {
+                    reason: detail,
+                    moved_to,
+                });
                 SledEngine::open(&live, settings.cache_bytes, background_flush(&settings))?
             }
             Err(e) => return Err(e),
         };
-        let inner = load_state(engine, reserved, &mut report, &metrics)?;
+        let marks = read_marks(data_dir);
+        let mut inner = load_state(engine, reserved, &mut report, &metrics)?;
+        apply_marks(&mut inner, &marks, &mut report, &metrics)?;
         let queue = Queue {
             root: data_dir.to_path_buf(),
             settings,
@@ -269,6 +307,7 @@ impl Queue {
             ready: tokio::sync::Notify::new(),
             space: tokio::sync::Notify::new(),
             low_disk_warned: std::sync::atomic::AtomicBool::new(false),
+            marks: Mutex::new(marks),
         };
         queue.publish_gauges(&queue.lock());
         Ok((queue, report))
@@ -290,7 +329,11 @@ impl Queue {
             }
         }
         let live = self.root.join("queue");
-        let engine = match SledEngine::open(&live, self.settings.cache_bytes, background_flush(&self.settings)) {
+        let engine = match SledEngine::open(
+            &live,
+            self.settings.cache_bytes,
+            background_flush(&self.settings),
+        ) {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(error = %e, "The queue database cannot be reopened yet; retrying.");
@@ -300,18 +343,30 @@ impl Queue {
         let mut report = OpenReport::default();
         let in_doubt = std::mem::take(&mut g.in_doubt);
         let in_doubt_evicted = g.in_doubt_evicted;
-        match load_state(engine, std::mem::take(&mut g.reserved), &mut report, &self.metrics)
-            .and_then(|inner| drop_in_doubt(inner, &in_doubt))
+        match load_state(
+            engine,
+            std::mem::take(&mut g.reserved),
+            &mut report,
+            &self.metrics,
+        )
+        .and_then(|inner| drop_in_doubt(inner, &in_doubt))
         {
             Ok((inner, landed)) => {
                 if !in_doubt.is_empty() && !landed {
                     // The failed batch never reached the disk: neither did its evictions.
-                    self.metrics.evicted_bytes.fetch_sub(in_doubt_evicted.0, Relaxed);
-                    self.metrics.evicted_disk.fetch_sub(in_doubt_evicted.1, Relaxed);
+                    self.metrics
+                        .evicted_bytes
+                        .fetch_sub(in_doubt_evicted.0, Relaxed);
+                    self.metrics
+                        .evicted_disk
+                        .fetch_sub(in_doubt_evicted.1, Relaxed);
                 }
                 *g = inner;
                 self.publish_gauges(&g);
-                tracing::info!(records = report.records, "Reopened the queue database after a storage error.");
+                tracing::info!(
+                    records = report.records,
+                    "Reopened the queue database after a storage error."
+                );
                 drop(g);
                 self.ready.notify_one();
                 true
@@ -343,12 +398,19 @@ impl Queue {
 
 /// Removes a batch whose fsync failed (if it reached the disk at all) and rewinds its streams'
 /// numbering to where the batch began, so the writer's retry reuses the same numbers.
-fn drop_in_doubt(mut inner: Inner, in_doubt: &[(String, u64, u64)]) -> Result<(Inner, bool), QueueError> {
-    let Some(engine) = inner.engine.clone() else { return Ok((inner, false)) };
+fn drop_in_doubt(
+    mut inner: Inner,
+    in_doubt: &[(String, u64, u64)],
+) -> Result<(Inner, bool), QueueError> {
+    let Some(engine) = inner.engine.clone() else {
+        return Ok((inner, false));
+    };
     let mut puts = Vec::new();
     let mut landed = false;
     for (name, first, last) in in_doubt {
-        let Some(&sid) = inner.by_name.get(name.as_str()) else { continue };
+        let Some(&sid) = inner.by_name.get(name.as_str()) else {
+            continue;
+        };
         let (n, bytes) = engine.delete_range(&record_key(sid, *first), &record_key(sid, *last))?;
         landed |= n > 0;
         let st = &mut inner.streams[sid as usize];
@@ -375,24 +437,24 @@ fn load_state(
     report: &mut OpenReport,
     metrics: &Metrics,
 ) -> Result<Inner, QueueError> {
-        let mut inner = Inner {
-            engine: None,
-            streams: Vec::new(),
-            by_name: HashMap::new(),
-            records: 0,
-            bytes: 0,
-            reserved,
-            last_maintain: None,
-            poisoned: false,
-            in_doubt: Vec::new(),
-            in_doubt_evicted: (0, 0),
-        };
-        // Rebuild state: metadata first (ids, next_seq), then count records.
-        let mut metas: BTreeMap<StreamId, StreamMeta> = BTreeMap::new();
-        let mut last_seq: HashMap<StreamId, u64> = HashMap::new();
-        let mut corrupt_keys = Vec::new();
-        let mut per_stream: HashMap<StreamId, (u64, u64)> = HashMap::new();
-        engine.for_each(|k, v| {
+    let mut inner = Inner {
+        engine: None,
+        streams: Vec::new(),
+        by_name: HashMap::new(),
+        records: 0,
+        bytes: 0,
+        reserved,
+        last_maintain: None,
+        poisoned: false,
+        in_doubt: Vec::new(),
+        in_doubt_evicted: (0, 0),
+    };
+    // Rebuild state: metadata first (ids, next_seq), then count records.
+    let mut metas: BTreeMap<StreamId, StreamMeta> = BTreeMap::new();
+    let mut last_seq: HashMap<StreamId, u64> = HashMap::new();
+    let mut corrupt_keys = Vec::new();
+    let mut per_stream: HashMap<StreamId, (u64, u64)> = HashMap::new();
+    engine.for_each(|k, v| {
             if k.first() == Some(&META_TAG) && k.len() == 5 {
                 let sid = u32::from_be_bytes([k[1], k[2], k[3], k[4]]);
                 match serde_json::from_slice::<StreamMeta>(v) {
@@ -420,92 +482,102 @@ fn load_state(
             }
             Ok(())
         })?;
-        let max_sid = metas.keys().copied().max();
-        for sid in 0..=max_sid.unwrap_or(0) {
-            if max_sid.is_none() {
-                break;
-            }
-            let meta = metas.remove(&sid).unwrap_or_else(|| StreamMeta {
-                name: format!("lost-stream-{sid}"),
-                next_seq: 1,
-                evicted: Vec::new(),
-            });
-            let (records, bytes) = per_stream.remove(&sid).unwrap_or((0, 0));
-            let next_seq = meta.next_seq.max(last_seq.get(&sid).map_or(1, |s| s + 1));
-            let name: Arc<str> = meta.name.as_str().into();
-            inner.by_name.insert(name.clone(), sid);
-            inner.records += records;
-            inner.bytes += bytes;
-            inner.streams.push(StreamState {
-                name,
-                next_seq,
-                durable_upto: next_seq - 1,
-                sent_upto: 0,
-                records,
-                bytes,
-                evicted: meta.evicted,
-                meta_dirty: false,
-            });
+    let max_sid = metas.keys().copied().max();
+    for sid in 0..=max_sid.unwrap_or(0) {
+        if max_sid.is_none() {
+            break;
         }
-        // Records whose stream metadata is gone cannot be attributed: drop them as corrupt.
-        for (sid, _) in per_stream {
-            tracing::error!(stream_id = sid, "Queued records belong to a stream with no metadata; dropping them.");
-            let (n, _) = engine.delete_range(&record_key(sid, 0), &record_key(sid, u64::MAX))?;
-            report.corrupt += n;
-        }
-        if report.reset.is_some() {
-            // Continue every known stream after its reservation, so no number is reused.
-            let names: Vec<(String, u64)> = inner.reserved.iter().map(|(n, r)| (n.clone(), *r)).collect();
-            for (name, reserved) in names {
-                let sid = inner.streams.len() as StreamId;
-                let arc: Arc<str> = name.as_str().into();
-                let mut st = StreamState {
-                    name: arc.clone(),
-                    next_seq: reserved + 1,
-                    durable_upto: reserved,
-                    sent_upto: 0,
-                    records: 0,
-                    bytes: 0,
-                    evicted: Vec::new(),
-                    meta_dirty: true,
-                };
-                st.evicted.push(EvictedRange { from: 1, to: reserved, reason: "reset".into() });
-                inner.by_name.insert(arc, sid);
-                inner.streams.push(st);
-            }
-        }
-        for (sid, seq, key) in corrupt_keys {
-            engine.apply(Vec::new(), vec![key])?;
-            if let Some(st) = inner.streams.get_mut(sid as usize) {
-                st.note_evicted(seq, "corrupt");
-            }
-            report.corrupt += 1;
-        }
-        metrics.corrupt.fetch_add(report.corrupt, Relaxed);
-        let engine = Arc::new(engine);
-        inner.engine = Some(engine.clone());
-        // Persist metadata changed by recovery.
-        let puts: Vec<_> = inner
-            .streams
-            .iter_mut()
-            .enumerate()
-            .filter(|(_, s)| s.meta_dirty)
-            .map(|(sid, s)| {
-                s.meta_dirty = false;
-                (meta_key(sid as StreamId), meta_json(&s.meta()))
-            })
+        let meta = metas.remove(&sid).unwrap_or_else(|| StreamMeta {
+            name: format!("lost-stream-{sid}"),
+            next_seq: 1,
+            evicted: Vec::new(),
+        });
+        let (records, bytes) = per_stream.remove(&sid).unwrap_or((0, 0));
+        let next_seq = meta.next_seq.max(last_seq.get(&sid).map_or(1, |s| s + 1));
+        let name: Arc<str> = meta.name.as_str().into();
+        inner.by_name.insert(name.clone(), sid);
+        inner.records += records;
+        inner.bytes += bytes;
+        inner.streams.push(StreamState {
+            name,
+            next_seq,
+            durable_upto: next_seq - 1,
+            sent_upto: 0,
+            records,
+            bytes,
+            evicted: meta.evicted,
+            meta_dirty: false,
+        });
+    }
+    // Records whose stream metadata is gone cannot be attributed: drop them as corrupt.
+    for (sid, _) in per_stream {
+        tracing::error!(
+            stream_id = sid,
+            "Queued records belong to a stream with no metadata; dropping them."
+        );
+        let (n, _) = engine.delete_range(&record_key(sid, 0), &record_key(sid, u64::MAX))?;
+        report.corrupt += n;
+    }
+    if report.reset.is_some() {
+        // Continue every known stream after its reservation, so no number is reused.
+        let names: Vec<(String, u64)> = inner
+            .reserved
+            .iter()
+            .map(|(n, r)| (n.clone(), *r))
             .collect();
-        if !puts.is_empty() {
-            engine.apply(puts, Vec::new())?;
+        for (name, reserved) in names {
+            let sid = inner.streams.len() as StreamId;
+            let arc: Arc<str> = name.as_str().into();
+            let mut st = StreamState {
+                name: arc.clone(),
+                next_seq: reserved + 1,
+                durable_upto: reserved,
+                sent_upto: 0,
+                records: 0,
+                bytes: 0,
+                evicted: Vec::new(),
+                meta_dirty: true,
+            };
+            st.evicted.push(EvictedRange {
+                from: 1,
+                to: reserved,
+                reason: "reset".into(),
+            });
+            inner.by_name.insert(arc, sid);
+            inner.streams.push(st);
         }
-        engine.sync()?;
-        report.records = inner.records;
-        report.bytes = inner.bytes;
-        Ok(inner)
+    }
+    for (sid, seq, key) in corrupt_keys {
+        engine.apply(Vec::new(), vec![key])?;
+        if let Some(st) = inner.streams.get_mut(sid as usize) {
+            st.note_evicted(seq, "corrupt");
+        }
+        report.corrupt += 1;
+    }
+    metrics.corrupt.fetch_add(report.corrupt, Relaxed);
+    let engine = Arc::new(engine);
+    inner.engine = Some(engine.clone());
+    // Persist metadata changed by recovery.
+    let puts: Vec<_> = inner
+        .streams
+        .iter_mut()
+        .enumerate()
+        .filter(|(_, s)| s.meta_dirty)
+        .map(|(sid, s)| {
+            s.meta_dirty = false;
+            (meta_key(sid as StreamId), meta_json(&s.meta()))
+        })
+        .collect();
+    if !puts.is_empty() {
+        engine.apply(puts, Vec::new())?;
+    }
+    engine.sync()?;
+    report.records = inner.records;
+    report.bytes = inner.bytes;
+    Ok(inner)
 }
 
 impl Queue {
-
     fn publish_gauges(&self, g: &Inner) {
         self.metrics.queue_records.store(g.records, Relaxed);
         self.metrics.queue_bytes.store(g.bytes, Relaxed);
@@ -544,19 +616,28 @@ impl Queue {
         let mut accepted = 0;
         let mut evicted = 0u64;
         let mut evicted_disk = 0u64;
-        let size_of = |s: &Sample| (KEY_LEN + StoredRecord::encoded_len(s.values.len().min(StoredRecord::MAX_VALUES))) as u64;
+        let size_of = |s: &Sample| Self::record_size(s.values.len());
         let incoming: u64 = samples.iter().map(size_of).sum();
         // The disk is the other cap: below the free-space reserve, the live data may not grow.
         // sled reuses the space of deleted records, so evicting as much as arrives keeps its
         // files from growing further.
-        let low_disk = self.free_space().is_some_and(|free| free < self.settings.min_free_bytes);
+        let low_disk = self
+            .free_space()
+            .is_some_and(|free| free < self.settings.min_free_bytes);
         let mut budget = u64::MAX;
         if low_disk {
             budget = match self.settings.full_policy {
                 FullPolicy::Block => 0,
                 FullPolicy::DropOldest => {
                     let before = g.bytes;
-                    let n = self.plan_eviction(&mut g, &engine, incoming, "disk", &mut evict_cursor, &mut deletes)?;
+                    let n = self.plan_eviction(
+                        &mut g,
+                        &engine,
+                        incoming,
+                        "disk",
+                        &mut evict_cursor,
+                        &mut deletes,
+                    )?;
                     evicted_disk += n;
                     before - g.bytes
                 }
@@ -569,17 +650,28 @@ impl Queue {
             }
         } else {
             self.low_disk_warned.store(false, Relaxed);
-            if self.settings.full_policy == FullPolicy::DropOldest && g.bytes + incoming > self.settings.max_bytes {
+            if self.settings.full_policy == FullPolicy::DropOldest
+                && g.bytes + incoming > self.settings.max_bytes
+            {
                 // Make room for the whole batch at once. If nothing evictable is left (everything
                 // is in flight), go over the cap: those records are bounded by the in-flight
                 // window and leave on PUBACK.
                 let need = g.bytes + incoming - self.settings.max_bytes;
-                evicted += self.plan_eviction(&mut g, &engine, need, "bytes", &mut evict_cursor, &mut deletes)?;
+                evicted += self.plan_eviction(
+                    &mut g,
+                    &engine,
+                    need,
+                    "bytes",
+                    &mut evict_cursor,
+                    &mut deletes,
+                )?;
             }
         }
         for s in samples {
             let size = size_of(s);
-            if self.settings.full_policy == FullPolicy::Block && g.bytes + size > self.settings.max_bytes {
+            if self.settings.full_policy == FullPolicy::Block
+                && g.bytes + size > self.settings.max_bytes
+            {
                 break;
             }
             if size > budget {
@@ -609,7 +701,10 @@ impl Queue {
                 puts.push((meta_key(sid as StreamId), meta_json(&st.meta())));
             }
         }
-        if let Err(e) = self.reserve(&mut g, &touched).and_then(|()| engine.apply(puts, deletes)) {
+        if let Err(e) = self
+            .reserve(&mut g, &touched)
+            .and_then(|()| engine.apply(puts, deletes))
+        {
             (g.streams, g.by_name, g.records, g.bytes) = saved;
             self.storage_failed(&mut g, &e);
             return Err(e);
@@ -627,7 +722,9 @@ impl Queue {
                 g.in_doubt = touched
                     .iter()
                     .map(|(sid, last)| {
-                        let first = saved_for_doubt.get(*sid as usize).map_or(1, |st| st.next_seq);
+                        let first = saved_for_doubt
+                            .get(*sid as usize)
+                            .map_or(1, |st| st.next_seq);
                         (g.streams[*sid as usize].name.to_string(), first, *last)
                     })
                     .collect();
@@ -752,7 +849,9 @@ impl Queue {
                 }
             }
             heads.sort_unstable();
-            let Some(&(_, sid, from)) = heads.first() else { break };
+            let Some(&(_, sid, from)) = heads.first() else {
+                break;
+            };
             // Evict a run from the oldest stream while it stays older than every other head.
             let limit_ts = heads.get(1).map_or(u64::MAX, |h| h.0);
             let run = engine.scan(&record_key(sid, from), &record_key(sid, u64::MAX), 256)?;
@@ -761,7 +860,9 @@ impl Queue {
                 if freed >= need {
                     break;
                 }
-                let Some((_, seq)) = parse_record_key(&k) else { continue };
+                let Some((_, seq)) = parse_record_key(&k) else {
+                    continue;
+                };
                 let ts = StoredRecord::decode(&k, &v).map(|r| r.ts_us).unwrap_or(0);
                 if i > 0 && ts > limit_ts {
                     break;
@@ -781,7 +882,11 @@ impl Queue {
             cursor.insert(sid, last + 1);
         }
         if count > 0 {
-            tracing::debug!(records = count, bytes = freed, "Queue full: evicted the oldest records.");
+            tracing::debug!(
+                records = count,
+                bytes = freed,
+                "Queue full: evicted the oldest records."
+            );
         }
         Ok(count)
     }
@@ -789,12 +894,19 @@ impl Queue {
     /// Streams that have durable records at or after `from`, given per-stream cursors.
     pub fn stream_names(&self) -> Vec<(StreamId, Arc<str>)> {
         let g = self.lock();
-        g.streams.iter().enumerate().map(|(i, s)| (i as StreamId, s.name.clone())).collect()
+        g.streams
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as StreamId, s.name.clone()))
+            .collect()
     }
 
     /// The highest sequence number of `sid` that may be read (0 when none).
     pub fn durable_upto(&self, sid: StreamId) -> u64 {
-        self.lock().streams.get(sid as usize).map_or(0, |s| s.durable_upto)
+        self.lock()
+            .streams
+            .get(sid as usize)
+            .map_or(0, |s| s.durable_upto)
     }
 
     /// Reads up to `limit` durable records of `sid` with `seq >= from`, marking them as handed
@@ -803,15 +915,23 @@ impl Queue {
     pub fn read(&self, sid: StreamId, from: u64, limit: usize) -> Result<ReadBatch, QueueError> {
         let mut g = self.lock();
         let engine = g.engine()?;
-        let Some(st) = g.streams.get(sid as usize) else { return Ok(Vec::new()) };
+        let Some(st) = g.streams.get(sid as usize) else {
+            return Ok(Vec::new());
+        };
         if from > st.durable_upto || st.records == 0 {
             return Ok(Vec::new());
         }
-        let entries = engine.scan(&record_key(sid, from), &record_key(sid, st.durable_upto), limit)?;
+        let entries = engine.scan(
+            &record_key(sid, from),
+            &record_key(sid, st.durable_upto),
+            limit,
+        )?;
         let mut out = Vec::with_capacity(entries.len());
         let mut corrupt = Vec::new();
         for (k, v) in entries {
-            let Some((_, seq)) = parse_record_key(&k) else { continue };
+            let Some((_, seq)) = parse_record_key(&k) else {
+                continue;
+            };
             match StoredRecord::decode(&k, &v) {
                 Ok(r) => out.push((seq, r)),
                 Err(e) => {
@@ -851,7 +971,8 @@ impl Queue {
     pub fn ack(&self, sid: StreamId, first: u64, last: u64) -> Result<u64, QueueError> {
         let mut g = self.lock();
         let engine = g.engine()?;
-        let (n, bytes) = match engine.delete_range(&record_key(sid, first), &record_key(sid, last)) {
+        let (n, bytes) = match engine.delete_range(&record_key(sid, first), &record_key(sid, last))
+        {
             Ok(v) => v,
             Err(e) => {
                 self.storage_failed(&mut g, &e);
@@ -879,7 +1000,20 @@ impl Queue {
             return Ok(None);
         }
         let head = engine.scan(&record_key(sid, 0), &record_key(sid, u64::MAX), 1)?;
-        Ok(head.first().and_then(|(k, _)| parse_record_key(k)).map(|(_, s)| s))
+        Ok(head
+            .first()
+            .and_then(|(k, _)| parse_record_key(k))
+            .map(|(_, s)| s))
+    }
+
+    /// Bytes a record of `channels` values counts against the byte cap.
+    pub fn record_size(channels: usize) -> u64 {
+        (KEY_LEN + StoredRecord::encoded_len(channels.min(StoredRecord::MAX_VALUES))) as u64
+    }
+
+    /// Bytes left under the byte cap.
+    pub fn room(&self) -> u64 {
+        self.settings.max_bytes.saturating_sub(self.lock().bytes)
     }
 
     /// Queue size: `(records, bytes)`.
@@ -914,18 +1048,29 @@ impl Queue {
         }
         {
             let mut g = self.lock();
-            if g.last_maintain.is_some_and(|t| t.elapsed() < MAINTAIN_EVERY) {
+            if g.last_maintain
+                .is_some_and(|t| t.elapsed() < MAINTAIN_EVERY)
+            {
                 return Ok(());
             }
             g.last_maintain = Some(Instant::now());
         }
         self.evict_expired()?;
+        if let Err(e) = self.save_marks() {
+            // Only the detection of a damaged database at the next start depends on it.
+            tracing::warn!(error = %e, "Cannot update the queue's durable marks.");
+        }
         let disk = dir_size(&self.root.join("queue"));
         self.metrics.queue_disk_bytes.store(disk, Relaxed);
         let (_, bytes) = self.len();
-        if disk > self.settings.reclaim_bytes && bytes.saturating_mul(4) < disk && bytes < self.settings.reclaim_bytes / 2 {
+        if disk > self.settings.reclaim_bytes
+            && bytes.saturating_mul(4) < disk
+            && bytes < self.settings.reclaim_bytes / 2
+        {
             self.compact()?;
-            self.metrics.queue_disk_bytes.store(dir_size(&self.root.join("queue")), Relaxed);
+            self.metrics
+                .queue_disk_bytes
+                .store(dir_size(&self.root.join("queue")), Relaxed);
         }
         Ok(())
     }
@@ -941,7 +1086,8 @@ impl Queue {
     }
 
     fn evict_expired(&self) -> Result<(), QueueError> {
-        let cutoff = crate::source::now_us().saturating_sub(self.settings.max_age_s.saturating_mul(1_000_000));
+        let cutoff = crate::source::now_us()
+            .saturating_sub(self.settings.max_age_s.saturating_mul(1_000_000));
         let mut g = self.lock();
         let engine = g.engine()?;
         let mut deletes = Vec::new();
@@ -950,12 +1096,18 @@ impl Queue {
         for sid in 0..g.streams.len() {
             let mut from = g.streams[sid].sent_upto + 1;
             'stream: loop {
-                let run = engine.scan(&record_key(sid as StreamId, from), &record_key(sid as StreamId, u64::MAX), 512)?;
+                let run = engine.scan(
+                    &record_key(sid as StreamId, from),
+                    &record_key(sid as StreamId, u64::MAX),
+                    512,
+                )?;
                 if run.is_empty() {
                     break;
                 }
                 for (k, v) in run {
-                    let Some((_, seq)) = parse_record_key(&k) else { continue };
+                    let Some((_, seq)) = parse_record_key(&k) else {
+                        continue;
+                    };
                     let ts = StoredRecord::decode(&k, &v).map(|r| r.ts_us).unwrap_or(0);
                     if ts >= cutoff {
                         break 'stream;
@@ -982,7 +1134,11 @@ impl Queue {
             engine.apply(puts, deletes)?;
             self.metrics.evicted_age.fetch_add(evicted, Relaxed);
             self.publish_gauges(&g);
-            tracing::warn!(records = evicted, max_age_s = self.settings.max_age_s, "Evicted records older than the queue's maximum age.");
+            tracing::warn!(
+                records = evicted,
+                max_age_s = self.settings.max_age_s,
+                "Evicted records older than the queue's maximum age."
+            );
         }
         Ok(())
     }
@@ -1029,19 +1185,129 @@ impl Queue {
             Ok(())
         };
         let swapped = swap();
-        let reopened = SledEngine::open(&live, self.settings.cache_bytes, background_flush(&self.settings))?;
+        let reopened = SledEngine::open(
+            &live,
+            self.settings.cache_bytes,
+            background_flush(&self.settings),
+        )?;
         g.engine = Some(Arc::new(reopened));
         swapped?;
         let after = dir_size(&live);
-        tracing::info!(before_bytes = before, after_bytes = after, "Compacted the queue database to give disk space back.");
+        tracing::info!(
+            before_bytes = before,
+            after_bytes = after,
+            "Compacted the queue database to give disk space back."
+        );
         Ok(())
     }
 
     /// Flushes and fsyncs everything (used at shutdown).
     pub fn close(&self) -> Result<(), QueueError> {
         let engine = self.lock().engine()?;
-        engine.sync()
+        engine.sync()?;
+        self.save_marks()
     }
+
+    /// Writes each stream's durable high-water mark to `queue.mark`, if it moved.
+    fn save_marks(&self) -> Result<(), QueueError> {
+        let mut saved = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut now = saved.clone();
+        for s in &self.lock().streams {
+            let m = now.entry(s.name.to_string()).or_insert(0);
+            *m = (*m).max(s.durable_upto);
+        }
+        if now != *saved {
+            replace_file(
+                &self.root,
+                MARK_FILE,
+                &serde_json::to_vec(&now).unwrap_or_default(),
+            )?;
+            *saved = now;
+        }
+        Ok(())
+    }
+}
+
+/// `queue.mark`: see the module docs.
+const MARK_FILE: &str = "queue.mark";
+
+fn read_marks(root: &Path) -> BTreeMap<String, u64> {
+    let path = root.join(MARK_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::error!(path = %path.display(), error = %e, "The queue's durable marks are unreadable; lost records cannot be detected at this start.");
+            BTreeMap::new()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "Cannot read the queue's durable marks; lost records cannot be detected at this start.");
+            BTreeMap::new()
+        }
+    }
+}
+
+/// Finds streams the database holds fewer records of than were once durable (sled recovered
+/// a damaged or truncated file to an earlier state without an error): reports the missing
+/// numbers as an evicted `corrupt` range and continues numbering after them.
+fn apply_marks(
+    inner: &mut Inner,
+    marks: &BTreeMap<String, u64>,
+    report: &mut OpenReport,
+    metrics: &Metrics,
+) -> Result<(), QueueError> {
+    let engine = inner.engine()?;
+    let mut puts = Vec::new();
+    let mut lost_total = 0;
+    for (name, &mark) in marks {
+        let sid = match inner.by_name.get(name.as_str()) {
+            Some(&sid) => sid,
+            None => {
+                let sid = inner.streams.len() as StreamId;
+                let arc: Arc<str> = name.as_str().into();
+                inner.by_name.insert(arc.clone(), sid);
+                inner.streams.push(StreamState {
+                    name: arc,
+                    next_seq: 1,
+                    durable_upto: 0,
+                    sent_upto: 0,
+                    records: 0,
+                    bytes: 0,
+                    evicted: Vec::new(),
+                    meta_dirty: true,
+                });
+                sid
+            }
+        };
+        let st = &mut inner.streams[sid as usize];
+        if st.next_seq > mark {
+            continue;
+        }
+        let (from, to) = (st.next_seq, mark);
+        tracing::error!(
+            stream = %st.name, from, to,
+            "The queue database came back without records it had stored (damaged or truncated); they are lost, and numbering continues after them."
+        );
+        st.evicted.push(EvictedRange {
+            from,
+            to,
+            reason: "corrupt".into(),
+        });
+        if st.evicted.len() > MAX_EVICTED_RANGES {
+            st.evicted.remove(0);
+        }
+        st.next_seq = mark + 1;
+        st.durable_upto = mark;
+        st.meta_dirty = false;
+        puts.push((meta_key(sid), meta_json(&st.meta())));
+        lost_total += to - from + 1;
+    }
+    if !puts.is_empty() {
+        engine.apply(puts, Vec::new())?;
+        engine.sync()?;
+        metrics.corrupt.fetch_add(lost_total, Relaxed);
+        report.corrupt += lost_total;
+    }
+    Ok(())
 }
 
 fn background_flush(settings: &QueueSettings) -> Option<u64> {
@@ -1068,16 +1334,27 @@ fn read_reservations(root: &Path) -> Result<BTreeMap<String, u64>, QueueError> {
 }
 
 fn write_reservations(root: &Path, reserved: &BTreeMap<String, u64>) -> Result<(), QueueError> {
-    let tmp = root.join("queue.seq.tmp");
-    let path = root.join("queue.seq");
-    let bytes = serde_json::to_vec(reserved).unwrap_or_default();
+    replace_file(
+        root,
+        "queue.seq",
+        &serde_json::to_vec(reserved).unwrap_or_default(),
+    )
+}
+
+/// Replaces `root/name` with `bytes` atomically and durably (write a temp file, fsync, rename,
+/// fsync the directory).
+fn replace_file(root: &Path, name: &str, bytes: &[u8]) -> Result<(), QueueError> {
+    let tmp = root.join(format!("{name}.tmp"));
+    let path = root.join(name);
     {
         use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(io_err("creating queue.seq.tmp"))?;
-        f.write_all(&bytes).map_err(io_err("writing queue.seq.tmp"))?;
-        f.sync_all().map_err(io_err("fsync of queue.seq.tmp"))?;
+        let mut f = std::fs::File::create(&tmp).map_err(io_err(format!("creating {name}.tmp")))?;
+        f.write_all(bytes)
+            .map_err(io_err(format!("writing {name}.tmp")))?;
+        f.sync_all()
+            .map_err(io_err(format!("fsync of {name}.tmp")))?;
     }
-    std::fs::rename(&tmp, &path).map_err(io_err("replacing queue.seq"))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(format!("replacing {name}")))?;
     sync_dir(root)
 }
 
@@ -1089,7 +1366,9 @@ fn sync_dir(dir: &Path) -> Result<(), QueueError> {
 
 /// Total size of the files under `dir` (not following links).
 pub fn dir_size(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     entries
         .flatten()
         .map(|e| match e.metadata() {

@@ -18,7 +18,11 @@ fn settings(max_bytes: u64, policy: FullPolicy, fsync: FsyncPolicy) -> QueueSett
 }
 
 fn sample(stream: &str, i: u32) -> Sample {
-    Sample { stream: stream.into(), ts_us: 1_000_000 + u64::from(i), values: vec![i as f32, 0.5, -1.0] }
+    Sample {
+        stream: stream.into(),
+        ts_us: 1_000_000 + u64::from(i),
+        values: vec![i as f32, 0.5, -1.0],
+    }
 }
 
 fn open(dir: &Path, s: QueueSettings) -> (Queue, OpenReport, Arc<Metrics>) {
@@ -40,10 +44,17 @@ fn append_read_ack_and_reopen_keep_sequence_numbers() {
         assert_eq!(q.len(), (10, 10 * RECORD_BYTES));
         let (sid, _) = q.stream_names()[0].clone();
         let got = q.read(sid, 1, 4).unwrap();
-        assert_eq!(got.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(
+            got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
         assert_eq!(got[2].1.values, vec![2.0, 0.5, -1.0]);
         assert_eq!(q.ack(sid, 1, 4).unwrap(), 4);
-        assert_eq!(q.ack(sid, 1, 4).unwrap(), 0, "acking twice deletes nothing more");
+        assert_eq!(
+            q.ack(sid, 1, 4).unwrap(),
+            0,
+            "acking twice deletes nothing more"
+        );
         assert_eq!(m.acked.load(Relaxed), 4);
         assert_eq!(q.first_seq(sid).unwrap(), Some(5));
     }
@@ -53,7 +64,10 @@ fn append_read_ack_and_reopen_keep_sequence_numbers() {
     assert_eq!(&*name, "imu");
     q.append(&[sample("imu", 99)]).unwrap();
     let all = q.read(sid, 0, 100).unwrap();
-    assert_eq!(all.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![5, 6, 7, 8, 9, 10, 11]);
+    assert_eq!(
+        all.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![5, 6, 7, 8, 9, 10, 11]
+    );
     assert_eq!(q.stream_status()[0].last_seq, 11);
 }
 
@@ -61,7 +75,10 @@ fn append_read_ack_and_reopen_keep_sequence_numbers() {
 fn drop_oldest_evicts_unsent_records_and_counts_reconcile() {
     let dir = tempfile::tempdir().unwrap();
     let cap = 100 * RECORD_BYTES;
-    let (q, _, m) = open(dir.path(), settings(cap, FullPolicy::DropOldest, FsyncPolicy::EveryBatch));
+    let (q, _, m) = open(
+        dir.path(),
+        settings(cap, FullPolicy::DropOldest, FsyncPolicy::EveryBatch),
+    );
     for chunk in 0..5 {
         let batch: Vec<_> = (0..50).map(|i| sample("a", chunk * 50 + i)).collect();
         q.append(&batch).unwrap();
@@ -73,7 +90,14 @@ fn drop_oldest_evicts_unsent_records_and_counts_reconcile() {
     assert_eq!(evicted, 150);
     assert_eq!(m.enqueued.load(Relaxed), evicted + records);
     let st = &q.stream_status()[0];
-    assert_eq!(st.evicted, vec![EvictedRange { from: 1, to: 150, reason: "bytes".into() }]);
+    assert_eq!(
+        st.evicted,
+        vec![EvictedRange {
+            from: 1,
+            to: 150,
+            reason: "bytes".into()
+        }]
+    );
     let sid = q.stream_names()[0].0;
     assert_eq!(q.first_seq(sid).unwrap(), Some(151));
 }
@@ -82,22 +106,52 @@ fn drop_oldest_evicts_unsent_records_and_counts_reconcile() {
 fn eviction_never_takes_records_handed_to_the_uplink() {
     let dir = tempfile::tempdir().unwrap();
     let cap = 20 * RECORD_BYTES;
-    let (q, _, m) = open(dir.path(), settings(cap, FullPolicy::DropOldest, FsyncPolicy::EveryBatch));
-    q.append(&(0..20).map(|i| sample("a", i)).collect::<Vec<_>>()).unwrap();
+    let (q, _, m) = open(
+        dir.path(),
+        settings(cap, FullPolicy::DropOldest, FsyncPolicy::EveryBatch),
+    );
+    q.append(&(0..20).map(|i| sample("a", i)).collect::<Vec<_>>())
+        .unwrap();
     let sid = q.stream_names()[0].0;
     assert_eq!(q.read(sid, 1, 5).unwrap().len(), 5); // seq 1..=5 in flight
-    q.append(&(20..30).map(|i| sample("a", i)).collect::<Vec<_>>()).unwrap();
+    q.append(&(20..30).map(|i| sample("a", i)).collect::<Vec<_>>())
+        .unwrap();
     let st = &q.stream_status()[0];
-    assert_eq!(st.evicted, vec![EvictedRange { from: 6, to: 15, reason: "bytes".into() }]);
+    assert_eq!(
+        st.evicted,
+        vec![EvictedRange {
+            from: 6,
+            to: 15,
+            reason: "bytes".into()
+        }]
+    );
     assert_eq!(m.evicted_bytes.load(Relaxed), 10);
-    let left: Vec<u64> = q.read(sid, 0, 100).unwrap().into_iter().map(|(s, _)| s).collect();
-    assert_eq!(left, [1, 2, 3, 4, 5].into_iter().chain(16..=30).collect::<Vec<_>>());
+    let left: Vec<u64> = q
+        .read(sid, 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(
+        left,
+        [1, 2, 3, 4, 5]
+            .into_iter()
+            .chain(16..=30)
+            .collect::<Vec<_>>()
+    );
 }
 
 #[test]
 fn block_policy_refuses_until_acks_free_space() {
     let dir = tempfile::tempdir().unwrap();
-    let (q, _, m) = open(dir.path(), settings(10 * RECORD_BYTES, FullPolicy::Block, FsyncPolicy::EveryBatch));
+    let (q, _, m) = open(
+        dir.path(),
+        settings(
+            10 * RECORD_BYTES,
+            FullPolicy::Block,
+            FsyncPolicy::EveryBatch,
+        ),
+    );
     let batch: Vec<_> = (0..15).map(|i| sample("a", i)).collect();
     assert_eq!(q.append(&batch).unwrap().accepted, 10);
     assert_eq!(q.append(&batch[10..]).unwrap().accepted, 0);
@@ -111,7 +165,14 @@ fn block_policy_refuses_until_acks_free_space() {
 #[test]
 fn interval_policy_hides_records_until_committed() {
     let dir = tempfile::tempdir().unwrap();
-    let (q, _, _) = open(dir.path(), settings(1 << 30, FullPolicy::DropOldest, FsyncPolicy::Interval { ms: 100 }));
+    let (q, _, _) = open(
+        dir.path(),
+        settings(
+            1 << 30,
+            FullPolicy::DropOldest,
+            FsyncPolicy::Interval { ms: 100 },
+        ),
+    );
     q.append(&[sample("a", 1), sample("a", 2)]).unwrap();
     let sid = q.stream_names()[0].0;
     assert!(q.read(sid, 0, 10).unwrap().is_empty(), "not durable yet");
@@ -124,7 +185,8 @@ fn corrupt_records_are_counted_and_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let s = settings(1 << 30, FullPolicy::DropOldest, FsyncPolicy::EveryBatch);
     let (q, _, m) = open(dir.path(), s.clone());
-    q.append(&(0..5).map(|i| sample("a", i)).collect::<Vec<_>>()).unwrap();
+    q.append(&(0..5).map(|i| sample("a", i)).collect::<Vec<_>>())
+        .unwrap();
     let sid = q.stream_names()[0].0;
     // Damage record 3 behind the queue's back.
     let engine = q.lock().engine().unwrap();
@@ -132,18 +194,32 @@ fn corrupt_records_are_counted_and_skipped() {
     let mut bad = engine.scan(&key, &key, 1).unwrap().remove(0).1;
     bad[7] ^= 0x40;
     engine.apply(vec![(key.to_vec(), bad)], Vec::new()).unwrap();
-    let got: Vec<u64> = q.read(sid, 0, 10).unwrap().into_iter().map(|(s, _)| s).collect();
+    let got: Vec<u64> = q
+        .read(sid, 0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
     assert_eq!(got, vec![1, 2, 4, 5]);
     assert_eq!(m.corrupt.load(Relaxed), 1);
     assert_eq!(q.len().0, 4);
-    assert_eq!(q.stream_status()[0].evicted, vec![EvictedRange { from: 3, to: 3, reason: "corrupt".into() }]);
+    assert_eq!(
+        q.stream_status()[0].evicted,
+        vec![EvictedRange {
+            from: 3,
+            to: 3,
+            reason: "corrupt".into()
+        }]
+    );
     drop(engine);
     drop(q);
     // And at open.
     let (q, _, _) = open(dir.path(), s.clone());
     let engine = q.lock().engine().unwrap();
     let key = record_key(sid, 4);
-    engine.apply(vec![(key.to_vec(), vec![1, 2, 3])], Vec::new()).unwrap();
+    engine
+        .apply(vec![(key.to_vec(), vec![1, 2, 3])], Vec::new())
+        .unwrap();
     engine.sync().unwrap();
     drop(engine);
     drop(q);
@@ -168,8 +244,16 @@ fn compaction_gives_disk_space_back_and_keeps_data() {
     let before = q.disk_bytes();
     q.compact().unwrap();
     let after = q.disk_bytes();
-    assert!(after * 4 < before, "disk usage should fall: before {before}, after {after}");
-    let left: Vec<u64> = q.read(sid, 0, 100).unwrap().into_iter().map(|(s, _)| s).collect();
+    assert!(
+        after * 4 < before,
+        "disk usage should fall: before {before}, after {after}"
+    );
+    let left: Vec<u64> = q
+        .read(sid, 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
     assert_eq!(left, (99_991..=100_000).collect::<Vec<_>>());
     q.append(&[sample("a", 0)]).unwrap();
     q.commit().unwrap();
@@ -185,7 +269,8 @@ fn unreadable_database_is_moved_aside_and_numbers_are_not_reused() {
     let s = settings(1 << 30, FullPolicy::DropOldest, FsyncPolicy::EveryBatch);
     {
         let (q, _, _) = open(dir.path(), s.clone());
-        q.append(&(0..10).map(|i| sample("a", i)).collect::<Vec<_>>()).unwrap();
+        q.append(&(0..10).map(|i| sample("a", i)).collect::<Vec<_>>())
+            .unwrap();
     }
     // Replace sled's config with garbage: sled refuses to open it.
     std::fs::write(dir.path().join("queue/conf"), b"\xff\xfe garbage").unwrap();
@@ -195,7 +280,11 @@ fn unreadable_database_is_moved_aside_and_numbers_are_not_reused() {
     assert_eq!(m.queue_resets.load(Relaxed), 1);
     q.append(&[sample("a", 1)]).unwrap();
     let st = &q.stream_status()[0];
-    assert!(st.last_seq > 10, "sequence numbers must not be reused after a reset: {}", st.last_seq);
+    assert!(
+        st.last_seq > 10,
+        "sequence numbers must not be reused after a reset: {}",
+        st.last_seq
+    );
     assert_eq!(st.evicted[0].reason, "reset");
 }
 

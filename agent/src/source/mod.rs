@@ -34,7 +34,10 @@ pub struct Sample {
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("cannot open {what}: {source}")]
-    Open { what: String, source: std::io::Error },
+    Open {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     BadFile { path: String, message: String },
     #[error("source I/O error: {0}")]
@@ -50,11 +53,41 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), SourceError> {
     match settings {
-        SourceSettings::Sim { stream, rate_hz, channels, seed } => {
-            sim::run(stream.into(), rate_hz, channels, seed, tx, metrics, shutdown).await
+        SourceSettings::Sim {
+            stream,
+            rate_hz,
+            channels,
+            seed,
+        } => {
+            sim::run(
+                stream.into(),
+                rate_hz,
+                channels,
+                seed,
+                tx,
+                metrics,
+                shutdown,
+            )
+            .await
         }
-        SourceSettings::Replay { stream, path, format, rate_hz, looped } => {
-            replay::run(stream.into(), path, format, rate_hz, looped, tx, metrics, shutdown).await
+        SourceSettings::Replay {
+            stream,
+            path,
+            format,
+            rate_hz,
+            looped,
+        } => {
+            replay::run(
+                stream.into(),
+                path,
+                format,
+                rate_hz,
+                looped,
+                tx,
+                metrics,
+                shutdown,
+            )
+            .await
         }
         SourceSettings::Socket { stream, endpoint } => {
             socket::run(stream.into(), endpoint, tx, metrics, shutdown).await

@@ -18,7 +18,9 @@ pub const SHORT: Duration = Duration::from_secs(20);
 pub const LONG: Duration = Duration::from_secs(120);
 
 pub fn agent(device: &str, broker_port: u16) -> TestAgentBuilder {
-    TestAgent::builder(BIN).device_id(device).broker_port(broker_port)
+    TestAgent::builder(BIN)
+        .device_id(device)
+        .broker_port(broker_port)
 }
 
 /// Writes `rows` CSV rows of `channels` columns (with a header); row `i` (0-based) holds
@@ -43,7 +45,11 @@ pub fn csv_row(i: u64, channels: usize) -> Vec<f32> {
 pub fn stop_gracefully(agent: &TestAgent, timeout: Duration) -> ExitStatus {
     agent.sigterm();
     let status = agent.wait_exit(timeout);
-    assert!(status.success(), "the agent should exit 0 after SIGTERM, got {status}; stderr:\n{}", agent.last_run_stderr());
+    assert!(
+        status.success(),
+        "the agent should exit 0 after SIGTERM, got {status}; stderr:\n{}",
+        agent.last_run_stderr()
+    );
     status
 }
 
@@ -55,7 +61,8 @@ pub fn final_status(sub: &Subscriber, device: &str) -> Status {
         "no final offline status from {device}; last status: {:?}",
         sub.with_view(|v| v.status(device).cloned())
     );
-    sub.with_view(|v| v.final_status(device).cloned()).expect("final status present")
+    sub.with_view(|v| v.final_status(device).cloned())
+        .expect("final status present")
 }
 
 pub fn stream_status<'a>(status: &'a Status, stream: &str) -> &'a StreamStatus {
@@ -68,28 +75,53 @@ pub fn stream_status<'a>(status: &'a Status, stream: &str) -> &'a StreamStatus {
 
 /// Waits until the subscriber holds every seq of `1..=last` for the stream; on timeout, fails
 /// listing what is missing.
-pub fn wait_all_delivered(sub: &Subscriber, device: &str, stream: &str, last: u64, timeout: Duration) {
-    let ok = sub.wait_for(|v| v.stream(device, stream).is_some_and(|l| l.has_all(last)), timeout);
+pub fn wait_all_delivered(
+    sub: &Subscriber,
+    device: &str,
+    stream: &str,
+    last: u64,
+    timeout: Duration,
+) {
+    let ok = sub.wait_for(
+        |v| v.stream(device, stream).is_some_and(|l| l.has_all(last)),
+        timeout,
+    );
     if !ok {
         let missing = sub.with_view(|v| v.stream(device, stream).map(|l| l.missing(last)));
-        panic!("{device}/{stream}: seqs 1..={last} not all delivered within {timeout:?}; missing: {}", fmt_ranges(missing));
+        panic!(
+            "{device}/{stream}: seqs 1..={last} not all delivered within {timeout:?}; missing: {}",
+            fmt_ranges(missing)
+        );
     }
 }
 
 /// The checks every test makes of what the subscriber saw: payloads decode, no sequence number
 /// was reused for different content, new records arrived in order.
 pub fn assert_clean_delivery(view: &SubscriberView) {
-    assert_eq!(view.decode_errors, 0, "decode errors: {:?}", view.decode_error_samples);
+    assert_eq!(
+        view.decode_errors, 0,
+        "decode errors: {:?}",
+        view.decode_error_samples
+    );
     for ((device, stream), log) in &view.streams {
-        assert_eq!(log.conflicts, 0, "{device}/{stream}: a seq was delivered twice with different content");
-        assert_eq!(log.order_violations, 0, "{device}/{stream}: new records arrived out of seq order");
+        assert_eq!(
+            log.conflicts, 0,
+            "{device}/{stream}: a seq was delivered twice with different content"
+        );
+        assert_eq!(
+            log.order_violations, 0,
+            "{device}/{stream}: new records arrived out of seq order"
+        );
     }
 }
 
 /// Fails if any run of the agent panicked.
 pub fn assert_no_panic(agent: &TestAgent) {
     let text = agent.stderr_text();
-    assert!(!text.contains("panicked"), "the agent panicked; stderr:\n{text}");
+    assert!(
+        !text.contains("panicked"),
+        "the agent panicked; stderr:\n{text}"
+    );
 }
 
 /// A one-line progress summary of a stream, for failure messages.
@@ -111,9 +143,22 @@ pub fn highest(sub: &Subscriber, device: &str, stream: &str) -> u64 {
 }
 
 /// Waits until the stream's highest received seq exceeds `above`.
-pub fn wait_highest_above(sub: &Subscriber, device: &str, stream: &str, above: u64, timeout: Duration) {
-    let ok = sub.wait_for(|v| v.stream(device, stream).is_some_and(|l| l.highest > above), timeout);
-    assert!(ok, "no record above seq {above} within {timeout:?}; {}", progress(sub, device, stream));
+pub fn wait_highest_above(
+    sub: &Subscriber,
+    device: &str,
+    stream: &str,
+    above: u64,
+    timeout: Duration,
+) {
+    let ok = sub.wait_for(
+        |v| v.stream(device, stream).is_some_and(|l| l.highest > above),
+        timeout,
+    );
+    assert!(
+        ok,
+        "no record above seq {above} within {timeout:?}; {}",
+        progress(sub, device, stream)
+    );
 }
 
 /// Union of inclusive ranges, merged.
@@ -131,12 +176,17 @@ pub fn merge(ranges: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
 }
 
 pub fn missing_ranges(log: &StreamLog, last: u64) -> Vec<(u64, u64)> {
-    log.missing(last).into_iter().map(|r| (*r.start(), *r.end())).collect()
+    log.missing(last)
+        .into_iter()
+        .map(|r| (*r.start(), *r.end()))
+        .collect()
 }
 
 /// Whether every range of `inner` lies inside the union `outer` (both merged).
 pub fn covered(inner: &[(u64, u64)], outer: &[(u64, u64)]) -> bool {
-    inner.iter().all(|(a, b)| outer.iter().any(|(c, d)| c <= a && b <= d))
+    inner
+        .iter()
+        .all(|(a, b)| outer.iter().any(|(c, d)| c <= a && b <= d))
 }
 
 pub fn fmt_ranges<R: std::fmt::Debug>(r: Option<Vec<R>>) -> String {
@@ -149,5 +199,9 @@ pub fn fmt_ranges<R: std::fmt::Debug>(r: Option<Vec<R>>) -> String {
 
 /// The set of seqs a stream holds, for comparisons across phases of a test.
 pub fn seqs(sub: &Subscriber, device: &str, stream: &str) -> BTreeSet<u64> {
-    sub.with_view(|v| v.stream(device, stream).map(|l| l.records.keys().copied().collect()).unwrap_or_default())
+    sub.with_view(|v| {
+        v.stream(device, stream)
+            .map(|l| l.records.keys().copied().collect())
+            .unwrap_or_default()
+    })
 }

@@ -16,9 +16,16 @@ fn hundred_thousand_records_arrive_gap_free_and_in_order() {
     let csv = files.path().join("rows.csv");
     write_csv(&csv, N, CH);
     let dev = "bulk-1";
-    let agent = agent(dev, broker.port()).replay_csv("replay", &csv, 50_000.0).sim("live", 200.0, 3).start();
+    let agent = agent(dev, broker.port())
+        .replay_csv("replay", &csv, 50_000.0)
+        .sim("live", 200.0, 3)
+        .start();
 
-    assert!(sub.wait_for(|v| v.unique(dev, "replay") >= N, LONG), "replay not delivered: {}", progress(&sub, dev, "replay"));
+    assert!(
+        sub.wait_for(|v| v.unique(dev, "replay") >= N, LONG),
+        "replay not delivered: {}",
+        progress(&sub, dev, "replay")
+    );
     let live_seen = highest(&sub, dev, "live");
     wait_highest_above(&sub, dev, "live", live_seen, SHORT);
     stop_gracefully(&agent, SHORT);
@@ -32,18 +39,32 @@ fn hundred_thousand_records_arrive_gap_free_and_in_order() {
     assert_clean_delivery(&view);
     for (stream, last) in [("replay", N), ("live", live_last)] {
         let log = view.stream(dev, stream).expect("stream received");
-        assert!(log.is_exactly(last), "{stream}: expected exactly 1..={last}, missing {:?}", log.missing(last));
-        assert_eq!(log.duplicates, 0, "{stream}: the broker never went away, so nothing should be re-sent");
+        assert!(
+            log.is_exactly(last),
+            "{stream}: expected exactly 1..={last}, missing {:?}",
+            log.missing(last)
+        );
+        assert_eq!(
+            log.duplicates, 0,
+            "{stream}: the broker never went away, so nothing should be re-sent"
+        );
     }
     // Record k carries row k-1: nothing was reordered or mixed up between records.
     let replay = view.stream(dev, "replay").expect("replay received");
     for (seq, r) in &replay.records {
-        assert_eq!(r.values.as_deref(), Some(csv_row(seq - 1, CH).as_slice()), "values of replay record {seq}");
+        assert_eq!(
+            r.values.as_deref(),
+            Some(csv_row(seq - 1, CH).as_slice()),
+            "values of replay record {seq}"
+        );
     }
     let c = fin.counters.expect("final status has counters");
     assert_eq!(c.enqueued, N + live_last, "{c:?}");
     assert_eq!(c.captured, c.enqueued, "{c:?}");
-    assert_eq!(c.acked, c.enqueued, "everything enqueued was acknowledged: {c:?}");
+    assert_eq!(
+        c.acked, c.enqueued,
+        "everything enqueued was acknowledged: {c:?}"
+    );
     assert_eq!(fin.queue.expect("queue gauge").records, 0);
     assert_no_panic(&agent);
 }
@@ -56,7 +77,11 @@ fn broker_outage_loses_nothing() {
     let sub = Subscriber::start(broker.port(), ALL_TOPICS);
     let dev = "outage-1";
     let agent = agent(dev, broker.port()).sim("imu", 2000.0, 6).start();
-    assert!(sub.wait_for(|v| v.unique(dev, "imu") >= 1000, SHORT), "{}", progress(&sub, dev, "imu"));
+    assert!(
+        sub.wait_for(|v| v.unique(dev, "imu") >= 1000, SHORT),
+        "{}",
+        progress(&sub, dev, "imu")
+    );
 
     broker.stop();
     agent.expect_metric("connected", |v| v == 0.0, SHORT);
@@ -77,7 +102,10 @@ fn broker_outage_loses_nothing() {
     assert_clean_delivery(&view);
     let log = view.stream(dev, "imu").expect("imu");
     assert_eq!(log.beyond(last), 0, "no seq beyond the final last_seq");
-    println!("broker outage: {last} records, {} duplicates re-sent after the reconnect", log.duplicates);
+    println!(
+        "broker outage: {last} records, {} duplicates re-sent after the reconnect",
+        log.duplicates
+    );
     assert!(fin.counters.expect("counters").reconnects >= 1);
     assert_no_panic(&agent);
 }
@@ -89,16 +117,33 @@ fn cbor_encoding_end_to_end() {
     let broker = TestBroker::start();
     let sub = Subscriber::start(broker.port(), ALL_TOPICS);
     let dev = "cbor-1";
-    let agent = agent(dev, broker.port()).sim("imu", 1000.0, 6).encoding("cbor").start();
-    assert!(sub.wait_for(|v| v.unique(dev, "imu") >= 500, SHORT), "{}", progress(&sub, dev, "imu"));
+    let agent = agent(dev, broker.port())
+        .sim("imu", 1000.0, 6)
+        .encoding("cbor")
+        .start();
+    assert!(
+        sub.wait_for(|v| v.unique(dev, "imu") >= 500, SHORT),
+        "{}",
+        progress(&sub, dev, "imu")
+    );
     stop_gracefully(&agent, SHORT);
     let fin = final_status(&sub, dev);
     let last = stream_status(&fin, "imu").last_seq;
     wait_all_delivered(&sub, dev, "imu", last, SHORT);
     let view = sub.snapshot();
     assert_clean_delivery(&view);
-    assert_eq!(view.telemetry_prefixes.iter().collect::<Vec<_>>(), vec![&vec![0xd9, 0xd9, 0xf7]]);
-    assert_eq!(view.telemetry_encodings.keys().copied().collect::<Vec<_>>(), vec!["cbor"]);
-    assert_eq!(view.status_encodings.keys().copied().collect::<Vec<_>>(), vec!["cbor"], "status messages are CBOR too");
+    assert_eq!(
+        view.telemetry_prefixes.iter().collect::<Vec<_>>(),
+        vec![&vec![0xd9, 0xd9, 0xf7]]
+    );
+    assert_eq!(
+        view.telemetry_encodings.keys().copied().collect::<Vec<_>>(),
+        vec!["cbor"]
+    );
+    assert_eq!(
+        view.status_encodings.keys().copied().collect::<Vec<_>>(),
+        vec!["cbor"],
+        "status messages are CBOR too"
+    );
     assert_no_panic(&agent);
 }

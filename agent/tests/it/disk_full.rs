@@ -40,7 +40,10 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
@@ -60,7 +63,13 @@ fn settings() -> QueueSettings {
 
 fn batch(base: u64, n: u64) -> Vec<Sample> {
     let stream: Arc<str> = "imu".into();
-    (0..n).map(|i| Sample { stream: stream.clone(), ts_us: base + i, values: vec![(base + i) as f32; 6] }).collect()
+    (0..n)
+        .map(|i| Sample {
+            stream: stream.clone(),
+            ts_us: base + i,
+            values: vec![(base + i) as f32; 6],
+        })
+        .collect()
 }
 
 fn fill(path: &PathBuf) {
@@ -81,14 +90,19 @@ fn full_disk_is_survived_and_recovered_without_losing_queued_records() {
     // 1. Fill the queue until the free-space reserve is reached: eviction keeps it there.
     let mut base = 0;
     for _ in 0..2000 {
-        let r = q.append(&batch(base, 500)).expect("appends below the reserve must succeed");
+        let r = q
+            .append(&batch(base, 500))
+            .expect("appends below the reserve must succeed");
         base += r.accepted as u64;
         if metrics.evicted_disk.load(Relaxed) > 5_000 {
             break;
         }
     }
     let evicted = metrics.evicted_disk.load(Relaxed);
-    assert!(evicted > 0, "the queue never reached its free-space reserve");
+    assert!(
+        evicted > 0,
+        "the queue never reached its free-space reserve"
+    );
     assert_eq!(metrics.enqueued.load(Relaxed), q.len().0 + evicted);
     let free = fs2::available_space(fs.path()).expect("statvfs");
     assert!(free > 0, "the reserve must keep the disk from filling up");
@@ -113,16 +127,24 @@ fn full_disk_is_survived_and_recovered_without_losing_queued_records() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(recovered, "the queue did not recover after space was freed");
-    q.append(&batch(2_000_000, 10)).expect("append after recovery");
+    q.append(&batch(2_000_000, 10))
+        .expect("append after recovery");
 
     // Every record counted as enqueued is either still queued or was evicted (and counted).
     let (queued, _) = q.len();
     let evicted = metrics.evicted_disk.load(Relaxed) + metrics.evicted_bytes.load(Relaxed);
-    assert_eq!(metrics.enqueued.load(Relaxed), queued + evicted, "records went missing across the full disk");
+    assert_eq!(
+        metrics.enqueued.load(Relaxed),
+        queued + evicted,
+        "records went missing across the full disk"
+    );
     let sid = q.stream_names()[0].0;
     let all = q.read(sid, 0, usize::MAX).expect("read");
     assert_eq!(all.len() as u64, queued);
-    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "sequence numbers must increase");
+    assert!(
+        all.windows(2).all(|w| w[0].0 < w[1].0),
+        "sequence numbers must increase"
+    );
     let last = q.stream_status()[0].last_seq;
     assert_eq!(all.last().map(|r| r.0), Some(last));
     drop(all);
@@ -130,6 +152,9 @@ fn full_disk_is_survived_and_recovered_without_losing_queued_records() {
 
     // And the same survives a restart.
     let (q, report) = Queue::open(&data, settings(), Arc::new(Metrics::default())).expect("reopen");
-    assert!(report.reset.is_none(), "a full disk must never be mistaken for corruption");
+    assert!(
+        report.reset.is_none(),
+        "a full disk must never be mistaken for corruption"
+    );
     assert_eq!(q.len().0, queued);
 }

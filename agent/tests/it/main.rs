@@ -10,7 +10,7 @@ mod config;
 mod crash;
 mod damage;
 mod delivery;
-mod disk_full;
 mod disk;
+mod disk_full;
 mod eviction;
 mod socket;
