@@ -178,8 +178,10 @@ impl Uplink {
         writer_done: CancellationToken,
         force: CancellationToken,
     ) -> DrainOutcome {
-        let (client, eventloop) =
+        let (client, mut eventloop) =
             AsyncClient::new(self.mqtt_options(), self.settings.mqtt.max_in_flight + 16);
+        // Small QoS1 messages and their PUBACKs should not wait for Nagle's algorithm.
+        eventloop.network_options.set_tcp_nodelay(true);
         // One `poll` stays in flight across loop iterations. Dropping it whenever another branch
         // wins (a batch became durable, a timer fired) would abort a connection attempt half-way
         // (TCP connect, CONNECT, CONNACK), so while records keep arriving the agent could

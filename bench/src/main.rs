@@ -180,6 +180,7 @@ async fn plain_publish(port: u16, records: usize, measure: Duration) -> Result<f
     o.set_inflight(IN_FLIGHT as u16);
     o.set_keep_alive(Duration::from_secs(30));
     let (client, mut ev) = AsyncClient::new(o, IN_FLIGHT * 2);
+    ev.network_options.set_tcp_nodelay(true);
     let acked = Arc::new(AtomicU64::new(0));
     let in_flight = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
