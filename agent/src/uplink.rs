@@ -341,7 +341,7 @@ impl Uplink {
     fn on_disconnect(&mut self, e: &rumqttc::ConnectionError) -> Duration {
         if self.connected {
             tracing::warn!(error = %e, "Lost the connection to the MQTT broker; buffering in the queue.");
-        } else if self.failures == 0 || self.failures % 20 == 0 {
+        } else if self.failures == 0 || self.failures.is_multiple_of(20) {
             tracing::warn!(
                 error = %e, host = %self.settings.mqtt.host, port = self.settings.mqtt.port, failures = self.failures,
                 "Cannot reach the MQTT broker; buffering in the queue and retrying."

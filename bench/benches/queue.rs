@@ -60,11 +60,11 @@ fn append(c: &mut Criterion) {
             b.iter(|| {
                 q.append(&samples).expect("append");
                 // The writer commits on the interval tick; model that cost here too.
-                if let FsyncPolicy::Interval { ms } = policy {
-                    if last_commit.elapsed() >= Duration::from_millis(*ms) {
-                        q.commit().expect("commit");
-                        last_commit = Instant::now();
-                    }
+                if let FsyncPolicy::Interval { ms } = policy
+                    && last_commit.elapsed() >= Duration::from_millis(*ms)
+                {
+                    q.commit().expect("commit");
+                    last_commit = Instant::now();
                 }
             })
         });

@@ -215,11 +215,11 @@ async fn plain_publish(port: u16, records: usize, measure: Duration) -> Result<f
         if t0.is_none() && start.elapsed() >= warmup {
             t0 = Some((Instant::now(), acked.load(Ordering::Relaxed)));
         }
-        if let Some((t, a)) = t0 {
-            if t.elapsed() >= measure {
-                let msgs = acked.load(Ordering::Relaxed) - a;
-                return Ok(msgs as f64 * records as f64 / t.elapsed().as_secs_f64());
-            }
+        if let Some((t, a)) = t0
+            && t.elapsed() >= measure
+        {
+            let msgs = acked.load(Ordering::Relaxed) - a;
+            return Ok(msgs as f64 * records as f64 / t.elapsed().as_secs_f64());
         }
     }
 }

@@ -162,12 +162,13 @@ impl StreamState {
     }
 
     fn note_evicted(&mut self, seq: u64, reason: &str) {
-        if let Some(last) = self.evicted.last_mut() {
-            if last.reason == reason && last.to + 1 == seq {
-                last.to = seq;
-                self.meta_dirty = true;
-                return;
-            }
+        if let Some(last) = self.evicted.last_mut()
+            && last.reason == reason
+            && last.to + 1 == seq
+        {
+            last.to = seq;
+            self.meta_dirty = true;
+            return;
         }
         self.evicted.push(EvictedRange {
             from: seq,
@@ -322,11 +323,11 @@ impl Queue {
         if !g.poisoned {
             return true;
         }
-        if let Some(engine) = g.engine.take() {
-            if let Err(still_shared) = Arc::try_unwrap(engine) {
-                g.engine = Some(still_shared);
-                return false;
-            }
+        if let Some(engine) = g.engine.take()
+            && let Err(still_shared) = Arc::try_unwrap(engine)
+        {
+            g.engine = Some(still_shared);
+            return false;
         }
         let live = self.root.join("queue");
         let engine = match SledEngine::open(
