@@ -34,8 +34,16 @@ impl TestBroker {
     ///
     /// Panics if `mosquitto` is not installed (saying how to install it) or does not start.
     pub fn start() -> TestBroker {
-        let dir = tempfile::Builder::new().prefix("ember-broker-").tempdir().expect("cannot create a temp dir for the broker");
-        let mut broker = TestBroker { port: 0, dir, child: None, starts: 0 };
+        let dir = tempfile::Builder::new()
+            .prefix("ember-broker-")
+            .tempdir()
+            .expect("cannot create a temp dir for the broker");
+        let mut broker = TestBroker {
+            port: 0,
+            dir,
+            child: None,
+            starts: 0,
+        };
         // The port was free when picked; another process may take it before mosquitto binds it.
         let mut last_err = String::new();
         for _ in 0..5 {
@@ -59,7 +67,9 @@ impl TestBroker {
 
     /// Stops the broker (SIGTERM, then SIGKILL if it lingers) and waits for it to exit.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         signal(child.id(), "TERM");
         let deadline = Instant::now() + STOP_TIMEOUT;
         while Instant::now() < deadline {
@@ -84,7 +94,10 @@ impl TestBroker {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("mosquitto did not restart on port {}: {last_err}", self.port);
+        panic!(
+            "mosquitto did not restart on port {}: {last_err}",
+            self.port
+        );
     }
 
     /// The broker's log (all runs).
@@ -96,7 +109,8 @@ impl TestBroker {
         let bin = mosquitto_path();
         let conf = self.dir.path().join("mosquitto.conf");
         let log = self.dir.path().join("mosquitto.log");
-        fs::write(&conf, config(self.port, &log)).map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+        fs::write(&conf, config(self.port, &log))
+            .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
         self.starts += 1;
         let mut child = Command::new(&bin)
             .arg("-c")
@@ -109,16 +123,24 @@ impl TestBroker {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("mosquitto exited with {status} (port {}); its log:\n{}", self.port, self.log_text()));
+                return Err(format!(
+                    "mosquitto exited with {status} (port {}); its log:\n{}",
+                    self.port,
+                    self.log_text()
+                ));
             }
-            if TcpStream::connect_timeout(&localhost(self.port), Duration::from_millis(200)).is_ok() {
+            if TcpStream::connect_timeout(&localhost(self.port), Duration::from_millis(200)).is_ok()
+            {
                 self.child = Some(child);
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("mosquitto did not accept connections on port {} within {START_TIMEOUT:?}", self.port));
+                return Err(format!(
+                    "mosquitto did not accept connections on port {} within {START_TIMEOUT:?}",
+                    self.port
+                ));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -157,9 +179,20 @@ fn config(port: u16, log: &Path) -> String {
 /// a user's `PATH`).
 fn mosquitto_path() -> PathBuf {
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("mosquitto")).collect())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("mosquitto"))
+                .collect()
+        })
         .unwrap_or_default();
-    candidates.extend(["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/bin/mosquitto"].map(PathBuf::from));
+    candidates.extend(
+        [
+            "/usr/sbin/mosquitto",
+            "/usr/local/sbin/mosquitto",
+            "/usr/bin/mosquitto",
+        ]
+        .map(PathBuf::from),
+    );
     candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
         panic!(
             "the system tests need the Mosquitto MQTT broker, and `mosquitto` is not installed: \
@@ -174,9 +207,12 @@ pub(crate) fn signal(pid: u32, sig: &str) {
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .status();
     if let Err(e) = status {
-        let _ = writeln!(std::io::stderr(), "ember-testkit: cannot run `kill -{sig} {pid}`: {e}");
+        let _ = writeln!(
+            std::io::stderr(),
+            "ember-testkit: cannot run `kill -{sig} {pid}`: {e}"
+        );
     }
 }

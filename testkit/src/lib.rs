@@ -44,7 +44,9 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// closed again before this returns).
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0 to find a free port");
-    l.local_addr().expect("a bound listener has an address").port()
+    l.local_addr()
+        .expect("a bound listener has an address")
+        .port()
 }
 
 /// `127.0.0.1:port`.
@@ -70,7 +72,12 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// subscriber: the agent is paused (SIGSTOP) until the subscriber has subscribed again, so
 /// nothing the agent publishes can reach the new broker before there is someone to deliver it
 /// to. Panics if the subscriber does not come back within `timeout`.
-pub fn restart_broker(broker: &mut TestBroker, sub: &Subscriber, agent: &TestAgent, timeout: Duration) {
+pub fn restart_broker(
+    broker: &mut TestBroker,
+    sub: &Subscriber,
+    agent: &TestAgent,
+    timeout: Duration,
+) {
     let running = agent.is_running();
     if running {
         agent.pause();
@@ -81,5 +88,8 @@ pub fn restart_broker(broker: &mut TestBroker, sub: &Subscriber, agent: &TestAge
     if running {
         agent.resume();
     }
-    assert!(back, "the subscriber did not resubscribe within {timeout:?} after the broker restarted");
+    assert!(
+        back,
+        "the subscriber did not resubscribe within {timeout:?} after the broker restarted"
+    );
 }

@@ -27,6 +27,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -149,8 +150,9 @@ impl SubscriberView {
     /// The device's last status, if it is the explicit `offline` status of a graceful stop
     /// (not the Last Will, which carries no streams).
     pub fn final_status(&self, device: &str) -> Option<&Status> {
-        self.status(device)
-            .filter(|s| s.state == ember_proto::DeviceState::Offline && s.ts != 0 && s.counters.is_some())
+        self.status(device).filter(|s| {
+            s.state == ember_proto::DeviceState::Offline && s.ts != 0 && s.counters.is_some()
+        })
     }
 
     pub fn total_duplicates(&self) -> u64 {
@@ -178,13 +180,21 @@ impl SubscriberView {
             Channel::Telemetry => {
                 self.telemetry_messages += 1;
                 *self.telemetry_encodings.entry(enc).or_default() += 1;
-                self.telemetry_prefixes.insert(payload.iter().take(3).copied().collect());
+                self.telemetry_prefixes
+                    .insert(payload.iter().take(3).copied().collect());
                 match decode_telemetry(payload) {
                     Ok((batch, _)) => {
-                        let log = self.streams.entry((batch.device.clone(), batch.stream.clone())).or_default();
+                        let log = self
+                            .streams
+                            .entry((batch.device.clone(), batch.stream.clone()))
+                            .or_default();
                         log.messages += 1;
                         for r in batch.records {
-                            let seen = RecordSeen { ts: r.ts, crc: r.crc, values: keep_values.then_some(r.values) };
+                            let seen = RecordSeen {
+                                ts: r.ts,
+                                crc: r.crc,
+                                values: keep_values.then_some(r.values),
+                            };
                             match log.records.get(&r.seq) {
                                 Some(first) => {
                                     log.duplicates += 1;
@@ -259,7 +269,10 @@ impl Subscriber {
     }
 
     fn spawn(port: u16, filter: &str, keep_values: bool) -> Subscriber {
-        let shared = Arc::new(Shared { view: Mutex::new(SubscriberView::default()), changed: Condvar::new() });
+        let shared = Arc::new(Shared {
+            view: Mutex::new(SubscriberView::default()),
+            changed: Condvar::new(),
+        });
         let stop = Arc::new(tokio::sync::Notify::new());
         let thread = {
             let (shared, stop, filter) = (shared.clone(), stop.clone(), filter.to_string());
@@ -268,7 +281,11 @@ impl Subscriber {
                 .spawn(move || run(port, filter, keep_values, shared, stop))
                 .expect("cannot spawn the subscriber thread")
         };
-        let sub = Subscriber { shared, stop, thread: Some(thread) };
+        let sub = Subscriber {
+            shared,
+            stop,
+            thread: Some(thread),
+        };
         assert!(
             sub.wait_for(|v| v.subscribed, SUBSCRIBE_TIMEOUT),
             "the subscriber could not subscribe to {filter:?} on 127.0.0.1:{port} within {SUBSCRIBE_TIMEOUT:?}"
@@ -277,8 +294,14 @@ impl Subscriber {
     }
 
     /// Waits until `cond` holds for the current view (true) or `timeout` passes (false). It
-    /// re-checks whenever a message arrives, and at least every 100 ms.
-    pub fn wait_for(&self, mut cond: impl FnMut(&SubscriberView) -> bool, timeout: Duration) -> bool {
+    /// re-checks whenever a message arrives (a condition variable, not a sleep), and at least
+    /// every 100 ms. `cond` runs on the live view under its lock, so no copy is made; keep it
+    /// cheap (check counts before scanning seqs, as [`StreamLog::has_all`] does).
+    pub fn wait_for(
+        &self,
+        mut cond: impl FnMut(&SubscriberView) -> bool,
+        timeout: Duration,
+    ) -> bool {
         let deadline = Instant::now() + timeout;
         let mut view = self.shared.lock();
         loop {
@@ -290,7 +313,12 @@ impl Subscriber {
                 return false;
             }
             let wait = (deadline - now).min(Duration::from_millis(100));
-            view = self.shared.changed.wait_timeout(view, wait).unwrap_or_else(|p| p.into_inner()).0;
+            view = self
+                .shared
+                .changed
+                .wait_timeout(view, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -319,16 +347,35 @@ impl Drop for Subscriber {
     }
 }
 
-fn run(port: u16, filter: String, keep_values: bool, shared: Arc<Shared>, stop: Arc<tokio::sync::Notify>) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+fn run(
+    port: u16,
+    filter: String,
+    keep_values: bool,
+    shared: Arc<Shared>,
+    stop: Arc<tokio::sync::Notify>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
-            shared.lock().decode_error("<runtime>", &format!("cannot start the subscriber's runtime: {e}"));
+            shared.lock().decode_error(
+                "<runtime>",
+                &format!("cannot start the subscriber's runtime: {e}"),
+            );
             return;
         }
     };
     rt.block_on(async move {
-        let mut opts = MqttOptions::new(format!("ember-testkit-sub-{port}-{}", std::process::id()), "127.0.0.1", port);
+        // Unique per subscriber: the broker disconnects a client whose id another one takes.
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let mut opts = MqttOptions::new(
+            format!("ember-testkit-sub-{}-{id}", std::process::id()),
+            "127.0.0.1",
+            port,
+        );
         opts.set_clean_session(true);
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_max_packet_size(64 * 1024 * 1024, 64 * 1024);

@@ -1,6 +1,5 @@
 //! Helpers shared by the system tests.
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitStatus;
@@ -195,13 +194,4 @@ pub fn fmt_ranges<R: std::fmt::Debug>(r: Option<Vec<R>>) -> String {
         Some(r) if r.len() > 20 => format!("{:?} ... ({} ranges)", &r[..20], r.len()),
         Some(r) => format!("{r:?}"),
     }
-}
-
-/// The set of seqs a stream holds, for comparisons across phases of a test.
-pub fn seqs(sub: &Subscriber, device: &str, stream: &str) -> BTreeSet<u64> {
-    sub.with_view(|v| {
-        v.stream(device, stream)
-            .map(|l| l.records.keys().copied().collect())
-            .unwrap_or_default()
-    })
 }

@@ -11,8 +11,8 @@ const N: u64 = 300_000;
 /// grow. Once the broker is back and the backlog drained, the queue compacts and
 /// `queue_disk_bytes` falls far below its peak. The backlog is a replay (`loop = false`) so
 /// that its stream really ends and drains to zero; a slow live stream runs beside it, as on a
-/// real device (and because housekeeping stops once every source has finished: see the
-/// report on the writer task).
+/// real device, and because the writer task, which runs housekeeping and so compaction, ends
+/// once every source has finished.
 #[test]
 fn drained_backlog_gives_disk_space_back() {
     let mut broker = TestBroker::start();
