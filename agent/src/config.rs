@@ -9,7 +9,8 @@
 //! key in a table, e.g. `EMBER_DEVICE_ID=dev-7`, `EMBER_MQTT__PORT=8883`,
 //! `EMBER_QUEUE__FSYNC=never`. Values are parsed as TOML scalars (so `8883` is an integer and
 //! `true` a boolean) and fall back to strings. Sources (`[[source]]`) can only be set in the
-//! file. Variables starting with `EMBER_FLEET_` belong to the fleet service and are ignored.
+//! file. Variables starting with `EMBER_FLEET_` belong to the fleet service and are ignored, as
+//! are `EMBER_CONFIG` (the config file's path) and `EMBER_LOG` (the log filter).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -749,6 +750,10 @@ fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError>
     }
 }
 
+/// `EMBER_*` variables that are not config overrides: the config file's path and the log
+/// filter, both read by the binary itself.
+pub const RESERVED_ENV: [&str; 2] = ["EMBER_CONFIG", "EMBER_LOG"];
+
 /// Applies `EMBER_*` overrides onto the parsed file.
 fn apply_env(
     table: &mut toml::Table,
@@ -758,7 +763,7 @@ fn apply_env(
         let Some(rest) = var.strip_prefix("EMBER_") else {
             continue;
         };
-        if rest.starts_with("FLEET_") || rest.is_empty() {
+        if rest.starts_with("FLEET_") || rest.is_empty() || RESERVED_ENV.contains(&var.as_str()) {
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();

@@ -123,6 +123,7 @@ pub async fn run(
         queue.clone(),
         rx,
         writer_done.clone(),
+        shutdown.clone(),
         force.clone(),
     ));
     let uplink = Uplink::new(settings.clone(), queue.clone(), metrics.clone());
@@ -167,6 +168,7 @@ async fn writer(
     queue: Arc<Queue>,
     mut rx: mpsc::Receiver<Sample>,
     done: CancellationToken,
+    shutdown: CancellationToken,
     force: CancellationToken,
 ) {
     let max = settings.queue.append_max_records;
@@ -226,6 +228,15 @@ async fn writer(
         commit(&queue).await;
     }
     done.cancel();
+    // Every source may have finished (a replay with `loop = false`) while the agent keeps
+    // running and draining: housekeeping (age eviction, reclaim, recovery) goes on until exit.
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = force.cancelled() => break,
+            _ = tokio::time::sleep(MAINTAIN_EVERY) => maintain(&queue).await,
+        }
+    }
 }
 
 /// Appends `samples`, waiting for space under `full_policy = block`. Returns what could not be
