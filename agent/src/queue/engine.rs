@@ -19,8 +19,13 @@ pub type Entry = (Vec<u8>, Vec<u8>);
 pub trait Engine: Send + Sync {
     /// Applies all puts and deletes atomically: after a crash either all or none are visible.
     fn apply(&self, puts: Vec<Entry>, deletes: Vec<Vec<u8>>) -> Result<(), QueueError>;
+    /// The value stored under `key`, if any.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, QueueError>;
     /// Up to `limit` entries with `from <= key <= to`, ascending.
     fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Entry>, QueueError>;
+    /// Deletes each of `keys` that exists (not atomically as a group); returns how many existed
+    /// and their total size. Cheaper than a range scan for a handful of keys.
+    fn remove_keys(&self, keys: &[&[u8]]) -> Result<(u64, u64), QueueError>;
     /// Deletes every entry with `from <= key <= to` in one atomic batch; returns how many
     /// entries were deleted and their total size (key + value bytes).
     fn delete_range(&self, from: &[u8], to: &[u8]) -> Result<(u64, u64), QueueError>;
@@ -160,6 +165,10 @@ impl Engine for SledEngine {
         self.db.apply_batch(batch).map_err(sled_err)
     }
 
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, QueueError> {
+        Ok(self.db.get(key).map_err(sled_err)?.map(|v| v.to_vec()))
+    }
+
     fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Entry>, QueueError> {
         let mut out = Vec::new();
         for item in self.db.range(from..=to).take(limit) {
@@ -167,6 +176,17 @@ impl Engine for SledEngine {
             out.push((k.to_vec(), v.to_vec()));
         }
         Ok(out)
+    }
+
+    fn remove_keys(&self, keys: &[&[u8]]) -> Result<(u64, u64), QueueError> {
+        let (mut n, mut bytes) = (0u64, 0u64);
+        for k in keys {
+            if let Some(v) = self.db.remove(k).map_err(sled_err)? {
+                n += 1;
+                bytes += (k.len() + v.len()) as u64;
+            }
+        }
+        Ok((n, bytes))
     }
 
     fn delete_range(&self, from: &[u8], to: &[u8]) -> Result<(u64, u64), QueueError> {

@@ -62,7 +62,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use ember_proto::{EvictedRange, StoredRecord, StreamStatus};
-pub use engine::{Engine, SledEngine};
+pub use engine::{Engine, Entry, SledEngine};
 
 use crate::config::{FsyncPolicy, FullPolicy, QueueSettings};
 use crate::metrics::Metrics;
@@ -395,6 +395,36 @@ impl Queue {
         // sled is still consistent, so carry on rather than poison the whole agent.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Up to `limit` entries of `sid` with `from <= seq <= upto`. Consecutive sequence numbers are
+/// fetched by point lookups, which in sled cost far less than a range scan starting where
+/// earlier acknowledgements left emptied nodes; a gap (evicted records) falls back to a scan.
+fn read_entries(
+    engine: &dyn Engine,
+    sid: StreamId,
+    from: u64,
+    upto: u64,
+    limit: usize,
+) -> Result<Vec<Entry>, QueueError> {
+    let mut out = Vec::with_capacity(limit.min(1024));
+    let mut seq = from;
+    while out.len() < limit && seq <= upto {
+        let key = record_key(sid, seq);
+        match engine.get(&key)? {
+            Some(v) => out.push((key.to_vec(), v)),
+            None => break,
+        }
+        seq += 1;
+    }
+    if out.len() < limit && seq <= upto {
+        out.extend(engine.scan(
+            &record_key(sid, seq),
+            &record_key(sid, upto),
+            limit - out.len(),
+        )?);
+    }
+    Ok(out)
 }
 
 /// Removes a batch whose fsync failed (if it reached the disk at all) and rewinds its streams'
@@ -922,11 +952,7 @@ impl Queue {
         if from > st.durable_upto || st.records == 0 {
             return Ok(Vec::new());
         }
-        let entries = engine.scan(
-            &record_key(sid, from),
-            &record_key(sid, st.durable_upto),
-            limit,
-        )?;
+        let entries = read_entries(engine.as_ref(), sid, from, st.durable_upto, limit)?;
         let mut out = Vec::with_capacity(entries.len());
         let mut corrupt = Vec::new();
         for (k, v) in entries {
@@ -967,13 +993,19 @@ impl Queue {
         Ok(out)
     }
 
-    /// The broker acknowledged records `first..=last` of `sid`: delete them (one range delete).
+    /// The broker acknowledged records `first..=last` of `sid`: delete them.
     /// Returns how many records were deleted.
     pub fn ack(&self, sid: StreamId, first: u64, last: u64) -> Result<u64, QueueError> {
         let mut g = self.lock();
         let engine = g.engine()?;
-        let (n, bytes) = match engine.delete_range(&record_key(sid, first), &record_key(sid, last))
-        {
+        // Point deletes, not a range delete: in sled a range scan that starts where earlier
+        // acknowledgements emptied nodes is far slower (measured: 1.9x end to end at 100
+        // records/message, 4x at 1). Not atomic as a group, which is fine: a crash half-way
+        // leaves some records to be sent again, and the count stays exact.
+        let keys: Vec<[u8; KEY_LEN]> = (first..=last).map(|seq| record_key(sid, seq)).collect();
+        let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+        let deleted = engine.remove_keys(&refs);
+        let (n, bytes) = match deleted {
             Ok(v) => v,
             Err(e) => {
                 self.storage_failed(&mut g, &e);
