@@ -29,7 +29,7 @@ step fmt cargo fmt --all -- --check
 step clippy cargo clippy --workspace --all-targets -- -D warnings
 step host-tests cargo test --workspace --no-fail-fast
 step thumbv7em-proto cargo build -p ember-proto --no-default-features --target thumbv7em-none-eabihf
-step aarch64-tests cargo test -p ember-proto -p ember-agent --lib --no-fail-fast --target aarch64-unknown-linux-gnu
+step aarch64-tests cargo test -p ember-proto -p ember-ts -p ember-agent --lib --no-fail-fast --target aarch64-unknown-linux-gnu
 step armv7-build cargo build -p ember-agent --bins --target armv7-unknown-linux-gnueabihf
 
 passed=0; failed=0

@@ -1,0 +1,146 @@
+//! `activity`: a small 1-D CNN that classifies a window of IMU samples into an activity.
+//!
+//! Three same-padded convolutions (two followed by max pooling) extract local motion patterns,
+//! global average pooling makes the features independent of where in the window they occur,
+//! and a linear head gives one logit per class. Global pooling is why a model trained on whole
+//! 10 s BasicMotions series also applies to any window of the same length cut from a stream.
+
+use burn::nn::conv::{Conv1d, Conv1dConfig};
+use burn::nn::pool::{AdaptiveAvgPool1d, AdaptiveAvgPool1dConfig, MaxPool1d, MaxPool1dConfig};
+use burn::nn::{Initializer, Linear, LinearConfig, PaddingConfig1d, Relu};
+use burn::prelude::*;
+
+use crate::model::ArchitectureError;
+
+/// Architecture of [`ActivityCnn`]; saved in the bundle manifest beside the weights.
+#[derive(Config, Debug)]
+pub struct ActivityCnnConfig {
+    /// Input channels (6 for a 3-axis accelerometer plus a 3-axis gyroscope).
+    pub channels: usize,
+    /// Samples per window.
+    pub window: usize,
+    /// Number of classes (the length of the manifest's label list).
+    pub num_classes: usize,
+    /// Channels of the first convolution; the next two have twice as many.
+    #[config(default = 16)]
+    pub hidden: usize,
+    /// Kernel size of the convolutions (odd, so "same" padding is symmetric).
+    #[config(default = 5)]
+    pub kernel_size: usize,
+}
+
+/// The activity classifier. `forward` returns logits; apply softmax for probabilities.
+#[derive(Module, Debug)]
+pub struct ActivityCnn {
+    conv1: Conv1d,
+    conv2: Conv1d,
+    conv3: Conv1d,
+    pool: MaxPool1d,
+    gap: AdaptiveAvgPool1d,
+    head: Linear,
+    relu: Relu,
+}
+
+impl ActivityCnnConfig {
+    /// Checks the sizes before any tensor is allocated, so a bad manifest is an error, not a panic.
+    pub fn check(&self) -> Result<(), ArchitectureError> {
+        let bad = |problem: String| Err(ArchitectureError { problem });
+        if !(1..=crate::model::MAX_CHANNELS).contains(&self.channels) {
+            return bad(format!(
+                "channels is {}; use 1 to {}",
+                self.channels,
+                crate::model::MAX_CHANNELS
+            ));
+        }
+        if self.window < 4 || self.window > crate::model::MAX_WINDOW {
+            return bad(format!(
+                "window is {}; use 4 to {}",
+                self.window,
+                crate::model::MAX_WINDOW
+            ));
+        }
+        if !(2..=1024).contains(&self.num_classes) {
+            return bad(format!(
+                "num_classes is {}; use 2 to 1024",
+                self.num_classes
+            ));
+        }
+        if !(1..=crate::model::MAX_HIDDEN).contains(&self.hidden) {
+            return bad(format!(
+                "hidden is {}; use 1 to {}",
+                self.hidden,
+                crate::model::MAX_HIDDEN
+            ));
+        }
+        if self.kernel_size.is_multiple_of(2)
+            || self.kernel_size > 31
+            || self.kernel_size > self.window
+        {
+            return bad(format!(
+                "kernel_size is {}; use an odd size up to 31 and no larger than the window",
+                self.kernel_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// A randomly initialized model (burn's initializers; seed the device first to reproduce).
+    pub fn init(&self, device: &Device) -> ActivityCnn {
+        self.build(device, None)
+    }
+
+    /// A zero-initialized model, to load weights into: draws nothing from the device's RNG.
+    pub fn init_zeroed(&self, device: &Device) -> ActivityCnn {
+        self.build(device, Some(Initializer::Zeros))
+    }
+
+    fn build(&self, device: &Device, init: Option<Initializer>) -> ActivityCnn {
+        let conv = |c_in: usize, c_out: usize| {
+            let config = Conv1dConfig::new(c_in, c_out, self.kernel_size)
+                .with_padding(PaddingConfig1d::Same);
+            match &init {
+                Some(i) => config.with_initializer(i.clone()).init(device),
+                None => config.init(device),
+            }
+        };
+        let wide = 2 * self.hidden;
+        let head = LinearConfig::new(wide, self.num_classes);
+        let head = match &init {
+            Some(i) => head.with_initializer(i.clone()).init(device),
+            None => head.init(device),
+        };
+        ActivityCnn {
+            conv1: conv(self.channels, self.hidden),
+            conv2: conv(self.hidden, wide),
+            conv3: conv(wide, wide),
+            pool: MaxPool1dConfig::new(2).init(),
+            gap: AdaptiveAvgPool1dConfig::new(1).init(),
+            head,
+            relu: Relu::new(),
+        }
+    }
+}
+
+impl ActivityCnn {
+    /// Logits for a batch of normalized windows.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<2> {
+        // x: [batch, channels, window]
+        let x = self.pool.forward(self.relu.forward(self.conv1.forward(x)));
+        // [batch, hidden, window / 2]
+        let x = self.pool.forward(self.relu.forward(self.conv2.forward(x)));
+        // [batch, 2 hidden, window / 4]
+        let x = self.relu.forward(self.conv3.forward(x));
+        // [batch, 2 hidden, window / 4]
+        let x = self.gap.forward(x);
+        // [batch, 2 hidden, 1]
+        let x: Tensor<2> = x.flatten(1, 2);
+        // [batch, 2 hidden]
+        self.head.forward(x)
+        // [batch, num_classes]
+    }
+
+    /// Class probabilities (softmax over the logits).
+    pub fn probabilities(&self, x: Tensor<3>) -> Tensor<2> {
+        burn::tensor::activation::softmax(self.forward(x), 1)
+    }
+}

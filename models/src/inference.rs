@@ -1,0 +1,338 @@
+//! Running a bundle's model: load (and dequantize) once, check the golden vectors, infer.
+//!
+//! **API boundary:** this is what the agent uses. Input is *raw* sensor values, laid out
+//! `[window][channel][sample]` (the `.ts` layout: all samples of channel 0, then channel 1,
+//! ...); the runner applies the manifest's normalization itself, so a device never needs to
+//! know the training statistics and cannot apply the wrong ones.
+
+use burn::prelude::*;
+use burn::store::ModuleRecord;
+use burn::tensor::{Bytes, TensorData};
+
+use crate::bundle::Bundle;
+use crate::hex;
+use crate::manifest::{Golden, InputSpec, OutputSpec, Precision};
+use crate::model::{Architecture, ArchitectureError, Net};
+
+/// Why a model could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(
+        "the weights do not match the manifest's sha256 (manifest {expected}, weights {found}): the bundle is damaged; call Bundle::verify before loading"
+    )]
+    WeightsDigest { expected: String, found: String },
+    #[error("cannot decode the weights as burnpack: {message}")]
+    Weights { message: String },
+    #[error("the weights do not fit the manifest's architecture: {message}")]
+    WeightsMismatch { message: String },
+    #[error(transparent)]
+    Architecture(#[from] ArchitectureError),
+    #[error(
+        "input has {len} values, which is not a whole, non-zero number of windows of {channels} channels × {window} samples ({per_window} values each, laid out window, channel, sample)"
+    )]
+    InputLength {
+        len: usize,
+        channels: usize,
+        window: usize,
+        per_window: usize,
+    },
+    #[error(
+        "input window {window}, channel {channel}, sample {sample} is {value}: inputs must be finite numbers"
+    )]
+    NonFinite {
+        window: usize,
+        channel: usize,
+        sample: usize,
+        value: f32,
+    },
+    #[error(
+        "golden vector {index} ({note}) fails: output {output} is {actual}, expected {expected}; max deviation {max_deviation:.3e} exceeds the tolerance {tolerance:.3e}. The weights, the backend or the CPU do not reproduce this model"
+    )]
+    Golden {
+        index: usize,
+        note: String,
+        output: usize,
+        actual: f32,
+        expected: f32,
+        max_deviation: f32,
+        tolerance: f32,
+    },
+    #[error("the backend failed to return a result: {message}")]
+    Backend { message: String },
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// Dequantize int8 weights once at load (default) instead of on every forward pass.
+    /// Same outputs; keeping them quantized only saves memory and costs speed on CPU.
+    pub dequantize: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dequantize: true }
+    }
+}
+
+/// The model's outputs for a batch of windows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// `probabilities[w * classes + k]`: probability of label `k` (manifest order) for window `w`.
+    Classes {
+        classes: usize,
+        probabilities: Vec<f32>,
+    },
+    /// `scores[w]`: mean squared reconstruction error of window `w` (normalized units); the
+    /// window is anomalous if its score exceeds `threshold`.
+    Anomaly { threshold: f32, scores: Vec<f32> },
+}
+
+impl Output {
+    /// Values per window (classes, or 1).
+    pub fn per_window(&self) -> usize {
+        match self {
+            Output::Classes { classes, .. } => *classes,
+            Output::Anomaly { .. } => 1,
+        }
+    }
+
+    /// All values, window after window.
+    pub fn values(&self) -> &[f32] {
+        match self {
+            Output::Classes { probabilities, .. } => probabilities,
+            Output::Anomaly { scores, .. } => scores,
+        }
+    }
+
+    pub fn windows(&self) -> usize {
+        self.values().len() / self.per_window().max(1)
+    }
+
+    /// The values of window `w` (panics if `w >= windows()`).
+    pub fn window(&self, w: usize) -> &[f32] {
+        let n = self.per_window();
+        &self.values()[w * n..(w + 1) * n]
+    }
+
+    /// Most probable class per window (`None` for an anomaly model).
+    pub fn predicted_classes(&self) -> Option<Vec<usize>> {
+        match self {
+            Output::Classes {
+                classes,
+                probabilities,
+            } => Some(
+                probabilities
+                    .chunks(*classes)
+                    .map(crate::metrics::argmax)
+                    .collect(),
+            ),
+            Output::Anomaly { .. } => None,
+        }
+    }
+
+    /// Whether each window is anomalous (`None` for a classifier).
+    pub fn anomalous(&self) -> Option<Vec<bool>> {
+        match self {
+            Output::Anomaly { threshold, scores } => {
+                Some(scores.iter().map(|s| s > threshold).collect())
+            }
+            Output::Classes { .. } => None,
+        }
+    }
+}
+
+/// A model ready to run on one device.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    net: Net,
+    device: Device,
+    architecture: Architecture,
+    input: InputSpec,
+    output: OutputSpec,
+    precision: Precision,
+    golden: Golden,
+}
+
+impl LoadedModel {
+    /// Loads a bundle's weights onto `device`, dequantizing int8 weights once.
+    ///
+    /// Checks the weights' SHA-256 against the manifest, but not the signature: call
+    /// [`Bundle::verify`] first.
+    pub fn load(bundle: &Bundle, device: &Device) -> Result<LoadedModel, ModelError> {
+        Self::load_with(bundle, device, LoadOptions::default())
+    }
+
+    pub fn load_with(
+        bundle: &Bundle,
+        device: &Device,
+        options: LoadOptions,
+    ) -> Result<LoadedModel, ModelError> {
+        let manifest = bundle.manifest();
+        let found = hex::sha256(bundle.weights());
+        if found != manifest.weights.sha256 {
+            return Err(ModelError::WeightsDigest {
+                expected: manifest.weights.sha256.clone(),
+                found,
+            });
+        }
+        let net = load_net(&manifest.architecture, bundle.weights(), device)?;
+        let net = if options.dequantize {
+            crate::quant::dequantize(net)
+        } else {
+            net
+        };
+        Ok(LoadedModel {
+            net,
+            device: device.clone(),
+            architecture: manifest.architecture.clone(),
+            input: manifest.input.clone(),
+            output: manifest.output.clone(),
+            precision: manifest.precision,
+            golden: manifest.golden.clone(),
+        })
+    }
+
+    /// Wraps a network that is already in memory (training, evaluation); it has no golden
+    /// vectors, so [`LoadedModel::run_golden`] passes trivially.
+    pub fn from_net(
+        net: Net,
+        architecture: Architecture,
+        input: InputSpec,
+        output: OutputSpec,
+        precision: Precision,
+        device: &Device,
+    ) -> LoadedModel {
+        LoadedModel {
+            net,
+            device: device.clone(),
+            architecture,
+            input,
+            output,
+            precision,
+            golden: Golden {
+                tolerance: 0.0,
+                vectors: Vec::new(),
+            },
+        }
+    }
+
+    pub fn input(&self) -> &InputSpec {
+        &self.input
+    }
+
+    pub fn output_spec(&self) -> &OutputSpec {
+        &self.output
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    pub fn net(&self) -> &Net {
+        &self.net
+    }
+
+    /// Floats in one input window.
+    pub fn window_len(&self) -> usize {
+        self.input.channels * self.input.window
+    }
+
+    /// Runs a batch of raw windows, `[window][channel][sample]`, normalizing them first.
+    pub fn infer(&self, windows: &[f32]) -> Result<Output, ModelError> {
+        let (channels, window) = (self.input.channels, self.input.window);
+        let per_window = self.window_len();
+        if windows.is_empty() || !windows.len().is_multiple_of(per_window) {
+            return Err(ModelError::InputLength {
+                len: windows.len(),
+                channels,
+                window,
+                per_window,
+            });
+        }
+        if let Some(i) = windows.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::NonFinite {
+                window: i / per_window,
+                channel: (i % per_window) / window,
+                sample: i % window,
+                value: windows[i],
+            });
+        }
+        let batch = windows.len() / per_window;
+        let mut x = windows.to_vec();
+        self.input.normalization.apply(&mut x, window);
+        let x = Tensor::<3>::from_data(TensorData::new(x, [batch, channels, window]), &self.device);
+        let values =
+            self.net
+                .outputs(x)
+                .try_into_vec_as::<f32>()
+                .map_err(|e| ModelError::Backend {
+                    message: e.to_string(),
+                })?;
+        Ok(match &self.output {
+            OutputSpec::Classes { labels } => Output::Classes {
+                classes: labels.len(),
+                probabilities: values,
+            },
+            OutputSpec::AnomalyScore { threshold, .. } => Output::Anomaly {
+                threshold: *threshold,
+                scores: values,
+            },
+        })
+    }
+
+    /// Runs every golden vector (one at a time, as they were recorded) and compares.
+    pub fn run_golden(&self) -> Result<(), ModelError> {
+        for (index, v) in self.golden.vectors.iter().enumerate() {
+            let out = self.infer(&v.input)?;
+            // (output index, deviation); a NaN output deviates infinitely.
+            let mut worst = (0usize, 0f32);
+            for (i, (a, e)) in out.values().iter().zip(&v.output).enumerate() {
+                let d = (a - e).abs();
+                let d = if d.is_nan() { f32::INFINITY } else { d };
+                if d > worst.1 {
+                    worst = (i, d);
+                }
+            }
+            let (i, d) = worst;
+            if d > self.golden.tolerance {
+                return Err(ModelError::Golden {
+                    index,
+                    note: v.note.clone(),
+                    output: i,
+                    actual: out.values()[i],
+                    expected: v.output[i],
+                    max_deviation: d,
+                    tolerance: self.golden.tolerance,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The architecture this model was built from.
+    pub fn architecture(&self) -> &Architecture {
+        &self.architecture
+    }
+}
+
+/// Decodes burnpack `weights` into a network of `architecture` on `device` (quantized
+/// parameters stay quantized).
+pub fn load_net(
+    architecture: &Architecture,
+    weights: &[u8],
+    device: &Device,
+) -> Result<Net, ModelError> {
+    let record =
+        ModuleRecord::from_bytes(Bytes::from_bytes_vec(weights.to_vec())).map_err(|e| {
+            ModelError::Weights {
+                message: e.to_string(),
+            }
+        })?;
+    architecture
+        .init_zeroed(device)?
+        .try_load_record(record)
+        .map_err(|e| ModelError::WeightsMismatch {
+            message: e.to_string(),
+        })
+}
