@@ -1,0 +1,280 @@
+//! The REST API (axum): `/api/v1/...` (JSON, bearer tokens), `/api/openapi.json` (generated
+//! from these handlers by utoipa) and `/metrics` (Prometheus).
+//!
+//! **API boundary:** every route under `/api/v1` except `/api/v1/health` passes
+//! [`require_token`]; write routes also take [`AdminAccess`]. Lists page with `limit` and an
+//! opaque `cursor` (keyset pagination: a page is never shifted by rows written meanwhile), and
+//! return `{"items": [...], "next_cursor": "..." | null}`.
+
+mod data;
+mod devices;
+pub mod error;
+mod ops;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use serde::Deserialize;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{IntoParams, OpenApi};
+
+use crate::auth::Scope;
+use crate::config::Settings;
+use crate::db::Db;
+use crate::ingest::IngestState;
+use crate::metrics::Metrics;
+pub use error::{AppError, ErrorBody};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub settings: Arc<Settings>,
+    pub metrics: Arc<Metrics>,
+    pub ingest: Arc<IngestState>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Ember fleet API",
+        description = "Devices, telemetry, aggregates, the durability ledger and rejects of an Ember fleet. \
+                       Times are microseconds since the Unix epoch (UTC). Authenticate with \
+                       `Authorization: Bearer <token>` (scopes: read, admin).",
+    ),
+    paths(
+        ops::health,
+        devices::list_devices,
+        devices::register_device,
+        devices::get_device,
+        devices::set_tags,
+        data::list_streams,
+        data::telemetry,
+        data::aggregates,
+        data::ledger,
+        ops::list_rejects,
+    ),
+    components(schemas(ErrorBody)),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    tags(
+        (name = "devices", description = "The device registry"),
+        (name = "data", description = "Telemetry, aggregates and the durability ledger"),
+        (name = "operations", description = "Health and rejected messages"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    let protected = Router::new()
+        .route(
+            "/api/v1/devices",
+            get(devices::list_devices).post(devices::register_device),
+        )
+        .route("/api/v1/devices/{device_id}", get(devices::get_device))
+        .route("/api/v1/devices/{device_id}/tags", put(devices::set_tags))
+        .route(
+            "/api/v1/devices/{device_id}/streams",
+            get(data::list_streams),
+        )
+        .route(
+            "/api/v1/devices/{device_id}/streams/{stream}/telemetry",
+            get(data::telemetry),
+        )
+        .route(
+            "/api/v1/devices/{device_id}/streams/{stream}/aggregates",
+            get(data::aggregates),
+        )
+        .route("/api/v1/devices/{device_id}/ledger", get(data::ledger))
+        .route("/api/v1/rejects", get(ops::list_rejects))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/api/v1/health", get(ops::health))
+        .route("/api/openapi.json", get(ops::openapi))
+        .route("/metrics", get(ops::metrics))
+        .merge(protected)
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .layer(axum::middleware::from_fn(catch_panics))
+        .with_state(state)
+}
+
+/// Checks `Authorization: Bearer <token>` and records the token's scope in the request.
+async fn require_token(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    let header = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            AppError::Unauthorized(
+                "missing Authorization header: send `Authorization: Bearer <token>`".into(),
+            )
+        })?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            AppError::Unauthorized("the Authorization header is not `Bearer <token>`".into())
+        })?;
+    let scope = crate::auth::lookup(&state.db, token)
+        .await?
+        .ok_or_else(|| AppError::Unauthorized("unknown or revoked token".into()))?;
+    req.extensions_mut().insert(scope);
+    Ok(next.run(req).await)
+}
+
+/// Present in handlers that change data: the token must have the `admin` scope.
+pub struct AdminAccess;
+
+impl<S: Send + Sync> FromRequestParts<S> for AdminAccess {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, AppError> {
+        match parts.extensions.get::<Scope>() {
+            Some(Scope::Admin) => Ok(AdminAccess),
+            Some(Scope::Read) => Err(AppError::Forbidden(
+                "this route changes data and needs a token with the admin scope".into(),
+            )),
+            None => Err(AppError::Unauthorized("no token".into())),
+        }
+    }
+}
+
+/// A handler that panics (a bug) answers 500 like any internal error instead of dropping the
+/// connection; the panic is logged.
+async fn catch_panics(req: Request, next: Next) -> Response {
+    match tokio::spawn(next.run(req)).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            AppError::Internal(format!("a request handler panicked: {e}").into()).into_response()
+        }
+    }
+}
+
+/// Request metrics and a debug log line per request.
+async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let t0 = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    let secs = t0.elapsed().as_secs_f64();
+    state.metrics.inc(
+        "http_requests_total",
+        &[("method", &method), ("route", &route), ("status", &status)],
+        1,
+    );
+    state
+        .metrics
+        .observe("http_request_seconds", &[("route", &route)], secs);
+    tracing::debug!(%method, %path, %status, ms = secs * 1000.0, "HTTP request.");
+    resp
+}
+
+// ---- pagination ---------------------------------------------------------------------------
+
+/// The page size to use: `limit` if given (1..=max), else the configured default.
+pub fn page_limit(settings: &Settings, limit: Option<u32>) -> Result<i64, AppError> {
+    let max = settings.http.max_page_limit;
+    match limit {
+        None => Ok(i64::from(settings.http.default_page_limit)),
+        Some(l) if (1..=max).contains(&l) => Ok(i64::from(l)),
+        Some(l) => Err(AppError::invalid(format!(
+            "limit {l} is out of range: use 1-{max}"
+        ))),
+    }
+}
+
+/// A cursor, or none when absent or empty.
+pub fn cursor(c: &Option<String>) -> Option<&str> {
+    c.as_deref().filter(|c| !c.is_empty())
+}
+
+/// The cursor of a page ordered by two integers (`ts.seq`, `ts.channel`).
+pub fn int_cursor(a: i64, b: i64) -> String {
+    format!("{a}.{b}")
+}
+
+pub fn parse_int_cursor(c: &str) -> Result<(i64, i64), AppError> {
+    let bad = || AppError::BadRequest {
+        code: "invalid_cursor",
+        message: "the cursor is not one this API returned; start again without it".into(),
+    };
+    let (a, b) = c.split_once('.').ok_or_else(bad)?;
+    Ok((a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?))
+}
+
+/// Path parameters of the device routes.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct DevicePath {
+    /// Device id: 1-64 characters of `A-Z a-z 0-9 - _ .`
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+    pub device_id: String,
+}
+
+/// Path parameters of the stream routes.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct StreamPath {
+    /// Device id: 1-64 characters of `A-Z a-z 0-9 - _ .`
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+    pub device_id: String,
+    /// Stream name: 1-64 characters of `A-Z a-z 0-9 - _ .`
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+    pub stream: String,
+}
+
+/// Checks a device id or stream name from a path.
+pub fn check_name(kind: &str, name: &str) -> Result<(), AppError> {
+    ember_proto::check_name(name)
+        .map_err(|why| AppError::invalid(format!("{kind} {name:?} is not valid: {why}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int_cursors_round_trip_and_reject_garbage() {
+        assert_eq!(parse_int_cursor(&int_cursor(-5, 7)).unwrap(), (-5, 7));
+        assert!(parse_int_cursor("5").is_err());
+        assert!(parse_int_cursor("a.b").is_err());
+        assert_eq!(cursor(&Some(String::new())), None);
+    }
+}

@@ -1,0 +1,149 @@
+//! API tokens: random 32-byte secrets shown once, stored as SHA-256 hashes.
+//!
+//! A token is `ef_` followed by 64 hex digits (32 bytes from the OS's CSPRNG). Only its SHA-256
+//! is stored (`api_tokens.token_hash`): a slow password hash buys nothing for 256 random bits,
+//! and a lookup by hash leaks nothing about the token through timing. Scopes: `read` (every
+//! GET) and `admin` (also the write routes). `ember-fleet token create --scope read|admin`
+//! prints a new token once; `EMBER_FLEET_BOOTSTRAP_TOKEN` (config `bootstrap_token`) is stored
+//! as an admin token at start, so a fresh deployment can be administered without the CLI.
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use utoipa::ToSchema;
+
+use crate::db::{Db, Sql, now_us};
+use crate::error::FleetError;
+
+const TOKEN_PREFIX: &str = "ef_";
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Read,
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scope> {
+        match s {
+            "read" => Some(Scope::Read),
+            "admin" => Some(Scope::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// A fresh random token (not stored).
+pub fn generate() -> Result<String, FleetError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| FleetError::Random(e.to_string()))?;
+    let mut out = String::with_capacity(TOKEN_PREFIX.len() + 64);
+    out.push_str(TOKEN_PREFIX);
+    for b in bytes {
+        out.push_str(&format!("{b:02x}"));
+    }
+    Ok(out)
+}
+
+/// The stored form: lowercase hex SHA-256 of the token's bytes.
+pub fn hash(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A stored token, without its secret.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenInfo {
+    pub id: i64,
+    pub name: String,
+    pub scope: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// Stores `token` (hashed) with `scope`; storing the same token again only updates its scope
+/// and name. Returns its id.
+pub async fn store(db: &Db, token: &str, scope: Scope, name: &str) -> Result<i64, sqlx::Error> {
+    let mut q = Sql::new("INSERT INTO api_tokens (token_hash, scope, name, created_at) VALUES (");
+    q.bind(hash(token))
+        .push(", ")
+        .bind(scope.as_str())
+        .push(", ");
+    q.bind(name).push(", ").bind(now_us()).push(")");
+    q.push(
+        " ON CONFLICT (token_hash) DO UPDATE SET scope = excluded.scope, name = excluded.name, \
+         revoked_at = NULL RETURNING id",
+    );
+    q.query().fetch_one(db.pool()).await?.try_get("id")
+}
+
+/// Creates and stores a new token; the caller shows it once.
+pub async fn create(db: &Db, scope: Scope, name: &str) -> Result<(i64, String), FleetError> {
+    let token = generate()?;
+    let id = store(db, &token, scope, name).await?;
+    Ok((id, token))
+}
+
+/// The scope of a valid, unrevoked token.
+pub async fn lookup(db: &Db, token: &str) -> Result<Option<Scope>, sqlx::Error> {
+    let mut q = Sql::new("SELECT scope FROM api_tokens WHERE token_hash = ");
+    q.bind(hash(token)).push(" AND revoked_at IS NULL");
+    Ok(match q.query().fetch_optional(db.pool()).await? {
+        Some(row) => Scope::parse(&row.try_get::<String, _>("scope")?),
+        None => None,
+    })
+}
+
+pub async fn list(db: &Db) -> Result<Vec<TokenInfo>, sqlx::Error> {
+    let rows =
+        sqlx::query("SELECT id, name, scope, created_at, revoked_at FROM api_tokens ORDER BY id")
+            .fetch_all(db.pool())
+            .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(TokenInfo {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                scope: r.try_get("scope")?,
+                created_at: r.try_get("created_at")?,
+                revoked_at: r.try_get("revoked_at")?,
+            })
+        })
+        .collect()
+}
+
+/// Revokes a token by id; false if there is no such unrevoked token.
+pub async fn revoke(db: &Db, id: i64) -> Result<bool, sqlx::Error> {
+    let mut q = Sql::new("UPDATE api_tokens SET revoked_at = ");
+    q.bind(now_us()).push(" WHERE id = ").bind(id);
+    q.push(" AND revoked_at IS NULL");
+    Ok(q.query().execute(db.pool()).await?.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_and_hashes_stable() {
+        let a = generate().unwrap();
+        let b = generate().unwrap();
+        assert_ne!(a, b);
+        assert!(a.starts_with("ef_") && a.len() == 67, "{a}");
+        assert_eq!(
+            hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,813 @@
+//! Configuration: a TOML file plus `EMBER_FLEET_*` environment overrides, resolved into
+//! [`Settings`].
+//!
+//! Two layers, like the agent's: [`RawConfig`] mirrors the file (`deny_unknown_fields`, every
+//! field optional), and [`Settings::resolve`] fills in the named defaults below and validates
+//! every value. An invalid configuration is refused before any port is bound or file written,
+//! with an error that names the key and says how to fix it.
+//!
+//! Environment overrides: `EMBER_FLEET_<KEY>` for a top-level key and
+//! `EMBER_FLEET_<SECTION>__<KEY>` for a key in a table, e.g.
+//! `EMBER_FLEET_DATABASE__URL=postgres://...`, `EMBER_FLEET_MQTT__PORT=8883`,
+//! `EMBER_FLEET_BOOTSTRAP_TOKEN=...`. Values are parsed as TOML scalars (so `8883` is an integer
+//! and `true` a boolean) and fall back to strings; keys that hold text (URLs, tokens, hosts) are
+//! always taken as strings. `EMBER_FLEET_CONFIG` (the file's path) and `EMBER_FLEET_LOG` (the log
+//! filter) are read by the binary and are not overrides; other `EMBER_*` variables belong to the
+//! agent and are ignored.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+// ---- named defaults -----------------------------------------------------------------------
+
+pub const DEFAULT_DATA_DIR: &str = "ember-fleet-data";
+/// The SQLite file created in the data dir when no `database.url` is given.
+pub const DEFAULT_SQLITE_FILE: &str = "fleet.db";
+pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 8;
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_PAGE_LIMIT: u32 = 100;
+pub const DEFAULT_MAX_PAGE_LIMIT: u32 = 1000;
+pub const DEFAULT_MQTT_HOST: &str = "127.0.0.1";
+pub const DEFAULT_MQTT_PORT: u16 = 1883;
+pub const DEFAULT_KEEP_ALIVE_S: u64 = 30;
+pub const DEFAULT_RECONNECT_MIN_MS: u64 = 250;
+pub const DEFAULT_RECONNECT_MAX_MS: u64 = 30_000;
+/// The shared-subscription group for telemetry: replicas in one group split the load.
+pub const DEFAULT_SHARE_GROUP: &str = "ember-fleet";
+/// Twice the agent's default message cap (128 KiB) and Azure IoT Hub's limit.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+pub const DEFAULT_BATCH_MAX_RECORDS: usize = 1000;
+pub const DEFAULT_BATCH_MAX_DELAY_MS: u64 = 50;
+/// Messages between the MQTT reader and the database writer.
+pub const DEFAULT_CHANNEL_CAPACITY: usize = 512;
+/// Channels per record that get per-minute aggregates (the rest are stored, not aggregated).
+pub const DEFAULT_AGGREGATE_CHANNELS: usize = 16;
+pub const DEFAULT_TELEMETRY_DAYS: u32 = 30;
+pub const DEFAULT_AGGREGATE_DAYS: u32 = 365;
+pub const DEFAULT_REJECT_DAYS: u32 = 30;
+pub const DEFAULT_RETENTION_INTERVAL_S: u64 = 3600;
+pub const DEFAULT_GRACE_MS: u64 = 10_000;
+/// Shortest accepted bootstrap token: it is an admin credential.
+pub const MIN_BOOTSTRAP_TOKEN_LEN: usize = 16;
+
+/// What went wrong, and where.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+// ---- the file layer -----------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub data_dir: Option<PathBuf>,
+    pub bootstrap_token: Option<String>,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub http: RawHttp,
+    #[serde(default)]
+    pub database: RawDatabase,
+    #[serde(default)]
+    pub mqtt: RawMqtt,
+    #[serde(default)]
+    pub ingest: RawIngest,
+    #[serde(default)]
+    pub retention: RawRetention,
+    #[serde(default)]
+    pub shutdown: RawShutdown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    pub listen: Option<String>,
+    pub default_page_limit: Option<u32>,
+    pub max_page_limit: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    pub url: Option<String>,
+    pub max_connections: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqtt {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub keep_alive_s: Option<u64>,
+    pub clean_session: Option<bool>,
+    pub share_group: Option<String>,
+    pub reconnect_min_ms: Option<u64>,
+    pub reconnect_max_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIngest {
+    pub max_payload_bytes: Option<usize>,
+    pub batch_max_records: Option<usize>,
+    pub batch_max_delay_ms: Option<u64>,
+    pub channel_capacity: Option<usize>,
+    pub aggregate_channels: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetention {
+    pub telemetry_days: Option<u32>,
+    pub aggregates_days: Option<u32>,
+    pub rejects_days: Option<u32>,
+    pub interval_s: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShutdown {
+    pub grace_ms: Option<u64>,
+}
+
+// ---- the resolved layer -------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    /// An admin API token stored (hashed) at start; never printed.
+    #[serde(serialize_with = "redact_opt")]
+    pub bootstrap_token: Option<String>,
+    pub log: LogSettings,
+    pub http: HttpSettings,
+    pub database: DatabaseSettings,
+    pub mqtt: MqttSettings,
+    pub ingest: IngestSettings,
+    pub retention: RetentionSettings,
+    pub shutdown: ShutdownSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info` or `ember_fleet=debug,info`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+    pub default_page_limit: u32,
+    pub max_page_limit: u32,
+}
+
+/// Which database engine a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DatabaseSettings {
+    /// The connection URL (`sqlite://...` or `postgres://...`); a password is masked when
+    /// printed.
+    #[serde(serialize_with = "redact_url")]
+    pub url: String,
+    pub backend: Backend,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MqttSettings {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    /// Broker credentials (MQTT username/password), if the broker wants them.
+    pub username: Option<String>,
+    #[serde(serialize_with = "redact_opt")]
+    pub password: Option<String>,
+    pub keep_alive_s: u64,
+    /// `false` (default): the broker keeps this client's subscriptions and unacknowledged
+    /// messages while the service is down.
+    pub clean_session: bool,
+    /// Shared-subscription group for telemetry; empty for a plain subscription.
+    pub share_group: String,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestSettings {
+    pub max_payload_bytes: usize,
+    pub batch_max_records: usize,
+    pub batch_max_delay_ms: u64,
+    pub channel_capacity: usize,
+    pub aggregate_channels: usize,
+}
+
+/// Days to keep rows; 0 keeps them forever.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetentionSettings {
+    pub telemetry_days: u32,
+    pub aggregates_days: u32,
+    pub rejects_days: u32,
+    pub interval_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ShutdownSettings {
+    pub grace_ms: u64,
+}
+
+fn redact_opt<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
+fn redact_url<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&mask_password(v))
+}
+
+/// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`.
+pub fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+impl Settings {
+    /// Reads `path` (or uses an empty config when `None`), applies `env`, resolves and validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let (text, name) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "<defaults>".to_string()),
+        };
+        Self::from_toml(&text, &name, env)
+    }
+
+    pub fn from_toml(
+        text: &str,
+        name: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: name.to_string(),
+            message: e.to_string(),
+        })?;
+        apply_env(&mut table, env)?;
+        let raw: RawConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: name.to_string(),
+                    message: e.to_string(),
+                })?;
+        Settings::resolve(raw)
+    }
+
+    pub fn resolve(raw: RawConfig) -> Result<Settings, ConfigError> {
+        let data_dir = raw
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        if data_dir.as_os_str().is_empty() {
+            return Err(invalid(
+                "data_dir",
+                "is empty: give a directory the service may write to",
+            ));
+        }
+        if let Some(t) = &raw.bootstrap_token
+            && (t.len() < MIN_BOOTSTRAP_TOKEN_LEN || t.chars().any(|c| c.is_whitespace()))
+        {
+            return Err(invalid(
+                "bootstrap_token",
+                format!(
+                    "must be at least {MIN_BOOTSTRAP_TOKEN_LEN} characters without spaces (generate one with `ember-fleet token generate`)"
+                ),
+            ));
+        }
+
+        let log = LogSettings {
+            format: match raw.log.format.as_deref() {
+                None | Some("pretty") => LogFormat::Pretty,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    return Err(invalid(
+                        "log.format",
+                        format!("{other:?} is not a log format: use \"pretty\" or \"json\""),
+                    ));
+                }
+            },
+            level: raw.log.level.unwrap_or_else(|| "info".into()),
+        };
+        if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "{:?} is not a filter: use e.g. \"info\", \"debug\" or \"ember_fleet=debug,warn\"",
+                    log.level
+                ),
+            ));
+        }
+
+        let listen = raw
+            .http
+            .listen
+            .unwrap_or_else(|| DEFAULT_HTTP_LISTEN.into());
+        let http = HttpSettings {
+            listen: listen.parse().map_err(|_| {
+                invalid(
+                    "http.listen",
+                    format!("{listen:?} is not an address: use e.g. \"127.0.0.1:8080\""),
+                )
+            })?,
+            default_page_limit: raw.http.default_page_limit.unwrap_or(DEFAULT_PAGE_LIMIT),
+            max_page_limit: raw.http.max_page_limit.unwrap_or(DEFAULT_MAX_PAGE_LIMIT),
+        };
+        if !(1..=100_000).contains(&http.max_page_limit) {
+            return Err(invalid("http.max_page_limit", "must be 1-100000"));
+        }
+        if http.default_page_limit == 0 || http.default_page_limit > http.max_page_limit {
+            return Err(invalid(
+                "http.default_page_limit",
+                "must be at least 1 and at most http.max_page_limit",
+            ));
+        }
+
+        let url = match raw.database.url {
+            Some(u) => u,
+            None => {
+                let file = data_dir.join(DEFAULT_SQLITE_FILE);
+                let file = file.to_str().ok_or_else(|| {
+                    invalid(
+                        "data_dir",
+                        "is not valid UTF-8: choose another path or set database.url",
+                    )
+                })?;
+                format!("sqlite://{file}")
+            }
+        };
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(invalid(
+                "database.url",
+                format!(
+                    "{:?} names no supported database: use sqlite://<path> or postgres://user@host/db",
+                    mask_password(&url)
+                ),
+            ));
+        };
+        let database = DatabaseSettings {
+            url,
+            backend,
+            max_connections: raw
+                .database
+                .max_connections
+                .unwrap_or(DEFAULT_DB_MAX_CONNECTIONS),
+        };
+        if !(1..=1000).contains(&database.max_connections) {
+            return Err(invalid("database.max_connections", "must be 1-1000"));
+        }
+
+        let m = raw.mqtt;
+        let mqtt = MqttSettings {
+            host: m.host.unwrap_or_else(|| DEFAULT_MQTT_HOST.into()),
+            port: m.port.unwrap_or(DEFAULT_MQTT_PORT),
+            client_id: m.client_id.unwrap_or_else(default_client_id),
+            username: m.username,
+            password: m.password,
+            keep_alive_s: m.keep_alive_s.unwrap_or(DEFAULT_KEEP_ALIVE_S),
+            clean_session: m.clean_session.unwrap_or(false),
+            share_group: m.share_group.unwrap_or_else(|| DEFAULT_SHARE_GROUP.into()),
+            reconnect_min_ms: m.reconnect_min_ms.unwrap_or(DEFAULT_RECONNECT_MIN_MS),
+            reconnect_max_ms: m.reconnect_max_ms.unwrap_or(DEFAULT_RECONNECT_MAX_MS),
+        };
+        if mqtt.host.is_empty() {
+            return Err(invalid(
+                "mqtt.host",
+                "is empty: give the broker's host name",
+            ));
+        }
+        if mqtt.port == 0 {
+            return Err(invalid("mqtt.port", "0 is not a port: use 1-65535"));
+        }
+        if mqtt.client_id.is_empty() || mqtt.client_id.len() > 128 {
+            return Err(invalid(
+                "mqtt.client_id",
+                "must be 1-128 characters, unique per replica",
+            ));
+        }
+        if mqtt.password.is_some() && mqtt.username.is_none() {
+            return Err(invalid(
+                "mqtt.password",
+                "is set without mqtt.username: set both or neither",
+            ));
+        }
+        if !(5..=3600).contains(&mqtt.keep_alive_s) {
+            return Err(invalid("mqtt.keep_alive_s", "must be 5-3600 seconds"));
+        }
+        if mqtt
+            .share_group
+            .chars()
+            .any(|c| matches!(c, '/' | '+' | '#') || c.is_whitespace())
+        {
+            return Err(invalid(
+                "mqtt.share_group",
+                "must not contain '/', '+', '#' or spaces",
+            ));
+        }
+        if mqtt.reconnect_min_ms == 0 || mqtt.reconnect_min_ms > mqtt.reconnect_max_ms {
+            return Err(invalid(
+                "mqtt.reconnect_min_ms",
+                "must be at least 1 and at most mqtt.reconnect_max_ms",
+            ));
+        }
+
+        let i = raw.ingest;
+        let ingest = IngestSettings {
+            max_payload_bytes: i.max_payload_bytes.unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES),
+            batch_max_records: i.batch_max_records.unwrap_or(DEFAULT_BATCH_MAX_RECORDS),
+            batch_max_delay_ms: i.batch_max_delay_ms.unwrap_or(DEFAULT_BATCH_MAX_DELAY_MS),
+            channel_capacity: i.channel_capacity.unwrap_or(DEFAULT_CHANNEL_CAPACITY),
+            aggregate_channels: i.aggregate_channels.unwrap_or(DEFAULT_AGGREGATE_CHANNELS),
+        };
+        if !(256..=256 * 1024 * 1024).contains(&ingest.max_payload_bytes) {
+            return Err(invalid(
+                "ingest.max_payload_bytes",
+                "must be 256 bytes to 256 MiB",
+            ));
+        }
+        if !(1..=100_000).contains(&ingest.batch_max_records) {
+            return Err(invalid("ingest.batch_max_records", "must be 1-100000"));
+        }
+        if !(1..=60_000).contains(&ingest.batch_max_delay_ms) {
+            return Err(invalid("ingest.batch_max_delay_ms", "must be 1-60000"));
+        }
+        if !(1..=65_536).contains(&ingest.channel_capacity) {
+            return Err(invalid("ingest.channel_capacity", "must be 1-65536"));
+        }
+        if ingest.aggregate_channels > 1024 {
+            return Err(invalid("ingest.aggregate_channels", "must be 0-1024"));
+        }
+
+        let r = raw.retention;
+        let retention = RetentionSettings {
+            telemetry_days: r.telemetry_days.unwrap_or(DEFAULT_TELEMETRY_DAYS),
+            aggregates_days: r.aggregates_days.unwrap_or(DEFAULT_AGGREGATE_DAYS),
+            rejects_days: r.rejects_days.unwrap_or(DEFAULT_REJECT_DAYS),
+            interval_s: r.interval_s.unwrap_or(DEFAULT_RETENTION_INTERVAL_S),
+        };
+        for (key, days) in [
+            ("retention.telemetry_days", retention.telemetry_days),
+            ("retention.aggregates_days", retention.aggregates_days),
+            ("retention.rejects_days", retention.rejects_days),
+        ] {
+            if days > 36_500 {
+                return Err(invalid(key, "must be 0 (keep forever) to 36500 days"));
+            }
+        }
+        if !(1..=7 * 86_400).contains(&retention.interval_s) {
+            return Err(invalid("retention.interval_s", "must be 1-604800 seconds"));
+        }
+
+        let shutdown = ShutdownSettings {
+            grace_ms: raw.shutdown.grace_ms.unwrap_or(DEFAULT_GRACE_MS),
+        };
+        if shutdown.grace_ms > 600_000 {
+            return Err(invalid("shutdown.grace_ms", "must be at most 600000"));
+        }
+
+        Ok(Settings {
+            data_dir,
+            bootstrap_token: raw.bootstrap_token,
+            log,
+            http,
+            database,
+            mqtt,
+            ingest,
+            retention,
+            shutdown,
+        })
+    }
+
+    /// The resolved settings as TOML (secrets masked), for `check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render settings: {e}"))
+    }
+}
+
+/// `ember-fleet-<hostname>`: unique per machine, stable across restarts (the broker keeps a
+/// persistent session under it).
+fn default_client_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".into());
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    format!("ember-fleet-{host}")
+}
+
+/// `EMBER_FLEET_*` variables that are not config overrides.
+pub const RESERVED_ENV: [&str; 2] = ["EMBER_FLEET_CONFIG", "EMBER_FLEET_LOG"];
+
+/// Keys whose values are text even when they look like numbers or booleans.
+const STRING_KEYS: [&str; 11] = [
+    "data_dir",
+    "bootstrap_token",
+    "database.url",
+    "mqtt.host",
+    "mqtt.client_id",
+    "mqtt.username",
+    "mqtt.password",
+    "mqtt.share_group",
+    "http.listen",
+    "log.level",
+    "log.format",
+];
+
+/// Applies `EMBER_FLEET_*` overrides onto the parsed file.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (var, value) in env {
+        let Some(rest) = var.strip_prefix("EMBER_FLEET_") else {
+            continue;
+        };
+        if rest.is_empty() || RESERVED_ENV.contains(&var.as_str()) {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if path.iter().any(|p| p.is_empty()) || path.len() > 2 {
+            return Err(ConfigError::Env {
+                var,
+                message: "use EMBER_FLEET_<KEY> or EMBER_FLEET_<SECTION>__<KEY> (double underscore between section and key)".into(),
+            });
+        }
+        let dotted = path.join(".");
+        let parsed = if STRING_KEYS.contains(&dotted.as_str()) {
+            toml::Value::String(value)
+        } else {
+            parse_scalar(&value)
+        };
+        let slot = if path.len() == 1 {
+            &mut *table
+        } else {
+            let entry = table
+                .entry(path[0].clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var,
+                        message: format!("`{}` is not a table in the config file", path[0]),
+                    });
+                }
+            }
+        };
+        slot.insert(path[path.len() - 1].clone(), parsed);
+    }
+    Ok(())
+}
+
+fn parse_scalar(s: &str) -> toml::Value {
+    #[derive(Deserialize)]
+    struct Probe {
+        v: toml::Value,
+    }
+    match toml::from_str::<Probe>(&format!("v = {s}")) {
+        Ok(Probe { v }) if !matches!(v, toml::Value::Table(_) | toml::Value::Array(_)) => v,
+        _ => toml::Value::String(s.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Settings, ConfigError> {
+        Settings::from_toml(text, "test.toml", Vec::new())
+    }
+
+    #[test]
+    fn empty_config_gets_defaults() {
+        let s = load("").unwrap();
+        assert_eq!(s.database.backend, Backend::Sqlite);
+        assert_eq!(s.database.url, "sqlite://ember-fleet-data/fleet.db");
+        assert_eq!(s.mqtt.port, DEFAULT_MQTT_PORT);
+        assert!(!s.mqtt.clean_session);
+        assert_eq!(s.mqtt.share_group, "ember-fleet");
+        assert!(s.mqtt.client_id.starts_with("ember-fleet-"));
+        assert_eq!(s.http.listen.to_string(), DEFAULT_HTTP_LISTEN);
+        assert_eq!(s.retention.telemetry_days, DEFAULT_TELEMETRY_DAYS);
+    }
+
+    #[test]
+    fn the_example_config_is_valid_and_complete() {
+        let text = include_str!("../examples/fleet.toml");
+        let s = load(text).unwrap();
+        assert_eq!(s.http.listen.to_string(), "127.0.0.1:8080");
+        // Every key of the resolved settings appears in the example (commented out or not).
+        for key in [
+            "data_dir",
+            "bootstrap_token",
+            "format",
+            "level",
+            "listen",
+            "default_page_limit",
+            "max_page_limit",
+            "url",
+            "max_connections",
+            "host",
+            "port",
+            "client_id",
+            "username",
+            "password",
+            "keep_alive_s",
+            "clean_session",
+            "share_group",
+            "reconnect_min_ms",
+            "reconnect_max_ms",
+            "max_payload_bytes",
+            "batch_max_records",
+            "batch_max_delay_ms",
+            "channel_capacity",
+            "aggregate_channels",
+            "telemetry_days",
+            "aggregates_days",
+            "rejects_days",
+            "interval_s",
+            "grace_ms",
+        ] {
+            assert!(
+                text.contains(&format!("{key} =")),
+                "examples/fleet.toml lacks {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn env_overrides_file_and_secrets_are_masked() {
+        let env = vec![
+            ("EMBER_FLEET_MQTT__PORT".to_string(), "8883".to_string()),
+            (
+                "EMBER_FLEET_DATABASE__URL".to_string(),
+                "postgres://fleet:hunter2@db.local/fleet".to_string(),
+            ),
+            (
+                "EMBER_FLEET_BOOTSTRAP_TOKEN".to_string(),
+                "12345678901234567890".to_string(),
+            ),
+            ("EMBER_FLEET_LOG".to_string(), "debug".to_string()),
+            (
+                "EMBER_FLEET_MQTT__USERNAME".to_string(),
+                "fleet".to_string(),
+            ),
+            (
+                "EMBER_FLEET_MQTT__PASSWORD".to_string(),
+                "mqtt-secret".to_string(),
+            ),
+            ("EMBER_DEVICE_ID".to_string(), "agent-only".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        let s = Settings::from_toml("[mqtt]\nport = 1\n", "t", env).unwrap();
+        assert_eq!(s.mqtt.port, 8883);
+        assert_eq!(s.database.backend, Backend::Postgres);
+        assert_eq!(
+            s.bootstrap_token.as_deref(),
+            Some("12345678901234567890"),
+            "a numeric-looking token stays text"
+        );
+        let printed = s.to_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("12345678901234567890"), "{printed}");
+        assert!(!printed.contains("mqtt-secret"), "{printed}");
+        assert_eq!(s.mqtt.password.as_deref(), Some("mqtt-secret"));
+        assert!(printed.contains("fleet:***@db.local"), "{printed}");
+    }
+
+    #[test]
+    fn invalid_configs_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("nope = 1", "nope"),
+            ("[mqtt]\nprot = 1", "prot"),
+            ("[mqtt]\nport = 0", "mqtt.port"),
+            ("[mqtt]\nshare_group = \"a/b\"", "mqtt.share_group"),
+            ("[mqtt]\npassword = \"p\"", "mqtt.password"),
+            ("[database]\nurl = \"mysql://x\"", "database.url"),
+            (
+                "[database]\nmax_connections = 0",
+                "database.max_connections",
+            ),
+            ("[http]\nlisten = \"nowhere\"", "http.listen"),
+            ("[http]\ndefault_page_limit = 0", "http.default_page_limit"),
+            (
+                "[ingest]\nmax_payload_bytes = 10",
+                "ingest.max_payload_bytes",
+            ),
+            (
+                "[ingest]\nbatch_max_records = 0",
+                "ingest.batch_max_records",
+            ),
+            ("[retention]\ninterval_s = 0", "retention.interval_s"),
+            (
+                "[retention]\ntelemetry_days = 99999",
+                "retention.telemetry_days",
+            ),
+            ("[log]\nformat = \"xml\"", "log.format"),
+            ("bootstrap_token = \"short\"", "bootstrap_token"),
+            ("data_dir = ", "line 1"),
+        ];
+        for (text, key) in cases {
+            let e = load(text).expect_err(text).to_string();
+            assert!(
+                e.contains(key),
+                "error for {text:?} should name {key:?}: {e}"
+            );
+        }
+        let e = Settings::from_toml("", "t", vec![("EMBER_FLEET_MQTT__X__Y".into(), "1".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("EMBER_FLEET_MQTT__X__Y"), "{e}");
+    }
+}

@@ -1,0 +1,333 @@
+//! Storage: one sqlx `Any` pool over SQLite (embedded default) or PostgreSQL (production),
+//! chosen by the URL's scheme, and the migrations for each.
+//!
+//! **Dialect rule.** Every query in this crate is written once, in the subset both engines
+//! share: `$N` placeholders (SQLite accepts them), `INSERT ... ON CONFLICT ... DO NOTHING /
+//! DO UPDATE SET x = excluded.x`, `RETURNING`, window functions (`LAG`), `CASE` instead of
+//! `GREATEST`/`MAX(a, b)`, and explicit `CAST(... AS BIGINT)` around `SUM` of integers
+//! (Postgres would return `NUMERIC`, which the `Any` driver cannot decode). Booleans are read
+//! with [`get_bool`] because SQLite returns them as integers. Only the schema differs, so each
+//! engine has its own migration folder (`migrations/sqlite`, `migrations/postgres`) with the same
+//! tables, columns and keys; both are compiled into the binary.
+//!
+//! SQLite runs in WAL mode with `synchronous = FULL`: ingestion acknowledges a message to the
+//! broker only after its batch is committed, so the commit must be on disk, not just in the OS
+//! cache. Batching keeps that to one fsync per batch.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::{AnyPool, Executor, Row};
+
+use crate::config::{Backend, DatabaseSettings};
+use crate::error::FleetError;
+
+/// Migrations per backend, compiled in: `(version, description, sql)`.
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "init",
+    include_str!("../migrations/sqlite/0001_init.sql"),
+)];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "init",
+    include_str!("../migrations/postgres/0001_init.sql"),
+)];
+
+/// How long a caller waits for a pooled connection before the request fails.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+struct Embedded(&'static [(i64, &'static str, &'static str)]);
+
+impl<'s> MigrationSource<'s> for Embedded {
+    fn resolve(
+        self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<Migration>, sqlx::error::BoxDynError>> + Send + 's>>
+    {
+        let migrations = self
+            .0
+            .iter()
+            .map(|(version, description, sql)| {
+                Migration::new(
+                    *version,
+                    Cow::Borrowed(*description),
+                    MigrationType::Simple,
+                    Cow::Borrowed(*sql),
+                    false,
+                )
+            })
+            .collect();
+        Box::pin(async move { Ok(migrations) })
+    }
+}
+
+/// The connection pool and which engine is behind it.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Db {
+    /// Connects (creating the SQLite file and its directory if needed) without migrating.
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Db, FleetError> {
+        sqlx::any::install_default_drivers();
+        let mut url = settings.url.clone();
+        if settings.backend == Backend::Sqlite {
+            url = prepare_sqlite(&url)?;
+        }
+        let backend = settings.backend;
+        let options = AnyPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL: readers (the API) never block the writer (ingestion).
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = FULL").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    }
+                    Ok(())
+                })
+            });
+        let pool = options
+            .connect(&url)
+            .await
+            .map_err(|source| FleetError::Connect {
+                url: crate::config::mask_password(&settings.url),
+                source,
+            })?;
+        Ok(Db { pool, backend })
+    }
+
+    /// Connects and brings the schema up to date.
+    pub async fn open(settings: &DatabaseSettings) -> Result<Db, FleetError> {
+        let db = Db::connect(settings).await?;
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// Applies the migrations this build knows (idempotent; Postgres takes an advisory lock, so
+    /// replicas starting together migrate once).
+    pub async fn migrate(&self) -> Result<(), FleetError> {
+        let source = match self.backend {
+            Backend::Sqlite => Embedded(SQLITE_MIGRATIONS),
+            Backend::Postgres => Embedded(POSTGRES_MIGRATIONS),
+        };
+        let migrator = Migrator::new(source).await?;
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// `SELECT 1`, for the health check.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Creates the SQLite file's directory and asks sqlx to create the file (`mode=rwc`).
+fn prepare_sqlite(url: &str) -> Result<String, FleetError> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    if !path.is_empty()
+        && path != ":memory:"
+        && let Some(parent) = std::path::Path::new(path).parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent).map_err(|source| FleetError::DataDir {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(match query {
+        Some(q) if q.split('&').any(|kv| kv.starts_with("mode=")) => url.to_string(),
+        Some(_) => format!("{url}&mode=rwc"),
+        None => format!("{url}?mode=rwc"),
+    })
+}
+
+// ---- helpers shared by the query modules ---------------------------------------------------
+
+/// A value bound to a [`Sql`] placeholder.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Param {
+    I64(Option<i64>),
+    F64(f64),
+    Bool(bool),
+    Text(Option<String>),
+    Blob(Vec<u8>),
+}
+
+impl From<i64> for Param {
+    fn from(v: i64) -> Param {
+        Param::I64(Some(v))
+    }
+}
+impl From<Option<i64>> for Param {
+    fn from(v: Option<i64>) -> Param {
+        Param::I64(v)
+    }
+}
+impl From<f64> for Param {
+    fn from(v: f64) -> Param {
+        Param::F64(v)
+    }
+}
+impl From<bool> for Param {
+    fn from(v: bool) -> Param {
+        Param::Bool(v)
+    }
+}
+impl From<&str> for Param {
+    fn from(v: &str) -> Param {
+        Param::Text(Some(v.to_string()))
+    }
+}
+impl From<String> for Param {
+    fn from(v: String) -> Param {
+        Param::Text(Some(v))
+    }
+}
+impl From<Option<String>> for Param {
+    fn from(v: Option<String>) -> Param {
+        Param::Text(v)
+    }
+}
+impl From<Vec<u8>> for Param {
+    fn from(v: Vec<u8>) -> Param {
+        Param::Blob(v)
+    }
+}
+
+/// A SQL statement assembled at run time with numbered `$N` placeholders.
+#[derive(Debug, Default, Clone)]
+pub struct Sql {
+    pub text: String,
+    params: Vec<Param>,
+}
+
+impl Sql {
+    pub fn new(text: &str) -> Sql {
+        Sql {
+            text: text.to_string(),
+            params: Vec::new(),
+        }
+    }
+
+    /// Appends SQL text.
+    pub fn push(&mut self, s: &str) -> &mut Self {
+        self.text.push_str(s);
+        self
+    }
+
+    /// Binds a value and returns its placeholder (`$N`) without appending it, so a value
+    /// used twice is bound once.
+    pub fn param(&mut self, value: impl Into<Param>) -> String {
+        self.params.push(value.into());
+        format!("${}", self.params.len())
+    }
+
+    /// Binds a value and appends its placeholder.
+    pub fn bind(&mut self, value: impl Into<Param>) -> &mut Self {
+        let p = self.param(value);
+        self.text.push_str(&p);
+        self
+    }
+
+    pub fn params_len(&self) -> usize {
+        self.params.len()
+    }
+
+    /// The statement with its values bound, ready to execute or fetch.
+    pub fn query(&self) -> sqlx::query::Query<'_, sqlx::Any, AnyArguments<'_>> {
+        let mut q = sqlx::query(&self.text);
+        for p in &self.params {
+            q = match p {
+                Param::I64(v) => q.bind(*v),
+                Param::F64(v) => q.bind(*v),
+                Param::Bool(v) => q.bind(*v),
+                Param::Text(v) => q.bind(v.as_deref()),
+                Param::Blob(v) => q.bind(v.as_slice()),
+            };
+        }
+        q
+    }
+}
+
+/// Reads a boolean column from either engine (SQLite returns integers).
+pub fn get_bool(row: &AnyRow, col: &str) -> Result<bool, sqlx::Error> {
+    match row.try_get::<bool, _>(col) {
+        Ok(b) => Ok(b),
+        Err(_) => row.try_get::<i64, _>(col).map(|i| i != 0),
+    }
+}
+
+/// Microseconds since the Unix epoch, now (the fleet's clock).
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Runs `f`, recording its latency in `db_seconds{op}` and failures in `db_errors_total{op}`.
+pub async fn timed<T, F>(
+    metrics: &crate::metrics::Metrics,
+    op: &str,
+    f: F,
+) -> Result<T, sqlx::Error>
+where
+    F: Future<Output = Result<T, sqlx::Error>>,
+{
+    let t0 = Instant::now();
+    let r = f.await;
+    metrics.observe("db_seconds", &[("op", op)], t0.elapsed().as_secs_f64());
+    if r.is_err() {
+        metrics.inc("db_errors_total", &[("op", op)], 1);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_get_create_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a/b/fleet.db");
+        let url = format!("sqlite://{}", p.display());
+        assert_eq!(prepare_sqlite(&url).unwrap(), format!("{url}?mode=rwc"));
+        assert!(dir.path().join("a/b").is_dir());
+        let ro = format!("{url}?mode=ro");
+        assert_eq!(prepare_sqlite(&ro).unwrap(), ro);
+    }
+}

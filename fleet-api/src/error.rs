@@ -1,0 +1,38 @@
+//! The library's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can stop the fleet service or one of its commands.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error(
+        "cannot create the data directory {path}: {source} (check its permissions or set data_dir)"
+    )]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot open the database {url}: {source} (check database.url and that the server runs)"
+    )]
+    Connect { url: String, source: sqlx::Error },
+    #[error("cannot migrate the database: {0} (was it written by a newer ember-fleet?)")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error(
+        "cannot listen on {addr}: {source} (is another process using the port? set http.listen)"
+    )]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+    #[error("cannot generate a random token: {0}")]
+    Random(String),
+    #[error("a task failed: {0}")]
+    Task(String),
+}

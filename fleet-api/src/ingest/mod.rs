@@ -1,0 +1,370 @@
+//! Ingestion: MQTT in, database out.
+//!
+//! ```text
+//! broker ──▶ reader (rumqttc event loop) ──bounded channel──▶ writer (batches, 1 tx each)
+//!              │ classify: size, topic, decode,                 │ commit, then PUBACK
+//!              │ validate, device match                         ▼
+//!              └──────────── PUBACKs ◀──────── Acker (same connection only)
+//! ```
+//!
+//! Subscriptions (QoS 1): `$share/<mqtt.share_group>/ember/v1/+/telemetry` (replicas in one
+//! group split the telemetry; `share_group = ""` subscribes plainly), `ember/v1/+/status`
+//! (every replica sees every status; applying one is idempotent) and `ember/v1/+/heartbeat`.
+//!
+//! Lifecycle and guarantees:
+//! * Acknowledgements are manual (`set_manual_acks`): a message is acknowledged by the writer
+//!   after it is committed, never on receipt. With the default persistent session
+//!   (`mqtt.clean_session = false`) the broker keeps whatever is unacknowledged, and what
+//!   arrives while the service is down, for the next connection.
+//! * The channel is bounded. When it is full the reader keeps the connection serviced (it
+//!   carries the writer's PUBACKs) and holds what still arrives in a backlog, which the broker's
+//!   in-flight window bounds: nothing is acknowledged before it is stored, so the broker stops
+//!   sending when its window (`max_inflight_messages`) is full and queues the rest. QoS 0
+//!   heartbeats never wait: they are dropped when the pipeline is full (counted as `dropped`).
+//! * A malformed message is a reject, stored and acknowledged like any other message: it can
+//!   neither crash the service nor be redelivered forever.
+//! * Shutdown (the `shutdown` token): the reader stops taking new messages (they stay
+//!   unacknowledged at the broker), closes the channel, keeps the connection up while the
+//!   writer stores and acknowledges everything already taken, then disconnects cleanly.
+//!   `force` abandons the drain; nothing unstored was acknowledged, so nothing is lost.
+
+pub mod classify;
+pub mod writer;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS, SubscribeFilter};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::db::{Db, now_us};
+use crate::metrics::Metrics;
+use classify::{Reject, RejectReason, classify};
+use writer::{AckToken, Acker, Inbound, Writer};
+
+/// MQTT's largest packet: the reader must accept anything the broker sends, or an oversized
+/// message would break the connection and be redelivered forever. Size is enforced by
+/// `ingest.max_payload_bytes` after reading (cap it at the broker too: `message_size_limit`).
+const MAX_MQTT_PACKET: usize = 268_435_455;
+/// At most one reject log line per reason in this interval; the rest are counted.
+const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a clean disconnect may take at shutdown.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the API's health check reads.
+#[derive(Debug, Default)]
+pub struct IngestState {
+    /// Connected to the broker.
+    pub connected: AtomicBool,
+    /// Connected, and the broker confirmed every subscription.
+    pub subscribed: AtomicBool,
+}
+
+/// The subscription filters for `share_group`.
+pub fn subscriptions(share_group: &str) -> Vec<SubscribeFilter> {
+    let telemetry = if share_group.is_empty() {
+        "ember/v1/+/telemetry".to_string()
+    } else {
+        format!("$share/{share_group}/ember/v1/+/telemetry")
+    };
+    vec![
+        SubscribeFilter::new(telemetry, QoS::AtLeastOnce),
+        SubscribeFilter::new("ember/v1/+/status".into(), QoS::AtLeastOnce),
+        SubscribeFilter::new("ember/v1/+/heartbeat".into(), QoS::AtLeastOnce),
+    ]
+}
+
+struct RejectLog {
+    last: HashMap<RejectReason, (Instant, u64)>,
+}
+
+impl RejectLog {
+    fn log(&mut self, r: &Reject) {
+        let now = Instant::now();
+        match self.last.get_mut(&r.reason) {
+            Some((at, suppressed)) if now.duration_since(*at) < REJECT_LOG_INTERVAL => {
+                *suppressed += 1;
+            }
+            slot => {
+                let suppressed = slot.map(|(_, s)| *s).unwrap_or(0);
+                tracing::warn!(device = %r.device, reason = r.reason.as_str(), topic = %r.topic,
+                    detail = %r.detail, suppressed_since_last = suppressed,
+                    "Rejected a message.");
+                self.last.insert(r.reason, (now, 0));
+            }
+        }
+    }
+}
+
+/// Runs ingestion until `shutdown` has drained (or `force` fires).
+pub async fn run(
+    settings: Arc<Settings>,
+    db: Db,
+    metrics: Arc<Metrics>,
+    state: Arc<IngestState>,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) {
+    let m = &settings.mqtt;
+    let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
+    opts.set_keep_alive(Duration::from_secs(m.keep_alive_s));
+    opts.set_clean_session(m.clean_session);
+    opts.set_manual_acks(true);
+    if let Some(user) = &m.username {
+        opts.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
+    }
+    opts.set_max_packet_size(MAX_MQTT_PACKET, 64 * 1024);
+    // The writer acks a whole batch at once, without waiting: room for all of them.
+    let request_capacity = settings.ingest.channel_capacity + 64;
+    opts.set_request_channel_capacity(request_capacity);
+    let (client, mut eventloop) = AsyncClient::new(opts, request_capacity);
+
+    let epoch = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::channel::<Inbound>(settings.ingest.channel_capacity);
+    let mut writer = tokio::spawn(writer::run(
+        rx,
+        Writer {
+            db,
+            metrics: metrics.clone(),
+            settings: settings.ingest.clone(),
+            acker: Acker {
+                client: client.clone(),
+                epoch: epoch.clone(),
+                state: state.clone(),
+            },
+        },
+        force.clone(),
+    ));
+
+    let filters = subscriptions(&m.share_group);
+    let max_payload = settings.ingest.max_payload_bytes;
+    let mut tx = Some(tx);
+    // Messages read but not yet in the channel. The event loop is polled even while the
+    // channel is full (it carries the writer's PUBACKs out), so messages can arrive meanwhile;
+    // their number is bounded by the broker's in-flight window, because nothing is
+    // acknowledged before it is stored.
+    let mut backlog: VecDeque<Inbound> = VecDeque::new();
+    let mut rejects = RejectLog {
+        last: HashMap::new(),
+    };
+    let mut backoff = Duration::from_millis(m.reconnect_min_ms);
+    let max_backoff = Duration::from_millis(m.reconnect_max_ms);
+    let mut was_connected = false;
+    let mut writer_done = false;
+
+    loop {
+        if let Some(tx) = &tx {
+            metrics.set(
+                "ingest_pending",
+                &[],
+                (tx.max_capacity() - tx.capacity() + backlog.len()) as f64,
+            );
+        }
+        let step = tokio::select! {
+            biased;
+            _ = force.cancelled() => Step::Stop,
+            _ = shutdown.cancelled(), if tx.is_some() => Step::Drain,
+            permit = reserve(&tx), if !backlog.is_empty() => {
+                match (permit, backlog.pop_front()) {
+                    (Some(permit), Some(m)) => {
+                        permit.send(m);
+                        Step::Continue
+                    }
+                    _ => {
+                        tracing::error!("The database writer stopped; ingestion ends.");
+                        Step::Stop
+                    }
+                }
+            }
+            res = &mut writer, if tx.is_none() && !writer_done => {
+                writer_done = true;
+                if let Err(e) = res {
+                    tracing::error!(error = %e, "The database writer failed.");
+                }
+                Step::Stop
+            }
+            ev = eventloop.poll() => Step::Event(ev),
+        };
+        let ev = match step {
+            Step::Stop => break,
+            Step::Continue => continue,
+            Step::Drain => {
+                tracing::info!(
+                    not_taken = backlog.len(),
+                    "Shutting down ingestion: storing and acknowledging what was taken; the rest stays with the broker."
+                );
+                tx = None;
+                backlog.clear();
+                continue;
+            }
+            Step::Event(ev) => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                if ack.code != ConnectReturnCode::Success {
+                    tracing::error!(code = ?ack.code, "The broker refused the connection.");
+                    continue;
+                }
+                epoch.fetch_add(1, Ordering::AcqRel);
+                state.connected.store(true, Ordering::Release);
+                metrics.set("mqtt_connected", &[], 1.0);
+                metrics.inc("mqtt_connections_total", &[], 1);
+                backoff = Duration::from_millis(m.reconnect_min_ms);
+                was_connected = true;
+                tracing::info!(host = %m.host, port = m.port, client_id = %m.client_id,
+                    session_present = ack.session_present, "Connected to the broker.");
+                if let Err(e) = client.try_subscribe_many(filters.clone()) {
+                    tracing::error!(error = %e, "Could not subscribe.");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                {
+                    state.subscribed.store(false, Ordering::Release);
+                    tracing::error!(codes = ?ack.return_codes,
+                        "The broker refused a subscription (does it allow $share subscriptions? set mqtt.share_group = \"\" if not).");
+                } else {
+                    state.subscribed.store(true, Ordering::Release);
+                    tracing::info!("Subscribed.");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let Some(sender) = &tx else {
+                    // Draining: leave it unacknowledged; the broker delivers it again.
+                    continue;
+                };
+                let received_at = now_us();
+                metrics.observe("payload_bytes", &[], p.payload.len() as f64);
+                let item = classify(&p.topic, &p.payload, max_payload);
+                let channel = match &item {
+                    Ok(i) => i.channel(),
+                    Err(_) => channel_of(&p.topic),
+                };
+                match &item {
+                    Ok(_) => metrics.inc(
+                        "messages_total",
+                        &[("channel", channel), ("outcome", "accepted")],
+                        1,
+                    ),
+                    Err(r) => {
+                        metrics.inc(
+                            "messages_total",
+                            &[("channel", channel), ("outcome", "rejected")],
+                            1,
+                        );
+                        metrics.inc("rejects_total", &[("reason", r.reason.as_str())], 1);
+                        rejects.log(r);
+                    }
+                }
+                let ack = (p.qos != QoS::AtMostOnce).then(|| AckToken {
+                    epoch: epoch.load(Ordering::Acquire),
+                    pkid: p.pkid,
+                });
+                let inbound = Inbound {
+                    ack,
+                    received_at,
+                    item,
+                };
+                if ack.is_none() {
+                    // QoS 0 (heartbeats): never queued behind a backlog; dropped when full.
+                    if !backlog.is_empty() || sender.try_send(inbound).is_err() {
+                        metrics.inc(
+                            "messages_total",
+                            &[("channel", channel), ("outcome", "dropped")],
+                            1,
+                        );
+                    }
+                    continue;
+                }
+                if backlog.is_empty() {
+                    match sender.try_send(inbound) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(m)) => backlog.push_back(m),
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            tracing::error!("The database writer stopped; ingestion ends.");
+                            break;
+                        }
+                    }
+                } else {
+                    backlog.push_back(inbound);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                state.connected.store(false, Ordering::Release);
+                state.subscribed.store(false, Ordering::Release);
+                metrics.set("mqtt_connected", &[], 0.0);
+                if was_connected {
+                    tracing::warn!(error = %e, "Lost the broker connection; reconnecting.");
+                    was_connected = false;
+                } else {
+                    tracing::debug!(error = %e, retry_in_ms = backoff.as_millis() as u64,
+                        "Cannot reach the broker.");
+                }
+                tokio::select! {
+                    _ = force.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(max_backoff);
+            }
+        }
+    }
+
+    if !writer_done {
+        if force.is_cancelled() {
+            writer.abort();
+        } else {
+            // The loop ended without a drain (the writer stopped): nothing more to store.
+            let _ = (&mut writer).await;
+        }
+    }
+    // Leave cleanly: the acknowledgements queued before this go out first (one channel).
+    if state.connected.load(Ordering::Acquire) && !force.is_cancelled() {
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, async {
+            loop {
+                // The event loop reports an error once the connection is closed.
+                if eventloop.poll().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    state.connected.store(false, Ordering::Release);
+    state.subscribed.store(false, Ordering::Release);
+    metrics.set("mqtt_connected", &[], 0.0);
+    tracing::info!("Ingestion stopped.");
+}
+
+/// What one turn of the reader's loop does next.
+enum Step {
+    Stop,
+    Continue,
+    Drain,
+    Event(Result<Event, rumqttc::ConnectionError>),
+}
+
+/// A permit to send on the channel; pending forever once the channel is gone (draining).
+async fn reserve(tx: &Option<mpsc::Sender<Inbound>>) -> Option<mpsc::Permit<'_, Inbound>> {
+    match tx {
+        Some(tx) => tx.reserve().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+fn channel_of(topic: &str) -> &'static str {
+    match topic.rsplit('/').next() {
+        Some("telemetry") => "telemetry",
+        Some("status") => "status",
+        Some("heartbeat") => "heartbeat",
+        _ => "other",
+    }
+}

@@ -1,0 +1,761 @@
+//! The database writer: takes classified messages from the bounded channel, groups them into
+//! batches (at most `ingest.batch_max_records` records or `ingest.batch_max_delay_ms` after the
+//! first message), writes each batch in ONE transaction, and only then acknowledges its
+//! messages to the broker.
+//!
+//! Guarantees:
+//! * A message MUST NOT be acknowledged before the transaction holding it commits, so a crash
+//!   at any point loses nothing: the broker (persistent session) delivers unacknowledged
+//!   messages again, to this replica or another.
+//! * Storing is idempotent on `(device, stream, seq)`: `INSERT ... ON CONFLICT DO NOTHING
+//!   RETURNING seq` tells which records are new, and only those update the stream's `received`
+//!   counter and the per-minute aggregates, so redelivery never double-counts.
+//! * A batch the database refuses for a reason that retrying cannot fix (a constraint, a value
+//!   it will not take) MUST NOT stall ingestion: after a few attempts the batch is written
+//!   message by message, and a message that still fails is recorded as a `storage` reject and
+//!   acknowledged. Connection problems are retried, with backoff, until they clear or the
+//!   service is forced down.
+//! * Acknowledgements go out in the order messages arrived (MQTT requires it for QoS 1), and
+//!   never on a connection other than the one a message came on (packet ids are per
+//!   connection); a message from an older connection is stored but left to be redelivered.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ember_proto::{DeviceState, Heartbeat, Status, TelemetryBatch};
+use rumqttc::{AsyncClient, Publish, QoS};
+use sqlx::Row;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::classify::{Item, Reject, RejectReason};
+use crate::config::IngestSettings;
+use crate::db::{Db, Sql, timed};
+use crate::metrics::Metrics;
+
+/// Width of an aggregate bucket: one minute, in microseconds.
+pub const BUCKET_US: i64 = 60_000_000;
+/// Rows per multi-row INSERT: 4 values per telemetry row keeps a statement far below SQLite's
+/// 32766 and Postgres's 65535 bind parameters.
+const TELEMETRY_ROWS_PER_INSERT: usize = 500;
+const AGGREGATE_ROWS_PER_INSERT: usize = 250;
+/// Attempts at a whole batch before it is split into single messages.
+const BATCH_ATTEMPTS: u32 = 3;
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// How to acknowledge one QoS 1 message once it is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckToken {
+    /// The connection it arrived on (see [`Acker`]).
+    pub epoch: u64,
+    pub pkid: u16,
+}
+
+/// One message on its way to the database.
+#[derive(Debug)]
+pub struct Inbound {
+    pub ack: Option<AckToken>,
+    /// Fleet clock, microseconds.
+    pub received_at: i64,
+    pub item: Result<Item, Reject>,
+}
+
+/// Sends PUBACKs through the MQTT client, but only on the connection a message came on.
+#[derive(Clone)]
+pub struct Acker {
+    pub client: AsyncClient,
+    /// Incremented on every CONNACK by the reader.
+    pub epoch: Arc<AtomicU64>,
+    pub state: Arc<super::IngestState>,
+}
+
+impl Acker {
+    async fn ack(&self, token: AckToken, metrics: &Metrics) {
+        if token.epoch != self.epoch.load(Ordering::Acquire)
+            || !self.state.connected.load(Ordering::Acquire)
+        {
+            metrics.inc("acks_skipped_total", &[], 1);
+            return;
+        }
+        let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
+        p.pkid = token.pkid;
+        // Waits for room in the request channel: the reader polls the event loop at all times,
+        // so it drains. An error means the event loop is gone; the broker redelivers.
+        if let Err(e) = self.client.ack(&p).await {
+            tracing::debug!(error = %e, pkid = token.pkid, "Could not queue an acknowledgement.");
+            metrics.inc("acks_skipped_total", &[], 1);
+        }
+    }
+}
+
+pub struct Writer {
+    pub db: Db,
+    pub metrics: Arc<Metrics>,
+    pub settings: IngestSettings,
+    pub acker: Acker,
+}
+
+/// Receives until the channel closes (shutdown), writing batch after batch. Returns when every
+/// received message is stored and acknowledged, or when `force` fires.
+pub async fn run(mut rx: mpsc::Receiver<Inbound>, w: Writer, force: CancellationToken) {
+    let max_records = w.settings.batch_max_records;
+    let max_messages = w.settings.channel_capacity;
+    let delay = Duration::from_millis(w.settings.batch_max_delay_ms);
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = force.cancelled() => return,
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        let mut records = first.item.as_ref().map_or(0, Item::records);
+        let mut batch = vec![first];
+        let deadline = Instant::now() + delay;
+        while records < max_records && batch.len() < max_messages {
+            tokio::select! {
+                biased;
+                m = rx.recv() => match m {
+                    Some(m) => {
+                        records += m.item.as_ref().map_or(0, Item::records);
+                        batch.push(m);
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if !w.flush(batch, &force).await {
+            return;
+        }
+    }
+}
+
+impl Writer {
+    /// Stores and acknowledges one batch. False if `force` fired first (nothing acknowledged).
+    async fn flush(&self, batch: Vec<Inbound>, force: &CancellationToken) -> bool {
+        let mut attempt = 0u32;
+        let mut backoff = RETRY_MIN;
+        loop {
+            let res = timed(
+                &self.metrics,
+                "flush",
+                write_batch(&self.db, &self.settings, &batch),
+            )
+            .await;
+            match res {
+                Ok(outcome) => {
+                    tracing::debug!(
+                        messages = batch.len(),
+                        records = outcome.records,
+                        stored = outcome.stored,
+                        duplicates = outcome.duplicates,
+                        expired = outcome.expired,
+                        "Stored a batch."
+                    );
+                    self.record(&batch, &outcome);
+                    self.ack_all(&batch).await;
+                    return true;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    let transient = is_transient(&e);
+                    if !transient && attempt >= BATCH_ATTEMPTS {
+                        tracing::error!(error = %e, messages = batch.len(),
+                            "The database refused a batch repeatedly; writing its messages one by one.");
+                        return self.flush_one_by_one(batch, force).await;
+                    }
+                    tracing::warn!(error = %e, attempt, retry_in_ms = backoff.as_millis() as u64,
+                        "Could not write a batch; retrying (nothing was acknowledged).");
+                    tokio::select! {
+                        _ = force.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    async fn flush_one_by_one(&self, batch: Vec<Inbound>, force: &CancellationToken) -> bool {
+        for m in batch {
+            let one = [m];
+            let mut backoff = RETRY_MIN;
+            let mut attempt = 0;
+            loop {
+                match timed(
+                    &self.metrics,
+                    "flush",
+                    write_batch(&self.db, &self.settings, &one),
+                )
+                .await
+                {
+                    Ok(outcome) => {
+                        self.record(&one, &outcome);
+                        break;
+                    }
+                    Err(e) if is_transient(&e) || attempt + 1 < BATCH_ATTEMPTS => {
+                        attempt += 1;
+                        tokio::select! {
+                            _ = force.cancelled() => return false,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(RETRY_MAX);
+                    }
+                    Err(e) => {
+                        let device = match &one[0].item {
+                            Ok(item) => item.device().to_string(),
+                            Err(r) => r.device.clone(),
+                        };
+                        tracing::error!(%device, error = %e,
+                            "The database refused a message; it is counted as a storage reject and acknowledged.");
+                        let reject = Inbound {
+                            ack: None,
+                            received_at: one[0].received_at,
+                            item: Err(Reject {
+                                device,
+                                reason: RejectReason::Storage,
+                                topic: String::new(),
+                                detail: "the database refused this message (see the service log)"
+                                    .into(),
+                            }),
+                        };
+                        let stored = [reject];
+                        match write_batch(&self.db, &self.settings, &stored).await {
+                            Ok(outcome) => self.record(&stored, &outcome),
+                            Err(e) => {
+                                tracing::error!(error = %e, "Could not record the storage reject either.")
+                            }
+                        }
+                        break;
+                    }
+                }
+            }
+            if let Some(token) = one[0].ack {
+                self.acker.ack(token, &self.metrics).await;
+            }
+        }
+        true
+    }
+
+    async fn ack_all(&self, batch: &[Inbound]) {
+        for m in batch {
+            if let Some(token) = m.ack {
+                self.acker.ack(token, &self.metrics).await;
+            }
+        }
+    }
+
+    fn record(&self, batch: &[Inbound], o: &Outcome) {
+        let m = &self.metrics;
+        m.observe("batch_messages", &[], batch.len() as f64);
+        m.observe("batch_records", &[], o.records as f64);
+        m.inc("records_total", &[("outcome", "stored")], o.stored);
+        m.inc("records_total", &[("outcome", "duplicate")], o.duplicates);
+        m.inc("records_total", &[("outcome", "expired")], o.expired);
+        for msg in batch {
+            if let Err(r) = &msg.item
+                && r.reason == RejectReason::Storage
+            {
+                m.inc("rejects_total", &[("reason", r.reason.as_str())], 1);
+            }
+        }
+    }
+}
+
+/// Errors worth retrying as they are: the connection, the pool, locks and serialization.
+fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            // SQLite: BUSY (5), LOCKED (6) and their extended codes. Postgres: serialization
+            // failure, deadlock, connection exceptions (08xxx), shutdown (57P0x).
+            code == "5"
+                || code == "6"
+                || code
+                    .parse::<i64>()
+                    .is_ok_and(|c| c & 0xff == 5 || c & 0xff == 6)
+                || code == "40001"
+                || code == "40P01"
+                || code.starts_with("08")
+                || code.starts_with("57P0")
+        }
+        _ => false,
+    }
+}
+
+/// What one batch did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub records: u64,
+    pub stored: u64,
+    pub duplicates: u64,
+    pub expired: u64,
+}
+
+/// A record as stored: capture time, values, receive time.
+type Rec = (i64, Vec<f32>, i64);
+
+#[derive(Default)]
+struct StreamRecords {
+    /// seq -> record, first copy in the batch.
+    records: BTreeMap<u64, Rec>,
+    in_batch_duplicates: u64,
+}
+
+#[derive(Default)]
+struct Agg {
+    samples: i64,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
+struct RejectAgg {
+    count: i64,
+    first_at: i64,
+    last_at: i64,
+    topic: String,
+    detail: String,
+}
+
+fn encode_values(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Decodes a stored `vals` column (little-endian f32s).
+pub fn decode_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn to_i64(v: u64) -> i64 {
+    // classify() refused everything above i64::MAX.
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Writes one batch in one transaction.
+async fn write_batch(
+    db: &Db,
+    settings: &IngestSettings,
+    batch: &[Inbound],
+) -> Result<Outcome, sqlx::Error> {
+    // Group first, so that the transaction is short and touches rows in a fixed order
+    // (replicas writing the same stream concurrently then cannot deadlock each other).
+    let mut contacts: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut wills: BTreeSet<&str> = BTreeSet::new();
+    let mut streams: BTreeMap<(&str, &str), StreamRecords> = BTreeMap::new();
+    let mut statuses: Vec<(&Status, i64)> = Vec::new();
+    let mut heartbeats: Vec<(&Heartbeat, i64)> = Vec::new();
+    let mut rejects: BTreeMap<(&str, &'static str), RejectAgg> = BTreeMap::new();
+    let mut outcome = Outcome::default();
+
+    for m in batch {
+        match &m.item {
+            Ok(item) => {
+                let is_will = matches!(item, Item::Status(s) if is_last_will(s));
+                if is_will {
+                    wills.insert(item.device());
+                } else {
+                    let seen = contacts.entry(item.device()).or_insert(m.received_at);
+                    *seen = (*seen).max(m.received_at);
+                }
+                match item {
+                    Item::Telemetry(b) => {
+                        group_telemetry(b, m.received_at, &mut streams, &mut outcome)
+                    }
+                    Item::Status(s) => statuses.push((s, m.received_at)),
+                    Item::Heartbeat(h) => heartbeats.push((h, m.received_at)),
+                }
+            }
+            Err(r) => {
+                let agg = rejects
+                    .entry((r.device.as_str(), r.reason.as_str()))
+                    .or_insert(RejectAgg {
+                        count: 0,
+                        first_at: m.received_at,
+                        last_at: m.received_at,
+                        topic: String::new(),
+                        detail: String::new(),
+                    });
+                agg.count += 1;
+                agg.last_at = m.received_at;
+                agg.topic = r.topic.clone();
+                agg.detail = r.detail.clone();
+            }
+        }
+    }
+
+    let mut tx = db.pool().begin().await?;
+
+    for (device, seen) in &contacts {
+        let mut q = Sql::new(
+            "INSERT INTO devices (device_id, registered_at, first_seen, last_seen) VALUES (",
+        );
+        q.bind(*device).push(", ");
+        let seen = q.param(*seen);
+        q.push(&format!("{seen}, {seen}, {seen})"));
+        q.push(
+            " ON CONFLICT (device_id) DO UPDATE SET \
+             first_seen = COALESCE(devices.first_seen, excluded.first_seen), \
+             last_seen = CASE WHEN devices.last_seen IS NULL OR devices.last_seen < excluded.last_seen \
+                              THEN excluded.last_seen ELSE devices.last_seen END",
+        );
+        q.query().execute(&mut *tx).await?;
+    }
+    for device in wills.iter().filter(|d| !contacts.contains_key(*d)) {
+        let mut q = Sql::new("INSERT INTO devices (device_id, registered_at) VALUES (");
+        q.bind(*device).push(", ").bind(crate::db::now_us());
+        q.push(") ON CONFLICT (device_id) DO NOTHING");
+        q.query().execute(&mut *tx).await?;
+    }
+
+    let mut aggregates: BTreeMap<(&str, &str, i64, i64), Agg> = BTreeMap::new();
+    for ((device, stream), recs) in &streams {
+        // Creates the stream row if needed and locks it (Postgres) for this transaction, so
+        // retention cannot prune this stream between this read and the inserts below.
+        let pruned: i64 = {
+            let mut q = Sql::new("INSERT INTO streams (device_id, stream) VALUES (");
+            q.bind(*device).push(", ").bind(*stream);
+            q.push(
+                ") ON CONFLICT (device_id, stream) DO UPDATE SET pruned_through = streams.pruned_through \
+                 RETURNING pruned_through",
+            );
+            q.query()
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("pruned_through")?
+        };
+        let mut expired = 0u64;
+        let live: Vec<(i64, &Rec)> = recs
+            .records
+            .iter()
+            .filter_map(|(seq, r)| {
+                let seq = to_i64(*seq);
+                if seq <= pruned {
+                    expired += 1;
+                    None
+                } else {
+                    Some((seq, r))
+                }
+            })
+            .collect();
+        let mut inserted: BTreeSet<i64> = BTreeSet::new();
+        for chunk in live.chunks(TELEMETRY_ROWS_PER_INSERT) {
+            let mut q = Sql::new(
+                "INSERT INTO telemetry (device_id, stream, seq, ts, vals, received_at) VALUES ",
+            );
+            let d = q.param(*device);
+            let s = q.param(*stream);
+            for (i, (seq, (ts, values, at))) in chunk.iter().enumerate() {
+                if i > 0 {
+                    q.push(", ");
+                }
+                q.push(&format!("({d}, {s}, "));
+                q.bind(*seq).push(", ").bind(*ts).push(", ");
+                q.bind(encode_values(values)).push(", ").bind(*at).push(")");
+            }
+            q.push(" ON CONFLICT (device_id, stream, seq) DO NOTHING RETURNING seq");
+            for row in q.query().fetch_all(&mut *tx).await? {
+                inserted.insert(row.try_get::<i64, _>("seq")?);
+            }
+        }
+        let stored = inserted.len() as u64;
+        let duplicates = live.len() as u64 - stored + recs.in_batch_duplicates;
+        outcome.stored += stored;
+        outcome.duplicates += duplicates;
+        outcome.expired += expired;
+
+        let (mut first_ts, mut last_ts, mut max_seq, mut channels) =
+            (None::<i64>, None::<i64>, 0i64, None::<i64>);
+        for (seq, (ts, values, _)) in live.iter().filter(|(s, _)| inserted.contains(s)) {
+            first_ts = Some(first_ts.map_or(*ts, |f| f.min(*ts)));
+            last_ts = Some(last_ts.map_or(*ts, |l| l.max(*ts)));
+            max_seq = max_seq.max(*seq);
+            channels = Some(values.len() as i64);
+            let bucket = ts - ts.rem_euclid(BUCKET_US);
+            for (ch, v) in values.iter().take(settings.aggregate_channels).enumerate() {
+                if !v.is_finite() {
+                    continue;
+                }
+                let v = f64::from(*v);
+                let a = aggregates
+                    .entry((device, stream, bucket, ch as i64))
+                    .or_insert(Agg {
+                        samples: 0,
+                        sum: 0.0,
+                        min: v,
+                        max: v,
+                    });
+                a.samples += 1;
+                a.sum += v;
+                a.min = a.min.min(v);
+                a.max = a.max.max(v);
+            }
+        }
+        let last_received = recs.records.values().map(|r| r.2).max();
+        let mut q = Sql::new(
+            "INSERT INTO streams (device_id, stream, received, duplicates, expired, max_seq, \
+             first_ts, last_ts, channels, last_received_at) VALUES (",
+        );
+        q.bind(*device).push(", ").bind(*stream).push(", ");
+        q.bind(stored as i64)
+            .push(", ")
+            .bind(duplicates as i64)
+            .push(", ");
+        q.bind(expired as i64).push(", ").bind(max_seq).push(", ");
+        q.bind(first_ts).push(", ").bind(last_ts).push(", ");
+        q.bind(channels).push(", ").bind(last_received).push(")");
+        q.push(
+            " ON CONFLICT (device_id, stream) DO UPDATE SET \
+             received = streams.received + excluded.received, \
+             duplicates = streams.duplicates + excluded.duplicates, \
+             expired = streams.expired + excluded.expired, \
+             max_seq = CASE WHEN excluded.max_seq > streams.max_seq THEN excluded.max_seq ELSE streams.max_seq END, \
+             first_ts = CASE WHEN excluded.first_ts IS NOT NULL AND (streams.first_ts IS NULL OR excluded.first_ts < streams.first_ts) \
+                             THEN excluded.first_ts ELSE streams.first_ts END, \
+             last_ts = CASE WHEN excluded.last_ts IS NOT NULL AND (streams.last_ts IS NULL OR excluded.last_ts > streams.last_ts) \
+                            THEN excluded.last_ts ELSE streams.last_ts END, \
+             channels = COALESCE(excluded.channels, streams.channels), \
+             last_received_at = COALESCE(excluded.last_received_at, streams.last_received_at)",
+        );
+        q.query().execute(&mut *tx).await?;
+    }
+
+    let aggregates: Vec<_> = aggregates.into_iter().collect();
+    for chunk in aggregates.chunks(AGGREGATE_ROWS_PER_INSERT) {
+        let mut q = Sql::new(
+            "INSERT INTO aggregates_1m (device_id, stream, bucket, channel, samples, sum_v, min_v, max_v) VALUES ",
+        );
+        for (i, ((device, stream, bucket, channel), a)) in chunk.iter().enumerate() {
+            if i > 0 {
+                q.push(", ");
+            }
+            q.push("(")
+                .bind(*device)
+                .push(", ")
+                .bind(*stream)
+                .push(", ");
+            q.bind(*bucket).push(", ").bind(*channel).push(", ");
+            q.bind(a.samples).push(", ").bind(a.sum).push(", ");
+            q.bind(a.min).push(", ").bind(a.max).push(")");
+        }
+        q.push(
+            " ON CONFLICT (device_id, stream, bucket, channel) DO UPDATE SET \
+             samples = aggregates_1m.samples + excluded.samples, \
+             sum_v = aggregates_1m.sum_v + excluded.sum_v, \
+             min_v = CASE WHEN excluded.min_v < aggregates_1m.min_v THEN excluded.min_v ELSE aggregates_1m.min_v END, \
+             max_v = CASE WHEN excluded.max_v > aggregates_1m.max_v THEN excluded.max_v ELSE aggregates_1m.max_v END",
+        );
+        q.query().execute(&mut *tx).await?;
+    }
+
+    for (status, received_at) in &statuses {
+        apply_status(&mut tx, status, *received_at).await?;
+    }
+
+    for (hb, received_at) in &heartbeats {
+        let mut q = Sql::new("UPDATE devices SET uptime_s = ");
+        q.bind(to_i64(hb.uptime_s));
+        q.push(", queue_records = ").bind(to_i64(hb.queue_records));
+        q.push(", heartbeat_at = ").bind(*received_at);
+        q.push(" WHERE device_id = ").bind(hb.device.as_str());
+        q.query().execute(&mut *tx).await?;
+    }
+
+    for ((device, reason), r) in &rejects {
+        let mut q = Sql::new(
+            "INSERT INTO rejects (device_id, reason, count, first_at, last_at, last_topic, last_detail) VALUES (",
+        );
+        q.bind(*device)
+            .push(", ")
+            .bind(*reason)
+            .push(", ")
+            .bind(r.count);
+        q.push(", ")
+            .bind(r.first_at)
+            .push(", ")
+            .bind(r.last_at)
+            .push(", ");
+        q.bind(r.topic.as_str())
+            .push(", ")
+            .bind(r.detail.as_str())
+            .push(")");
+        q.push(
+            " ON CONFLICT (device_id, reason) DO UPDATE SET count = rejects.count + excluded.count, \
+             last_at = excluded.last_at, last_topic = excluded.last_topic, last_detail = excluded.last_detail",
+        );
+        q.query().execute(&mut *tx).await?;
+    }
+
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+fn group_telemetry<'a>(
+    b: &'a TelemetryBatch,
+    received_at: i64,
+    streams: &mut BTreeMap<(&'a str, &'a str), StreamRecords>,
+    outcome: &mut Outcome,
+) {
+    let entry = streams
+        .entry((b.device.as_str(), b.stream.as_str()))
+        .or_default();
+    for r in &b.records {
+        outcome.records += 1;
+        match entry.records.entry(r.seq) {
+            std::collections::btree_map::Entry::Occupied(_) => entry.in_batch_duplicates += 1,
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert((to_i64(r.ts), r.values.clone(), received_at));
+            }
+        }
+    }
+}
+
+/// The broker's Last Will: `offline` with `ts = 0` (a clean shutdown's `offline` has a time).
+pub fn is_last_will(s: &Status) -> bool {
+    s.state == DeviceState::Offline && s.ts == 0
+}
+
+/// Longest `agent_version` and serialized `models`/`counters` kept.
+const MAX_STATUS_TEXT: usize = 4096;
+
+fn bounded(s: String) -> String {
+    if s.len() <= MAX_STATUS_TEXT {
+        s.replace('\0', "")
+    } else {
+        let mut end = MAX_STATUS_TEXT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s[..end].replace('\0', "")
+    }
+}
+
+/// Applies one status: the registry row (unless an older status overtook it), the per-stream
+/// `last_seq` (only ever raised) and the union of evicted ranges.
+async fn apply_status(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    status: &Status,
+    received_at: i64,
+) -> Result<(), sqlx::Error> {
+    let device = status.device.as_str();
+    if is_last_will(status) {
+        let mut q = Sql::new("UPDATE devices SET online_changed_at = CASE WHEN online THEN ");
+        q.bind(received_at);
+        q.push(" ELSE online_changed_at END, online = FALSE WHERE device_id = ");
+        q.bind(device);
+        q.query().execute(&mut **tx).await?;
+        return Ok(());
+    }
+    let online = status.state == DeviceState::Online;
+    let models = serde_json::to_string(&status.models).unwrap_or_else(|_| "{}".into());
+    let counters = status
+        .counters
+        .as_ref()
+        .and_then(|c| serde_json::to_string(c).ok());
+    let mut q = Sql::new("UPDATE devices SET online_changed_at = CASE WHEN online = ");
+    let online_p = q.param(online);
+    let at = q.param(received_at);
+    q.push(&format!(
+        "{online_p} THEN online_changed_at ELSE {at} END, online = {online_p}, status_at = {at}, status_ts = "
+    ));
+    let ts = q.param(to_i64(status.ts));
+    q.push(&ts);
+    q.push(", agent_version = ")
+        .bind(status.agent_version.clone().map(bounded));
+    q.push(", models = ").bind(bounded(models));
+    q.push(", counters = ").bind(counters.map(bounded));
+    let queue = status.queue.as_ref();
+    q.push(", queue_records = ")
+        .bind(queue.map(|g| to_i64(g.records)));
+    q.push(", queue_bytes = ")
+        .bind(queue.map(|g| to_i64(g.bytes)));
+    q.push(", queue_disk_bytes = ")
+        .bind(queue.map(|g| to_i64(g.disk_bytes)));
+    q.push(" WHERE device_id = ").bind(device);
+    // Skip a status older than the one applied, unless that one is stale by the fleet's clock
+    // (an agent whose clock jumped back must not freeze its registry entry).
+    q.push(&format!(
+        " AND (status_ts IS NULL OR status_ts <= {ts} OR status_at < "
+    ));
+    q.bind(received_at - STALE_STATUS_US).push(")");
+    q.query().execute(&mut **tx).await?;
+
+    for s in &status.streams {
+        let mut q = Sql::new("INSERT INTO streams (device_id, stream, last_seq, queued) VALUES (");
+        q.bind(device).push(", ").bind(s.stream.as_str()).push(", ");
+        q.bind(to_i64(s.last_seq))
+            .push(", ")
+            .bind(to_i64(s.queued))
+            .push(")");
+        q.push(
+            " ON CONFLICT (device_id, stream) DO UPDATE SET \
+             queued = CASE WHEN excluded.last_seq >= streams.last_seq THEN excluded.queued ELSE streams.queued END, \
+             last_seq = CASE WHEN excluded.last_seq > streams.last_seq THEN excluded.last_seq ELSE streams.last_seq END",
+        );
+        q.query().execute(&mut **tx).await?;
+        if s.evicted.is_empty() {
+            continue;
+        }
+        let mut q = Sql::new(
+            "INSERT INTO evicted_ranges (device_id, stream, from_seq, to_seq, reason, reported_at) VALUES ",
+        );
+        let d = q.param(device);
+        let st = q.param(s.stream.as_str());
+        let at = q.param(received_at);
+        for (i, r) in s.evicted.iter().enumerate() {
+            if i > 0 {
+                q.push(", ");
+            }
+            q.push(&format!("({d}, {st}, "));
+            q.bind(to_i64(r.from))
+                .push(", ")
+                .bind(to_i64(r.to))
+                .push(", ");
+            let reason: String = r.reason.chars().filter(|c| *c != '\0').take(32).collect();
+            q.bind(reason).push(&format!(", {at})"));
+        }
+        q.push(" ON CONFLICT (device_id, stream, from_seq, to_seq, reason) DO NOTHING");
+        q.query().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// A stored status older than this (fleet clock) is replaced by any newer message.
+const STALE_STATUS_US: i64 = 60_000_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip_including_non_finite() {
+        let v = vec![1.5, -0.0, f32::NAN, f32::INFINITY];
+        let back = decode_values(&encode_values(&v));
+        assert_eq!(back.len(), 4);
+        assert_eq!(back[0], 1.5);
+        assert!(back[2].is_nan());
+        assert_eq!(back[3], f32::INFINITY);
+    }
+
+    #[test]
+    fn status_text_is_bounded_and_nul_free() {
+        assert_eq!(bounded("a\0b".into()), "ab");
+        let long = "é".repeat(5000);
+        assert!(bounded(long).len() <= MAX_STATUS_TEXT);
+    }
+}

@@ -1,0 +1,162 @@
+//! `ember-fleet`: the cloud side of Ember.
+//!
+//! * [`ingest`]: MQTT subscriber (rumqttc) → classification → bounded channel → batched,
+//!   idempotent database writes; PUBACK only after commit.
+//! * [`db`]: one sqlx `Any` pool over SQLite (default, a file in the data dir) or PostgreSQL,
+//!   and the migrations for each.
+//! * [`ledger`]: per device and stream: captured, received, missing, evicted, pending, lost.
+//! * [`retention`]: deletes old telemetry (as a prefix of sequence numbers, archiving the
+//!   gaps), aggregates and rejects.
+//! * [`api`]: the REST API under `/api/v1`, its OpenAPI document and `/metrics`.
+//! * [`auth`]: hashed API tokens with `read` and `admin` scopes.
+//! * [`config`]: TOML + `EMBER_FLEET_*` overrides → validated [`config::Settings`].
+//!
+//! [`run`] wires them together; `main.rs` only parses arguments, sets up logging and signals,
+//! and calls it.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod ingest;
+pub mod ledger;
+pub mod metrics;
+pub mod ranges;
+pub mod retention;
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::db::Db;
+pub use crate::error::FleetError;
+use crate::ingest::IngestState;
+use crate::metrics::Metrics;
+
+/// Runs the service on `listener` until `shutdown` fires and the drain completes (or
+/// `shutdown.grace_ms` passes, or `force` fires).
+///
+/// Order on the way up: database (migrated), bootstrap token, ingestion, retention, HTTP.
+/// On the way down: HTTP stops accepting, ingestion stops taking messages and stores and
+/// acknowledges what it took, then the pool closes.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) -> Result<(), FleetError> {
+    let settings = Arc::new(settings);
+    let db = Db::open(&settings.database).await?;
+    tracing::info!(backend = settings.database.backend.as_str(),
+        url = %config::mask_password(&settings.database.url), "Database ready.");
+    if let Some(token) = &settings.bootstrap_token {
+        auth::store(&db, token, auth::Scope::Admin, "bootstrap").await?;
+        tracing::info!("Stored the bootstrap admin token.");
+    }
+    let metrics = Arc::new(Metrics::new());
+    let ingest_state = Arc::new(IngestState::default());
+
+    let mut ingest = tokio::spawn(ingest::run(
+        settings.clone(),
+        db.clone(),
+        metrics.clone(),
+        ingest_state.clone(),
+        shutdown.clone(),
+        force.clone(),
+    ));
+    let retention = tokio::spawn(retention::run(
+        db.clone(),
+        settings.retention.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let app = api::router(api::AppState {
+        db: db.clone(),
+        settings: settings.clone(),
+        metrics,
+        ingest: ingest_state,
+    });
+    let addr = listener.local_addr().map_err(FleetError::Serve)?;
+    tracing::info!(%addr, "Serving the API.");
+    let mut server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future(),
+    );
+
+    let mut result = Ok(());
+    let mut ingest_done = false;
+    let mut server_done = false;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        r = &mut server => {
+            server_done = true;
+            result = flatten(r).map_err(FleetError::Serve);
+            shutdown.cancel();
+        }
+        r = &mut ingest => {
+            ingest_done = true;
+            if let Err(e) = r {
+                result = Err(FleetError::Task(e.to_string()));
+            }
+            shutdown.cancel();
+        }
+    }
+    tracing::info!(grace_ms = settings.shutdown.grace_ms, "Draining.");
+    let grace = tokio::time::sleep(Duration::from_millis(settings.shutdown.grace_ms));
+    tokio::pin!(grace);
+    while !(ingest_done && server_done) {
+        tokio::select! {
+            r = &mut ingest, if !ingest_done => {
+                ingest_done = true;
+                if let Err(e) = r {
+                    result = result.and(Err(FleetError::Task(e.to_string())));
+                }
+            }
+            r = &mut server, if !server_done => {
+                server_done = true;
+                if let Err(e) = flatten(r) {
+                    result = result.and(Err(FleetError::Serve(e)));
+                }
+            }
+            _ = &mut grace => {
+                tracing::warn!("The drain did not finish within shutdown.grace_ms; stopping now (nothing unstored was acknowledged).");
+                force.cancel();
+                break;
+            }
+            _ = force.cancelled() => break,
+        }
+    }
+    if !ingest_done {
+        ingest.abort();
+    }
+    if !server_done {
+        server.abort();
+    }
+    retention.abort();
+    db.close().await;
+    tracing::info!("Stopped.");
+    result
+}
+
+fn flatten(r: Result<std::io::Result<()>, tokio::task::JoinError>) -> std::io::Result<()> {
+    match r {
+        Ok(r) => r,
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    }
+}
+
+/// Binds the HTTP listener of `settings`.
+pub async fn bind(settings: &Settings) -> Result<TcpListener, FleetError> {
+    TcpListener::bind(settings.http.listen)
+        .await
+        .map_err(|source| FleetError::Listen {
+            addr: settings.http.listen,
+            source,
+        })
+}

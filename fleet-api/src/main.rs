@@ -1,0 +1,196 @@
+//! `ember-fleet` binary: parses arguments, sets up logging and signals, and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use ember_fleet::auth::{self, Scope};
+use ember_fleet::config::{LogFormat, Settings};
+use ember_fleet::db::Db;
+
+#[derive(Parser)]
+#[command(
+    name = "ember-fleet",
+    version,
+    about = "Ember fleet service: MQTT ingestion, device registry, durability ledger, REST API"
+)]
+struct Cli {
+    /// Configuration file (TOML). EMBER_FLEET_* environment variables override it.
+    #[arg(long, short, global = true, env = "EMBER_FLEET_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (the default).
+    Run,
+    /// Validate the configuration and print it fully resolved (secrets masked).
+    CheckConfig,
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (it is shown only this once; only its hash is stored).
+    Create {
+        /// `read` (GET routes) or `admin` (also the write routes).
+        #[arg(long, value_parser = ["read", "admin"])]
+        scope: String,
+        /// A label to recognise it by in `token list`.
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+    /// List tokens (ids, names, scopes; never the tokens).
+    List,
+    /// Revoke a token by id.
+    Revoke { id: i64 },
+    /// Print a random token without storing it (e.g. for EMBER_FLEET_BOOTSTRAP_TOKEN).
+    Generate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env = std::env::vars();
+    let settings = match Settings::load(cli.config.as_deref(), env) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ember-fleet: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => {
+            print!("{}", settings.to_toml());
+            Ok(())
+        }
+        Command::Run => run(settings),
+        Command::Token(cmd) => token(settings, cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ember-fleet: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EMBER_FLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log.level));
+    // Colour only for a terminal, and never when NO_COLOR is set (https://no-color.org).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match settings.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(settings: Settings) -> anyhow::Result<()> {
+    init_logging(&settings);
+    runtime()?.block_on(async move {
+        let listener = ember_fleet::bind(&settings).await?;
+        let shutdown = CancellationToken::new();
+        let force = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone(), force.clone())?;
+        ember_fleet::run(settings, listener, shutdown, force).await?;
+        Ok(())
+    })
+}
+
+fn token(settings: Settings, cmd: TokenCommand) -> anyhow::Result<()> {
+    if let TokenCommand::Generate = cmd {
+        println!("{}", auth::generate()?);
+        return Ok(());
+    }
+    runtime()?.block_on(async move {
+        let db = Db::open(&settings.database).await?;
+        match cmd {
+            TokenCommand::Create { scope, name } => {
+                let scope = Scope::parse(&scope).context("scope must be read or admin")?;
+                let (id, token) = auth::create(&db, scope, &name).await?;
+                eprintln!(
+                    "Created token {id} ({name}, scope {}). It is shown only now:",
+                    scope.as_str()
+                );
+                println!("{token}");
+            }
+            TokenCommand::List => {
+                for t in auth::list(&db).await? {
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        t.id,
+                        t.scope,
+                        t.name,
+                        if t.revoked_at.is_some() {
+                            "revoked"
+                        } else {
+                            "active"
+                        }
+                    );
+                }
+            }
+            TokenCommand::Revoke { id } => {
+                if !auth::revoke(&db, id).await? {
+                    anyhow::bail!("there is no active token with id {id}");
+                }
+                eprintln!("Revoked token {id}.");
+            }
+            TokenCommand::Generate => {}
+        }
+        db.close().await;
+        Ok(())
+    })
+}
+
+/// First SIGTERM/SIGINT: drain gracefully. Second: exit at once.
+fn spawn_signal_handler(
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            seen += 1;
+            if seen == 1 {
+                tracing::info!(
+                    "Shutdown requested: draining ingestion (send the signal again to exit at once)."
+                );
+                shutdown.cancel();
+            } else {
+                tracing::warn!(
+                    "Second signal: exiting now; unacknowledged messages stay with the broker."
+                );
+                force.cancel();
+                std::process::exit(130);
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,476 @@
+//! Ingestion against a real Mosquitto and real agents, on SQLite and on PostgreSQL.
+
+use std::collections::BTreeSet;
+
+use ember_testkit::{TestAgent, TestBroker, wait_until};
+use serde_json::Value;
+
+use crate::on_both_backends;
+use crate::support::mqtt::{Msg, batch, publish, status};
+use crate::support::{Kind, Store, TestFleet, WAIT, agent_bin, client_id, now_us};
+
+on_both_backends!(
+    agents_stream_every_record_exactly_once,
+    injected_gap_is_lost_until_explained,
+    rejects_are_counted_and_valid_records_stored_once,
+    retention_prunes_old_rows_and_keeps_the_ledger,
+    fleet_restart_loses_nothing,
+    replicas_share_telemetry_and_store_it_once,
+);
+
+fn ranges(v: &Value) -> Vec<(u64, u64)> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    (
+                        r["from"].as_u64().unwrap_or(0),
+                        r["to"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A clean ledger: everything captured was received, nothing missing, nothing queued.
+fn complete(l: &Value) -> bool {
+    let captured = l["captured"].as_u64().unwrap_or(0);
+    captured > 0
+        && l["received"] == captured
+        && l["missing_count"] == 0
+        && l["lost_count"] == 0
+        && l["queued"] == 0
+}
+
+/// Checks that the telemetry API returns exactly `1..=last` once each, in (ts, seq) order.
+fn assert_exactly_once(fleet: &TestFleet, device: &str, stream: &str, last: u64) {
+    let records = fleet.all_records(device, stream, 700);
+    let seqs: Vec<u64> = records
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap_or(0))
+        .collect();
+    let unique: BTreeSet<u64> = seqs.iter().copied().collect();
+    assert_eq!(
+        seqs.len(),
+        unique.len(),
+        "{device}/{stream}: a record is listed twice"
+    );
+    assert_eq!(
+        unique,
+        (1..=last).collect::<BTreeSet<u64>>(),
+        "{device}/{stream}: stored seqs are not exactly 1..={last}"
+    );
+    let keys: Vec<(u64, u64)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["ts"].as_u64().unwrap_or(0),
+                r["seq"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert!(
+        keys.windows(2).all(|w| w[0] < w[1]),
+        "records are not in (ts, seq) order"
+    );
+}
+
+/// Two real agents (JSON and CBOR) stream through the broker into the fleet; one is killed
+/// with SIGKILL (its Last Will marks it offline, and after a restart it re-sends what was not
+/// acknowledged), then both stop gracefully. Every record is stored exactly once, the ledger
+/// shows nothing lost, and the aggregates count every record once.
+fn agents_stream_every_record_exactly_once(kind: Kind) {
+    let broker = TestBroker::start();
+    let store = Store::new(kind);
+    let fleet = TestFleet::start(&store, broker.port());
+    let json = TestAgent::builder(agent_bin())
+        .device_id("dev-json")
+        .broker_port(broker.port())
+        .sim("imu", 150.0, 3)
+        .start();
+    let cbor = TestAgent::builder(agent_bin())
+        .device_id("dev-cbor")
+        .broker_port(broker.port())
+        .encoding("cbor")
+        .sim("env", 100.0, 2)
+        .start();
+
+    fleet.wait_ledger("dev-json", "imu", |l| l["received"].as_u64() >= Some(150));
+    let d = fleet.get_json("/api/v1/devices/dev-json");
+    assert_eq!(d["online"], true, "{d}");
+
+    // Kill -9: no goodbye, so the broker publishes the Last Will.
+    json.sigkill();
+    let offline = wait_until(WAIT, || {
+        fleet.get_json("/api/v1/devices/dev-json")["online"] == false
+    });
+    assert!(offline, "the Last Will did not mark dev-json offline");
+    json.restart();
+    json.wait_ready(WAIT);
+    assert!(
+        wait_until(
+            WAIT,
+            || fleet.get_json("/api/v1/devices/dev-json")["online"] == true
+        ),
+        "dev-json did not come back online"
+    );
+    let before = fleet.stream_ledger("dev-json", "imu").unwrap_or_default()["received"]
+        .as_u64()
+        .unwrap_or(0);
+    fleet.wait_ledger("dev-json", "imu", |l| {
+        l["received"].as_u64() > Some(before + 100)
+    });
+
+    for agent in [&json, &cbor] {
+        agent.sigterm();
+        assert!(
+            agent.wait_exit(WAIT).success(),
+            "{}",
+            agent.last_run_stderr()
+        );
+    }
+    for (device, stream) in [("dev-json", "imu"), ("dev-cbor", "env")] {
+        let l = fleet.wait_ledger(device, stream, complete);
+        let last = l["captured"].as_u64().unwrap_or(0);
+        assert_exactly_once(&fleet, device, stream, last);
+        let d = fleet.get_json(&format!("/api/v1/devices/{device}"));
+        assert_eq!(d["online"], false, "a clean stop says offline: {d}");
+        assert_eq!(d["agent_version"], env!("CARGO_PKG_VERSION"));
+        // Every record counted once in the per-minute aggregates of channel 0.
+        let mut count = 0;
+        let mut cursor = String::new();
+        loop {
+            let v = fleet.get_json(&format!(
+                "/api/v1/devices/{device}/streams/{stream}/aggregates?channel=0&limit=1000{cursor}"
+            ));
+            count += v["items"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|i| i["count"].as_u64().unwrap_or(0))
+                        .sum::<u64>()
+                })
+                .unwrap_or(0);
+            match v["next_cursor"].as_str() {
+                Some(c) => cursor = format!("&cursor={c}"),
+                None => break,
+            }
+        }
+        assert_eq!(count, last, "{device}/{stream}: aggregates count");
+    }
+    let streams = fleet.get_json("/api/v1/devices/dev-cbor/streams");
+    assert_eq!(streams["items"][0]["channels"], 2, "{streams}");
+    assert_eq!(
+        fleet.metrics().get("rejects_total").copied().unwrap_or(0.0),
+        0.0,
+        "real agents' messages are never rejected"
+    );
+}
+
+/// A gap published on purpose (records missing, a status whose last_seq covers them) is lost;
+/// evicted ranges (merged across status messages), late records and records still queued on
+/// the device explain gaps.
+fn injected_gap_is_lost_until_explained(kind: Kind) {
+    let broker = TestBroker::start();
+    let store = Store::new(kind);
+    let fleet = TestFleet::start(&store, broker.port());
+    let ts = now_us();
+    publish(
+        broker.port(),
+        vec![
+            Msg::telemetry(&batch("gap-dev", "imu", 1..=10, ts)),
+            Msg::telemetry(&batch("gap-dev", "imu", 16..=20, ts)),
+            Msg::status(&status("gap-dev", "imu", 25, 0, &[(21, 22, "bytes")])),
+        ],
+    );
+    let l = fleet.wait_ledger("gap-dev", "imu", |l| {
+        l["captured"] == 25 && l["received"] == 15
+    });
+    assert_eq!(ranges(&l["missing"]), vec![(11, 15), (21, 25)], "{l}");
+    assert_eq!(ranges(&l["lost"]), vec![(11, 15), (23, 25)], "{l}");
+    assert_eq!(l["lost_count"], 8);
+    assert_eq!(l["evicted"][0]["reasons"], serde_json::json!(["bytes"]));
+    assert_eq!(
+        fleet.get_json("/api/v1/devices/gap-dev/ledger")["lost_count"],
+        8
+    );
+
+    // A later status reports another range (a status only carries the most recent 32): the
+    // fleet keeps the union.
+    publish(
+        broker.port(),
+        vec![Msg::status(&status(
+            "gap-dev",
+            "imu",
+            25,
+            0,
+            &[(23, 23, "age")],
+        ))],
+    );
+    let l = fleet.wait_ledger("gap-dev", "imu", |l| l["lost_count"] == 7);
+    assert_eq!(ranges(&l["evicted"]), vec![(21, 23)], "{l}");
+    assert_eq!(
+        l["evicted"][0]["reasons"],
+        serde_json::json!(["age", "bytes"])
+    );
+    assert_eq!(ranges(&l["lost"]), vec![(11, 15), (24, 25)], "{l}");
+
+    // The missing records arrive late (out of order): no longer lost.
+    publish(
+        broker.port(),
+        vec![Msg::telemetry(&batch("gap-dev", "imu", 11..=15, ts))],
+    );
+    let l = fleet.wait_ledger("gap-dev", "imu", |l| l["received"] == 20);
+    assert_eq!(ranges(&l["lost"]), vec![(24, 25)], "{l}");
+
+    // The device says its last two are still queued: pending, not lost.
+    publish(
+        broker.port(),
+        vec![Msg::status(&status("gap-dev", "imu", 25, 2, &[]))],
+    );
+    let l = fleet.wait_ledger("gap-dev", "imu", |l| l["lost_count"] == 0);
+    assert_eq!(
+        l["pending"],
+        serde_json::json!({"from": 24, "to": 25}),
+        "{l}"
+    );
+    assert_eq!(l["pending_count"], 2);
+    assert_eq!(
+        l["missing_count"], 5,
+        "21..=23 evicted, 24..=25 pending: {l}"
+    );
+}
+
+/// Garbage, a future schema version, an oversized payload, a device speaking for another, a
+/// corrupted record, a bad topic and duplicates: the fleet stays up, counts each reject by
+/// reason (table, API and metrics), and stores each valid record exactly once.
+fn rejects_are_counted_and_valid_records_stored_once(kind: Kind) {
+    let broker = TestBroker::start();
+    let store = Store::new(kind);
+    let fleet = TestFleet::start_with(
+        &store,
+        broker.port(),
+        &client_id(),
+        "[ingest]\nmax_payload_bytes = 4096\n",
+    );
+    let ts = now_us();
+    let good = batch("rj-dev", "imu", 1..=5, ts);
+    let mut corrupt = batch("rj-dev", "imu", 6..=6, ts);
+    corrupt.records[0].values[0] = 99.0;
+    let oversized = Msg::telemetry(&batch("rj-dev", "imu", 100..=400, ts));
+    assert!(oversized.payload.len() > 4096);
+    publish(
+        broker.port(),
+        vec![
+            Msg::raw("ember/v1/rj-dev/telemetry", "garbage"),
+            Msg::raw(
+                "ember/v1/rj-dev/telemetry",
+                vec![0xd9, 0xd9, 0xf7, 0xff, 0x00],
+            ),
+            Msg::raw(
+                "ember/v1/rj-dev/telemetry",
+                r#"{"v":2,"device":"rj-dev","stream":"imu","records":[],"future":true}"#,
+            ),
+            Msg::raw("ember/v1/rj-dev/status", r#"{"v":9,"device":"rj-dev"}"#),
+            oversized,
+            Msg::raw(
+                "ember/v1/rj-dev/telemetry",
+                ember_proto::message::encode(
+                    &batch("someone-else", "imu", 1..=3, ts),
+                    ember_proto::Encoding::Json,
+                )
+                .expect("encodes"),
+            ),
+            Msg::telemetry(&corrupt),
+            Msg::raw("ember/v1/rj-dev/heartbeat", "{"),
+            Msg::telemetry(&good),
+            Msg::telemetry(&good),
+            Msg::telemetry(&batch("rj-dev", "imu", 3..=8, ts)),
+        ],
+    );
+    let expected = [
+        ("malformed", 3),
+        ("unsupported_version", 2),
+        ("too_large", 1),
+        ("device_mismatch", 1),
+        ("crc", 1),
+    ];
+    let mut last = Value::Null;
+    let all_counted = wait_until(WAIT, || {
+        last = fleet.get_json("/api/v1/rejects?device=rj-dev");
+        let items = last["items"].as_array().cloned().unwrap_or_default();
+        expected.iter().all(|(reason, n)| {
+            items
+                .iter()
+                .any(|i| i["reason"] == *reason && i["count"] == *n)
+        }) && items.len() == expected.len()
+    });
+    assert!(all_counted, "rejects not counted as expected: {last}");
+    let crc = last["items"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["reason"] == "crc").cloned())
+        .unwrap_or_default();
+    assert!(
+        crc["last_detail"].as_str().unwrap_or("").contains("CRC"),
+        "{crc}"
+    );
+    let only_crc = fleet.get_json("/api/v1/rejects?reason=crc");
+    assert_eq!(only_crc["items"].as_array().map(Vec::len), Some(1));
+
+    let l = fleet.wait_ledger("rj-dev", "imu", |l| l["received"] == 8);
+    assert_eq!(l["duplicates"], 8, "5 re-sent plus 3..=5 again: {l}");
+    assert_exactly_once(&fleet, "rj-dev", "imu", 8);
+
+    let m = fleet.metrics();
+    for (reason, n) in expected {
+        assert_eq!(
+            m.get(&format!("rejects_total{{reason=\"{reason}\"}}"))
+                .copied(),
+            Some(n as f64),
+            "metric for {reason}"
+        );
+    }
+    assert_eq!(
+        m.get("records_total{outcome=\"stored\"}").copied(),
+        Some(8.0)
+    );
+    assert_eq!(
+        m.get("records_total{outcome=\"duplicate\"}").copied(),
+        Some(8.0)
+    );
+    assert_eq!(fleet.get("/api/v1/health").status, 200, "still healthy");
+    // The device exists (valid messages), the someone-else device does not (its message was
+    // rejected, and rejects never register devices).
+    assert_eq!(fleet.get("/api/v1/devices/someone-else").status, 404);
+}
+
+/// Retention deletes telemetry older than `telemetry_days` as a prefix of sequence numbers and
+/// archives the gaps in it, so the ledger still reports them; a record arriving after its
+/// prefix was pruned is counted as expired, not stored.
+fn retention_prunes_old_rows_and_keeps_the_ledger(kind: Kind) {
+    let broker = TestBroker::start();
+    let store = Store::new(kind);
+    let fleet = TestFleet::start_with(
+        &store,
+        broker.port(),
+        &client_id(),
+        "[retention]\ntelemetry_days = 1\naggregates_days = 1\ninterval_s = 1\n",
+    );
+    let now = now_us();
+    let old = now - 3 * 86_400_000_000;
+    publish(
+        broker.port(),
+        vec![
+            Msg::telemetry(&batch("ret-dev", "imu", 1..=5, old)),
+            Msg::telemetry(&batch("ret-dev", "imu", 7..=10, now)),
+            Msg::status(&status("ret-dev", "imu", 10, 0, &[])),
+        ],
+    );
+    fleet.wait_ledger("ret-dev", "imu", |l| l["captured"] == 10);
+    let mut remaining = Vec::new();
+    let pruned = wait_until(WAIT, || {
+        remaining = fleet.all_records("ret-dev", "imu", 100);
+        remaining.len() == 4
+    });
+    assert!(
+        pruned,
+        "retention did not prune: {} rows left",
+        remaining.len()
+    );
+    let seqs: Vec<u64> = remaining
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(seqs, vec![7, 8, 9, 10]);
+    let l = fleet.wait_ledger("ret-dev", "imu", |l| l["captured"] == 10);
+    assert_eq!(l["received"], 9, "received survives retention: {l}");
+    assert_eq!(
+        ranges(&l["lost"]),
+        vec![(6, 6)],
+        "the archived gap is still lost: {l}"
+    );
+
+    publish(
+        broker.port(),
+        vec![Msg::telemetry(&batch("ret-dev", "imu", 2..=3, old))],
+    );
+    let l = fleet.wait_ledger("ret-dev", "imu", |l| l["expired"] == 2);
+    assert_eq!(l["received"], 9, "{l}");
+    assert_eq!(fleet.all_records("ret-dev", "imu", 100).len(), 4);
+    // The old aggregates went too.
+    let aggs = fleet.get_json(&format!(
+        "/api/v1/devices/ret-dev/streams/imu/aggregates?to={}",
+        now - 86_400_000_000
+    ));
+    assert_eq!(aggs["items"], serde_json::json!([]), "{aggs}");
+}
+
+/// The fleet stops (gracefully) while an agent streams and starts again with the same client
+/// id: the broker kept the fleet's persistent session, so nothing published meanwhile is
+/// lost, and nothing is stored twice.
+fn fleet_restart_loses_nothing(kind: Kind) {
+    let broker = TestBroker::start();
+    let store = Store::new(kind);
+    let id = client_id();
+    let fleet = TestFleet::start_with(&store, broker.port(), &id, "");
+    let agent = TestAgent::builder(agent_bin())
+        .device_id("restart-dev")
+        .broker_port(broker.port())
+        .sim("imu", 200.0, 2)
+        .start();
+    fleet.wait_ledger("restart-dev", "imu", |l| {
+        l["received"].as_u64() >= Some(100)
+    });
+    fleet.stop().expect("the fleet stops cleanly");
+    // The agent keeps publishing; the broker queues for the fleet's session.
+    let published = agent.metric("records_acked_total");
+    assert!(
+        agent
+            .wait_metric("records_acked_total", |v| v >= published + 200.0, WAIT)
+            .is_some(),
+        "the agent did not keep publishing"
+    );
+    let fleet = TestFleet::start_with(&store, broker.port(), &id, "");
+    agent.sigterm();
+    assert!(agent.wait_exit(WAIT).success());
+    let l = fleet.wait_ledger("restart-dev", "imu", complete);
+    assert_exactly_once(
+        &fleet,
+        "restart-dev",
+        "imu",
+        l["captured"].as_u64().unwrap_or(0),
+    );
+}
+
+/// Two replicas in one shared-subscription group on one database: the broker splits the
+/// telemetry between them (both store some), and every record is stored exactly once.
+fn replicas_share_telemetry_and_store_it_once(kind: Kind) {
+    let broker = TestBroker::start();
+    let store = Store::new(kind);
+    let a = TestFleet::start(&store, broker.port());
+    let b = TestFleet::start(&store, broker.port());
+    let agent = TestAgent::builder(agent_bin())
+        .device_id("shared-dev")
+        .broker_port(broker.port())
+        .sim("imu", 200.0, 2)
+        .mqtt("message_max_records", "10")
+        .start();
+    let accepted = |f: &TestFleet| {
+        f.metrics()
+            .get("messages_total{channel=\"telemetry\",outcome=\"accepted\"}")
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let both = wait_until(WAIT, || accepted(&a) >= 5.0 && accepted(&b) >= 5.0);
+    assert!(
+        both,
+        "the broker did not split telemetry: {} and {} messages",
+        accepted(&a),
+        accepted(&b)
+    );
+    agent.sigterm();
+    assert!(agent.wait_exit(WAIT).success());
+    let l = a.wait_ledger("shared-dev", "imu", complete);
+    assert_exactly_once(&b, "shared-dev", "imu", l["captured"].as_u64().unwrap_or(0));
+}

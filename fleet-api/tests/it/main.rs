@@ -1,0 +1,12 @@
+//! The fleet's system tests: one binary (see the workspace conventions).
+//!
+//! Storage tests run twice, on SQLite (a temp file) and on PostgreSQL (a throwaway cluster
+//! from `ember_testkit::TestPostgres`), through `on_both_backends!`. Tests that run agents
+//! need `target/<profile>/ember-agent`: build the workspace first (`cargo build`).
+
+mod support;
+
+mod api;
+mod cli;
+mod ingest;
+mod python;

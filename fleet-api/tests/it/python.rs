@@ -1,0 +1,124 @@
+//! Clients written in Python against the fleet: a paho-mqtt publisher of edge cases, and
+//! schemathesis against the OpenAPI document (`fleet-api/tests/python/`).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use ember_testkit::{TestBroker, wait_until};
+use serde_json::Value;
+
+use crate::support::mqtt::{Msg, batch, publish, status};
+use crate::support::{ADMIN, Kind, Store, TestFleet, WAIT, client_id, now_us};
+
+fn python_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python"))
+}
+
+/// Fails (never skips) when python3 or the packages are missing, saying how to install them.
+fn require_python() {
+    let ok = Command::new("python3")
+        .args(["-c", "import paho.mqtt, schemathesis"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "these tests need python3 with paho-mqtt and schemathesis: run \
+         `python3 -m pip install -r fleet-api/tests/python/requirements.txt`"
+    );
+}
+
+/// The paho client's valid, duplicate, garbage, future-version, oversized, wrong-device and
+/// corrupted messages: the fleet reports exactly what the script says it must.
+#[test]
+fn paho_client_edge_cases() {
+    require_python();
+    let broker = TestBroker::start();
+    let store = Store::new(Kind::Sqlite);
+    let fleet = TestFleet::start_with(
+        &store,
+        broker.port(),
+        &client_id(),
+        "[ingest]\nmax_payload_bytes = 4096\n",
+    );
+    let out = Command::new("python3")
+        .arg(python_dir().join("mqtt_edge_cases.py"))
+        .args(["--port", &broker.port().to_string(), "--device", "py-dev"])
+        .args(["--oversize", "4096"])
+        .output()
+        .expect("cannot run python3");
+    assert!(
+        out.status.success(),
+        "mqtt_edge_cases.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expect: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
+    let l = fleet.wait_ledger("py-dev", "imu", |l| {
+        l["received"] == expect["received"] && l["captured"] == 10
+    });
+    assert_eq!(l["duplicates"], expect["duplicates"], "{l}");
+    let lost: Vec<[u64; 2]> = l["lost"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    [
+                        r["from"].as_u64().unwrap_or(0),
+                        r["to"].as_u64().unwrap_or(0),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(serde_json::json!(lost), expect["lost"], "{l}");
+    let mut last = Value::Null;
+    let counted = wait_until(WAIT, || {
+        last = fleet.get_json("/api/v1/rejects?device=py-dev");
+        let items = last["items"].as_array().cloned().unwrap_or_default();
+        let got: serde_json::Map<String, Value> = items
+            .iter()
+            .map(|i| {
+                (
+                    i["reason"].as_str().unwrap_or("").to_string(),
+                    i["count"].clone(),
+                )
+            })
+            .collect();
+        Value::Object(got) == expect["rejects"]
+    });
+    assert!(counted, "rejects {last} != {}", expect["rejects"]);
+}
+
+/// schemathesis, every check including the stateful phase, finds nothing wrong with the API
+/// described by `/api/openapi.json` (on a fleet holding a little data).
+#[test]
+fn schemathesis_finds_no_failures() {
+    require_python();
+    let broker = TestBroker::start();
+    let store = Store::new(Kind::Sqlite);
+    let fleet = TestFleet::start(&store, broker.port());
+    publish(
+        broker.port(),
+        vec![
+            Msg::telemetry(&batch("0", "0", 1..=20, now_us())),
+            Msg::status(&status("0", "0", 25, 2, &[(21, 22, "age")])),
+            Msg::raw("ember/v1/0/telemetry", "not json"),
+        ],
+    );
+    fleet.wait_ledger("0", "0", |l| l["captured"] == 25);
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let out = Command::new("bash")
+        .arg(python_dir().join("schemathesis.sh"))
+        .arg(format!("http://127.0.0.1:{}", fleet.port))
+        .arg(ADMIN)
+        .arg("25")
+        .current_dir(scratch.path())
+        .output()
+        .expect("cannot run schemathesis.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis found problems:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
