@@ -117,19 +117,19 @@ async fn e2e(measure: Duration) -> Result<()> {
         "plain rumqttc QoS1 loop, 1-record messages".into(),
         publish_1,
     ));
-    let storage_100 = bare_storage(100, measure)?;
+    let storage_100 = bare_storage(100, Deletes::Range, measure)?;
     rows.push((
         "bare sled: append 100 + fsync + range delete".into(),
         storage_100,
     ));
-    let storage_1 = bare_storage(1, measure)?;
+    let storage_1 = bare_storage(1, Deletes::Range, measure)?;
     rows.push((
         "bare sled: append 1 + fsync + range delete".into(),
         storage_1,
     ));
     // For transparency: the same with the point deletes the agent uses (not the ceiling the
     // target is defined against, but the faster way to use sled here).
-    let storage_100_points = bare_storage_points(100, measure)?;
+    let storage_100_points = bare_storage(100, Deletes::Points, measure)?;
     rows.push((
         "bare sled: append 100 + fsync + point deletes (for information)".into(),
         storage_100_points,
@@ -233,38 +233,15 @@ async fn plain_publish(port: u16, records: usize, measure: Duration) -> Result<f
 
 /// Ceiling 2: the bare storage engine doing what the queue must per batch: append `batch`
 /// records, fsync, and range-delete the previous batch (as an acknowledgement would).
-fn bare_storage(batch: usize, measure: Duration) -> Result<f64> {
-    let dir = tempfile::tempdir()?;
-    let engine = SledEngine::open(&dir.path().join("db"), 2 << 20, Some(500))?;
-    let value = ember_proto::StoredRecord::encode(b"k", 1, &[0.25; CHANNELS]);
-    let key = |seq: u64| {
-        let mut k = vec![b'r', 0, 0, 0, 0];
-        k.extend_from_slice(&seq.to_be_bytes());
-        k
-    };
-    let mut seq = 0u64;
-    let mut done = 0u64;
-    let start = Instant::now();
-    while start.elapsed() < measure {
-        let first = seq + 1;
-        let puts = (0..batch)
-            .map(|_| {
-                seq += 1;
-                (key(seq), value.clone())
-            })
-            .collect();
-        engine.apply(puts, Vec::new())?;
-        engine.sync()?;
-        if first > batch as u64 {
-            engine.delete_range(&key(first - batch as u64), &key(first - 1))?;
-        }
-        done += batch as u64;
-    }
-    Ok(done as f64 / start.elapsed().as_secs_f64())
+#[derive(Clone, Copy)]
+enum Deletes {
+    /// One range delete per batch (the ceiling the target is defined against).
+    Range,
+    /// Point deletes, as the agent's queue does.
+    Points,
 }
 
-/// [`bare_storage`] with point deletes instead of a range delete.
-fn bare_storage_points(batch: usize, measure: Duration) -> Result<f64> {
+fn bare_storage(batch: usize, deletes: Deletes, measure: Duration) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let engine = SledEngine::open(&dir.path().join("db"), 2 << 20, Some(500))?;
     let value = ember_proto::StoredRecord::encode(b"k", 1, &[0.25; CHANNELS]);
@@ -287,9 +264,17 @@ fn bare_storage_points(batch: usize, measure: Duration) -> Result<f64> {
         engine.apply(puts, Vec::new())?;
         engine.sync()?;
         if first > batch as u64 {
-            let keys: Vec<Vec<u8>> = (first - batch as u64..first).map(key).collect();
-            let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
-            engine.remove_keys(&refs)?;
+            let (from, to) = (first - batch as u64, first - 1);
+            match deletes {
+                Deletes::Range => {
+                    engine.delete_range(&key(from), &key(to))?;
+                }
+                Deletes::Points => {
+                    let keys: Vec<Vec<u8>> = (from..=to).map(key).collect();
+                    let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+                    engine.remove_keys(&refs)?;
+                }
+            }
         }
         done += batch as u64;
     }
