@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what Ember's tests need on Debian 12 (run as root, or with sudo available):
-# the Mosquitto broker, qemu-user and the gcc cross linkers, and the Rust cross targets.
+# the Mosquitto broker, PostgreSQL 15, the fleet's Python test peers, qemu-user and the gcc cross linkers, and the Rust cross targets.
 set -euo pipefail
 
 need_apt=()
@@ -9,6 +9,8 @@ command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v qemu-aarch64 >/dev/null 2>&1 || need_apt+=(qemu-user)
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need_apt+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
+# PostgreSQL 15 server programs for the fleet's throwaway test clusters (initdb, pg_ctl).
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: installing ${need_apt[*]}"
@@ -22,6 +24,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 # Debian starts a system-wide broker on 1883 when it installs mosquitto where an init system
 # runs; the tests never use it (each starts its own on an ephemeral port).
+
+# Python peers of the fleet tests: paho-mqtt (an independent MQTT client) and schemathesis.
+python3 -c 'import paho.mqtt, schemathesis' 2>/dev/null ||
+  python3 -m pip install -q --disable-pip-version-check -r fleet-api/tests/python/requirements.txt
 
 installed=$(rustup target list --installed)
 for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf thumbv7em-none-eabihf; do

@@ -3,7 +3,7 @@
 //! * [`topic`]: the MQTT topic scheme `ember/v1/{device_id}/{channel}`.
 //! * [`record`]: the record envelope (device, stream, per-stream sequence number, capture
 //!   timestamp, CRC32) and the compact binary form the agent stores on disk.
-//! * [`message`]: versioned messages (telemetry batches, status, heartbeat) and their
+//! * [`message`]: versioned messages (telemetry and inference batches, status, heartbeat) and their
 //!   JSON / CBOR encodings.
 //!
 //! The crate is `no_std` + `alloc` without the `std` feature so firmware can share it.
@@ -16,8 +16,9 @@ pub mod record;
 pub mod topic;
 
 pub use message::{
-    AgentCounters, DeviceState, Encoding, EvictedRange, Heartbeat, Message, QueueGauge,
-    SCHEMA_VERSION, Status, StreamStatus, TelemetryBatch, WireRecord,
+    AgentCounters, DeviceState, Encoding, EvictedRange, Heartbeat, InferenceBatch, InferenceOutput,
+    InferenceRecord, Message, QueueGauge, SCHEMA_VERSION, Status, StreamStatus, TelemetryBatch,
+    WireRecord,
 };
 pub use record::{Record, StoredRecord};
 pub use topic::{Channel, Topic};

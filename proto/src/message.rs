@@ -112,6 +112,143 @@ impl TelemetryBatch {
     }
 }
 
+/// What a model said about one window.
+///
+/// Internally tagged: `{"kind":"class",...}` or `{"kind":"anomaly",...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum InferenceOutput {
+    /// A classifier's answer: the winning label, its index, and every class's probability
+    /// (in the order of the model manifest's labels).
+    Class {
+        label: String,
+        class: u32,
+        probabilities: Vec<f32>,
+    },
+    /// An anomaly detector's answer: the score, the threshold it was compared with, and the
+    /// verdict (`score > threshold`).
+    Anomaly {
+        score: f32,
+        threshold: f32,
+        anomalous: bool,
+    },
+}
+
+/// One model result inside an [`InferenceBatch`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferenceRecord {
+    /// Sequence number in the *inference* stream (its own 1, 2, 3, ... so the fleet's
+    /// durability ledger covers results exactly as it covers telemetry).
+    pub seq: u64,
+    /// Capture time of the window's last sample, microseconds since the Unix epoch.
+    pub ts: u64,
+    /// Capture time of the window's first sample.
+    pub window_start: u64,
+    /// Sequence number, in the source stream, of the window's last sample.
+    pub source_seq: u64,
+    /// The model that produced it (name and semver version from its bundle manifest).
+    pub model: String,
+    pub version: String,
+    /// Time spent in the model for this window's batch, microseconds.
+    pub latency_us: u32,
+    pub output: InferenceOutput,
+}
+
+/// Results of one inference stream, in increasing `seq` order, published on
+/// `ember/v1/{device}/inference`.
+///
+/// An inference stream is named `{source}.{model}` (for example `imu.activity`): one per
+/// source stream and model name, so its sequence survives model version changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferenceBatch {
+    pub v: u32,
+    pub device: String,
+    /// The inference stream (`{source}.{model}`).
+    pub stream: String,
+    /// The sensor stream whose windows were evaluated.
+    pub source: String,
+    pub records: Vec<InferenceRecord>,
+}
+
+impl InferenceBatch {
+    /// Checks the schema version, names, ordering and that every number is usable.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        check_version(self.v)?;
+        crate::check_name(&self.device).map_err(|why| ProtoError::InvalidDeviceId {
+            id: self.device.clone(),
+            why,
+        })?;
+        for name in [&self.stream, &self.source] {
+            crate::check_name(name).map_err(|why| ProtoError::InvalidStream {
+                name: name.clone(),
+                why,
+            })?;
+        }
+        let bad = |detail: String| ProtoError::Malformed {
+            encoding: "inference",
+            detail,
+        };
+        let mut last = 0u64;
+        for r in &self.records {
+            if r.seq <= last {
+                return Err(bad(alloc::format!(
+                    "seq {} follows {} (must increase)",
+                    r.seq,
+                    last
+                )));
+            }
+            last = r.seq;
+            if r.window_start > r.ts {
+                return Err(bad(alloc::format!(
+                    "seq {}: window_start {} is after ts {}",
+                    r.seq,
+                    r.window_start,
+                    r.ts
+                )));
+            }
+            if r.model.is_empty() || r.version.is_empty() {
+                return Err(bad(alloc::format!(
+                    "seq {}: model name and version must not be empty",
+                    r.seq
+                )));
+            }
+            match &r.output {
+                InferenceOutput::Class {
+                    class,
+                    probabilities,
+                    ..
+                } => {
+                    if (*class as usize) >= probabilities.len() {
+                        return Err(bad(alloc::format!(
+                            "seq {}: class {} but only {} probabilities",
+                            r.seq,
+                            class,
+                            probabilities.len()
+                        )));
+                    }
+                    if probabilities.iter().any(|p| !p.is_finite()) {
+                        return Err(bad(alloc::format!(
+                            "seq {}: probabilities must be finite",
+                            r.seq
+                        )));
+                    }
+                }
+                InferenceOutput::Anomaly {
+                    score, threshold, ..
+                } => {
+                    if !score.is_finite() || !threshold.is_finite() {
+                        return Err(bad(alloc::format!(
+                            "seq {}: score and threshold must be finite",
+                            r.seq
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceState {
@@ -236,6 +373,7 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
     Telemetry(TelemetryBatch),
+    Inference(InferenceBatch),
     Status(Status),
     Heartbeat(Heartbeat),
 }
@@ -365,6 +503,20 @@ mod codec {
         Ok((b, enc))
     }
 
+    /// Decodes and validates an inference batch (version, names, seq order, numbers).
+    pub fn decode_inference(payload: &[u8]) -> Result<(InferenceBatch, Encoding), ProtoError> {
+        let (b, enc) = decode::<InferenceBatch>(payload)?;
+        b.validate()?;
+        Ok((b, enc))
+    }
+
+    /// Decodes a heartbeat and checks its version.
+    pub fn decode_heartbeat(payload: &[u8]) -> Result<(Heartbeat, Encoding), ProtoError> {
+        let (h, enc) = decode::<Heartbeat>(payload)?;
+        check_version(h.v)?;
+        Ok((h, enc))
+    }
+
     /// Decodes a status message and checks its version.
     pub fn decode_status(payload: &[u8]) -> Result<(Status, Encoding), ProtoError> {
         let (s, enc) = decode::<Status>(payload)?;
@@ -374,7 +526,9 @@ mod codec {
 }
 
 #[cfg(feature = "std")]
-pub use codec::{decode, decode_status, decode_telemetry, encode};
+pub use codec::{
+    decode, decode_heartbeat, decode_inference, decode_status, decode_telemetry, encode,
+};
 
 #[cfg(all(test, feature = "json", feature = "cbor"))]
 mod tests {
@@ -385,6 +539,108 @@ mod tests {
         b.push(1, 1_700_000_000_000_000, alloc::vec![0.1, -2.5, 3.0]);
         b.push(2, 1_700_000_000_010_000, alloc::vec![0.2, -2.4, 3.1]);
         b
+    }
+
+    fn inference() -> InferenceBatch {
+        InferenceBatch {
+            v: SCHEMA_VERSION,
+            device: "dev-1".into(),
+            stream: "imu.activity".into(),
+            source: "imu".into(),
+            records: alloc::vec![
+                InferenceRecord {
+                    seq: 1,
+                    ts: 1_700_000_010_000_000,
+                    window_start: 1_700_000_000_100_000,
+                    source_seq: 100,
+                    model: "activity".into(),
+                    version: "1.0.0".into(),
+                    latency_us: 70,
+                    output: InferenceOutput::Class {
+                        label: "walking".into(),
+                        class: 3,
+                        probabilities: alloc::vec![0.01, 0.02, 0.03, 0.94],
+                    },
+                },
+                InferenceRecord {
+                    seq: 2,
+                    ts: 1_700_000_020_000_000,
+                    window_start: 1_700_000_010_100_000,
+                    source_seq: 200,
+                    model: "anomaly".into(),
+                    version: "1.0.0".into(),
+                    latency_us: 80,
+                    output: InferenceOutput::Anomaly {
+                        score: 0.7,
+                        threshold: 0.5,
+                        anomalous: true,
+                    },
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn inference_batches_round_trip_in_both_encodings() {
+        for enc in [Encoding::Json, Encoding::Cbor] {
+            let bytes = encode(&inference(), enc).unwrap();
+            let (back, got) = decode_inference(&bytes).unwrap();
+            assert_eq!(got, enc);
+            assert_eq!(back, inference());
+        }
+        let json = String::from_utf8(encode(&inference(), Encoding::Json).unwrap()).unwrap();
+        assert!(
+            json.contains(r#""output":{"kind":"class","label":"walking""#),
+            "{json}"
+        );
+        assert!(json.contains(r#""kind":"anomaly""#), "{json}");
+    }
+
+    #[test]
+    fn inference_validation_names_the_problem() {
+        let mut b = inference();
+        b.records[1].seq = 1;
+        let e = decode_inference(&encode(&b, Encoding::Json).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("seq 1 follows 1"), "{e}");
+
+        let mut b = inference();
+        if let InferenceOutput::Class { class, .. } = &mut b.records[0].output {
+            *class = 9;
+        }
+        let e = decode_inference(&encode(&b, Encoding::Json).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("class 9 but only 4"), "{e}");
+
+        let mut b = inference();
+        b.stream = "a/b".into();
+        assert!(matches!(
+            decode_inference(&encode(&b, Encoding::Json).unwrap()),
+            Err(ProtoError::InvalidStream { .. })
+        ));
+
+        let mut b = inference();
+        b.v = 2;
+        assert!(matches!(
+            decode_inference(&encode(&b, Encoding::Json).unwrap()),
+            Err(ProtoError::UnsupportedVersion { found: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn heartbeats_decode_with_a_version_check() {
+        let hb = Heartbeat {
+            v: SCHEMA_VERSION,
+            device: "dev-1".into(),
+            ts: 1,
+            uptime_s: 2,
+            queue_records: 3,
+        };
+        let (back, _) = decode_heartbeat(&encode(&hb, Encoding::Cbor).unwrap()).unwrap();
+        assert_eq!(back, hb);
+        let old = Heartbeat { v: 7, ..hb };
+        assert!(matches!(
+            decode_heartbeat(&encode(&old, Encoding::Json).unwrap()),
+            Err(ProtoError::UnsupportedVersion { found: 7, .. })
+        ));
     }
 
     #[test]

@@ -24,6 +24,7 @@
 
 mod agent;
 mod broker;
+mod postgres;
 mod subscriber;
 
 use std::net::{SocketAddr, TcpListener};
@@ -31,6 +32,7 @@ use std::time::{Duration, Instant};
 
 pub use agent::{Metrics, TestAgent, TestAgentBuilder, parse_prometheus, tail};
 pub use broker::TestBroker;
+pub use postgres::{PG_BIN_DIR, TestPostgres};
 pub use subscriber::{RecordSeen, StreamLog, Subscriber, SubscriberView};
 
 /// The subscription filter for everything agents publish (`ember/v1/<device>/<channel>`).
