@@ -7,7 +7,9 @@
 //! * [`ledger`]: per device and stream: captured, received, missing, evicted, pending, lost.
 //! * [`retention`]: deletes old telemetry (as a prefix of sequence numbers, archiving the
 //!   gaps), aggregates and rejects.
-//! * [`api`]: the REST API under `/api/v1`, its OpenAPI document and `/metrics`.
+//! * [`api`]: the REST API under `/api/v1`, its OpenAPI document, `/metrics`, the live
+//!   event stream (`/api/v1/events`) and the dashboard (`/dashboard/`).
+//! * [`events`]: what ingestion committed, fanned out to the live event streams.
 //! * [`auth`]: hashed API tokens with `read` and `admin` scopes.
 //! * [`config`]: TOML + `EMBER_FLEET_*` overrides → validated [`config::Settings`].
 //!
@@ -19,6 +21,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod events;
 pub mod ingest;
 pub mod ledger;
 pub mod metrics;
@@ -60,12 +63,14 @@ pub async fn run(
     }
     let metrics = Arc::new(Metrics::new());
     let ingest_state = Arc::new(IngestState::default());
+    let events = Arc::new(events::Events::new());
 
     let mut ingest = tokio::spawn(ingest::run(
         settings.clone(),
         db.clone(),
         metrics.clone(),
         ingest_state.clone(),
+        events.clone(),
         shutdown.clone(),
         force.clone(),
     ));
@@ -80,6 +85,8 @@ pub async fn run(
         settings: settings.clone(),
         metrics,
         ingest: ingest_state,
+        events,
+        shutdown: shutdown.clone(),
     });
     let addr = listener.local_addr().map_err(FleetError::Serve)?;
     tracing::info!(%addr, "Serving the API.");

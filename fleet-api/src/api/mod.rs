@@ -6,9 +6,12 @@
 //! opaque `cursor` (keyset pagination: a page is never shifted by rows written meanwhile), and
 //! return `{"items": [...], "next_cursor": "..." | null}`.
 
+mod dashboard;
 mod data;
 mod devices;
 pub mod error;
+mod inference;
+mod live;
 mod ops;
 
 use std::sync::Arc;
@@ -28,6 +31,7 @@ use utoipa::{IntoParams, OpenApi};
 use crate::auth::Scope;
 use crate::config::Settings;
 use crate::db::Db;
+use crate::events::Events;
 use crate::ingest::IngestState;
 use crate::metrics::Metrics;
 pub use error::{AppError, ErrorBody};
@@ -39,13 +43,16 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub metrics: Arc<Metrics>,
     pub ingest: Arc<IngestState>,
+    pub events: Arc<Events>,
+    /// Fires when the service shuts down: ends the live event streams.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Ember fleet API",
-        description = "Devices, telemetry, aggregates, the durability ledger and rejects of an Ember fleet. \
+        description = "Devices, telemetry, model results, aggregates, the durability ledger and rejects of an Ember fleet. \
                        Times are microseconds since the Unix epoch (UTC). Authenticate with \
                        `Authorization: Bearer <token>` (scopes: read, admin).",
     ),
@@ -59,7 +66,11 @@ pub struct AppState {
         data::telemetry,
         data::aggregates,
         data::ledger,
+        inference::results,
+        inference::aggregates,
+        inference::anomalies,
         ops::list_rejects,
+        live::overview,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth),
@@ -67,6 +78,7 @@ pub struct AppState {
     tags(
         (name = "devices", description = "The device registry"),
         (name = "data", description = "Telemetry, aggregates and the durability ledger"),
+        (name = "inference", description = "Model results, their aggregates and anomalies"),
         (name = "operations", description = "Health and rejected messages"),
     )
 )]
@@ -106,6 +118,17 @@ pub fn router(state: AppState) -> Router {
             get(data::aggregates),
         )
         .route("/api/v1/devices/{device_id}/ledger", get(data::ledger))
+        .route(
+            "/api/v1/devices/{device_id}/streams/{stream}/inference",
+            get(inference::results),
+        )
+        .route(
+            "/api/v1/devices/{device_id}/streams/{stream}/inference/aggregates",
+            get(inference::aggregates),
+        )
+        .route("/api/v1/anomalies", get(inference::anomalies))
+        .route("/api/v1/overview", get(live::overview))
+        .route("/api/v1/events", get(live::events))
         .route("/api/v1/rejects", get(ops::list_rejects))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -115,6 +138,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/health", get(ops::health))
         .route("/api/openapi.json", get(ops::openapi))
         .route("/metrics", get(ops::metrics))
+        .merge(dashboard::routes())
         .merge(protected)
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)

@@ -7,13 +7,16 @@
 //! broker's ACL confines a device to its own topics, not its payloads), and that numbers fit the
 //! database's signed 64-bit integers.
 
-use ember_proto::message::{decode, decode_status, decode_telemetry};
-use ember_proto::{Channel, Heartbeat, ProtoError, SCHEMA_VERSION, Status, TelemetryBatch, Topic};
+use ember_proto::message::{decode, decode_inference, decode_status, decode_telemetry};
+use ember_proto::{
+    Channel, Heartbeat, InferenceBatch, ProtoError, SCHEMA_VERSION, Status, TelemetryBatch, Topic,
+};
 
 /// A message that passed every check.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Item {
     Telemetry(TelemetryBatch),
+    Inference(InferenceBatch),
     Status(Status),
     Heartbeat(Heartbeat),
 }
@@ -22,6 +25,7 @@ impl Item {
     pub fn device(&self) -> &str {
         match self {
             Item::Telemetry(b) => &b.device,
+            Item::Inference(b) => &b.device,
             Item::Status(s) => &s.device,
             Item::Heartbeat(h) => &h.device,
         }
@@ -30,6 +34,7 @@ impl Item {
     pub fn channel(&self) -> &'static str {
         match self {
             Item::Telemetry(_) => "telemetry",
+            Item::Inference(_) => "inference",
             Item::Status(_) => "status",
             Item::Heartbeat(_) => "heartbeat",
         }
@@ -38,6 +43,7 @@ impl Item {
     pub fn records(&self) -> usize {
         match self {
             Item::Telemetry(b) => b.records.len(),
+            Item::Inference(b) => b.records.len(),
             _ => 0,
         }
     }
@@ -252,10 +258,34 @@ pub fn classify(topic: &str, payload: &[u8], max_bytes: usize) -> Result<Item, R
             }
             Ok(Item::Heartbeat(hb))
         }
-        Channel::Inference => Err(reject(
-            RejectReason::BadTopic,
-            "the inference channel is not ingested by this version".into(),
-        )),
+        Channel::Inference => {
+            let (batch, _) = decode_inference(payload).map_err(from_proto)?;
+            if batch.device != topic_parsed.device_id {
+                return Err(mismatch(&batch.device));
+            }
+            if let Some(r) = batch.records.iter().find(|r| {
+                r.seq > I64_MAX
+                    || r.ts > I64_MAX
+                    || r.window_start > I64_MAX
+                    || r.source_seq > I64_MAX
+            }) {
+                return Err(reject(
+                    RejectReason::OutOfRange,
+                    format!("result seq {} ts {} exceeds 2^63-2", r.seq, r.ts),
+                ));
+            }
+            if let Some(r) = batch.records.iter().find(|r| {
+                r.model.len() > MAX_TEXT
+                    || r.version.len() > MAX_TEXT
+                    || matches!(&r.output, ember_proto::InferenceOutput::Class { label, .. } if label.len() > MAX_TEXT)
+            }) {
+                return Err(reject(
+                    RejectReason::Malformed,
+                    format!("result seq {}: model, version or label longer than {MAX_TEXT} bytes", r.seq),
+                ));
+            }
+            Ok(Item::Inference(batch))
+        }
     }
 }
 

@@ -24,7 +24,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ember_proto::{DeviceState, Heartbeat, Status, TelemetryBatch};
+use ember_proto::{
+    DeviceState, Heartbeat, InferenceBatch, InferenceOutput, InferenceRecord, Status,
+    TelemetryBatch,
+};
 use rumqttc::{AsyncClient, Publish, QoS};
 use sqlx::Row;
 use tokio::sync::mpsc;
@@ -34,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use super::classify::{Item, Reject, RejectReason};
 use crate::config::IngestSettings;
 use crate::db::{Db, Sql, timed};
+use crate::events::{Events, LiveEvent, MAX_RESULTS_PER_STREAM};
 use crate::metrics::Metrics;
 
 /// Width of an aggregate bucket: one minute, in microseconds.
@@ -42,6 +46,9 @@ pub const BUCKET_US: i64 = 60_000_000;
 /// 32766 and Postgres's 65535 bind parameters.
 const TELEMETRY_ROWS_PER_INSERT: usize = 500;
 const AGGREGATE_ROWS_PER_INSERT: usize = 250;
+/// 17 values per inference row.
+const INFERENCE_ROWS_PER_INSERT: usize = 100;
+const INFERENCE_AGGREGATE_ROWS_PER_INSERT: usize = 200;
 /// Attempts at a whole batch before it is split into single messages.
 const BATCH_ATTEMPTS: u32 = 3;
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -97,6 +104,7 @@ pub struct Writer {
     pub metrics: Arc<Metrics>,
     pub settings: IngestSettings,
     pub acker: Acker,
+    pub events: Arc<Events>,
 }
 
 /// Receives until the channel closes (shutdown), writing batch after batch. Returns when every
@@ -252,6 +260,9 @@ impl Writer {
     }
 
     fn record(&self, batch: &[Inbound], o: &Outcome) {
+        for e in &o.events {
+            self.events.publish(e.clone());
+        }
         let m = &self.metrics;
         m.observe("batch_messages", &[], batch.len() as f64);
         m.observe("batch_records", &[], o.records as f64);
@@ -296,12 +307,14 @@ fn is_transient(e: &sqlx::Error) -> bool {
 }
 
 /// What one batch did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Outcome {
     pub records: u64,
     pub stored: u64,
     pub duplicates: u64,
     pub expired: u64,
+    /// For the live view, published after the commit.
+    pub events: Vec<LiveEvent>,
 }
 
 /// A record as stored: capture time, values, receive time.
@@ -312,6 +325,24 @@ struct StreamRecords {
     /// seq -> record, first copy in the batch.
     records: BTreeMap<u64, Rec>,
     in_batch_duplicates: u64,
+}
+
+/// The results of one inference stream in a batch: seq -> (result, receive time), first copy.
+#[derive(Default)]
+struct InferenceRecords<'a> {
+    records: BTreeMap<u64, (&'a InferenceRecord, i64)>,
+    in_batch_duplicates: u64,
+}
+
+/// One minute of one inference stream and label (`""` for anomaly results).
+#[derive(Default)]
+struct InferenceAgg {
+    results: i64,
+    anomalies: i64,
+    scored: i64,
+    score_sum: f64,
+    score_max: Option<f64>,
+    latency_sum: i64,
 }
 
 #[derive(Default)]
@@ -358,6 +389,7 @@ async fn write_batch(
     let mut contacts: BTreeMap<&str, i64> = BTreeMap::new();
     let mut wills: BTreeSet<&str> = BTreeSet::new();
     let mut streams: BTreeMap<(&str, &str), StreamRecords> = BTreeMap::new();
+    let mut inference: BTreeMap<(&str, &str), InferenceRecords> = BTreeMap::new();
     let mut statuses: Vec<(&Status, i64)> = Vec::new();
     let mut heartbeats: Vec<(&Heartbeat, i64)> = Vec::new();
     let mut rejects: BTreeMap<(&str, &'static str), RejectAgg> = BTreeMap::new();
@@ -376,6 +408,9 @@ async fn write_batch(
                 match item {
                     Item::Telemetry(b) => {
                         group_telemetry(b, m.received_at, &mut streams, &mut outcome)
+                    }
+                    Item::Inference(b) => {
+                        group_inference(b, m.received_at, &mut inference, &mut outcome)
                     }
                     Item::Status(s) => statuses.push((s, m.received_at)),
                     Item::Heartbeat(h) => heartbeats.push((h, m.received_at)),
@@ -507,33 +542,36 @@ async fn write_batch(
             }
         }
         let last_received = recs.records.values().map(|r| r.2).max();
-        let mut q = Sql::new(
-            "INSERT INTO streams (device_id, stream, received, duplicates, expired, max_seq, \
-             first_ts, last_ts, channels, last_received_at) VALUES (",
-        );
-        q.bind(*device).push(", ").bind(*stream).push(", ");
-        q.bind(stored as i64)
-            .push(", ")
-            .bind(duplicates as i64)
-            .push(", ");
-        q.bind(expired as i64).push(", ").bind(max_seq).push(", ");
-        q.bind(first_ts).push(", ").bind(last_ts).push(", ");
-        q.bind(channels).push(", ").bind(last_received).push(")");
-        q.push(
-            " ON CONFLICT (device_id, stream) DO UPDATE SET \
-             received = streams.received + excluded.received, \
-             duplicates = streams.duplicates + excluded.duplicates, \
-             expired = streams.expired + excluded.expired, \
-             max_seq = CASE WHEN excluded.max_seq > streams.max_seq THEN excluded.max_seq ELSE streams.max_seq END, \
-             first_ts = CASE WHEN excluded.first_ts IS NOT NULL AND (streams.first_ts IS NULL OR excluded.first_ts < streams.first_ts) \
-                             THEN excluded.first_ts ELSE streams.first_ts END, \
-             last_ts = CASE WHEN excluded.last_ts IS NOT NULL AND (streams.last_ts IS NULL OR excluded.last_ts > streams.last_ts) \
-                            THEN excluded.last_ts ELSE streams.last_ts END, \
-             channels = COALESCE(excluded.channels, streams.channels), \
-             last_received_at = COALESCE(excluded.last_received_at, streams.last_received_at)",
-        );
-        q.query().execute(&mut *tx).await?;
+        update_stream(
+            &mut tx,
+            StreamUpdate {
+                device,
+                stream,
+                kind: "telemetry",
+                stored,
+                duplicates,
+                expired,
+                max_seq,
+                first_ts,
+                last_ts,
+                channels,
+                last_received,
+            },
+        )
+        .await?;
+        if let Some((seq, (ts, values, _))) = live.iter().rev().find(|(s, _)| inserted.contains(s))
+        {
+            outcome.events.push(LiveEvent::Telemetry {
+                device_id: device.to_string(),
+                stream: stream.to_string(),
+                seq: *seq,
+                ts: *ts,
+                values: values.iter().map(|v| v.is_finite().then_some(*v)).collect(),
+            });
+        }
     }
+
+    write_inference(&mut tx, &inference, &mut outcome).await?;
 
     let aggregates: Vec<_> = aggregates.into_iter().collect();
     for chunk in aggregates.chunks(AGGREGATE_ROWS_PER_INSERT) {
@@ -565,6 +603,10 @@ async fn write_batch(
 
     for (status, received_at) in &statuses {
         apply_status(&mut tx, status, *received_at).await?;
+        outcome.events.push(LiveEvent::Device {
+            device_id: status.device.clone(),
+            online: status.state == DeviceState::Online,
+        });
     }
 
     for (hb, received_at) in &heartbeats {
@@ -599,6 +641,11 @@ async fn write_batch(
              last_at = excluded.last_at, last_topic = excluded.last_topic, last_detail = excluded.last_detail",
         );
         q.query().execute(&mut *tx).await?;
+        outcome.events.push(LiveEvent::Reject {
+            device_id: device.to_string(),
+            reason: reason.to_string(),
+            count: r.count,
+        });
     }
 
     tx.commit().await?;
@@ -623,6 +670,305 @@ fn group_telemetry<'a>(
             }
         }
     }
+}
+
+fn group_inference<'a>(
+    b: &'a InferenceBatch,
+    received_at: i64,
+    streams: &mut BTreeMap<(&'a str, &'a str), InferenceRecords<'a>>,
+    outcome: &mut Outcome,
+) {
+    let entry = streams
+        .entry((b.device.as_str(), b.stream.as_str()))
+        .or_default();
+    for r in &b.records {
+        outcome.records += 1;
+        match entry.records.entry(r.seq) {
+            std::collections::btree_map::Entry::Occupied(_) => entry.in_batch_duplicates += 1,
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert((r, received_at));
+            }
+        }
+    }
+}
+
+/// Postgres refuses NUL in text; the protocol does not forbid it.
+fn text(s: &str) -> String {
+    s.replace('\0', "")
+}
+
+/// Counters of one stream after its records were inserted.
+struct StreamUpdate<'a> {
+    device: &'a str,
+    stream: &'a str,
+    kind: &'static str,
+    stored: u64,
+    duplicates: u64,
+    expired: u64,
+    max_seq: i64,
+    first_ts: Option<i64>,
+    last_ts: Option<i64>,
+    channels: Option<i64>,
+    last_received: Option<i64>,
+}
+
+async fn update_stream(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    u: StreamUpdate<'_>,
+) -> Result<(), sqlx::Error> {
+    let mut q = Sql::new(
+        "INSERT INTO streams (device_id, stream, kind, received, duplicates, expired, max_seq, \
+         first_ts, last_ts, channels, last_received_at) VALUES (",
+    );
+    q.bind(u.device).push(", ").bind(u.stream).push(", ");
+    q.bind(u.kind).push(", ");
+    q.bind(u.stored as i64)
+        .push(", ")
+        .bind(u.duplicates as i64)
+        .push(", ");
+    q.bind(u.expired as i64)
+        .push(", ")
+        .bind(u.max_seq)
+        .push(", ");
+    q.bind(u.first_ts).push(", ").bind(u.last_ts).push(", ");
+    q.bind(u.channels)
+        .push(", ")
+        .bind(u.last_received)
+        .push(")");
+    q.push(
+        " ON CONFLICT (device_id, stream) DO UPDATE SET \
+         kind = excluded.kind, \
+         received = streams.received + excluded.received, \
+         duplicates = streams.duplicates + excluded.duplicates, \
+         expired = streams.expired + excluded.expired, \
+         max_seq = CASE WHEN excluded.max_seq > streams.max_seq THEN excluded.max_seq ELSE streams.max_seq END, \
+         first_ts = CASE WHEN excluded.first_ts IS NOT NULL AND (streams.first_ts IS NULL OR excluded.first_ts < streams.first_ts) \
+                         THEN excluded.first_ts ELSE streams.first_ts END, \
+         last_ts = CASE WHEN excluded.last_ts IS NOT NULL AND (streams.last_ts IS NULL OR excluded.last_ts > streams.last_ts) \
+                        THEN excluded.last_ts ELSE streams.last_ts END, \
+         channels = COALESCE(excluded.channels, streams.channels), \
+         last_received_at = COALESCE(excluded.last_received_at, streams.last_received_at)",
+    );
+    q.query().execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Stores the model results of a batch: idempotent on `(device, stream, seq)` exactly like
+/// telemetry (only inserted rows count as received and feed `inference_1m`).
+async fn write_inference(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    streams: &BTreeMap<(&str, &str), InferenceRecords<'_>>,
+    outcome: &mut Outcome,
+) -> Result<(), sqlx::Error> {
+    let mut aggregates: BTreeMap<(&str, &str, i64, String), InferenceAgg> = BTreeMap::new();
+    for ((device, stream), recs) in streams {
+        let pruned: i64 = {
+            let mut q = Sql::new("INSERT INTO streams (device_id, stream, kind) VALUES (");
+            q.bind(*device)
+                .push(", ")
+                .bind(*stream)
+                .push(", 'inference'");
+            q.push(
+                ") ON CONFLICT (device_id, stream) DO UPDATE SET pruned_through = streams.pruned_through \
+                 RETURNING pruned_through",
+            );
+            q.query()
+                .fetch_one(&mut **tx)
+                .await?
+                .try_get("pruned_through")?
+        };
+        let mut expired = 0u64;
+        let live: Vec<(i64, &InferenceRecord, i64)> = recs
+            .records
+            .iter()
+            .filter_map(|(seq, (r, at))| {
+                let seq = to_i64(*seq);
+                if seq <= pruned {
+                    expired += 1;
+                    None
+                } else {
+                    Some((seq, *r, *at))
+                }
+            })
+            .collect();
+        let mut inserted: BTreeSet<i64> = BTreeSet::new();
+        for chunk in live.chunks(INFERENCE_ROWS_PER_INSERT) {
+            let mut q = Sql::new(
+                "INSERT INTO inference (device_id, stream, seq, ts, window_start, source_seq, model, \
+                 version, latency_us, output_kind, label, class, probabilities, score, threshold, \
+                 anomalous, received_at) VALUES ",
+            );
+            let d = q.param(*device);
+            let s = q.param(*stream);
+            for (i, (seq, r, at)) in chunk.iter().enumerate() {
+                if i > 0 {
+                    q.push(", ");
+                }
+                q.push(&format!("({d}, {s}, "));
+                q.bind(*seq).push(", ").bind(to_i64(r.ts)).push(", ");
+                q.bind(to_i64(r.window_start)).push(", ");
+                q.bind(to_i64(r.source_seq)).push(", ");
+                q.bind(text(&r.model)).push(", ").bind(text(&r.version));
+                q.push(", ").bind(i64::from(r.latency_us)).push(", ");
+                match &r.output {
+                    InferenceOutput::Class {
+                        label,
+                        class,
+                        probabilities,
+                    } => {
+                        q.push("'class', ").bind(text(label)).push(", ");
+                        q.bind(i64::from(*class)).push(", ");
+                        q.bind(encode_values(probabilities));
+                        q.push(", NULL, NULL, ").bind(false);
+                    }
+                    InferenceOutput::Anomaly {
+                        score,
+                        threshold,
+                        anomalous,
+                    } => {
+                        q.push("'anomaly', NULL, NULL, NULL, ");
+                        q.bind(f64::from(*score))
+                            .push(", ")
+                            .bind(f64::from(*threshold));
+                        q.push(", ").bind(*anomalous);
+                    }
+                }
+                q.push(", ").bind(*at).push(")");
+            }
+            q.push(" ON CONFLICT (device_id, stream, seq) DO NOTHING RETURNING seq");
+            for row in q.query().fetch_all(&mut **tx).await? {
+                inserted.insert(row.try_get::<i64, _>("seq")?);
+            }
+        }
+        let stored = inserted.len() as u64;
+        let duplicates = live.len() as u64 - stored + recs.in_batch_duplicates;
+        outcome.stored += stored;
+        outcome.duplicates += duplicates;
+        outcome.expired += expired;
+
+        let (mut first_ts, mut last_ts, mut max_seq) = (None::<i64>, None::<i64>, 0i64);
+        let new: Vec<&(i64, &InferenceRecord, i64)> = live
+            .iter()
+            .filter(|(s, _, _)| inserted.contains(s))
+            .collect();
+        for (seq, r, _) in &new {
+            let ts = to_i64(r.ts);
+            first_ts = Some(first_ts.map_or(ts, |f| f.min(ts)));
+            last_ts = Some(last_ts.map_or(ts, |l| l.max(ts)));
+            max_seq = max_seq.max(*seq);
+            let bucket = ts - ts.rem_euclid(BUCKET_US);
+            let label = match &r.output {
+                InferenceOutput::Class { label, .. } => text(label),
+                InferenceOutput::Anomaly { .. } => String::new(),
+            };
+            let a = aggregates
+                .entry((device, stream, bucket, label))
+                .or_default();
+            a.results += 1;
+            a.latency_sum += i64::from(r.latency_us);
+            if let InferenceOutput::Anomaly {
+                score, anomalous, ..
+            } = &r.output
+            {
+                let score = f64::from(*score);
+                a.scored += 1;
+                a.score_sum += score;
+                a.score_max = Some(a.score_max.map_or(score, |m| m.max(score)));
+                if *anomalous {
+                    a.anomalies += 1;
+                }
+            }
+        }
+        let skip = new.len().saturating_sub(MAX_RESULTS_PER_STREAM);
+        for (seq, r, _) in new.iter().skip(skip) {
+            let (output_kind, label, score, threshold, anomalous) = match &r.output {
+                InferenceOutput::Class { label, .. } => {
+                    ("class", Some(text(label)), None, None, false)
+                }
+                InferenceOutput::Anomaly {
+                    score,
+                    threshold,
+                    anomalous,
+                } => (
+                    "anomaly",
+                    None,
+                    Some(f64::from(*score)),
+                    Some(f64::from(*threshold)),
+                    *anomalous,
+                ),
+            };
+            outcome.events.push(LiveEvent::Inference {
+                device_id: device.to_string(),
+                stream: stream.to_string(),
+                seq: *seq,
+                ts: to_i64(r.ts),
+                model: text(&r.model),
+                version: text(&r.version),
+                latency_us: i64::from(r.latency_us),
+                output_kind: output_kind.into(),
+                label,
+                score,
+                threshold,
+                anomalous,
+            });
+        }
+        let last_received = recs.records.values().map(|r| r.1).max();
+        update_stream(
+            tx,
+            StreamUpdate {
+                device,
+                stream,
+                kind: "inference",
+                stored,
+                duplicates,
+                expired,
+                max_seq,
+                first_ts,
+                last_ts,
+                channels: None,
+                last_received,
+            },
+        )
+        .await?;
+    }
+
+    let aggregates: Vec<_> = aggregates.into_iter().collect();
+    for chunk in aggregates.chunks(INFERENCE_AGGREGATE_ROWS_PER_INSERT) {
+        let mut q = Sql::new(
+            "INSERT INTO inference_1m (device_id, stream, bucket, label, results, anomalies, scored, \
+             score_sum, score_max, latency_sum) VALUES ",
+        );
+        for (i, ((device, stream, bucket, label), a)) in chunk.iter().enumerate() {
+            if i > 0 {
+                q.push(", ");
+            }
+            q.push("(")
+                .bind(*device)
+                .push(", ")
+                .bind(*stream)
+                .push(", ");
+            q.bind(*bucket).push(", ").bind(label.as_str()).push(", ");
+            q.bind(a.results).push(", ").bind(a.anomalies).push(", ");
+            q.bind(a.scored).push(", ").bind(a.score_sum).push(", ");
+            match a.score_max {
+                Some(m) => q.bind(m),
+                None => q.push("NULL"),
+            };
+            q.push(", ").bind(a.latency_sum).push(")");
+        }
+        q.push(
+            " ON CONFLICT (device_id, stream, bucket, label) DO UPDATE SET \
+             results = inference_1m.results + excluded.results, \
+             anomalies = inference_1m.anomalies + excluded.anomalies, \
+             scored = inference_1m.scored + excluded.scored, \
+             score_sum = inference_1m.score_sum + excluded.score_sum, \
+             score_max = CASE WHEN inference_1m.score_max IS NULL OR excluded.score_max > inference_1m.score_max \
+                              THEN excluded.score_max ELSE inference_1m.score_max END, \
+             latency_sum = inference_1m.latency_sum + excluded.latency_sum",
+        );
+        q.query().execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// The broker's Last Will: `offline` with `ts = 0` (a clean shutdown's `offline` has a time).
