@@ -375,7 +375,7 @@ async function refreshCounts() {
 
 function anomalyRow(r) {
   const dev = encodeURIComponent(r.device_id);
-  return `<tr><td>${fmtTime(r.ts)}</td><td><a href="#/device/${dev}">${esc(r.device_id)}</a></td><td class="mono">${esc(r.stream)}</td>
+  return `<tr><td title="${fmtTime(r.ts)}">${fmtTime(r.ts).slice(11, 19)}</td><td><a href="#/device/${dev}">${esc(r.device_id)}</a></td><td class="mono">${esc(r.stream)}</td>
     <td>${esc(r.model)} <span class="muted">${esc(r.version)}</span></td><td class="num">${fmtNum(r.score, 3)}</td></tr>`;
 }
 

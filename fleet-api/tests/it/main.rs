@@ -7,6 +7,8 @@
 mod support;
 
 mod api;
+mod browser;
 mod cli;
+mod inference;
 mod ingest;
 mod python;
