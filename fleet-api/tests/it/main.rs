@@ -11,4 +11,5 @@ mod browser;
 mod cli;
 mod inference;
 mod ingest;
+mod live;
 mod python;
