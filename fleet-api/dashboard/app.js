@@ -320,7 +320,7 @@ async function showOverview() {
         <div class="sub">since the counters' retention</div></div>
     </div>
     <div class="grid two">
-      <section class="panel"><h2>Recent anomalies</h2>
+      <section class="panel wide"><h2>Recent anomalies</h2>
         <div class="scroll"><table id="anomalies"><thead><tr><th>Time</th><th>Device</th><th>Stream</th><th>Model</th><th>Score</th></tr></thead>
         <tbody>${anomalies.items.map(anomalyRow).join("")}</tbody></table>
         ${anomalies.items.length ? "" : '<div class="empty" id="no-anomalies">No anomalies.</div>'}</div></section>
@@ -338,6 +338,7 @@ async function showOverview() {
         </tbody></table>${ov.rejects.length ? "" : '<div class="empty">No rejected messages.</div>'}</section>
     </div>`;
   let rejectTotal = rejects;
+  let refreshPending = false;
   state.view = {
     onEvent(type, d) {
       if (type === "ingest") {
@@ -354,8 +355,13 @@ async function showOverview() {
         const el = document.getElementById("ov-rejects");
         el.textContent = fmtNum(rejectTotal);
         el.className = "value bad";
-      } else if (type === "device") {
-        refreshCounts();
+      } else if (type === "device" && !refreshPending) {
+        // Coalesce a burst of state changes into one overview request.
+        refreshPending = true;
+        setTimeout(() => {
+          refreshPending = false;
+          refreshCounts();
+        }, 1000);
       }
     },
   };

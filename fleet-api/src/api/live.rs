@@ -125,7 +125,7 @@ pub async fn overview(State(state): State<AppState>) -> Result<Json<Overview>, A
             });
         }
     }
-    losses.sort_by(|a, b| b.lost_count.cmp(&a.lost_count));
+    losses.sort_by_key(|l| std::cmp::Reverse(l.lost_count));
     let rejects = Sql::new(
         "SELECT reason, CAST(SUM(count) AS BIGINT) AS n FROM rejects GROUP BY reason ORDER BY reason",
     )

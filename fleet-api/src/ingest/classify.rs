@@ -326,6 +326,38 @@ mod tests {
     }
 
     #[test]
+    fn inference_results_are_accepted_or_rejected_with_reasons() {
+        let payload = |device: &str, class: u32| {
+            format!(
+                r#"{{"v":1,"device":"{device}","stream":"imu.activity","source":"imu","records":[
+                {{"seq":1,"ts":20,"window_start":10,"source_seq":5,"model":"activity","version":"1.0.0",
+                  "latency_us":70,"output":{{"kind":"class","label":"walking","class":{class},"probabilities":[0.1,0.9]}}}},
+                {{"seq":2,"ts":30,"window_start":20,"source_seq":9,"model":"anomaly","version":"1.0.0",
+                  "latency_us":80,"output":{{"kind":"anomaly","score":0.7,"threshold":0.5,"anomalous":true}}}}]}}"#
+            )
+        };
+        match classify("ember/v1/d1/inference", payload("d1", 1).as_bytes(), 4096) {
+            Ok(Item::Inference(b)) => {
+                assert_eq!((b.stream.as_str(), b.records.len()), ("imu.activity", 2))
+            }
+            other => panic!("expected an inference batch, got {other:?}"),
+        }
+        assert_eq!(
+            reason("ember/v1/d2/inference", payload("d1", 1).as_bytes()),
+            RejectReason::DeviceMismatch
+        );
+        assert_eq!(
+            reason("ember/v1/d1/inference", payload("d1", 7).as_bytes()),
+            RejectReason::Malformed
+        );
+        let long = payload("d1", 1).replace("\"walking\"", &format!("\"{}\"", "x".repeat(300)));
+        assert_eq!(
+            reason("ember/v1/d1/inference", long.as_bytes()),
+            RejectReason::Malformed
+        );
+    }
+
+    #[test]
     fn rejects_with_reasons() {
         let ok = encode(&batch("d1"), Encoding::Json).unwrap();
         assert_eq!(

@@ -75,6 +75,8 @@ try {
   // A new anomaly appears on the open overview without a reload.
   await ready("overview");
   await page.waitForFunction((t) => document.querySelector("#anomalies tbody").textContent.includes(t), cfg.anomaly_text);
+  // The records published with it show up in the ingest rate of the next tick.
+  await page.waitForFunction(() => !["—", "0"].includes(document.getElementById("ov-rate").textContent));
   mkdirSync(cfg.screenshots, { recursive: true });
   await page.screenshot({ path: join(cfg.screenshots, "overview.png"), fullPage: true });
 

@@ -300,13 +300,16 @@ fn dashboard_pages_load_and_update_live_in_chromium() {
             "READY overview" => {
                 publish(
                     broker.port(),
-                    vec![inference_batch(
-                        "edge-02",
-                        "imu",
-                        "anomaly",
-                        "2.0.0",
-                        &[(21, now, Out::Anomaly(0.987, 0.5))],
-                    )],
+                    vec![
+                        inference_batch(
+                            "edge-02",
+                            "imu",
+                            "anomaly",
+                            "2.0.0",
+                            &[(21, now, Out::Anomaly(0.987, 0.5))],
+                        ),
+                        imu("edge-03", 101..=160, now - 60_000_000, 1_000_000),
+                    ],
                 );
                 writeln!(stdin, "GO").expect("node's stdin");
             }
