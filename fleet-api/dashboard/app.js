@@ -481,10 +481,7 @@ async function showDevice(id) {
       <section class="panel"><h2>Durability ledger</h2>
         <table id="ledger"><thead><tr><th>Stream</th><th>Kind</th><th class="num">Captured</th><th class="num">Received</th>
         <th class="num">Duplicates</th><th class="num">Evicted</th><th class="num">Pending</th><th class="num">Lost</th></tr></thead>
-        <tbody>${ledger.streams.map((s) => `<tr><td class="mono">${esc(s.stream)}</td><td>${esc(s.kind)}</td>
-          <td class="num">${fmtNum(s.captured)}</td><td class="num">${fmtNum(s.received)}</td><td class="num">${fmtNum(s.duplicates)}</td>
-          <td class="num">${fmtNum(s.evicted_count)}</td><td class="num">${fmtNum(s.pending_count)}</td>
-          <td class="num ${s.lost_count ? "lost" : ""}">${fmtNum(s.lost_count)}</td></tr>`).join("")}</tbody></table>
+        <tbody>${ledgerRows(ledger)}</tbody></table>
         ${ledger.streams.length ? "" : '<div class="empty">No streams yet.</div>'}</section>
     </div>
     <div id="inference-panels"></div>
@@ -510,6 +507,22 @@ async function showDevice(id) {
     const panel = document.querySelector(`[data-telemetry="${CSS.escape(s)}"]`);
     views["t:" + s] = { kind: "telemetry", rows: (telemetry[s] || []).slice(-MAX_POINTS), panel, canvas: document.getElementById(`chart-t${i}`), legend: document.getElementById(`legend-t${i}`) };
   };
+  // The ledger follows the records: re-read it at most every 3 s while events arrive.
+  let ledgerPending = false;
+  const refreshLedger = () => {
+    if (ledgerPending) return;
+    ledgerPending = true;
+    setTimeout(async () => {
+      ledgerPending = false;
+      try {
+        const l = await api(`/api/v1/devices/${enc}/ledger`);
+        const body = document.querySelector("#ledger tbody");
+        if (body) body.innerHTML = ledgerRows(l);
+      } catch (e) {
+        // The next event tries again.
+      }
+    }, 3000);
+  };
   inferenceStreams.forEach(addInference);
   telemetryStreams.forEach(addTelemetry);
   Object.values(views).forEach(render);
@@ -529,8 +542,16 @@ async function showDevice(id) {
       v.fresh = true;
       document.getElementById("dev-seen").textContent = fmtTime(Date.now() * 1000);
       render(v);
+      refreshLedger();
     },
   };
+}
+
+function ledgerRows(ledger) {
+  return ledger.streams.map((s) => `<tr><td class="mono">${esc(s.stream)}</td><td>${esc(s.kind)}</td>
+    <td class="num">${fmtNum(s.captured)}</td><td class="num">${fmtNum(s.received)}</td><td class="num">${fmtNum(s.duplicates)}</td>
+    <td class="num">${fmtNum(s.evicted_count)}</td><td class="num">${fmtNum(s.pending_count)}</td>
+    <td class="num ${s.lost_count ? "lost" : ""}">${fmtNum(s.lost_count)}</td></tr>`).join("");
 }
 
 function render(v) {

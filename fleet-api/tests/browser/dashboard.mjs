@@ -113,6 +113,9 @@ try {
   await ready("device");
   await page.waitForFunction((t) => [...document.querySelectorAll("[data-telemetry] tbody")].some((b) => b.textContent.includes(t)), cfg.telemetry_text);
   await page.waitForFunction((t) => [...document.querySelectorAll("[data-inference] tbody")].some((b) => b.textContent.includes(t)), cfg.label_text);
+  // The ledger table follows: the telemetry stream now has 241 records received.
+  await page.waitForFunction(() => [...document.querySelectorAll("#ledger tbody tr")].some(
+    (r) => r.cells[0].textContent === "imu" && r.cells[3].textContent === "241"));
   check(await page.evaluate(() => window.__sameDocument === true), "the page reloaded");
   await page.waitForTimeout(1600); // let the row highlight fade before the screenshot
   await page.screenshot({ path: join(cfg.screenshots, "device.png"), fullPage: true });
