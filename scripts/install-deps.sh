@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Ember's tests need on Debian 12 (run as root, or with sudo available):
-# the Mosquitto broker, PostgreSQL 15, the fleet's Python test peers, Chromium and playwright-core, qemu-user and the gcc cross linkers, and the Rust cross targets.
+# the Mosquitto broker, PostgreSQL 15, the fleet's Python test peers, Chromium and
+# playwright-core, qemu-user and the gcc cross linkers, and the Rust cross targets.
 set -euo pipefail
 
 need_apt=()
@@ -29,9 +30,9 @@ fi
 # Debian starts a system-wide broker on 1883 when it installs mosquitto where an init system
 # runs; the tests never use it (each starts its own on an ephemeral port).
 
-# Python peers of the fleet tests: paho-mqtt (an independent MQTT client) and schemathesis.
-python3 -c 'import paho.mqtt, schemathesis' 2>/dev/null ||
-  python3 -m pip install -q --disable-pip-version-check -r fleet-api/tests/python/requirements.txt
+# Python peers of the fleet tests: paho-mqtt (an independent MQTT client) and schemathesis,
+# at the pinned versions (a quick no-op when they are already installed).
+python3 -m pip install -q --disable-pip-version-check -r fleet-api/tests/python/requirements.txt
 
 # playwright-core (exact version in fleet-api/tests/browser/package-lock.json) drives that Chromium.
 [ -f fleet-api/tests/browser/node_modules/playwright-core/package.json ] ||
