@@ -32,7 +32,7 @@ fi
 
 # Python peers of the fleet tests: paho-mqtt (an independent MQTT client) and schemathesis,
 # at the pinned versions (a quick no-op when they are already installed).
-python3 -m pip install -q --disable-pip-version-check -r fleet-api/tests/python/requirements.txt
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r fleet-api/tests/python/requirements.txt
 
 # playwright-core (exact version in fleet-api/tests/browser/package-lock.json) drives that Chromium.
 [ -f fleet-api/tests/browser/node_modules/playwright-core/package.json ] ||
