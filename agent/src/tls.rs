@@ -303,6 +303,10 @@ pub fn client_config(
         _ => builder.with_no_client_auth(),
     };
     config.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    // No session resumption: a resumed session skips client authentication, so the broker
+    // would keep the old certificate's identity after a rotation. A full handshake per
+    // (re)connection costs little next to the agent's reconnect backoff.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
@@ -474,19 +478,30 @@ impl ResolvesClientCert for FileCertResolver {
 
 /// A sentence for a connection error caused by TLS, for the log (None for other errors).
 pub fn describe_failure(e: &rumqttc::ConnectionError) -> Option<String> {
-    let rumqttc::ConnectionError::Tls(tls) = e else {
-        return match e {
-            rumqttc::ConnectionError::Io(io) => io
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                .map(describe_rustls),
-            _ => None,
-        };
-    };
-    Some(match tls {
-        rumqttc::TlsError::TLS(r) => describe_rustls(r),
-        other => format!("TLS failed: {other}"),
-    })
+    match e {
+        rumqttc::ConnectionError::Tls(tls) => Some(
+            find_rustls(tls)
+                .map(describe_rustls)
+                .unwrap_or_else(|| format!("TLS failed: {tls}")),
+        ),
+        rumqttc::ConnectionError::Io(io) => find_rustls(io).map(describe_rustls),
+        _ => None,
+    }
+}
+
+/// The rustls error behind `e`, looking through `io::Error` wrappers and sources.
+fn find_rustls<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(r) = e.downcast_ref::<rustls::Error>() {
+        return Some(r);
+    }
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        && let Some(r) = find_rustls(inner)
+    {
+        return Some(r);
+    }
+    e.source().and_then(find_rustls)
 }
 
 fn describe_rustls(e: &rustls::Error) -> String {

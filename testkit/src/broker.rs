@@ -120,8 +120,7 @@ impl TestBroker {
             Some(tls) => tls.config(self.port, &log),
             None => config(self.port, &log),
         };
-        fs::write(&conf, text)
-            .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+        fs::write(&conf, text).map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
         self.starts += 1;
         let mut child = Command::new(&bin)
             .arg("-c")

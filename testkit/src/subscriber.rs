@@ -390,7 +390,9 @@ fn run(
         );
         opts.set_clean_session(true);
         if let Some(tls) = tls {
-            opts.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(tls)));
+            opts.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+                tls,
+            )));
         }
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_max_packet_size(64 * 1024 * 1024, 64 * 1024);
