@@ -24,8 +24,8 @@ pub mod ledger;
 pub mod metrics;
 pub mod ranges;
 pub mod retention;
+pub mod tls;
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,7 +55,7 @@ pub async fn run(
     tracing::info!(backend = settings.database.backend.as_str(),
         url = %config::mask_password(&settings.database.url), "Database ready.");
     if let Some(token) = &settings.bootstrap_token {
-        auth::store(&db, token, auth::Scope::Admin, "bootstrap").await?;
+        auth::store(&db, token, &auth::Scope::Admin, "bootstrap").await?;
         tracing::info!("Stored the bootstrap admin token.");
     }
     let metrics = Arc::new(Metrics::new());
@@ -83,11 +83,7 @@ pub async fn run(
     });
     let addr = listener.local_addr().map_err(FleetError::Serve)?;
     tracing::info!(%addr, "Serving the API.");
-    let mut server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future(),
-    );
+    let mut server = tls::serve(listener, app, &settings, shutdown.clone())?;
 
     let mut result = Ok(());
     let mut ingest_done = false;

@@ -40,8 +40,9 @@ enum Command {
 enum TokenCommand {
     /// Create a token and print it (it is shown only this once; only its hash is stored).
     Create {
-        /// `read` (GET routes) or `admin` (also the write routes).
-        #[arg(long, value_parser = ["read", "admin"])]
+        /// `read` (GET routes), `admin` (also the write routes) or `device:<id>` (only that
+        /// device's own resources).
+        #[arg(long)]
         scope: String,
         /// A label to recognise it by in `token list`.
         #[arg(long, default_value = "cli")]
@@ -126,11 +127,12 @@ fn token(settings: Settings, cmd: TokenCommand) -> anyhow::Result<()> {
         let db = Db::open(&settings.database).await?;
         match cmd {
             TokenCommand::Create { scope, name } => {
-                let scope = Scope::parse(&scope).context("scope must be read or admin")?;
-                let (id, token) = auth::create(&db, scope, &name).await?;
+                let scope = Scope::parse(&scope)
+                    .context("scope must be read, admin or device:<device id>")?;
+                let (id, token) = auth::create(&db, &scope, &name).await?;
                 eprintln!(
                     "Created token {id} ({name}, scope {}). It is shown only now:",
-                    scope.as_str()
+                    scope.name()
                 );
                 println!("{token}");
             }
