@@ -9,6 +9,7 @@
 //!   gaps), aggregates and rejects.
 //! * [`api`]: the REST API under `/api/v1`, its OpenAPI document and `/metrics`.
 //! * [`auth`]: hashed API tokens with `read` and `admin` scopes.
+//! * [`tls`], [`pki`]: HTTPS, mutual TLS to the broker, and the `ember-fleet pki` CA.
 //! * [`config`]: TOML + `EMBER_FLEET_*` overrides → validated [`config::Settings`].
 //!
 //! [`run`] wires them together; `main.rs` only parses arguments, sets up logging and signals,
@@ -22,6 +23,7 @@ pub mod error;
 pub mod ingest;
 pub mod ledger;
 pub mod metrics;
+pub mod pki;
 pub mod ranges;
 pub mod retention;
 pub mod tls;

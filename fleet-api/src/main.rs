@@ -34,6 +34,10 @@ enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Certificates: a CA, the broker's and the fleet's certificates, device certificates
+    /// (also from a device's CSR) and a mutual-TLS Mosquitto config.
+    #[command(subcommand)]
+    Pki(ember_fleet::pki::PkiCommand),
 }
 
 #[derive(Subcommand)]
@@ -58,6 +62,19 @@ enum TokenCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The PKI works on files only: no configuration needed.
+    if let Some(Command::Pki(cmd)) = cli.command {
+        return match ember_fleet::pki::run(cmd) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ember-fleet: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let env = std::env::vars();
     let settings = match Settings::load(cli.config.as_deref(), env) {
         Ok(s) => s,
@@ -73,6 +90,7 @@ fn main() -> ExitCode {
         }
         Command::Run => run(settings),
         Command::Token(cmd) => token(settings, cmd),
+        Command::Pki(_) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -384,3 +384,150 @@ fn full_tls_scenario_logs_no_secrets() {
         }
     }
 }
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The whole PKI on the command line: `ember-fleet pki` creates a CA, the broker's and the
+/// fleet's certificates and the Mosquitto config; the device makes its key and CSR
+/// (`ember-agent keygen`, `csr`: the key never leaves it); `pki sign-csr` issues the
+/// certificate. A real Mosquitto runs the generated config, and the device's data reaches the
+/// fleet identity over mutual TLS.
+#[test]
+fn pki_cli_and_csr_flow_end_to_end() {
+    let pki_dir = tempfile::tempdir().expect("temp dir");
+    let device_dir = tempfile::tempdir().expect("temp dir");
+    let dir = pki_dir.path();
+    let fleet = |args: &[&str]| {
+        let mut c = Command::new(fleet_bin());
+        c.arg("pki").args(args).arg("--dir").arg(dir);
+        run_ok(&mut c)
+    };
+    fleet(&["init-ca"]);
+    fleet(&["server-cert"]);
+    fleet(&["client-cert"]);
+    let port = free_port();
+    fleet(&["mosquitto-conf", "--port", &port.to_string()]);
+    for key in ["ca.key", "server.key", "fleet.key"] {
+        let mode = fs::metadata(dir.join(key)).expect("key").permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600,
+            "{key}"
+        );
+    }
+
+    // On the device.
+    let key = device_dir.path().join("device.key");
+    let agent = |args: &[&str]| {
+        let mut c = Command::new(agent_bin());
+        c.args(args).env_remove("EMBER_DEVICE_ID");
+        run_ok(&mut c)
+    };
+    agent(&["keygen", "--out", key.to_str().expect("utf-8")]);
+    let csr = agent(&[
+        "csr",
+        "--device-id",
+        "dev-csr",
+        "--key",
+        key.to_str().expect("utf-8"),
+    ]);
+    assert!(csr.contains("BEGIN CERTIFICATE REQUEST") && !csr.contains("PRIVATE"));
+    let csr_file = dir.join("dev-csr.csr");
+    fs::write(&csr_file, &csr).expect("write csr");
+    // At the fleet: only the CSR travels.
+    let cert_path = fleet(&["sign-csr", "--csr", csr_file.to_str().expect("utf-8")]);
+    let cert_path = std::path::PathBuf::from(cert_path.trim());
+    assert_eq!(cert_path, dir.join("devices/dev-csr.pem"));
+    // A CSR whose common name is no device id is refused.
+    let bad_key = device_dir.path().join("bad.key");
+    agent(&["keygen", "--out", bad_key.to_str().expect("utf-8")]);
+    let mut c = Command::new(agent_bin());
+    let bad = c
+        .args([
+            "csr",
+            "--device-id",
+            "ember:fleet",
+            "--key",
+            bad_key.to_str().expect("utf-8"),
+        ])
+        .output()
+        .expect("run");
+    assert!(!bad.status.success(), "the agent refuses a non-device id");
+
+    // The broker from the generated config.
+    let mut conf = fs::read_to_string(dir.join("mosquitto.conf")).expect("conf");
+    let root = fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if root {
+        // See ember_testkit::tls: as root, Mosquitto would drop to a user that cannot read the keys.
+        conf = format!("user root\n{conf}");
+    }
+    let log = dir.join("mosquitto.log");
+    conf.push_str(&format!("log_dest file {}\n", log.display()));
+    fs::write(dir.join("run.conf"), conf).expect("conf");
+    let bin = [
+        "/usr/sbin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).is_file())
+    .unwrap_or("mosquitto");
+    let broker = Reaper(
+        Command::new(bin)
+            .arg("-c")
+            .arg(dir.join("run.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto"),
+    );
+    assert!(
+        wait_until(WAIT, || TcpStream::connect(ember_testkit::localhost(port))
+            .is_ok()),
+        "mosquitto did not start: {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    let ca_pem = fs::read_to_string(dir.join("ca.pem")).expect("ca");
+    let fleet_id = ember_testkit::tls::CertFiles {
+        cert: dir.join("fleet.pem"),
+        key: dir.join("fleet.key"),
+        cert_pem: fs::read_to_string(dir.join("fleet.pem")).expect("fleet.pem"),
+        key_pem: fs::read_to_string(dir.join("fleet.key")).expect("fleet.key"),
+        not_after: 0,
+    };
+    let sub = ember_testkit::Subscriber::start_tls(
+        port,
+        "ember/v1/#",
+        client_config(&ca_pem, Some(&fleet_id)),
+    );
+    let device_cert = ember_testkit::tls::CertFiles {
+        cert: cert_path,
+        key,
+        cert_pem: String::new(),
+        key_pem: String::new(),
+        not_after: 0,
+    };
+    let agent = TestAgent::builder(agent_bin())
+        .device_id("dev-csr")
+        .broker_port(port)
+        .tls(&dir.join("ca.pem"), &device_cert)
+        .sim("imu", 100.0, 2)
+        .start();
+    assert!(
+        sub.wait_for(|v| v.unique("dev-csr", "imu") >= 20, WAIT),
+        "no data from the CSR-issued device; agent:\n{}\nbroker:\n{}",
+        agent.stderr_text(),
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    drop(broker);
+}
