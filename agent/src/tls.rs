@@ -655,6 +655,51 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The uplink's client configuration (None: plaintext, after a WARN that says so).
+pub fn setup(
+    settings: &crate::config::Settings,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    match &settings.mqtt.tls {
+        Some(t) => client_config(t, metrics.clone())
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        None => {
+            tracing::warn!(host = %settings.mqtt.host, insecure = settings.mqtt.insecure,
+                "MQTT without TLS: the broker connection is neither encrypted nor authenticated (configure [mqtt.tls] in production).");
+            Ok(None)
+        }
+    }
+}
+
+/// SIGHUP as a stream; never fires if the handler cannot be installed.
+pub struct Hangup(Option<tokio::signal::unix::Signal>);
+
+impl Hangup {
+    pub fn install() -> Hangup {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Hangup(Some(s)),
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot install the SIGHUP handler; rotated certificates are picked up at the next reconnect.");
+                Hangup(None)
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) {
+        match &mut self.0 {
+            Some(s) => {
+                if s.recv().await.is_none() {
+                    self.0 = None;
+                    std::future::pending::<()>().await
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -711,50 +756,5 @@ mod tests {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = csr("dev-1", &key).unwrap_err().to_string();
         assert!(e.contains("chmod 600"), "{e}");
-    }
-}
-
-/// The uplink's client configuration (None: plaintext, after a WARN that says so).
-pub fn setup(
-    settings: &crate::config::Settings,
-    metrics: &Arc<Metrics>,
-) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
-    match &settings.mqtt.tls {
-        Some(t) => client_config(t, metrics.clone())
-            .map(Some)
-            .map_err(|e| e.to_string()),
-        None => {
-            tracing::warn!(host = %settings.mqtt.host, insecure = settings.mqtt.insecure,
-                "MQTT without TLS: the broker connection is neither encrypted nor authenticated (configure [mqtt.tls] in production).");
-            Ok(None)
-        }
-    }
-}
-
-/// SIGHUP as a stream; never fires if the handler cannot be installed.
-pub struct Hangup(Option<tokio::signal::unix::Signal>);
-
-impl Hangup {
-    pub fn install() -> Hangup {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::hangup()) {
-            Ok(s) => Hangup(Some(s)),
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot install the SIGHUP handler; rotated certificates are picked up at the next reconnect.");
-                Hangup(None)
-            }
-        }
-    }
-
-    pub async fn recv(&mut self) {
-        match &mut self.0 {
-            Some(s) => {
-                if s.recv().await.is_none() {
-                    self.0 = None;
-                    std::future::pending::<()>().await
-                }
-            }
-            None => std::future::pending::<()>().await,
-        }
     }
 }

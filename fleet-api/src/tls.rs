@@ -362,3 +362,55 @@ pub fn serve(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_production_example_turns_tls_on() {
+        let raw: crate::config::RawConfig =
+            toml::from_str(include_str!("../examples/fleet-production.toml")).unwrap();
+        assert!(
+            raw.http
+                .tls
+                .is_some_and(|t| t.cert_file.is_some() && t.key_file.is_some())
+        );
+        assert!(
+            raw.mqtt
+                .tls
+                .is_some_and(|t| t.ca_file.is_some() && t.key_file.is_some())
+        );
+        assert!(raw.mqtt.insecure.is_none());
+    }
+
+    #[test]
+    fn plaintext_mqtt_only_to_loopback_unless_insecure() {
+        assert!(resolve_mqtt(None, None, "127.0.0.1").unwrap().is_none());
+        assert!(resolve_mqtt(None, None, "localhost").unwrap().is_none());
+        let e = resolve_mqtt(None, None, "broker.internal")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mqtt.tls"), "{e}");
+        assert!(
+            resolve_mqtt(None, Some(true), "broker.internal")
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_readable_key_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("k.pem");
+        std::fs::write(&key, "x").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(
+            check_key_permissions(&key)
+                .unwrap_err()
+                .contains("chmod 600")
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(check_key_permissions(&key).is_ok());
+    }
+}

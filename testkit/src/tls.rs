@@ -264,11 +264,14 @@ pub fn try_connect(port: u16, tls: Arc<rustls::ClientConfig>) -> Result<(), Stri
     })
 }
 
+/// A message a [`RawClient`] received: `(topic, payload)`.
+pub type Received = (String, Vec<u8>);
+
 /// A raw MQTT client over TLS on its own thread, for tests that act as a (misbehaving) device:
 /// it publishes and subscribes where it is told and records what it receives.
 pub struct RawClient {
     client: AsyncClient,
-    received: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    received: Arc<std::sync::Mutex<Vec<Received>>>,
     acks: Arc<std::sync::Mutex<Vec<Vec<rumqttc::SubscribeReasonCode>>>>,
     connected: Arc<std::sync::atomic::AtomicBool>,
     stop: Arc<tokio::sync::Notify>,
@@ -380,7 +383,7 @@ impl RawClient {
     }
 
     /// Everything received so far: `(topic, payload)`.
-    pub fn received(&self) -> Vec<(String, Vec<u8>)> {
+    pub fn received(&self) -> Vec<Received> {
         self.received
             .lock()
             .unwrap_or_else(|p| p.into_inner())
