@@ -124,6 +124,10 @@ pub async fn run(
         opts.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
     }
     opts.set_max_packet_size(MAX_MQTT_PACKET, 64 * 1024);
+    if let Err(e) = crate::tls::apply_mqtt(&mut opts, m) {
+        tracing::error!(error = %e, "Cannot set up TLS to the broker; ingestion does not start.");
+        return;
+    }
     // The writer acks a whole batch at once, without waiting: room for all of them.
     let request_capacity = settings.ingest.channel_capacity + 64;
     opts.set_request_channel_capacity(request_capacity);

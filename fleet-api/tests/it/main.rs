@@ -13,3 +13,4 @@ mod inference;
 mod ingest;
 mod live;
 mod python;
+mod security;
