@@ -8,6 +8,7 @@
 //! * [`retention`]: deletes old telemetry (as a prefix of sequence numbers, archiving the
 //!   gaps), aggregates and rejects.
 //! * [`api`]: the REST API under `/api/v1`, its OpenAPI document and `/metrics`.
+//! * [`rollout`]: the staged-rollout state machine (pure; persisted by its owner).
 //! * [`auth`]: hashed API tokens with `read` and `admin` scopes.
 //! * [`config`]: TOML + `EMBER_FLEET_*` overrides → validated [`config::Settings`].
 //!
@@ -24,6 +25,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod ranges;
 pub mod retention;
+pub mod rollout;
 
 use std::future::IntoFuture;
 use std::sync::Arc;
