@@ -8,7 +8,8 @@
 //! * [`retention`]: deletes old telemetry (as a prefix of sequence numbers, archiving the
 //!   gaps), aggregates and rejects.
 //! * [`api`]: the REST API under `/api/v1`, its OpenAPI document and `/metrics`.
-//! * [`rollout`]: the staged-rollout state machine (pure; persisted by its owner).
+//! * [`rollout`]: the staged-rollout state machine (pure); [`rollout_store`] persists it with
+//!   its event history and the per-device desired-model outbox.
 //! * [`auth`]: hashed API tokens with `read` and `admin` scopes.
 //! * [`config`]: TOML + `EMBER_FLEET_*` overrides → validated [`config::Settings`].
 //!
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod ranges;
 pub mod retention;
 pub mod rollout;
+pub mod rollout_store;
 
 use std::future::IntoFuture;
 use std::sync::Arc;

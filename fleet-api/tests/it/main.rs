@@ -10,3 +10,4 @@ mod api;
 mod cli;
 mod ingest;
 mod python;
+mod rollouts;
