@@ -13,6 +13,8 @@ use crate::support::{Kind, Store};
 
 on_both_backends!(rollout_state_history_and_outbox_round_trip);
 
+// Test code (called from the generated #[test]s): a panic is the failure report.
+#[allow(clippy::unwrap_used)]
 fn rollout_state_history_and_outbox_round_trip(kind: Kind) {
     let store = Store::new(kind);
     let settings = DatabaseSettings {
