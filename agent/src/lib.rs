@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod ota;
 pub mod queue;
 pub mod runtime;
 pub mod source;

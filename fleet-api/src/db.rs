@@ -38,6 +38,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "inference",
         include_str!("../migrations/sqlite/0002_inference.sql"),
     ),
+    (3, "ota", include_str!("../migrations/sqlite/0003_ota.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -49,6 +50,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "inference",
         include_str!("../migrations/postgres/0002_inference.sql"),
+    ),
+    (
+        3,
+        "ota",
+        include_str!("../migrations/postgres/0003_ota.sql"),
     ),
 ];
 

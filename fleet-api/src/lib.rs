@@ -10,6 +10,8 @@
 //! * [`api`]: the REST API under `/api/v1`, its OpenAPI document, `/metrics`, the live
 //!   event stream (`/api/v1/events`) and the dashboard (`/dashboard/`).
 //! * [`events`]: what ingestion committed, fanned out to the live event streams.
+//! * [`rollout`]: the staged-rollout state machine (pure); [`rollout_store`] persists it with
+//!   its event history and the per-device desired-model outbox.
 //! * [`auth`]: hashed API tokens with `read` and `admin` scopes.
 //! * [`tls`], [`pki`]: HTTPS, mutual TLS to the broker, and the `ember-fleet pki` CA.
 //! * [`config`]: TOML + `EMBER_FLEET_*` overrides → validated [`config::Settings`].
@@ -29,6 +31,8 @@ pub mod metrics;
 pub mod pki;
 pub mod ranges;
 pub mod retention;
+pub mod rollout;
+pub mod rollout_store;
 pub mod tls;
 
 use std::sync::Arc;

@@ -13,4 +13,5 @@ mod inference;
 mod ingest;
 mod live;
 mod python;
+mod rollouts;
 mod security;
