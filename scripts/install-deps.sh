@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what Ember's tests need on Debian 12 (run as root, or with sudo available):
-# the Mosquitto broker, PostgreSQL 15, the fleet's Python test peers, qemu-user and the gcc cross linkers, and the Rust cross targets.
+# the Mosquitto broker, PostgreSQL 15, Mesa lavapipe (software Vulkan), the fleet's Python test peers, qemu-user and the gcc cross linkers, and the Rust cross targets.
 set -euo pipefail
 
 need_apt=()
@@ -11,6 +11,8 @@ command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need_apt+=(gcc-aarch64-linux
 command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
 # PostgreSQL 15 server programs for the fleet's throwaway test clusters (initdb, pg_ctl).
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
+# Mesa's lavapipe (software Vulkan) and the Vulkan loader: the models' wgpu golden test runs on it.
+compgen -G '/usr/share/vulkan/icd.d/lvp_icd.*.json' >/dev/null || need_apt+=(mesa-vulkan-drivers libvulkan1)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: installing ${need_apt[*]}"
