@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Ember's tests need on Debian 12 (run as root, or with sudo available):
-# the Mosquitto broker, PostgreSQL 15, the fleet's Python test peers, Chromium and
-# playwright-core, qemu-user and the gcc cross linkers, and the Rust cross targets.
+# the Mosquitto broker, PostgreSQL 15, Mesa lavapipe (software Vulkan), the fleet's Python test
+# peers, Chromium and playwright-core, qemu-user and the gcc cross linkers, and the Rust cross targets.
 set -euo pipefail
 
 need_apt=()
@@ -16,6 +16,8 @@ command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-g
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+# Mesa's lavapipe (software Vulkan) and the Vulkan loader: the models' wgpu golden test runs on it.
+compgen -G '/usr/share/vulkan/icd.d/lvp_icd.*.json' >/dev/null || need_apt+=(mesa-vulkan-drivers libvulkan1)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: installing ${need_apt[*]}"

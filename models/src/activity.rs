@@ -32,13 +32,13 @@ pub struct ActivityCnnConfig {
 /// The activity classifier. `forward` returns logits; apply softmax for probabilities.
 #[derive(Module, Debug)]
 pub struct ActivityCnn {
-    conv1: Conv1d,
-    conv2: Conv1d,
-    conv3: Conv1d,
-    pool: MaxPool1d,
-    gap: AdaptiveAvgPool1d,
-    head: Linear,
-    relu: Relu,
+    pub(crate) conv1: Conv1d,
+    pub(crate) conv2: Conv1d,
+    pub(crate) conv3: Conv1d,
+    pub(crate) pool: MaxPool1d,
+    pub(crate) gap: AdaptiveAvgPool1d,
+    pub(crate) head: Linear,
+    pub(crate) relu: Relu,
 }
 
 impl ActivityCnnConfig {

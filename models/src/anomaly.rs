@@ -29,13 +29,13 @@ pub struct ConvAutoencoderConfig {
 /// The autoencoder. `forward` returns the reconstruction of its (normalized) input.
 #[derive(Module, Debug)]
 pub struct ConvAutoencoder {
-    enc1: Conv1d,
-    enc2: Conv1d,
-    bottleneck: Conv1d,
-    expand: Conv1d,
-    dec1: ConvTranspose1d,
-    dec2: ConvTranspose1d,
-    relu: Relu,
+    pub(crate) enc1: Conv1d,
+    pub(crate) enc2: Conv1d,
+    pub(crate) bottleneck: Conv1d,
+    pub(crate) expand: Conv1d,
+    pub(crate) dec1: ConvTranspose1d,
+    pub(crate) dec2: ConvTranspose1d,
+    pub(crate) relu: Relu,
 }
 
 impl ConvAutoencoderConfig {

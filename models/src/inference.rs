@@ -310,6 +310,16 @@ impl LoadedModel {
         Ok(())
     }
 
+    /// The manifest's golden vectors (none for a model built with [`LoadedModel::from_net`]).
+    pub fn golden(&self) -> &Golden {
+        &self.golden
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The architecture this model was built from.
     pub fn architecture(&self) -> &Architecture {
         &self.architecture

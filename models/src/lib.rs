@@ -22,7 +22,7 @@
 //! let bytes = std::fs::read("activity-f32.bundle")?;
 //! let bundle = Bundle::read(&bytes)?;  // structure, lengths, manifest
 //! bundle.verify(&trusted)?;            // signature by a trusted key, weights sha256
-//! let device = ember_models::Device::flex();
+//! let device = ember_models::Backend::Flex.device()?;
 //! let model = LoadedModel::load(&bundle, &device)?; // int8 is dequantized once, here
 //! model.run_golden()?;                 // this CPU and build reproduce the golden outputs
 //! let spec = &bundle.manifest().input; // channels, window, hop, sample rate
@@ -44,6 +44,10 @@
 //!   progress bar and the `ember-models` CLI.
 //! * without it (`default-features = false`, what the agent uses): bundle reading,
 //!   verification and inference on burn's flex CPU backend only.
+//! * `wgpu`: burn's wgpu backend as well ([`Backend::Wgpu`]); without a GPU it runs on Mesa's
+//!   lavapipe software Vulkan driver (a correctness check, ≈ 20× slower than flex).
+//!
+//! Pick the device with [`Backend::device`], never `Device::default()` (see [`backend`]).
 //!
 //! # Errors
 //!
@@ -54,9 +58,11 @@
 
 pub mod activity;
 pub mod anomaly;
+pub mod backend;
 pub mod bundle;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod hex;
 pub mod inference;
 pub mod keys;
@@ -72,6 +78,7 @@ pub mod package;
 #[cfg(feature = "train")]
 pub mod train;
 
+pub use backend::{Backend, BackendError};
 pub use bundle::{Bundle, BundleError};
 /// burn's device handle, re-exported so users need no direct burn dependency.
 pub use burn::tensor::Device;
