@@ -35,8 +35,8 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -68,7 +68,11 @@ const WARMUP: Duration = Duration::from_secs(10);
 pub struct Args {
     /// Cases to run, in order: sqlite, postgres (fsync and synchronous_commit on),
     /// postgres-nofsync (the test cluster's fsync/synchronous_commit/full_page_writes off).
-    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres,postgres-nofsync")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "sqlite,postgres,postgres-nofsync"
+    )]
     db: Vec<DbCase>,
     /// Simulated devices.
     #[arg(long, default_value_t = 1000)]
@@ -97,6 +101,9 @@ pub struct Args {
     /// Fleet `database.max_connections` (default: the fleet's).
     #[arg(long)]
     max_connections: Option<u32>,
+    /// The fleet binary to run (default: `ember-fleet` next to this one); for A/B runs.
+    #[arg(long)]
+    fleet_bin: Option<PathBuf>,
     /// Skip the baselines (broker delivery, database ceiling): for parameter sweeps only.
     #[arg(long)]
     no_baselines: bool,
@@ -161,7 +168,9 @@ impl Store {
 /// One case's numbers.
 struct Outcome {
     case: DbCase,
+    /// Mean of the ceiling measured before and after the fleet, and the two values.
     ceiling: f64,
+    ceiling_range: (f64, f64),
     offered: f64,
     stored: f64,
     held_back: f64,
@@ -192,16 +201,15 @@ impl Latencies {
     }
 
     fn show(&self) -> String {
-        format!(
-            "{:.1} / {:.1}",
-            self.pct(50.0) * 1e3,
-            self.pct(99.0) * 1e3
-        )
+        format!("{:.1} / {:.1}", self.pct(50.0) * 1e3, self.pct(99.0) * 1e3)
     }
 }
 
 pub async fn run(args: Args, measure: Duration) -> Result<()> {
-    let fleet_bin = sibling_binary("ember-fleet")?;
+    let fleet_bin = match &args.fleet_bin {
+        Some(p) => p.clone(),
+        None => sibling_binary("ember-fleet")?,
+    };
     println!("machine: {}", super::machine());
     println!("load at start: {}", loadavg());
     println!(
@@ -234,21 +242,32 @@ pub async fn run(args: Args, measure: Duration) -> Result<()> {
         let batch = args
             .batch_max_records
             .unwrap_or(ember_fleet::config::DEFAULT_BATCH_MAX_RECORDS);
-        let ceiling = if args.no_baselines {
+        // The ceiling is measured before and after the fleet (the machine's load drifts), and
+        // their mean is the baseline.
+        let before = if args.no_baselines {
             f64::NAN
         } else {
-            let c = db_ceiling(&store.url("ceiling"), &args, batch, measure).await?;
-            eprintln!("database ceiling: {c:.0} records/s");
+            let c = db_ceiling(&store.url("ceiling_a"), &args, batch, measure).await?;
+            eprintln!("database ceiling before: {c:.0} records/s");
             c
         };
-        let o = fleet_case(&args, case, &store, &fleet_bin, ceiling, measure).await?;
+        let mut o = fleet_case(&args, case, &store, &fleet_bin, measure).await?;
+        let after = if args.no_baselines {
+            f64::NAN
+        } else {
+            let c = db_ceiling(&store.url("ceiling_b"), &args, batch, measure).await?;
+            eprintln!("database ceiling after: {c:.0} records/s");
+            c
+        };
+        o.ceiling = (before + after) / 2.0;
+        o.ceiling_range = (before.min(after), before.max(after));
         outcomes.push(o);
     }
     println!("load at end: {}", loadavg());
 
     println!();
     println!(
-        "| case | offered rec/s | stored rec/s | of DB ceiling | DB ceiling rec/s | device list p50 / p99 ms | device page p50 / p99 ms (device + ledger) | exactly once |"
+        "| case | offered rec/s | stored rec/s | of DB ceiling | DB ceiling rec/s (before-after) | device list p50 / p99 ms | device page p50 / p99 ms (device + ledger) | exactly once |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---|");
     println!(
@@ -256,12 +275,14 @@ pub async fn run(args: Args, measure: Duration) -> Result<()> {
     );
     for o in &outcomes {
         println!(
-            "| {} | {:.0} | **{:.0}** | **{:.2}** | {:.0} | {} | {} | {} |",
+            "| {} | {:.0} | **{:.0}** | **{:.2}** | {:.0} ({:.0}-{:.0}) | {} | {} | {} |",
             o.case.label(),
             o.offered,
             o.stored,
             o.stored / o.ceiling,
             o.ceiling,
+            o.ceiling_range.0,
+            o.ceiling_range.1,
             o.list.show(),
             o.page.show(),
             o.check
@@ -391,7 +412,8 @@ async fn publisher(
         }
         let t = Instant::now();
         let mut held = false;
-        while load.records.load(Ordering::Relaxed) > load.downstream.load(Ordering::Relaxed) + LAG_CAP
+        while load.records.load(Ordering::Relaxed)
+            > load.downstream.load(Ordering::Relaxed) + LAG_CAP
             && !load.stop.load(Ordering::Relaxed)
         {
             held = true;
@@ -417,7 +439,14 @@ async fn publisher(
             b.push(seq, base_ts + seq * SAMPLE_US, values);
         }
         let body = ember_proto::message::encode(&b, Encoding::Json)?;
-        publish(&client, &load, &format!("ember/v1/{d}/telemetry"), body, false).await?;
+        publish(
+            &client,
+            &load,
+            &format!("ember/v1/{d}/telemetry"),
+            body,
+            false,
+        )
+        .await?;
         load.records
             .fetch_add(args.records as u64, Ordering::Relaxed);
         i = (i + 1) % devices.len();
@@ -546,7 +575,11 @@ async fn broker_delivery(args: &Args, measure: Duration) -> Result<f64> {
 /// Records/s of the fleet writer's telemetry statement alone: per transaction, `batch`
 /// records as `batch / records` multi-row inserts of one device's stream each.
 async fn db_ceiling(url: &str, args: &Args, batch: usize, measure: Duration) -> Result<f64> {
-    let settings = Settings::from_toml(&format!("[database]\nurl = \"{url}\"\n"), "bench", Vec::new())?;
+    let settings = Settings::from_toml(
+        &format!("[database]\nurl = \"{url}\"\n"),
+        "bench",
+        Vec::new(),
+    )?;
     let db = Db::open(&settings.database).await?;
     let ids = device_ids(args.devices);
     let mut seqs = vec![0u64; ids.len()];
@@ -576,7 +609,9 @@ async fn db_ceiling(url: &str, args: &Args, batch: usize, measure: Duration) -> 
                 let vals: Vec<u8> = (0..args.channels)
                     .flat_map(|c| ((seq % 1000) as f32 * 0.01 + c as f32).to_le_bytes())
                     .collect();
-                q.bind(seq).push(", ").bind(base_ts + seq * SAMPLE_US as i64);
+                q.bind(seq)
+                    .push(", ")
+                    .bind(base_ts + seq * SAMPLE_US as i64);
                 q.push(", ").bind(vals).push(", ").bind(at).push(")");
             }
             q.push(" ON CONFLICT (device_id, stream, seq) DO NOTHING RETURNING seq");
@@ -746,7 +781,6 @@ async fn fleet_case(
     case: DbCase,
     store: &Store,
     bin: &Path,
-    ceiling: f64,
     measure: Duration,
 ) -> Result<Outcome> {
     let broker = TestBroker::start();
@@ -802,8 +836,7 @@ async fn fleet_case(
     let offered = (r1 - r0) as f64 / secs;
     let flushes = delta("db_seconds_count{op=\"flush\"}");
     let flush_ms = delta("db_seconds_sum{op=\"flush\"}") / flushes * 1e3;
-    let batch_records =
-        delta("batch_records_sum") / delta("batch_records_count").max(1.0);
+    let batch_records = delta("batch_records_sum") / delta("batch_records_count").max(1.0);
     eprintln!(
         "window: offered {offered:.0}/s, stored {stored:.0}/s, {flushes:.0} flushes, mean {flush_ms:.1} ms, {batch_records:.0} records/batch"
     );
@@ -832,7 +865,8 @@ async fn fleet_case(
     drop(fleet);
     Ok(Outcome {
         case,
-        ceiling,
+        ceiling: f64::NAN,
+        ceiling_range: (f64::NAN, f64::NAN),
         offered,
         stored,
         held_back: (h1 - h0) as f64 / 1e6 / secs / args.connections as f64,
@@ -870,7 +904,11 @@ async fn verify(http: u16, url: &str, seqs: &[(String, u64)], published: u64) ->
         .await?
         .unwrap_or(0.0);
 
-    let settings = Settings::from_toml(&format!("[database]\nurl = \"{url}\"\n"), "bench", Vec::new())?;
+    let settings = Settings::from_toml(
+        &format!("[database]\nurl = \"{url}\"\n"),
+        "bench",
+        Vec::new(),
+    )?;
     let db = Db::connect(&settings.database).await?;
     let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM telemetry")
         .fetch_one(db.pool())
@@ -914,7 +952,10 @@ async fn verify(http: u16, url: &str, seqs: &[(String, u64)], published: u64) ->
                 return Ok((0, lost));
             }
             if Instant::now() >= deadline {
-                bail!("{} devices' ledgers are incomplete, e.g. {last}", still.len());
+                bail!(
+                    "{} devices' ledgers are incomplete, e.g. {last}",
+                    still.len()
+                );
             }
             open = still;
             std::thread::sleep(Duration::from_millis(500));
@@ -1016,10 +1057,7 @@ impl Dashboard {
         for t in self.threads {
             let _ = t.join();
         }
-        self.samples
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default()
+        self.samples.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
 

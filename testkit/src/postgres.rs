@@ -174,11 +174,7 @@ impl TestPostgres {
             self.log_path(),
             self.dir.path().to_path_buf(),
         );
-        let durability = if self.durable {
-            "on"
-        } else {
-            "off"
-        };
+        let durability = if self.durable { "on" } else { "off" };
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={durability} \
              -c synchronous_commit={durability} -c full_page_writes={durability} \

@@ -38,9 +38,12 @@ use crate::metrics::Metrics;
 
 /// Width of an aggregate bucket: one minute, in microseconds.
 pub const BUCKET_US: i64 = 60_000_000;
-/// Rows per multi-row INSERT: 4 values per telemetry row keeps a statement far below SQLite's
-/// 32766 and Postgres's 65535 bind parameters.
-const TELEMETRY_ROWS_PER_INSERT: usize = 500;
+/// Rows per multi-row INSERT: 4 values per telemetry row (plus 2 per stream) keeps a statement
+/// far below SQLite's 32766 and Postgres's 65535 bind parameters, and a default batch (1,000
+/// records) is one statement.
+const TELEMETRY_ROWS_PER_INSERT: usize = 1000;
+/// Rows per multi-row upsert of devices and streams (at most 10 values a row).
+const KEY_ROWS_PER_STATEMENT: usize = 200;
 const AGGREGATE_ROWS_PER_INSERT: usize = 250;
 /// Attempts at a whole batch before it is split into single messages.
 const BATCH_ATTEMPTS: u32 = 3;
@@ -401,13 +404,24 @@ async fn write_batch(
 
     let mut tx = db.pool().begin().await?;
 
-    for (device, seen) in &contacts {
+    // One statement per kind of row for the whole batch, not one per device or stream: on
+    // PostgreSQL each statement is a round trip, and with 100-record messages a batch spans
+    // ~10 devices, so per-stream statements cost more than the rows (see docs/benchmarks.md).
+    // Every multi-row statement lists its keys in sorted order (the maps are BTreeMaps), so
+    // rows are still locked in a fixed order.
+    let contacts: Vec<(&str, i64)> = contacts.into_iter().collect();
+    for chunk in contacts.chunks(KEY_ROWS_PER_STATEMENT) {
         let mut q = Sql::new(
-            "INSERT INTO devices (device_id, registered_at, first_seen, last_seen) VALUES (",
+            "INSERT INTO devices (device_id, registered_at, first_seen, last_seen) VALUES ",
         );
-        q.bind(*device).push(", ");
-        let seen = q.param(*seen);
-        q.push(&format!("{seen}, {seen}, {seen})"));
+        for (i, (device, seen)) in chunk.iter().enumerate() {
+            if i > 0 {
+                q.push(", ");
+            }
+            q.push("(").bind(*device).push(", ");
+            let seen = q.param(*seen);
+            q.push(&format!("{seen}, {seen}, {seen})"));
+        }
         q.push(
             " ON CONFLICT (device_id) DO UPDATE SET \
              first_seen = COALESCE(devices.first_seen, excluded.first_seen), \
@@ -416,31 +430,57 @@ async fn write_batch(
         );
         q.query().execute(&mut *tx).await?;
     }
-    for device in wills.iter().filter(|d| !contacts.contains_key(*d)) {
+    for device in wills
+        .iter()
+        .filter(|d| contacts.binary_search_by(|(c, _)| c.cmp(d)).is_err())
+    {
         let mut q = Sql::new("INSERT INTO devices (device_id, registered_at) VALUES (");
         q.bind(*device).push(", ").bind(crate::db::now_us());
         q.push(") ON CONFLICT (device_id) DO NOTHING");
         q.query().execute(&mut *tx).await?;
     }
 
-    let mut aggregates: BTreeMap<(&str, &str, i64, i64), Agg> = BTreeMap::new();
-    for ((device, stream), recs) in &streams {
-        // Creates the stream row if needed and locks it (Postgres) for this transaction, so
-        // retention cannot prune this stream between this read and the inserts below.
-        let pruned: i64 = {
-            let mut q = Sql::new("INSERT INTO streams (device_id, stream) VALUES (");
-            q.bind(*device).push(", ").bind(*stream);
-            q.push(
-                ") ON CONFLICT (device_id, stream) DO UPDATE SET pruned_through = streams.pruned_through \
-                 RETURNING pruned_through",
-            );
-            q.query()
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get("pruned_through")?
-        };
+    // Creates the stream rows if needed and locks them (Postgres) for this transaction, so
+    // retention cannot prune a stream between this read and the inserts below.
+    let keys: Vec<(&str, &str)> = streams.keys().copied().collect();
+    let index: BTreeMap<(&str, &str), usize> =
+        keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+    let mut pruned: Vec<Option<i64>> = vec![None; keys.len()];
+    for chunk in keys.chunks(KEY_ROWS_PER_STATEMENT) {
+        let mut q = Sql::new("INSERT INTO streams (device_id, stream) VALUES ");
+        for (i, (device, stream)) in chunk.iter().enumerate() {
+            if i > 0 {
+                q.push(", ");
+            }
+            q.push("(").bind(*device).push(", ").bind(*stream).push(")");
+        }
+        q.push(
+            " ON CONFLICT (device_id, stream) DO UPDATE SET pruned_through = streams.pruned_through \
+             RETURNING device_id, stream, pruned_through",
+        );
+        for row in q.query().fetch_all(&mut *tx).await? {
+            let device: String = row.try_get("device_id")?;
+            let stream: String = row.try_get("stream")?;
+            if let Some(i) = index.get(&(device.as_str(), stream.as_str())) {
+                pruned[*i] = Some(row.try_get("pruned_through")?);
+            }
+        }
+    }
+
+    // Per stream: the records above its retention watermark, and which of them were new.
+    struct Live<'a> {
+        device: &'a str,
+        stream: &'a str,
+        recs: &'a StreamRecords,
+        rows: Vec<(i64, &'a Rec)>,
+        expired: u64,
+        inserted: BTreeSet<i64>,
+    }
+    let mut lives = Vec::with_capacity(keys.len());
+    for (i, ((device, stream), recs)) in streams.iter().enumerate() {
+        let pruned = pruned[i].ok_or(sqlx::Error::RowNotFound)?;
         let mut expired = 0u64;
-        let live: Vec<(i64, &Rec)> = recs
+        let rows = recs
             .records
             .iter()
             .filter_map(|(seq, r)| {
@@ -453,35 +493,69 @@ async fn write_batch(
                 }
             })
             .collect();
-        let mut inserted: BTreeSet<i64> = BTreeSet::new();
-        for chunk in live.chunks(TELEMETRY_ROWS_PER_INSERT) {
-            let mut q = Sql::new(
-                "INSERT INTO telemetry (device_id, stream, seq, ts, vals, received_at) VALUES ",
-            );
-            let d = q.param(*device);
-            let s = q.param(*stream);
-            for (i, (seq, (ts, values, at))) in chunk.iter().enumerate() {
-                if i > 0 {
-                    q.push(", ");
-                }
-                q.push(&format!("({d}, {s}, "));
-                q.bind(*seq).push(", ").bind(*ts).push(", ");
-                q.bind(encode_values(values)).push(", ").bind(*at).push(")");
+        lives.push(Live {
+            device,
+            stream,
+            recs,
+            rows,
+            expired,
+            inserted: BTreeSet::new(),
+        });
+    }
+    let all_rows: Vec<(usize, usize)> = lives
+        .iter()
+        .enumerate()
+        .flat_map(|(l, live)| (0..live.rows.len()).map(move |r| (l, r)))
+        .collect();
+    for chunk in all_rows.chunks(TELEMETRY_ROWS_PER_INSERT) {
+        let mut q = Sql::new(
+            "INSERT INTO telemetry (device_id, stream, seq, ts, vals, received_at) VALUES ",
+        );
+        // The device and stream are bound once per stream in the statement.
+        let (mut current, mut d, mut s) = (usize::MAX, String::new(), String::new());
+        for (i, (l, r)) in chunk.iter().enumerate() {
+            let live = &lives[*l];
+            if *l != current {
+                current = *l;
+                d = q.param(live.device);
+                s = q.param(live.stream);
             }
-            q.push(" ON CONFLICT (device_id, stream, seq) DO NOTHING RETURNING seq");
-            for row in q.query().fetch_all(&mut *tx).await? {
-                inserted.insert(row.try_get::<i64, _>("seq")?);
+            let (seq, (ts, values, at)) = live.rows[*r];
+            if i > 0 {
+                q.push(", ");
+            }
+            q.push(&format!("({d}, {s}, "));
+            q.bind(seq).push(", ").bind(*ts).push(", ");
+            q.bind(encode_values(values)).push(", ").bind(*at).push(")");
+        }
+        q.push(" ON CONFLICT (device_id, stream, seq) DO NOTHING RETURNING device_id, stream, seq");
+        for row in q.query().fetch_all(&mut *tx).await? {
+            let device: String = row.try_get("device_id")?;
+            let stream: String = row.try_get("stream")?;
+            if let Some(i) = index.get(&(device.as_str(), stream.as_str())) {
+                lives[*i].inserted.insert(row.try_get::<i64, _>("seq")?);
             }
         }
+    }
+
+    let mut aggregates: BTreeMap<(&str, &str, i64, i64), Agg> = BTreeMap::new();
+    let mut counters = Sql::new(
+        "INSERT INTO streams (device_id, stream, received, duplicates, expired, max_seq, \
+         first_ts, last_ts, channels, last_received_at) VALUES ",
+    );
+    for (n, live) in lives.iter().enumerate() {
+        let (device, stream, recs, inserted) =
+            (live.device, live.stream, live.recs, &live.inserted);
+        let expired = live.expired;
         let stored = inserted.len() as u64;
-        let duplicates = live.len() as u64 - stored + recs.in_batch_duplicates;
+        let duplicates = live.rows.len() as u64 - stored + recs.in_batch_duplicates;
         outcome.stored += stored;
         outcome.duplicates += duplicates;
         outcome.expired += expired;
 
         let (mut first_ts, mut last_ts, mut max_seq, mut channels) =
             (None::<i64>, None::<i64>, 0i64, None::<i64>);
-        for (seq, (ts, values, _)) in live.iter().filter(|(s, _)| inserted.contains(s)) {
+        for (seq, (ts, values, _)) in live.rows.iter().filter(|(s, _)| inserted.contains(s)) {
             first_ts = Some(first_ts.map_or(*ts, |f| f.min(*ts)));
             last_ts = Some(last_ts.map_or(*ts, |l| l.max(*ts)));
             max_seq = max_seq.max(*seq);
@@ -507,11 +581,13 @@ async fn write_batch(
             }
         }
         let last_received = recs.records.values().map(|r| r.2).max();
-        let mut q = Sql::new(
-            "INSERT INTO streams (device_id, stream, received, duplicates, expired, max_seq, \
-             first_ts, last_ts, channels, last_received_at) VALUES (",
-        );
-        q.bind(*device).push(", ").bind(*stream).push(", ");
+        let q = &mut counters;
+        q.push(if n % KEY_ROWS_PER_STATEMENT > 0 {
+            ", ("
+        } else {
+            "("
+        });
+        q.bind(device).push(", ").bind(stream).push(", ");
         q.bind(stored as i64)
             .push(", ")
             .bind(duplicates as i64)
@@ -519,20 +595,26 @@ async fn write_batch(
         q.bind(expired as i64).push(", ").bind(max_seq).push(", ");
         q.bind(first_ts).push(", ").bind(last_ts).push(", ");
         q.bind(channels).push(", ").bind(last_received).push(")");
-        q.push(
-            " ON CONFLICT (device_id, stream) DO UPDATE SET \
-             received = streams.received + excluded.received, \
-             duplicates = streams.duplicates + excluded.duplicates, \
-             expired = streams.expired + excluded.expired, \
-             max_seq = CASE WHEN excluded.max_seq > streams.max_seq THEN excluded.max_seq ELSE streams.max_seq END, \
-             first_ts = CASE WHEN excluded.first_ts IS NOT NULL AND (streams.first_ts IS NULL OR excluded.first_ts < streams.first_ts) \
-                             THEN excluded.first_ts ELSE streams.first_ts END, \
-             last_ts = CASE WHEN excluded.last_ts IS NOT NULL AND (streams.last_ts IS NULL OR excluded.last_ts > streams.last_ts) \
-                            THEN excluded.last_ts ELSE streams.last_ts END, \
-             channels = COALESCE(excluded.channels, streams.channels), \
-             last_received_at = COALESCE(excluded.last_received_at, streams.last_received_at)",
-        );
-        q.query().execute(&mut *tx).await?;
+        if (n + 1) % KEY_ROWS_PER_STATEMENT == 0 || n + 1 == lives.len() {
+            q.push(
+                " ON CONFLICT (device_id, stream) DO UPDATE SET \
+                 received = streams.received + excluded.received, \
+                 duplicates = streams.duplicates + excluded.duplicates, \
+                 expired = streams.expired + excluded.expired, \
+                 max_seq = CASE WHEN excluded.max_seq > streams.max_seq THEN excluded.max_seq ELSE streams.max_seq END, \
+                 first_ts = CASE WHEN excluded.first_ts IS NOT NULL AND (streams.first_ts IS NULL OR excluded.first_ts < streams.first_ts) \
+                                 THEN excluded.first_ts ELSE streams.first_ts END, \
+                 last_ts = CASE WHEN excluded.last_ts IS NOT NULL AND (streams.last_ts IS NULL OR excluded.last_ts > streams.last_ts) \
+                                THEN excluded.last_ts ELSE streams.last_ts END, \
+                 channels = COALESCE(excluded.channels, streams.channels), \
+                 last_received_at = COALESCE(excluded.last_received_at, streams.last_received_at)",
+            );
+            q.query().execute(&mut *tx).await?;
+            *q = Sql::new(
+                "INSERT INTO streams (device_id, stream, received, duplicates, expired, max_seq, \
+                 first_ts, last_ts, channels, last_received_at) VALUES ",
+            );
+        }
     }
 
     let aggregates: Vec<_> = aggregates.into_iter().collect();
