@@ -497,12 +497,11 @@ fn device_ids(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("dev-{i:05}")).collect()
 }
 
+/// A publisher task; it returns each of its devices' last seq.
+type Publisher = tokio::task::JoinHandle<Result<Vec<(String, u64)>>>;
+
 /// Starts the publishers; each connection carries every `connections`-th device.
-fn start_load(
-    port: u16,
-    args: &Args,
-    load: &Arc<Load>,
-) -> Vec<tokio::task::JoinHandle<Result<Vec<(String, u64)>>>> {
+fn start_load(port: u16, args: &Args, load: &Arc<Load>) -> Vec<Publisher> {
     let ids = device_ids(args.devices);
     (0..args.connections)
         .map(|c| {
@@ -519,10 +518,7 @@ fn start_load(
 
 /// Stops the publishers and waits until they sent their final statuses and every message
 /// was acknowledged; returns every device's last seq.
-async fn stop_load(
-    load: &Load,
-    tasks: Vec<tokio::task::JoinHandle<Result<Vec<(String, u64)>>>>,
-) -> Result<Vec<(String, u64)>> {
+async fn stop_load(load: &Load, tasks: Vec<Publisher>) -> Result<Vec<(String, u64)>> {
     load.stop.store(true, Ordering::Relaxed);
     let mut seqs = Vec::new();
     for t in tasks {
