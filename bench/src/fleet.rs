@@ -21,10 +21,10 @@
 //!
 //! Baselines in the same run: the plain delivery rate of the broker to one subscriber
 //! connection (same publishers, same messages, a bare rumqttc QoS 1 subscriber that only
-//! counts), and per database the raw insert ceiling: one task writing the same multi-row
-//! `INSERT INTO telemetry ... ON CONFLICT DO NOTHING RETURNING seq` statements the fleet's writer
-//! issues, through the fleet's own pool and statement builder, one transaction per
-//! `batch_max_records` records, into a second database on the same server (same disk).
+//! counts), and per database the raw insert ceiling: one task writing only the telemetry rows,
+//! one multi-row `INSERT INTO telemetry ... ON CONFLICT DO NOTHING RETURNING seq` per message,
+//! through the fleet's own pool and statement builder, one transaction per `batch_max_records`
+//! records, into a second database on the same server (same disk), before and after the fleet.
 //!
 //! Stored throughput is the fleet's `records_total{outcome="stored"}` (rows actually inserted)
 //! over the window; at the end every device's ledger must show `received = captured`, nothing
