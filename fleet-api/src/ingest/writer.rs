@@ -42,9 +42,9 @@ pub const BUCKET_US: i64 = 60_000_000;
 /// Postgres's 65535 bind parameters: a default batch (1,000 records) is one statement, one
 /// round trip.
 const TELEMETRY_ROWS_PER_INSERT: usize = 1000;
-/// The same for SQLite, which has no round trips to save but resolves each `$N` placeholder
-/// with a linear search through those already seen when it prepares a statement, so a
-/// 4,000-placeholder statement costs more than ten of 400 (measured: half the throughput).
+/// The same for SQLite, which has no round trips to save: 1,000-row statements halved its
+/// throughput (`ember-bench fleet`), presumably because it resolves each `$N` placeholder by a
+/// linear search through those already seen when it prepares a statement.
 const SQLITE_TELEMETRY_ROWS_PER_INSERT: usize = 100;
 /// Rows per multi-row upsert of devices and streams (at most 10 values a row).
 const KEY_ROWS_PER_STATEMENT: usize = 200;
