@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Ember's tests need on Debian 12 (run as root, or with sudo available):
-# the Mosquitto broker, PostgreSQL 15, the fleet's Python test peers, qemu-user and the gcc cross linkers, and the Rust cross targets.
+# the Mosquitto broker, PostgreSQL 15, the fleet's Python test peers, Chromium and
+# playwright-core, qemu-user and the gcc cross linkers, and the Rust cross targets.
 set -euo pipefail
 
 need_apt=()
@@ -11,6 +12,10 @@ command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need_apt+=(gcc-aarch64-linux
 command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
 # PostgreSQL 15 server programs for the fleet's throwaway test clusters (initdb, pg_ctl).
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
+# Chromium and Node.js for the fleet dashboard's browser test (fleet-api/tests/it/browser.rs).
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: installing ${need_apt[*]}"
@@ -25,9 +30,13 @@ fi
 # Debian starts a system-wide broker on 1883 when it installs mosquitto where an init system
 # runs; the tests never use it (each starts its own on an ephemeral port).
 
-# Python peers of the fleet tests: paho-mqtt (an independent MQTT client) and schemathesis.
-python3 -c 'import paho.mqtt, schemathesis' 2>/dev/null ||
-  python3 -m pip install -q --disable-pip-version-check -r fleet-api/tests/python/requirements.txt
+# Python peers of the fleet tests: paho-mqtt (an independent MQTT client) and schemathesis,
+# at the pinned versions (a quick no-op when they are already installed).
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r fleet-api/tests/python/requirements.txt
+
+# playwright-core (exact version in fleet-api/tests/browser/package-lock.json) drives that Chromium.
+[ -f fleet-api/tests/browser/node_modules/playwright-core/package.json ] ||
+  npm ci --prefix fleet-api/tests/browser --no-audit --no-fund --loglevel=error
 
 installed=$(rustup target list --installed)
 for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf thumbv7em-none-eabihf; do

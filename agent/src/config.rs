@@ -115,6 +115,10 @@ pub struct RawMqtt {
     pub reconnect_max_ms: Option<u64>,
     pub heartbeat_s: Option<u64>,
     pub status_interval_s: Option<u64>,
+    /// Plaintext to a broker that is not on this machine (development only; see `tls`).
+    pub insecure: Option<bool>,
+    /// `[mqtt.tls]`: see `crate::tls`.
+    pub tls: Option<crate::tls::RawTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -207,6 +211,10 @@ pub struct MqttSettings {
     pub reconnect_max_ms: u64,
     pub heartbeat_s: u64,
     pub status_interval_s: u64,
+    /// Plaintext MQTT allowed to a non-loopback broker (no `[mqtt.tls]`).
+    pub insecure: bool,
+    /// TLS to the broker; `None` is plaintext (loopback, or `insecure`).
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -385,6 +393,8 @@ impl Settings {
         }
 
         let m = raw.mqtt;
+        let host = m.host.as_deref().unwrap_or(DEFAULT_MQTT_HOST);
+        let tls = crate::tls::resolve(m.tls, m.insecure, host)?;
         let mqtt = MqttSettings {
             host: m.host.unwrap_or_else(|| DEFAULT_MQTT_HOST.into()),
             port: m.port.unwrap_or(DEFAULT_MQTT_PORT),
@@ -410,6 +420,8 @@ impl Settings {
             reconnect_max_ms: m.reconnect_max_ms.unwrap_or(DEFAULT_RECONNECT_MAX_MS),
             heartbeat_s: m.heartbeat_s.unwrap_or(DEFAULT_HEARTBEAT_S),
             status_interval_s: m.status_interval_s.unwrap_or(DEFAULT_STATUS_INTERVAL_S),
+            insecure: m.insecure.unwrap_or(false),
+            tls,
         };
         if mqtt.host.trim().is_empty() {
             return Err(invalid(

@@ -7,4 +7,5 @@ pub mod metrics;
 pub mod queue;
 pub mod runtime;
 pub mod source;
+pub mod tls;
 pub mod uplink;

@@ -29,10 +29,40 @@ enum Command {
     Run,
     /// Validate the configuration and print it fully resolved.
     CheckConfig,
+    /// Generate a private key (ECDSA P-256, PEM, mode 0600) on this device; never overwrites.
+    Keygen {
+        /// Where to write the key, e.g. /etc/ember/device.key
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a certificate signing request for this device's key (the key stays here); have it
+    /// signed with `ember-fleet pki sign-csr`.
+    Csr {
+        /// The device id (the certificate's common name).
+        #[arg(long, env = "EMBER_DEVICE_ID")]
+        device_id: String,
+        /// The private key from `ember-agent keygen`.
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Key material commands need no configuration.
+    match &cli.command {
+        Some(Command::Keygen { out }) => {
+            return report(
+                ember_agent::tls::keygen(out).map(|()| {
+                    eprintln!("Wrote a new private key to {} (mode 0600).", out.display())
+                }),
+            );
+        }
+        Some(Command::Csr { device_id, key }) => {
+            return report(ember_agent::tls::csr(device_id, key).map(|pem| print!("{pem}")));
+        }
+        _ => {}
+    }
     let env = std::env::vars().filter(|(k, _)| k != "EMBER_CONFIG");
     let settings = match Settings::load(cli.config.as_deref(), env) {
         Ok(s) => s,
@@ -46,6 +76,7 @@ fn main() -> ExitCode {
             print!("{}", settings.to_toml());
             ExitCode::SUCCESS
         }
+        Command::Keygen { .. } | Command::Csr { .. } => ExitCode::SUCCESS,
         Command::Run => match run(settings) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -53,6 +84,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ember-agent: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub messages_sent: AtomicU64,
     pub publish_latency_us_sum: AtomicU64,
     pub fsyncs: AtomicU64,
+    /// The client certificate's notAfter (Unix seconds); 0 without one (see `crate::tls`).
+    pub tls_cert_not_after: AtomicU64,
 }
 
 impl Metrics {
@@ -218,6 +220,7 @@ impl Metrics {
                 value.load(Relaxed)
             ));
         }
+        out.push_str(&crate::tls::render_metrics(self, device_id));
         out
     }
 }

@@ -39,6 +39,8 @@ pub enum AgentError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Tls(String),
     #[error("internal task failed: {0}")]
     Task(String),
 }
@@ -58,6 +60,8 @@ pub async fn run(
 ) -> Result<RunReport, AgentError> {
     let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::default());
+    // Before anything is opened: TLS files that stopped loading since the config was checked.
+    let tls = crate::tls::setup(&settings, &metrics).map_err(AgentError::Tls)?;
 
     let queue = {
         let (dir, qs, m) = (
@@ -126,7 +130,7 @@ pub async fn run(
         shutdown.clone(),
         force.clone(),
     ));
-    let uplink = Uplink::new(settings.clone(), queue.clone(), metrics.clone());
+    let uplink = Uplink::new(settings.clone(), queue.clone(), metrics.clone()).with_tls(tls);
     let outcome = uplink
         .run(shutdown.clone(), writer_done.clone(), force.clone())
         .await;

@@ -100,6 +100,8 @@ pub struct Uplink {
     in_flight_records: u64,
     backoff: Duration,
     failures: u64,
+    /// TLS to the broker (`crate::tls`); `None` is plaintext.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 struct Topics {
@@ -140,7 +142,14 @@ impl Uplink {
             in_flight_records: 0,
             backoff,
             failures: 0,
+            tls: None,
         }
+    }
+
+    /// Connects over TLS with `tls` (see `crate::tls::client_config`).
+    pub fn with_tls(mut self, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     fn mqtt_options(&self) -> MqttOptions {
@@ -160,6 +169,11 @@ impl Uplink {
             QoS::AtLeastOnce,
             true,
         ));
+        if let Some(tls) = &self.tls {
+            o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+                tls.clone(),
+            )));
+        }
         o
     }
 
@@ -198,6 +212,8 @@ impl Uplink {
         let linger = Duration::from_millis(self.settings.mqtt.message_max_delay_ms);
         let queue = self.queue.clone();
         let mut writer_seen_done = false;
+        // SIGHUP: reconnect now, so rotated TLS credentials are picked up (crate::tls).
+        let mut hangup = crate::tls::Hangup::install();
 
         let outcome = loop {
             if self.connected {
@@ -237,6 +253,12 @@ impl Uplink {
                     }
                 }
                 _ = queue.records_ready().notified() => {}
+                _ = hangup.recv() => {
+                    if self.connected {
+                        tracing::info!("SIGHUP: reconnecting to pick up the TLS credentials on disk.");
+                        let _ = client.try_disconnect();
+                    }
+                }
                 _ = writer_done.cancelled(), if drain_deadline.is_some() && !writer_seen_done => {
                     writer_seen_done = true;
                 }
@@ -339,6 +361,9 @@ impl Uplink {
     }
 
     fn on_disconnect(&mut self, e: &rumqttc::ConnectionError) -> Duration {
+        if let Some(why) = crate::tls::describe_failure(e) {
+            tracing::error!(reason = %why, host = %self.settings.mqtt.host, "TLS connection to the MQTT broker failed.");
+        }
         if self.connected {
             tracing::warn!(error = %e, "Lost the connection to the MQTT broker; buffering in the queue.");
         } else if self.failures == 0 || self.failures.is_multiple_of(20) {

@@ -10,7 +10,6 @@
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
-use utoipa::ToSchema;
 
 use crate::db::{Db, Sql, now_us};
 use crate::error::FleetError;
@@ -18,18 +17,29 @@ use crate::error::FleetError;
 const TOKEN_PREFIX: &str = "ef_";
 
 /// What a token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
+///
+/// * `read`: every GET route.
+/// * `admin`: every route.
+/// * `device:<id>`: only the GET routes of that one device's own resources (the routes behind
+///   [`crate::api::DeviceAccess`]); every fleet-wide route answers 403. Meant for a device or
+///   a per-device integration (e.g. model downloads by the agent).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Scope {
     Read,
     Admin,
+    Device(String),
 }
 
+/// Prefix of a device scope: `device:<device id>`.
+pub const DEVICE_SCOPE_PREFIX: &str = "device:";
+
 impl Scope {
-    pub fn as_str(self) -> &'static str {
+    /// The stored and displayed form: `read`, `admin` or `device:<id>`.
+    pub fn name(&self) -> String {
         match self {
-            Scope::Read => "read",
-            Scope::Admin => "admin",
+            Scope::Read => "read".into(),
+            Scope::Admin => "admin".into(),
+            Scope::Device(id) => format!("{DEVICE_SCOPE_PREFIX}{id}"),
         }
     }
 
@@ -37,7 +47,19 @@ impl Scope {
         match s {
             "read" => Some(Scope::Read),
             "admin" => Some(Scope::Admin),
-            _ => None,
+            other => {
+                let id = other.strip_prefix(DEVICE_SCOPE_PREFIX)?;
+                ember_proto::check_name(id).ok()?;
+                Some(Scope::Device(id.to_string()))
+            }
+        }
+    }
+
+    /// Whether this scope may read the resources of `device_id`.
+    pub fn may_read_device(&self, device_id: &str) -> bool {
+        match self {
+            Scope::Read | Scope::Admin => true,
+            Scope::Device(own) => own == device_id,
         }
     }
 }
@@ -74,12 +96,9 @@ pub struct TokenInfo {
 
 /// Stores `token` (hashed) with `scope`; storing the same token again only updates its scope
 /// and name. Returns its id.
-pub async fn store(db: &Db, token: &str, scope: Scope, name: &str) -> Result<i64, sqlx::Error> {
+pub async fn store(db: &Db, token: &str, scope: &Scope, name: &str) -> Result<i64, sqlx::Error> {
     let mut q = Sql::new("INSERT INTO api_tokens (token_hash, scope, name, created_at) VALUES (");
-    q.bind(hash(token))
-        .push(", ")
-        .bind(scope.as_str())
-        .push(", ");
+    q.bind(hash(token)).push(", ").bind(scope.name()).push(", ");
     q.bind(name).push(", ").bind(now_us()).push(")");
     q.push(
         " ON CONFLICT (token_hash) DO UPDATE SET scope = excluded.scope, name = excluded.name, \
@@ -89,7 +108,7 @@ pub async fn store(db: &Db, token: &str, scope: Scope, name: &str) -> Result<i64
 }
 
 /// Creates and stores a new token; the caller shows it once.
-pub async fn create(db: &Db, scope: Scope, name: &str) -> Result<(i64, String), FleetError> {
+pub async fn create(db: &Db, scope: &Scope, name: &str) -> Result<(i64, String), FleetError> {
     let token = generate()?;
     let id = store(db, &token, scope, name).await?;
     Ok((id, token))
@@ -141,6 +160,15 @@ mod tests {
         let b = generate().unwrap();
         assert_ne!(a, b);
         assert!(a.starts_with("ef_") && a.len() == 67, "{a}");
+        assert_eq!(
+            Scope::parse("device:dev-1"),
+            Some(Scope::Device("dev-1".into()))
+        );
+        assert_eq!(Scope::parse("device:a/b"), None);
+        assert_eq!(Scope::parse("device:"), None);
+        assert_eq!(Scope::Device("d".into()).name(), "device:d");
+        assert!(Scope::Device("d".into()).may_read_device("d"));
+        assert!(!Scope::Device("d".into()).may_read_device("e"));
         assert_eq!(
             hash("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

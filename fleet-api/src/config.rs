@@ -111,6 +111,8 @@ pub struct RawHttp {
     pub listen: Option<String>,
     pub default_page_limit: Option<u32>,
     pub max_page_limit: Option<u32>,
+    /// `[http.tls]`: HTTPS (see `crate::tls`).
+    pub tls: Option<crate::tls::RawHttpTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +135,10 @@ pub struct RawMqtt {
     pub share_group: Option<String>,
     pub reconnect_min_ms: Option<u64>,
     pub reconnect_max_ms: Option<u64>,
+    /// Plaintext to a non-loopback broker (development only; see `crate::tls`).
+    pub insecure: Option<bool>,
+    /// `[mqtt.tls]`: mutual TLS to the broker (see `crate::tls`).
+    pub tls: Option<crate::tls::RawMqttTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -196,6 +202,8 @@ pub struct HttpSettings {
     pub listen: SocketAddr,
     pub default_page_limit: u32,
     pub max_page_limit: u32,
+    /// HTTPS; `None` is plain HTTP.
+    pub tls: Option<crate::tls::HttpTlsSettings>,
 }
 
 /// Which database engine a URL names.
@@ -242,6 +250,10 @@ pub struct MqttSettings {
     pub share_group: String,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
+    /// Plaintext MQTT allowed to a non-loopback broker.
+    pub insecure: bool,
+    /// Mutual TLS to the broker; `None` is plaintext (loopback, or `insecure`).
+    pub tls: Option<crate::tls::MqttTlsSettings>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -388,6 +400,7 @@ impl Settings {
             })?,
             default_page_limit: raw.http.default_page_limit.unwrap_or(DEFAULT_PAGE_LIMIT),
             max_page_limit: raw.http.max_page_limit.unwrap_or(DEFAULT_MAX_PAGE_LIMIT),
+            tls: crate::tls::resolve_http(raw.http.tls)?,
         };
         if !(1..=100_000).contains(&http.max_page_limit) {
             return Err(invalid("http.max_page_limit", "must be 1-100000"));
@@ -438,6 +451,8 @@ impl Settings {
         }
 
         let m = raw.mqtt;
+        let host = m.host.as_deref().unwrap_or(DEFAULT_MQTT_HOST);
+        let tls = crate::tls::resolve_mqtt(m.tls, m.insecure, host)?;
         let mqtt = MqttSettings {
             host: m.host.unwrap_or_else(|| DEFAULT_MQTT_HOST.into()),
             port: m.port.unwrap_or(DEFAULT_MQTT_PORT),
@@ -449,6 +464,8 @@ impl Settings {
             share_group: m.share_group.unwrap_or_else(|| DEFAULT_SHARE_GROUP.into()),
             reconnect_min_ms: m.reconnect_min_ms.unwrap_or(DEFAULT_RECONNECT_MIN_MS),
             reconnect_max_ms: m.reconnect_max_ms.unwrap_or(DEFAULT_RECONNECT_MAX_MS),
+            insecure: m.insecure.unwrap_or(false),
+            tls,
         };
         if mqtt.host.is_empty() {
             return Err(invalid(

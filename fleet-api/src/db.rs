@@ -27,16 +27,30 @@ use crate::config::{Backend, DatabaseSettings};
 use crate::error::FleetError;
 
 /// Migrations per backend, compiled in: `(version, description, sql)`.
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../migrations/sqlite/0001_init.sql"),
-)];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../migrations/postgres/0001_init.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "inference",
+        include_str!("../migrations/sqlite/0002_inference.sql"),
+    ),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "inference",
+        include_str!("../migrations/postgres/0002_inference.sql"),
+    ),
+];
 
 /// How long a caller waits for a pooled connection before the request fails.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -33,6 +33,8 @@ pub enum FleetError {
     Serve(std::io::Error),
     #[error("cannot generate a random token: {0}")]
     Random(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("a task failed: {0}")]
     Task(String),
 }

@@ -43,6 +43,8 @@ pub struct EvictedSpan {
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct StreamLedger {
     pub stream: String,
+    /// `telemetry` (sensor records) or `inference` (model results).
+    pub kind: String,
     /// The agent's `last_seq`: records `1..=captured` were captured.
     pub captured: u64,
     /// Distinct sequence numbers stored (ever; retention does not lower it).
@@ -69,6 +71,32 @@ pub struct StreamLedger {
     pub truncated: bool,
 }
 
+/// The table holding a stream's records, by `streams.kind`: a closed set, so it can be
+/// formatted into SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordsTable {
+    Telemetry,
+    Inference,
+}
+
+impl std::fmt::Display for RecordsTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RecordsTable::Telemetry => "telemetry",
+            RecordsTable::Inference => "inference",
+        })
+    }
+}
+
+/// `inference` streams keep their records in `inference`, every other in `telemetry`.
+pub fn records_table(kind: &str) -> RecordsTable {
+    if kind == "inference" {
+        RecordsTable::Inference
+    } else {
+        RecordsTable::Telemetry
+    }
+}
+
 fn u(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
@@ -76,7 +104,7 @@ fn u(v: i64) -> u64 {
 /// The ledger of every stream of `device`, in stream order.
 pub async fn device_ledger(db: &Db, device: &str) -> Result<Vec<StreamLedger>, sqlx::Error> {
     let mut q = Sql::new(
-        "SELECT stream, last_seq, queued, received, duplicates, expired, pruned_through \
+        "SELECT stream, kind, last_seq, queued, received, duplicates, expired, pruned_through \
          FROM streams WHERE device_id = ",
     );
     q.bind(device).push(" ORDER BY stream");
@@ -87,7 +115,9 @@ pub async fn device_ledger(db: &Db, device: &str) -> Result<Vec<StreamLedger>, s
         let last_seq: i64 = row.try_get("last_seq")?;
         let queued: i64 = row.try_get("queued")?;
         let pruned: i64 = row.try_get("pruned_through")?;
-        let live = live_gaps(db.pool(), device, &stream, pruned, last_seq).await?;
+        let kind: String = row.try_get("kind")?;
+        let table = records_table(&kind);
+        let live = live_gaps(db.pool(), table, device, &stream, pruned, last_seq).await?;
         let archived = archived_gaps(db, device, &stream, last_seq).await?;
         let missing = live.union(&archived).clamp(u(last_seq));
         let (evicted_set, evicted) = evicted(db, device, &stream).await?;
@@ -124,6 +154,7 @@ pub async fn device_ledger(db: &Db, device: &str) -> Result<Vec<StreamLedger>, s
                 .collect(),
             truncated,
             stream,
+            kind,
         });
     }
     Ok(out)
@@ -135,6 +166,7 @@ pub async fn device_ledger(db: &Db, device: &str) -> Result<Vec<StreamLedger>, s
 /// the primary key; nothing but the gaps leaves the database.
 pub async fn live_gaps<'e, E>(
     ex: E,
+    table: RecordsTable,
     device: &str,
     stream: &str,
     floor: i64,
@@ -154,7 +186,7 @@ where
     q.push(&format!(
         "SELECT prev + 1 AS gap_from, seq - 1 AS gap_to FROM ( \
            SELECT seq, LAG(seq, 1, {lo}) OVER (ORDER BY seq) AS prev FROM ( \
-             SELECT seq FROM telemetry \
+             SELECT seq FROM {table} \
               WHERE device_id = {d} AND stream = {s} AND seq > {lo} AND seq <= {hi} \
              UNION ALL SELECT {hi} + 1 AS seq \
            ) AS stored \

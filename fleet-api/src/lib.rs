@@ -7,8 +7,11 @@
 //! * [`ledger`]: per device and stream: captured, received, missing, evicted, pending, lost.
 //! * [`retention`]: deletes old telemetry (as a prefix of sequence numbers, archiving the
 //!   gaps), aggregates and rejects.
-//! * [`api`]: the REST API under `/api/v1`, its OpenAPI document and `/metrics`.
+//! * [`api`]: the REST API under `/api/v1`, its OpenAPI document, `/metrics`, the live
+//!   event stream (`/api/v1/events`) and the dashboard (`/dashboard/`).
+//! * [`events`]: what ingestion committed, fanned out to the live event streams.
 //! * [`auth`]: hashed API tokens with `read` and `admin` scopes.
+//! * [`tls`], [`pki`]: HTTPS, mutual TLS to the broker, and the `ember-fleet pki` CA.
 //! * [`config`]: TOML + `EMBER_FLEET_*` overrides → validated [`config::Settings`].
 //!
 //! [`run`] wires them together; `main.rs` only parses arguments, sets up logging and signals,
@@ -19,13 +22,15 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod events;
 pub mod ingest;
 pub mod ledger;
 pub mod metrics;
+pub mod pki;
 pub mod ranges;
 pub mod retention;
+pub mod tls;
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,17 +60,19 @@ pub async fn run(
     tracing::info!(backend = settings.database.backend.as_str(),
         url = %config::mask_password(&settings.database.url), "Database ready.");
     if let Some(token) = &settings.bootstrap_token {
-        auth::store(&db, token, auth::Scope::Admin, "bootstrap").await?;
+        auth::store(&db, token, &auth::Scope::Admin, "bootstrap").await?;
         tracing::info!("Stored the bootstrap admin token.");
     }
     let metrics = Arc::new(Metrics::new());
     let ingest_state = Arc::new(IngestState::default());
+    let events = Arc::new(events::Events::new());
 
     let mut ingest = tokio::spawn(ingest::run(
         settings.clone(),
         db.clone(),
         metrics.clone(),
         ingest_state.clone(),
+        events.clone(),
         shutdown.clone(),
         force.clone(),
     ));
@@ -80,14 +87,12 @@ pub async fn run(
         settings: settings.clone(),
         metrics,
         ingest: ingest_state,
+        events,
+        shutdown: shutdown.clone(),
     });
     let addr = listener.local_addr().map_err(FleetError::Serve)?;
     tracing::info!(%addr, "Serving the API.");
-    let mut server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future(),
-    );
+    let mut server = tls::serve(listener, app, &settings, shutdown.clone())?;
 
     let mut result = Ok(());
     let mut ingest_done = false;

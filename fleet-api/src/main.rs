@@ -34,14 +34,19 @@ enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Certificates: a CA, the broker's and the fleet's certificates, device certificates
+    /// (also from a device's CSR) and a mutual-TLS Mosquitto config.
+    #[command(subcommand)]
+    Pki(ember_fleet::pki::PkiCommand),
 }
 
 #[derive(Subcommand)]
 enum TokenCommand {
     /// Create a token and print it (it is shown only this once; only its hash is stored).
     Create {
-        /// `read` (GET routes) or `admin` (also the write routes).
-        #[arg(long, value_parser = ["read", "admin"])]
+        /// `read` (GET routes), `admin` (also the write routes) or `device:<id>` (only that
+        /// device's own resources).
+        #[arg(long)]
         scope: String,
         /// A label to recognise it by in `token list`.
         #[arg(long, default_value = "cli")]
@@ -57,6 +62,19 @@ enum TokenCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The PKI works on files only: no configuration needed.
+    if let Some(Command::Pki(cmd)) = cli.command {
+        return match ember_fleet::pki::run(cmd) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ember-fleet: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let env = std::env::vars();
     let settings = match Settings::load(cli.config.as_deref(), env) {
         Ok(s) => s,
@@ -72,6 +90,7 @@ fn main() -> ExitCode {
         }
         Command::Run => run(settings),
         Command::Token(cmd) => token(settings, cmd),
+        Command::Pki(_) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -126,11 +145,12 @@ fn token(settings: Settings, cmd: TokenCommand) -> anyhow::Result<()> {
         let db = Db::open(&settings.database).await?;
         match cmd {
             TokenCommand::Create { scope, name } => {
-                let scope = Scope::parse(&scope).context("scope must be read or admin")?;
-                let (id, token) = auth::create(&db, scope, &name).await?;
+                let scope = Scope::parse(&scope)
+                    .context("scope must be read, admin or device:<device id>")?;
+                let (id, token) = auth::create(&db, &scope, &name).await?;
                 eprintln!(
                     "Created token {id} ({name}, scope {}). It is shown only now:",
-                    scope.as_str()
+                    scope.name()
                 );
                 println!("{token}");
             }

@@ -1,6 +1,7 @@
 //! Retention: a background task that deletes rows older than the configured number of days,
 //! per table (`retention.telemetry_days`, `aggregates_days`, `rejects_days`; 0 keeps forever),
-//! every `retention.interval_s`.
+//! every `retention.interval_s`. Model results (`inference`) follow `telemetry_days` and their
+//! per-minute aggregates (`inference_1m`) `aggregates_days`, by the same rules.
 //!
 //! Telemetry is deleted per stream as a *prefix of sequence numbers*, never as scattered rows,
 //! so the ledger stays exact: for a stream, let S be one less than the lowest seq captured at
@@ -19,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RetentionSettings;
 use crate::db::{Db, Sql, now_us, timed};
-use crate::ledger::live_gaps;
+use crate::ledger::{RecordsTable, live_gaps, records_table};
 use crate::metrics::Metrics;
 
 const DAY_US: i64 = 86_400_000_000;
@@ -28,7 +29,9 @@ const DAY_US: i64 = 86_400_000_000;
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Pruned {
     pub telemetry: u64,
+    pub inference: u64,
     pub aggregates: u64,
+    pub inference_aggregates: u64,
     pub rejects: u64,
 }
 
@@ -55,13 +58,25 @@ pub async fn run(
                 );
                 metrics.inc(
                     "retention_deleted_total",
+                    &[("table", "inference")],
+                    p.inference,
+                );
+                metrics.inc(
+                    "retention_deleted_total",
+                    &[("table", "inference_1m")],
+                    p.inference_aggregates,
+                );
+                metrics.inc(
+                    "retention_deleted_total",
                     &[("table", "rejects")],
                     p.rejects,
                 );
                 if p != Pruned::default() {
                     tracing::info!(
                         telemetry = p.telemetry,
+                        inference = p.inference,
                         aggregates = p.aggregates,
+                        inference_aggregates = p.inference_aggregates,
                         rejects = p.rejects,
                         "Retention deleted old rows."
                     );
@@ -84,13 +99,18 @@ pub async fn prune(db: &Db, settings: &RetentionSettings, now: i64) -> Result<Pr
     if settings.telemetry_days > 0 {
         let cutoff = now - i64::from(settings.telemetry_days) * DAY_US;
         let streams =
-            sqlx::query("SELECT device_id, stream FROM streams ORDER BY device_id, stream")
+            sqlx::query("SELECT device_id, stream, kind FROM streams ORDER BY device_id, stream")
                 .fetch_all(db.pool())
                 .await?;
         for row in streams {
             let device: String = row.try_get("device_id")?;
             let stream: String = row.try_get("stream")?;
-            out.telemetry += prune_stream(db, &device, &stream, cutoff).await?;
+            let table = records_table(&row.try_get::<String, _>("kind")?);
+            let deleted = prune_stream(db, table, &device, &stream, cutoff).await?;
+            match table {
+                RecordsTable::Telemetry => out.telemetry += deleted,
+                RecordsTable::Inference => out.inference += deleted,
+            }
         }
     }
     if settings.aggregates_days > 0 {
@@ -98,6 +118,9 @@ pub async fn prune(db: &Db, settings: &RetentionSettings, now: i64) -> Result<Pr
         let mut q = Sql::new("DELETE FROM aggregates_1m WHERE bucket < ");
         q.bind(cutoff);
         out.aggregates = q.query().execute(db.pool()).await?.rows_affected();
+        let mut q = Sql::new("DELETE FROM inference_1m WHERE bucket < ");
+        q.bind(cutoff);
+        out.inference_aggregates = q.query().execute(db.pool()).await?.rows_affected();
     }
     if settings.rejects_days > 0 {
         let cutoff = now - i64::from(settings.rejects_days) * DAY_US;
@@ -110,6 +133,7 @@ pub async fn prune(db: &Db, settings: &RetentionSettings, now: i64) -> Result<Pr
 
 async fn prune_stream(
     db: &Db,
+    table: RecordsTable,
     device: &str,
     stream: &str,
     cutoff: i64,
@@ -125,10 +149,10 @@ async fn prune_stream(
         return Ok(0);
     };
     let pruned: i64 = row.try_get("pruned_through")?;
-    let mut q = Sql::new(
+    let mut q = Sql::new(&format!(
         "SELECT MIN(CASE WHEN ts >= $3 THEN seq END) AS first_recent, MAX(seq) AS last_stored \
-         FROM telemetry WHERE device_id = $1 AND stream = $2 AND seq > $4",
-    );
+         FROM {table} WHERE device_id = $1 AND stream = $2 AND seq > $4"
+    ));
     q.param(device);
     q.param(stream);
     q.param(cutoff);
@@ -144,7 +168,7 @@ async fn prune_stream(
     if through <= pruned {
         return Ok(0);
     }
-    let gaps = live_gaps(&mut *tx, device, stream, pruned, through).await?;
+    let gaps = live_gaps(&mut *tx, table, device, stream, pruned, through).await?;
     for g in gaps.ranges() {
         let mut q =
             Sql::new("INSERT INTO archived_gaps (device_id, stream, from_seq, to_seq) VALUES (");
@@ -154,7 +178,7 @@ async fn prune_stream(
         q.push(" ON CONFLICT (device_id, stream, from_seq) DO UPDATE SET to_seq = excluded.to_seq");
         q.query().execute(&mut *tx).await?;
     }
-    let mut q = Sql::new("DELETE FROM telemetry WHERE device_id = ");
+    let mut q = Sql::new(&format!("DELETE FROM {table} WHERE device_id = "));
     q.bind(device).push(" AND stream = ").bind(stream);
     q.push(" AND seq <= ").bind(through);
     let deleted = q.query().execute(&mut *tx).await?.rows_affected();

@@ -3,6 +3,7 @@
 //! * [`topic`]: the MQTT topic scheme `ember/v1/{device_id}/{channel}`.
 //! * [`record`]: the record envelope (device, stream, per-stream sequence number, capture
 //!   timestamp, CRC32) and the compact binary form the agent stores on disk.
+//! * [`acl`]: the broker ACL (per-device topic confinement) the topic scheme implies.
 //! * [`message`]: versioned messages (telemetry and inference batches, status, heartbeat) and their
 //!   JSON / CBOR encodings.
 //!
@@ -11,6 +12,7 @@
 
 extern crate alloc;
 
+pub mod acl;
 pub mod message;
 pub mod record;
 pub mod topic;

@@ -425,6 +425,13 @@ impl TestAgent {
         }
     }
 
+    /// SIGHUP (the agent reconnects, picking up rotated TLS credentials).
+    pub fn sighup(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "HUP");
+        }
+    }
+
     /// SIGKILL, and reaps the process.
     pub fn sigkill(&self) {
         let mut slot = self.child.lock().unwrap_or_else(|p| p.into_inner());

@@ -27,6 +27,8 @@ pub struct TestBroker {
     dir: tempfile::TempDir,
     child: Option<Child>,
     starts: u32,
+    /// Mutual TLS and the Ember ACL instead of an anonymous plaintext listener.
+    tls: Option<crate::tls::BrokerTls>,
 }
 
 impl TestBroker {
@@ -34,6 +36,10 @@ impl TestBroker {
     ///
     /// Panics if `mosquitto` is not installed (saying how to install it) or does not start.
     pub fn start() -> TestBroker {
+        TestBroker::start_with(None)
+    }
+
+    pub(crate) fn start_with(tls: Option<crate::tls::BrokerTls>) -> TestBroker {
         let dir = tempfile::Builder::new()
             .prefix("ember-broker-")
             .tempdir()
@@ -43,6 +49,7 @@ impl TestBroker {
             dir,
             child: None,
             starts: 0,
+            tls,
         };
         // The port was free when picked; another process may take it before mosquitto binds it.
         let mut last_err = String::new();
@@ -109,8 +116,11 @@ impl TestBroker {
         let bin = mosquitto_path();
         let conf = self.dir.path().join("mosquitto.conf");
         let log = self.dir.path().join("mosquitto.log");
-        fs::write(&conf, config(self.port, &log))
-            .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+        let text = match &self.tls {
+            Some(tls) => tls.config(self.port, &log),
+            None => config(self.port, &log),
+        };
+        fs::write(&conf, text).map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
         self.starts += 1;
         let mut child = Command::new(&bin)
             .arg("-c")

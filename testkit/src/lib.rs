@@ -4,6 +4,8 @@
 //!   restartable on the same port.
 //! * [`Subscriber`]: an MQTT client (rumqttc, its own thread) that decodes everything the
 //!   agent publishes and keeps a per-`(device, stream)` ledger of the sequence numbers it saw.
+//! * [`tls`]: a throwaway PKI per test ([`tls::TestPki`]), a mutual-TLS Mosquitto with the
+//!   Ember per-device ACL ([`TestBroker::start_tls`]) and TLS test clients.
 //! * [`TestAgent`]: the `ember-agent` binary as a child process, with a generated config, its
 //!   own data dir, metrics endpoint and captured stderr.
 //!
@@ -26,6 +28,7 @@ mod agent;
 mod broker;
 mod postgres;
 mod subscriber;
+pub mod tls;
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};

@@ -260,15 +260,26 @@ impl Subscriber {
     /// once the broker has confirmed the subscription (so nothing published afterwards is
     /// missed). Panics if that does not happen within 10 s.
     pub fn start(port: u16, filter: &str) -> Subscriber {
-        Self::spawn(port, filter, false)
+        Self::spawn(port, filter, false, None)
     }
 
     /// Like [`Subscriber::start`], also keeping every record's values.
     pub fn start_keeping_values(port: u16, filter: &str) -> Subscriber {
-        Self::spawn(port, filter, true)
+        Self::spawn(port, filter, true, None)
     }
 
-    fn spawn(port: u16, filter: &str, keep_values: bool) -> Subscriber {
+    /// Like [`Subscriber::start`], over TLS with `tls` (e.g. [`crate::tls::client_config`]
+    /// with the fleet's certificate, to see what the fleet identity may see).
+    pub fn start_tls(port: u16, filter: &str, tls: Arc<rustls::ClientConfig>) -> Subscriber {
+        Self::spawn(port, filter, false, Some(tls))
+    }
+
+    fn spawn(
+        port: u16,
+        filter: &str,
+        keep_values: bool,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Subscriber {
         let shared = Arc::new(Shared {
             view: Mutex::new(SubscriberView::default()),
             changed: Condvar::new(),
@@ -278,7 +289,7 @@ impl Subscriber {
             let (shared, stop, filter) = (shared.clone(), stop.clone(), filter.to_string());
             std::thread::Builder::new()
                 .name(format!("subscriber-{port}"))
-                .spawn(move || run(port, filter, keep_values, shared, stop))
+                .spawn(move || run(port, filter, keep_values, tls, shared, stop))
                 .expect("cannot spawn the subscriber thread")
         };
         let sub = Subscriber {
@@ -351,6 +362,7 @@ fn run(
     port: u16,
     filter: String,
     keep_values: bool,
+    tls: Option<Arc<rustls::ClientConfig>>,
     shared: Arc<Shared>,
     stop: Arc<tokio::sync::Notify>,
 ) {
@@ -377,6 +389,11 @@ fn run(
             port,
         );
         opts.set_clean_session(true);
+        if let Some(tls) = tls {
+            opts.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+                tls,
+            )));
+        }
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_max_packet_size(64 * 1024 * 1024, 64 * 1024);
         let (client, mut eventloop) = AsyncClient::new(opts, 16);

@@ -14,3 +14,4 @@ mod disk;
 mod disk_full;
 mod eviction;
 mod socket;
+mod tls;

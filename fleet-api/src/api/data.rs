@@ -125,12 +125,12 @@ pub struct AggregateQuery {
 }
 
 /// Whether `[from, to)` can hold anything (an empty range is not an error: it has no rows).
-fn non_empty_range(from: Option<i64>, to: Option<i64>) -> bool {
+pub(super) fn non_empty_range(from: Option<i64>, to: Option<i64>) -> bool {
     !matches!((from, to), (Some(f), Some(t)) if f >= t)
 }
 
 /// 404 unless the device is registered.
-async fn require_device(state: &AppState, device: &str) -> Result<(), AppError> {
+pub(super) async fn require_device(state: &AppState, device: &str) -> Result<(), AppError> {
     check_name("device id", device)?;
     let mut q = Sql::new("SELECT 1 AS one FROM devices WHERE device_id = ");
     q.bind(device);

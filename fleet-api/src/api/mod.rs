@@ -2,13 +2,19 @@
 //! from these handlers by utoipa) and `/metrics` (Prometheus).
 //!
 //! **API boundary:** every route under `/api/v1` except `/api/v1/health` passes
-//! [`require_token`]; write routes also take [`AdminAccess`]. Lists page with `limit` and an
+//! [`require_token`]; write routes also take [`AdminAccess`]. Routes of one device's own
+//! resources (`/api/v1/devices/{device_id}/...`, GET) sit behind [`DeviceAccess`], the only
+//! guard a `device:<id>` token can pass; every other route refuses device tokens
+//! ([`fleet_wide`]). New per-device routes (OTA model downloads) go into `device_routes`. Lists page with `limit` and an
 //! opaque `cursor` (keyset pagination: a page is never shifted by rows written meanwhile), and
 //! return `{"items": [...], "next_cursor": "..." | null}`.
 
+mod dashboard;
 mod data;
 mod devices;
 pub mod error;
+mod inference;
+mod live;
 mod ops;
 
 use std::sync::Arc;
@@ -28,6 +34,7 @@ use utoipa::{IntoParams, OpenApi};
 use crate::auth::Scope;
 use crate::config::Settings;
 use crate::db::Db;
+use crate::events::Events;
 use crate::ingest::IngestState;
 use crate::metrics::Metrics;
 pub use error::{AppError, ErrorBody};
@@ -39,15 +46,18 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub metrics: Arc<Metrics>,
     pub ingest: Arc<IngestState>,
+    pub events: Arc<Events>,
+    /// Fires when the service shuts down: ends the live event streams.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Ember fleet API",
-        description = "Devices, telemetry, aggregates, the durability ledger and rejects of an Ember fleet. \
+        description = "Devices, telemetry, model results, aggregates, the durability ledger and rejects of an Ember fleet. \
                        Times are microseconds since the Unix epoch (UTC). Authenticate with \
-                       `Authorization: Bearer <token>` (scopes: read, admin).",
+                       `Authorization: Bearer <token>` (scopes: read, admin, device:<id>).",
     ),
     paths(
         ops::health,
@@ -59,7 +69,11 @@ pub struct AppState {
         data::telemetry,
         data::aggregates,
         data::ledger,
+        inference::results,
+        inference::aggregates,
+        inference::anomalies,
         ops::list_rejects,
+        live::overview,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth),
@@ -67,6 +81,7 @@ pub struct AppState {
     tags(
         (name = "devices", description = "The device registry"),
         (name = "data", description = "Telemetry, aggregates and the durability ledger"),
+        (name = "inference", description = "Model results, their aggregates and anomalies"),
         (name = "operations", description = "Health and rejected messages"),
     )
 )]
@@ -86,13 +101,25 @@ impl utoipa::Modify for BearerAuth {
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
-    let protected = Router::new()
+    // Fleet-wide routes and writes: no device tokens.
+    let fleet_routes = Router::new()
         .route(
             "/api/v1/devices",
             get(devices::list_devices).post(devices::register_device),
         )
-        .route("/api/v1/devices/{device_id}", get(devices::get_device))
         .route("/api/v1/devices/{device_id}/tags", put(devices::set_tags))
+        .route("/api/v1/rejects", get(ops::list_rejects))
+        .route("/api/v1/anomalies", get(inference::anomalies))
+        .route("/api/v1/overview", get(live::overview))
+        .route("/api/v1/events", get(live::events))
+        .route_layer(axum::middleware::from_fn(fleet_wide))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
+    // One device's own resources: readable by read/admin tokens and that device's token.
+    let device_routes = Router::new()
+        .route("/api/v1/devices/{device_id}", get(devices::get_device))
         .route(
             "/api/v1/devices/{device_id}/streams",
             get(data::list_streams),
@@ -106,15 +133,25 @@ pub fn router(state: AppState) -> Router {
             get(data::aggregates),
         )
         .route("/api/v1/devices/{device_id}/ledger", get(data::ledger))
-        .route("/api/v1/rejects", get(ops::list_rejects))
+        .route(
+            "/api/v1/devices/{device_id}/streams/{stream}/inference",
+            get(inference::results),
+        )
+        .route(
+            "/api/v1/devices/{device_id}/streams/{stream}/inference/aggregates",
+            get(inference::aggregates),
+        )
+        .route_layer(axum::middleware::from_fn(device_guard))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
         ));
+    let protected = fleet_routes.merge(device_routes);
     Router::new()
         .route("/api/v1/health", get(ops::health))
         .route("/api/openapi.json", get(ops::openapi))
         .route("/metrics", get(ops::metrics))
+        .merge(dashboard::routes())
         .merge(protected)
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
@@ -162,11 +199,60 @@ impl<S: Send + Sync> FromRequestParts<S> for AdminAccess {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, AppError> {
         match parts.extensions.get::<Scope>() {
             Some(Scope::Admin) => Ok(AdminAccess),
-            Some(Scope::Read) => Err(AppError::Forbidden(
+            Some(Scope::Read | Scope::Device(_)) => Err(AppError::Forbidden(
                 "this route changes data and needs a token with the admin scope".into(),
             )),
             None => Err(AppError::Unauthorized("no token".into())),
         }
+    }
+}
+
+/// Access to one device's own resources: the route's `{device_id}` must be readable by the
+/// request's token (`read`, `admin`, or `device:<that id>`). Take it as an extractor in any
+/// handler that serves a single device's data (e.g. OTA model downloads); `device_routes`
+/// also applies it to every route it holds.
+#[derive(Debug, Clone)]
+pub struct DeviceAccess {
+    /// The device the request is about (checked with `check_name`).
+    pub device_id: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for DeviceAccess {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        let axum::extract::Path(params) = axum::extract::Path::<
+            std::collections::HashMap<String, String>,
+        >::from_request_parts(parts, state)
+        .await
+        .map_err(|_| AppError::invalid("the path has no valid device id"))?;
+        let device_id = params
+            .get("device_id")
+            .cloned()
+            .ok_or_else(|| AppError::invalid("the path has no device id"))?;
+        check_name("device id", &device_id)?;
+        match parts.extensions.get::<Scope>() {
+            Some(scope) if scope.may_read_device(&device_id) => Ok(DeviceAccess { device_id }),
+            Some(_) => Err(AppError::Forbidden(
+                "this token may only read its own device's resources".into(),
+            )),
+            None => Err(AppError::Unauthorized("no token".into())),
+        }
+    }
+}
+
+/// Applies [`DeviceAccess`] to every route of a router (a route layer).
+async fn device_guard(_access: DeviceAccess, req: Request, next: Next) -> Response {
+    next.run(req).await
+}
+
+/// Refuses device tokens on fleet-wide routes (lists, rejects, writes).
+async fn fleet_wide(req: Request, next: Next) -> Result<Response, AppError> {
+    match req.extensions().get::<Scope>() {
+        Some(Scope::Device(_)) => Err(AppError::Forbidden(
+            "a device token may only read its own device's resources".into(),
+        )),
+        _ => Ok(next.run(req).await),
     }
 }
 

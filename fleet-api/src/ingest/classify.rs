@@ -7,13 +7,16 @@
 //! broker's ACL confines a device to its own topics, not its payloads), and that numbers fit the
 //! database's signed 64-bit integers.
 
-use ember_proto::message::{decode, decode_status, decode_telemetry};
-use ember_proto::{Channel, Heartbeat, ProtoError, SCHEMA_VERSION, Status, TelemetryBatch, Topic};
+use ember_proto::message::{decode, decode_inference, decode_status, decode_telemetry};
+use ember_proto::{
+    Channel, Heartbeat, InferenceBatch, ProtoError, SCHEMA_VERSION, Status, TelemetryBatch, Topic,
+};
 
 /// A message that passed every check.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Item {
     Telemetry(TelemetryBatch),
+    Inference(InferenceBatch),
     Status(Status),
     Heartbeat(Heartbeat),
 }
@@ -22,6 +25,7 @@ impl Item {
     pub fn device(&self) -> &str {
         match self {
             Item::Telemetry(b) => &b.device,
+            Item::Inference(b) => &b.device,
             Item::Status(s) => &s.device,
             Item::Heartbeat(h) => &h.device,
         }
@@ -30,6 +34,7 @@ impl Item {
     pub fn channel(&self) -> &'static str {
         match self {
             Item::Telemetry(_) => "telemetry",
+            Item::Inference(_) => "inference",
             Item::Status(_) => "status",
             Item::Heartbeat(_) => "heartbeat",
         }
@@ -38,6 +43,7 @@ impl Item {
     pub fn records(&self) -> usize {
         match self {
             Item::Telemetry(b) => b.records.len(),
+            Item::Inference(b) => b.records.len(),
             _ => 0,
         }
     }
@@ -252,10 +258,34 @@ pub fn classify(topic: &str, payload: &[u8], max_bytes: usize) -> Result<Item, R
             }
             Ok(Item::Heartbeat(hb))
         }
-        Channel::Inference => Err(reject(
-            RejectReason::BadTopic,
-            "the inference channel is not ingested by this version".into(),
-        )),
+        Channel::Inference => {
+            let (batch, _) = decode_inference(payload).map_err(from_proto)?;
+            if batch.device != topic_parsed.device_id {
+                return Err(mismatch(&batch.device));
+            }
+            if let Some(r) = batch.records.iter().find(|r| {
+                r.seq > I64_MAX
+                    || r.ts > I64_MAX
+                    || r.window_start > I64_MAX
+                    || r.source_seq > I64_MAX
+            }) {
+                return Err(reject(
+                    RejectReason::OutOfRange,
+                    format!("result seq {} ts {} exceeds 2^63-2", r.seq, r.ts),
+                ));
+            }
+            if let Some(r) = batch.records.iter().find(|r| {
+                r.model.len() > MAX_TEXT
+                    || r.version.len() > MAX_TEXT
+                    || matches!(&r.output, ember_proto::InferenceOutput::Class { label, .. } if label.len() > MAX_TEXT)
+            }) {
+                return Err(reject(
+                    RejectReason::Malformed,
+                    format!("result seq {}: model, version or label longer than {MAX_TEXT} bytes", r.seq),
+                ));
+            }
+            Ok(Item::Inference(batch))
+        }
     }
 }
 
@@ -293,6 +323,38 @@ mod tests {
                 Item::Status(s)
             );
         }
+    }
+
+    #[test]
+    fn inference_results_are_accepted_or_rejected_with_reasons() {
+        let payload = |device: &str, class: u32| {
+            format!(
+                r#"{{"v":1,"device":"{device}","stream":"imu.activity","source":"imu","records":[
+                {{"seq":1,"ts":20,"window_start":10,"source_seq":5,"model":"activity","version":"1.0.0",
+                  "latency_us":70,"output":{{"kind":"class","label":"walking","class":{class},"probabilities":[0.1,0.9]}}}},
+                {{"seq":2,"ts":30,"window_start":20,"source_seq":9,"model":"anomaly","version":"1.0.0",
+                  "latency_us":80,"output":{{"kind":"anomaly","score":0.7,"threshold":0.5,"anomalous":true}}}}]}}"#
+            )
+        };
+        match classify("ember/v1/d1/inference", payload("d1", 1).as_bytes(), 4096) {
+            Ok(Item::Inference(b)) => {
+                assert_eq!((b.stream.as_str(), b.records.len()), ("imu.activity", 2))
+            }
+            other => panic!("expected an inference batch, got {other:?}"),
+        }
+        assert_eq!(
+            reason("ember/v1/d2/inference", payload("d1", 1).as_bytes()),
+            RejectReason::DeviceMismatch
+        );
+        assert_eq!(
+            reason("ember/v1/d1/inference", payload("d1", 7).as_bytes()),
+            RejectReason::Malformed
+        );
+        let long = payload("d1", 1).replace("\"walking\"", &format!("\"{}\"", "x".repeat(300)));
+        assert_eq!(
+            reason("ember/v1/d1/inference", long.as_bytes()),
+            RejectReason::Malformed
+        );
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //!              └──────────── PUBACKs ◀──────── Acker (same connection only)
 //! ```
 //!
-//! Subscriptions (QoS 1): `$share/<mqtt.share_group>/ember/v1/+/telemetry` (replicas in one
-//! group split the telemetry; `share_group = ""` subscribes plainly), `ember/v1/+/status`
+//! Subscriptions (QoS 1): `$share/<mqtt.share_group>/ember/v1/+/telemetry` and
+//! `.../+/inference` (replicas in one group split records and results; `share_group = ""`
+//! subscribes plainly), `ember/v1/+/status`
 //! (every replica sees every status; applying one is idempotent) and `ember/v1/+/heartbeat`.
 //!
 //! Lifecycle and guarantees:
@@ -42,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::db::{Db, now_us};
+use crate::events::Events;
 use crate::metrics::Metrics;
 use classify::{Reject, RejectReason, classify};
 use writer::{AckToken, Acker, Inbound, Writer};
@@ -66,13 +68,16 @@ pub struct IngestState {
 
 /// The subscription filters for `share_group`.
 pub fn subscriptions(share_group: &str) -> Vec<SubscribeFilter> {
-    let telemetry = if share_group.is_empty() {
-        "ember/v1/+/telemetry".to_string()
-    } else {
-        format!("$share/{share_group}/ember/v1/+/telemetry")
+    let shared = |channel: &str| {
+        if share_group.is_empty() {
+            format!("ember/v1/+/{channel}")
+        } else {
+            format!("$share/{share_group}/ember/v1/+/{channel}")
+        }
     };
     vec![
-        SubscribeFilter::new(telemetry, QoS::AtLeastOnce),
+        SubscribeFilter::new(shared("telemetry"), QoS::AtLeastOnce),
+        SubscribeFilter::new(shared("inference"), QoS::AtLeastOnce),
         SubscribeFilter::new("ember/v1/+/status".into(), QoS::AtLeastOnce),
         SubscribeFilter::new("ember/v1/+/heartbeat".into(), QoS::AtLeastOnce),
     ]
@@ -106,6 +111,7 @@ pub async fn run(
     db: Db,
     metrics: Arc<Metrics>,
     state: Arc<IngestState>,
+    events: Arc<Events>,
     shutdown: CancellationToken,
     force: CancellationToken,
 ) {
@@ -118,6 +124,10 @@ pub async fn run(
         opts.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
     }
     opts.set_max_packet_size(MAX_MQTT_PACKET, 64 * 1024);
+    if let Err(e) = crate::tls::apply_mqtt(&mut opts, m) {
+        tracing::error!(error = %e, "Cannot set up TLS to the broker; ingestion does not start.");
+        return;
+    }
     // The writer acks a whole batch at once, without waiting: room for all of them.
     let request_capacity = settings.ingest.channel_capacity + 64;
     opts.set_request_channel_capacity(request_capacity);
@@ -136,6 +146,7 @@ pub async fn run(
                 epoch: epoch.clone(),
                 state: state.clone(),
             },
+            events,
         },
         force.clone(),
     ));
@@ -363,6 +374,7 @@ async fn reserve(tx: &Option<mpsc::Sender<Inbound>>) -> Option<mpsc::Permit<'_, 
 fn channel_of(topic: &str) -> &'static str {
     match topic.rsplit('/').next() {
         Some("telemetry") => "telemetry",
+        Some("inference") => "inference",
         Some("status") => "status",
         Some("heartbeat") => "heartbeat",
         _ => "other",

@@ -7,9 +7,16 @@
 //! * A message MUST NOT be acknowledged before the transaction holding it commits, so a crash
 //!   at any point loses nothing: the broker (persistent session) delivers unacknowledged
 //!   messages again, to this replica or another.
-//! * Storing is idempotent on `(device, stream, seq)`: `INSERT ... ON CONFLICT DO NOTHING
-//!   RETURNING seq` tells which records are new, and only those update the stream's `received`
-//!   counter and the per-minute aggregates, so redelivery never double-counts.
+//! * Storing is idempotent on `(device, stream, seq)`, for telemetry and model results alike:
+//!   `INSERT ... ON CONFLICT DO NOTHING RETURNING device_id, stream, seq` tells which records
+//!   are new, and only those update the stream's `received` counter and the per-minute
+//!   aggregates (`aggregates_1m`, `inference_1m`), so redelivery never double-counts.
+//! * A batch costs one multi-row statement per kind of row (devices, streams, telemetry,
+//!   inference, stream counters, aggregates), not one per device or stream, each listing its
+//!   keys in sorted order so that concurrent replicas lock rows in the same order. SQLite gets
+//!   smaller record statements than PostgreSQL (see the constants below).
+//! * Live events (`Outcome.events`) describe only rows that were inserted, and are published
+//!   after the transaction commits, just before the acknowledgements.
 //! * A batch the database refuses for a reason that retrying cannot fix (a constraint, a value
 //!   it will not take) MUST NOT stall ingestion: after a few attempts the batch is written
 //!   message by message, and a message that still fails is recorded as a `storage` reject and
@@ -24,7 +31,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ember_proto::{DeviceState, Heartbeat, Status, TelemetryBatch};
+use ember_proto::{
+    DeviceState, Heartbeat, InferenceBatch, InferenceOutput, InferenceRecord, Status,
+    TelemetryBatch,
+};
 use rumqttc::{AsyncClient, Publish, QoS};
 use sqlx::Row;
 use tokio::sync::mpsc;
@@ -34,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use super::classify::{Item, Reject, RejectReason};
 use crate::config::{Backend, IngestSettings};
 use crate::db::{Db, Sql, timed};
+use crate::events::{Events, LiveEvent, MAX_RESULTS_PER_STREAM};
 use crate::metrics::Metrics;
 
 /// Width of an aggregate bucket: one minute, in microseconds.
@@ -49,6 +60,13 @@ const SQLITE_TELEMETRY_ROWS_PER_INSERT: usize = 100;
 /// Rows per multi-row upsert of devices and streams (at most 10 values a row).
 const KEY_ROWS_PER_STATEMENT: usize = 200;
 const AGGREGATE_ROWS_PER_INSERT: usize = 250;
+/// Rows per multi-row inference INSERT: at most 12 values a row (plus 2 per stream), so a
+/// default batch is one statement on PostgreSQL too.
+const INFERENCE_ROWS_PER_INSERT: usize = 1000;
+/// The same for SQLite, for the reason above: about as many placeholders as a 100-row
+/// telemetry statement (not measured separately).
+const SQLITE_INFERENCE_ROWS_PER_INSERT: usize = 32;
+const INFERENCE_AGGREGATE_ROWS_PER_INSERT: usize = 200;
 /// Attempts at a whole batch before it is split into single messages.
 const BATCH_ATTEMPTS: u32 = 3;
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -104,6 +122,7 @@ pub struct Writer {
     pub metrics: Arc<Metrics>,
     pub settings: IngestSettings,
     pub acker: Acker,
+    pub events: Arc<Events>,
 }
 
 /// Receives until the channel closes (shutdown), writing batch after batch. Returns when every
@@ -259,6 +278,9 @@ impl Writer {
     }
 
     fn record(&self, batch: &[Inbound], o: &Outcome) {
+        for e in &o.events {
+            self.events.publish(e.clone());
+        }
         let m = &self.metrics;
         m.observe("batch_messages", &[], batch.len() as f64);
         m.observe("batch_records", &[], o.records as f64);
@@ -303,12 +325,14 @@ fn is_transient(e: &sqlx::Error) -> bool {
 }
 
 /// What one batch did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Outcome {
     pub records: u64,
     pub stored: u64,
     pub duplicates: u64,
     pub expired: u64,
+    /// For the live view, published after the commit.
+    pub events: Vec<LiveEvent>,
 }
 
 /// A record as stored: capture time, values, receive time.
@@ -319,6 +343,24 @@ struct StreamRecords {
     /// seq -> record, first copy in the batch.
     records: BTreeMap<u64, Rec>,
     in_batch_duplicates: u64,
+}
+
+/// The results of one inference stream in a batch: seq -> (result, receive time), first copy.
+#[derive(Default)]
+struct InferenceRecords<'a> {
+    records: BTreeMap<u64, (&'a InferenceRecord, i64)>,
+    in_batch_duplicates: u64,
+}
+
+/// One minute of one inference stream and label (`""` for anomaly results).
+#[derive(Default)]
+struct InferenceAgg {
+    results: i64,
+    anomalies: i64,
+    scored: i64,
+    score_sum: f64,
+    score_max: Option<f64>,
+    latency_sum: i64,
 }
 
 #[derive(Default)]
@@ -365,6 +407,7 @@ async fn write_batch(
     let mut contacts: BTreeMap<&str, i64> = BTreeMap::new();
     let mut wills: BTreeSet<&str> = BTreeSet::new();
     let mut streams: BTreeMap<(&str, &str), StreamRecords> = BTreeMap::new();
+    let mut inference: BTreeMap<(&str, &str), InferenceRecords> = BTreeMap::new();
     let mut statuses: Vec<(&Status, i64)> = Vec::new();
     let mut heartbeats: Vec<(&Heartbeat, i64)> = Vec::new();
     let mut rejects: BTreeMap<(&str, &'static str), RejectAgg> = BTreeMap::new();
@@ -383,6 +426,9 @@ async fn write_batch(
                 match item {
                     Item::Telemetry(b) => {
                         group_telemetry(b, m.received_at, &mut streams, &mut outcome)
+                    }
+                    Item::Inference(b) => {
+                        group_inference(b, m.received_at, &mut inference, &mut outcome)
                     }
                     Item::Status(s) => statuses.push((s, m.received_at)),
                     Item::Heartbeat(h) => heartbeats.push((h, m.received_at)),
@@ -444,19 +490,30 @@ async fn write_batch(
         q.query().execute(&mut *tx).await?;
     }
 
-    // Creates the stream rows if needed and locks them (Postgres) for this transaction, so
-    // retention cannot prune a stream between this read and the inserts below.
-    let keys: Vec<(&str, &str)> = streams.keys().copied().collect();
+    // Creates the stream rows (telemetry and inference streams in one statement, in key order)
+    // if needed and locks them (Postgres) for this transaction, so retention cannot prune a
+    // stream between this read and the inserts below.
+    let mut kinds: BTreeMap<(&str, &str), &'static str> = BTreeMap::new();
+    for key in streams.keys() {
+        kinds.insert(*key, "telemetry");
+    }
+    for key in inference.keys() {
+        // A device must not use one name for both kinds; if it does, the later kind wins, as
+        // it does in the counters below.
+        kinds.insert(*key, "inference");
+    }
+    let keys: Vec<((&str, &str), &str)> = kinds.into_iter().collect();
     let index: BTreeMap<(&str, &str), usize> =
-        keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+        keys.iter().enumerate().map(|(i, (k, _))| (*k, i)).collect();
     let mut pruned: Vec<Option<i64>> = vec![None; keys.len()];
     for chunk in keys.chunks(KEY_ROWS_PER_STATEMENT) {
-        let mut q = Sql::new("INSERT INTO streams (device_id, stream) VALUES ");
-        for (i, (device, stream)) in chunk.iter().enumerate() {
+        let mut q = Sql::new("INSERT INTO streams (device_id, stream, kind) VALUES ");
+        for (i, ((device, stream), kind)) in chunk.iter().enumerate() {
             if i > 0 {
                 q.push(", ");
             }
-            q.push("(").bind(*device).push(", ").bind(*stream).push(")");
+            q.push("(").bind(*device).push(", ").bind(*stream);
+            q.push(&format!(", '{kind}')"));
         }
         q.push(
             " ON CONFLICT (device_id, stream) DO UPDATE SET pruned_through = streams.pruned_through \
@@ -470,25 +527,35 @@ async fn write_batch(
             }
         }
     }
+    let pruned_through = |key: &(&str, &str)| -> Result<i64, sqlx::Error> {
+        index
+            .get(key)
+            .and_then(|i| pruned[*i])
+            .ok_or(sqlx::Error::RowNotFound)
+    };
+    let sqlite = matches!(db.backend(), Backend::Sqlite);
 
     // Per stream: the records above its retention watermark, and which of them were new.
-    struct Live<'a> {
+    struct Live<'a, R> {
         device: &'a str,
         stream: &'a str,
-        recs: &'a StreamRecords,
-        rows: Vec<(i64, &'a Rec)>,
+        rows: Vec<(i64, R)>,
+        in_batch_duplicates: u64,
+        last_received: Option<i64>,
         expired: u64,
         inserted: BTreeSet<i64>,
     }
-    let mut lives = Vec::with_capacity(keys.len());
-    for (i, ((device, stream), recs)) in streams.iter().enumerate() {
-        let pruned = pruned[i].ok_or(sqlx::Error::RowNotFound)?;
+    fn live<'a, R: Copy>(
+        (device, stream): (&'a str, &'a str),
+        records: impl Iterator<Item = (u64, R)>,
+        pruned: i64,
+        in_batch_duplicates: u64,
+        last_received: Option<i64>,
+    ) -> Live<'a, R> {
         let mut expired = 0u64;
-        let rows = recs
-            .records
-            .iter()
+        let rows = records
             .filter_map(|(seq, r)| {
-                let seq = to_i64(*seq);
+                let seq = to_i64(seq);
                 if seq <= pruned {
                     expired += 1;
                     None
@@ -497,25 +564,58 @@ async fn write_batch(
                 }
             })
             .collect();
-        lives.push(Live {
+        Live {
             device,
             stream,
-            recs,
             rows,
+            in_batch_duplicates,
+            last_received,
             expired,
             inserted: BTreeSet::new(),
-        });
+        }
     }
-    let all_rows: Vec<(usize, usize)> = lives
-        .iter()
-        .enumerate()
-        .flat_map(|(l, live)| (0..live.rows.len()).map(move |r| (l, r)))
-        .collect();
-    let rows_per_insert = match db.backend() {
-        Backend::Sqlite => SQLITE_TELEMETRY_ROWS_PER_INSERT,
-        Backend::Postgres => TELEMETRY_ROWS_PER_INSERT,
+    /// Every row of every stream, in key and then sequence order: `(stream, row)` indices.
+    fn all_rows<R>(lives: &[Live<'_, R>]) -> Vec<(usize, usize)> {
+        lives
+            .iter()
+            .enumerate()
+            .flat_map(|(l, live)| (0..live.rows.len()).map(move |r| (l, r)))
+            .collect()
+    }
+    /// Records which rows a `RETURNING device_id, stream, seq` statement inserted.
+    fn mark_inserted<R>(
+        lives: &mut [Live<'_, R>],
+        index: &BTreeMap<(&str, &str), usize>,
+        rows: Vec<sqlx::any::AnyRow>,
+    ) -> Result<(), sqlx::Error> {
+        for row in rows {
+            let device: String = row.try_get("device_id")?;
+            let stream: String = row.try_get("stream")?;
+            if let Some(i) = index.get(&(device.as_str(), stream.as_str())) {
+                lives[*i].inserted.insert(row.try_get::<i64, _>("seq")?);
+            }
+        }
+        Ok(())
+    }
+
+    let mut lives: Vec<Live<&Rec>> = Vec::with_capacity(streams.len());
+    for (key, recs) in &streams {
+        lives.push(live(
+            *key,
+            recs.records.iter().map(|(seq, r)| (*seq, r)),
+            pruned_through(key)?,
+            recs.in_batch_duplicates,
+            recs.records.values().map(|r| r.2).max(),
+        ));
+    }
+    let telemetry_index: BTreeMap<(&str, &str), usize> =
+        streams.keys().enumerate().map(|(i, k)| (*k, i)).collect();
+    let rows_per_insert = if sqlite {
+        SQLITE_TELEMETRY_ROWS_PER_INSERT
+    } else {
+        TELEMETRY_ROWS_PER_INSERT
     };
-    for chunk in all_rows.chunks(rows_per_insert) {
+    for chunk in all_rows(&lives).chunks(rows_per_insert) {
         let mut q = Sql::new(
             "INSERT INTO telemetry (device_id, stream, seq, ts, vals, received_at) VALUES ",
         );
@@ -537,29 +637,91 @@ async fn write_batch(
             q.bind(encode_values(values)).push(", ").bind(*at).push(")");
         }
         q.push(" ON CONFLICT (device_id, stream, seq) DO NOTHING RETURNING device_id, stream, seq");
-        for row in q.query().fetch_all(&mut *tx).await? {
-            let device: String = row.try_get("device_id")?;
-            let stream: String = row.try_get("stream")?;
-            if let Some(i) = index.get(&(device.as_str(), stream.as_str())) {
-                lives[*i].inserted.insert(row.try_get::<i64, _>("seq")?);
-            }
-        }
+        let rows = q.query().fetch_all(&mut *tx).await?;
+        mark_inserted(&mut lives, &telemetry_index, rows)?;
     }
 
+    let mut results: Vec<Live<(&InferenceRecord, i64)>> = Vec::with_capacity(inference.len());
+    for (key, recs) in &inference {
+        results.push(live(
+            *key,
+            recs.records.iter().map(|(seq, r)| (*seq, *r)),
+            pruned_through(key)?,
+            recs.in_batch_duplicates,
+            recs.records.values().map(|r| r.1).max(),
+        ));
+    }
+    let inference_index: BTreeMap<(&str, &str), usize> =
+        inference.keys().enumerate().map(|(i, k)| (*k, i)).collect();
+    let rows_per_insert = if sqlite {
+        SQLITE_INFERENCE_ROWS_PER_INSERT
+    } else {
+        INFERENCE_ROWS_PER_INSERT
+    };
+    for chunk in all_rows(&results).chunks(rows_per_insert) {
+        let mut q = Sql::new(
+            "INSERT INTO inference (device_id, stream, seq, ts, window_start, source_seq, model, \
+             version, latency_us, output_kind, label, class, probabilities, score, threshold, \
+             anomalous, received_at) VALUES ",
+        );
+        let (mut current, mut d, mut s) = (usize::MAX, String::new(), String::new());
+        for (i, (l, n)) in chunk.iter().enumerate() {
+            let live = &results[*l];
+            if *l != current {
+                current = *l;
+                d = q.param(live.device);
+                s = q.param(live.stream);
+            }
+            let (seq, (r, at)) = live.rows[*n];
+            if i > 0 {
+                q.push(", ");
+            }
+            q.push(&format!("({d}, {s}, "));
+            q.bind(seq).push(", ").bind(to_i64(r.ts)).push(", ");
+            q.bind(to_i64(r.window_start)).push(", ");
+            q.bind(to_i64(r.source_seq)).push(", ");
+            q.bind(text(&r.model)).push(", ").bind(text(&r.version));
+            q.push(", ").bind(i64::from(r.latency_us)).push(", ");
+            match &r.output {
+                InferenceOutput::Class {
+                    label,
+                    class,
+                    probabilities,
+                } => {
+                    q.push("'class', ").bind(text(label)).push(", ");
+                    q.bind(i64::from(*class)).push(", ");
+                    q.bind(encode_values(probabilities));
+                    q.push(", NULL, NULL, ").bind(false);
+                }
+                InferenceOutput::Anomaly {
+                    score,
+                    threshold,
+                    anomalous,
+                } => {
+                    q.push("'anomaly', NULL, NULL, NULL, ");
+                    q.bind(f64::from(*score))
+                        .push(", ")
+                        .bind(f64::from(*threshold));
+                    q.push(", ").bind(*anomalous);
+                }
+            }
+            q.push(", ").bind(at).push(")");
+        }
+        q.push(" ON CONFLICT (device_id, stream, seq) DO NOTHING RETURNING device_id, stream, seq");
+        let rows = q.query().fetch_all(&mut *tx).await?;
+        mark_inserted(&mut results, &inference_index, rows)?;
+    }
+
+    // Counters, aggregates and live events from the inserted rows only.
+    let mut counters: BTreeMap<(&str, &str), StreamUpdate> = BTreeMap::new();
     let mut aggregates: BTreeMap<(&str, &str, i64, i64), Agg> = BTreeMap::new();
-    let mut counters = Sql::new(
-        "INSERT INTO streams (device_id, stream, received, duplicates, expired, max_seq, \
-         first_ts, last_ts, channels, last_received_at) VALUES ",
-    );
-    for (n, live) in lives.iter().enumerate() {
-        let (device, stream, recs, inserted) =
-            (live.device, live.stream, live.recs, &live.inserted);
-        let expired = live.expired;
+    for live in &lives {
+        let (device, stream, inserted) = (live.device, live.stream, &live.inserted);
         let stored = inserted.len() as u64;
-        let duplicates = live.rows.len() as u64 - stored + recs.in_batch_duplicates;
+        let duplicates = live.rows.len() as u64 - stored + live.in_batch_duplicates;
         outcome.stored += stored;
         outcome.duplicates += duplicates;
-        outcome.expired += expired;
+        outcome.expired += live.expired;
 
         let (mut first_ts, mut last_ts, mut max_seq, mut channels) =
             (None::<i64>, None::<i64>, 0i64, None::<i64>);
@@ -588,41 +750,208 @@ async fn write_batch(
                 a.max = a.max.max(v);
             }
         }
-        let last_received = recs.records.values().map(|r| r.2).max();
-        let q = &mut counters;
-        q.push(if n % KEY_ROWS_PER_STATEMENT > 0 {
-            ", ("
-        } else {
-            "("
-        });
-        q.bind(device).push(", ").bind(stream).push(", ");
-        q.bind(stored as i64)
-            .push(", ")
-            .bind(duplicates as i64)
-            .push(", ");
-        q.bind(expired as i64).push(", ").bind(max_seq).push(", ");
-        q.bind(first_ts).push(", ").bind(last_ts).push(", ");
-        q.bind(channels).push(", ").bind(last_received).push(")");
-        if (n + 1) % KEY_ROWS_PER_STATEMENT == 0 || n + 1 == lives.len() {
-            q.push(
-                " ON CONFLICT (device_id, stream) DO UPDATE SET \
-                 received = streams.received + excluded.received, \
-                 duplicates = streams.duplicates + excluded.duplicates, \
-                 expired = streams.expired + excluded.expired, \
-                 max_seq = CASE WHEN excluded.max_seq > streams.max_seq THEN excluded.max_seq ELSE streams.max_seq END, \
-                 first_ts = CASE WHEN excluded.first_ts IS NOT NULL AND (streams.first_ts IS NULL OR excluded.first_ts < streams.first_ts) \
-                                 THEN excluded.first_ts ELSE streams.first_ts END, \
-                 last_ts = CASE WHEN excluded.last_ts IS NOT NULL AND (streams.last_ts IS NULL OR excluded.last_ts > streams.last_ts) \
-                                THEN excluded.last_ts ELSE streams.last_ts END, \
-                 channels = COALESCE(excluded.channels, streams.channels), \
-                 last_received_at = COALESCE(excluded.last_received_at, streams.last_received_at)",
-            );
-            q.query().execute(&mut *tx).await?;
-            *q = Sql::new(
-                "INSERT INTO streams (device_id, stream, received, duplicates, expired, max_seq, \
-                 first_ts, last_ts, channels, last_received_at) VALUES ",
-            );
+        counters.insert(
+            (device, stream),
+            StreamUpdate {
+                kind: "telemetry",
+                stored,
+                duplicates,
+                expired: live.expired,
+                max_seq,
+                first_ts,
+                last_ts,
+                channels,
+                last_received: live.last_received,
+            },
+        );
+        if let Some((seq, (ts, values, _))) =
+            live.rows.iter().rev().find(|(s, _)| inserted.contains(s))
+        {
+            outcome.events.push(LiveEvent::Telemetry {
+                device_id: device.to_string(),
+                stream: stream.to_string(),
+                seq: *seq,
+                ts: *ts,
+                values: values.iter().map(|v| v.is_finite().then_some(*v)).collect(),
+            });
         }
+    }
+
+    let mut inference_aggregates: BTreeMap<(&str, &str, i64, String), InferenceAgg> =
+        BTreeMap::new();
+    for live in &results {
+        let (device, stream, inserted) = (live.device, live.stream, &live.inserted);
+        let stored = inserted.len() as u64;
+        let duplicates = live.rows.len() as u64 - stored + live.in_batch_duplicates;
+        outcome.stored += stored;
+        outcome.duplicates += duplicates;
+        outcome.expired += live.expired;
+
+        let (mut first_ts, mut last_ts, mut max_seq) = (None::<i64>, None::<i64>, 0i64);
+        let new: Vec<(i64, &InferenceRecord)> = live
+            .rows
+            .iter()
+            .filter(|(s, _)| inserted.contains(s))
+            .map(|(s, (r, _))| (*s, *r))
+            .collect();
+        for (seq, r) in &new {
+            let ts = to_i64(r.ts);
+            first_ts = Some(first_ts.map_or(ts, |f| f.min(ts)));
+            last_ts = Some(last_ts.map_or(ts, |l| l.max(ts)));
+            max_seq = max_seq.max(*seq);
+            let bucket = ts - ts.rem_euclid(BUCKET_US);
+            let label = match &r.output {
+                InferenceOutput::Class { label, .. } => text(label),
+                InferenceOutput::Anomaly { .. } => String::new(),
+            };
+            let a = inference_aggregates
+                .entry((device, stream, bucket, label))
+                .or_default();
+            a.results += 1;
+            a.latency_sum += i64::from(r.latency_us);
+            if let InferenceOutput::Anomaly {
+                score, anomalous, ..
+            } = &r.output
+            {
+                let score = f64::from(*score);
+                a.scored += 1;
+                a.score_sum += score;
+                a.score_max = Some(a.score_max.map_or(score, |m| m.max(score)));
+                if *anomalous {
+                    a.anomalies += 1;
+                }
+            }
+        }
+        let update = StreamUpdate {
+            kind: "inference",
+            stored,
+            duplicates,
+            expired: live.expired,
+            max_seq,
+            first_ts,
+            last_ts,
+            channels: None,
+            last_received: live.last_received,
+        };
+        match counters.entry((device, stream)) {
+            std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().merge(update),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(update);
+            }
+        }
+        let skip = new.len().saturating_sub(MAX_RESULTS_PER_STREAM);
+        for (seq, r) in new.iter().skip(skip) {
+            let (output_kind, label, score, threshold, anomalous) = match &r.output {
+                InferenceOutput::Class { label, .. } => {
+                    ("class", Some(text(label)), None, None, false)
+                }
+                InferenceOutput::Anomaly {
+                    score,
+                    threshold,
+                    anomalous,
+                } => (
+                    "anomaly",
+                    None,
+                    Some(f64::from(*score)),
+                    Some(f64::from(*threshold)),
+                    *anomalous,
+                ),
+            };
+            outcome.events.push(LiveEvent::Inference {
+                device_id: device.to_string(),
+                stream: stream.to_string(),
+                seq: *seq,
+                ts: to_i64(r.ts),
+                model: text(&r.model),
+                version: text(&r.version),
+                latency_us: i64::from(r.latency_us),
+                output_kind: output_kind.into(),
+                label,
+                score,
+                threshold,
+                anomalous,
+            });
+        }
+    }
+
+    let counters: Vec<_> = counters.into_iter().collect();
+    for chunk in counters.chunks(KEY_ROWS_PER_STATEMENT) {
+        let mut q = Sql::new(
+            "INSERT INTO streams (device_id, stream, kind, received, duplicates, expired, max_seq, \
+             first_ts, last_ts, channels, last_received_at) VALUES ",
+        );
+        for (i, ((device, stream), u)) in chunk.iter().enumerate() {
+            if i > 0 {
+                q.push(", ");
+            }
+            q.push("(").bind(*device).push(", ").bind(*stream);
+            q.push(&format!(", '{}', ", u.kind));
+            q.bind(u.stored as i64)
+                .push(", ")
+                .bind(u.duplicates as i64)
+                .push(", ");
+            q.bind(u.expired as i64)
+                .push(", ")
+                .bind(u.max_seq)
+                .push(", ");
+            q.bind(u.first_ts).push(", ").bind(u.last_ts).push(", ");
+            q.bind(u.channels)
+                .push(", ")
+                .bind(u.last_received)
+                .push(")");
+        }
+        q.push(
+            " ON CONFLICT (device_id, stream) DO UPDATE SET \
+             kind = excluded.kind, \
+             received = streams.received + excluded.received, \
+             duplicates = streams.duplicates + excluded.duplicates, \
+             expired = streams.expired + excluded.expired, \
+             max_seq = CASE WHEN excluded.max_seq > streams.max_seq THEN excluded.max_seq ELSE streams.max_seq END, \
+             first_ts = CASE WHEN excluded.first_ts IS NOT NULL AND (streams.first_ts IS NULL OR excluded.first_ts < streams.first_ts) \
+                             THEN excluded.first_ts ELSE streams.first_ts END, \
+             last_ts = CASE WHEN excluded.last_ts IS NOT NULL AND (streams.last_ts IS NULL OR excluded.last_ts > streams.last_ts) \
+                            THEN excluded.last_ts ELSE streams.last_ts END, \
+             channels = COALESCE(excluded.channels, streams.channels), \
+             last_received_at = COALESCE(excluded.last_received_at, streams.last_received_at)",
+        );
+        q.query().execute(&mut *tx).await?;
+    }
+
+    let inference_aggregates: Vec<_> = inference_aggregates.into_iter().collect();
+    for chunk in inference_aggregates.chunks(INFERENCE_AGGREGATE_ROWS_PER_INSERT) {
+        let mut q = Sql::new(
+            "INSERT INTO inference_1m (device_id, stream, bucket, label, results, anomalies, scored, \
+             score_sum, score_max, latency_sum) VALUES ",
+        );
+        for (i, ((device, stream, bucket, label), a)) in chunk.iter().enumerate() {
+            if i > 0 {
+                q.push(", ");
+            }
+            q.push("(")
+                .bind(*device)
+                .push(", ")
+                .bind(*stream)
+                .push(", ");
+            q.bind(*bucket).push(", ").bind(label.as_str()).push(", ");
+            q.bind(a.results).push(", ").bind(a.anomalies).push(", ");
+            q.bind(a.scored).push(", ").bind(a.score_sum).push(", ");
+            match a.score_max {
+                Some(m) => q.bind(m),
+                None => q.push("NULL"),
+            };
+            q.push(", ").bind(a.latency_sum).push(")");
+        }
+        q.push(
+            " ON CONFLICT (device_id, stream, bucket, label) DO UPDATE SET \
+             results = inference_1m.results + excluded.results, \
+             anomalies = inference_1m.anomalies + excluded.anomalies, \
+             scored = inference_1m.scored + excluded.scored, \
+             score_sum = inference_1m.score_sum + excluded.score_sum, \
+             score_max = CASE WHEN inference_1m.score_max IS NULL OR excluded.score_max > inference_1m.score_max \
+                              THEN excluded.score_max ELSE inference_1m.score_max END, \
+             latency_sum = inference_1m.latency_sum + excluded.latency_sum",
+        );
+        q.query().execute(&mut *tx).await?;
     }
 
     let aggregates: Vec<_> = aggregates.into_iter().collect();
@@ -655,6 +984,10 @@ async fn write_batch(
 
     for (status, received_at) in &statuses {
         apply_status(&mut tx, status, *received_at).await?;
+        outcome.events.push(LiveEvent::Device {
+            device_id: status.device.clone(),
+            online: status.state == DeviceState::Online,
+        });
     }
 
     for (hb, received_at) in &heartbeats {
@@ -689,6 +1022,11 @@ async fn write_batch(
              last_at = excluded.last_at, last_topic = excluded.last_topic, last_detail = excluded.last_detail",
         );
         q.query().execute(&mut *tx).await?;
+        outcome.events.push(LiveEvent::Reject {
+            device_id: device.to_string(),
+            reason: reason.to_string(),
+            count: r.count,
+        });
     }
 
     tx.commit().await?;
@@ -712,6 +1050,64 @@ fn group_telemetry<'a>(
                 v.insert((to_i64(r.ts), r.values.clone(), received_at));
             }
         }
+    }
+}
+
+fn group_inference<'a>(
+    b: &'a InferenceBatch,
+    received_at: i64,
+    streams: &mut BTreeMap<(&'a str, &'a str), InferenceRecords<'a>>,
+    outcome: &mut Outcome,
+) {
+    let entry = streams
+        .entry((b.device.as_str(), b.stream.as_str()))
+        .or_default();
+    for r in &b.records {
+        outcome.records += 1;
+        match entry.records.entry(r.seq) {
+            std::collections::btree_map::Entry::Occupied(_) => entry.in_batch_duplicates += 1,
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert((r, received_at));
+            }
+        }
+    }
+}
+
+/// Postgres refuses NUL in text; the protocol does not forbid it.
+fn text(s: &str) -> String {
+    s.replace('\0', "")
+}
+
+/// Counters of one stream after its records were inserted.
+struct StreamUpdate {
+    kind: &'static str,
+    stored: u64,
+    duplicates: u64,
+    expired: u64,
+    max_seq: i64,
+    first_ts: Option<i64>,
+    last_ts: Option<i64>,
+    channels: Option<i64>,
+    last_received: Option<i64>,
+}
+
+impl StreamUpdate {
+    /// Folds in the other kind's counters for the same stream name (which a device must not
+    /// use for both kinds), so that the multi-row upsert touches each stream row once.
+    fn merge(&mut self, o: StreamUpdate) {
+        let min = |a: Option<i64>, b: Option<i64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.kind = o.kind;
+        self.stored += o.stored;
+        self.duplicates += o.duplicates;
+        self.expired += o.expired;
+        self.max_seq = self.max_seq.max(o.max_seq);
+        self.first_ts = min(self.first_ts, o.first_ts);
+        self.last_ts = self.last_ts.max(o.last_ts);
+        self.channels = o.channels.or(self.channels);
+        self.last_received = self.last_received.max(o.last_received);
     }
 }
 

@@ -7,6 +7,10 @@
 mod support;
 
 mod api;
+mod browser;
 mod cli;
+mod inference;
 mod ingest;
+mod live;
 mod python;
+mod security;

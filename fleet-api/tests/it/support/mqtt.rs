@@ -43,6 +43,50 @@ impl Msg {
     }
 }
 
+/// One hand-built model result for [`inference_batch`]: `(seq, ts, output)` where output is
+/// `Class(label, class, probabilities)` or `Anomaly(score, threshold)`.
+pub enum Out<'a> {
+    Class(&'a str, u32, &'a [f32]),
+    Anomaly(f32, f32),
+}
+
+/// A hand-written `InferenceBatch` (JSON, as docs/protocol.md shows it) for `{source}.{model}`;
+/// each result's window is the 100 ms before its `ts`, latency 70 µs.
+pub fn inference_batch(
+    device: &str,
+    source: &str,
+    model: &str,
+    version: &str,
+    results: &[(u64, u64, Out<'_>)],
+) -> Msg {
+    let records: Vec<serde_json::Value> = results
+        .iter()
+        .map(|(seq, ts, out)| {
+            let output = match out {
+                Out::Class(label, class, p) => serde_json::json!({
+                    "kind": "class", "label": label, "class": class, "probabilities": p
+                }),
+                Out::Anomaly(score, threshold) => serde_json::json!({
+                    "kind": "anomaly", "score": score, "threshold": threshold,
+                    "anomalous": score > threshold
+                }),
+            };
+            serde_json::json!({
+                "seq": seq, "ts": ts, "window_start": ts - 100_000, "source_seq": seq * 10,
+                "model": model, "version": version, "latency_us": 70, "output": output
+            })
+        })
+        .collect();
+    let payload = serde_json::json!({
+        "v": 1, "device": device, "stream": format!("{source}.{model}"), "source": source,
+        "records": records
+    });
+    Msg::raw(
+        &format!("ember/v1/{device}/inference"),
+        payload.to_string().into_bytes(),
+    )
+}
+
 /// A batch of `stream` with records `seqs`, values `[seq, seq/2]`, `ts = base_ts + seq ms`.
 pub fn batch(
     device: &str,

@@ -1,0 +1,416 @@
+//! TLS for the fleet service: HTTPS for the REST API (`[http.tls]`) and mutual TLS to the
+//! broker (`[mqtt.tls]`), both with rustls and the ring provider.
+//!
+//! * **HTTPS.** With `[http.tls]` the API listener speaks only TLS (1.2 and 1.3). Handshakes
+//!   run in their own tasks with a timeout, so a slow or silent client cannot hold up others.
+//!   Without it the API is plain HTTP (the embedded development default, on 127.0.0.1); a
+//!   non-loopback `http.listen` without TLS gets a WARN at start (a TLS-terminating proxy is
+//!   a legitimate set-up).
+//! * **MQTT.** With `[mqtt.tls]` the fleet connects to the broker with its own client
+//!   certificate (common name `ember:fleet` by default, see `ember_proto::acl`); the broker's
+//!   certificate must chain to `ca_file`. Without it, plaintext is allowed only to a loopback
+//!   broker, or with `mqtt.insecure = true`.
+//! * Private key files MUST NOT be readable by group or others: the configuration is refused
+//!   (exit 2) naming the key.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConfigError;
+use crate::error::FleetError;
+
+/// How long a client may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Completed handshakes waiting for the HTTP server to take them.
+const ACCEPT_BACKLOG: usize = 64;
+
+/// `[http.tls]` in the file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpTls {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// `[http.tls]` resolved: the API's certificate chain and key (PEM).
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpTlsSettings {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// `[mqtt.tls]` in the file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqttTls {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub alpn: Option<Vec<String>>,
+}
+
+/// `[mqtt.tls]` resolved.
+#[derive(Debug, Clone, Serialize)]
+pub struct MqttTlsSettings {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// ALPN protocols to offer (e.g. `["x-amzn-mqtt-ca"]`).
+    pub alpn: Vec<String>,
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Whether `host` names this machine.
+pub fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
+/// Refuses a key file that group or others may access.
+pub fn check_key_permissions(key: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(key).map_err(|e| format!("cannot read {}: {e}", key.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "the private key {} is accessible to group or others (mode {mode:04o}): run `chmod 600 {}`",
+            key.display(),
+            key.display()
+        ));
+    }
+    Ok(())
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{} is not a PEM certificate file", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+/// Reads a private key; the error never quotes the file.
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| {
+        format!(
+            "{} holds no PEM private key (PKCS#8, SEC1 or PKCS#1)",
+            path.display()
+        )
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn pair(
+    section: &str,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<(PathBuf, PathBuf), ConfigError> {
+    let cert = cert.ok_or_else(|| {
+        invalid(
+            &format!("{section}.cert_file"),
+            "missing: name the PEM certificate (chain) file",
+        )
+    })?;
+    let key = key.ok_or_else(|| {
+        invalid(
+            &format!("{section}.key_file"),
+            "missing: name the PEM private key file",
+        )
+    })?;
+    read_certs(&cert).map_err(|m| invalid(&format!("{section}.cert_file"), m))?;
+    check_key_permissions(&key).map_err(|m| invalid(&format!("{section}.key_file"), m))?;
+    read_key(&key).map_err(|m| invalid(&format!("{section}.key_file"), m))?;
+    Ok((cert, key))
+}
+
+/// Resolves `[http.tls]`, checking that the files load.
+pub fn resolve_http(raw: Option<RawHttpTls>) -> Result<Option<HttpTlsSettings>, ConfigError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let (cert_file, key_file) = pair("http.tls", raw.cert_file, raw.key_file)?;
+    let s = HttpTlsSettings {
+        cert_file,
+        key_file,
+    };
+    server_config(&s).map_err(|e| invalid("http.tls", e.to_string()))?;
+    Ok(Some(s))
+}
+
+/// Resolves `[mqtt.tls]` and `mqtt.insecure` for a broker on `host`.
+pub fn resolve_mqtt(
+    raw: Option<RawMqttTls>,
+    insecure: Option<bool>,
+    host: &str,
+) -> Result<Option<MqttTlsSettings>, ConfigError> {
+    let insecure = insecure.unwrap_or(false);
+    let Some(raw) = raw else {
+        if !insecure && !is_loopback(host) {
+            return Err(invalid(
+                "mqtt.tls",
+                format!(
+                    "missing: the broker {host:?} is not on this machine, so the connection must use TLS: \
+                     add [mqtt.tls] with ca_file, cert_file and key_file (or, for development only, set mqtt.insecure = true)"
+                ),
+            ));
+        }
+        return Ok(None);
+    };
+    if insecure {
+        return Err(invalid(
+            "mqtt.insecure",
+            "cannot be true together with [mqtt.tls]: remove one of them",
+        ));
+    }
+    let ca_file = raw.ca_file.ok_or_else(|| {
+        invalid(
+            "mqtt.tls.ca_file",
+            "missing: name the PEM file of the CA that signed the broker's certificate",
+        )
+    })?;
+    read_certs(&ca_file).map_err(|m| invalid("mqtt.tls.ca_file", m))?;
+    let (cert_file, key_file) = pair("mqtt.tls", raw.cert_file, raw.key_file)?;
+    let s = MqttTlsSettings {
+        ca_file,
+        cert_file,
+        key_file,
+        alpn: raw.alpn.unwrap_or_default(),
+    };
+    mqtt_client_config(&s).map_err(|e| invalid("mqtt.tls", e.to_string()))?;
+    Ok(Some(s))
+}
+
+/// The HTTPS server configuration.
+pub fn server_config(s: &HttpTlsSettings) -> Result<Arc<rustls::ServerConfig>, FleetError> {
+    let certs = read_certs(&s.cert_file).map_err(FleetError::Tls)?;
+    let key = read_key(&s.key_file).map_err(FleetError::Tls)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| FleetError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            FleetError::Tls(format!(
+                "http.tls: the key does not fit the certificate: {e}"
+            ))
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The rustls client configuration for the fleet's broker connection.
+pub fn mqtt_client_config(s: &MqttTlsSettings) -> Result<Arc<rustls::ClientConfig>, FleetError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in read_certs(&s.ca_file).map_err(FleetError::Tls)? {
+        roots
+            .add(c)
+            .map_err(|e| FleetError::Tls(format!("mqtt.tls.ca_file: {e}")))?;
+    }
+    let certs = read_certs(&s.cert_file).map_err(FleetError::Tls)?;
+    let key = read_key(&s.key_file).map_err(FleetError::Tls)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| FleetError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| {
+            FleetError::Tls(format!(
+                "mqtt.tls: the key does not fit the certificate: {e}"
+            ))
+        })?;
+    config.alpn_protocols = s.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    // A resumed session skips client authentication: always present the current certificate.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// Sets the MQTT transport for `[mqtt.tls]` (plaintext when absent). The broker's certificate
+/// must name `mqtt.host`.
+pub fn apply_mqtt(
+    opts: &mut rumqttc::MqttOptions,
+    s: &crate::config::MqttSettings,
+) -> Result<(), FleetError> {
+    if let Some(t) = &s.tls {
+        let config = mqtt_client_config(t)?;
+        opts.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+            config,
+        )));
+    }
+    Ok(())
+}
+
+/// A listener that yields TLS streams: accepts TCP, completes each handshake in its own task.
+pub struct TlsListener {
+    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    pub fn new(
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<TlsListener> {
+        let local = listener.local_addr()?;
+        let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
+        let acceptor = TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = listener.accept() => match r {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "HTTPS listener failed to accept a connection.");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed.")
+                        }
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out."),
+                    }
+                });
+            }
+        });
+        Ok(TlsListener { rx, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The accept task ended (shutdown): no more connections.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+/// Serves `app` on `listener`, over TLS when `[http.tls]` is set, until `shutdown`.
+pub fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    settings: &crate::config::Settings,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, FleetError> {
+    use std::future::IntoFuture;
+    match &settings.http.tls {
+        Some(t) => {
+            let config = server_config(t)?;
+            let tls =
+                TlsListener::new(listener, config, shutdown.clone()).map_err(FleetError::Serve)?;
+            tracing::info!("The API speaks HTTPS only.");
+            Ok(tokio::spawn(
+                axum::serve(tls, app)
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .into_future(),
+            ))
+        }
+        None => {
+            if !settings.http.listen.ip().is_loopback() {
+                tracing::warn!(listen = %settings.http.listen,
+                    "The API is plain HTTP on a non-loopback address: tokens cross the network in clear text unless a TLS proxy is in front (configure [http.tls]).");
+            }
+            Ok(tokio::spawn(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .into_future(),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_production_example_turns_tls_on() {
+        let raw: crate::config::RawConfig =
+            toml::from_str(include_str!("../examples/fleet-production.toml")).unwrap();
+        assert!(
+            raw.http
+                .tls
+                .is_some_and(|t| t.cert_file.is_some() && t.key_file.is_some())
+        );
+        assert!(
+            raw.mqtt
+                .tls
+                .is_some_and(|t| t.ca_file.is_some() && t.key_file.is_some())
+        );
+        assert!(raw.mqtt.insecure.is_none());
+    }
+
+    #[test]
+    fn plaintext_mqtt_only_to_loopback_unless_insecure() {
+        assert!(resolve_mqtt(None, None, "127.0.0.1").unwrap().is_none());
+        assert!(resolve_mqtt(None, None, "localhost").unwrap().is_none());
+        let e = resolve_mqtt(None, None, "broker.internal")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mqtt.tls"), "{e}");
+        assert!(
+            resolve_mqtt(None, Some(true), "broker.internal")
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_readable_key_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("k.pem");
+        std::fs::write(&key, "x").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(
+            check_key_permissions(&key)
+                .unwrap_err()
+                .contains("chmod 600")
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(check_key_permissions(&key).is_ok());
+    }
+}
