@@ -5,10 +5,14 @@
 //! cargo build --release -p ember-agent -p ember-bench
 //! target/release/ember-bench e2e        # throughput vs. plain rumqttc and bare sled
 //! target/release/ember-bench rss        # agent memory while streaming 1,000 records/s
+//! cargo build --release -p ember-fleet -p ember-bench
+//! target/release/ember-bench --seconds 30 fleet   # fleet ingest + API latency (see fleet.rs)
 //! ```
 //!
 //! Cases are declared in `cases()`: what load, which configuration, what is measured. Every
 //! broker is a real Mosquitto on an ephemeral 127.0.0.1 port; every agent is the real binary.
+
+mod fleet;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,6 +41,8 @@ enum Cmd {
     E2e,
     /// Resident memory of the agent streaming 1,000 records/s for the measurement time.
     Rss,
+    /// Fleet ingest throughput (SQLite, PostgreSQL) and API latency under 1,000 devices.
+    Fleet(fleet::Args),
 }
 
 /// One end-to-end case: the agent's configuration under an unbounded source.
@@ -84,6 +90,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::E2e => rt.block_on(e2e(measure)),
         Cmd::Rss => rt.block_on(rss(measure)),
+        Cmd::Fleet(args) => rt.block_on(fleet::run(args, measure)),
     }
 }
 

@@ -29,6 +29,7 @@ pub struct TestPostgres {
     port: u16,
     dir: tempfile::TempDir,
     as_user: Option<&'static str>,
+    durable: bool,
 }
 
 impl TestPostgres {
@@ -36,6 +37,17 @@ impl TestPostgres {
     ///
     /// Panics, saying what to install, if PostgreSQL 15's server binaries are missing.
     pub fn start() -> TestPostgres {
+        Self::start_with(false)
+    }
+
+    /// Like [`TestPostgres::start`], but with PostgreSQL's production durability (`fsync`,
+    /// `synchronous_commit` and `full_page_writes` on, the defaults), for benchmarks whose
+    /// numbers must hold for a real deployment.
+    pub fn start_durable() -> TestPostgres {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> TestPostgres {
         let bin = Path::new(PG_BIN_DIR);
         if !bin.join("initdb").is_file() || !bin.join("pg_ctl").is_file() {
             panic!(
@@ -72,6 +84,7 @@ impl TestPostgres {
             port: 0,
             dir,
             as_user,
+            durable,
         };
         let data = pg.data_dir();
         let out = pg.pg_command("initdb", |c| {
@@ -161,9 +174,11 @@ impl TestPostgres {
             self.log_path(),
             self.dir.path().to_path_buf(),
         );
+        let durability = if self.durable { "on" } else { "off" };
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-             -c full_page_writes=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={durability} \
+             -c synchronous_commit={durability} -c full_page_writes={durability} \
+             -c max_connections=200",
             self.port,
             sock.display()
         );

@@ -7,9 +7,16 @@
 //! * A message MUST NOT be acknowledged before the transaction holding it commits, so a crash
 //!   at any point loses nothing: the broker (persistent session) delivers unacknowledged
 //!   messages again, to this replica or another.
-//! * Storing is idempotent on `(device, stream, seq)`: `INSERT ... ON CONFLICT DO NOTHING
-//!   RETURNING seq` tells which records are new, and only those update the stream's `received`
-//!   counter and the per-minute aggregates, so redelivery never double-counts.
+//! * Storing is idempotent on `(device, stream, seq)`, for telemetry and model results alike:
+//!   `INSERT ... ON CONFLICT DO NOTHING RETURNING device_id, stream, seq` tells which records
+//!   are new, and only those update the stream's `received` counter and the per-minute
+//!   aggregates (`aggregates_1m`, `inference_1m`), so redelivery never double-counts.
+//! * A batch costs one multi-row statement per kind of row (devices, streams, telemetry,
+//!   inference, stream counters, aggregates), not one per device or stream, each listing its
+//!   keys in sorted order so that concurrent replicas lock rows in the same order. SQLite gets
+//!   smaller record statements than PostgreSQL (see the constants below).
+//! * Live events (`Outcome.events`) describe only rows that were inserted, and are published
+//!   after the transaction commits, just before the acknowledgements.
 //! * A batch the database refuses for a reason that retrying cannot fix (a constraint, a value
 //!   it will not take) MUST NOT stall ingestion: after a few attempts the batch is written
 //!   message by message, and a message that still fails is recorded as a `storage` reject and
@@ -35,19 +42,30 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::classify::{Item, Reject, RejectReason};
-use crate::config::IngestSettings;
+use crate::config::{Backend, IngestSettings};
 use crate::db::{Db, Sql, timed};
 use crate::events::{Events, LiveEvent, MAX_RESULTS_PER_STREAM};
 use crate::metrics::Metrics;
 
 /// Width of an aggregate bucket: one minute, in microseconds.
 pub const BUCKET_US: i64 = 60_000_000;
-/// Rows per multi-row INSERT: 4 values per telemetry row keeps a statement far below SQLite's
-/// 32766 and Postgres's 65535 bind parameters.
-const TELEMETRY_ROWS_PER_INSERT: usize = 500;
+/// Rows per multi-row telemetry INSERT (4 values a row, plus 2 per stream), far below
+/// Postgres's 65535 bind parameters: a default batch (1,000 records) is one statement, one
+/// round trip.
+const TELEMETRY_ROWS_PER_INSERT: usize = 1000;
+/// The same for SQLite, which has no round trips to save: 1,000-row statements halved its
+/// throughput (`ember-bench fleet`), presumably because it resolves each `$N` placeholder by a
+/// linear search through those already seen when it prepares a statement.
+const SQLITE_TELEMETRY_ROWS_PER_INSERT: usize = 100;
+/// Rows per multi-row upsert of devices and streams (at most 10 values a row).
+const KEY_ROWS_PER_STATEMENT: usize = 200;
 const AGGREGATE_ROWS_PER_INSERT: usize = 250;
-/// 17 values per inference row.
-const INFERENCE_ROWS_PER_INSERT: usize = 100;
+/// Rows per multi-row inference INSERT: at most 12 values a row (plus 2 per stream), so a
+/// default batch is one statement on PostgreSQL too.
+const INFERENCE_ROWS_PER_INSERT: usize = 1000;
+/// The same for SQLite, for the reason above: about as many placeholders as a 100-row
+/// telemetry statement (not measured separately).
+const SQLITE_INFERENCE_ROWS_PER_INSERT: usize = 32;
 const INFERENCE_AGGREGATE_ROWS_PER_INSERT: usize = 200;
 /// Attempts at a whole batch before it is split into single messages.
 const BATCH_ATTEMPTS: u32 = 3;
@@ -436,13 +454,24 @@ async fn write_batch(
 
     let mut tx = db.pool().begin().await?;
 
-    for (device, seen) in &contacts {
+    // One statement per kind of row for the whole batch, not one per device or stream: on
+    // PostgreSQL each statement is a round trip, and with 100-record messages a batch spans
+    // ~10 devices, so per-stream statements cost more than the rows (see docs/benchmarks.md).
+    // Every multi-row statement lists its keys in sorted order (the maps are BTreeMaps), so
+    // rows are still locked in a fixed order.
+    let contacts: Vec<(&str, i64)> = contacts.into_iter().collect();
+    for chunk in contacts.chunks(KEY_ROWS_PER_STATEMENT) {
         let mut q = Sql::new(
-            "INSERT INTO devices (device_id, registered_at, first_seen, last_seen) VALUES (",
+            "INSERT INTO devices (device_id, registered_at, first_seen, last_seen) VALUES ",
         );
-        q.bind(*device).push(", ");
-        let seen = q.param(*seen);
-        q.push(&format!("{seen}, {seen}, {seen})"));
+        for (i, (device, seen)) in chunk.iter().enumerate() {
+            if i > 0 {
+                q.push(", ");
+            }
+            q.push("(").bind(*device).push(", ");
+            let seen = q.param(*seen);
+            q.push(&format!("{seen}, {seen}, {seen})"));
+        }
         q.push(
             " ON CONFLICT (device_id) DO UPDATE SET \
              first_seen = COALESCE(devices.first_seen, excluded.first_seen), \
@@ -451,35 +480,82 @@ async fn write_batch(
         );
         q.query().execute(&mut *tx).await?;
     }
-    for device in wills.iter().filter(|d| !contacts.contains_key(*d)) {
+    for device in wills
+        .iter()
+        .filter(|d| contacts.binary_search_by(|(c, _)| c.cmp(d)).is_err())
+    {
         let mut q = Sql::new("INSERT INTO devices (device_id, registered_at) VALUES (");
         q.bind(*device).push(", ").bind(crate::db::now_us());
         q.push(") ON CONFLICT (device_id) DO NOTHING");
         q.query().execute(&mut *tx).await?;
     }
 
-    let mut aggregates: BTreeMap<(&str, &str, i64, i64), Agg> = BTreeMap::new();
-    for ((device, stream), recs) in &streams {
-        // Creates the stream row if needed and locks it (Postgres) for this transaction, so
-        // retention cannot prune this stream between this read and the inserts below.
-        let pruned: i64 = {
-            let mut q = Sql::new("INSERT INTO streams (device_id, stream) VALUES (");
-            q.bind(*device).push(", ").bind(*stream);
-            q.push(
-                ") ON CONFLICT (device_id, stream) DO UPDATE SET pruned_through = streams.pruned_through \
-                 RETURNING pruned_through",
-            );
-            q.query()
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get("pruned_through")?
-        };
+    // Creates the stream rows (telemetry and inference streams in one statement, in key order)
+    // if needed and locks them (Postgres) for this transaction, so retention cannot prune a
+    // stream between this read and the inserts below.
+    let mut kinds: BTreeMap<(&str, &str), &'static str> = BTreeMap::new();
+    for key in streams.keys() {
+        kinds.insert(*key, "telemetry");
+    }
+    for key in inference.keys() {
+        // A device must not use one name for both kinds; if it does, the later kind wins, as
+        // it does in the counters below.
+        kinds.insert(*key, "inference");
+    }
+    let keys: Vec<((&str, &str), &str)> = kinds.into_iter().collect();
+    let index: BTreeMap<(&str, &str), usize> =
+        keys.iter().enumerate().map(|(i, (k, _))| (*k, i)).collect();
+    let mut pruned: Vec<Option<i64>> = vec![None; keys.len()];
+    for chunk in keys.chunks(KEY_ROWS_PER_STATEMENT) {
+        let mut q = Sql::new("INSERT INTO streams (device_id, stream, kind) VALUES ");
+        for (i, ((device, stream), kind)) in chunk.iter().enumerate() {
+            if i > 0 {
+                q.push(", ");
+            }
+            q.push("(").bind(*device).push(", ").bind(*stream);
+            q.push(&format!(", '{kind}')"));
+        }
+        q.push(
+            " ON CONFLICT (device_id, stream) DO UPDATE SET pruned_through = streams.pruned_through \
+             RETURNING device_id, stream, pruned_through",
+        );
+        for row in q.query().fetch_all(&mut *tx).await? {
+            let device: String = row.try_get("device_id")?;
+            let stream: String = row.try_get("stream")?;
+            if let Some(i) = index.get(&(device.as_str(), stream.as_str())) {
+                pruned[*i] = Some(row.try_get("pruned_through")?);
+            }
+        }
+    }
+    let pruned_through = |key: &(&str, &str)| -> Result<i64, sqlx::Error> {
+        index
+            .get(key)
+            .and_then(|i| pruned[*i])
+            .ok_or(sqlx::Error::RowNotFound)
+    };
+    let sqlite = matches!(db.backend(), Backend::Sqlite);
+
+    // Per stream: the records above its retention watermark, and which of them were new.
+    struct Live<'a, R> {
+        device: &'a str,
+        stream: &'a str,
+        rows: Vec<(i64, R)>,
+        in_batch_duplicates: u64,
+        last_received: Option<i64>,
+        expired: u64,
+        inserted: BTreeSet<i64>,
+    }
+    fn live<'a, R: Copy>(
+        (device, stream): (&'a str, &'a str),
+        records: impl Iterator<Item = (u64, R)>,
+        pruned: i64,
+        in_batch_duplicates: u64,
+        last_received: Option<i64>,
+    ) -> Live<'a, R> {
         let mut expired = 0u64;
-        let live: Vec<(i64, &Rec)> = recs
-            .records
-            .iter()
+        let rows = records
             .filter_map(|(seq, r)| {
-                let seq = to_i64(*seq);
+                let seq = to_i64(seq);
                 if seq <= pruned {
                     expired += 1;
                     None
@@ -488,35 +564,168 @@ async fn write_batch(
                 }
             })
             .collect();
-        let mut inserted: BTreeSet<i64> = BTreeSet::new();
-        for chunk in live.chunks(TELEMETRY_ROWS_PER_INSERT) {
-            let mut q = Sql::new(
-                "INSERT INTO telemetry (device_id, stream, seq, ts, vals, received_at) VALUES ",
-            );
-            let d = q.param(*device);
-            let s = q.param(*stream);
-            for (i, (seq, (ts, values, at))) in chunk.iter().enumerate() {
-                if i > 0 {
-                    q.push(", ");
-                }
-                q.push(&format!("({d}, {s}, "));
-                q.bind(*seq).push(", ").bind(*ts).push(", ");
-                q.bind(encode_values(values)).push(", ").bind(*at).push(")");
-            }
-            q.push(" ON CONFLICT (device_id, stream, seq) DO NOTHING RETURNING seq");
-            for row in q.query().fetch_all(&mut *tx).await? {
-                inserted.insert(row.try_get::<i64, _>("seq")?);
+        Live {
+            device,
+            stream,
+            rows,
+            in_batch_duplicates,
+            last_received,
+            expired,
+            inserted: BTreeSet::new(),
+        }
+    }
+    /// Every row of every stream, in key and then sequence order: `(stream, row)` indices.
+    fn all_rows<R>(lives: &[Live<'_, R>]) -> Vec<(usize, usize)> {
+        lives
+            .iter()
+            .enumerate()
+            .flat_map(|(l, live)| (0..live.rows.len()).map(move |r| (l, r)))
+            .collect()
+    }
+    /// Records which rows a `RETURNING device_id, stream, seq` statement inserted.
+    fn mark_inserted<R>(
+        lives: &mut [Live<'_, R>],
+        index: &BTreeMap<(&str, &str), usize>,
+        rows: Vec<sqlx::any::AnyRow>,
+    ) -> Result<(), sqlx::Error> {
+        for row in rows {
+            let device: String = row.try_get("device_id")?;
+            let stream: String = row.try_get("stream")?;
+            if let Some(i) = index.get(&(device.as_str(), stream.as_str())) {
+                lives[*i].inserted.insert(row.try_get::<i64, _>("seq")?);
             }
         }
+        Ok(())
+    }
+
+    let mut lives: Vec<Live<&Rec>> = Vec::with_capacity(streams.len());
+    for (key, recs) in &streams {
+        lives.push(live(
+            *key,
+            recs.records.iter().map(|(seq, r)| (*seq, r)),
+            pruned_through(key)?,
+            recs.in_batch_duplicates,
+            recs.records.values().map(|r| r.2).max(),
+        ));
+    }
+    let telemetry_index: BTreeMap<(&str, &str), usize> =
+        streams.keys().enumerate().map(|(i, k)| (*k, i)).collect();
+    let rows_per_insert = if sqlite {
+        SQLITE_TELEMETRY_ROWS_PER_INSERT
+    } else {
+        TELEMETRY_ROWS_PER_INSERT
+    };
+    for chunk in all_rows(&lives).chunks(rows_per_insert) {
+        let mut q = Sql::new(
+            "INSERT INTO telemetry (device_id, stream, seq, ts, vals, received_at) VALUES ",
+        );
+        // The device and stream are bound once per stream in the statement.
+        let (mut current, mut d, mut s) = (usize::MAX, String::new(), String::new());
+        for (i, (l, r)) in chunk.iter().enumerate() {
+            let live = &lives[*l];
+            if *l != current {
+                current = *l;
+                d = q.param(live.device);
+                s = q.param(live.stream);
+            }
+            let (seq, (ts, values, at)) = live.rows[*r];
+            if i > 0 {
+                q.push(", ");
+            }
+            q.push(&format!("({d}, {s}, "));
+            q.bind(seq).push(", ").bind(*ts).push(", ");
+            q.bind(encode_values(values)).push(", ").bind(*at).push(")");
+        }
+        q.push(" ON CONFLICT (device_id, stream, seq) DO NOTHING RETURNING device_id, stream, seq");
+        let rows = q.query().fetch_all(&mut *tx).await?;
+        mark_inserted(&mut lives, &telemetry_index, rows)?;
+    }
+
+    let mut results: Vec<Live<(&InferenceRecord, i64)>> = Vec::with_capacity(inference.len());
+    for (key, recs) in &inference {
+        results.push(live(
+            *key,
+            recs.records.iter().map(|(seq, r)| (*seq, *r)),
+            pruned_through(key)?,
+            recs.in_batch_duplicates,
+            recs.records.values().map(|r| r.1).max(),
+        ));
+    }
+    let inference_index: BTreeMap<(&str, &str), usize> =
+        inference.keys().enumerate().map(|(i, k)| (*k, i)).collect();
+    let rows_per_insert = if sqlite {
+        SQLITE_INFERENCE_ROWS_PER_INSERT
+    } else {
+        INFERENCE_ROWS_PER_INSERT
+    };
+    for chunk in all_rows(&results).chunks(rows_per_insert) {
+        let mut q = Sql::new(
+            "INSERT INTO inference (device_id, stream, seq, ts, window_start, source_seq, model, \
+             version, latency_us, output_kind, label, class, probabilities, score, threshold, \
+             anomalous, received_at) VALUES ",
+        );
+        let (mut current, mut d, mut s) = (usize::MAX, String::new(), String::new());
+        for (i, (l, n)) in chunk.iter().enumerate() {
+            let live = &results[*l];
+            if *l != current {
+                current = *l;
+                d = q.param(live.device);
+                s = q.param(live.stream);
+            }
+            let (seq, (r, at)) = live.rows[*n];
+            if i > 0 {
+                q.push(", ");
+            }
+            q.push(&format!("({d}, {s}, "));
+            q.bind(seq).push(", ").bind(to_i64(r.ts)).push(", ");
+            q.bind(to_i64(r.window_start)).push(", ");
+            q.bind(to_i64(r.source_seq)).push(", ");
+            q.bind(text(&r.model)).push(", ").bind(text(&r.version));
+            q.push(", ").bind(i64::from(r.latency_us)).push(", ");
+            match &r.output {
+                InferenceOutput::Class {
+                    label,
+                    class,
+                    probabilities,
+                } => {
+                    q.push("'class', ").bind(text(label)).push(", ");
+                    q.bind(i64::from(*class)).push(", ");
+                    q.bind(encode_values(probabilities));
+                    q.push(", NULL, NULL, ").bind(false);
+                }
+                InferenceOutput::Anomaly {
+                    score,
+                    threshold,
+                    anomalous,
+                } => {
+                    q.push("'anomaly', NULL, NULL, NULL, ");
+                    q.bind(f64::from(*score))
+                        .push(", ")
+                        .bind(f64::from(*threshold));
+                    q.push(", ").bind(*anomalous);
+                }
+            }
+            q.push(", ").bind(at).push(")");
+        }
+        q.push(" ON CONFLICT (device_id, stream, seq) DO NOTHING RETURNING device_id, stream, seq");
+        let rows = q.query().fetch_all(&mut *tx).await?;
+        mark_inserted(&mut results, &inference_index, rows)?;
+    }
+
+    // Counters, aggregates and live events from the inserted rows only.
+    let mut counters: BTreeMap<(&str, &str), StreamUpdate> = BTreeMap::new();
+    let mut aggregates: BTreeMap<(&str, &str, i64, i64), Agg> = BTreeMap::new();
+    for live in &lives {
+        let (device, stream, inserted) = (live.device, live.stream, &live.inserted);
         let stored = inserted.len() as u64;
-        let duplicates = live.len() as u64 - stored + recs.in_batch_duplicates;
+        let duplicates = live.rows.len() as u64 - stored + live.in_batch_duplicates;
         outcome.stored += stored;
         outcome.duplicates += duplicates;
-        outcome.expired += expired;
+        outcome.expired += live.expired;
 
         let (mut first_ts, mut last_ts, mut max_seq, mut channels) =
             (None::<i64>, None::<i64>, 0i64, None::<i64>);
-        for (seq, (ts, values, _)) in live.iter().filter(|(s, _)| inserted.contains(s)) {
+        for (seq, (ts, values, _)) in live.rows.iter().filter(|(s, _)| inserted.contains(s)) {
             first_ts = Some(first_ts.map_or(*ts, |f| f.min(*ts)));
             last_ts = Some(last_ts.map_or(*ts, |l| l.max(*ts)));
             max_seq = max_seq.max(*seq);
@@ -541,25 +750,22 @@ async fn write_batch(
                 a.max = a.max.max(v);
             }
         }
-        let last_received = recs.records.values().map(|r| r.2).max();
-        update_stream(
-            &mut tx,
+        counters.insert(
+            (device, stream),
             StreamUpdate {
-                device,
-                stream,
                 kind: "telemetry",
                 stored,
                 duplicates,
-                expired,
+                expired: live.expired,
                 max_seq,
                 first_ts,
                 last_ts,
                 channels,
-                last_received,
+                last_received: live.last_received,
             },
-        )
-        .await?;
-        if let Some((seq, (ts, values, _))) = live.iter().rev().find(|(s, _)| inserted.contains(s))
+        );
+        if let Some((seq, (ts, values, _))) =
+            live.rows.iter().rev().find(|(s, _)| inserted.contains(s))
         {
             outcome.events.push(LiveEvent::Telemetry {
                 device_id: device.to_string(),
@@ -571,7 +777,182 @@ async fn write_batch(
         }
     }
 
-    write_inference(&mut tx, &inference, &mut outcome).await?;
+    let mut inference_aggregates: BTreeMap<(&str, &str, i64, String), InferenceAgg> =
+        BTreeMap::new();
+    for live in &results {
+        let (device, stream, inserted) = (live.device, live.stream, &live.inserted);
+        let stored = inserted.len() as u64;
+        let duplicates = live.rows.len() as u64 - stored + live.in_batch_duplicates;
+        outcome.stored += stored;
+        outcome.duplicates += duplicates;
+        outcome.expired += live.expired;
+
+        let (mut first_ts, mut last_ts, mut max_seq) = (None::<i64>, None::<i64>, 0i64);
+        let new: Vec<(i64, &InferenceRecord)> = live
+            .rows
+            .iter()
+            .filter(|(s, _)| inserted.contains(s))
+            .map(|(s, (r, _))| (*s, *r))
+            .collect();
+        for (seq, r) in &new {
+            let ts = to_i64(r.ts);
+            first_ts = Some(first_ts.map_or(ts, |f| f.min(ts)));
+            last_ts = Some(last_ts.map_or(ts, |l| l.max(ts)));
+            max_seq = max_seq.max(*seq);
+            let bucket = ts - ts.rem_euclid(BUCKET_US);
+            let label = match &r.output {
+                InferenceOutput::Class { label, .. } => text(label),
+                InferenceOutput::Anomaly { .. } => String::new(),
+            };
+            let a = inference_aggregates
+                .entry((device, stream, bucket, label))
+                .or_default();
+            a.results += 1;
+            a.latency_sum += i64::from(r.latency_us);
+            if let InferenceOutput::Anomaly {
+                score, anomalous, ..
+            } = &r.output
+            {
+                let score = f64::from(*score);
+                a.scored += 1;
+                a.score_sum += score;
+                a.score_max = Some(a.score_max.map_or(score, |m| m.max(score)));
+                if *anomalous {
+                    a.anomalies += 1;
+                }
+            }
+        }
+        let update = StreamUpdate {
+            kind: "inference",
+            stored,
+            duplicates,
+            expired: live.expired,
+            max_seq,
+            first_ts,
+            last_ts,
+            channels: None,
+            last_received: live.last_received,
+        };
+        match counters.entry((device, stream)) {
+            std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().merge(update),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(update);
+            }
+        }
+        let skip = new.len().saturating_sub(MAX_RESULTS_PER_STREAM);
+        for (seq, r) in new.iter().skip(skip) {
+            let (output_kind, label, score, threshold, anomalous) = match &r.output {
+                InferenceOutput::Class { label, .. } => {
+                    ("class", Some(text(label)), None, None, false)
+                }
+                InferenceOutput::Anomaly {
+                    score,
+                    threshold,
+                    anomalous,
+                } => (
+                    "anomaly",
+                    None,
+                    Some(f64::from(*score)),
+                    Some(f64::from(*threshold)),
+                    *anomalous,
+                ),
+            };
+            outcome.events.push(LiveEvent::Inference {
+                device_id: device.to_string(),
+                stream: stream.to_string(),
+                seq: *seq,
+                ts: to_i64(r.ts),
+                model: text(&r.model),
+                version: text(&r.version),
+                latency_us: i64::from(r.latency_us),
+                output_kind: output_kind.into(),
+                label,
+                score,
+                threshold,
+                anomalous,
+            });
+        }
+    }
+
+    let counters: Vec<_> = counters.into_iter().collect();
+    for chunk in counters.chunks(KEY_ROWS_PER_STATEMENT) {
+        let mut q = Sql::new(
+            "INSERT INTO streams (device_id, stream, kind, received, duplicates, expired, max_seq, \
+             first_ts, last_ts, channels, last_received_at) VALUES ",
+        );
+        for (i, ((device, stream), u)) in chunk.iter().enumerate() {
+            if i > 0 {
+                q.push(", ");
+            }
+            q.push("(").bind(*device).push(", ").bind(*stream);
+            q.push(&format!(", '{}', ", u.kind));
+            q.bind(u.stored as i64)
+                .push(", ")
+                .bind(u.duplicates as i64)
+                .push(", ");
+            q.bind(u.expired as i64)
+                .push(", ")
+                .bind(u.max_seq)
+                .push(", ");
+            q.bind(u.first_ts).push(", ").bind(u.last_ts).push(", ");
+            q.bind(u.channels)
+                .push(", ")
+                .bind(u.last_received)
+                .push(")");
+        }
+        q.push(
+            " ON CONFLICT (device_id, stream) DO UPDATE SET \
+             kind = excluded.kind, \
+             received = streams.received + excluded.received, \
+             duplicates = streams.duplicates + excluded.duplicates, \
+             expired = streams.expired + excluded.expired, \
+             max_seq = CASE WHEN excluded.max_seq > streams.max_seq THEN excluded.max_seq ELSE streams.max_seq END, \
+             first_ts = CASE WHEN excluded.first_ts IS NOT NULL AND (streams.first_ts IS NULL OR excluded.first_ts < streams.first_ts) \
+                             THEN excluded.first_ts ELSE streams.first_ts END, \
+             last_ts = CASE WHEN excluded.last_ts IS NOT NULL AND (streams.last_ts IS NULL OR excluded.last_ts > streams.last_ts) \
+                            THEN excluded.last_ts ELSE streams.last_ts END, \
+             channels = COALESCE(excluded.channels, streams.channels), \
+             last_received_at = COALESCE(excluded.last_received_at, streams.last_received_at)",
+        );
+        q.query().execute(&mut *tx).await?;
+    }
+
+    let inference_aggregates: Vec<_> = inference_aggregates.into_iter().collect();
+    for chunk in inference_aggregates.chunks(INFERENCE_AGGREGATE_ROWS_PER_INSERT) {
+        let mut q = Sql::new(
+            "INSERT INTO inference_1m (device_id, stream, bucket, label, results, anomalies, scored, \
+             score_sum, score_max, latency_sum) VALUES ",
+        );
+        for (i, ((device, stream, bucket, label), a)) in chunk.iter().enumerate() {
+            if i > 0 {
+                q.push(", ");
+            }
+            q.push("(")
+                .bind(*device)
+                .push(", ")
+                .bind(*stream)
+                .push(", ");
+            q.bind(*bucket).push(", ").bind(label.as_str()).push(", ");
+            q.bind(a.results).push(", ").bind(a.anomalies).push(", ");
+            q.bind(a.scored).push(", ").bind(a.score_sum).push(", ");
+            match a.score_max {
+                Some(m) => q.bind(m),
+                None => q.push("NULL"),
+            };
+            q.push(", ").bind(a.latency_sum).push(")");
+        }
+        q.push(
+            " ON CONFLICT (device_id, stream, bucket, label) DO UPDATE SET \
+             results = inference_1m.results + excluded.results, \
+             anomalies = inference_1m.anomalies + excluded.anomalies, \
+             scored = inference_1m.scored + excluded.scored, \
+             score_sum = inference_1m.score_sum + excluded.score_sum, \
+             score_max = CASE WHEN inference_1m.score_max IS NULL OR excluded.score_max > inference_1m.score_max \
+                              THEN excluded.score_max ELSE inference_1m.score_max END, \
+             latency_sum = inference_1m.latency_sum + excluded.latency_sum",
+        );
+        q.query().execute(&mut *tx).await?;
+    }
 
     let aggregates: Vec<_> = aggregates.into_iter().collect();
     for chunk in aggregates.chunks(AGGREGATE_ROWS_PER_INSERT) {
@@ -698,9 +1079,7 @@ fn text(s: &str) -> String {
 }
 
 /// Counters of one stream after its records were inserted.
-struct StreamUpdate<'a> {
-    device: &'a str,
-    stream: &'a str,
+struct StreamUpdate {
     kind: &'static str,
     stored: u64,
     duplicates: u64,
@@ -712,263 +1091,24 @@ struct StreamUpdate<'a> {
     last_received: Option<i64>,
 }
 
-async fn update_stream(
-    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-    u: StreamUpdate<'_>,
-) -> Result<(), sqlx::Error> {
-    let mut q = Sql::new(
-        "INSERT INTO streams (device_id, stream, kind, received, duplicates, expired, max_seq, \
-         first_ts, last_ts, channels, last_received_at) VALUES (",
-    );
-    q.bind(u.device).push(", ").bind(u.stream).push(", ");
-    q.bind(u.kind).push(", ");
-    q.bind(u.stored as i64)
-        .push(", ")
-        .bind(u.duplicates as i64)
-        .push(", ");
-    q.bind(u.expired as i64)
-        .push(", ")
-        .bind(u.max_seq)
-        .push(", ");
-    q.bind(u.first_ts).push(", ").bind(u.last_ts).push(", ");
-    q.bind(u.channels)
-        .push(", ")
-        .bind(u.last_received)
-        .push(")");
-    q.push(
-        " ON CONFLICT (device_id, stream) DO UPDATE SET \
-         kind = excluded.kind, \
-         received = streams.received + excluded.received, \
-         duplicates = streams.duplicates + excluded.duplicates, \
-         expired = streams.expired + excluded.expired, \
-         max_seq = CASE WHEN excluded.max_seq > streams.max_seq THEN excluded.max_seq ELSE streams.max_seq END, \
-         first_ts = CASE WHEN excluded.first_ts IS NOT NULL AND (streams.first_ts IS NULL OR excluded.first_ts < streams.first_ts) \
-                         THEN excluded.first_ts ELSE streams.first_ts END, \
-         last_ts = CASE WHEN excluded.last_ts IS NOT NULL AND (streams.last_ts IS NULL OR excluded.last_ts > streams.last_ts) \
-                        THEN excluded.last_ts ELSE streams.last_ts END, \
-         channels = COALESCE(excluded.channels, streams.channels), \
-         last_received_at = COALESCE(excluded.last_received_at, streams.last_received_at)",
-    );
-    q.query().execute(&mut **tx).await?;
-    Ok(())
-}
-
-/// Stores the model results of a batch: idempotent on `(device, stream, seq)` exactly like
-/// telemetry (only inserted rows count as received and feed `inference_1m`).
-async fn write_inference(
-    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-    streams: &BTreeMap<(&str, &str), InferenceRecords<'_>>,
-    outcome: &mut Outcome,
-) -> Result<(), sqlx::Error> {
-    let mut aggregates: BTreeMap<(&str, &str, i64, String), InferenceAgg> = BTreeMap::new();
-    for ((device, stream), recs) in streams {
-        let pruned: i64 = {
-            let mut q = Sql::new("INSERT INTO streams (device_id, stream, kind) VALUES (");
-            q.bind(*device)
-                .push(", ")
-                .bind(*stream)
-                .push(", 'inference'");
-            q.push(
-                ") ON CONFLICT (device_id, stream) DO UPDATE SET pruned_through = streams.pruned_through \
-                 RETURNING pruned_through",
-            );
-            q.query()
-                .fetch_one(&mut **tx)
-                .await?
-                .try_get("pruned_through")?
+impl StreamUpdate {
+    /// Folds in the other kind's counters for the same stream name (which a device must not
+    /// use for both kinds), so that the multi-row upsert touches each stream row once.
+    fn merge(&mut self, o: StreamUpdate) {
+        let min = |a: Option<i64>, b: Option<i64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
-        let mut expired = 0u64;
-        let live: Vec<(i64, &InferenceRecord, i64)> = recs
-            .records
-            .iter()
-            .filter_map(|(seq, (r, at))| {
-                let seq = to_i64(*seq);
-                if seq <= pruned {
-                    expired += 1;
-                    None
-                } else {
-                    Some((seq, *r, *at))
-                }
-            })
-            .collect();
-        let mut inserted: BTreeSet<i64> = BTreeSet::new();
-        for chunk in live.chunks(INFERENCE_ROWS_PER_INSERT) {
-            let mut q = Sql::new(
-                "INSERT INTO inference (device_id, stream, seq, ts, window_start, source_seq, model, \
-                 version, latency_us, output_kind, label, class, probabilities, score, threshold, \
-                 anomalous, received_at) VALUES ",
-            );
-            let d = q.param(*device);
-            let s = q.param(*stream);
-            for (i, (seq, r, at)) in chunk.iter().enumerate() {
-                if i > 0 {
-                    q.push(", ");
-                }
-                q.push(&format!("({d}, {s}, "));
-                q.bind(*seq).push(", ").bind(to_i64(r.ts)).push(", ");
-                q.bind(to_i64(r.window_start)).push(", ");
-                q.bind(to_i64(r.source_seq)).push(", ");
-                q.bind(text(&r.model)).push(", ").bind(text(&r.version));
-                q.push(", ").bind(i64::from(r.latency_us)).push(", ");
-                match &r.output {
-                    InferenceOutput::Class {
-                        label,
-                        class,
-                        probabilities,
-                    } => {
-                        q.push("'class', ").bind(text(label)).push(", ");
-                        q.bind(i64::from(*class)).push(", ");
-                        q.bind(encode_values(probabilities));
-                        q.push(", NULL, NULL, ").bind(false);
-                    }
-                    InferenceOutput::Anomaly {
-                        score,
-                        threshold,
-                        anomalous,
-                    } => {
-                        q.push("'anomaly', NULL, NULL, NULL, ");
-                        q.bind(f64::from(*score))
-                            .push(", ")
-                            .bind(f64::from(*threshold));
-                        q.push(", ").bind(*anomalous);
-                    }
-                }
-                q.push(", ").bind(*at).push(")");
-            }
-            q.push(" ON CONFLICT (device_id, stream, seq) DO NOTHING RETURNING seq");
-            for row in q.query().fetch_all(&mut **tx).await? {
-                inserted.insert(row.try_get::<i64, _>("seq")?);
-            }
-        }
-        let stored = inserted.len() as u64;
-        let duplicates = live.len() as u64 - stored + recs.in_batch_duplicates;
-        outcome.stored += stored;
-        outcome.duplicates += duplicates;
-        outcome.expired += expired;
-
-        let (mut first_ts, mut last_ts, mut max_seq) = (None::<i64>, None::<i64>, 0i64);
-        let new: Vec<&(i64, &InferenceRecord, i64)> = live
-            .iter()
-            .filter(|(s, _, _)| inserted.contains(s))
-            .collect();
-        for (seq, r, _) in &new {
-            let ts = to_i64(r.ts);
-            first_ts = Some(first_ts.map_or(ts, |f| f.min(ts)));
-            last_ts = Some(last_ts.map_or(ts, |l| l.max(ts)));
-            max_seq = max_seq.max(*seq);
-            let bucket = ts - ts.rem_euclid(BUCKET_US);
-            let label = match &r.output {
-                InferenceOutput::Class { label, .. } => text(label),
-                InferenceOutput::Anomaly { .. } => String::new(),
-            };
-            let a = aggregates
-                .entry((device, stream, bucket, label))
-                .or_default();
-            a.results += 1;
-            a.latency_sum += i64::from(r.latency_us);
-            if let InferenceOutput::Anomaly {
-                score, anomalous, ..
-            } = &r.output
-            {
-                let score = f64::from(*score);
-                a.scored += 1;
-                a.score_sum += score;
-                a.score_max = Some(a.score_max.map_or(score, |m| m.max(score)));
-                if *anomalous {
-                    a.anomalies += 1;
-                }
-            }
-        }
-        let skip = new.len().saturating_sub(MAX_RESULTS_PER_STREAM);
-        for (seq, r, _) in new.iter().skip(skip) {
-            let (output_kind, label, score, threshold, anomalous) = match &r.output {
-                InferenceOutput::Class { label, .. } => {
-                    ("class", Some(text(label)), None, None, false)
-                }
-                InferenceOutput::Anomaly {
-                    score,
-                    threshold,
-                    anomalous,
-                } => (
-                    "anomaly",
-                    None,
-                    Some(f64::from(*score)),
-                    Some(f64::from(*threshold)),
-                    *anomalous,
-                ),
-            };
-            outcome.events.push(LiveEvent::Inference {
-                device_id: device.to_string(),
-                stream: stream.to_string(),
-                seq: *seq,
-                ts: to_i64(r.ts),
-                model: text(&r.model),
-                version: text(&r.version),
-                latency_us: i64::from(r.latency_us),
-                output_kind: output_kind.into(),
-                label,
-                score,
-                threshold,
-                anomalous,
-            });
-        }
-        let last_received = recs.records.values().map(|r| r.1).max();
-        update_stream(
-            tx,
-            StreamUpdate {
-                device,
-                stream,
-                kind: "inference",
-                stored,
-                duplicates,
-                expired,
-                max_seq,
-                first_ts,
-                last_ts,
-                channels: None,
-                last_received,
-            },
-        )
-        .await?;
+        self.kind = o.kind;
+        self.stored += o.stored;
+        self.duplicates += o.duplicates;
+        self.expired += o.expired;
+        self.max_seq = self.max_seq.max(o.max_seq);
+        self.first_ts = min(self.first_ts, o.first_ts);
+        self.last_ts = self.last_ts.max(o.last_ts);
+        self.channels = o.channels.or(self.channels);
+        self.last_received = self.last_received.max(o.last_received);
     }
-
-    let aggregates: Vec<_> = aggregates.into_iter().collect();
-    for chunk in aggregates.chunks(INFERENCE_AGGREGATE_ROWS_PER_INSERT) {
-        let mut q = Sql::new(
-            "INSERT INTO inference_1m (device_id, stream, bucket, label, results, anomalies, scored, \
-             score_sum, score_max, latency_sum) VALUES ",
-        );
-        for (i, ((device, stream, bucket, label), a)) in chunk.iter().enumerate() {
-            if i > 0 {
-                q.push(", ");
-            }
-            q.push("(")
-                .bind(*device)
-                .push(", ")
-                .bind(*stream)
-                .push(", ");
-            q.bind(*bucket).push(", ").bind(label.as_str()).push(", ");
-            q.bind(a.results).push(", ").bind(a.anomalies).push(", ");
-            q.bind(a.scored).push(", ").bind(a.score_sum).push(", ");
-            match a.score_max {
-                Some(m) => q.bind(m),
-                None => q.push("NULL"),
-            };
-            q.push(", ").bind(a.latency_sum).push(")");
-        }
-        q.push(
-            " ON CONFLICT (device_id, stream, bucket, label) DO UPDATE SET \
-             results = inference_1m.results + excluded.results, \
-             anomalies = inference_1m.anomalies + excluded.anomalies, \
-             scored = inference_1m.scored + excluded.scored, \
-             score_sum = inference_1m.score_sum + excluded.score_sum, \
-             score_max = CASE WHEN inference_1m.score_max IS NULL OR excluded.score_max > inference_1m.score_max \
-                              THEN excluded.score_max ELSE inference_1m.score_max END, \
-             latency_sum = inference_1m.latency_sum + excluded.latency_sum",
-        );
-        q.query().execute(&mut **tx).await?;
-    }
-    Ok(())
 }
 
 /// The broker's Last Will: `offline` with `ts = 0` (a clean shutdown's `offline` has a time).

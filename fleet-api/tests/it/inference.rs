@@ -12,6 +12,7 @@ on_both_backends!(
     inference_results_are_stored_once_and_covered_by_the_ledger,
     inference_rejects_are_counted_per_device_and_reason,
     inference_retention_prunes_results_and_keeps_the_ledger,
+    many_inference_streams_span_several_statements_exactly_once,
 );
 
 const MINUTE: u64 = 60_000_000;
@@ -329,4 +330,47 @@ fn inference_retention_prunes_results_and_keeps_the_ledger(kind: Kind) {
         now - 86_400_000_000
     ));
     assert_eq!(aggs["items"], json!([]), "{aggs}");
+}
+
+/// Batches larger than one multi-row statement (32 rows on SQLite), with several devices and
+/// streams in one statement, are still stored and counted exactly once when re-sent.
+fn many_inference_streams_span_several_statements_exactly_once(kind: Kind) {
+    let broker = TestBroker::start();
+    let store = Store::new(kind);
+    let fleet = TestFleet::start(&store, broker.port());
+    let t0 = (now_us() / MINUTE - 5) * MINUTE;
+    let batch = |device: &str, model: &str, seqs: std::ops::RangeInclusive<u64>| {
+        let results: Vec<(u64, u64, Out<'_>)> = seqs
+            .map(|s| (s, t0 + s * 1_000, Out::Anomaly(0.1, 0.5)))
+            .collect();
+        inference_batch(device, "imu", model, "1.0.0", &results)
+    };
+    let mut first = Vec::new();
+    let mut again = Vec::new();
+    for device in ["many-a", "many-b"] {
+        for model in ["m1", "m2"] {
+            first.push(batch(device, model, 1..=80));
+            again.push(batch(device, model, 41..=120));
+        }
+    }
+    publish(broker.port(), first);
+    publish(broker.port(), again);
+    for device in ["many-a", "many-b"] {
+        for stream in ["imu.m1", "imu.m2"] {
+            let l = fleet.wait_ledger(device, stream, |l| l["received"] == 120);
+            assert_eq!(
+                (&l["duplicates"], &l["lost_count"], &l["kind"]),
+                (&json!(40), &json!(0), &json!("inference")),
+                "{l}"
+            );
+            let aggs = fleet.get_json(&format!(
+                "/api/v1/devices/{device}/streams/{stream}/inference/aggregates"
+            ));
+            let results: i64 = aggs["items"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x["results"].as_i64()).sum())
+                .unwrap_or(0);
+            assert_eq!(results, 120, "{aggs}");
+        }
+    }
 }
