@@ -13,4 +13,5 @@ mod delivery;
 mod disk;
 mod disk_full;
 mod eviction;
+mod inference;
 mod socket;
