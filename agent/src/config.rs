@@ -1063,6 +1063,57 @@ mod tests {
     }
 
     #[test]
+    fn inference_keys_resolve_and_name_the_key_when_invalid() {
+        let ok = format!(
+            "{MIN}[inference]\ntrusted_keys = [\"k.pub\"]\nforward_raw = \"anomalies\"\n[[model]]\nbundle = \"m.bundle\"\nsource = \"imu\"\n"
+        );
+        let s = load(&ok).unwrap();
+        assert_eq!(s.inference.forward_raw, ForwardRaw::Anomalies);
+        assert_eq!(s.inference.backend, Backend::Flex);
+        assert_eq!(s.inference.max_batch, DEFAULT_INFERENCE_MAX_BATCH);
+        assert_eq!(s.models[0].bundle, PathBuf::from("m.bundle"));
+        let env = Settings::from_toml(
+            &ok,
+            "t",
+            vec![("EMBER_INFERENCE__MAX_BATCH".into(), "4".into())],
+        )
+        .unwrap();
+        assert_eq!(env.inference.max_batch, 4);
+        let model = "[[model]]\nbundle = \"m.bundle\"\nsource = \"imu\"\n";
+        let keys = "[inference]\ntrusted_keys = [\"k.pub\"]\n";
+        let cases = [
+            (format!("{MIN}{model}"), "inference.trusted_keys"),
+            (
+                format!(
+                    "{MIN}[inference]\ntrusted_keys = [\"k\"]\n[[model]]\nbundle = \"m\"\nsource = \"nope\"\n"
+                ),
+                "model[0].source",
+            ),
+            (
+                format!("{MIN}{keys}[[model]]\nsource = \"imu\"\n"),
+                "model[0].bundle",
+            ),
+            (
+                format!("{MIN}[inference]\nforward_raw = \"some\"\n"),
+                "inference.forward_raw",
+            ),
+            (
+                format!("{MIN}[inference]\nbackend = \"wgpu\"\n"),
+                "inference.backend",
+            ),
+            (
+                format!("{MIN}[inference]\nmax_batch = 0\n"),
+                "inference.max_batch",
+            ),
+            (format!("{MIN}[inference]\nbatch = 1\n"), "batch"),
+        ];
+        for (text, key) in cases {
+            let e = err(&text);
+            assert!(e.contains(key), "{text}: {e} should name {key}");
+        }
+    }
+
+    #[test]
     fn invalid_configs_name_the_key() {
         let cases: &[(&str, &str)] = &[
             ("[[source]]\ntype=\"sim\"\nstream=\"a\"", "device_id"),

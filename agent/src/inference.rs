@@ -93,6 +93,8 @@ pub enum InferenceError {
     NoAnomalyModel { source_stream: String },
     #[error("inference stream name {stream:?} is not usable: {why}")]
     StreamName { stream: String, why: &'static str },
+    #[error("cannot start the inference thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Why a swap was refused (the current model keeps serving).
@@ -393,10 +395,7 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("inference".into())
         .spawn(move || engine.run(tap_rx, swap_rx))
-        .map_err(|e| InferenceError::StreamName {
-            stream: format!("(thread: {e})"),
-            why: "cannot start the inference thread",
-        })?;
+        .map_err(InferenceError::Thread)?;
     Ok((
         InferenceHandle {
             taps: Some(tap_tx),

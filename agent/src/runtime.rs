@@ -260,14 +260,7 @@ async fn writer(
                     biased;
                     _ = force.cancelled() => { open = false; inf_open = false; batch.clear(); break; }
                     n = rx.recv_many(&mut batch, room), if open => {
-                        if n == 0 {
-                            open = false;
-                            // No more samples: let the inference thread flush and stop.
-                            if let Some(inf) = inference.as_mut() {
-                                inf.handle.close_taps();
-                            }
-                            break;
-                        }
+                        if n == 0 { open = false; break; }
                         if batch.len() >= max { break; }
                     }
                     p = recv_produced(&mut inference), if inf_open => match p {
@@ -321,6 +314,12 @@ async fn writer(
                 break;
             }
             batch = remaining;
+        }
+        if !open && batch.is_empty() {
+            // Every sample has been handed over: let the inference thread flush and stop.
+            if let Some(inf) = inference.as_mut() {
+                inf.handle.close_taps();
+            }
         }
         if !forwarded.is_empty() {
             let todo = std::mem::take(&mut forwarded);
