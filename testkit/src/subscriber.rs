@@ -22,11 +22,11 @@
 //!   stream strictly in seq order on one connection, and the broker keeps that order, so a new
 //!   record below the high-water mark means one was overtaken, or a lower number was assigned
 //!   after a higher one.)
+//! * **decode error**: a payload `decode_telemetry`, `decode_inference` or `decode_status`
+//!   rejects (bad encoding, wrong version, bad CRC, seqs not increasing inside one message).
+//!
 //! Inference results (`ember/v1/{device}/inference`) get their own ledger per `(device,
 //! inference stream)` ([`InferenceLog`]), with the same duplicate/conflict/order rules.
-//!
-//! * **decode error**: a payload `decode_telemetry`, `decode_inference` or `decode_status` rejects (bad encoding,
-//!   wrong version, bad CRC, seqs not increasing inside one message).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;

@@ -50,7 +50,9 @@ fn windows_in(series: usize) -> u64 {
 /// The series a window lies in exactly, if it is aligned with one (`source_seq` is the seq of
 /// its last sample; the replay starts at seq 1).
 fn aligned_series(r: &InferenceRecord) -> Option<usize> {
-    (r.source_seq % WINDOW == 0).then(|| (r.source_seq / WINDOW - 1) as usize)
+    r.source_seq
+        .is_multiple_of(WINDOW)
+        .then(|| (r.source_seq / WINDOW - 1) as usize)
 }
 
 /// A signing key made up for the test, with its public key file in `dir`.
