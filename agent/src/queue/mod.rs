@@ -291,7 +291,7 @@ impl Enqueue for InferenceItem {
         // A payload is a few hundred bytes; u32 cannot overflow for anything we produce.
         out.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.payload);
-        let mut h = crc32fast_hasher();
+        let mut h = crc32fast::Hasher::new();
         h.update(key);
         h.update(&out[4..]);
         let crc = h.finalize();
@@ -301,10 +301,6 @@ impl Enqueue for InferenceItem {
     fn size(&self) -> u64 {
         (KEY_LEN + INFERENCE_HEADER + self.payload.len()) as u64
     }
-}
-
-fn crc32fast_hasher() -> crc32fast::Hasher {
-    crc32fast::Hasher::new()
 }
 
 /// Decodes a stored value of either version (see the module docs).
@@ -323,7 +319,7 @@ pub fn decode_value(key: &[u8], bytes: &[u8]) -> Result<QueuedRecord, ProtoError
         });
     }
     let stored = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-    let mut h = crc32fast_hasher();
+    let mut h = crc32fast::Hasher::new();
     h.update(key);
     h.update(&bytes[4..]);
     let computed = h.finalize();
