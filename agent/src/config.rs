@@ -47,6 +47,14 @@ pub const DEFAULT_RECLAIM_BYTES: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_MIN_FREE_BYTES: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_GRACE_MS: u64 = 5000;
 pub const DEFAULT_SAMPLE_CHANNEL: usize = 8192;
+/// Windows per model call, across streams.
+pub const DEFAULT_INFERENCE_MAX_BATCH: usize = 32;
+/// How long a window may wait for others to fill a batch.
+pub const DEFAULT_INFERENCE_MAX_DELAY_MS: u64 = 20;
+/// Windows kept before and after an anomalous one with `forward_raw = "anomalies"`.
+pub const DEFAULT_ANOMALY_CONTEXT_WINDOWS: usize = 1;
+/// Samples waiting for the inference thread; beyond it samples bypass inference (counted).
+pub const DEFAULT_INFERENCE_QUEUE_SAMPLES: usize = 16_384;
 
 /// What went wrong, and where.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +98,29 @@ pub struct RawConfig {
     pub shutdown: RawShutdown,
     #[serde(default, rename = "source")]
     pub sources: Vec<RawSource>,
+    #[serde(default)]
+    pub inference: RawInference,
+    #[serde(default, rename = "model")]
+    pub models: Vec<RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInference {
+    pub backend: Option<String>,
+    pub trusted_keys: Option<Vec<PathBuf>>,
+    pub max_batch: Option<usize>,
+    pub max_delay_ms: Option<u64>,
+    pub forward_raw: Option<String>,
+    pub anomaly_context_windows: Option<usize>,
+    pub queue_samples: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub bundle: Option<PathBuf>,
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,6 +211,51 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     pub shutdown: ShutdownSettings,
     pub sources: Vec<SourceSettings>,
+    pub inference: InferenceSettings,
+    pub models: Vec<ModelSettings>,
+}
+
+/// Which burn backend runs the models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// burn's pure-Rust CPU backend: builds for every target the agent ships on.
+    Flex,
+    /// GPU through wgpu; only in builds with the agent's `wgpu` feature.
+    Wgpu,
+}
+
+/// Which raw samples of a source that feeds a model leave the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardRaw {
+    /// Every sample (as without a model).
+    All,
+    /// None: only inference results leave the device.
+    None,
+    /// The samples of windows around an anomalous result (anomaly models).
+    Anomalies,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InferenceSettings {
+    pub backend: Backend,
+    pub trusted_keys: Vec<PathBuf>,
+    pub max_batch: usize,
+    pub max_delay_ms: u64,
+    pub forward_raw: ForwardRaw,
+    pub anomaly_context_windows: usize,
+    /// Capacity of the channel from the writer to the inference thread, in samples.
+    pub queue_samples: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSettings {
+    /// The bundle file; a relative path is relative to the agent's working directory, like
+    /// every other path in the config.
+    pub bundle: PathBuf,
+    /// The source stream whose windows it evaluates.
+    pub source: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -602,6 +678,7 @@ impl Settings {
             }
             sources.push(src);
         }
+        let (inference, models) = resolve_inference(raw.inference, raw.models, &streams)?;
         Ok(Settings {
             device_id,
             data_dir,
@@ -611,6 +688,8 @@ impl Settings {
             metrics,
             shutdown,
             sources,
+            inference,
+            models,
         })
     }
 
@@ -622,6 +701,113 @@ impl Settings {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render settings: {e}"))
     }
+}
+
+fn resolve_inference(
+    raw: RawInference,
+    raw_models: Vec<RawModel>,
+    streams: &BTreeMap<String, usize>,
+) -> Result<(InferenceSettings, Vec<ModelSettings>), ConfigError> {
+    let backend = match raw.backend.as_deref() {
+        None | Some("flex") => Backend::Flex,
+        Some("wgpu") if cfg!(feature = "wgpu") => Backend::Wgpu,
+        Some("wgpu") => {
+            return Err(invalid(
+                "inference.backend",
+                "\"wgpu\" needs an agent built with `--features wgpu`, which this build is not: use \"flex\" or rebuild",
+            ));
+        }
+        Some(other) => {
+            return Err(invalid(
+                "inference.backend",
+                format!("{other:?} is not a backend: use \"flex\" (or \"wgpu\" in a wgpu build)"),
+            ));
+        }
+    };
+    let max_batch = raw.max_batch.unwrap_or(DEFAULT_INFERENCE_MAX_BATCH);
+    if !(1..=1024).contains(&max_batch) {
+        return Err(invalid(
+            "inference.max_batch",
+            format!("{max_batch} is out of range: use 1-1024 windows"),
+        ));
+    }
+    let max_delay_ms = raw.max_delay_ms.unwrap_or(DEFAULT_INFERENCE_MAX_DELAY_MS);
+    if max_delay_ms > 10_000 {
+        return Err(invalid(
+            "inference.max_delay_ms",
+            format!("{max_delay_ms} is out of range: use 0-10000 ms"),
+        ));
+    }
+    let forward_raw = match raw.forward_raw.as_deref() {
+        None | Some("all") => ForwardRaw::All,
+        Some("none") => ForwardRaw::None,
+        Some("anomalies") => ForwardRaw::Anomalies,
+        Some(other) => {
+            return Err(invalid(
+                "inference.forward_raw",
+                format!("{other:?} is not a policy: use \"all\", \"none\" or \"anomalies\""),
+            ));
+        }
+    };
+    let anomaly_context_windows = raw
+        .anomaly_context_windows
+        .unwrap_or(DEFAULT_ANOMALY_CONTEXT_WINDOWS);
+    if anomaly_context_windows > 16 {
+        return Err(invalid(
+            "inference.anomaly_context_windows",
+            format!("{anomaly_context_windows} is out of range: use 0-16"),
+        ));
+    }
+    let queue_samples = raw.queue_samples.unwrap_or(DEFAULT_INFERENCE_QUEUE_SAMPLES);
+    if !(16..=10_000_000).contains(&queue_samples) {
+        return Err(invalid(
+            "inference.queue_samples",
+            format!("{queue_samples} is out of range: use 16-10000000"),
+        ));
+    }
+    let trusted_keys = raw.trusted_keys.unwrap_or_default();
+    if !raw_models.is_empty() && trusted_keys.is_empty() {
+        return Err(invalid(
+            "inference.trusted_keys",
+            "missing: [[model]] bundles are only loaded when signed by a trusted key; list public key files, e.g. trusted_keys = [\"/etc/ember/model-keys/release.pub\"]",
+        ));
+    }
+    let mut models = Vec::new();
+    for (i, m) in raw_models.into_iter().enumerate() {
+        let key = |k: &str| format!("model[{i}].{k}");
+        let bundle = m
+            .bundle
+            .ok_or_else(|| invalid(key("bundle"), "missing: give the model bundle file to load"))?;
+        let source = m.source.ok_or_else(|| {
+            invalid(
+                key("source"),
+                "missing: name the source stream the model windows, e.g. source = \"imu\"",
+            )
+        })?;
+        if !streams.contains_key(&source) {
+            let known: Vec<&str> = streams.keys().map(String::as_str).collect();
+            return Err(invalid(
+                key("source"),
+                format!(
+                    "no [[source]] produces stream {source:?} (configured: {}): use one of them",
+                    known.join(", ")
+                ),
+            ));
+        }
+        models.push(ModelSettings { bundle, source });
+    }
+    Ok((
+        InferenceSettings {
+            backend,
+            trusted_keys,
+            max_batch,
+            max_delay_ms,
+            forward_raw,
+            anomaly_context_windows,
+            queue_samples,
+        },
+        models,
+    ))
 }
 
 fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError> {
@@ -887,6 +1073,57 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn inference_keys_resolve_and_name_the_key_when_invalid() {
+        let ok = format!(
+            "{MIN}[inference]\ntrusted_keys = [\"k.pub\"]\nforward_raw = \"anomalies\"\n[[model]]\nbundle = \"m.bundle\"\nsource = \"imu\"\n"
+        );
+        let s = load(&ok).unwrap();
+        assert_eq!(s.inference.forward_raw, ForwardRaw::Anomalies);
+        assert_eq!(s.inference.backend, Backend::Flex);
+        assert_eq!(s.inference.max_batch, DEFAULT_INFERENCE_MAX_BATCH);
+        assert_eq!(s.models[0].bundle, PathBuf::from("m.bundle"));
+        let env = Settings::from_toml(
+            &ok,
+            "t",
+            vec![("EMBER_INFERENCE__MAX_BATCH".into(), "4".into())],
+        )
+        .unwrap();
+        assert_eq!(env.inference.max_batch, 4);
+        let model = "[[model]]\nbundle = \"m.bundle\"\nsource = \"imu\"\n";
+        let keys = "[inference]\ntrusted_keys = [\"k.pub\"]\n";
+        let cases = [
+            (format!("{MIN}{model}"), "inference.trusted_keys"),
+            (
+                format!(
+                    "{MIN}[inference]\ntrusted_keys = [\"k\"]\n[[model]]\nbundle = \"m\"\nsource = \"nope\"\n"
+                ),
+                "model[0].source",
+            ),
+            (
+                format!("{MIN}{keys}[[model]]\nsource = \"imu\"\n"),
+                "model[0].bundle",
+            ),
+            (
+                format!("{MIN}[inference]\nforward_raw = \"some\"\n"),
+                "inference.forward_raw",
+            ),
+            (
+                format!("{MIN}[inference]\nbackend = \"wgpu\"\n"),
+                "inference.backend",
+            ),
+            (
+                format!("{MIN}[inference]\nmax_batch = 0\n"),
+                "inference.max_batch",
+            ),
+            (format!("{MIN}[inference]\nbatch = 1\n"), "batch"),
+        ];
+        for (text, key) in cases {
+            let e = err(&text);
+            assert!(e.contains(key), "{text}: {e} should name {key}");
+        }
     }
 
     #[test]

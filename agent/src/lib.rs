@@ -3,6 +3,7 @@
 //! The binary (`main.rs`) only parses arguments and calls [`runtime::run`].
 
 pub mod config;
+pub mod inference;
 pub mod metrics;
 pub mod ota;
 pub mod queue;

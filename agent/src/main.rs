@@ -79,6 +79,16 @@ fn main() -> ExitCode {
         Command::Keygen { .. } | Command::Csr { .. } => ExitCode::SUCCESS,
         Command::Run => match run(settings) {
             Ok(()) => ExitCode::SUCCESS,
+            // A model that cannot be trusted or does not fit is a configuration problem.
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<ember_agent::runtime::AgentError>(),
+                    Some(ember_agent::runtime::AgentError::Model(_))
+                ) =>
+            {
+                eprintln!("ember-agent: cannot start: {e:#}");
+                ExitCode::from(2)
+            }
             Err(e) => {
                 eprintln!("ember-agent: {e:#}");
                 ExitCode::FAILURE

@@ -38,6 +38,19 @@ pub struct Metrics {
     pub fsyncs: AtomicU64,
     /// The client certificate's notAfter (Unix seconds); 0 without one (see `crate::tls`).
     pub tls_cert_not_after: AtomicU64,
+    /// Windows evaluated by a model (each produced one result).
+    pub inference_windows: AtomicU64,
+    /// Model calls (batches) and the time spent in them.
+    pub inference_batches: AtomicU64,
+    pub inference_latency_us_sum: AtomicU64,
+    /// Windows that could not be evaluated (model error, sample of the wrong width).
+    pub inference_errors: AtomicU64,
+    /// Windows never formed because the inference thread was behind.
+    pub inference_windows_skipped: AtomicU64,
+    /// Samples that bypassed inference because its channel was full.
+    pub inference_samples_skipped: AtomicU64,
+    /// Models serving now: name -> version (also in the status message).
+    pub models: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl Metrics {
@@ -64,7 +77,7 @@ impl Metrics {
 
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render(&self, device_id: &str) -> String {
-        let counters: [(&str, &str, &str, &str, &AtomicU64); 20] = [
+        let counters: [(&str, &str, &str, &str, &AtomicU64); 25] = [
             (
                 "records_captured_total",
                 "counter",
@@ -171,6 +184,41 @@ impl Metrics {
                 &self.publish_latency_us_sum,
             ),
             (
+                "inference_windows_total",
+                "counter",
+                "Windows evaluated by a model.",
+                "",
+                &self.inference_windows,
+            ),
+            (
+                "inference_errors_total",
+                "counter",
+                "Windows that could not be evaluated (model error, wrong sample width).",
+                "",
+                &self.inference_errors,
+            ),
+            (
+                "inference_windows_skipped_total",
+                "counter",
+                "Windows skipped because the inference thread was behind.",
+                "",
+                &self.inference_windows_skipped,
+            ),
+            (
+                "inference_samples_skipped_total",
+                "counter",
+                "Samples that bypassed inference because its channel was full.",
+                "",
+                &self.inference_samples_skipped,
+            ),
+            (
+                "inference_latency_seconds_count",
+                "counter",
+                "Model calls (batches); inference_latency_seconds_sum is the time spent in them.",
+                "",
+                &self.inference_batches,
+            ),
+            (
                 "records_in_flight",
                 "gauge",
                 "Records published and not yet acknowledged.",
@@ -207,6 +255,23 @@ impl Metrics {
             ),
         ];
         let mut out = String::with_capacity(4096);
+        let latency_s = self.inference_latency_us_sum.load(Relaxed) as f64 / 1e6;
+        out.push_str(&format!(
+            "# HELP ember_agent_inference_latency_seconds_sum Seconds spent in model calls.\n# TYPE ember_agent_inference_latency_seconds_sum counter\nember_agent_inference_latency_seconds_sum{{device=\"{device_id}\"}} {latency_s}\n"
+        ));
+        let models = self
+            .models
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !models.is_empty() {
+            out.push_str("# HELP ember_agent_inference_model_info Models serving now (value 1).\n# TYPE ember_agent_inference_model_info gauge\n");
+            for (name, version) in &models {
+                out.push_str(&format!(
+                    "ember_agent_inference_model_info{{device=\"{device_id}\",model=\"{name}\",version=\"{version}\"}} 1\n"
+                ));
+            }
+        }
         for (name, kind, help, labels, value) in counters {
             // A metric with several label sets carries its HELP/TYPE once, on the first.
             if !help.is_empty() {

@@ -13,15 +13,17 @@
 //! `shutdown.grace_ms` before disconnecting cleanly. A second signal cancels `force` and the
 //! process exits at once; with `fsync = every_batch` nothing appended can be lost that way.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{FsyncPolicy, Settings};
+use crate::config::{ForwardRaw, FsyncPolicy, Settings};
+use crate::inference::{self, InferenceError, InferenceHandle, Produced, Tap};
 use crate::metrics::{self, Metrics};
-use crate::queue::{Queue, QueueError};
+use crate::queue::{Enqueue, InferenceItem, Queue, QueueError};
 use crate::source::{self, Sample};
 use crate::uplink::{DrainOutcome, Uplink};
 
@@ -43,6 +45,9 @@ pub enum AgentError {
     Tls(String),
     #[error("internal task failed: {0}")]
     Task(String),
+    /// A model could not be put into service: the agent refuses to start (exit code 2).
+    #[error(transparent)]
+    Model(#[from] InferenceError),
 }
 
 /// What a run ended with.
@@ -62,6 +67,20 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     // Before anything is opened: TLS files that stopped loading since the config was checked.
     let tls = crate::tls::setup(&settings, &metrics).map_err(AgentError::Tls)?;
+
+    // Models first: a bad bundle refuses the start before any file is written.
+    let slots = {
+        let s = settings.clone();
+        tokio::task::spawn_blocking(move || inference::load_models(&s))
+            .await
+            .map_err(|e| AgentError::Task(e.to_string()))??
+    };
+    for s in &slots {
+        tracing::info!(
+            model = %s.name, version = %s.version, source = %s.source, stream = %s.stream,
+            bundle = %s.bundle.display(), "Model verified, golden vectors pass; serving."
+        );
+    }
 
     let queue = {
         let (dir, qs, m) = (
@@ -121,11 +140,29 @@ pub async fn run(
     }
     drop(tx);
 
+    let mut inference_thread = None;
+    let writer_inference = if slots.is_empty() {
+        None
+    } else {
+        let fed = slots.iter().map(|s| s.source.clone()).collect();
+        let (out_tx, out_rx) = mpsc::channel(crate::config::DEFAULT_SAMPLE_CHANNEL);
+        let (handle, thread) =
+            inference::spawn(slots, &settings.inference, metrics.clone(), out_tx)?;
+        inference_thread = Some(thread);
+        Some(WriterInference {
+            handle,
+            fed,
+            forward: settings.inference.forward_raw,
+            rx: out_rx,
+        })
+    };
+
     let writer_done = CancellationToken::new();
     let writer = tokio::spawn(writer(
         settings.clone(),
         queue.clone(),
         rx,
+        writer_inference,
         writer_done.clone(),
         shutdown.clone(),
         force.clone(),
@@ -147,6 +184,11 @@ pub async fn run(
     if let Some(t) = metrics_task {
         t.abort();
     }
+    if let Some(t) = inference_thread
+        && t.is_finished()
+    {
+        let _ = t.join();
+    }
     let q = queue.clone();
     let _ = tokio::task::spawn_blocking(move || q.close()).await;
     let queued_at_exit = queue.len().0;
@@ -165,12 +207,25 @@ pub async fn run(
     })
 }
 
+/// The writer's side of inference: which samples to hand to the model thread, and the
+/// results (and forwarded raw samples) coming back.
+pub struct WriterInference {
+    pub handle: InferenceHandle,
+    /// Source streams that feed a model.
+    pub fed: HashSet<Arc<str>>,
+    pub forward: ForwardRaw,
+    pub rx: mpsc::Receiver<Produced>,
+}
+
 /// Appends samples to the queue in batches (up to `append_max_records`, or whatever arrived
 /// within `append_max_delay_ms`), commits on the fsync policy's tick, and does housekeeping.
+/// With models, it also hands model-fed samples to the inference thread (never waiting: see
+/// `inference`) and appends the results that come back.
 async fn writer(
     settings: Arc<Settings>,
     queue: Arc<Queue>,
     mut rx: mpsc::Receiver<Sample>,
+    mut inference: Option<WriterInference>,
     done: CancellationToken,
     shutdown: CancellationToken,
     force: CancellationToken,
@@ -188,9 +243,15 @@ async fn writer(
     let mut last_commit = tokio::time::Instant::now();
     let mut last_maintain = tokio::time::Instant::now();
     let mut batch: Vec<Sample> = Vec::with_capacity(max);
+    let mut results: Vec<InferenceItem> = Vec::new();
+    let mut forwarded: Vec<Sample> = Vec::new();
+    // Capture numbers of model-fed samples that are not queued (`forward_raw` other than
+    // "all"): the `source_seq` of their results.
+    let mut capture_seq: HashMap<Arc<str>, u64> = HashMap::new();
     let mut open = true;
-    while open || !batch.is_empty() {
-        if open && batch.len() < max {
+    let mut inf_open = inference.is_some();
+    while open || inf_open || !batch.is_empty() {
+        if (open || inf_open) && batch.len() < max {
             let deadline = tokio::time::sleep(delay);
             tokio::pin!(deadline);
             let chores = tokio::time::sleep_until(last_commit.min(last_maintain) + housekeeping);
@@ -198,25 +259,82 @@ async fn writer(
             // Collect a batch: wait for the first sample, then take what arrives in `delay`.
             loop {
                 let room = max - batch.len();
+                let waiting = !batch.is_empty() || !results.is_empty() || !forwarded.is_empty();
                 tokio::select! {
                     biased;
-                    _ = force.cancelled() => { open = false; batch.clear(); break; }
-                    n = rx.recv_many(&mut batch, room) => {
+                    _ = force.cancelled() => { open = false; inf_open = false; batch.clear(); break; }
+                    n = rx.recv_many(&mut batch, room), if open => {
                         if n == 0 { open = false; break; }
                         if batch.len() >= max { break; }
                     }
-                    _ = &mut deadline, if !batch.is_empty() => break,
+                    p = recv_produced(&mut inference), if inf_open => match p {
+                        Some(Produced::Result(item)) => {
+                            results.push(item);
+                            if results.len() >= max { break; }
+                        }
+                        Some(Produced::Raw(sample)) => forwarded.push(sample),
+                        None => { inf_open = false; break; }
+                    },
+                    _ = &mut deadline, if waiting => break,
                     _ = &mut chores => break,
                 }
             }
         }
         if !batch.is_empty() {
             let todo = std::mem::take(&mut batch);
-            let remaining = append_all(&queue, todo, &settings, &force).await;
+            let remaining = match inference.as_ref() {
+                None => append_all(&queue, todo, &settings, &force, false).await.0,
+                Some(inf) => {
+                    let (queued, direct): (Vec<Sample>, Vec<Sample>) =
+                        todo.into_iter().partition(|s| {
+                            inf.forward == ForwardRaw::All || !inf.fed.contains(&s.stream)
+                        });
+                    for s in direct {
+                        let seq = capture_seq.entry(s.stream.clone()).or_insert(0);
+                        *seq += 1;
+                        inf.handle.tap(Tap {
+                            stream: s.stream,
+                            seq: *seq,
+                            ts_us: s.ts_us,
+                            values: s.values,
+                        });
+                    }
+                    let (remaining, accepted) =
+                        append_all(&queue, queued, &settings, &force, true).await;
+                    for (seq, s) in accepted {
+                        if inf.fed.contains(&s.stream) {
+                            inf.handle.tap(Tap {
+                                stream: s.stream,
+                                seq,
+                                ts_us: s.ts_us,
+                                values: s.values,
+                            });
+                        }
+                    }
+                    remaining
+                }
+            };
             if force.is_cancelled() {
                 break;
             }
             batch = remaining;
+        }
+        if !open && batch.is_empty() {
+            // Every sample has been handed over: let the inference thread flush and stop.
+            if let Some(inf) = inference.as_mut() {
+                inf.handle.close_taps();
+            }
+        }
+        if !forwarded.is_empty() {
+            let todo = std::mem::take(&mut forwarded);
+            append_all(&queue, todo, &settings, &force, false).await;
+        }
+        if !results.is_empty() {
+            let todo = std::mem::take(&mut results);
+            append_all(&queue, todo, &settings, &force, false).await;
+        }
+        if force.is_cancelled() {
+            break;
         }
         let now = tokio::time::Instant::now();
         if commit_every.is_some_and(|every| now >= last_commit + every) {
@@ -243,33 +361,48 @@ async fn writer(
     }
 }
 
-/// Appends `samples`, waiting for space under `full_policy = block`. Returns what could not be
-/// appended (only when forced to stop).
-async fn append_all(
+async fn recv_produced(inference: &mut Option<WriterInference>) -> Option<Produced> {
+    match inference.as_mut() {
+        Some(inf) => inf.rx.recv().await,
+        None => None,
+    }
+}
+
+/// Appends `items`, waiting for space under `full_policy = block`. Returns what could not be
+/// appended (only when forced to stop) and, with `keep`, each appended item with its seq.
+async fn append_all<T: Enqueue + Send + 'static>(
     queue: &Arc<Queue>,
-    mut samples: Vec<Sample>,
+    mut samples: Vec<T>,
     settings: &Settings,
     force: &CancellationToken,
-) -> Vec<Sample> {
+    keep: bool,
+) -> (Vec<T>, Vec<(u64, T)>) {
+    let mut kept = Vec::new();
     loop {
         let q = queue.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let r = q.append(&samples);
-            (r, samples)
+            let mut seqs = Vec::new();
+            let r = q.append_numbered(&samples, keep.then_some(&mut seqs));
+            (r, samples, seqs)
         })
         .await;
-        let (r, back) = match result {
+        let (r, back, seqs) = match result {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "The queue writer panicked; samples of this batch are lost.");
-                return Vec::new();
+                return (Vec::new(), kept);
             }
         };
         samples = back;
         match r {
-            Ok(out) if out.accepted == samples.len() => return Vec::new(),
             Ok(out) => {
-                samples.drain(..out.accepted);
+                let accepted: Vec<T> = samples.drain(..out.accepted).collect();
+                if keep {
+                    kept.extend(seqs.into_iter().zip(accepted));
+                }
+                if samples.is_empty() {
+                    return (Vec::new(), kept);
+                }
                 tracing::debug!(
                     waiting = samples.len(),
                     "Queue full: waiting for the uplink to free space."
@@ -278,12 +411,12 @@ async fn append_all(
                 // record: fewer, larger batches mean fewer fsyncs and less flash wear.
                 let want = samples
                     .iter()
-                    .map(|s| Queue::record_size(s.values.len()))
+                    .map(Enqueue::size)
                     .sum::<u64>()
                     .min(settings.queue.max_bytes / 8);
                 loop {
                     tokio::select! {
-                        _ = force.cancelled() => return samples,
+                        _ = force.cancelled() => return (samples, kept),
                         _ = queue.space_freed().notified() => {}
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                     }
@@ -297,7 +430,7 @@ async fn append_all(
                 // backpressure through the bounded channel meanwhile.
                 tracing::error!(error = %e, records = samples.len(), "Cannot append to the queue; retrying in 1 s.");
                 tokio::select! {
-                    _ = force.cancelled() => return samples,
+                    _ = force.cancelled() => return (samples, kept),
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
                 let q = queue.clone();

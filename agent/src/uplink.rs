@@ -44,7 +44,8 @@ use rumqttc::{
 use tokio_util::sync::CancellationToken;
 
 use ember_proto::{
-    Channel, DeviceState, Heartbeat, QueueGauge, SCHEMA_VERSION, Status, TelemetryBatch, Topic,
+    Channel, DeviceState, Heartbeat, InferenceBatch, QueueGauge, SCHEMA_VERSION, Status,
+    TelemetryBatch, Topic,
 };
 
 use crate::config::Settings;
@@ -106,6 +107,7 @@ pub struct Uplink {
 
 struct Topics {
     telemetry: String,
+    inference: String,
     status: String,
     heartbeat: String,
 }
@@ -121,6 +123,7 @@ impl Uplink {
         };
         let topics = Topics {
             telemetry: topic(Channel::Telemetry),
+            inference: topic(Channel::Inference),
             status: topic(Channel::Status),
             heartbeat: topic(Channel::Heartbeat),
         };
@@ -513,12 +516,34 @@ impl Uplink {
             .map(|(_, n)| n.clone())
             .unwrap_or_else(|| "unknown".into());
         let mut take = records.len();
+        // A stream holds one kind of record: inference streams go to their own topic.
+        let inference = records[0].1.inference.is_some();
         let payload = loop {
-            let mut batch = TelemetryBatch::new(&self.settings.device_id, &stream);
-            for (seq, r) in records.iter().take(take) {
-                batch.push(*seq, r.ts_us, r.values.clone());
-            }
-            match ember_proto::message::encode(&batch, self.settings.mqtt.encoding) {
+            let encoded = if inference {
+                let mut batch = InferenceBatch {
+                    v: SCHEMA_VERSION,
+                    device: self.settings.device_id.clone(),
+                    stream: stream.to_string(),
+                    source: String::new(),
+                    records: Vec::with_capacity(take),
+                };
+                for (seq, r) in records.iter().take(take) {
+                    if let Some(i) = &r.inference {
+                        batch.source.clone_from(&i.source);
+                        let mut rec = i.record.clone();
+                        rec.seq = *seq;
+                        batch.records.push(rec);
+                    }
+                }
+                ember_proto::message::encode(&batch, self.settings.mqtt.encoding)
+            } else {
+                let mut batch = TelemetryBatch::new(&self.settings.device_id, &stream);
+                for (seq, r) in records.iter().take(take) {
+                    batch.push(*seq, r.ts_us, r.values.clone());
+                }
+                ember_proto::message::encode(&batch, self.settings.mqtt.encoding)
+            };
+            match encoded {
                 Ok(p) if p.len() <= self.settings.mqtt.message_max_bytes || take == 1 => break p,
                 Ok(_) => take = take.div_ceil(2),
                 Err(e) => {
@@ -530,12 +555,12 @@ impl Uplink {
         let first = records[0].0;
         let last = records[take - 1].0;
         let _ = last_seq;
-        match client.try_publish(
-            self.topics.telemetry.clone(),
-            QoS::AtLeastOnce,
-            false,
-            payload,
-        ) {
+        let topic = if inference {
+            self.topics.inference.clone()
+        } else {
+            self.topics.telemetry.clone()
+        };
+        match client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
             Ok(()) => {
                 self.awaiting_pkid.push_back(Pending::Data {
                     sid,
@@ -569,7 +594,12 @@ impl Uplink {
             state,
             ts: crate::source::now_us(),
             agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
-            models: Default::default(),
+            models: self
+                .metrics
+                .models
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             queue: Some(QueueGauge {
                 records,
                 bytes,

@@ -30,6 +30,7 @@ pub struct TestAgentBuilder {
     broker_port: Option<u16>,
     data_dir: Option<PathBuf>,
     sources: Vec<String>,
+    models: Vec<String>,
     sections: BTreeMap<&'static str, BTreeMap<String, String>>,
 }
 
@@ -67,6 +68,28 @@ impl TestAgentBuilder {
             quote(stream),
             quote(&path.display().to_string()),
             float(rate_hz)
+        ));
+        self
+    }
+
+    /// Replays a UEA `.ts` file (series after series) at `rate_hz`, once or looped.
+    pub fn replay_ts(mut self, stream: &str, path: &Path, rate_hz: f64, looped: bool) -> Self {
+        self.sources.push(format!(
+            "type = \"replay\"\nstream = {}\npath = {}\nformat = \"ts\"\nrate_hz = {}\nloop = {looped}\n",
+            quote(stream),
+            quote(&path.display().to_string()),
+            float(rate_hz)
+        ));
+        self
+    }
+
+    /// A `[[model]]`: the bundle file, windowing the `source` stream. Set `[inference]` keys
+    /// (`trusted_keys`, `forward_raw`, ...) with [`TestAgentBuilder::set`].
+    pub fn model(mut self, bundle: &Path, source: &str) -> Self {
+        self.models.push(format!(
+            "bundle = {}\nsource = {}\n",
+            quote(&bundle.display().to_string()),
+            quote(source)
         ));
         self
     }
@@ -121,7 +144,8 @@ impl TestAgentBuilder {
         self.set("mqtt", key, value)
     }
 
-    /// Any key of a table (`log`, `mqtt`, `queue`, `metrics`, `shutdown`); `value` is TOML.
+    /// Any key of a table (`log`, `mqtt`, `queue`, `metrics`, `shutdown`, `inference`);
+    /// `value` is TOML.
     pub fn set(mut self, section: &'static str, key: &str, value: &str) -> Self {
         self.sections
             .entry(section)
@@ -200,6 +224,9 @@ impl TestAgentBuilder {
         for s in &self.sources {
             let _ = write!(out, "\n[[source]]\n{s}");
         }
+        for m in &self.models {
+            let _ = write!(out, "\n[[model]]\n{m}");
+        }
         out
     }
 }
@@ -230,6 +257,7 @@ impl TestAgent {
             broker_port: None,
             data_dir: None,
             sources: Vec::new(),
+            models: Vec::new(),
             sections: BTreeMap::new(),
         }
     }

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 pub use agent::{Metrics, TestAgent, TestAgentBuilder, parse_prometheus, tail};
 pub use broker::TestBroker;
 pub use postgres::{PG_BIN_DIR, TestPostgres};
-pub use subscriber::{RecordSeen, StreamLog, Subscriber, SubscriberView};
+pub use subscriber::{InferenceLog, RecordSeen, StreamLog, Subscriber, SubscriberView};
 
 /// The subscription filter for everything agents publish (`ember/v1/<device>/<channel>`).
 pub const ALL_TOPICS: &str = "ember/v1/#";

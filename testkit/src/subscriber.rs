@@ -22,8 +22,11 @@
 //!   stream strictly in seq order on one connection, and the broker keeps that order, so a new
 //!   record below the high-water mark means one was overtaken, or a lower number was assigned
 //!   after a higher one.)
-//! * **decode error**: a payload `decode_telemetry` or `decode_status` rejects (bad encoding,
-//!   wrong version, bad CRC, seqs not increasing inside one message).
+//! * **decode error**: a payload `decode_telemetry`, `decode_inference` or `decode_status`
+//!   rejects (bad encoding, wrong version, bad CRC, seqs not increasing inside one message).
+//!
+//! Inference results (`ember/v1/{device}/inference`) get their own ledger per `(device,
+//! inference stream)` ([`InferenceLog`]), with the same duplicate/conflict/order rules.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;
@@ -32,8 +35,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ember_proto::message::{decode_status, decode_telemetry};
-use ember_proto::{Channel, Encoding, Status, Topic};
+use ember_proto::message::{decode_inference, decode_status, decode_telemetry};
+use ember_proto::{Channel, Encoding, InferenceRecord, Status, Topic};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 /// How long `start` waits for the first SUBACK.
@@ -108,11 +111,38 @@ impl StreamLog {
     }
 }
 
+/// The ledger of one `(device, inference stream)`: every result, first copy, by seq.
+#[derive(Debug, Clone, Default)]
+pub struct InferenceLog {
+    /// The source stream the results are about.
+    pub source: String,
+    pub records: BTreeMap<u64, InferenceRecord>,
+    pub duplicates: u64,
+    /// Duplicates whose content differs from the first copy (a reused seq: always a bug).
+    pub conflicts: u64,
+    pub order_violations: u64,
+    pub messages: u64,
+}
+
+impl InferenceLog {
+    pub fn unique(&self) -> u64 {
+        self.records.len() as u64
+    }
+
+    /// Whether exactly the seqs `1..=n` were received, `n` being the highest.
+    pub fn is_contiguous(&self) -> bool {
+        self.records.keys().next_back().copied().unwrap_or(0) == self.unique()
+    }
+}
+
 /// Everything the subscriber has seen so far.
 #[derive(Debug, Clone, Default)]
 pub struct SubscriberView {
     /// Keyed by `(device, stream)`.
     pub streams: BTreeMap<(String, String), StreamLog>,
+    /// Inference results keyed by `(device, inference stream)`.
+    pub inference: BTreeMap<(String, String), InferenceLog>,
+    pub inference_messages: u64,
     /// The last status message per device.
     pub statuses: BTreeMap<String, Status>,
     pub status_messages: u64,
@@ -141,6 +171,11 @@ impl SubscriberView {
     /// Distinct seqs received for a stream (0 if none).
     pub fn unique(&self, device: &str, stream: &str) -> u64 {
         self.stream(device, stream).map_or(0, StreamLog::unique)
+    }
+
+    pub fn inference(&self, device: &str, stream: &str) -> Option<&InferenceLog> {
+        self.inference
+            .get(&(device.to_string(), stream.to_string()))
     }
 
     pub fn status(&self, device: &str) -> Option<&Status> {
@@ -224,7 +259,34 @@ impl SubscriberView {
                 Err(e) => self.decode_error(topic, &e.to_string()),
             },
             Channel::Heartbeat => self.heartbeats += 1,
-            Channel::Inference => {}
+            Channel::Inference => match decode_inference(payload) {
+                Ok((batch, _)) => {
+                    self.inference_messages += 1;
+                    let log = self
+                        .inference
+                        .entry((batch.device.clone(), batch.stream.clone()))
+                        .or_default();
+                    log.messages += 1;
+                    log.source.clone_from(&batch.source);
+                    for r in batch.records {
+                        match log.records.get(&r.seq) {
+                            Some(first) => {
+                                log.duplicates += 1;
+                                if *first != r {
+                                    log.conflicts += 1;
+                                }
+                            }
+                            None => {
+                                if log.records.keys().next_back().is_some_and(|h| r.seq < *h) {
+                                    log.order_violations += 1;
+                                }
+                                log.records.insert(r.seq, r);
+                            }
+                        }
+                    }
+                }
+                Err(e) => self.decode_error(topic, &e.to_string()),
+            },
         }
     }
 

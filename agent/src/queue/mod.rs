@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! <data_dir>/queue/                 the live sled database (one tree)
-//!     'r' stream_id:u32be seq:u64be  -> StoredRecord (crc32 | v1 | ts_us | n | f32 × n)
+//!     'r' stream_id:u32be seq:u64be  -> a stored record, one of two versions (below)
 //!     'm' stream_id:u32be            -> StreamMeta JSON {name, next_seq, evicted ranges}
 //! <data_dir>/queue.seq              sequence reservations per stream (JSON, replaced atomically)
 //! <data_dir>/queue.mark             highest durable seq per stream, as last seen (JSON, replaced
@@ -14,6 +14,22 @@
 //! <data_dir>/queue.old/             a finished compaction's old copy (removed at open)
 //! <data_dir>/queue.corrupt-<unix>/  a database that could not be opened, kept for inspection
 //! ```
+//!
+//! # Stored record versions
+//!
+//! The byte after the CRC says what a value holds; both are covered by a CRC32 over the key
+//! followed by everything after the CRC field, so damage and misplaced values are detected.
+//!
+//! ```text
+//! v1 sample     crc32:u32le | 1 | ts_us:u64le | n:u16le | n × f32le      (ember_proto::StoredRecord)
+//! v2 inference  crc32:u32le | 2 | ts_us:u64le | len:u32le | len bytes of JSON
+//!               {"source": "<source stream>", "record": <ember_proto::InferenceRecord>}
+//! ```
+//!
+//! A queue written before v2 existed holds only v1 values and opens unchanged. A v2 record's
+//! `record.seq` is not meaningful on disk: the key's seq is the record's number. A stream
+//! holds one kind only (inference streams are named `{source}.{model}`), and a reader MUST
+//! treat an unknown version as corrupt (counted and skipped, never a crash).
 //!
 //! # Lifecycle
 //!
@@ -61,7 +77,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use ember_proto::{EvictedRange, StoredRecord, StreamStatus};
+use ember_proto::{EvictedRange, InferenceRecord, ProtoError, StoredRecord, StreamStatus};
 pub use engine::{Engine, Entry, SledEngine};
 
 use crate::config::{FsyncPolicy, FullPolicy, QueueSettings};
@@ -199,7 +215,138 @@ pub struct ResetInfo {
 }
 
 /// Records read for sending: `(seq, record)` in increasing `seq` order.
-pub type ReadBatch = Vec<(u64, StoredRecord)>;
+pub type ReadBatch = Vec<(u64, QueuedRecord)>;
+
+/// Version byte of a stored inference result (see the module docs).
+const INFERENCE_VERSION: u8 = 2;
+/// Header of a v2 value: crc, version, ts_us, payload length.
+const INFERENCE_HEADER: usize = 4 + 1 + 8 + 4;
+
+/// A stored record as read back: a sample (`values`), or an inference result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedRecord {
+    pub ts_us: u64,
+    /// A sample's values (empty for an inference result).
+    pub values: Vec<f32>,
+    pub inference: Option<StoredInference>,
+}
+
+/// The payload of a v2 record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredInference {
+    /// The sensor stream whose window was evaluated.
+    pub source: String,
+    pub record: InferenceRecord,
+}
+
+/// Something the queue can store: it names its stream and encodes its value under a key.
+pub trait Enqueue {
+    fn stream(&self) -> &Arc<str>;
+    /// The encoded value (with its CRC over `key`).
+    fn encode(&self, key: &[u8]) -> Vec<u8>;
+    /// Bytes it counts against the byte cap (key + value).
+    fn size(&self) -> u64;
+}
+
+impl Enqueue for Sample {
+    fn stream(&self) -> &Arc<str> {
+        &self.stream
+    }
+    fn encode(&self, key: &[u8]) -> Vec<u8> {
+        StoredRecord::encode(key, self.ts_us, &self.values)
+    }
+    fn size(&self) -> u64 {
+        Queue::record_size(self.values.len())
+    }
+}
+
+/// An inference result on its way into the queue (stream `{source}.{model}`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferenceItem {
+    pub stream: Arc<str>,
+    pub ts_us: u64,
+    /// The JSON of a [`StoredInference`].
+    pub payload: Vec<u8>,
+}
+
+impl InferenceItem {
+    pub fn new(stream: Arc<str>, stored: &StoredInference) -> Result<Self, serde_json::Error> {
+        Ok(InferenceItem {
+            stream,
+            ts_us: stored.record.ts,
+            payload: serde_json::to_vec(stored)?,
+        })
+    }
+}
+
+impl Enqueue for InferenceItem {
+    fn stream(&self) -> &Arc<str> {
+        &self.stream
+    }
+    fn encode(&self, key: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(INFERENCE_HEADER + self.payload.len());
+        out.extend_from_slice(&[0; 4]);
+        out.push(INFERENCE_VERSION);
+        out.extend_from_slice(&self.ts_us.to_le_bytes());
+        // A payload is a few hundred bytes; u32 cannot overflow for anything we produce.
+        out.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.payload);
+        let mut h = crc32fast::Hasher::new();
+        h.update(key);
+        h.update(&out[4..]);
+        let crc = h.finalize();
+        out[..4].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+    fn size(&self) -> u64 {
+        (KEY_LEN + INFERENCE_HEADER + self.payload.len()) as u64
+    }
+}
+
+/// Decodes a stored value of either version (see the module docs).
+pub fn decode_value(key: &[u8], bytes: &[u8]) -> Result<QueuedRecord, ProtoError> {
+    if bytes.get(4) != Some(&INFERENCE_VERSION) {
+        return StoredRecord::decode(key, bytes).map(|r| QueuedRecord {
+            ts_us: r.ts_us,
+            values: r.values,
+            inference: None,
+        });
+    }
+    if bytes.len() < INFERENCE_HEADER {
+        return Err(ProtoError::Truncated {
+            needed: INFERENCE_HEADER,
+            found: bytes.len(),
+        });
+    }
+    let stored = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let mut h = crc32fast::Hasher::new();
+    h.update(key);
+    h.update(&bytes[4..]);
+    let computed = h.finalize();
+    if stored != computed {
+        return Err(ProtoError::Checksum { stored, computed });
+    }
+    let mut ts = [0u8; 8];
+    ts.copy_from_slice(&bytes[5..13]);
+    let len = u32::from_le_bytes([bytes[13], bytes[14], bytes[15], bytes[16]]) as usize;
+    let needed = INFERENCE_HEADER + len;
+    if bytes.len() != needed {
+        return Err(ProtoError::Truncated {
+            needed,
+            found: bytes.len(),
+        });
+    }
+    let inference: StoredInference =
+        serde_json::from_slice(&bytes[INFERENCE_HEADER..]).map_err(|e| ProtoError::Malformed {
+            encoding: "stored inference",
+            detail: e.to_string(),
+        })?;
+    Ok(QueuedRecord {
+        ts_us: u64::from_le_bytes(ts),
+        values: Vec::new(),
+        inference: Some(inference),
+    })
+}
 
 /// Result of an append: how many samples were taken. With `full_policy = block` a full queue
 /// takes fewer than offered; the caller waits for [`Queue::space_freed`] and offers the rest.
@@ -495,7 +642,7 @@ fn load_state(
                     Err(e) => tracing::error!(stream_id = sid, error = %e, "Stream metadata is unreadable; its records will be dropped as corrupt."),
                 }
             } else if let Some((sid, seq)) = parse_record_key(k) {
-                match StoredRecord::decode(k, v) {
+                match decode_value(k, v) {
                     Ok(_) => {
                         let e = per_stream.entry(sid).or_default();
                         e.0 += 1;
@@ -631,7 +778,18 @@ impl Queue {
     /// Appends samples as one atomic batch, assigning sequence numbers, evicting (or refusing,
     /// under `block`) when the byte cap is reached, and making the batch durable according to
     /// the fsync policy before returning.
-    pub fn append(&self, samples: &[Sample]) -> Result<AppendOutcome, QueueError> {
+    pub fn append<T: Enqueue>(&self, samples: &[T]) -> Result<AppendOutcome, QueueError> {
+        self.append_numbered(samples, None)
+    }
+
+    /// [`Queue::append`], also pushing the sequence number given to each accepted item onto
+    /// `seqs` (in item order), so the writer can tell the inference thread which records it
+    /// windows. On an error `seqs` holds numbers that were not kept: ignore it.
+    pub fn append_numbered<T: Enqueue>(
+        &self,
+        samples: &[T],
+        mut seqs: Option<&mut Vec<u64>>,
+    ) -> Result<AppendOutcome, QueueError> {
         if samples.is_empty() {
             return Ok(AppendOutcome { accepted: 0 });
         }
@@ -647,7 +805,7 @@ impl Queue {
         let mut accepted = 0;
         let mut evicted = 0u64;
         let mut evicted_disk = 0u64;
-        let size_of = |s: &Sample| Self::record_size(s.values.len());
+        let size_of = |s: &T| s.size();
         let incoming: u64 = samples.iter().map(size_of).sum();
         // The disk is the other cap: below the free-space reserve, the live data may not grow.
         // sled reuses the space of deleted records, so evicting as much as arrives keeps its
@@ -709,14 +867,17 @@ impl Queue {
                 break;
             }
             budget -= size.min(budget);
-            let sid = self.stream_id(&mut g, &s.stream);
+            let sid = self.stream_id(&mut g, s.stream());
             let st = &mut g.streams[sid as usize];
             let seq = st.next_seq;
+            if let Some(seqs) = seqs.as_mut() {
+                seqs.push(seq);
+            }
             st.next_seq += 1;
             st.records += 1;
             st.bytes += size;
             let key = record_key(sid, seq);
-            let value = StoredRecord::encode(&key, s.ts_us, &s.values);
+            let value = s.encode(&key);
             puts.push((key.to_vec(), value));
             touched.insert(sid, seq);
             g.records += 1;
@@ -874,7 +1035,7 @@ impl Queue {
                 let from = *cursor.entry(sid).or_insert(st.sent_upto + 1);
                 let head = engine.scan(&record_key(sid, from), &record_key(sid, u64::MAX), 1)?;
                 if let Some((k, v)) = head.first() {
-                    let ts = StoredRecord::decode(k, v).map(|r| r.ts_us).unwrap_or(0);
+                    let ts = decode_value(k, v).map(|r| r.ts_us).unwrap_or(0);
                     let seq = parse_record_key(k).map_or(from, |(_, s)| s);
                     heads.push((ts, sid, seq));
                 }
@@ -894,7 +1055,7 @@ impl Queue {
                 let Some((_, seq)) = parse_record_key(&k) else {
                     continue;
                 };
-                let ts = StoredRecord::decode(&k, &v).map(|r| r.ts_us).unwrap_or(0);
+                let ts = decode_value(&k, &v).map(|r| r.ts_us).unwrap_or(0);
                 if i > 0 && ts > limit_ts {
                     break;
                 }
@@ -959,7 +1120,7 @@ impl Queue {
             let Some((_, seq)) = parse_record_key(&k) else {
                 continue;
             };
-            match StoredRecord::decode(&k, &v) {
+            match decode_value(&k, &v) {
                 Ok(r) => out.push((seq, r)),
                 Err(e) => {
                     tracing::warn!(stream = %st.name, seq, error = %e, "Dropping a corrupt queued record.");
@@ -1141,7 +1302,7 @@ impl Queue {
                     let Some((_, seq)) = parse_record_key(&k) else {
                         continue;
                     };
-                    let ts = StoredRecord::decode(&k, &v).map(|r| r.ts_us).unwrap_or(0);
+                    let ts = decode_value(&k, &v).map(|r| r.ts_us).unwrap_or(0);
                     if ts >= cutoff {
                         break 'stream;
                     }

@@ -13,5 +13,6 @@ mod delivery;
 mod disk;
 mod disk_full;
 mod eviction;
+mod inference;
 mod socket;
 mod tls;
