@@ -9,6 +9,7 @@
 //!   gaps), aggregates and rejects.
 //! * [`api`]: the REST API under `/api/v1`, its OpenAPI document and `/metrics`.
 //! * [`auth`]: hashed API tokens with `read` and `admin` scopes.
+//! * [`demo`]: `ember-fleet demo`: embedded broker (rumqttd), the service and real agents.
 //! * [`config`]: TOML + `EMBER_FLEET_*` overrides → validated [`config::Settings`].
 //!
 //! [`run`] wires them together; `main.rs` only parses arguments, sets up logging and signals,
@@ -18,6 +19,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod error;
 pub mod ingest;
 pub mod ledger;
