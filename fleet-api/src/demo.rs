@@ -170,7 +170,7 @@ pub async fn run(
     let outcome = started.await;
     if let (Ok(token), false) = (&outcome, shutdown.is_cancelled()) {
         // The token rides in the URL's fragment, which browsers never send to the server.
-        let url = format!("http://{http}/#token={token}");
+        let url = format!("http://{http}/dashboard/#token={token}");
         ready(&url);
         shutdown.cancelled().await;
     }

@@ -69,11 +69,14 @@ fn demo_brings_agents_online_with_models_and_stops_cleanly_on_sigint() {
         .split_whitespace()
         .find(|w| w.starts_with("http://"))
         .expect("the banner names the dashboard URL");
-    assert!(url.starts_with(&format!("http://127.0.0.1:{port}/#token=")), "{url}");
+    assert!(
+        url.starts_with(&format!("http://127.0.0.1:{port}/dashboard/#token=")),
+        "{url}"
+    );
     let token = url.split("#token=").nth(1).unwrap().to_string();
 
     // The dashboard is served, and the API (with the printed read token) lists the agents online.
-    let page = http::request(port, "GET", "/", None, None);
+    let page = http::request(port, "GET", "/dashboard/", None, None);
     assert_eq!(page.status, 200, "{}", page.body);
     assert!(page.body.contains("<html"), "{}", page.body);
     let devices = http::request(port, "GET", "/api/v1/devices", Some(&token), None);
@@ -91,7 +94,7 @@ fn demo_brings_agents_online_with_models_and_stops_cleanly_on_sigint() {
     for i in 1..=AGENTS {
         let device = format!("demo-{i:02}");
         for model in ["activity", "anomaly"] {
-            let path = format!("/api/v1/devices/{device}/inference?stream=motion.{model}");
+            let path = format!("/api/v1/devices/{device}/streams/motion.{model}/inference");
             loop {
                 let r = http::request(port, "GET", &path, Some(&token), None);
                 if r.status == 200 && r.json()["items"].as_array().is_some_and(|a| !a.is_empty()) {
