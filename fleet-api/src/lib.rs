@@ -13,6 +13,7 @@
 //! * [`rollout`]: the staged-rollout state machine (pure); [`rollout_store`] persists it with
 //!   its event history and the per-device desired-model outbox.
 //! * [`auth`]: hashed API tokens with `read` and `admin` scopes.
+//! * [`demo`]: `ember-fleet demo`: embedded broker (rumqttd), the service and real agents.
 //! * [`tls`], [`pki`]: HTTPS, mutual TLS to the broker, and the `ember-fleet pki` CA.
 //! * [`config`]: TOML + `EMBER_FLEET_*` overrides → validated [`config::Settings`].
 //!
@@ -23,6 +24,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod error;
 pub mod events;
 pub mod ingest;

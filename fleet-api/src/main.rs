@@ -38,6 +38,28 @@ enum Command {
     /// (also from a device's CSR) and a mutual-TLS Mosquitto config.
     #[command(subcommand)]
     Pki(ember_fleet::pki::PkiCommand),
+    /// Run the whole system locally: an embedded MQTT broker, this service on SQLite, and
+    /// several real agents replaying recorded sensor data through the committed models.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// How many agent processes to start.
+    #[arg(long, default_value_t = 4)]
+    agents: usize,
+    /// Where the API and dashboard listen.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// The demo's state (database, agent queues, generated configs); kept between runs.
+    #[arg(long, default_value = "ember-demo")]
+    data_dir: PathBuf,
+    /// The ember-agent binary (default: beside this executable, built with cargo if missing).
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
+    /// Replay speed relative to the recordings' real 10 Hz.
+    #[arg(long, default_value_t = 5.0)]
+    speed: f64,
 }
 
 #[derive(Subcommand)]
@@ -91,6 +113,7 @@ fn main() -> ExitCode {
         Command::Run => run(settings),
         Command::Token(cmd) => token(settings, cmd),
         Command::Pki(_) => Ok(()),
+        Command::Demo(args) => demo(settings, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -132,6 +155,34 @@ fn run(settings: Settings) -> anyhow::Result<()> {
         let force = CancellationToken::new();
         spawn_signal_handler(shutdown.clone(), force.clone())?;
         ember_fleet::run(settings, listener, shutdown, force).await?;
+        Ok(())
+    })
+}
+
+fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
+    // The embedded broker logs every connection and disconnection (some as errors); its start-up
+    // failures still surface as the demo's own error.
+    if settings.log.level == "info" {
+        settings.log.level = "info,rumqttd=off".into();
+    }
+    init_logging(&settings);
+    let opts = ember_fleet::demo::DemoOptions {
+        agents: args.agents,
+        listen: args.listen,
+        data_dir: args.data_dir,
+        agent_bin: args.agent_bin,
+        speed: args.speed,
+    };
+    let agents = opts.agents;
+    runtime()?.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let force = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone(), force.clone())?;
+        ember_fleet::demo::run(opts, shutdown, force, |url| {
+            println!("Ember demo: {agents} agents online. Dashboard: {url}  (Ctrl-C stops)");
+        })
+        .await?;
+        println!("Ember demo stopped.");
         Ok(())
     })
 }

@@ -9,6 +9,7 @@ mod support;
 mod api;
 mod browser;
 mod cli;
+mod demo;
 mod inference;
 mod ingest;
 mod live;

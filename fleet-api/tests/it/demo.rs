@@ -1,0 +1,151 @@
+//! `ember-fleet demo`, the README's first command: embedded broker, the service on SQLite and
+//! real agents running the committed models; online within 30 s; a clean stop on SIGINT.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ember_testkit::free_port;
+
+use crate::support::{agent_bin, fleet_bin, http};
+
+const AGENTS: usize = 3;
+
+#[test]
+fn demo_brings_agents_online_with_models_and_stops_cleanly_on_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let started = Instant::now();
+    let mut child = Command::new(fleet_bin())
+        .args(["demo", "--agents", &AGENTS.to_string(), "--speed", "20"])
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--agent-bin")
+        .arg(agent_bin())
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ember-fleet demo");
+
+    // Stdout carries the banner; stderr the logs (kept for the failure message).
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let stderr = child.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut l = log2.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+
+    // The banner appears only once every agent is online in the registry.
+    let banner = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!(
+                "no banner within 30 s; logs:\n{}",
+                log.lock().unwrap().as_str()
+            )
+        });
+    assert!(
+        banner.contains(&format!("{AGENTS} agents online")),
+        "{banner}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let url = banner
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("the banner names the dashboard URL");
+    assert!(
+        url.starts_with(&format!("http://127.0.0.1:{port}/dashboard/#token=")),
+        "{url}"
+    );
+    let token = url.split("#token=").nth(1).unwrap().to_string();
+
+    // The dashboard is served, and the API (with the printed read token) lists the agents online.
+    let page = http::request(port, "GET", "/dashboard/", None, None);
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("<html"), "{}", page.body);
+    let devices = http::request(port, "GET", "/api/v1/devices", Some(&token), None);
+    assert_eq!(devices.status, 200, "{}", devices.body);
+    let online = devices.json()["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|d| d["online"] == true)
+        .count();
+    assert_eq!(online, AGENTS, "{}", devices.body);
+
+    // Results of both committed models arrive from every agent.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in 1..=AGENTS {
+        let device = format!("demo-{i:02}");
+        for model in ["activity", "anomaly"] {
+            let path = format!("/api/v1/devices/{device}/streams/motion.{model}/inference");
+            loop {
+                let r = http::request(port, "GET", &path, Some(&token), None);
+                if r.status == 200 && r.json()["items"].as_array().is_some_and(|a| !a.is_empty()) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no {model} results from {device}: {} {}\nlogs:\n{}",
+                    r.status,
+                    r.body,
+                    log.lock().unwrap().as_str()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    // The read token cannot change anything.
+    let denied = http::request(
+        port,
+        "PUT",
+        "/api/v1/devices/demo-01/tags",
+        Some(&token),
+        Some(r#"{"tags":{"site":"x"}}"#),
+    );
+    assert_eq!(denied.status, 403, "{}", denied.body);
+
+    // SIGINT: agents drain and stop, then the fleet; the process exits 0.
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the demo did not stop within 30 s of SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        exit.success(),
+        "exit {exit}; logs:\n{}",
+        log.lock().unwrap().as_str()
+    );
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(rest.iter().any(|l| l.contains("Ember demo stopped")), "{rest:?}");
+    // No agent outlives the demo: each one's queue lock is free again.
+    for i in 1..=AGENTS {
+        let log = std::fs::read_to_string(dir.path().join(format!("agents/demo-{i:02}/agent.log")))
+            .unwrap();
+        assert!(log.contains("Stopped") || log.contains("stopped"), "demo-{i:02}:\n{log}");
+    }
+}
