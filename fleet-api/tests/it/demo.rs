@@ -132,7 +132,10 @@ fn demo_brings_agents_online_with_models_and_stops_cleanly_on_sigint() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "the demo did not stop within 30 s of SIGINT");
+        assert!(
+            Instant::now() < deadline,
+            "the demo did not stop within 30 s of SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(
@@ -141,11 +144,17 @@ fn demo_brings_agents_online_with_models_and_stops_cleanly_on_sigint() {
         log.lock().unwrap().as_str()
     );
     let rest: Vec<String> = rx.try_iter().collect();
-    assert!(rest.iter().any(|l| l.contains("Ember demo stopped")), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("Ember demo stopped")),
+        "{rest:?}"
+    );
     // No agent outlives the demo: each one's queue lock is free again.
     for i in 1..=AGENTS {
         let log = std::fs::read_to_string(dir.path().join(format!("agents/demo-{i:02}/agent.log")))
             .unwrap();
-        assert!(log.contains("Stopped") || log.contains("stopped"), "demo-{i:02}:\n{log}");
+        assert!(
+            log.contains("Stopped") || log.contains("stopped"),
+            "demo-{i:02}:\n{log}"
+        );
     }
 }
