@@ -336,7 +336,7 @@ fn forward_raw_anomalies_sends_windows_around_anomalies() {
 }
 
 fn slot(path: &Path, trusted: &TrustedKeys) -> ModelSlot {
-    let device = inference::device(Backend::Flex).unwrap();
+    let device = inference::device(Backend::Flex).expect("the flex device");
     let (b, model) = inference::prepare_bundle(path, trusted, &device).expect("bundle");
     ModelSlot {
         name: b.manifest().name.clone(),
