@@ -31,21 +31,22 @@ fn time<O>(name: &str, batch: usize, iters: usize, mut f: impl FnMut() -> O) {
     );
 }
 
-fn main() {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Device::flex();
     for name in ["activity-f32", "anomaly-f32"] {
         let path = format!("{}/bundles/{name}.bundle", env!("CARGO_MANIFEST_DIR"));
-        let bundle = ember_models::Bundle::read(&std::fs::read(&path).unwrap()).unwrap();
-        let model = ember_models::LoadedModel::load(&bundle, &device).unwrap();
+        let bundle = ember_models::Bundle::read(&std::fs::read(&path)?)?;
+        let model = ember_models::LoadedModel::load(&bundle, &device)?;
         for batch in [1usize, 32] {
             // The benchmark's input (bench/inference): the golden windows, cycled.
             let golden = &bundle.manifest().golden.vectors;
             let input: Vec<f32> = (0..batch)
                 .flat_map(|i| golden[i % golden.len()].input.iter().copied())
                 .collect();
+            model.infer(&input)?; // fails loudly here rather than silently in the loop
             let iters = if batch == 1 { 2000 } else { 200 };
             time(&format!("{name} LoadedModel::infer"), batch, iters, || {
-                model.infer(&input).unwrap()
+                model.infer(&input)
             });
         }
     }
@@ -99,4 +100,5 @@ fn main() {
             )
         });
     }
+    Ok(())
 }
