@@ -28,12 +28,6 @@ bash scripts/install-deps.sh || { echo "0 passed, 1 failed"; exit 1; }
 step fmt cargo fmt --all -- --check
 step clippy cargo clippy --workspace --all-targets -- -D warnings
 step host-tests cargo test --workspace --no-fail-fast
-# The committed model bundles' golden vectors on burn's wgpu backend (Mesa lavapipe without a
-# GPU); inference-only features, no autodiff, to keep the build short.
-step wgpu-golden cargo test -p ember-models --no-default-features --features wgpu --test wgpu_golden
-# ...and through the agent's own wgpu path (`inference.backend = "wgpu"`; same burn features, so
-# nothing of burn is rebuilt).
-step wgpu-agent cargo test -p ember-agent --features wgpu --lib golden_vectors
 step thumbv7em-proto cargo build -p ember-proto --no-default-features --target thumbv7em-none-eabihf
 step aarch64-tests cargo test -p ember-proto -p ember-ts -p ember-agent --lib --no-fail-fast --target aarch64-unknown-linux-gnu
 # armv7: a full check (build scripts, incl. ring's C, run with the cross compiler); aarch64 above
@@ -41,14 +35,14 @@ step aarch64-tests cargo test -p ember-proto -p ember-ts -p ember-agent --lib --
 step armv7-check cargo check -p ember-agent --bins --target armv7-unknown-linux-gnueabihf
 
 passed=0; failed=0
-for f in "$LOGS"/host-tests.log "$LOGS"/wgpu-golden.log "$LOGS"/wgpu-agent.log "$LOGS"/aarch64-tests.log; do
+for f in "$LOGS"/host-tests.log "$LOGS"/aarch64-tests.log; do
   [ -f "$f" ] || continue
   while read -r p q; do passed=$((passed + p)); failed=$((failed + q)); done < <(
     sed -nE 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' "$f")
 done
 # A failed build or check step counts as a failure too.
 for s in "${failed_steps[@]}"; do
-  case "$s" in host-tests|wgpu-golden|wgpu-agent|aarch64-tests) grep -q '^test result:' "$LOGS/$s.log" || failed=$((failed + 1)) ;; *) failed=$((failed + 1)) ;; esac
+  case "$s" in host-tests|aarch64-tests) grep -q '^test result:' "$LOGS/$s.log" || failed=$((failed + 1)) ;; *) failed=$((failed + 1)) ;; esac
 done
 [ ${#failed_steps[@]} -gt 0 ] && echo "Failed steps: ${failed_steps[*]}"
 echo "$passed passed, $failed failed"
