@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Ember's whole test suite (the README's second command). On a fresh Debian 12 machine with the
 # Rust toolchain it installs what it needs, then runs: format and lint checks, every host test
-# (unit, property and system tests against real Mosquitto brokers), the agent's and proto's
+# (unit, property and system tests against real Mosquitto brokers, PostgreSQL clusters, the
+# fleet's Python peers and headless Chromium), the agent's and proto's
 # unit tests for aarch64 under qemu-aarch64, an armv7 check of the agent, and a no_std build of
 # ember-proto for Cortex-M4F. It ends with a plain "N passed, N failed" line.
 set -uo pipefail
