@@ -607,6 +607,7 @@ impl Uplink {
             }),
             counters: Some(self.metrics.snapshot()),
             streams: self.queue.stream_status(),
+            ota: Vec::new(),
         }
     }
 

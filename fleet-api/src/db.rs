@@ -39,6 +39,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/sqlite/0002_inference.sql"),
     ),
     (3, "ota", include_str!("../migrations/sqlite/0003_ota.sql")),
+    (
+        4,
+        "models",
+        include_str!("../migrations/sqlite/0004_models.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -55,6 +60,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "ota",
         include_str!("../migrations/postgres/0003_ota.sql"),
+    ),
+    (
+        4,
+        "models",
+        include_str!("../migrations/postgres/0004_models.sql"),
     ),
 ];
 

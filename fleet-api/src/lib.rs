@@ -12,6 +12,7 @@
 //! * [`events`]: what ingestion committed, fanned out to the live event streams.
 //! * [`rollout`]: the staged-rollout state machine (pure); [`rollout_store`] persists it with
 //!   its event history and the per-device desired-model outbox.
+//! * [`registry`]: verified model bundles (rows in `models`, bytes in the blob store).
 //! * [`auth`]: hashed API tokens with `read` and `admin` scopes.
 //! * [`demo`]: `ember-fleet demo`: embedded broker (rumqttd), the service and real agents.
 //! * [`tls`], [`pki`]: HTTPS, mutual TLS to the broker, and the `ember-fleet pki` CA.
@@ -32,6 +33,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod pki;
 pub mod ranges;
+pub mod registry;
 pub mod retention;
 pub mod rollout;
 pub mod rollout_store;

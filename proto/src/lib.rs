@@ -4,6 +4,7 @@
 //! * [`record`]: the record envelope (device, stream, per-stream sequence number, capture
 //!   timestamp, CRC32) and the compact binary form the agent stores on disk.
 //! * [`acl`]: the broker ACL (per-device topic confinement) the topic scheme implies.
+//! * [`ota`]: the desired-model state the fleet sends and the OTA reports agents return.
 //! * [`message`]: versioned messages (telemetry and inference batches, status, heartbeat) and their
 //!   JSON / CBOR encodings.
 //!
@@ -14,6 +15,7 @@ extern crate alloc;
 
 pub mod acl;
 pub mod message;
+pub mod ota;
 pub mod record;
 pub mod topic;
 
@@ -22,6 +24,7 @@ pub use message::{
     InferenceRecord, Message, QueueGauge, SCHEMA_VERSION, Status, StreamStatus, TelemetryBatch,
     WireRecord,
 };
+pub use ota::{DesiredModel, DesiredState, OtaReport, OtaState, ShadowPolicy};
 pub use record::{Record, StoredRecord};
 pub use topic::{Channel, Topic};
 

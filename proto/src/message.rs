@@ -340,6 +340,10 @@ pub struct Status {
     pub counters: Option<AgentCounters>,
     #[serde(default)]
     pub streams: Vec<StreamStatus>,
+    /// Over-the-air installs the fleet asked for, one entry per model (the latest desired
+    /// version), see [`crate::ota`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ota: Vec<crate::ota::OtaReport>,
 }
 
 impl Status {
@@ -355,6 +359,7 @@ impl Status {
             queue: None,
             counters: None,
             streams: Vec::new(),
+            ota: Vec::new(),
         }
     }
 }
@@ -517,6 +522,16 @@ mod codec {
         Ok((h, enc))
     }
 
+    /// Decodes and validates a desired state (version, names, digests, thresholds).
+    pub fn decode_desired(
+        payload: &[u8],
+    ) -> Result<(crate::ota::DesiredState, Encoding), ProtoError> {
+        let (d, enc) = decode::<crate::ota::DesiredState>(payload)?;
+        check_version(d.v)?;
+        d.validate()?;
+        Ok((d, enc))
+    }
+
     /// Decodes a status message and checks its version.
     pub fn decode_status(payload: &[u8]) -> Result<(Status, Encoding), ProtoError> {
         let (s, enc) = decode::<Status>(payload)?;
@@ -527,7 +542,8 @@ mod codec {
 
 #[cfg(feature = "std")]
 pub use codec::{
-    decode, decode_heartbeat, decode_inference, decode_status, decode_telemetry, encode,
+    decode, decode_desired, decode_heartbeat, decode_inference, decode_status, decode_telemetry,
+    encode,
 };
 
 #[cfg(all(test, feature = "json", feature = "cbor"))]
