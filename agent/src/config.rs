@@ -55,6 +55,11 @@ pub const DEFAULT_INFERENCE_MAX_DELAY_MS: u64 = 20;
 pub const DEFAULT_ANOMALY_CONTEXT_WINDOWS: usize = 1;
 /// Samples waiting for the inference thread; beyond it samples bypass inference (counted).
 pub const DEFAULT_INFERENCE_QUEUE_SAMPLES: usize = 16_384;
+/// Largest model bundle an OTA download may bring (the desired state's size caps it further).
+pub const DEFAULT_OTA_MAX_BUNDLE_BYTES: u64 = 64 * 1024 * 1024;
+/// Crash-loop protection: this many starts within the window after a switch roll it back.
+pub const DEFAULT_OTA_CRASH_LOOP_RESTARTS: u32 = 3;
+pub const DEFAULT_OTA_CRASH_LOOP_WINDOW_S: u64 = 300;
 
 /// What went wrong, and where.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +107,22 @@ pub struct RawConfig {
     pub inference: RawInference,
     #[serde(default, rename = "model")]
     pub models: Vec<RawModel>,
+    #[serde(default)]
+    pub ota: RawOta,
+}
+
+/// `[ota]`: over-the-air model updates (`crate::ota`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOta {
+    pub enabled: Option<bool>,
+    pub fleet_url: Option<String>,
+    pub insecure: Option<bool>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub max_bundle_bytes: Option<u64>,
+    pub crash_loop_restarts: Option<u32>,
+    pub crash_loop_window_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -213,6 +234,26 @@ pub struct Settings {
     pub sources: Vec<SourceSettings>,
     pub inference: InferenceSettings,
     pub models: Vec<ModelSettings>,
+    pub ota: OtaSettings,
+}
+
+/// Over-the-air model updates (see `crate::ota`).
+#[derive(Debug, Clone, Serialize)]
+pub struct OtaSettings {
+    /// Whether the agent follows `ember/v1/{device}/desired` (default: when `fleet_url` is set).
+    pub enabled: bool,
+    /// `http(s)://host[:port][/prefix]` without a trailing slash: the base of the relative
+    /// download URLs in the desired state.
+    pub fleet_url: Option<String>,
+    /// Plain HTTP to a fleet that is not on this machine (development only).
+    pub insecure: bool,
+    /// File holding the device's API token, sent as `Authorization: Bearer` to the fleet only.
+    pub token_file: Option<PathBuf>,
+    /// PEM CA(s) for HTTPS downloads; `None`: the public web PKI.
+    pub ca_file: Option<PathBuf>,
+    pub max_bundle_bytes: u64,
+    pub crash_loop_restarts: u32,
+    pub crash_loop_window_s: u64,
 }
 
 /// Which burn backend runs the models.
@@ -679,6 +720,7 @@ impl Settings {
             sources.push(src);
         }
         let (inference, models) = resolve_inference(raw.inference, raw.models, &streams)?;
+        let ota = resolve_ota(raw.ota)?;
         Ok(Settings {
             device_id,
             data_dir,
@@ -690,6 +732,7 @@ impl Settings {
             sources,
             inference,
             models,
+            ota,
         })
     }
 
@@ -808,6 +851,108 @@ fn resolve_inference(
         },
         models,
     ))
+}
+
+/// A URL's scheme and host, for `http(s)://host[:port][/path]`; `None` if it is not one.
+pub fn url_origin(url: &str) -> Option<(&'static str, String)> {
+    let (scheme, rest) = if let Some(r) = url.strip_prefix("https://") {
+        ("https", r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        ("http", r)
+    } else {
+        return None;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.is_empty() || authority.contains('@') || authority.contains(char::is_whitespace) {
+        return None;
+    }
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        format!("[{}]", v6.split(']').next().unwrap_or_default())
+    } else {
+        authority.split(':').next().unwrap_or_default().to_string()
+    };
+    if host.is_empty() || host == "[]" {
+        return None;
+    }
+    Some((scheme, host))
+}
+
+fn resolve_ota(raw: RawOta) -> Result<OtaSettings, ConfigError> {
+    let insecure = raw.insecure.unwrap_or(false);
+    let fleet_url = match raw.fleet_url {
+        None => None,
+        Some(u) => {
+            let u = u.trim_end_matches('/').to_string();
+            let Some((scheme, host)) = url_origin(&u) else {
+                return Err(invalid(
+                    "ota.fleet_url",
+                    format!("{u:?} is not an http(s) URL: use e.g. \"https://fleet.example.com:8443\""),
+                ));
+            };
+            if scheme == "http" && !insecure && !crate::tls::is_loopback(&host) {
+                return Err(invalid(
+                    "ota.fleet_url",
+                    format!(
+                        "{u:?} is plain HTTP to {host}, which is not this machine: use https:// (or, for development only, set ota.insecure = true)"
+                    ),
+                ));
+            }
+            Some(u)
+        }
+    };
+    let enabled = raw.enabled.unwrap_or(fleet_url.is_some());
+    if let Some(token) = &raw.token_file {
+        crate::tls::check_key_permissions(token)
+            .map_err(|m| invalid("ota.token_file", m.replace("private key", "token file")))?;
+        let text = std::fs::read_to_string(token)
+            .map_err(|e| invalid("ota.token_file", format!("cannot read {}: {e}", token.display())))?;
+        let t = text.trim();
+        if t.is_empty() || t.contains(char::is_whitespace) {
+            return Err(invalid(
+                "ota.token_file",
+                format!("{} must hold one token on one line", token.display()),
+            ));
+        }
+    }
+    if let Some(ca) = &raw.ca_file {
+        std::fs::metadata(ca)
+            .map_err(|e| invalid("ota.ca_file", format!("cannot read {}: {e}", ca.display())))?;
+    }
+    let max_bundle_bytes = raw.max_bundle_bytes.unwrap_or(DEFAULT_OTA_MAX_BUNDLE_BYTES);
+    if !(1024..=16 * 1024 * 1024 * 1024).contains(&max_bundle_bytes) {
+        return Err(invalid(
+            "ota.max_bundle_bytes",
+            format!("{max_bundle_bytes} is out of range: use 1024-17179869184"),
+        ));
+    }
+    let crash_loop_restarts = raw
+        .crash_loop_restarts
+        .unwrap_or(DEFAULT_OTA_CRASH_LOOP_RESTARTS);
+    if !(1..=100).contains(&crash_loop_restarts) {
+        return Err(invalid(
+            "ota.crash_loop_restarts",
+            format!("{crash_loop_restarts} is out of range: use 1-100"),
+        ));
+    }
+    let crash_loop_window_s = raw
+        .crash_loop_window_s
+        .unwrap_or(DEFAULT_OTA_CRASH_LOOP_WINDOW_S);
+    if !(1..=86_400).contains(&crash_loop_window_s) {
+        return Err(invalid(
+            "ota.crash_loop_window_s",
+            format!("{crash_loop_window_s} is out of range: use 1-86400 seconds"),
+        ));
+    }
+    Ok(OtaSettings {
+        enabled,
+        fleet_url,
+        insecure,
+        token_file: raw.token_file,
+        ca_file: raw.ca_file,
+        max_bundle_bytes,
+        crash_loop_restarts,
+        crash_loop_window_s,
+    })
 }
 
 fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError> {
@@ -949,8 +1094,8 @@ fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError>
 }
 
 /// `EMBER_*` variables that are not config overrides: the config file's path and the log
-/// filter, both read by the binary itself.
-pub const RESERVED_ENV: [&str; 2] = ["EMBER_CONFIG", "EMBER_LOG"];
+/// filter, both read by the binary itself, and the OTA test-only fault hook (`crate::ota`).
+pub const RESERVED_ENV: [&str; 3] = ["EMBER_CONFIG", "EMBER_LOG", crate::ota::FAULT_ENV];
 
 /// Applies `EMBER_*` overrides onto the parsed file.
 fn apply_env(
@@ -1124,6 +1269,67 @@ mod tests {
             let e = err(&text);
             assert!(e.contains(key), "{text}: {e} should name {key}");
         }
+    }
+
+    #[test]
+    fn ota_keys_resolve_and_name_the_key_when_invalid() {
+        let s = load(MIN).unwrap();
+        assert!(!s.ota.enabled, "no fleet_url: OTA is off by default");
+        let s = load(&format!("{MIN}[ota]\nfleet_url = \"https://fleet:8443/\"\n")).unwrap();
+        assert!(s.ota.enabled);
+        assert_eq!(s.ota.fleet_url.as_deref(), Some("https://fleet:8443"));
+        assert_eq!(s.ota.crash_loop_restarts, DEFAULT_OTA_CRASH_LOOP_RESTARTS);
+        let s = load(&format!("{MIN}[ota]\nfleet_url = \"http://127.0.0.1:8080\"\n")).unwrap();
+        assert!(s.ota.enabled, "plain HTTP to loopback is fine");
+        let env = Settings::from_toml(
+            MIN,
+            "t",
+            vec![("EMBER_OTA__CRASH_LOOP_RESTARTS".into(), "5".into())],
+        )
+        .unwrap();
+        assert_eq!(env.ota.crash_loop_restarts, 5);
+        let dir = tempfile_dir();
+        let token = dir.join("token");
+        std::fs::write(&token, "secret-token\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let cases = [
+            (format!("{MIN}[ota]\nfleet_url = \"ftp://x\"\n"), "ota.fleet_url"),
+            (
+                format!("{MIN}[ota]\nfleet_url = \"http://fleet.example.com\"\n"),
+                "ota.insecure",
+            ),
+            (format!("{MIN}[ota]\ncrash_loop_restarts = 0\n"), "ota.crash_loop_restarts"),
+            (format!("{MIN}[ota]\ncrash_loop_window_s = 0\n"), "ota.crash_loop_window_s"),
+            (format!("{MIN}[ota]\nmax_bundle_bytes = 5\n"), "ota.max_bundle_bytes"),
+            (
+                format!("{MIN}[ota]\ntoken_file = {:?}\n", token.display().to_string()),
+                "ota.token_file",
+            ),
+            (format!("{MIN}[ota]\nurl = \"x\"\n"), "url"),
+        ];
+        for (text, key) in cases {
+            let e = err(&text);
+            assert!(e.contains(key), "{text}: {e} should name {key}");
+        }
+        assert!(!err(&cases_token(&token)).contains("secret-token"));
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        load(&cases_token(&token)).expect("a private token file is accepted");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn cases_token(token: &Path) -> String {
+        format!("{MIN}[ota]\ntoken_file = {:?}\n", token.display().to_string())
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "ember-config-test-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
     }
 
     #[test]

@@ -29,6 +29,12 @@
 //!   new bundle and runs its golden vectors *before* handing it to the thread, which installs it
 //!   between two model calls: every window is evaluated exactly once, results before carry
 //!   the old version and results after the new one. A refused bundle changes nothing.
+//! * **Shadow evaluation** ([`InferenceHandle::shadow`], for OTA) runs a candidate model on the
+//!   same batches as the serving one, after the serving model's call and on the same thread: it
+//!   never changes the serving model's results or their order, and capture still never waits
+//!   (a slower thread only means more windows skipped, as above). The comparison (same class
+//!   label; same anomaly verdict) and both models' latencies come back once `windows` windows
+//!   have been compared.
 //! * Windows are `window` samples long, one every `hop` samples, per the manifest; a window
 //!   is laid out `[channel][sample]` as [`LoadedModel::infer`] expects.
 
@@ -324,12 +330,62 @@ struct SwapRequest {
     done: std::sync::mpsc::Sender<()>,
 }
 
+/// What the OTA client asks of the inference thread, between batches.
+enum Control {
+    Swap(SwapRequest),
+    Shadow(ShadowRequest),
+    CancelShadow(Arc<str>),
+}
+
+struct ShadowRequest {
+    stream: Arc<str>,
+    model: LoadedModel,
+    windows: u32,
+    done: std::sync::mpsc::Sender<ShadowOutcome>,
+}
+
+/// How a candidate model compared with the serving one on the same live windows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowOutcome {
+    /// Windows compared.
+    pub windows: u32,
+    /// Windows on which both gave the same class label (classifiers) or anomaly verdict.
+    pub agreed: u32,
+    /// Time spent in the serving model's and the candidate's calls on the compared batches.
+    pub serving_us: u64,
+    pub candidate_us: u64,
+    /// The candidate failed to evaluate a batch (the comparison stopped there).
+    pub error: Option<String>,
+}
+
+impl ShadowOutcome {
+    pub fn agreement(&self) -> f64 {
+        if self.windows == 0 {
+            0.0
+        } else {
+            f64::from(self.agreed) / f64::from(self.windows)
+        }
+    }
+
+    /// Mean candidate latency over mean serving latency, on the same batches.
+    pub fn latency_ratio(&self) -> f64 {
+        self.candidate_us.max(1) as f64 / self.serving_us.max(1) as f64
+    }
+}
+
+struct Shadow {
+    model: LoadedModel,
+    want: u32,
+    outcome: ShadowOutcome,
+    done: std::sync::mpsc::Sender<ShadowOutcome>,
+}
+
 /// Feeds the inference thread and swaps its models. Cloneable; the thread stops once every
 /// handle's tap side is gone (see [`InferenceHandle::close_taps`]).
 #[derive(Clone)]
 pub struct InferenceHandle {
     taps: Option<SyncSender<Tap>>,
-    swaps: std::sync::mpsc::Sender<SwapRequest>,
+    swaps: std::sync::mpsc::Sender<Control>,
     active: Arc<Mutex<Vec<ModelSlot>>>,
     metrics: Arc<Metrics>,
     trusted: Arc<TrustedKeys>,
@@ -369,6 +425,44 @@ impl InferenceHandle {
     /// model of inference stream `stream` between two batches. Returns once it serves. A bad
     /// bundle is refused and the current model keeps serving.
     pub fn swap(&self, stream: &str, bundle: &Path) -> Result<(), SwapError> {
+        let slot = self.candidate(stream, bundle)?;
+        let (done, wait) = std::sync::mpsc::channel();
+        self.swaps
+            .send(Control::Swap(SwapRequest { slot, done }))
+            .map_err(|_| SwapError::Stopped)?;
+        wait.recv().map_err(|_| SwapError::Stopped)
+    }
+
+    /// Verifies `bundle` like [`InferenceHandle::swap`], then runs it beside the model of
+    /// `stream` on that model's next `windows` windows without changing what is served. The
+    /// outcome arrives on the returned channel once `windows` windows were compared (a newer
+    /// shadow request for the same stream replaces this one, closing the channel).
+    pub fn shadow(
+        &self,
+        stream: &str,
+        bundle: &Path,
+        windows: u32,
+    ) -> Result<Receiver<ShadowOutcome>, SwapError> {
+        let slot = self.candidate(stream, bundle)?;
+        let (done, wait) = std::sync::mpsc::channel();
+        self.swaps
+            .send(Control::Shadow(ShadowRequest {
+                stream: slot.stream.clone(),
+                model: slot.model,
+                windows: windows.max(1),
+                done,
+            }))
+            .map_err(|_| SwapError::Stopped)?;
+        Ok(wait)
+    }
+
+    /// Stops a shadow evaluation of `stream`, if one runs.
+    pub fn cancel_shadow(&self, stream: &str) {
+        let _ = self.swaps.send(Control::CancelShadow(stream.into()));
+    }
+
+    /// The bundle at `bundle`, verified and loaded, as a replacement for the model of `stream`.
+    fn candidate(&self, stream: &str, bundle: &Path) -> Result<ModelSlot, SwapError> {
         let (b, model) = prepare_bundle(bundle, &self.trusted, &self.device)?;
         let current = lock(&self.active)
             .iter()
@@ -400,11 +494,7 @@ impl InferenceHandle {
                 new: slot.input_text(),
             });
         }
-        let (done, wait) = std::sync::mpsc::channel();
-        self.swaps
-            .send(SwapRequest { slot, done })
-            .map_err(|_| SwapError::Stopped)?;
-        wait.recv().map_err(|_| SwapError::Stopped)
+        Ok(slot)
     }
 }
 
@@ -559,6 +649,8 @@ struct Engine {
     out: tokio::sync::mpsc::Sender<Produced>,
     active: Arc<Mutex<Vec<ModelSlot>>>,
     last_error_log: Option<Instant>,
+    /// Candidate models under shadow evaluation, by inference stream.
+    shadows: HashMap<Arc<str>, Shadow>,
 }
 
 impl Engine {
@@ -601,10 +693,11 @@ impl Engine {
             out,
             active,
             last_error_log: None,
+            shadows: HashMap::new(),
         }
     }
 
-    fn run(mut self, taps: Receiver<Tap>, swaps: Receiver<SwapRequest>) {
+    fn run(mut self, taps: Receiver<Tap>, swaps: Receiver<Control>) {
         loop {
             // Swaps land here, between batches: never inside one.
             while let Ok(req) = swaps.try_recv() {
@@ -642,7 +735,33 @@ impl Engine {
         }
     }
 
-    fn install(&mut self, req: SwapRequest) {
+    fn install(&mut self, control: Control) {
+        let req = match control {
+            Control::Swap(req) => req,
+            Control::Shadow(req) => {
+                tracing::info!(stream = %req.stream, windows = req.windows, "Shadow evaluation started.");
+                self.shadows.insert(
+                    req.stream,
+                    Shadow {
+                        model: req.model,
+                        want: req.windows,
+                        outcome: ShadowOutcome {
+                            windows: 0,
+                            agreed: 0,
+                            serving_us: 0,
+                            candidate_us: 0,
+                            error: None,
+                        },
+                        done: req.done,
+                    },
+                );
+                return;
+            }
+            Control::CancelShadow(stream) => {
+                self.shadows.remove(&stream);
+                return;
+            }
+        };
         if let Some(i) = self.slots.iter().position(|s| s.stream == req.slot.stream) {
             tracing::info!(
                 stream = %req.slot.stream, from = %self.slots[i].version, to = %req.slot.version,
@@ -782,6 +901,11 @@ impl Engine {
             OutputSpec::Classes { labels } => labels.clone(),
             OutputSpec::AnomalyScore { .. } => Vec::new(),
         };
+        if !self.shadows.is_empty() {
+            let stream = s.stream.clone();
+            self.shadow_batch(&stream, &input, &output, &labels, latency);
+        }
+        let s = &self.slots[slot];
         let (name, version, stream, source) = (
             s.name.clone(),
             s.version.clone(),
@@ -847,6 +971,55 @@ impl Engine {
         }
     }
 
+    /// Runs the shadow candidate of `stream` (if any) on the batch the serving model just
+    /// evaluated, and compares window by window. Sends the outcome once enough windows were seen.
+    fn shadow_batch(
+        &mut self,
+        stream: &Arc<str>,
+        input: &[f32],
+        serving: &Output,
+        serving_labels: &[String],
+        serving_latency: Duration,
+    ) {
+        let Some(sh) = self.shadows.get_mut(stream) else {
+            return;
+        };
+        let started = Instant::now();
+        let result = sh.model.infer(input);
+        let candidate_latency = started.elapsed();
+        let o = &mut sh.outcome;
+        match result {
+            Ok(candidate) => {
+                let n = serving
+                    .windows()
+                    .min(candidate.windows())
+                    .min((sh.want - o.windows) as usize);
+                let candidate_labels: &[String] = match sh.model.output_spec() {
+                    OutputSpec::Classes { labels } => labels,
+                    OutputSpec::AnomalyScore { .. } => &[],
+                };
+                for w in 0..n {
+                    if same_verdict(serving, serving_labels, &candidate, candidate_labels, w) {
+                        o.agreed += 1;
+                    }
+                }
+                o.windows += n as u32;
+                o.serving_us += serving_latency.as_micros() as u64;
+                o.candidate_us += candidate_latency.as_micros() as u64;
+            }
+            Err(e) => o.error = Some(e.to_string()),
+        }
+        if o.windows >= sh.want || o.error.is_some() {
+            if let Some(sh) = self.shadows.remove(stream) {
+                tracing::info!(
+                    stream = %stream, windows = sh.outcome.windows, agreed = sh.outcome.agreed,
+                    "Shadow evaluation finished."
+                );
+                let _ = sh.done.send(sh.outcome);
+            }
+        }
+    }
+
     fn log_error(&mut self, msg: &str) {
         // Rate-limited: a model that fails on every window must not flood the log.
         if self
@@ -856,6 +1029,34 @@ impl Engine {
             self.last_error_log = Some(Instant::now());
             tracing::error!(error = %msg, "Inference failed; windows without a result are counted in inference_errors_total.");
         }
+    }
+}
+
+/// Whether two models agree on window `w`: the same class label (by name, so a model whose
+/// labels were reordered disagrees) or the same anomaly verdict.
+fn same_verdict(
+    a: &Output,
+    a_labels: &[String],
+    b: &Output,
+    b_labels: &[String],
+    w: usize,
+) -> bool {
+    match (a, b) {
+        (Output::Classes { .. }, Output::Classes { .. }) => {
+            let (ka, kb) = (argmax(a.window(w)), argmax(b.window(w)));
+            match (a_labels.get(ka), b_labels.get(kb)) {
+                (Some(la), Some(lb)) => la == lb,
+                _ => ka == kb,
+            }
+        }
+        (
+            Output::Anomaly { threshold: ta, .. },
+            Output::Anomaly { threshold: tb, .. },
+        ) => {
+            let (sa, sb) = (a.window(w)[0], b.window(w)[0]);
+            (sa > *ta) == (sb > *tb)
+        }
+        _ => false,
     }
 }
 

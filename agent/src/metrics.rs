@@ -49,6 +49,14 @@ pub struct Metrics {
     pub inference_windows_skipped: AtomicU64,
     /// Samples that bypassed inference because its channel was full.
     pub inference_samples_skipped: AtomicU64,
+    /// OTA (`crate::ota`): bundle downloads finished, bytes received, installs that failed,
+    /// model switches, crash-loop rollbacks, desired-state messages ignored as invalid.
+    pub ota_downloads: AtomicU64,
+    pub ota_download_bytes: AtomicU64,
+    pub ota_failures: AtomicU64,
+    pub ota_switches: AtomicU64,
+    pub ota_rollbacks: AtomicU64,
+    pub ota_desired_invalid: AtomicU64,
     /// Models serving now: name -> version (also in the status message).
     pub models: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
@@ -77,7 +85,7 @@ impl Metrics {
 
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render(&self, device_id: &str) -> String {
-        let counters: [(&str, &str, &str, &str, &AtomicU64); 25] = [
+        let counters: [(&str, &str, &str, &str, &AtomicU64); 31] = [
             (
                 "records_captured_total",
                 "counter",
@@ -217,6 +225,48 @@ impl Metrics {
                 "Model calls (batches); inference_latency_seconds_sum is the time spent in them.",
                 "",
                 &self.inference_batches,
+            ),
+            (
+                "ota_downloads_total",
+                "counter",
+                "Model bundle downloads completed (digest checked).",
+                "",
+                &self.ota_downloads,
+            ),
+            (
+                "ota_download_bytes_total",
+                "counter",
+                "Bytes of model bundles downloaded.",
+                "",
+                &self.ota_download_bytes,
+            ),
+            (
+                "ota_failures_total",
+                "counter",
+                "Model updates refused or failed (hash, signature, golden vectors, shadow, HTTP).",
+                "",
+                &self.ota_failures,
+            ),
+            (
+                "ota_switches_total",
+                "counter",
+                "Model switches made by OTA.",
+                "",
+                &self.ota_switches,
+            ),
+            (
+                "ota_rollbacks_total",
+                "counter",
+                "Crash-loop rollbacks to the previous model.",
+                "",
+                &self.ota_rollbacks,
+            ),
+            (
+                "ota_desired_invalid_total",
+                "counter",
+                "Desired-state messages ignored because they did not decode or validate.",
+                "",
+                &self.ota_desired_invalid,
             ),
             (
                 "records_in_flight",

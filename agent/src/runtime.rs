@@ -63,8 +63,22 @@ pub async fn run(
     shutdown: CancellationToken,
     force: CancellationToken,
 ) -> Result<RunReport, AgentError> {
-    let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::default());
+    // OTA first: crash-loop accounting and the verified active slot decide which bundle each
+    // model loads (crate::ota).
+    let (settings, ota_startup) = if settings.ota.enabled {
+        let m = metrics.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut settings = settings;
+            let startup = crate::ota::startup(&mut settings, &m);
+            (settings, Some(startup))
+        })
+        .await
+        .map_err(|e| AgentError::Task(e.to_string()))?
+    } else {
+        (settings, None)
+    };
+    let settings = Arc::new(settings);
     // Before anything is opened: TLS files that stopped loading since the config was checked.
     let tls = crate::tls::setup(&settings, &metrics).map_err(AgentError::Tls)?;
 
@@ -157,6 +171,25 @@ pub async fn run(
         })
     };
 
+    let ota_shared = ota_startup
+        .as_ref()
+        .map(|s| crate::ota::OtaShared::new(s.reports()));
+    if let (Some(startup), Some(shared)) = (ota_startup, &ota_shared) {
+        let fault = crate::ota::fault_hook();
+        for (model, version) in startup.serving() {
+            crate::ota::arm_fault(fault.as_deref(), &model, &version);
+        }
+        let handle = writer_inference.as_ref().map(|w| w.handle.clone());
+        crate::ota::spawn(
+            settings.clone(),
+            startup,
+            handle,
+            shared.clone(),
+            metrics.clone(),
+        )
+        .map_err(|e| AgentError::Task(format!("cannot start the OTA thread: {e}")))?;
+    }
+
     let writer_done = CancellationToken::new();
     let writer = tokio::spawn(writer(
         settings.clone(),
@@ -167,10 +200,16 @@ pub async fn run(
         shutdown.clone(),
         force.clone(),
     ));
-    let uplink = Uplink::new(settings.clone(), queue.clone(), metrics.clone()).with_tls(tls);
+    let uplink = Uplink::new(settings.clone(), queue.clone(), metrics.clone())
+        .with_tls(tls)
+        .with_ota(ota_shared.clone());
     let outcome = uplink
         .run(shutdown.clone(), writer_done.clone(), force.clone())
         .await;
+    // The OTA thread stops at its next wait (a download in progress resumes at the next start).
+    if let Some(o) = &ota_shared {
+        o.close();
+    }
 
     // The uplink has finished: make sure everything else stops too.
     shutdown.cancel();

@@ -25,6 +25,14 @@
 //!   acknowledged or the grace period ends, then publishes its `offline` status and
 //!   disconnects cleanly.
 //!
+//! # Desired state (OTA)
+//!
+//! With `[ota]` enabled the uplink subscribes (QoS1) to `ember/v1/{device}/desired` after
+//! every CONNACK (the session is clean, so after every reconnect; the retained message arrives
+//! right away) and hands each valid desired state to the OTA thread (`crate::ota`). A payload
+//! that does not decode or validate is logged, counted in `ota_desired_invalid_total` and
+//! ignored. Whenever an OTA report changes, the retained status is republished at once.
+//!
 //! # Delivery
 //!
 //! Telemetry is published at QoS1. A record is deleted from the queue only when the PUBACK of
@@ -103,6 +111,8 @@ pub struct Uplink {
     failures: u64,
     /// TLS to the broker (`crate::tls`); `None` is plaintext.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// The OTA client's mailbox and reports; `None` when OTA is off.
+    ota: Option<Arc<crate::ota::OtaShared>>,
 }
 
 struct Topics {
@@ -110,6 +120,7 @@ struct Topics {
     inference: String,
     status: String,
     heartbeat: String,
+    desired: String,
 }
 
 impl Uplink {
@@ -126,6 +137,12 @@ impl Uplink {
             inference: topic(Channel::Inference),
             status: topic(Channel::Status),
             heartbeat: topic(Channel::Heartbeat),
+            desired: format!(
+                "{}/{}/{}",
+                ember_proto::topic::PREFIX,
+                settings.device_id,
+                ember_proto::acl::DESIRED
+            ),
         };
         let backoff = Duration::from_millis(settings.mqtt.reconnect_min_ms);
         Uplink {
@@ -146,7 +163,14 @@ impl Uplink {
             backoff,
             failures: 0,
             tls: None,
+            ota: None,
         }
+    }
+
+    /// Follows the desired state for the OTA client and publishes its reports.
+    pub fn with_ota(mut self, ota: Option<Arc<crate::ota::OtaShared>>) -> Self {
+        self.ota = ota;
+        self
     }
 
     /// Connects over TLS with `tls` (see `crate::tls::client_config`).
@@ -215,6 +239,7 @@ impl Uplink {
         let linger = Duration::from_millis(self.settings.mqtt.message_max_delay_ms);
         let queue = self.queue.clone();
         let mut writer_seen_done = false;
+        let ota = self.ota.clone();
         // SIGHUP: reconnect now, so rotated TLS credentials are picked up (crate::tls).
         let mut hangup = crate::tls::Hangup::install();
 
@@ -269,6 +294,16 @@ impl Uplink {
                 _ = heartbeat.tick() => {
                     if self.connected {
                         self.publish_heartbeat(&client);
+                    }
+                }
+                _ = async {
+                    match &ota {
+                        Some(o) => o.changed().notified().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if self.connected {
+                        self.publish_status(&client, DeviceState::Online);
                     }
                 }
                 _ = status_tick.tick() => {
@@ -328,6 +363,14 @@ impl Uplink {
                     self.set_state(UplinkState::CatchingUp);
                 }
                 self.publish_status(client, DeviceState::Online);
+                if self.ota.is_some()
+                    && let Err(e) = client.try_subscribe(self.topics.desired.clone(), QoS::AtLeastOnce)
+                {
+                    tracing::error!(error = %e, "Cannot subscribe to the desired state; OTA waits for the next connection.");
+                }
+            }
+            Event::Incoming(Packet::Publish(p)) if p.topic == self.topics.desired => {
+                self.on_desired(&p.payload);
             }
             Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
                 if let Some(p) = self.awaiting_pkid.pop_front() {
@@ -360,6 +403,32 @@ impl Uplink {
                 ),
             },
             _ => {}
+        }
+    }
+
+    fn on_desired(&mut self, payload: &[u8]) {
+        let Some(ota) = &self.ota else {
+            return;
+        };
+        if payload.is_empty() {
+            // A cleared retained message: nothing is desired any more; models stay as they are.
+            tracing::info!("The desired state was cleared.");
+            return;
+        }
+        match ember_proto::message::decode_desired(payload) {
+            Ok((d, _)) if d.device == self.settings.device_id => {
+                tracing::info!(models = d.models.len(), "Received the desired state.");
+                ota.offer(d);
+            }
+            Ok((d, _)) => {
+                self.metrics.ota_desired_invalid.fetch_add(1, Relaxed);
+                tracing::warn!(device = %d.device, "Ignoring a desired state addressed to another device.");
+            }
+            Err(e) => {
+                self.metrics.ota_desired_invalid.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, bytes = payload.len(),
+                    "Ignoring a desired-state message that does not decode or validate.");
+            }
         }
     }
 
@@ -607,7 +676,7 @@ impl Uplink {
             }),
             counters: Some(self.metrics.snapshot()),
             streams: self.queue.stream_status(),
-            ota: Vec::new(),
+            ota: self.ota.as_ref().map(|o| o.reports()).unwrap_or_default(),
         }
     }
 

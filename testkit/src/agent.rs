@@ -32,6 +32,7 @@ pub struct TestAgentBuilder {
     sources: Vec<String>,
     models: Vec<String>,
     sections: BTreeMap<&'static str, BTreeMap<String, String>>,
+    envs: Vec<(String, String)>,
 }
 
 impl TestAgentBuilder {
@@ -48,6 +49,12 @@ impl TestAgentBuilder {
     /// Uses `dir` as the data dir (default: `data/` in the agent's own temp dir).
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// An environment variable for every run of the agent (e.g. a fault-injection hook).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -178,6 +185,7 @@ impl TestAgentBuilder {
             dir,
             child: Mutex::new(None),
             runs: Mutex::new(Vec::new()),
+            envs: self.envs,
         };
         agent.restart();
         agent
@@ -245,6 +253,7 @@ pub struct TestAgent {
     child: Mutex<Option<Child>>,
     /// Byte offset in `stderr.log` where each run starts.
     runs: Mutex<Vec<u64>>,
+    envs: Vec<(String, String)>,
 }
 
 impl TestAgent {
@@ -259,6 +268,7 @@ impl TestAgent {
             sources: Vec::new(),
             models: Vec::new(),
             sections: BTreeMap::new(),
+            envs: Vec::new(),
         }
     }
 
@@ -321,6 +331,9 @@ impl TestAgent {
         }
         // Plain log lines: tests search stderr for sentences.
         cmd.env("NO_COLOR", "1");
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())

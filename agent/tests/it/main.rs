@@ -14,5 +14,6 @@ mod disk;
 mod disk_full;
 mod eviction;
 mod inference;
+mod ota;
 mod socket;
 mod tls;
