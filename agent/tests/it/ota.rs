@@ -446,7 +446,7 @@ fn refused_updates_are_reported_and_the_old_model_keeps_serving() {
     wait_results_of(&sub, dev, "1.0.0", 5);
 
     let stranger = ed25519_dalek::SigningKey::from_bytes(&[42u8; 32]);
-    let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("1.1.1", make_bundle("1.1.1", None, |_| {}), "sha-256"),
         ("1.1.2", make_bundle("1.1.2", Some(&stranger), |_| {}), "not trusted"),
         (
@@ -456,7 +456,7 @@ fn refused_updates_are_reported_and_the_old_model_keeps_serving() {
         ),
         ("1.1.4", Vec::new(), "404"),
     ];
-    for (version, bytes, expect) in cases.drain(..) {
+    for (version, bytes, expect) in cases {
         let path = format!("/api/v1/models/activity/{version}/bundle");
         let mut want = if bytes.is_empty() {
             // Nothing served at that path.
