@@ -499,7 +499,7 @@ fn refused_updates_are_reported_and_the_old_model_keeps_serving() {
     assert!(reason.contains("< 0.90 over 20 windows"), "{reason}");
     assert!(r.agreement.is_some_and(|a| a < 0.9), "{r:?}");
     assert!(r.latency_ratio.is_some(), "{r:?}");
-    let n = results(&sub, dev).len();
+    let n = results(&sub, dev).len() as u64;
     assert!(sub.wait_for(|v| v.inference(dev, STREAM).is_some_and(|l| l.unique() > n + 5), LONG));
     assert_eq!(serving(&sub, dev).as_deref(), Some("1.0.0"));
     let recs = assert_gap_free(&sub, dev);
