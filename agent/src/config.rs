@@ -886,7 +886,9 @@ fn resolve_ota(raw: RawOta) -> Result<OtaSettings, ConfigError> {
             let Some((scheme, host)) = url_origin(&u) else {
                 return Err(invalid(
                     "ota.fleet_url",
-                    format!("{u:?} is not an http(s) URL: use e.g. \"https://fleet.example.com:8443\""),
+                    format!(
+                        "{u:?} is not an http(s) URL: use e.g. \"https://fleet.example.com:8443\""
+                    ),
                 ));
             };
             if scheme == "http" && !insecure && !crate::tls::is_loopback(&host) {
@@ -904,8 +906,12 @@ fn resolve_ota(raw: RawOta) -> Result<OtaSettings, ConfigError> {
     if let Some(token) = &raw.token_file {
         crate::tls::check_key_permissions(token)
             .map_err(|m| invalid("ota.token_file", m.replace("private key", "token file")))?;
-        let text = std::fs::read_to_string(token)
-            .map_err(|e| invalid("ota.token_file", format!("cannot read {}: {e}", token.display())))?;
+        let text = std::fs::read_to_string(token).map_err(|e| {
+            invalid(
+                "ota.token_file",
+                format!("cannot read {}: {e}", token.display()),
+            )
+        })?;
         let t = text.trim();
         if t.is_empty() || t.contains(char::is_whitespace) {
             return Err(invalid(
@@ -1275,11 +1281,17 @@ mod tests {
     fn ota_keys_resolve_and_name_the_key_when_invalid() {
         let s = load(MIN).unwrap();
         assert!(!s.ota.enabled, "no fleet_url: OTA is off by default");
-        let s = load(&format!("{MIN}[ota]\nfleet_url = \"https://fleet:8443/\"\n")).unwrap();
+        let s = load(&format!(
+            "{MIN}[ota]\nfleet_url = \"https://fleet:8443/\"\n"
+        ))
+        .unwrap();
         assert!(s.ota.enabled);
         assert_eq!(s.ota.fleet_url.as_deref(), Some("https://fleet:8443"));
         assert_eq!(s.ota.crash_loop_restarts, DEFAULT_OTA_CRASH_LOOP_RESTARTS);
-        let s = load(&format!("{MIN}[ota]\nfleet_url = \"http://127.0.0.1:8080\"\n")).unwrap();
+        let s = load(&format!(
+            "{MIN}[ota]\nfleet_url = \"http://127.0.0.1:8080\"\n"
+        ))
+        .unwrap();
         assert!(s.ota.enabled, "plain HTTP to loopback is fine");
         let env = Settings::from_toml(
             MIN,
@@ -1294,16 +1306,31 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
         let cases = [
-            (format!("{MIN}[ota]\nfleet_url = \"ftp://x\"\n"), "ota.fleet_url"),
+            (
+                format!("{MIN}[ota]\nfleet_url = \"ftp://x\"\n"),
+                "ota.fleet_url",
+            ),
             (
                 format!("{MIN}[ota]\nfleet_url = \"http://fleet.example.com\"\n"),
                 "ota.insecure",
             ),
-            (format!("{MIN}[ota]\ncrash_loop_restarts = 0\n"), "ota.crash_loop_restarts"),
-            (format!("{MIN}[ota]\ncrash_loop_window_s = 0\n"), "ota.crash_loop_window_s"),
-            (format!("{MIN}[ota]\nmax_bundle_bytes = 5\n"), "ota.max_bundle_bytes"),
             (
-                format!("{MIN}[ota]\ntoken_file = {:?}\n", token.display().to_string()),
+                format!("{MIN}[ota]\ncrash_loop_restarts = 0\n"),
+                "ota.crash_loop_restarts",
+            ),
+            (
+                format!("{MIN}[ota]\ncrash_loop_window_s = 0\n"),
+                "ota.crash_loop_window_s",
+            ),
+            (
+                format!("{MIN}[ota]\nmax_bundle_bytes = 5\n"),
+                "ota.max_bundle_bytes",
+            ),
+            (
+                format!(
+                    "{MIN}[ota]\ntoken_file = {:?}\n",
+                    token.display().to_string()
+                ),
                 "ota.token_file",
             ),
             (format!("{MIN}[ota]\nurl = \"x\"\n"), "url"),
@@ -1319,7 +1346,10 @@ mod tests {
     }
 
     fn cases_token(token: &Path) -> String {
-        format!("{MIN}[ota]\ntoken_file = {:?}\n", token.display().to_string())
+        format!(
+            "{MIN}[ota]\ntoken_file = {:?}\n",
+            token.display().to_string()
+        )
     }
 
     fn tempfile_dir() -> PathBuf {

@@ -1009,14 +1009,14 @@ impl Engine {
             }
             Err(e) => o.error = Some(e.to_string()),
         }
-        if o.windows >= sh.want || o.error.is_some() {
-            if let Some(sh) = self.shadows.remove(stream) {
-                tracing::info!(
-                    stream = %stream, windows = sh.outcome.windows, agreed = sh.outcome.agreed,
-                    "Shadow evaluation finished."
-                );
-                let _ = sh.done.send(sh.outcome);
-            }
+        if (o.windows >= sh.want || o.error.is_some())
+            && let Some(sh) = self.shadows.remove(stream)
+        {
+            tracing::info!(
+                stream = %stream, windows = sh.outcome.windows, agreed = sh.outcome.agreed,
+                "Shadow evaluation finished."
+            );
+            let _ = sh.done.send(sh.outcome);
         }
     }
 
@@ -1049,10 +1049,7 @@ fn same_verdict(
                 _ => ka == kb,
             }
         }
-        (
-            Output::Anomaly { threshold: ta, .. },
-            Output::Anomaly { threshold: tb, .. },
-        ) => {
+        (Output::Anomaly { threshold: ta, .. }, Output::Anomaly { threshold: tb, .. }) => {
             let (sa, sb) = (a.window(w)[0], b.window(w)[0]);
             (sa > *ta) == (sb > *tb)
         }

@@ -364,7 +364,8 @@ impl Uplink {
                 }
                 self.publish_status(client, DeviceState::Online);
                 if self.ota.is_some()
-                    && let Err(e) = client.try_subscribe(self.topics.desired.clone(), QoS::AtLeastOnce)
+                    && let Err(e) =
+                        client.try_subscribe(self.topics.desired.clone(), QoS::AtLeastOnce)
                 {
                     tracing::error!(error = %e, "Cannot subscribe to the desired state; OTA waits for the next connection.");
                 }

@@ -588,7 +588,13 @@ impl Ota {
             );
             self.metrics.ota_failures.fetch_add(1, Relaxed);
             let v = want.version.clone().unwrap_or_default();
-            self.report(&want.name, &v, want.rollout.as_ref(), OtaState::Failed, Some(reason));
+            self.report(
+                &want.name,
+                &v,
+                want.rollout.as_ref(),
+                OtaState::Failed,
+                Some(reason),
+            );
             return Flow::Done;
         };
         let version = want
@@ -611,7 +617,13 @@ impl Ota {
         }
         if self.serving_version(idx) == version {
             let name = self.managed[idx].name.clone();
-            self.report(&name, &version, want.rollout.as_ref(), OtaState::Active, None);
+            self.report(
+                &name,
+                &version,
+                want.rollout.as_ref(),
+                OtaState::Active,
+                None,
+            );
             return Flow::Done;
         }
         let t = Target { idx, want, version };
@@ -871,7 +883,9 @@ impl Ota {
                     }
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err("the shadow evaluation stopped before it finished".to_string().into());
+                    return Err("the shadow evaluation stopped before it finished"
+                        .to_string()
+                        .into());
                 }
             }
         };
@@ -916,9 +930,7 @@ impl Ota {
             .handle
             .as_ref()
             .ok_or_else(|| "inference is not running".to_string())?;
-        handle
-            .swap(&m.stream, &path)
-            .map_err(|e| e.to_string())?;
+        handle.swap(&m.stream, &path).map_err(|e| e.to_string())?;
         let m = &mut self.managed[t.idx];
         m.state.previous = m.state.active;
         m.state.active = slot;
@@ -959,13 +971,13 @@ fn save(m: &Managed) {
 /// Network trouble is retried; what the server or the bytes said is final.
 fn retryable(e: &DownloadError) -> bool {
     match e {
-        DownloadError::Transport { .. } | DownloadError::Protocol { .. } | DownloadError::Io { .. } => {
-            true
-        }
+        DownloadError::Transport { .. }
+        | DownloadError::Protocol { .. }
+        | DownloadError::Io { .. } => true,
         DownloadError::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
-        DownloadError::TooLarge { .. } | DownloadError::Digest { .. } | DownloadError::Tls { .. } => {
-            false
-        }
+        DownloadError::TooLarge { .. }
+        | DownloadError::Digest { .. }
+        | DownloadError::Tls { .. } => false,
     }
 }
 

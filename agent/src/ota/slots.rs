@@ -104,9 +104,8 @@ impl ModelState {
     /// The slot holding `version` (with `sha256`, when given), if any.
     pub fn holding(&self, version: &str, sha256: Option<&str>) -> Option<Slot> {
         [Slot::A, Slot::B].into_iter().find(|s| {
-            self.slot(*s).is_some_and(|i| {
-                i.version == version && sha256.is_none_or(|h| h == i.sha256)
-            })
+            self.slot(*s)
+                .is_some_and(|i| i.version == version && sha256.is_none_or(|h| h == i.sha256))
         })
     }
 
@@ -309,7 +308,10 @@ mod tests {
         );
         assert_eq!(s.active, None, "back to the factory bundle");
         let r = s.refused.as_ref().expect("refusal kept");
-        assert_eq!((r.state, r.rollout.as_deref()), (OtaState::RolledBack, Some("r-1")));
+        assert_eq!(
+            (r.state, r.rollout.as_deref()),
+            (OtaState::RolledBack, Some("r-1"))
+        );
         assert_eq!(
             check_start(&mut s, "activity", t0 + 4_000_000, 3, 300),
             StartCheck::Settled

@@ -101,7 +101,12 @@ impl BundleServer {
     }
 
     fn put(&self, path: &str, bytes: Vec<u8>) {
-        self.state.0.lock().expect("lock").files.insert(path.into(), bytes);
+        self.state
+            .0
+            .lock()
+            .expect("lock")
+            .files
+            .insert(path.into(), bytes);
     }
 
     fn stall_first(&self, path: &str, bytes: usize) {
@@ -115,7 +120,11 @@ impl BundleServer {
 
     fn requests(&self, path: &str) -> Vec<Seen> {
         let s = self.state.0.lock().expect("lock");
-        s.requests.iter().filter(|r| r.path == path).cloned().collect()
+        s.requests
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
     }
 }
 
@@ -187,7 +196,11 @@ fn serve(mut conn: TcpStream, st: &(Mutex<ServerState>, Condvar)) {
             while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
         }
         (Some(s), None) if s < file.len() => {
-            let cr = format!("Content-Range: bytes {s}-{}/{}\r\n", file.len() - 1, file.len());
+            let cr = format!(
+                "Content-Range: bytes {s}-{}/{}\r\n",
+                file.len() - 1,
+                file.len()
+            );
             respond(&mut conn, "206 Partial Content", &cr, &file[s..]);
         }
         (Some(_), None) => respond(
@@ -312,7 +325,10 @@ fn wait_report(sub: &Subscriber, dev: &str, version: &str, state: OtaState) -> O
 }
 
 fn serving(sub: &Subscriber, dev: &str) -> Option<String> {
-    sub.with_view(|v| v.status(dev).and_then(|s| s.models.get("activity").cloned()))
+    sub.with_view(|v| {
+        v.status(dev)
+            .and_then(|s| s.models.get("activity").cloned())
+    })
 }
 
 fn results(sub: &Subscriber, dev: &str) -> Vec<InferenceRecord> {
@@ -327,9 +343,8 @@ fn results(sub: &Subscriber, dev: &str) -> Vec<InferenceRecord> {
 fn wait_results_of(sub: &Subscriber, dev: &str, version: &str, n: usize) {
     let ok = sub.wait_for(
         |v| {
-            v.inference(dev, STREAM).is_some_and(|l| {
-                l.records.values().filter(|r| r.version == version).count() >= n
-            })
+            v.inference(dev, STREAM)
+                .is_some_and(|l| l.records.values().filter(|r| r.version == version).count() >= n)
         },
         LONG,
     );
@@ -387,19 +402,32 @@ fn a_good_update_switches_without_a_gap_and_survives_a_restart() {
     let agreement = r.agreement.expect("shadow agreement reported");
     assert!(agreement >= 0.5, "{r:?}");
     assert!(r.latency_ratio.is_some_and(|x| x > 0.0), "{r:?}");
-    assert!(sub.wait_for(|v| v.status(dev).is_some_and(|s| s.models.get("activity").is_some_and(|m| m == "1.1.0")), SHORT));
+    assert!(sub.wait_for(
+        |v| {
+            v.status(dev)
+                .is_some_and(|s| s.models.get("activity").is_some_and(|m| m == "1.1.0"))
+        },
+        SHORT
+    ));
     wait_results_of(&sub, dev, "1.1.0", 20);
 
     let requests = server.requests(path);
     assert!(!requests.is_empty());
-    assert!(requests.iter().all(|r| r.authorized), "the token goes with every request");
+    assert!(
+        requests.iter().all(|r| r.authorized),
+        "the token goes with every request"
+    );
     let recs = assert_gap_free(&sub, dev);
     let versions: Vec<&str> = recs.iter().map(|r| r.version.as_str()).collect();
     let changes = versions.windows(2).filter(|w| w[0] != w[1]).count();
     assert_eq!(changes, 1, "the version changes exactly once");
     assert_eq!(versions.first(), Some(&"1.0.0"));
     let slot = agent.data_dir().join("models/activity/slot-a.bundle");
-    assert_eq!(std::fs::read(&slot).expect("slot-a"), v110, "the bundle sits in slot-a");
+    assert_eq!(
+        std::fs::read(&slot).expect("slot-a"),
+        v110,
+        "the bundle sits in slot-a"
+    );
 
     // Restart: 1.1.0 serves from its slot, nothing is downloaded again.
     stop_gracefully(&agent, LONG);
@@ -408,7 +436,9 @@ fn a_good_update_switches_without_a_gap_and_survives_a_restart() {
     agent.wait_ready(LONG);
     assert!(
         sub.wait_for(
-            |v| v.inference(dev, STREAM).is_some_and(|l| l.records.range(before + 1..).count() >= 10),
+            |v| v
+                .inference(dev, STREAM)
+                .is_some_and(|l| l.records.range(before + 1..).count() >= 10),
             LONG
         ),
         "results after the restart"
@@ -422,12 +452,19 @@ fn a_good_update_switches_without_a_gap_and_survives_a_restart() {
         "after a restart the switched version serves"
     );
     wait_report(&sub, dev, "1.1.0", OtaState::Active);
-    assert_eq!(server.requests(path).len(), requests.len(), "no new download");
+    assert_eq!(
+        server.requests(path).len(),
+        requests.len(),
+        "no new download"
+    );
     assert!(
         agent.last_run_stderr().contains("slot-a.bundle"),
         "the agent loaded its slot"
     );
-    assert!(!agent.stderr_text().contains(TOKEN), "the token is never logged");
+    assert!(
+        !agent.stderr_text().contains(TOKEN),
+        "the token is never logged"
+    );
     assert_no_panic(&agent);
 }
 
@@ -448,7 +485,11 @@ fn refused_updates_are_reported_and_the_old_model_keeps_serving() {
     let stranger = ed25519_dalek::SigningKey::from_bytes(&[42u8; 32]);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("1.1.1", make_bundle("1.1.1", None, |_| {}), "sha-256"),
-        ("1.1.2", make_bundle("1.1.2", Some(&stranger), |_| {}), "not trusted"),
+        (
+            "1.1.2",
+            make_bundle("1.1.2", Some(&stranger), |_| {}),
+            "not trusted",
+        ),
         (
             "1.1.3",
             make_bundle("1.1.3", None, |m| m.golden.vectors[0].output[0] += 0.5),
@@ -500,10 +541,16 @@ fn refused_updates_are_reported_and_the_old_model_keeps_serving() {
     assert!(r.agreement.is_some_and(|a| a < 0.9), "{r:?}");
     assert!(r.latency_ratio.is_some(), "{r:?}");
     let n = results(&sub, dev).len() as u64;
-    assert!(sub.wait_for(|v| v.inference(dev, STREAM).is_some_and(|l| l.unique() > n + 5), LONG));
+    assert!(sub.wait_for(
+        |v| v.inference(dev, STREAM).is_some_and(|l| l.unique() > n + 5),
+        LONG
+    ));
     assert_eq!(serving(&sub, dev).as_deref(), Some("1.0.0"));
     let recs = assert_gap_free(&sub, dev);
-    assert!(recs.iter().all(|r| r.version == "1.0.0"), "only 1.0.0 served");
+    assert!(
+        recs.iter().all(|r| r.version == "1.0.0"),
+        "only 1.0.0 served"
+    );
     assert!(agent.metric("ota_failures_total") >= 5.0);
     assert_no_panic(&agent);
 }
@@ -523,12 +570,15 @@ fn a_download_killed_mid_way_resumes_with_a_range_request() {
     server.stall_first(path, cut);
     let dev = "ota-resume";
     let agent = ota_agent(dev, &broker, &server, dir.path());
-    publish_desired(broker.port(), dev, vec![desired_entry("1.1.0", &v110, path)]);
-    let part = agent
-        .data_dir()
-        .join("models/staging/activity-1.1.0.part");
+    publish_desired(
+        broker.port(),
+        dev,
+        vec![desired_entry("1.1.0", &v110, path)],
+    );
+    let part = agent.data_dir().join("models/staging/activity-1.1.0.part");
     assert!(
-        wait_until(LONG, || std::fs::metadata(&part).is_ok_and(|m| m.len() >= cut as u64)),
+        wait_until(LONG, || std::fs::metadata(&part)
+            .is_ok_and(|m| m.len() >= cut as u64)),
         "the first {cut} bytes should reach {}",
         part.display()
     );
@@ -567,7 +617,11 @@ fn a_crash_loop_after_a_switch_rolls_back_to_the_previous_model() {
         .set("ota", "crash_loop_window_s", "300")
         .env("EMBER_AGENT_FAULT_CRASH_AFTER_SWITCH", "activity@1.1.0")
         .start();
-    publish_desired(broker.port(), dev, vec![desired_entry("1.1.0", &v110, path)]);
+    publish_desired(
+        broker.port(),
+        dev,
+        vec![desired_entry("1.1.0", &v110, path)],
+    );
     // The switch, then two starts on 1.1.0: each run aborts.
     for run in 1..=3 {
         let status = agent.wait_exit(LONG);
@@ -581,13 +635,20 @@ fn a_crash_loop_after_a_switch_rolls_back_to_the_previous_model() {
         Some("restarted 3 times within 300 s of switching to activity 1.1.0")
     );
     assert!(
-        sub.wait_for(|v| v.status(dev).is_some_and(|s| s.models.get("activity").is_some_and(|m| m == "1.0.0")), LONG),
+        sub.wait_for(
+            |v| v
+                .status(dev)
+                .is_some_and(|s| s.models.get("activity").is_some_and(|m| m == "1.0.0")),
+            LONG
+        ),
         "1.0.0 serves again"
     );
     let before = results(&sub, dev).last().map_or(0, |r| r.seq);
     assert!(
         sub.wait_for(
-            |v| v.inference(dev, STREAM).is_some_and(|l| l.records.range(before + 1..).count() >= 20),
+            |v| v
+                .inference(dev, STREAM)
+                .is_some_and(|l| l.records.range(before + 1..).count() >= 20),
             LONG
         ),
         "results after the rollback"
