@@ -744,6 +744,7 @@ impl Ota {
         std::fs::create_dir_all(&staging)
             .map_err(|e| format!("cannot create {}: {e}", staging.display()))?;
         let dest = staging.join(format!("{name}-{}", t.version));
+        self.clean_staging(&staging, &name, &dest);
         self.report(
             &name,
             &t.version,
@@ -789,6 +790,33 @@ impl Ota {
                     delay = (delay * 2).min(RETRY_MAX);
                 }
                 Err(e) => return Err(e.to_string().into()),
+            }
+        }
+    }
+
+    /// Removes this model's staged files of other versions (a download the desired state
+    /// moved away from), so staging holds at most one download per model.
+    fn clean_staging(&self, staging: &Path, name: &str, dest: &Path) {
+        let keep = [dest.to_path_buf(), download::part_path(dest)];
+        let prefix = format!("{name}-");
+        // Another model whose name extends this one (`activity-v2`) owns its own files.
+        let longer: Vec<String> = self
+            .managed
+            .iter()
+            .filter(|m| m.name != name && m.name.starts_with(&prefix))
+            .map(|m| format!("{}-", m.name))
+            .collect();
+        let Ok(entries) = std::fs::read_dir(staging) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().to_string();
+            if file.starts_with(&prefix)
+                && !longer.iter().any(|l| file.starts_with(l))
+                && !keep.contains(&e.path())
+            {
+                tracing::info!(file = %e.path().display(), "Removing a stale staged download.");
+                let _ = std::fs::remove_file(e.path());
             }
         }
     }

@@ -376,7 +376,8 @@ fn assert_gap_free(sub: &Subscriber, dev: &str) -> Vec<InferenceRecord> {
 /// The fleet asks for 1.1.0 (with a shadow policy): the agent downloads it with its token,
 /// verifies it, shadows it on live windows, switches between batches (results stay gap-free,
 /// the version changes exactly once), reports `active` with the shadow figures, and a restart
-/// keeps serving 1.1.0 from its slot without downloading again.
+/// keeps serving 1.1.0 from its slot without downloading again. Then `version: null` switches
+/// back to the configured bundle and 1.1.0 again comes from its slot, still without download.
 #[test]
 fn a_good_update_switches_without_a_gap_and_survives_a_restart() {
     let broker = TestBroker::start();
@@ -460,6 +461,43 @@ fn a_good_update_switches_without_a_gap_and_survives_a_restart() {
     assert!(
         agent.last_run_stderr().contains("slot-a.bundle"),
         "the agent loaded its slot"
+    );
+
+    // `version: null` goes back to the configured bundle; 1.1.0 again comes from its slot.
+    // Neither downloads anything.
+    let factory = DesiredModel {
+        version: None,
+        sha256: None,
+        size: None,
+        url: None,
+        ..desired_entry("1.1.0", &v110, path)
+    };
+    publish_desired(broker.port(), dev, vec![factory]);
+    wait_report(&sub, dev, "1.0.0", OtaState::Active);
+    assert!(sub.wait_for(
+        |v| {
+            v.status(dev)
+                .is_some_and(|s| s.models.get("activity").is_some_and(|m| m == "1.0.0"))
+        },
+        LONG
+    ));
+    publish_desired(
+        broker.port(),
+        dev,
+        vec![desired_entry("1.1.0", &v110, path)],
+    );
+    wait_report(&sub, dev, "1.1.0", OtaState::Active);
+    assert!(sub.wait_for(
+        |v| {
+            v.status(dev)
+                .is_some_and(|s| s.models.get("activity").is_some_and(|m| m == "1.1.0"))
+        },
+        LONG
+    ));
+    assert_eq!(
+        server.requests(path).len(),
+        requests.len(),
+        "no new download"
     );
     assert!(
         !agent.stderr_text().contains(TOKEN),
