@@ -277,7 +277,9 @@ pub fn startup(settings: &mut Settings, metrics: &Metrics) -> Startup {
                     "Crash-loop protection: rolled back to the previous model.");
             }
         }
-        if let Some(slot) = state.active {
+        // Without usable keys or device `load_models` refuses the start anyway: leave the
+        // state as it is for the next start.
+        if let (Some(slot), Some(_), Some(_)) = (state.active, &trusted, &device) {
             let path = dir.slot_path(slot);
             let expected = state.active_info().map(|i| i.version.clone());
             let checked = match (&trusted, &device) {
