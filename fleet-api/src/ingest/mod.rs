@@ -112,6 +112,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     state: Arc<IngestState>,
     events: Arc<Events>,
+    rollouts: Arc<crate::rollouts::Service>,
     shutdown: CancellationToken,
     force: CancellationToken,
 ) {
@@ -147,6 +148,7 @@ pub async fn run(
                 state: state.clone(),
             },
             events,
+            rollouts,
         },
         force.clone(),
     ));
