@@ -110,14 +110,55 @@ pub struct Targets {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Shadow {
-    /// Live windows to run both models on (at least 1).
-    #[schema(minimum = 1)]
+    /// Live windows to run both models on (1 to 1,000,000).
+    #[schema(minimum = 1, maximum = 1000000)]
+    #[serde(deserialize_with = "windows")]
     pub windows: u32,
     /// Least fraction of windows on which both models must agree, in [0, 1].
     #[schema(minimum = 0.0, maximum = 1.0)]
     pub min_agreement: f64,
     /// Largest accepted ratio of the new model's mean latency to the running one's (> 0).
+    #[schema(exclusive_minimum = 0.0)]
     pub max_latency_ratio: f64,
+}
+
+/// A JSON integer, also written as an integral float (`20.0`), as JSON Schema allows.
+fn integer(n: &serde_json::Number) -> Option<u64> {
+    n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f as u64)
+    })
+}
+
+fn optional_integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => integer(&n)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("{n} is not a non-negative integer"))),
+    }
+}
+
+fn windows<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    integer(&n)
+        .filter(|w| (1..=1_000_000).contains(w))
+        .map(|w| w as u32)
+        .ok_or_else(|| serde::de::Error::custom(format!("shadow.windows {n} is not an integer in 1-1000000")))
+}
+
+/// Wave sizes: `canary`, `N%` or a device count `N`, at most [`MAX_WAVES`].
+fn waves_schema() -> utoipa::openapi::Array {
+    use utoipa::openapi::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^(canary|[0-9]{1,3}([.][0-9]+)?%|[0-9]{1,9})$")),
+        )
+        .max_items(Some(MAX_WAVES))
+        .build()
 }
 
 impl From<ShadowPolicy> for Shadow {
@@ -138,21 +179,26 @@ pub struct CreateRollout {
     #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub model: String,
     /// Registered, not deprecated version.
+    #[schema(pattern = "^[^/\\x00-\\x1f\\x7f-\\x9f]{1,64}$")]
     pub version: String,
     pub targets: Targets,
     /// Cumulative wave sizes: `canary` (one device), `N%` or a device count `N`; the last one
     /// must be `100%`. Default `canary, 10%, 50%, 100%`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = waves_schema)]
     pub waves: Option<Vec<String>>,
     /// Seconds each wave must run before the next starts (default 0, at most 30 days).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0, maximum = 2592000)]
+    #[serde(deserialize_with = "optional_integer")]
     pub min_soak_s: Option<u64>,
     /// Fraction (0, 1] of a wave that must be active to go on (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub success_threshold: Option<f64>,
     /// Fraction [0, 1) of a wave that may fail before the rollout pauses (default 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0.0, exclusive_maximum = 1.0)]
     pub failure_threshold: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<Shadow>,
@@ -252,7 +298,7 @@ pub fn parse_wave(s: &str) -> Result<WaveSize, RolloutError> {
 }
 
 fn check_version(v: &str) -> Result<(), RolloutError> {
-    if v.is_empty() || v.len() > 64 || v.chars().any(|c| c.is_control() || c == '/') {
+    if v.is_empty() || v.chars().count() > 64 || v.chars().any(|c| c.is_control() || c == '/') {
         return Err(RolloutError::Invalid(format!(
             "version {v:?} must be 1-64 printable characters without `/`"
         )));
@@ -326,21 +372,26 @@ impl Service {
 
     /// Starts a rollout; returns it as stored.
     pub async fn create(&self, req: &CreateRollout) -> Result<Stored, RolloutError> {
-        let spec = req.to_spec()?;
-        let entry = registry::lookup(&self.db, &spec.model, &spec.version)
+        // The version must exist before anything else about the plan matters.
+        ember_proto::check_name(&req.model).map_err(|why| {
+            RolloutError::Invalid(format!("model {:?} is not valid: {why}", req.model))
+        })?;
+        check_version(&req.version)?;
+        let entry = registry::lookup(&self.db, &req.model, &req.version)
             .await?
             .ok_or_else(|| {
                 RolloutError::NotFound(format!(
                     "model {} version {} is not registered: upload the bundle first",
-                    spec.model, spec.version
+                    req.model, req.version
                 ))
             })?;
         if entry.deprecated {
             return Err(RolloutError::Conflict(format!(
                 "model {} version {} is deprecated and cannot start a rollout",
-                spec.model, spec.version
+                req.model, req.version
             )));
         }
+        let spec = req.to_spec()?;
         let targets = self.resolve(&req.targets, &spec.model).await?;
         for other in rollout_store::list_unfinished(&self.db).await? {
             if other.rollout.spec.model != spec.model {

@@ -11,7 +11,7 @@ use sqlx::Row;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiJson, ApiPath, ApiQuery, ErrorBody};
-use super::{AdminAccess, AppError, AppState, DevicePath, check_name, cursor, page_limit};
+use super::{AdminAccess, AppError, AppState, DevicePath, check_name, page_limit};
 use crate::db::Sql;
 use crate::rollout::{Command, DeviceState, PauseReason, RolloutState, WaveSize};
 use crate::rollout_store::{self, Stored};
@@ -126,6 +126,7 @@ pub struct ListQuery {
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
+    #[param(pattern = "^[0-9]{1,18}[.][A-Za-z0-9._-]{1,64}$")]
     pub cursor: Option<String>,
 }
 
@@ -287,9 +288,10 @@ pub async fn list(
 ) -> Result<Json<RolloutPage>, AppError> {
     let limit = page_limit(&state.settings, q.limit)?;
     let mut sql = Sql::new("SELECT rollout_id FROM rollouts");
-    if let Some(c) = cursor(&q.cursor) {
+    if let Some(c) = q.cursor.as_deref() {
         let (at, id) = c
             .split_once('.')
+            .filter(|(_, id)| ember_proto::check_name(id).is_ok())
             .and_then(|(a, id)| Some((a.parse::<i64>().ok()?, id)))
             .ok_or_else(|| AppError::BadRequest {
                 code: "invalid_cursor",
