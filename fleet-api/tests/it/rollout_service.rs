@@ -492,3 +492,70 @@ fn a_fleet_restarted_mid_rollout_carries_on() {
     });
     assert_eq!(v["counts"]["active"], 3);
 }
+
+/// `ember-fleet rollout ...` against a running fleet over HTTP: create, list, show, pause,
+/// rollback with --wait; a read token is refused with the API's message.
+#[test]
+fn the_cli_creates_lists_shows_and_commands_rollouts() {
+    let broker = TestBroker::start();
+    let store = Store::new(Kind::Sqlite);
+    let fleet = TestFleet::start(&store, broker.port());
+    bring_up(&fleet, broker.port(), &["e-0", "e-1"], "activity");
+    register_model(&store, Kind::Sqlite, "activity", "2.0.0", false);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{ADMIN}\n")).expect("write the token file");
+    let url = format!("http://127.0.0.1:{}", fleet.port);
+    let cli = |token: Option<&str>, args: &[&str]| {
+        let mut cmd = std::process::Command::new(crate::support::fleet_bin());
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("EMBER_FLEET_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.arg("rollout").arg("--url").arg(&url);
+        match token {
+            Some(t) => cmd.env("EMBER_FLEET_TOKEN", t),
+            None => cmd.arg("--token-file").arg(&token_file),
+        };
+        let out = cmd.args(args).output().expect("cannot run ember-fleet");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = cli(
+        None,
+        &[
+            "--json", "create", "--model", "activity", "--version", "2.0.0", "--devices", "e-0,e-1",
+            "--waves", "canary,100%", "--soak", "0", "--shadow-windows", "5", "--min-agreement",
+            "0.8", "--max-latency-ratio", "2.5",
+        ],
+    );
+    assert!(ok, "create failed: {err}");
+    let v: Value = serde_json::from_str(&out).expect("--json prints JSON");
+    let id = v["id"].as_str().expect("id").to_string();
+    assert_eq!(v["shadow"]["windows"], 5);
+
+    let (ok, out, err) = cli(None, &["list"]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&id) && out.contains("running"), "{out}");
+    let (ok, out, err) = cli(None, &["show", &id]);
+    assert!(ok, "{err}");
+    assert!(out.contains("wave 1 canary") && out.contains("created"), "{out}");
+
+    let read = token_cli(&fleet.db_url, &["create", "--scope", "read"]);
+    let (ok, _, err) = cli(Some(&read), &["pause", &id]);
+    assert!(!ok && err.contains("403") && err.contains("admin"), "{err}");
+
+    let (ok, out, err) = cli(None, &["pause", &id, "--wait"]);
+    assert!(ok && out.contains("paused"), "{out}{err}");
+    let (ok, _, err) = cli(None, &["pause", &id]);
+    assert!(!ok && err.contains("409"), "{err}");
+    let (ok, out, err) = cli(None, &["--json", "rollback", &id, "--wait"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["state"], "rolled_back");
+    assert_eq!(v["pending_publish"], 0, "--wait returns once the broker has the desired states");
+}
