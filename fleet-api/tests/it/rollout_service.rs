@@ -559,3 +559,63 @@ fn the_cli_creates_lists_shows_and_commands_rollouts() {
     assert_eq!(v["state"], "rolled_back");
     assert_eq!(v["pending_publish"], 0, "--wait returns once the broker has the desired states");
 }
+
+/// The dashboard's Rollouts pages in Chromium: the list, a rollout's waves and devices, a live
+/// update when the canary reports, and the Pause/Resume/Rollback buttons with an admin token.
+#[test]
+fn the_dashboard_shows_and_commands_a_rollout_live() {
+    use std::io::{BufRead, BufReader, Write as _};
+    crate::browser::require_browser();
+    let broker = TestBroker::start();
+    let port = broker.port();
+    let store = Store::new(Kind::Sqlite);
+    let fleet = TestFleet::start(&store, port);
+    bring_up(&fleet, port, &["f-0", "f-1", "f-2"], "activity");
+    register_model(&store, Kind::Sqlite, "activity", "2.0.0", false);
+    let created = create(
+        &fleet,
+        json!({"model": "activity", "version": "2.0.0", "targets": {"all": true},
+               "waves": ["canary", "100%"]}),
+    );
+    let id = created["id"].as_str().expect("id").to_string();
+    let shots = tempfile::tempdir().expect("temp dir");
+    let cfg = json!({
+        "base": format!("http://127.0.0.1:{}", fleet.port), "token": ADMIN, "rollout": id,
+        "canary": "f-0", "devices": 3, "screenshots": shots.path(),
+    });
+    let mut child = std::process::Command::new("node")
+        .arg(crate::browser::browser_dir().join("rollouts.mjs"))
+        .arg(cfg.to_string())
+        .current_dir(crate::browser::browser_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot run node");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut transcript = Vec::new();
+    let mut ok = false;
+    for line in stdout.lines().map_while(Result::ok) {
+        transcript.push(line.clone());
+        match line.as_str() {
+            "READY canary_active" => {
+                report(port, "f-0", "activity", "2.0.0", Some(("2.0.0", &id, OtaState::Active, None)));
+                writeln!(stdin, "GO").expect("answer the browser");
+            }
+            l if l.starts_with("OK") => {
+                ok = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    drop(stdin);
+    let out = child.wait_with_output().expect("node ends");
+    assert!(
+        ok,
+        "the browser run failed: {}\n{}",
+        transcript.join("\n"),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
