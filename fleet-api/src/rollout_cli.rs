@@ -139,8 +139,7 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<String> {
             if let (Some(w), Some(a), Some(r)) =
                 (c.shadow_windows, c.min_agreement, c.max_latency_ratio)
             {
-                body["shadow"] =
-                    json!({"windows": w, "min_agreement": a, "max_latency_ratio": r});
+                body["shadow"] = json!({"windows": w, "min_agreement": a, "max_latency_ratio": r});
             }
             (client.call("POST", "/api/v1/rollouts", Some(&body))?, None)
         }
@@ -185,14 +184,22 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<String> {
                 );
             }
             std::thread::sleep(Duration::from_millis(200));
-            view = client.call("GET", &format!("/api/v1/rollouts/{}", path_id(&c.id)?), None)?;
+            view = client.call(
+                "GET",
+                &format!("/api/v1/rollouts/{}", path_id(&c.id)?),
+                None,
+            )?;
         }
     }
     if json_out {
         return Ok(format!("{view:#}\n"));
     }
     let id = s(&view["id"]).to_string();
-    let events = client.call("GET", &format!("/api/v1/rollouts/{}/events", path_id(&id)?), None)?;
+    let events = client.call(
+        "GET",
+        &format!("/api/v1/rollouts/{}/events", path_id(&id)?),
+        None,
+    )?;
     Ok(summary(&view, &events))
 }
 
@@ -265,10 +272,17 @@ fn summary(v: &Value, events: &Value) -> String {
         }
     }
     if let Some(n) = v["pending_publish"].as_i64().filter(|n| *n > 0) {
-        out.push_str(&format!("  {n} desired states not yet acknowledged by the broker\n"));
+        out.push_str(&format!(
+            "  {n} desired states not yet acknowledged by the broker\n"
+        ));
     }
     for e in events["items"].as_array().into_iter().flatten() {
-        out.push_str(&format!("  #{} {}\t{}\n", e["seq"], s(&e["kind"]), s(&e["detail"])));
+        out.push_str(&format!(
+            "  #{} {}\t{}\n",
+            e["seq"],
+            s(&e["kind"]),
+            s(&e["detail"])
+        ));
     }
     out
 }
@@ -303,11 +317,15 @@ impl Client {
             _ => (authority.to_string(), if tls { 443 } else { 80 }),
         };
         let tls = if tls {
-            let ca = ca.context("an https URL needs --ca-file (the CA that signed the fleet's certificate)")?;
+            let ca = ca.context(
+                "an https URL needs --ca-file (the CA that signed the fleet's certificate)",
+            )?;
             let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
             let mut roots = rustls::RootCertStore::empty();
             for cert in rustls_pemfile_certs(&pem)? {
-                roots.add(cert).context("the CA file holds an unusable certificate")?;
+                roots
+                    .add(cert)
+                    .context("the CA file holds an unusable certificate")?;
             }
             let config = rustls::ClientConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),

@@ -145,7 +145,9 @@ fn windows<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     integer(&n)
         .filter(|w| (1..=1_000_000).contains(w))
         .map(|w| w as u32)
-        .ok_or_else(|| serde::de::Error::custom(format!("shadow.windows {n} is not an integer in 1-1000000")))
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("shadow.windows {n} is not an integer in 1-1000000"))
+        })
 }
 
 /// Wave sizes: `canary`, `N%` or a device count `N`, at most [`MAX_WAVES`].
@@ -314,11 +316,7 @@ pub fn check_id(id: &str) -> Result<(), RolloutError> {
 
 /// The fleet's view of an agent's OTA state.
 pub fn device_state(r: &OtaReport) -> DeviceState {
-    let reason = || {
-        r.reason
-            .clone()
-            .unwrap_or_else(|| "no reason given".into())
-    };
+    let reason = || r.reason.clone().unwrap_or_else(|| "no reason given".into());
     match r.state {
         OtaState::Downloading => DeviceState::Downloading,
         OtaState::Verified => DeviceState::Verified,
@@ -409,8 +407,8 @@ impl Service {
                 )));
             }
         }
-        let (rollout, fx) =
-            Rollout::start(spec, targets, now()).map_err(|e| RolloutError::Invalid(e.to_string()))?;
+        let (rollout, fx) = Rollout::start(spec, targets, now())
+            .map_err(|e| RolloutError::Invalid(e.to_string()))?;
         let id = new_id()?;
         let stored = rollout_store::create(&self.db, &id, &rollout, &fx).await?;
         tracing::info!(rollout = %id, model = %rollout.spec.model, version = %rollout.spec.version,
@@ -612,10 +610,7 @@ impl Service {
                 .step(id, "report", |r, now| {
                     applied = 0;
                     let mut fx = Vec::new();
-                    if !matches!(
-                        r.state,
-                        RolloutState::Running | RolloutState::Paused { .. }
-                    ) {
+                    if !matches!(r.state, RolloutState::Running | RolloutState::Paused { .. }) {
                         return Ok(fx);
                     }
                     for (device, report) in &reports {
@@ -974,7 +969,12 @@ mod tests {
         let spec = req.to_spec().unwrap();
         assert_eq!(spec.waves.len(), 4);
         req.min_soak_s = Some(u64::MAX);
-        assert!(req.to_spec().unwrap_err().to_string().contains("min_soak_s"));
+        assert!(
+            req.to_spec()
+                .unwrap_err()
+                .to_string()
+                .contains("min_soak_s")
+        );
         req.min_soak_s = None;
         req.waves = Some(vec!["canary".into(), "50%".into()]);
         assert!(req.to_spec().unwrap_err().to_string().contains("100"));

@@ -295,8 +295,7 @@ pub async fn list(
             .and_then(|(a, id)| Some((a.parse::<i64>().ok()?, id)))
             .ok_or_else(|| AppError::BadRequest {
                 code: "invalid_cursor",
-                message: "the cursor is not one this API returned; start again without it"
-                    .into(),
+                message: "the cursor is not one this API returned; start again without it".into(),
             })?;
         let a = sql.param(at);
         let i = sql.param(id);
@@ -333,7 +332,11 @@ pub async fn list(
     {
         let mut q = Sql::new("SELECT created_at FROM rollouts WHERE rollout_id = ");
         q.bind(last.as_str());
-        let at: i64 = q.query().fetch_one(state.db.pool()).await?.try_get("created_at")?;
+        let at: i64 = q
+            .query()
+            .fetch_one(state.db.pool())
+            .await?
+            .try_get("created_at")?;
         next_cursor = Some(format!("{at}.{last}"));
     }
     Ok(Json(RolloutPage { items, next_cursor }))
@@ -481,7 +484,6 @@ pub async fn desired(
     Ok(Json(DesiredView {
         v: d.v,
         device: d.device,
-        models: serde_json::to_value(&d.models)
-            .map_err(|e| AppError::Internal(Box::new(e)))?,
+        models: serde_json::to_value(&d.models).map_err(|e| AppError::Internal(Box::new(e)))?,
     }))
 }

@@ -66,7 +66,11 @@ impl Watcher {
                                     .expect("the fleet publishes valid desired states");
                                 let device = p.topic.split('/').nth(2).unwrap_or("").to_string();
                                 assert_eq!(d.device, device, "desired state on the wrong topic");
-                                seen.lock().expect("lock").entry(device).or_default().push(d);
+                                seen.lock()
+                                    .expect("lock")
+                                    .entry(device)
+                                    .or_default()
+                                    .push(d);
                             }
                             Ok(_) => {}
                             Err(e) => panic!("watcher: {e}"),
@@ -222,7 +226,10 @@ fn wait_rollout(fleet: &TestFleet, id: &str, what: &str, pred: impl Fn(&Value) -
         last = rollout(fleet, id);
         pred(&last)
     });
-    assert!(ok, "rollout {id} did not reach {what} within {WAIT:?}: {last:#}");
+    assert!(
+        ok,
+        "rollout {id} did not reach {what} within {WAIT:?}: {last:#}"
+    );
     last
 }
 
@@ -244,7 +251,12 @@ fn a_rollout_goes_from_canary_to_completed(kind: Kind) {
     let fleet = TestFleet::start(&store, broker.port());
     let port = broker.port();
     let ring = ["d-0", "d-1", "d-2", "d-3"];
-    bring_up(&fleet, port, &["d-0", "d-1", "d-2", "d-3", "other"], "activity");
+    bring_up(
+        &fleet,
+        port,
+        &["d-0", "d-1", "d-2", "d-3", "other"],
+        "activity",
+    );
     for d in ring {
         let r = fleet.request(
             "PUT",
@@ -287,7 +299,10 @@ fn a_rollout_goes_from_canary_to_completed(kind: Kind) {
     let d = watcher.wait_version("d-0", "activity", "2.0.0");
     let m = &d.models[0];
     assert_eq!(m.rollout.as_deref(), Some(id.as_str()));
-    assert_eq!(m.url.as_deref(), Some("/api/v1/models/activity/2.0.0/bundle"));
+    assert_eq!(
+        m.url.as_deref(),
+        Some("/api/v1/models/activity/2.0.0/bundle")
+    );
     assert_eq!(m.size, Some(29711));
     assert!(m.sha256.is_some());
     assert_eq!(m.shadow.map(|s| s.windows), Some(20));
@@ -306,20 +321,44 @@ fn a_rollout_goes_from_canary_to_completed(kind: Kind) {
     );
 
     // The canary goes through the stages; the next waves follow only once it is active.
-    report(port, "d-0", "activity", "1.0.0", Some(("2.0.0", &id, OtaState::Downloading, None)));
-    report(port, "d-0", "activity", "1.0.0", Some(("2.0.0", &id, OtaState::Verified, None)));
+    report(
+        port,
+        "d-0",
+        "activity",
+        "1.0.0",
+        Some(("2.0.0", &id, OtaState::Downloading, None)),
+    );
+    report(
+        port,
+        "d-0",
+        "activity",
+        "1.0.0",
+        Some(("2.0.0", &id, OtaState::Verified, None)),
+    );
     wait_rollout(&fleet, &id, "canary verified", |v| {
         device_state(v, "d-0") == "verified"
     });
     assert_eq!(watcher.devices(), vec!["d-0".to_string()]);
-    report(port, "d-0", "activity", "2.0.0", Some(("2.0.0", &id, OtaState::Active, None)));
+    report(
+        port,
+        "d-0",
+        "activity",
+        "2.0.0",
+        Some(("2.0.0", &id, OtaState::Active, None)),
+    );
 
     // Every device told to install answers active, until the rollout completes.
     let mut answered = vec!["d-0".to_string()];
     let ok = wait_until(WAIT, || {
         for dev in watcher.devices() {
             if !answered.contains(&dev) {
-                report(port, &dev, "activity", "2.0.0", Some(("2.0.0", &id, OtaState::Active, None)));
+                report(
+                    port,
+                    &dev,
+                    "activity",
+                    "2.0.0",
+                    Some(("2.0.0", &id, OtaState::Active, None)),
+                );
                 answered.push(dev);
             }
         }
@@ -328,9 +367,16 @@ fn a_rollout_goes_from_canary_to_completed(kind: Kind) {
     let v = rollout(&fleet, &id);
     assert!(ok, "the rollout did not complete: {v:#}");
     assert_eq!(v["counts"]["active"], 4);
-    assert!(v["waves"].as_array().is_some_and(|w| w.iter().all(|w| w["succeeded_at"].is_u64())));
+    assert!(
+        v["waves"]
+            .as_array()
+            .is_some_and(|w| w.iter().all(|w| w["succeeded_at"].is_u64()))
+    );
     assert_eq!(watcher.devices(), ring.map(str::to_string).to_vec());
-    assert!(watcher.latest("other").is_none(), "an untargeted device was told something");
+    assert!(
+        watcher.latest("other").is_none(),
+        "an untargeted device was told something"
+    );
 
     // The history, and the list.
     let events = fleet.get_json(&format!("/api/v1/rollouts/{id}/events"));
@@ -348,7 +394,12 @@ fn a_rollout_goes_from_canary_to_completed(kind: Kind) {
     assert!(list["items"][0].get("devices").is_none());
 
     // A completed rollout cannot be paused: 409 with the reason.
-    let r = fleet.request("POST", &format!("/api/v1/rollouts/{id}/pause"), Some(ADMIN), None);
+    let r = fleet.request(
+        "POST",
+        &format!("/api/v1/rollouts/{id}/pause"),
+        Some(ADMIN),
+        None,
+    );
     assert_eq!(r.status, 409, "{}", r.body);
     assert!(r.body.contains("completed"), "{}", r.body);
 }
@@ -378,11 +429,19 @@ fn a_failing_canary_pauses_the_rollout_and_rollback_restores_the_previous_versio
         "a-0",
         "activity",
         "1.0.0",
-        Some(("3.0.0", &id, OtaState::Failed, Some("golden vectors disagree"))),
+        Some((
+            "3.0.0",
+            &id,
+            OtaState::Failed,
+            Some("golden vectors disagree"),
+        )),
     );
     let v = wait_rollout(&fleet, &id, "paused", |v| v["state"] == "paused");
     assert!(
-        v["pause_reason"].as_str().unwrap_or("").contains("failure threshold"),
+        v["pause_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("failure threshold"),
         "{v:#}"
     );
     let a0 = v["devices"][0].clone();
@@ -403,16 +462,34 @@ fn a_failing_canary_pauses_the_rollout_and_rollback_restores_the_previous_versio
     assert_eq!(r.status, 409, "{}", r.body);
 
     // Paused: pausing again is refused with the state; rollback is not.
-    let r = fleet.request("POST", &format!("/api/v1/rollouts/{id}/pause"), Some(ADMIN), None);
+    let r = fleet.request(
+        "POST",
+        &format!("/api/v1/rollouts/{id}/pause"),
+        Some(ADMIN),
+        None,
+    );
     assert_eq!(r.status, 409, "{}", r.body);
     assert!(r.body.contains("paused"), "{}", r.body);
-    let r = fleet.request("POST", &format!("/api/v1/rollouts/{id}/rollback"), Some(ADMIN), None);
+    let r = fleet.request(
+        "POST",
+        &format!("/api/v1/rollouts/{id}/rollback"),
+        Some(ADMIN),
+        None,
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["state"], "rolled_back");
     let d = watcher.wait_version("a-0", "activity", "1.0.0");
-    assert!(d.models[0].sha256.is_some(), "a registered previous version carries its digest");
+    assert!(
+        d.models[0].sha256.is_some(),
+        "a registered previous version carries its digest"
+    );
     assert_eq!(watcher.devices(), vec!["a-0".to_string()]);
-    let r = fleet.request("POST", &format!("/api/v1/rollouts/{id}/resume"), Some(ADMIN), None);
+    let r = fleet.request(
+        "POST",
+        &format!("/api/v1/rollouts/{id}/resume"),
+        Some(ADMIN),
+        None,
+    );
     assert_eq!(r.status, 409, "{}", r.body);
 }
 
@@ -427,24 +504,80 @@ fn rollout_requests_are_checked() {
     register_model(&store, Kind::Sqlite, "activity", "0.9.0", true);
     let all = json!({"all": true});
     let cases = [
-        (json!({"model": "activity", "version": "9.9.9", "targets": all}), 404, "not registered"),
-        (json!({"model": "activity", "version": "0.9.0", "targets": all}), 409, "deprecated"),
-        (json!({"model": "activity", "version": "2.0.0", "targets": {}}), 400, "exactly one"),
-        (json!({"model": "activity", "version": "2.0.0", "targets": {"all": true, "devices": ["b-0"]}}), 400, "exactly one"),
-        (json!({"model": "activity", "version": "2.0.0", "targets": {"devices": ["nope"]}}), 404, "nope"),
-        (json!({"model": "activity", "version": "2.0.0", "targets": {"tags": ["none=here"]}}), 400, "matches no"),
-        (json!({"model": "activity", "version": "2.0.0", "targets": all, "waves": ["canary", "50%"]}), 400, "100"),
-        (json!({"model": "activity", "version": "2.0.0", "targets": all, "waves": ["lots"]}), 400, "lots"),
-        (json!({"model": "activity", "version": "2.0.0", "targets": all, "min_soak_s": u64::MAX}), 400, "min_soak_s"),
-        (json!({"model": "activity", "version": "2.0.0", "targets": all, "failure_threshold": 1.0}), 400, "failure_threshold"),
-        (json!({"model": "activity", "version": "2.0.0", "targets": all, "shadow": {"windows": 0, "min_agreement": 1, "max_latency_ratio": 2}}), 400, "windows"),
-        (json!({"model": "a/b", "version": "2.0.0", "targets": all}), 400, "model"),
-        (json!({"model": "activity", "version": "2.0.0", "targets": all, "surprise": 1}), 400, "surprise"),
+        (
+            json!({"model": "activity", "version": "9.9.9", "targets": all}),
+            404,
+            "not registered",
+        ),
+        (
+            json!({"model": "activity", "version": "0.9.0", "targets": all}),
+            409,
+            "deprecated",
+        ),
+        (
+            json!({"model": "activity", "version": "2.0.0", "targets": {}}),
+            400,
+            "exactly one",
+        ),
+        (
+            json!({"model": "activity", "version": "2.0.0", "targets": {"all": true, "devices": ["b-0"]}}),
+            400,
+            "exactly one",
+        ),
+        (
+            json!({"model": "activity", "version": "2.0.0", "targets": {"devices": ["nope"]}}),
+            404,
+            "nope",
+        ),
+        (
+            json!({"model": "activity", "version": "2.0.0", "targets": {"tags": ["none=here"]}}),
+            400,
+            "matches no",
+        ),
+        (
+            json!({"model": "activity", "version": "2.0.0", "targets": all, "waves": ["canary", "50%"]}),
+            400,
+            "100",
+        ),
+        (
+            json!({"model": "activity", "version": "2.0.0", "targets": all, "waves": ["lots"]}),
+            400,
+            "lots",
+        ),
+        (
+            json!({"model": "activity", "version": "2.0.0", "targets": all, "min_soak_s": u64::MAX}),
+            400,
+            "min_soak_s",
+        ),
+        (
+            json!({"model": "activity", "version": "2.0.0", "targets": all, "failure_threshold": 1.0}),
+            400,
+            "failure_threshold",
+        ),
+        (
+            json!({"model": "activity", "version": "2.0.0", "targets": all, "shadow": {"windows": 0, "min_agreement": 1, "max_latency_ratio": 2}}),
+            400,
+            "windows",
+        ),
+        (
+            json!({"model": "a/b", "version": "2.0.0", "targets": all}),
+            400,
+            "model",
+        ),
+        (
+            json!({"model": "activity", "version": "2.0.0", "targets": all, "surprise": 1}),
+            400,
+            "surprise",
+        ),
     ];
     for (body, status, needle) in cases {
         let r = fleet.request("POST", "/api/v1/rollouts", Some(ADMIN), Some(&body));
         assert_eq!(r.status, status, "{body}: {}", r.body);
-        assert!(r.body.contains(needle), "{body}: {} should mention {needle}", r.body);
+        assert!(
+            r.body.contains(needle),
+            "{body}: {} should mention {needle}",
+            r.body
+        );
     }
     for (method, path, status) in [
         ("GET", "/api/v1/rollouts/r-none", 404),
@@ -478,13 +611,25 @@ fn a_fleet_restarted_mid_rollout_carries_on() {
     );
     let id = created["id"].as_str().expect("id").to_string();
     watcher.wait_version("c-0", "activity", "2.0.0");
-    report(port, "c-0", "activity", "2.0.0", Some(("2.0.0", &id, OtaState::Active, None)));
+    report(
+        port,
+        "c-0",
+        "activity",
+        "2.0.0",
+        Some(("2.0.0", &id, OtaState::Active, None)),
+    );
     watcher.wait_version("c-1", "activity", "2.0.0");
     watcher.wait_version("c-2", "activity", "2.0.0");
     fleet.stop().expect("the fleet stops cleanly");
 
     for d in ["c-1", "c-2"] {
-        report(port, d, "activity", "2.0.0", Some(("2.0.0", &id, OtaState::Active, None)));
+        report(
+            port,
+            d,
+            "activity",
+            "2.0.0",
+            Some(("2.0.0", &id, OtaState::Active, None)),
+        );
     }
     let fleet = TestFleet::start(&store, port);
     let v = wait_rollout(&fleet, &id, "completed after the restart", |v| {
@@ -528,9 +673,24 @@ fn the_cli_creates_lists_shows_and_commands_rollouts() {
     let (ok, out, err) = cli(
         None,
         &[
-            "--json", "create", "--model", "activity", "--version", "2.0.0", "--devices", "e-0,e-1",
-            "--waves", "canary,100%", "--soak", "0", "--shadow-windows", "5", "--min-agreement",
-            "0.8", "--max-latency-ratio", "2.5",
+            "--json",
+            "create",
+            "--model",
+            "activity",
+            "--version",
+            "2.0.0",
+            "--devices",
+            "e-0,e-1",
+            "--waves",
+            "canary,100%",
+            "--soak",
+            "0",
+            "--shadow-windows",
+            "5",
+            "--min-agreement",
+            "0.8",
+            "--max-latency-ratio",
+            "2.5",
         ],
     );
     assert!(ok, "create failed: {err}");
@@ -543,7 +703,10 @@ fn the_cli_creates_lists_shows_and_commands_rollouts() {
     assert!(out.contains(&id) && out.contains("running"), "{out}");
     let (ok, out, err) = cli(None, &["show", &id]);
     assert!(ok, "{err}");
-    assert!(out.contains("wave 1 canary") && out.contains("created"), "{out}");
+    assert!(
+        out.contains("wave 1 canary") && out.contains("created"),
+        "{out}"
+    );
 
     let read = token_cli(&fleet.db_url, &["create", "--scope", "read"]);
     let (ok, _, err) = cli(Some(&read), &["pause", &id]);
@@ -557,7 +720,10 @@ fn the_cli_creates_lists_shows_and_commands_rollouts() {
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(v["state"], "rolled_back");
-    assert_eq!(v["pending_publish"], 0, "--wait returns once the broker has the desired states");
+    assert_eq!(
+        v["pending_publish"], 0,
+        "--wait returns once the broker has the desired states"
+    );
 }
 
 /// The dashboard's Rollouts pages in Chromium: the list, a rollout's waves and devices, a live
@@ -600,7 +766,13 @@ fn the_dashboard_shows_and_commands_a_rollout_live() {
         transcript.push(line.clone());
         match line.as_str() {
             "READY canary_active" => {
-                report(port, "f-0", "activity", "2.0.0", Some(("2.0.0", &id, OtaState::Active, None)));
+                report(
+                    port,
+                    "f-0",
+                    "activity",
+                    "2.0.0",
+                    Some(("2.0.0", &id, OtaState::Active, None)),
+                );
                 writeln!(stdin, "GO").expect("answer the browser");
             }
             l if l.starts_with("OK") => {
