@@ -1,6 +1,7 @@
 // Ember fleet dashboard: plain JavaScript, no dependencies, no build step.
 //
-// Views (hash routes): #/ overview, #/devices?state=&tag=&model=&search=, #/device/<id>.
+// Views (hash routes): #/ overview, #/devices?state=&tag=&model=&search=, #/device/<id>,
+// #/rollouts and #/rollout/<id> (rollouts.js).
 // Data: the REST API under /api/v1 with `Authorization: Bearer <token>`; live updates from
 // /api/v1/events (server-sent events, read with fetch so that the token travels in a header,
 // never in a URL). The token lives in sessionStorage for this tab only; a token passed as
@@ -604,7 +605,12 @@ async function route() {
   const path = hash.slice(1).split("?")[0];
   let nav = "overview";
   try {
-    if (path.startsWith("/device/")) {
+    if (path.startsWith("/rollout")) {
+      nav = "rollouts";
+      markNav(nav);
+      if (path.startsWith("/rollout/")) await showRollout(decodeURIComponent(path.slice("/rollout/".length)));
+      else await showRollouts();
+    } else if (path.startsWith("/device/")) {
       nav = "devices";
       markNav(nav);
       await showDevice(decodeURIComponent(path.slice("/device/".length)));

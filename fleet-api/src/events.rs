@@ -44,6 +44,15 @@ pub enum LiveEvent {
         threshold: Option<f64>,
         anomalous: bool,
     },
+    /// A rollout changed (created, commanded, a device reported, a wave started): reload it.
+    Rollout {
+        rollout_id: String,
+        state: String,
+        current_wave: usize,
+        active: usize,
+        failed: usize,
+        devices: usize,
+    },
     /// Messages from a device were rejected.
     Reject {
         device_id: String,
@@ -60,6 +69,7 @@ impl LiveEvent {
             LiveEvent::Telemetry { .. } => "telemetry",
             LiveEvent::Inference { .. } => "inference",
             LiveEvent::Reject { .. } => "reject",
+            LiveEvent::Rollout { .. } => "rollout",
         }
     }
 }

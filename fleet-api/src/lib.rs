@@ -11,7 +11,9 @@
 //!   event stream (`/api/v1/events`) and the dashboard (`/dashboard/`).
 //! * [`events`]: what ingestion committed, fanned out to the live event streams.
 //! * [`rollout`]: the staged-rollout state machine (pure); [`rollout_store`] persists it with
-//!   its event history and the per-device desired-model outbox.
+//!   its event history and the per-device desired-model outbox; [`rollouts`] drives them in
+//!   the running fleet (API steps, OTA reports from statuses, the soak-time driver and the
+//!   retained desired-state publisher).
 //! * [`registry`]: verified model bundles (rows in `models`, bytes in the blob store).
 //! * [`auth`]: hashed API tokens with `read` and `admin` scopes.
 //! * [`demo`]: `ember-fleet demo`: embedded broker (rumqttd), the service and real agents.
@@ -37,6 +39,7 @@ pub mod registry;
 pub mod retention;
 pub mod rollout;
 pub mod rollout_store;
+pub mod rollouts;
 pub mod tls;
 
 use std::sync::Arc;
@@ -54,7 +57,8 @@ use crate::metrics::Metrics;
 /// Runs the service on `listener` until `shutdown` fires and the drain completes (or
 /// `shutdown.grace_ms` passes, or `force` fires).
 ///
-/// Order on the way up: database (migrated), bootstrap token, ingestion, retention, HTTP.
+/// Order on the way up: database (migrated), bootstrap token, ingestion, retention, the
+/// rollout driver and desired-state publisher, HTTP.
 /// On the way down: HTTP stops accepting, ingestion stops taking messages and stores and
 /// acknowledges what it took, then the pool closes.
 pub async fn run(
@@ -74,6 +78,11 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let ingest_state = Arc::new(IngestState::default());
     let events = Arc::new(events::Events::new());
+    let rollouts = Arc::new(rollouts::Service::new(
+        db.clone(),
+        events.clone(),
+        metrics.clone(),
+    ));
 
     let mut ingest = tokio::spawn(ingest::run(
         settings.clone(),
@@ -81,9 +90,12 @@ pub async fn run(
         metrics.clone(),
         ingest_state.clone(),
         events.clone(),
+        rollouts.clone(),
         shutdown.clone(),
         force.clone(),
     ));
+    let driver = tokio::spawn(rollouts.clone().drive(shutdown.clone()));
+    let publisher = tokio::spawn(rollouts.clone().publish(settings.clone(), shutdown.clone()));
     let retention = tokio::spawn(retention::run(
         db.clone(),
         settings.retention.clone(),
@@ -96,6 +108,7 @@ pub async fn run(
         metrics,
         ingest: ingest_state,
         events,
+        rollouts,
         shutdown: shutdown.clone(),
     });
     let addr = listener.local_addr().map_err(FleetError::Serve)?;
@@ -152,6 +165,9 @@ pub async fn run(
         server.abort();
     }
     retention.abort();
+    driver.abort();
+    // The publisher stops on `shutdown`; what it had not got acknowledged stays in the outbox.
+    let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;
     db.close().await;
     tracing::info!("Stopped.");
     result

@@ -11,6 +11,8 @@ use ember_fleet::auth::{self, Scope};
 use ember_fleet::config::{LogFormat, Settings};
 use ember_fleet::db::Db;
 
+mod rollout_cli;
+
 #[derive(Parser)]
 #[command(
     name = "ember-fleet",
@@ -41,6 +43,9 @@ enum Command {
     /// Run the whole system locally: an embedded MQTT broker, this service on SQLite, and
     /// several real agents replaying recorded sensor data through the committed models.
     Demo(DemoArgs),
+    /// Staged model rollouts over the fleet's HTTP API: create, list, show, pause, resume,
+    /// abort, rollback.
+    Rollout(rollout_cli::RolloutArgs),
 }
 
 #[derive(clap::Args)]
@@ -97,6 +102,19 @@ fn main() -> ExitCode {
             }
         };
     }
+    // Rollouts talk to a running fleet over HTTP: no configuration needed either.
+    if let Some(Command::Rollout(args)) = cli.command {
+        return match rollout_cli::run(args) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ember-fleet: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let env = std::env::vars();
     let settings = match Settings::load(cli.config.as_deref(), env) {
         Ok(s) => s,
@@ -112,7 +130,7 @@ fn main() -> ExitCode {
         }
         Command::Run => run(settings),
         Command::Token(cmd) => token(settings, cmd),
-        Command::Pki(_) => Ok(()),
+        Command::Pki(_) | Command::Rollout(_) => Ok(()),
         Command::Demo(args) => demo(settings, args),
     };
     match result {

@@ -33,6 +33,21 @@ const BYTES_BUCKETS: &[f64] = &[
 /// Every metric family: name (without the `ember_fleet_` prefix), kind, help.
 const FAMILIES: &[(&str, Kind, &str)] = &[
     (
+        "desired_published_total",
+        Kind::Counter,
+        "Desired-state messages published (retained) and acknowledged by the broker.",
+    ),
+    (
+        "ota_reports_total",
+        Kind::Counter,
+        "OTA reports from device statuses, by outcome: applied (to an unfinished rollout), ignored.",
+    ),
+    (
+        "rollout_steps_total",
+        Kind::Counter,
+        "Rollout steps stored, by cause: create, command, report, tick.",
+    ),
+    (
         "messages_total",
         Kind::Counter,
         "MQTT messages received, by channel and outcome (accepted, rejected, dropped).",

@@ -75,6 +75,9 @@ pub struct RolloutSpec {
     /// The version to install.
     pub version: String,
     pub waves: Vec<WaveSpec>,
+    /// Shadow-evaluation thresholds sent to every device with its assignment (None: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ember_proto::ota::ShadowPolicy>,
 }
 
 impl RolloutSpec {
@@ -96,6 +99,7 @@ impl RolloutSpec {
                 wave("50%", WaveSize::Percent(50.0)),
                 wave("all", WaveSize::Percent(100.0)),
             ],
+            shadow: None,
         }
     }
 

@@ -16,6 +16,7 @@ pub mod error;
 mod inference;
 mod live;
 mod ops;
+mod rollouts;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +27,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use serde::Deserialize;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{IntoParams, OpenApi};
@@ -47,6 +48,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub ingest: Arc<IngestState>,
     pub events: Arc<Events>,
+    pub rollouts: Arc<crate::rollouts::Service>,
     /// Fires when the service shuts down: ends the live event streams.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -74,6 +76,12 @@ pub struct AppState {
         inference::anomalies,
         ops::list_rejects,
         live::overview,
+        rollouts::create,
+        rollouts::list,
+        rollouts::show,
+        rollouts::events,
+        rollouts::command,
+        rollouts::desired,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth),
@@ -83,6 +91,7 @@ pub struct AppState {
         (name = "data", description = "Telemetry, aggregates and the durability ledger"),
         (name = "inference", description = "Model results, their aggregates and anomalies"),
         (name = "operations", description = "Health and rejected messages"),
+        (name = "rollouts", description = "Staged model rollouts and the desired state of devices"),
     )
 )]
 pub struct ApiDoc;
@@ -112,6 +121,19 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/anomalies", get(inference::anomalies))
         .route("/api/v1/overview", get(live::overview))
         .route("/api/v1/events", get(live::events))
+        .route(
+            "/api/v1/rollouts",
+            get(rollouts::list).post(rollouts::create),
+        )
+        .route("/api/v1/rollouts/{rollout_id}", get(rollouts::show))
+        .route(
+            "/api/v1/rollouts/{rollout_id}/events",
+            get(rollouts::events),
+        )
+        .route(
+            "/api/v1/rollouts/{rollout_id}/{command}",
+            post(rollouts::command),
+        )
         .route_layer(axum::middleware::from_fn(fleet_wide))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -133,6 +155,10 @@ pub fn router(state: AppState) -> Router {
             get(data::aggregates),
         )
         .route("/api/v1/devices/{device_id}/ledger", get(data::ledger))
+        .route(
+            "/api/v1/devices/{device_id}/desired",
+            get(rollouts::desired),
+        )
         .route(
             "/api/v1/devices/{device_id}/streams/{stream}/inference",
             get(inference::results),

@@ -106,12 +106,16 @@ impl RejectLog {
 }
 
 /// Runs ingestion until `shutdown` has drained (or `force` fires).
+// Each argument is a distinct shared service handed over by `crate::run`; a struct bundling
+// them would only rename the list.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     settings: Arc<Settings>,
     db: Db,
     metrics: Arc<Metrics>,
     state: Arc<IngestState>,
     events: Arc<Events>,
+    rollouts: Arc<crate::rollouts::Service>,
     shutdown: CancellationToken,
     force: CancellationToken,
 ) {
@@ -147,6 +151,7 @@ pub async fn run(
                 state: state.clone(),
             },
             events,
+            rollouts,
         },
         force.clone(),
     ));

@@ -123,6 +123,8 @@ pub struct Writer {
     pub settings: IngestSettings,
     pub acker: Acker,
     pub events: Arc<Events>,
+    /// Where the OTA reports of stored statuses go (after commit, before the PUBACK).
+    pub rollouts: Arc<crate::rollouts::Service>,
 }
 
 /// Receives until the channel closes (shutdown), writing batch after batch. Returns when every
@@ -185,6 +187,7 @@ impl Writer {
                         "Stored a batch."
                     );
                     self.record(&batch, &outcome);
+                    self.apply_ota(&batch).await;
                     self.ack_all(&batch).await;
                     return true;
                 }
@@ -223,6 +226,7 @@ impl Writer {
                 {
                     Ok(outcome) => {
                         self.record(&one, &outcome);
+                        self.apply_ota(&one).await;
                         break;
                     }
                     Err(e) if is_transient(&e) || attempt + 1 < BATCH_ATTEMPTS => {
@@ -267,6 +271,21 @@ impl Writer {
             }
         }
         true
+    }
+
+    /// Feeds the OTA reports of the batch's statuses to their rollouts. Runs after the commit
+    /// and before the acknowledgements: a crash in between redelivers the statuses.
+    async fn apply_ota(&self, batch: &[Inbound]) {
+        let statuses: Vec<&Status> = batch
+            .iter()
+            .filter_map(|m| match &m.item {
+                Ok(Item::Status(s)) if !s.ota.is_empty() && !is_last_will(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        if !statuses.is_empty() {
+            self.rollouts.apply_statuses(&statuses).await;
+        }
     }
 
     async fn ack_all(&self, batch: &[Inbound]) {

@@ -24,12 +24,12 @@ use crate::support::{ADMIN, Kind, Store, TestFleet, now_us};
 /// The whole browser run (launch, three pages, two live steps, screenshots).
 const BROWSER_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn browser_dir() -> PathBuf {
+pub(crate) fn browser_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser"))
 }
 
 /// Fails (never skips) when Chromium, node or playwright-core is missing, saying how to fix it.
-fn require_browser() {
+pub(crate) fn require_browser() {
     assert!(
         Path::new("/usr/bin/chromium").is_file(),
         "this test needs Debian's chromium: run scripts/install-deps.sh (apt-get install chromium)"

@@ -118,6 +118,7 @@ fn dashboard_files_are_served_with_a_strict_policy() {
     for (path, ty) in [
         ("/dashboard/", "text/html"),
         ("/dashboard/app.js", "text/javascript"),
+        ("/dashboard/rollouts.js", "text/javascript"),
         ("/dashboard/app.css", "text/css"),
     ] {
         let r = fleet.request("GET", path, None, None);

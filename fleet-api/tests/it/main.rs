@@ -14,5 +14,6 @@ mod inference;
 mod ingest;
 mod live;
 mod python;
+mod rollout_service;
 mod rollouts;
 mod security;
