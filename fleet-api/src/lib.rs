@@ -96,6 +96,11 @@ pub async fn run(
         metrics,
         ingest: ingest_state,
         events,
+        registry: Arc::new(registry::Registry::new(
+            db.clone(),
+            &settings.data_dir,
+            &settings.models,
+        )),
         shutdown: shutdown.clone(),
     });
     let addr = listener.local_addr().map_err(FleetError::Serve)?;

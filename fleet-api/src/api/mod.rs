@@ -15,6 +15,7 @@ mod devices;
 pub mod error;
 mod inference;
 mod live;
+mod models;
 mod ops;
 
 use std::sync::Arc;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub ingest: Arc<IngestState>,
     pub events: Arc<Events>,
+    /// The model registry (bundles and their blobs).
+    pub registry: Arc<crate::registry::Registry>,
     /// Fires when the service shuts down: ends the live event streams.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -74,6 +77,12 @@ pub struct AppState {
         inference::anomalies,
         ops::list_rejects,
         live::overview,
+        models::upload,
+        models::list,
+        models::versions,
+        models::get_version,
+        models::deprecate,
+        models::download,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth),
@@ -83,6 +92,7 @@ pub struct AppState {
         (name = "data", description = "Telemetry, aggregates and the durability ledger"),
         (name = "inference", description = "Model results, their aggregates and anomalies"),
         (name = "operations", description = "Health and rejected messages"),
+        (name = "models", description = "The model registry: signed bundles and their downloads"),
     )
 )]
 pub struct ApiDoc;
@@ -146,7 +156,9 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             require_token,
         ));
-    let protected = fleet_routes.merge(device_routes);
+    let protected = fleet_routes
+        .merge(device_routes)
+        .merge(models::routes(state.clone()));
     Router::new()
         .route("/api/v1/health", get(ops::health))
         .route("/api/openapi.json", get(ops::openapi))
