@@ -11,8 +11,9 @@
 //! `EMBER_FLEET_DATABASE__URL=postgres://...`, `EMBER_FLEET_MQTT__PORT=8883`,
 //! `EMBER_FLEET_BOOTSTRAP_TOKEN=...`. Values are parsed as TOML scalars (so `8883` is an integer
 //! and `true` a boolean) and fall back to strings; keys that hold text (URLs, tokens, hosts) are
-//! always taken as strings. `EMBER_FLEET_CONFIG` (the file's path) and `EMBER_FLEET_LOG` (the log
-//! filter) are read by the binary and are not overrides; other `EMBER_*` variables belong to the
+//! always taken as strings. `EMBER_FLEET_CONFIG` (the file's path), `EMBER_FLEET_LOG` (the log
+//! filter) and `EMBER_FLEET_TOKEN` (the `model` commands' API token) are read by the binary and
+//! are not overrides; other `EMBER_*` variables belong to the
 //! agent and are ignored.
 
 use std::net::SocketAddr;
@@ -713,7 +714,7 @@ fn default_client_id() -> String {
 }
 
 /// `EMBER_FLEET_*` variables that are not config overrides.
-pub const RESERVED_ENV: [&str; 2] = ["EMBER_FLEET_CONFIG", "EMBER_FLEET_LOG"];
+pub const RESERVED_ENV: [&str; 3] = ["EMBER_FLEET_CONFIG", "EMBER_FLEET_LOG", "EMBER_FLEET_TOKEN"];
 
 /// Keys whose values are text even when they look like numbers or booleans.
 const STRING_KEYS: [&str; 13] = [

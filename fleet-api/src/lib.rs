@@ -13,6 +13,7 @@
 //! * [`rollout`]: the staged-rollout state machine (pure); [`rollout_store`] persists it with
 //!   its event history and the per-device desired-model outbox.
 //! * [`registry`]: verified model bundles (rows in `models`, bytes in the blob store).
+//! * [`model_cli`]: `ember-fleet model ...`, the registry over HTTP.
 //! * [`auth`]: hashed API tokens with `read` and `admin` scopes.
 //! * [`demo`]: `ember-fleet demo`: embedded broker (rumqttd), the service and real agents.
 //! * [`tls`], [`pki`]: HTTPS, mutual TLS to the broker, and the `ember-fleet pki` CA.
@@ -31,6 +32,7 @@ pub mod events;
 pub mod ingest;
 pub mod ledger;
 pub mod metrics;
+pub mod model_cli;
 pub mod pki;
 pub mod ranges;
 pub mod registry;
