@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiJson, ApiPath, ApiQuery, ErrorBody, ErrorDetail};
-use super::{AdminAccess, AppError, AppState, cursor, page_limit};
+use super::{AdminAccess, AppError, AppState, page_limit};
 use crate::auth::Scope;
 use crate::registry::{self, ModelEntry, RegistryError};
 
@@ -96,7 +96,10 @@ pub struct VersionPath {
     #[param(pattern = "^[a-z0-9._-]{1,64}$")]
     pub name: String,
     /// Semantic version, e.g. `1.0.0` or `1.1.0-rc.1`
-    #[param(max_length = 128)]
+    #[param(
+        max_length = 128,
+        pattern = r"^(0|[1-9][0-9]{0,17})\.(0|[1-9][0-9]{0,17})\.(0|[1-9][0-9]{0,17})(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$"
+    )]
     pub version: String,
 }
 
@@ -210,7 +213,8 @@ pub struct ModelListQuery {
     /// Page size (default 100, at most `http.max_page_limit`, 1000 by default).
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page (`<name>/<version>`).
+    #[param(pattern = "^[a-z0-9._-]{1,64}/[0-9A-Za-z.+-]{1,128}$")]
     pub cursor: Option<String>,
 }
 
@@ -241,12 +245,22 @@ pub async fn list(
 ) -> Result<Json<ModelPage>, AppError> {
     let limit = page_limit(&state.settings, q.limit)? as usize;
     let all = registry::list(&state.db).await?;
-    let after = match cursor(&q.cursor) {
+    let bad_cursor = || AppError::BadRequest {
+        code: "invalid_cursor",
+        message:
+            "the cursor is not one this API returned (`<name>/<version>`); start again without it"
+                .into(),
+    };
+    let after = match q.cursor.as_deref() {
         Some(c) => {
-            let (name, version) = c.split_once('/').ok_or_else(|| AppError::BadRequest {
-                code: "invalid_cursor",
-                message: "the cursor is not one this API returned; start again without it".into(),
-            })?;
+            let (name, version) = c.split_once('/').ok_or_else(bad_cursor)?;
+            let version_ok = (1..=128).contains(&version.len())
+                && version
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-'));
+            if ember_bundle::check_model_name(name).is_err() || !version_ok {
+                return Err(bad_cursor());
+            }
             Some(sort_key(name, version))
         }
         None => None,
