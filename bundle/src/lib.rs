@@ -38,7 +38,9 @@ pub use head::{ArchitectureHead, MANIFEST_FORMAT, ManifestHead, Version, Weights
 pub use head::{check_model_name, check_semver};
 pub use keys::{KeyError, KeyId, TrustedKeys};
 
-use ed25519_dalek::{Signature, SigningKey};
+use ed25519_dalek::Signature;
+/// The ed25519 key types, re-exported so users need no direct ed25519-dalek dependency.
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
 
 /// First bytes of every bundle.
 pub const MAGIC: [u8; 8] = *b"EMBRMODL";
