@@ -159,7 +159,7 @@ impl DesiredState {
         }
         for (i, m) in self.models.iter().enumerate() {
             let at = |what: &str| bad(alloc::format!("models[{i}] ({}): {what}", m.name));
-            check_name(&m.name).map_err(|why| at(why))?;
+            check_name(&m.name).map_err(&at)?;
             if self.models[..i].iter().any(|o| o.name == m.name) {
                 return Err(at("named twice"));
             }
