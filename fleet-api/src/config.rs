@@ -847,6 +847,9 @@ mod tests {
             "rejects_days",
             "interval_s",
             "grace_ms",
+            "store",
+            "trusted_keys",
+            "max_bundle_bytes",
         ] {
             assert!(
                 text.contains(&format!("{key} =")),
