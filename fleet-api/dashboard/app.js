@@ -614,6 +614,10 @@ async function route() {
       nav = "devices";
       markNav(nav);
       await showDevice(decodeURIComponent(path.slice("/device/".length)));
+    } else if (path.startsWith("/models")) {
+      nav = "models";
+      markNav(nav);
+      await showModels(); // models.js
     } else if (path.startsWith("/devices")) {
       nav = "devices";
       markNav(nav);

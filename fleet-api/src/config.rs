@@ -11,8 +11,9 @@
 //! `EMBER_FLEET_DATABASE__URL=postgres://...`, `EMBER_FLEET_MQTT__PORT=8883`,
 //! `EMBER_FLEET_BOOTSTRAP_TOKEN=...`. Values are parsed as TOML scalars (so `8883` is an integer
 //! and `true` a boolean) and fall back to strings; keys that hold text (URLs, tokens, hosts) are
-//! always taken as strings. `EMBER_FLEET_CONFIG` (the file's path) and `EMBER_FLEET_LOG` (the log
-//! filter) are read by the binary and are not overrides; other `EMBER_*` variables belong to the
+//! always taken as strings. `EMBER_FLEET_CONFIG` (the file's path), `EMBER_FLEET_LOG` (the log
+//! filter) and `EMBER_FLEET_TOKEN` (the `model` commands' API token) are read by the binary and
+//! are not overrides; other `EMBER_*` variables belong to the
 //! agent and are ignored.
 
 use std::net::SocketAddr;
@@ -49,6 +50,10 @@ pub const DEFAULT_AGGREGATE_DAYS: u32 = 365;
 pub const DEFAULT_REJECT_DAYS: u32 = 30;
 pub const DEFAULT_RETENTION_INTERVAL_S: u64 = 3600;
 pub const DEFAULT_GRACE_MS: u64 = 10_000;
+/// Largest model bundle `POST /api/v1/models` accepts (64 MiB).
+pub const DEFAULT_MAX_BUNDLE_BYTES: u64 = 64 << 20;
+/// The bundle blob store: files under `<data_dir>/models/`.
+pub const DEFAULT_MODEL_STORE: &str = "fs";
 /// Shortest accepted bootstrap token: it is an admin credential.
 pub const MIN_BOOTSTRAP_TOKEN_LEN: usize = 16;
 
@@ -96,6 +101,42 @@ pub struct RawConfig {
     pub retention: RawRetention,
     #[serde(default)]
     pub shutdown: RawShutdown,
+    #[serde(default)]
+    pub models: RawModels,
+}
+
+/// `[models]`: the model registry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModels {
+    /// `fs` (files under `<data_dir>/models/`).
+    pub store: Option<String>,
+    /// Public key files (`ed25519-public <hex>`) whose signatures uploads must carry: a list,
+    /// or one string of comma-separated paths (what `EMBER_FLEET_MODELS__TRUSTED_KEYS` gives).
+    pub trusted_keys: Option<PathList>,
+    pub max_bundle_bytes: Option<u64>,
+}
+
+/// A list of paths, or one comma-separated string of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PathList {
+    List(Vec<PathBuf>),
+    Joined(String),
+}
+
+impl PathList {
+    fn into_paths(self) -> Vec<PathBuf> {
+        match self {
+            PathList::List(v) => v,
+            PathList::Joined(s) => s
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +222,25 @@ pub struct Settings {
     pub ingest: IngestSettings,
     pub retention: RetentionSettings,
     pub shutdown: ShutdownSettings,
+    pub models: ModelSettings,
+}
+
+/// Where the registry keeps bundle bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelStore {
+    /// Files under `<data_dir>/models/<name>/<version>.bundle`.
+    Fs,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSettings {
+    pub store: ModelStore,
+    pub trusted_keys: Vec<PathBuf>,
+    /// The keys read from `trusted_keys` (checked at start).
+    #[serde(skip)]
+    pub keys: ember_bundle::TrustedKeys,
+    pub max_bundle_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -562,6 +622,8 @@ impl Settings {
             return Err(invalid("shutdown.grace_ms", "must be at most 600000"));
         }
 
+        let models = resolve_models(raw.models)?;
+
         Ok(Settings {
             data_dir,
             bootstrap_token: raw.bootstrap_token,
@@ -572,6 +634,7 @@ impl Settings {
             ingest,
             retention,
             shutdown,
+            models,
         })
     }
 
@@ -579,6 +642,53 @@ impl Settings {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render settings: {e}"))
     }
+}
+
+fn resolve_models(raw: RawModels) -> Result<ModelSettings, ConfigError> {
+    let store = match raw.store.as_deref().unwrap_or(DEFAULT_MODEL_STORE) {
+        "fs" => ModelStore::Fs,
+        other if other.contains("://") => {
+            return Err(invalid(
+                "models.store",
+                format!(
+                    "{other:?}: object storage is not built into this ember-fleet yet; use \"fs\" (files under <data_dir>/models/) and back that directory up or mount it from shared storage"
+                ),
+            ));
+        }
+        other => {
+            return Err(invalid(
+                "models.store",
+                format!("{other:?} is not a store: use \"fs\""),
+            ));
+        }
+    };
+    let trusted_keys = raw
+        .trusted_keys
+        .map(PathList::into_paths)
+        .unwrap_or_default();
+    let mut keys = ember_bundle::TrustedKeys::new();
+    for (i, path) in trusted_keys.iter().enumerate() {
+        let key = ember_bundle::keys::read_public_key(path).map_err(|e| {
+            invalid(
+                format!("models.trusted_keys[{i}]"),
+                format!("{e} (a trusted key is a public key file written by `ember-models keygen`, `<prefix>.pub`)"),
+            )
+        })?;
+        keys.insert(key);
+    }
+    let max_bundle_bytes = raw.max_bundle_bytes.unwrap_or(DEFAULT_MAX_BUNDLE_BYTES);
+    if !(1024..=(4u64 << 30)).contains(&max_bundle_bytes) {
+        return Err(invalid(
+            "models.max_bundle_bytes",
+            "must be 1024 bytes to 4 GiB",
+        ));
+    }
+    Ok(ModelSettings {
+        store,
+        trusted_keys,
+        keys,
+        max_bundle_bytes,
+    })
 }
 
 /// `ember-fleet-<hostname>`: unique per machine, stable across restarts (the broker keeps a
@@ -604,10 +714,12 @@ fn default_client_id() -> String {
 }
 
 /// `EMBER_FLEET_*` variables that are not config overrides.
-pub const RESERVED_ENV: [&str; 2] = ["EMBER_FLEET_CONFIG", "EMBER_FLEET_LOG"];
+pub const RESERVED_ENV: [&str; 3] = ["EMBER_FLEET_CONFIG", "EMBER_FLEET_LOG", "EMBER_FLEET_TOKEN"];
 
 /// Keys whose values are text even when they look like numbers or booleans.
-const STRING_KEYS: [&str; 11] = [
+const STRING_KEYS: [&str; 13] = [
+    "models.store",
+    "models.trusted_keys",
     "data_dir",
     "bootstrap_token",
     "database.url",
@@ -735,6 +847,9 @@ mod tests {
             "rejects_days",
             "interval_s",
             "grace_ms",
+            "store",
+            "trusted_keys",
+            "max_bundle_bytes",
         ] {
             assert!(
                 text.contains(&format!("{key} =")),

@@ -15,6 +15,7 @@
 //!   the running fleet (API steps, OTA reports from statuses, the soak-time driver and the
 //!   retained desired-state publisher).
 //! * [`registry`]: verified model bundles (rows in `models`, bytes in the blob store).
+//! * [`model_cli`]: `ember-fleet model ...`, the registry over HTTP.
 //! * [`auth`]: hashed API tokens with `read` and `admin` scopes.
 //! * [`demo`]: `ember-fleet demo`: embedded broker (rumqttd), the service and real agents.
 //! * [`tls`], [`pki`]: HTTPS, mutual TLS to the broker, and the `ember-fleet pki` CA.
@@ -33,6 +34,7 @@ pub mod events;
 pub mod ingest;
 pub mod ledger;
 pub mod metrics;
+pub mod model_cli;
 pub mod pki;
 pub mod ranges;
 pub mod registry;
@@ -109,6 +111,11 @@ pub async fn run(
         ingest: ingest_state,
         events,
         rollouts,
+        registry: Arc::new(registry::Registry::new(
+            db.clone(),
+            &settings.data_dir,
+            &settings.models,
+        )),
         shutdown: shutdown.clone(),
     });
     let addr = listener.local_addr().map_err(FleetError::Serve)?;

@@ -40,6 +40,9 @@ enum Command {
     /// (also from a device's CSR) and a mutual-TLS Mosquitto config.
     #[command(subcommand)]
     Pki(ember_fleet::pki::PkiCommand),
+    /// The model registry of a running fleet, over its HTTP API: upload, list, show,
+    /// deprecate.
+    Model(ember_fleet::model_cli::ModelArgs),
     /// Run the whole system locally: an embedded MQTT broker, this service on SQLite, and
     /// several real agents replaying recorded sensor data through the committed models.
     Demo(DemoArgs),
@@ -115,6 +118,19 @@ fn main() -> ExitCode {
             }
         };
     }
+    // The model commands talk to a running fleet over HTTP: no configuration needed either.
+    if let Some(Command::Model(args)) = cli.command {
+        return match ember_fleet::model_cli::run(args) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ember-fleet: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let env = std::env::vars();
     let settings = match Settings::load(cli.config.as_deref(), env) {
         Ok(s) => s,
@@ -130,7 +146,7 @@ fn main() -> ExitCode {
         }
         Command::Run => run(settings),
         Command::Token(cmd) => token(settings, cmd),
-        Command::Pki(_) | Command::Rollout(_) => Ok(()),
+        Command::Pki(_) | Command::Rollout(_) | Command::Model(_) => Ok(()),
         Command::Demo(args) => demo(settings, args),
     };
     match result {

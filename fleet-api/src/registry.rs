@@ -3,20 +3,54 @@
 //! Table `models` (migration `0004_models.sql`), one row per (name, version); the bundle bytes
 //! live in the blob store under `blob_key`.
 //!
+//! **Blob store.** `models.store = "fs"` (the only store built so far): a bundle is the file
+//! `<data_dir>/models/<name>/<version>.bundle`. An upload writes a temporary file in that
+//! directory, fsyncs it, renames it into place and fsyncs the directory, and only then commits
+//! the row. A crash between the two leaves a file without a row, which the next upload of that
+//! (name, version) replaces; a row never points at a missing or partial file.
+//!
+//! **Upload.** [`Registry::upload`] parses the container (`ember_bundle::RawBundle`), checks
+//! the manifest head and verifies the signature against `models.trusted_keys` and the weights
+//! against the manifest's sha256. Uploads are serialized within the process (one writer per
+//! (name, version) file).
+//!
 //! **Invariant:** a row exists only for a bundle whose signature verified against the fleet's
 //! trusted keys when it was uploaded, and whose blob was durably stored before the row was
 //! committed. A (name, version) is never overwritten: a new build needs a new version.
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ember_bundle::{BundleError, RawBundle, TrustedKeys, Version};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use crate::db::{Db, Sql, get_bool};
+use crate::config::{ModelSettings, ModelStore};
+use crate::db::{Db, Sql, get_bool, now_us};
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// The upload is not a valid bundle, or not one signed by a trusted key.
+    #[error("{0}")]
+    Bundle(BundleError),
+    /// The upload is valid but no key is trusted at all.
+    #[error(
+        "{0} (this fleet trusts no signing key yet: add public key files to models.trusted_keys)"
+    )]
+    NoTrustedKeys(BundleError),
+    #[error(
+        "model {name} version {version} is already registered (sha256 {sha256}); a version is never replaced: upload the new build as a new version"
+    )]
+    Duplicate {
+        name: String,
+        version: String,
+        sha256: String,
+    },
+    #[error("blob store: {0}")]
+    Store(String),
 }
 
 /// A registered model version.
@@ -77,4 +111,307 @@ pub async fn lookup(
 /// The API path an agent downloads a version's bundle from.
 pub fn download_path(name: &str, version: &str) -> String {
     format!("/api/v1/models/{name}/{version}/bundle")
+}
+
+/// Sorts entries by name, then by semantic-version precedence (oldest first).
+pub fn sort_entries(entries: &mut [ModelEntry]) {
+    entries.sort_by_cached_key(|e| {
+        (
+            e.name.clone(),
+            Version::parse(&e.version).ok(),
+            e.version.clone(),
+        )
+    });
+}
+
+/// Every registered version, sorted by name and semantic version.
+pub async fn list(db: &Db) -> Result<Vec<ModelEntry>, RegistryError> {
+    let rows = Sql::new(&format!("SELECT {COLUMNS} FROM models"))
+        .query()
+        .fetch_all(db.pool())
+        .await?;
+    let mut out = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
+    sort_entries(&mut out);
+    Ok(out)
+}
+
+/// The versions of one model, sorted by semantic version (empty if the name is unknown).
+pub async fn versions(db: &Db, name: &str) -> Result<Vec<ModelEntry>, RegistryError> {
+    let mut q = Sql::new(&format!("SELECT {COLUMNS} FROM models WHERE name = "));
+    q.bind(name);
+    let rows = q.query().fetch_all(db.pool()).await?;
+    let mut out = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
+    sort_entries(&mut out);
+    Ok(out)
+}
+
+/// The manifest JSON of a version, exactly as signed.
+pub async fn manifest(db: &Db, name: &str, version: &str) -> Result<Option<String>, RegistryError> {
+    let mut q = Sql::new("SELECT manifest FROM models WHERE name = ");
+    q.bind(name).push(" AND version = ").bind(version);
+    Ok(match q.query().fetch_optional(db.pool()).await? {
+        Some(r) => Some(r.try_get("manifest")?),
+        None => None,
+    })
+}
+
+/// Sets or clears the deprecated flag; `None` if there is no such version.
+pub async fn set_deprecated(
+    db: &Db,
+    name: &str,
+    version: &str,
+    deprecated: bool,
+) -> Result<Option<ModelEntry>, RegistryError> {
+    let mut q = Sql::new("UPDATE models SET deprecated = ");
+    q.bind(deprecated)
+        .push(" WHERE name = ")
+        .bind(name)
+        .push(" AND version = ")
+        .bind(version);
+    if q.query().execute(db.pool()).await?.rows_affected() == 0 {
+        return Ok(None);
+    }
+    lookup(db, name, version).await
+}
+
+/// Whether `device` may download `name`/`version`: it has that version as its desired
+/// assignment (`desired_models`, written by the rollout engine, including a rollback's
+/// `Revert`).
+pub async fn device_may_download(
+    db: &Db,
+    device: &str,
+    name: &str,
+    version: &str,
+) -> Result<bool, RegistryError> {
+    let mut q = Sql::new("SELECT 1 AS one FROM desired_models WHERE device_id = ");
+    q.bind(device)
+        .push(" AND model = ")
+        .bind(name)
+        .push(" AND version = ")
+        .bind(version);
+    Ok(q.query().fetch_optional(db.pool()).await?.is_some())
+}
+
+/// The registry: the database, the blob store and the trusted keys.
+pub struct Registry {
+    db: Db,
+    store: BlobStore,
+    keys: TrustedKeys,
+    /// Serializes uploads (check, blob write, row insert).
+    upload: tokio::sync::Mutex<()>,
+}
+
+impl Registry {
+    pub fn new(db: Db, data_dir: &Path, settings: &ModelSettings) -> Registry {
+        let store = match settings.store {
+            ModelStore::Fs => BlobStore::Fs(FsStore {
+                root: data_dir.join("models"),
+            }),
+        };
+        Registry {
+            db,
+            store,
+            keys: settings.keys.clone(),
+            upload: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Verifies and stores an uploaded bundle; returns its entry. Refuses invalid, unsigned,
+    /// untrusted or tampered bundles ([`RegistryError::Bundle`]) and a (name, version) that is
+    /// already registered ([`RegistryError::Duplicate`]).
+    pub async fn upload(&self, bytes: Vec<u8>) -> Result<ModelEntry, RegistryError> {
+        let raw = RawBundle::read(&bytes).map_err(RegistryError::Bundle)?;
+        let head = raw.verify(&self.keys).map_err(|e| match e {
+            e @ BundleError::UntrustedKey { .. } if self.keys.is_empty() => {
+                RegistryError::NoTrustedKeys(e)
+            }
+            e => RegistryError::Bundle(e),
+        })?;
+        let key_id = raw
+            .signature()
+            .map(|s| s.key_id.to_string())
+            .unwrap_or_default();
+        let sha256 = ember_bundle::hex::sha256(&bytes);
+        let _guard = self.upload.lock().await;
+        if let Some(existing) = lookup(&self.db, &head.name, &head.version).await? {
+            return Err(RegistryError::Duplicate {
+                name: head.name,
+                version: head.version,
+                sha256: existing.sha256,
+            });
+        }
+        let blob_key = format!("{}/{}.bundle", head.name, head.version);
+        let size = i64::try_from(bytes.len())
+            .map_err(|_| RegistryError::Store("bundle too large".into()))?;
+        self.store.put(&blob_key, bytes).await?;
+        let entry = ModelEntry {
+            name: head.name,
+            version: head.version,
+            kind: head.architecture.kind,
+            precision: head.precision,
+            sha256,
+            size,
+            key_id,
+            deprecated: false,
+            created_at: now_us(),
+            blob_key,
+        };
+        let manifest = String::from_utf8_lossy(raw.manifest_bytes()).into_owned();
+        let mut q = Sql::new(
+            "INSERT INTO models (name, version, kind, precision, sha256, size, key_id, manifest, blob_key, deprecated, created_at) VALUES (",
+        );
+        q.bind(entry.name.as_str())
+            .push(", ")
+            .bind(entry.version.as_str())
+            .push(", ")
+            .bind(entry.kind.as_str())
+            .push(", ")
+            .bind(entry.precision.as_str())
+            .push(", ")
+            .bind(entry.sha256.as_str())
+            .push(", ")
+            .bind(entry.size)
+            .push(", ")
+            .bind(entry.key_id.as_str())
+            .push(", ")
+            .bind(manifest)
+            .push(", ")
+            .bind(entry.blob_key.as_str())
+            .push(", ")
+            .bind(false)
+            .push(", ")
+            .bind(entry.created_at)
+            .push(")");
+        match q.query().execute(self.db.pool()).await {
+            Ok(_) => {}
+            // Another replica registered it meanwhile (its blob write raced ours: both were
+            // verified bundles of this name and version; the row names the winner's sha256).
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                let sha256 = lookup(&self.db, &entry.name, &entry.version)
+                    .await?
+                    .map(|e| e.sha256)
+                    .unwrap_or_default();
+                return Err(RegistryError::Duplicate {
+                    name: entry.name,
+                    version: entry.version,
+                    sha256,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(model = %entry.name, version = %entry.version, size = entry.size,
+            key_id = %entry.key_id, "Registered a model bundle.");
+        Ok(entry)
+    }
+
+    /// Bytes `[start, end)` of a version's bundle.
+    pub async fn read(
+        &self,
+        entry: &ModelEntry,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        self.store.read_range(&entry.blob_key, start, end).await
+    }
+}
+
+/// Where bundle bytes live.
+pub enum BlobStore {
+    Fs(FsStore),
+}
+
+impl BlobStore {
+    /// Stores `bytes` under `key` durably (replacing a leftover without a row).
+    pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), RegistryError> {
+        match self {
+            BlobStore::Fs(fs) => {
+                let path = fs.path(key)?;
+                tokio::task::spawn_blocking(move || write_durably(&path, &bytes))
+                    .await
+                    .map_err(|e| RegistryError::Store(e.to_string()))?
+            }
+        }
+    }
+
+    /// Bytes `[start, end)` of the blob `key`.
+    pub async fn read_range(
+        &self,
+        key: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        match self {
+            BlobStore::Fs(fs) => {
+                let path = fs.path(key)?;
+                tokio::task::spawn_blocking(move || read_range(&path, start, end))
+                    .await
+                    .map_err(|e| RegistryError::Store(e.to_string()))?
+            }
+        }
+    }
+}
+
+/// Files under a root directory.
+pub struct FsStore {
+    root: PathBuf,
+}
+
+impl FsStore {
+    fn path(&self, key: &str) -> Result<PathBuf, RegistryError> {
+        // Keys are `<name>/<version>.bundle` with checked name and version; refuse anything
+        // that could leave the root anyway.
+        if key
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+            || key.starts_with('/')
+        {
+            return Err(RegistryError::Store(format!("invalid blob key {key:?}")));
+        }
+        Ok(self.root.join(key))
+    }
+}
+
+fn store_err(what: &str, path: &Path, e: std::io::Error) -> RegistryError {
+    RegistryError::Store(format!("cannot {what} {}: {e}", path.display()))
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| RegistryError::Store(format!("{} has no directory", path.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| store_err("create", dir, e))?;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| store_err("create", &tmp, e))?;
+        f.write_all(bytes)
+            .map_err(|e| store_err("write", &tmp, e))?;
+        f.sync_all().map_err(|e| store_err("fsync", &tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| store_err("rename into", path, e))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| store_err("fsync", dir, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn read_range(path: &Path, start: u64, end: u64) -> Result<Vec<u8>, RegistryError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| store_err("open", path, e))?;
+    f.seek(SeekFrom::Start(start))
+        .map_err(|e| store_err("seek in", path, e))?;
+    let len = end.saturating_sub(start);
+    let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    f.take(len)
+        .read_to_end(&mut out)
+        .map_err(|e| store_err("read", path, e))?;
+    if out.len() as u64 != len {
+        return Err(RegistryError::Store(format!(
+            "{} is shorter than its registry row says",
+            path.display()
+        )));
+    }
+    Ok(out)
 }

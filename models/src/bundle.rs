@@ -19,132 +19,30 @@
 //! signed flag cannot be cleared), the manifest (which holds the weights' SHA-256), the
 //! weights and the key id.
 //!
+//! The container itself ([`RawBundle`]: structure, signature, trusted keys) lives in the
+//! burn-free `ember-bundle` crate; [`Bundle`] adds the typed, validated [`Manifest`].
+//!
 //! **Invariant:** [`Bundle::read`] accepts only structurally valid bundles with a valid
 //! manifest ([`Manifest::validate`]); [`Bundle::verify`] additionally proves who built it and
 //! that the weights are the ones the manifest names. Load weights only after `verify`.
 
-use ed25519_dalek::{Signature, SigningKey};
+use ed25519_dalek::SigningKey;
+
+pub use ember_bundle::{
+    BundleError, BundleFileError, BundleSignature, FORMAT_VERSION, HEADER_LEN, MAGIC,
+    MAX_MANIFEST_LEN, RawBundle,
+};
 
 use crate::hex;
-use crate::keys::{KeyId, TrustedKeys};
+use crate::keys::TrustedKeys;
 use crate::manifest::Manifest;
 
-/// First bytes of every bundle.
-pub const MAGIC: [u8; 8] = *b"EMBRMODL";
-/// The bundle format version this crate reads and writes.
-pub const FORMAT_VERSION: u16 = 1;
-/// Header bytes before the manifest.
-pub const HEADER_LEN: usize = 24;
-/// Largest manifest accepted.
-pub const MAX_MANIFEST_LEN: usize = 16 << 20;
-const FLAG_SIGNED: u16 = 1;
-const KEY_ID_LEN: usize = 8;
-const SIGNATURE_LEN: usize = 64;
-
-/// Why a bundle was refused. Each message says what is wrong and what to do.
-#[derive(Debug, thiserror::Error)]
-pub enum BundleError {
-    #[error("not an Ember model bundle: the file starts with {found:?}, not \"EMBRMODL\"")]
-    BadMagic { found: String },
-    #[error(
-        "bundle format version {found} is not supported (this reader knows version {FORMAT_VERSION}): upgrade ember-models or rebuild the bundle"
-    )]
-    UnsupportedVersion { found: u16 },
-    #[error(
-        "bundle header has unknown flags {flags:#06x}: the file is damaged or from a newer ember-models"
-    )]
-    UnknownFlags { flags: u16 },
-    #[error(
-        "bundle is truncated: {what} needs {needed} bytes but only {available} remain; the copy is incomplete, fetch the bundle again"
-    )]
-    Truncated {
-        what: &'static str,
-        needed: u64,
-        available: u64,
-    },
-    #[error(
-        "bundle has {extra} unexpected bytes after its last field: the file is damaged or was appended to"
-    )]
-    TrailingBytes { extra: u64 },
-    #[error(
-        "bundle manifest is {len} bytes; the limit is {MAX_MANIFEST_LEN}: the header is damaged"
-    )]
-    ManifestTooLarge { len: u64 },
-    #[error("bundle manifest is not valid JSON for this format: {source}")]
-    ManifestJson { source: serde_json::Error },
-    #[error("bundle manifest field `{field}` {problem}")]
-    Manifest { field: String, problem: String },
-    #[error(
-        "bundle weights are {found} bytes but the manifest says {expected}: the bundle is damaged"
-    )]
-    WeightsLength { expected: u64, found: u64 },
-    #[error("bundle is not signed: sign it with `ember-models sign --key <secret key> <bundle>`")]
-    NotSigned,
-    #[error(
-        "bundle is signed by key {key_id}, which is not trusted here (trusted: {trusted}): add its public key to the trusted keys only if you trust whoever holds it"
-    )]
-    UntrustedKey { key_id: KeyId, trusted: String },
-    #[error(
-        "bundle signature does not verify with trusted key {key_id}: the manifest, weights or signature were changed after signing"
-    )]
-    BadSignature { key_id: KeyId },
-    #[error(
-        "bundle weights do not match the manifest's sha256 (manifest {expected}, weights {found}): the weights are damaged or were replaced"
-    )]
-    WeightsDigest { expected: String, found: String },
-    #[error("cannot serialize the manifest: {0}")]
-    Serialize(serde_json::Error),
-}
-
-/// A bundle's signature and the id of the key that made it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BundleSignature {
-    pub key_id: KeyId,
-    pub signature: [u8; SIGNATURE_LEN],
-}
-
-/// A parsed bundle. The manifest bytes are kept exactly as read: the signature covers them.
+/// A parsed bundle: the container and its typed manifest. The manifest bytes are kept exactly
+/// as read: the signature covers them.
 #[derive(Debug, Clone)]
 pub struct Bundle {
     manifest: Manifest,
-    manifest_bytes: Vec<u8>,
-    weights: Vec<u8>,
-    signature: Option<BundleSignature>,
-}
-
-fn take<'a>(
-    bytes: &'a [u8],
-    at: usize,
-    len: usize,
-    what: &'static str,
-) -> Result<&'a [u8], BundleError> {
-    let available = bytes.len().saturating_sub(at);
-    if len > available {
-        return Err(BundleError::Truncated {
-            what,
-            needed: len as u64,
-            available: available as u64,
-        });
-    }
-    Ok(&bytes[at..at + len])
-}
-
-fn le_u16(b: &[u8]) -> u16 {
-    let mut a = [0u8; 2];
-    a.copy_from_slice(&b[..2]);
-    u16::from_le_bytes(a)
-}
-
-fn le_u32(b: &[u8]) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[..4]);
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
+    raw: RawBundle,
 }
 
 impl Bundle {
@@ -155,87 +53,24 @@ impl Bundle {
         manifest.weights.sha256 = hex::sha256(&weights);
         manifest.validate()?;
         let manifest_bytes = serde_json::to_vec(&manifest).map_err(BundleError::Serialize)?;
-        if manifest_bytes.len() > MAX_MANIFEST_LEN {
-            return Err(BundleError::ManifestTooLarge {
-                len: manifest_bytes.len() as u64,
-            });
-        }
-        Ok(Bundle {
-            manifest,
-            manifest_bytes,
-            weights,
-            signature: None,
-        })
+        let raw = RawBundle::new(manifest_bytes, weights)?;
+        Ok(Bundle { manifest, raw })
     }
 
     /// Parses a bundle and checks its structure and manifest (not its signature: see
     /// [`Bundle::verify`]).
     pub fn read(bytes: &[u8]) -> Result<Bundle, BundleError> {
-        let magic_len = bytes.len().min(MAGIC.len());
-        if bytes[..magic_len] != MAGIC[..magic_len] {
-            return Err(BundleError::BadMagic {
-                found: String::from_utf8_lossy(&bytes[..magic_len]).into_owned(),
-            });
-        }
-        let header = take(bytes, 0, HEADER_LEN, "the header")?;
-        let version = le_u16(&header[8..]);
-        if version != FORMAT_VERSION {
-            return Err(BundleError::UnsupportedVersion { found: version });
-        }
-        let flags = le_u16(&header[10..]);
-        if flags & !FLAG_SIGNED != 0 {
-            return Err(BundleError::UnknownFlags { flags });
-        }
-        let manifest_len = le_u32(&header[12..]) as usize;
-        if manifest_len > MAX_MANIFEST_LEN {
-            return Err(BundleError::ManifestTooLarge {
-                len: manifest_len as u64,
-            });
-        }
-        let weights_len = le_u64(&header[16..]);
-        let manifest_bytes = take(bytes, HEADER_LEN, manifest_len, "the manifest")?;
-        let weights_at = HEADER_LEN + manifest_len;
-        let weights_len = usize::try_from(weights_len).map_err(|_| BundleError::Truncated {
-            what: "the weights",
-            needed: weights_len,
-            available: bytes.len().saturating_sub(weights_at) as u64,
-        })?;
-        let weights = take(bytes, weights_at, weights_len, "the weights")?;
-        let mut end = weights_at + weights_len;
-        let signature = if flags & FLAG_SIGNED != 0 {
-            let trailer = take(bytes, end, KEY_ID_LEN + SIGNATURE_LEN, "the signature")?;
-            end += KEY_ID_LEN + SIGNATURE_LEN;
-            let mut key_id = [0u8; KEY_ID_LEN];
-            key_id.copy_from_slice(&trailer[..KEY_ID_LEN]);
-            let mut signature = [0u8; SIGNATURE_LEN];
-            signature.copy_from_slice(&trailer[KEY_ID_LEN..]);
-            Some(BundleSignature {
-                key_id: KeyId(key_id),
-                signature,
-            })
-        } else {
-            None
-        };
-        if bytes.len() > end {
-            return Err(BundleError::TrailingBytes {
-                extra: (bytes.len() - end) as u64,
-            });
-        }
-        let manifest: Manifest = serde_json::from_slice(manifest_bytes)
+        let raw = RawBundle::read(bytes)?;
+        let manifest: Manifest = serde_json::from_slice(raw.manifest_bytes())
             .map_err(|source| BundleError::ManifestJson { source })?;
         manifest.validate()?;
-        if manifest.weights.len != weights.len() as u64 {
+        if manifest.weights.len != raw.weights().len() as u64 {
             return Err(BundleError::WeightsLength {
                 expected: manifest.weights.len,
-                found: weights.len() as u64,
+                found: raw.weights().len() as u64,
             });
         }
-        Ok(Bundle {
-            manifest,
-            manifest_bytes: manifest_bytes.to_vec(),
-            weights: weights.to_vec(),
-            signature,
-        })
+        Ok(Bundle { manifest, raw })
     }
 
     /// Reads and parses a bundle file (see [`Bundle::read`]).
@@ -254,118 +89,39 @@ impl Bundle {
         &self.manifest
     }
 
+    /// The container (structure and signature, no typed manifest).
+    pub fn raw(&self) -> &RawBundle {
+        &self.raw
+    }
+
     /// The manifest exactly as stored (the signed bytes).
     pub fn manifest_bytes(&self) -> &[u8] {
-        &self.manifest_bytes
+        self.raw.manifest_bytes()
     }
 
     /// The burnpack weights.
     pub fn weights(&self) -> &[u8] {
-        &self.weights
+        self.raw.weights()
     }
 
     pub fn signature(&self) -> Option<&BundleSignature> {
-        self.signature.as_ref()
-    }
-
-    fn header(&self, flags: u16) -> [u8; HEADER_LEN] {
-        let mut h = [0u8; HEADER_LEN];
-        h[..8].copy_from_slice(&MAGIC);
-        h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        h[10..12].copy_from_slice(&flags.to_le_bytes());
-        h[12..16].copy_from_slice(&(self.manifest_bytes.len() as u32).to_le_bytes());
-        h[16..24].copy_from_slice(&(self.weights.len() as u64).to_le_bytes());
-        h
-    }
-
-    /// The bytes a signature by `key_id` covers.
-    fn signed_bytes(&self, key_id: &KeyId) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            HEADER_LEN + self.manifest_bytes.len() + self.weights.len() + KEY_ID_LEN,
-        );
-        out.extend_from_slice(&self.header(FLAG_SIGNED));
-        out.extend_from_slice(&self.manifest_bytes);
-        out.extend_from_slice(&self.weights);
-        out.extend_from_slice(&key_id.0);
-        out
+        self.raw.signature()
     }
 
     /// Signs the bundle (replacing any previous signature).
     pub fn sign(&mut self, key: &SigningKey) {
-        use ed25519_dalek::Signer;
-        let key_id = KeyId::of(&key.verifying_key());
-        let signature = key.sign(&self.signed_bytes(&key_id)).to_bytes();
-        self.signature = Some(BundleSignature { key_id, signature });
+        self.raw.sign(key);
     }
 
     /// The file bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        match &self.signature {
-            Some(sig) => {
-                let mut out = self.signed_bytes(&sig.key_id);
-                out.extend_from_slice(&sig.signature);
-                out
-            }
-            None => {
-                let mut out =
-                    Vec::with_capacity(HEADER_LEN + self.manifest_bytes.len() + self.weights.len());
-                out.extend_from_slice(&self.header(0));
-                out.extend_from_slice(&self.manifest_bytes);
-                out.extend_from_slice(&self.weights);
-                out
-            }
-        }
+        self.raw.to_bytes()
     }
 
     /// Proves the bundle was signed by a trusted key and that the weights are the ones the
-    /// manifest names.
+    /// manifest names (see [`RawBundle::verify_digest`] for the order of refusals).
     pub fn verify(&self, trusted: &TrustedKeys) -> Result<(), BundleError> {
-        let sig = self.signature.as_ref().ok_or(BundleError::NotSigned)?;
-        let key = trusted
-            .get(&sig.key_id)
-            .ok_or_else(|| BundleError::UntrustedKey {
-                key_id: sig.key_id,
-                trusted: if trusted.is_empty() {
-                    "none".to_string()
-                } else {
-                    trusted
-                        .ids()
-                        .map(|id| id.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                },
-            })?;
-        let digest = hex::sha256(&self.weights);
-        let digest_error = || BundleError::WeightsDigest {
-            expected: self.manifest.weights.sha256.clone(),
-            found: digest.clone(),
-        };
-        let signature = Signature::from_bytes(&sig.signature);
-        if key
-            .verify_strict(&self.signed_bytes(&sig.key_id), &signature)
-            .is_err()
-        {
-            // Name the most specific problem: changed weights show as a digest mismatch.
-            if digest != self.manifest.weights.sha256 {
-                return Err(digest_error());
-            }
-            return Err(BundleError::BadSignature { key_id: sig.key_id });
-        }
-        if digest != self.manifest.weights.sha256 {
-            return Err(digest_error());
-        }
-        Ok(())
+        self.raw
+            .verify_digest(trusted, &self.manifest.weights.sha256)
     }
-}
-
-/// A bundle file that could not be read or parsed.
-#[derive(Debug, thiserror::Error)]
-pub enum BundleFileError {
-    #[error("cannot read bundle {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Bundle { path: String, source: BundleError },
 }

@@ -417,50 +417,9 @@ impl Manifest {
     }
 }
 
-fn check_name(name: &str) -> Result<(), String> {
-    let ok = (1..=64).contains(&name.len())
-        && name.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("{name:?} is not 1-64 characters of [a-z0-9._-]"))
-    }
-}
-
+use ember_bundle::check_model_name as check_name;
 /// Checks `MAJOR.MINOR.PATCH[-PRERELEASE][+BUILD]` (semver 2.0.0).
-pub fn check_semver(version: &str) -> Result<(), String> {
-    let err = || {
-        Err(format!(
-            "{version:?} is not a semantic version such as 1.0.0 or 1.1.0-rc.1"
-        ))
-    };
-    let (rest, build) = match version.split_once('+') {
-        Some((r, b)) => (r, Some(b)),
-        None => (version, None),
-    };
-    let (core, pre) = match rest.split_once('-') {
-        Some((c, p)) => (c, Some(p)),
-        None => (rest, None),
-    };
-    let numbers: Vec<&str> = core.split('.').collect();
-    let numeric = |s: &str| {
-        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'))
-    };
-    if numbers.len() != 3 || !numbers.iter().all(|n| numeric(n)) {
-        return err();
-    }
-    let ident_ok = |s: &str| {
-        !s.is_empty()
-            && s.split('.')
-                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
-    };
-    if pre.is_some_and(|p| !ident_ok(p)) || build.is_some_and(|b| !ident_ok(b)) {
-        return err();
-    }
-    Ok(())
-}
+pub use ember_bundle::check_semver;
 
 /// Checks `YYYY-MM-DDTHH:MM:SSZ`.
 fn check_timestamp(ts: &str) -> Result<(), String> {

@@ -6,6 +6,7 @@
 //!   agent publishes and keeps a per-`(device, stream)` ledger of the sequence numbers it saw.
 //! * [`tls`]: a throwaway PKI per test ([`tls::TestPki`]), a mutual-TLS Mosquitto with the
 //!   Ember per-device ACL ([`TestBroker::start_tls`]) and TLS test clients.
+//! * [`bundles`]: signed variants of the committed model bundles (development key).
 //! * [`TestAgent`]: the `ember-agent` binary as a child process, with a generated config, its
 //!   own data dir, metrics endpoint and captured stderr.
 //!
@@ -26,6 +27,7 @@
 
 mod agent;
 mod broker;
+pub mod bundles;
 mod postgres;
 mod subscriber;
 pub mod tls;

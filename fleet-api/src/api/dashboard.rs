@@ -1,4 +1,4 @@
-//! The dashboard: four static files (`fleet-api/dashboard/`) compiled into the binary, served
+//! The dashboard: static files (`fleet-api/dashboard/`) compiled into the binary, served
 //! under `/dashboard/`. No build step, no CDN: plain HTML, CSS and JavaScript that read the
 //! REST API and `/api/v1/events` with the read token the operator enters.
 //!
@@ -17,6 +17,7 @@ use super::AppState;
 const INDEX: &str = include_str!("../../dashboard/index.html");
 const APP_JS: &str = include_str!("../../dashboard/app.js");
 const ROLLOUTS_JS: &str = include_str!("../../dashboard/rollouts.js");
+const MODELS_JS: &str = include_str!("../../dashboard/models.js");
 const APP_CSS: &str = include_str!("../../dashboard/app.css");
 
 /// Same-origin only; no inline script; styles only from the stylesheet (plus `style`
@@ -40,6 +41,10 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/dashboard/rollouts.js",
             get(|| async { file(ROLLOUTS_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/dashboard/models.js",
+            get(|| async { file(MODELS_JS, "text/javascript; charset=utf-8") }),
         )
         .route(
             "/dashboard/app.css",

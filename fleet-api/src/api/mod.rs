@@ -15,6 +15,7 @@ mod devices;
 pub mod error;
 mod inference;
 mod live;
+mod models;
 mod ops;
 mod rollouts;
 
@@ -49,6 +50,8 @@ pub struct AppState {
     pub ingest: Arc<IngestState>,
     pub events: Arc<Events>,
     pub rollouts: Arc<crate::rollouts::Service>,
+    /// The model registry (bundles and their blobs).
+    pub registry: Arc<crate::registry::Registry>,
     /// Fires when the service shuts down: ends the live event streams.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -82,6 +85,12 @@ pub struct AppState {
         rollouts::events,
         rollouts::command,
         rollouts::desired,
+        models::upload,
+        models::list,
+        models::versions,
+        models::get_version,
+        models::deprecate,
+        models::download,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth),
@@ -92,6 +101,7 @@ pub struct AppState {
         (name = "inference", description = "Model results, their aggregates and anomalies"),
         (name = "operations", description = "Health and rejected messages"),
         (name = "rollouts", description = "Staged model rollouts and the desired state of devices"),
+        (name = "models", description = "The model registry: signed bundles and their downloads"),
     )
 )]
 pub struct ApiDoc;
@@ -172,7 +182,9 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             require_token,
         ));
-    let protected = fleet_routes.merge(device_routes);
+    let protected = fleet_routes
+        .merge(device_routes)
+        .merge(models::routes(state.clone()));
     Router::new()
         .route("/api/v1/health", get(ops::health))
         .route("/api/openapi.json", get(ops::openapi))

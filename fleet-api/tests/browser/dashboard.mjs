@@ -120,6 +120,20 @@ try {
   await page.waitForTimeout(1600); // let the row highlight fade before the screenshot
   await page.screenshot({ path: join(cfg.screenshots, "device.png"), fullPage: true });
 
+  // The Models page: upload a signed bundle, see it listed, deprecate it.
+  await page.click('#nav a[data-nav="models"]');
+  await page.waitForSelector("#upload-form");
+  await page.setInputFiles("#bundle-file", cfg.bundle);
+  await page.click('#upload-form button[type="submit"]');
+  await page.waitForFunction((v) => {
+    const t = document.querySelector("#models tbody");
+    return t && t.textContent.includes(v);
+  }, cfg.bundle_version);
+  check((await page.textContent("#models-msg")).includes("Registered"), "no upload confirmation");
+  await page.click(`#models button[data-version="${cfg.bundle_version}"]`);
+  await page.waitForFunction(() => document.querySelector("#models tbody")?.textContent.includes("deprecated"));
+  await page.screenshot({ path: join(cfg.screenshots, "models.png"), fullPage: true });
+
   // Signing out forgets the token (and aborts the event stream: not a failure).
   page.removeAllListeners("requestfailed");
   await page.click("#signout");

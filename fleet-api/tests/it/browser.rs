@@ -19,7 +19,7 @@ use ember_testkit::TestBroker;
 use serde_json::json;
 
 use crate::support::mqtt::{Msg, Out, inference_batch, publish, status};
-use crate::support::{ADMIN, Kind, Store, TestFleet, now_us};
+use crate::support::{ADMIN, Kind, Store, TestFleet, client_id, config, now_us};
 
 /// The whole browser run (launch, three pages, two live steps, screenshots).
 const BROWSER_TIMEOUT: Duration = Duration::from_secs(180);
@@ -239,7 +239,23 @@ fn dashboard_pages_load_and_update_live_in_chromium() {
     require_browser();
     let broker = TestBroker::start();
     let store = Store::new(Kind::Sqlite);
-    let fleet = TestFleet::start(&store, broker.port());
+    // A data dir for the model registry and the development key trusted (the Models page
+    // uploads a committed bundle).
+    let data = tempfile::tempdir().expect("temp dir");
+    let fleet = TestFleet::spawn(&format!(
+        "data_dir = \"{}\"\n{}",
+        data.path().display(),
+        config(
+            &store.url(),
+            broker.port(),
+            &client_id(),
+            &format!(
+                "[models]\ntrusted_keys = [\"{}\"]",
+                ember_testkit::bundles::dev_public_key_path().display()
+            ),
+        )
+    ));
+    fleet.wait_healthy();
     populate(&fleet, broker.port());
 
     let shots = if std::env::var_os("EMBER_UPDATE_SCREENSHOTS").is_some() {
@@ -266,6 +282,8 @@ fn dashboard_pages_load_and_update_live_in_chromium() {
         "anomaly_text": "0.987",
         "telemetry_text": "2.468",
         "label_text": "jumping",
+        "bundle": ember_testkit::bundles::committed_path("anomaly-f32"),
+        "bundle_version": "1.0.0",
     });
     let started = Instant::now();
     let mut child = Command::new("node")
@@ -352,7 +370,7 @@ fn dashboard_pages_load_and_update_live_in_chromium() {
         started.elapsed(),
         ok.unwrap_or_default()
     );
-    for name in ["overview.png", "device.png"] {
+    for name in ["overview.png", "device.png", "models.png"] {
         let bytes = std::fs::read(shot_dir.join(name)).unwrap_or_default();
         assert!(
             bytes.len() > 10_000 && bytes.starts_with(b"\x89PNG"),

@@ -13,6 +13,7 @@ mod demo;
 mod inference;
 mod ingest;
 mod live;
+mod models;
 mod python;
 mod rollout_service;
 mod rollouts;

@@ -10,7 +10,7 @@ set -euo pipefail
 base=$1
 token=$2
 examples=${3:-50}
-exec python3 -m schemathesis.cli run "$base/api/openapi.json" \
+exec python3 -m schemathesis.cli --config-file "$(dirname "$0")/schemathesis.toml" run "$base/api/openapi.json" \
   --header "Authorization: Bearer $token" \
   --checks all \
   --max-examples "$examples" \
