@@ -179,7 +179,7 @@ pub async fn run(args: Args) -> Result<()> {
             (e - created) / 1e6
         ));
     }
-    let avg_desired = if downm > 0 { down / downm } else { 300 } as usize;
+    let avg_desired = down.checked_div(downm).unwrap_or(300) as usize;
     fleet_stop.cancel();
     let _ = fleet_thread.join();
 
