@@ -7,12 +7,14 @@
 //! target/release/ember-bench rss        # agent memory while streaming 1,000 records/s
 //! cargo build --release -p ember-fleet -p ember-bench
 //! target/release/ember-bench --seconds 30 fleet   # fleet ingest + API latency (see fleet.rs)
+//! target/release/ember-bench rollout              # 1,000-device staged rollout (rollout.rs)
 //! ```
 //!
 //! Cases are declared in `cases()`: what load, which configuration, what is measured. Every
 //! broker is a real Mosquitto on an ephemeral 127.0.0.1 port; every agent is the real binary.
 
 mod fleet;
+mod rollout;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,6 +45,9 @@ enum Cmd {
     Rss,
     /// Fleet ingest throughput (SQLite, PostgreSQL) and API latency under 1,000 devices.
     Fleet(fleet::Args),
+    /// A staged rollout to 1,000 simulated devices: create to completed, MQTT bytes each way,
+    /// against publishing the same number of retained messages.
+    Rollout(rollout::Args),
 }
 
 /// One end-to-end case: the agent's configuration under an unbounded source.
@@ -91,6 +96,7 @@ fn main() -> Result<()> {
         Cmd::E2e => rt.block_on(e2e(measure)),
         Cmd::Rss => rt.block_on(rss(measure)),
         Cmd::Fleet(args) => rt.block_on(fleet::run(args, measure)),
+        Cmd::Rollout(args) => rt.block_on(rollout::run(args)),
     }
 }
 
