@@ -33,6 +33,16 @@ const BYTES_BUCKETS: &[f64] = &[
 /// Every metric family: name (without the `ember_fleet_` prefix), kind, help.
 const FAMILIES: &[(&str, Kind, &str)] = &[
     (
+        "model_uploads_total",
+        Kind::Counter,
+        "Model bundle uploads, by outcome (registered, invalid, duplicate, too_large).",
+    ),
+    (
+        "model_download_bytes_total",
+        Kind::Counter,
+        "Bundle bytes served by the model download route (full and partial responses).",
+    ),
+    (
         "messages_total",
         Kind::Counter,
         "MQTT messages received, by channel and outcome (accepted, rejected, dropped).",
