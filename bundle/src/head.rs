@@ -100,16 +100,23 @@ impl ManifestHead {
     }
 }
 
-/// Checks a model name: 1-64 characters of `[a-z0-9._-]`.
+/// Checks a model name: 1-64 characters of `[a-z0-9._-]`, the first a letter or digit (so a
+/// name is never `.` or `..`: it becomes a directory name in the fleet's blob store).
 pub fn check_model_name(name: &str) -> Result<(), String> {
     let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         && name.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
         });
     if ok {
         Ok(())
     } else {
-        Err(format!("{name:?} is not 1-64 characters of [a-z0-9._-]"))
+        Err(format!(
+            "{name:?} is not 1-64 characters of [a-z0-9._-] starting with a letter or digit"
+        ))
     }
 }
 

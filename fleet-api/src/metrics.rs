@@ -48,6 +48,16 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "Rollout steps stored, by cause: create, command, report, tick.",
     ),
     (
+        "model_uploads_total",
+        Kind::Counter,
+        "Model bundle uploads, by outcome (registered, invalid, duplicate, too_large).",
+    ),
+    (
+        "model_download_bytes_total",
+        Kind::Counter,
+        "Bundle bytes served by the model download route (full and partial responses).",
+    ),
+    (
         "messages_total",
         Kind::Counter,
         "MQTT messages received, by channel and outcome (accepted, rejected, dropped).",

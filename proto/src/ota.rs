@@ -221,7 +221,8 @@ mod tests {
 
     #[test]
     fn bad_entries_are_named() {
-        let cases: [(fn(&mut DesiredModel), &str); 5] = [
+        type Edit = fn(&mut DesiredModel);
+        let cases: [(Edit, &str); 5] = [
             (|m| m.sha256 = Some("XYZ".into()), "sha256"),
             (|m| m.sha256 = None, "a url needs"),
             (|m| m.version = Some(String::new()), "version"),

@@ -83,8 +83,8 @@ fn error_response(status: StatusCode, code: &str, message: String) -> Response {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
 pub struct ModelPath {
-    /// Model name: 1-64 characters of `a-z 0-9 . _ -`
-    #[param(pattern = "^[a-z0-9._-]{1,64}$")]
+    /// Model name: 1-64 characters of `a-z 0-9 . _ -`, the first a letter or digit
+    #[param(pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")]
     pub name: String,
 }
 
@@ -92,8 +92,8 @@ pub struct ModelPath {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
 pub struct VersionPath {
-    /// Model name: 1-64 characters of `a-z 0-9 . _ -`
-    #[param(pattern = "^[a-z0-9._-]{1,64}$")]
+    /// Model name: 1-64 characters of `a-z 0-9 . _ -`, the first a letter or digit
+    #[param(pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")]
     pub name: String,
     /// Semantic version, e.g. `1.0.0` or `1.1.0-rc.1`
     #[param(
@@ -169,7 +169,13 @@ pub async fn upload(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let count = |outcome: &str| {
+        state
+            .metrics
+            .inc("model_uploads_total", &[("outcome", outcome)], 1)
+    };
     if declared.is_some_and(|n| n > limit) {
+        count("too_large");
         return Ok(too_large());
     }
     let mut bytes = Vec::with_capacity(declared.map_or(0, |n| n as usize));
@@ -178,6 +184,7 @@ pub async fn upload(
         let chunk =
             chunk.map_err(|e| AppError::invalid(format!("cannot read the request body: {e}")))?;
         if (bytes.len() + chunk.len()) as u64 > limit {
+            count("too_large");
             return Ok(too_large());
         }
         bytes.extend_from_slice(&chunk);
@@ -187,7 +194,18 @@ pub async fn upload(
             "the request body is empty: send the bundle file's bytes (Content-Type: application/octet-stream)",
         ));
     }
-    let entry = state.registry.upload(bytes).await?;
+    let entry = match state.registry.upload(bytes).await {
+        Ok(entry) => entry,
+        Err(e) => {
+            match &e {
+                RegistryError::Bundle(_) | RegistryError::NoTrustedKeys(_) => count("invalid"),
+                RegistryError::Duplicate { .. } => count("duplicate"),
+                RegistryError::Database(_) | RegistryError::Store(_) => {}
+            }
+            return Err(e.into());
+        }
+    };
+    count("registered");
     let location = registry::download_path(&entry.name, &entry.version);
     let mut resp = (StatusCode::CREATED, Json(entry)).into_response();
     if let Some(base) = location.strip_suffix("/bundle")
@@ -214,7 +232,7 @@ pub struct ModelListQuery {
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page (`<name>/<version>`).
-    #[param(pattern = "^[a-z0-9._-]{1,64}/[0-9A-Za-z.+-]{1,128}$")]
+    #[param(pattern = "^[a-z0-9][a-z0-9._-]{0,63}/[0-9A-Za-z.+-]{1,128}$")]
     pub cursor: Option<String>,
 }
 
@@ -531,6 +549,9 @@ pub async fn download(
         }
     };
     let bytes = state.registry.read(&entry, start, end).await?;
+    state
+        .metrics
+        .inc("model_download_bytes_total", &[], bytes.len() as u64);
     let mut resp = (status, bytes).into_response();
     let h = resp.headers_mut();
     h.insert(

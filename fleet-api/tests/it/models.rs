@@ -291,7 +291,16 @@ fn registry_end_to_end(kind: Kind) {
         ember_bundle::RawBundle::new(raw.manifest_bytes().to_vec(), raw.weights().to_vec())
             .unwrap()
             .to_bytes();
-    let cases: [(&str, &[u8], &str); 5] = [
+    // Signed by a trusted key, but named ".." (would escape the blob directory).
+    let mut m: Value = serde_json::from_slice(raw.manifest_bytes()).unwrap();
+    m["name"] = "..".into();
+    let mut dots =
+        ember_bundle::RawBundle::new(serde_json::to_vec(&m).unwrap(), raw.weights().to_vec())
+            .unwrap();
+    dots.sign(&ember_testkit::bundles::dev_signing_key());
+    let dots = dots.to_bytes();
+    let cases: [(&str, &[u8], &str); 6] = [
+        ("named ..", &dots, "manifest field `name`"),
         (
             "tampered",
             &tampered,
@@ -533,6 +542,28 @@ fn registry_end_to_end(kind: Kind) {
     assert_eq!(
         download(&fleet, ADMIN, "/api/v1/models/activity/1.0.0/bundle", None).status,
         200
+    );
+
+    let m = fleet.metrics();
+    assert_eq!(
+        m.get("model_uploads_total{outcome=\"registered\"}"),
+        Some(&5.0),
+        "{m:?}"
+    );
+    assert_eq!(
+        m.get("model_uploads_total{outcome=\"invalid\"}"),
+        Some(&6.0),
+        "{m:?}"
+    );
+    assert_eq!(
+        m.get("model_uploads_total{outcome=\"duplicate\"}"),
+        Some(&1.0),
+        "{m:?}"
+    );
+    assert!(
+        m.get("model_download_bytes_total")
+            .is_some_and(|b| *b >= 3.0 * n as f64),
+        "{m:?}"
     );
 
     // Restart: the registry (rows and blobs) is still there.
