@@ -14,6 +14,7 @@ mod inference;
 mod ingest;
 mod live;
 mod models;
+mod ota;
 mod python;
 mod rollout_service;
 mod rollouts;

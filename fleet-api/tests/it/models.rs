@@ -25,8 +25,8 @@ use crate::support::{ADMIN, Kind, Store, TestFleet, client_id, config, fleet_bin
 on_both_backends!(registry_end_to_end);
 
 /// An HTTP answer with a binary body.
-struct Bin {
-    status: u16,
+pub(crate) struct Bin {
+    pub(crate) status: u16,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
 }
@@ -39,7 +39,12 @@ impl Bin {
             .map(|(_, v)| v.as_str())
     }
 
-    fn json(&self) -> Value {
+    /// The body as text (for failure messages).
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
@@ -140,7 +145,7 @@ fn start(text: &str) -> TestFleet {
     fleet
 }
 
-fn upload(fleet: &TestFleet, token: &str, bytes: &[u8]) -> Bin {
+pub(crate) fn upload(fleet: &TestFleet, token: &str, bytes: &[u8]) -> Bin {
     http(
         fleet.port,
         "POST",

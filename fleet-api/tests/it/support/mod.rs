@@ -121,10 +121,17 @@ impl TestFleet {
 
     /// Starts a fleet from a full config text, without waiting.
     pub fn spawn(text: &str) -> TestFleet {
+        Self::spawn_on(text, 0)
+    }
+
+    /// [`TestFleet::spawn`] on a given port (0: any free one), e.g. to restart a fleet where
+    /// its clients expect it.
+    pub fn spawn_on(text: &str, port: u16) -> TestFleet {
         init_logging();
         let settings = Settings::from_toml(text, "test", Vec::new())
             .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{text}"));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0");
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:{port}: {e}"));
         let port = listener.local_addr().expect("bound").port();
         listener
             .set_nonblocking(true)
