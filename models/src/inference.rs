@@ -57,6 +57,10 @@ pub enum ModelError {
         max_deviation: f32,
         tolerance: f32,
     },
+    #[error(
+        "int8 weights can stay quantized only on the flex backend, not on {device}: burn 0.22's GPU backends cannot run Q8S weights. Load with `LoadOptions {{ dequantize: true }}` (the default)"
+    )]
+    KeepQuantized { device: String },
     #[error("the backend failed to return a result: {message}")]
     Backend { message: String },
 }
@@ -66,6 +70,9 @@ pub enum ModelError {
 pub struct LoadOptions {
     /// Dequantize int8 weights once at load (default) instead of on every forward pass.
     /// Same outputs; keeping them quantized only saves memory and costs speed on CPU.
+    /// Only flex can keep them quantized: on any other device `false` is an error
+    /// ([`ModelError::KeepQuantized`]), and int8 weights are always dequantized on the CPU
+    /// before they move to the device.
     pub dequantize: bool,
 }
 
@@ -155,7 +162,8 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads a bundle's weights onto `device`, dequantizing int8 weights once.
+    /// Loads a bundle's weights onto `device`, dequantizing int8 weights once (on the CPU,
+    /// before they move, when `device` is not flex).
     ///
     /// Checks the weights' SHA-256 against the manifest, but not the signature: call
     /// [`Bundle::verify`] first.
@@ -176,11 +184,26 @@ impl LoadedModel {
                 found,
             });
         }
-        let net = load_net(&manifest.architecture, bundle.weights(), device)?;
-        let net = if options.dequantize {
-            crate::quant::dequantize(net)
+        let host = Device::flex();
+        let net = if manifest.precision == Precision::F32 || *device == host {
+            let net = load_net(&manifest.architecture, bundle.weights(), device)?;
+            if options.dequantize {
+                crate::quant::dequantize(net)
+            } else {
+                net
+            }
         } else {
-            net
+            // burn 0.22's GPU (cubecl) backends cannot dequantize Q8S weights stored natively
+            // (cubek-quant panics: "Q8S is not supported for native quantization"), so int8
+            // weights are decoded and dequantized on the CPU and only f32 weights move to the
+            // device: int8 saves bundle size there, and the model computes in f32.
+            if !options.dequantize {
+                return Err(ModelError::KeepQuantized {
+                    device: format!("{device:?}"),
+                });
+            }
+            let net = load_net(&manifest.architecture, bundle.weights(), &host)?;
+            crate::quant::dequantize(net).to_device(device)
         };
         Ok(LoadedModel {
             net,

@@ -140,6 +140,15 @@ impl Net {
         }
     }
 
+    /// Moves every parameter to `device`; across backends (flex to wgpu) the values go
+    /// through host memory.
+    pub fn to_device(self, device: &Device) -> Self {
+        match self {
+            Net::Activity(m) => Net::Activity(m.to_device(device)),
+            Net::Anomaly(m) => Net::Anomaly(m.to_device(device)),
+        }
+    }
+
     pub fn num_params(&self) -> usize {
         match self {
             Net::Activity(m) => m.num_params(),
