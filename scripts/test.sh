@@ -32,10 +32,11 @@ step clippy cargo clippy --workspace --all-targets -- -D warnings
 step host-tests cargo test --workspace --no-fail-fast
 # The committed bundles' golden vectors on burn's wgpu backend, over Mesa lavapipe (software
 # Vulkan, from install-deps.sh): the models' test (Vulkan pinned: no driver fails naming what to
-# install) and the agent's `inference.backend = "wgpu"` path. One cargo invocation, so burn's
-# wgpu stack is built once for both (inference-only features: no autodiff, optimizers or CLI).
-step wgpu-golden cargo test -p ember-models -p ember-agent --no-default-features \
-  --features ember-models/wgpu,ember-agent/wgpu --no-fail-fast --lib --test wgpu_golden -- golden
+# install) and the agent's `inference.backend = "wgpu"` path. One cargo invocation over the
+# workspace with the host tests' features plus wgpu, so only burn and the wgpu stack are built
+# again (the `golden` filter runs just the golden-vector tests).
+step wgpu-golden cargo test --workspace --features ember-models/wgpu,ember-agent/wgpu \
+  --no-fail-fast --lib --test wgpu_golden -- golden
 step thumbv7em-proto cargo build -p ember-proto --no-default-features --target thumbv7em-none-eabihf
 step aarch64-tests cargo test -p ember-proto -p ember-ts -p ember-agent --lib --no-fail-fast --target aarch64-unknown-linux-gnu
 # armv7: a full check (build scripts, incl. ring's C, run with the cross compiler); aarch64 above
