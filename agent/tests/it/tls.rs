@@ -88,6 +88,18 @@ fn a_device_cannot_publish_or_subscribe_to_another_devices_topics() {
         "A read other devices' topics (SUBACK codes {codes_b:?} {codes_all:?}): {leaked:?}"
     );
 
+    // B's desired-state topic as B sees it (B may read its own; only the fleet may write it).
+    let b_watch = RawClient::connect(
+        "dev-b-watch",
+        broker.port(),
+        client_config(pki.ca_pem(), Some(&b_cert)),
+    );
+    let codes = b_watch.subscribe("ember/v1/dev-b/desired");
+    assert!(
+        !format!("{codes:?}").contains("Failure"),
+        "B may read its own desired state: {codes:?}"
+    );
+
     // Writing: forged telemetry, status and desired state for B. Mosquitto drops a publish
     // its ACL denies (2.0 also closes the connection). Then markers on A's own topic until
     // one reaches the fleet: the broker handles one client's packets in order, so by then
@@ -140,6 +152,31 @@ fn a_device_cannot_publish_or_subscribe_to_another_devices_topics() {
         fleet.with_view(|v| v.decode_errors),
         0,
         "a forged payload reached the fleet identity"
+    );
+    // The forged desired state never reached B; the fleet identity's does.
+    let fleet_writer = RawClient::connect(
+        "fleet-desired",
+        broker.port(),
+        client_config(pki.ca_pem(), Some(&pki.fleet())),
+    );
+    fleet_writer.publish("ember/v1/dev-b/desired", b"from-the-fleet".to_vec());
+    let desired = || -> Vec<Vec<u8>> {
+        b_watch
+            .received()
+            .into_iter()
+            .filter(|(t, _)| t == "ember/v1/dev-b/desired")
+            .map(|(_, p)| p)
+            .collect()
+    };
+    assert!(
+        wait_until(SHORT, || !desired().is_empty()),
+        "the fleet identity must be able to write B's desired state; broker log:\n{}",
+        broker.log_text()
+    );
+    assert_eq!(
+        desired(),
+        vec![b"from-the-fleet".to_vec()],
+        "only the fleet's desired state may reach B"
     );
     assert_no_panic(&agent_b);
 }
