@@ -385,7 +385,7 @@ impl BlobStore {
                 // `get_ranges` (the trait's boxed, Send future) with one range: a ranged GET.
                 let bytes: Vec<u8> = o
                     .store
-                    .get_ranges(&path, &[start..end])
+                    .get_ranges(&path, std::slice::from_ref(&(start..end)))
                     .await
                     .map_err(|e| o.err("read", &path, e))?
                     .concat();
