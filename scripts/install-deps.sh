@@ -32,7 +32,8 @@ fi
 # Debian starts a system-wide broker on 1883 when it installs mosquitto where an init system
 # runs; the tests never use it (each starts its own on an ephemeral port).
 
-# Python peers of the fleet tests: paho-mqtt (an independent MQTT client) and schemathesis,
+# Python peers of the fleet tests: paho-mqtt (an independent MQTT client), schemathesis and
+# moto (an S3-compatible server for the registry),
 # at the pinned versions (a quick no-op when they are already installed).
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r fleet-api/tests/python/requirements.txt
 

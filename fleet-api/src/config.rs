@@ -109,7 +109,8 @@ pub struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawModels {
-    /// `fs` (files under `<data_dir>/models/`).
+    /// `fs` (files under `<data_dir>/models/`) or an object-storage URL (`s3://bucket/prefix`,
+    /// `gs://bucket/prefix`, `az://container/prefix`).
     pub store: Option<String>,
     /// Public key files (`ed25519-public <hex>`) whose signatures uploads must carry: a list,
     /// or one string of comma-separated paths (what `EMBER_FLEET_MODELS__TRUSTED_KEYS` gives).
@@ -226,12 +227,30 @@ pub struct Settings {
 }
 
 /// Where the registry keeps bundle bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelStore {
     /// Files under `<data_dir>/models/<name>/<version>.bundle`.
     Fs,
+    /// Objects `<prefix>/<name>/<version>.bundle` in a bucket (S3, GCS) or container (Azure),
+    /// through the `object_store` crate. Credentials, region and endpoint come from the
+    /// provider's standard environment variables or instance metadata, never from this file.
+    Object {
+        /// `s3://`, `gs://` or `az://` (checked: no user info, a bucket, no query).
+        url: String,
+    },
 }
+
+impl Serialize for ModelStore {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ModelStore::Fs => s.serialize_str(DEFAULT_MODEL_STORE),
+            ModelStore::Object { url } => s.serialize_str(url),
+        }
+    }
+}
+
+/// The forms `models.store` accepts (for error messages).
+pub const MODEL_STORE_FORMS: &str = "\"fs\" (files under <data_dir>/models/), \"s3://bucket/prefix\", \"gs://bucket/prefix\" or \"az://container/prefix\"";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelSettings {
@@ -241,6 +260,11 @@ pub struct ModelSettings {
     #[serde(skip)]
     pub keys: ember_bundle::TrustedKeys,
     pub max_bundle_bytes: u64,
+    /// Extra `object_store` builder options (`aws_endpoint_url`, `aws_allow_http`, ...),
+    /// applied over the environment. Never read from the config file and never printed: for
+    /// embedders and tests that cannot set process environment variables.
+    #[serde(skip)]
+    pub store_options: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -645,23 +669,7 @@ impl Settings {
 }
 
 fn resolve_models(raw: RawModels) -> Result<ModelSettings, ConfigError> {
-    let store = match raw.store.as_deref().unwrap_or(DEFAULT_MODEL_STORE) {
-        "fs" => ModelStore::Fs,
-        other if other.contains("://") => {
-            return Err(invalid(
-                "models.store",
-                format!(
-                    "{other:?}: object storage is not built into this ember-fleet yet; use \"fs\" (files under <data_dir>/models/) and back that directory up or mount it from shared storage"
-                ),
-            ));
-        }
-        other => {
-            return Err(invalid(
-                "models.store",
-                format!("{other:?} is not a store: use \"fs\""),
-            ));
-        }
-    };
+    let store = parse_model_store(raw.store.as_deref().unwrap_or(DEFAULT_MODEL_STORE))?;
     let trusted_keys = raw
         .trusted_keys
         .map(PathList::into_paths)
@@ -688,6 +696,52 @@ fn resolve_models(raw: RawModels) -> Result<ModelSettings, ConfigError> {
         trusted_keys,
         keys,
         max_bundle_bytes,
+        store_options: Vec::new(),
+    })
+}
+
+/// `"fs"` or an object-storage URL; anything else is an error naming `models.store`.
+fn parse_model_store(text: &str) -> Result<ModelStore, ConfigError> {
+    let bad = |why: &str| {
+        invalid(
+            "models.store",
+            format!("{text:?} {why}: use {MODEL_STORE_FORMS}"),
+        )
+    };
+    if text == "fs" {
+        return Ok(ModelStore::Fs);
+    }
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return Err(bad("is not a store"));
+    };
+    if !matches!(scheme, "s3" | "gs" | "az") {
+        return Err(bad("is not a supported object-storage URL"));
+    }
+    let bucket = rest.split('/').next().unwrap_or_default();
+    if bucket.contains('@') {
+        // Not echoed: the text holds a secret.
+        return Err(invalid(
+            "models.store",
+            format!(
+                "a {scheme}:// URL with credentials in it; credentials come from the provider's environment variables or instance metadata, never from the config: use {MODEL_STORE_FORMS}"
+            ),
+        ));
+    }
+    if bucket.contains(':') {
+        return Err(bad(
+            "names a port; an S3-compatible endpoint goes in AWS_ENDPOINT_URL",
+        ));
+    }
+    if bucket.is_empty()
+        || rest.contains(['?', '#'])
+        || rest.split('/').skip(1).any(|p| p == "." || p == "..")
+    {
+        return Err(bad(
+            "names no bucket or has a query, fragment or dot segment",
+        ));
+    }
+    Ok(ModelStore::Object {
+        url: text.trim_end_matches('/').to_string(),
     })
 }
 

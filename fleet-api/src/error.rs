@@ -37,4 +37,6 @@ pub enum FleetError {
     Tls(String),
     #[error("a task failed: {0}")]
     Task(String),
+    #[error("cannot open the model store (models.store): {0}")]
+    ModelStore(String),
 }

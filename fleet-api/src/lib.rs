@@ -77,6 +77,8 @@ pub async fn run(
         auth::store(&db, token, &auth::Scope::Admin, "bootstrap").await?;
         tracing::info!("Stored the bootstrap admin token.");
     }
+    let registry = registry::Registry::new(db.clone(), &settings.data_dir, &settings.models)
+        .map_err(|e| FleetError::ModelStore(e.to_string()))?;
     let metrics = Arc::new(Metrics::new());
     let ingest_state = Arc::new(IngestState::default());
     let events = Arc::new(events::Events::new());
@@ -111,11 +113,7 @@ pub async fn run(
         ingest: ingest_state,
         events,
         rollouts,
-        registry: Arc::new(registry::Registry::new(
-            db.clone(),
-            &settings.data_dir,
-            &settings.models,
-        )),
+        registry: Arc::new(registry),
         shutdown: shutdown.clone(),
     });
     let addr = listener.local_addr().map_err(FleetError::Serve)?;

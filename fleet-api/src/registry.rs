@@ -3,11 +3,20 @@
 //! Table `models` (migration `0004_models.sql`), one row per (name, version); the bundle bytes
 //! live in the blob store under `blob_key`.
 //!
-//! **Blob store.** `models.store = "fs"` (the only store built so far): a bundle is the file
+//! **Blob store.** `models.store = "fs"` (the default): a bundle is the file
 //! `<data_dir>/models/<name>/<version>.bundle`. An upload writes a temporary file in that
 //! directory, fsyncs it, renames it into place and fsyncs the directory, and only then commits
 //! the row. A crash between the two leaves a file without a row, which the next upload of that
 //! (name, version) replaces; a row never points at a missing or partial file.
+//!
+//! `models.store = "s3://bucket/prefix"` (or `gs://`, `az://`): a bundle is the object
+//! `<prefix>/<name>/<version>.bundle`, written with one PUT (atomic in object stores: readers
+//! see the old object or the whole new one) that MUST succeed before the row is committed;
+//! downloads are ranged GETs. Credentials, region and endpoint come from the provider's
+//! standard environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`, including
+//! `AWS_ENDPOINT_URL`/`AWS_ALLOW_HTTP` for S3-compatible servers) or instance metadata; they
+//! are never read from the config file and never logged. TLS uses rustls with the ring
+//! provider, like the rest of the fleet.
 //!
 //! **Upload.** [`Registry::upload`] parses the container (`ember_bundle::RawBundle`), checks
 //! the manifest head and verifies the signature against `models.trusted_keys` and the weights
@@ -20,6 +29,9 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use object_store::{ObjectStore, PutOptions, PutPayload};
 
 use ember_bundle::{BundleError, RawBundle, TrustedKeys, Version};
 use sqlx::Row;
@@ -202,18 +214,27 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(db: Db, data_dir: &Path, settings: &ModelSettings) -> Registry {
-        let store = match settings.store {
+    /// Opens the configured blob store (no I/O: an object store is first reached by the
+    /// first upload or download).
+    pub fn new(
+        db: Db,
+        data_dir: &Path,
+        settings: &ModelSettings,
+    ) -> Result<Registry, RegistryError> {
+        let store = match &settings.store {
             ModelStore::Fs => BlobStore::Fs(FsStore {
                 root: data_dir.join("models"),
             }),
+            ModelStore::Object { url } => {
+                BlobStore::Object(ObjStore::open(url, &settings.store_options)?)
+            }
         };
-        Registry {
+        Ok(Registry {
             db,
             store,
             keys: settings.keys.clone(),
             upload: tokio::sync::Mutex::new(()),
-        }
+        })
     }
 
     /// Verifies and stores an uploaded bundle; returns its entry. Refuses invalid, unsigned,
@@ -318,6 +339,7 @@ impl Registry {
 /// Where bundle bytes live.
 pub enum BlobStore {
     Fs(FsStore),
+    Object(ObjStore),
 }
 
 impl BlobStore {
@@ -329,6 +351,14 @@ impl BlobStore {
                 tokio::task::spawn_blocking(move || write_durably(&path, &bytes))
                     .await
                     .map_err(|e| RegistryError::Store(e.to_string()))?
+            }
+            BlobStore::Object(o) => {
+                let path = o.path(key)?;
+                o.store
+                    .put_opts(&path, PutPayload::from(bytes), PutOptions::default())
+                    .await
+                    .map_err(|e| o.err("write", &path, e))?;
+                Ok(())
             }
         }
     }
@@ -347,8 +377,128 @@ impl BlobStore {
                     .await
                     .map_err(|e| RegistryError::Store(e.to_string()))?
             }
+            BlobStore::Object(o) => {
+                let path = o.path(key)?;
+                if start >= end {
+                    return Ok(Vec::new());
+                }
+                // `get_ranges` (the trait's boxed, Send future) with one range: a ranged GET.
+                let bytes: Vec<u8> = o
+                    .store
+                    .get_ranges(&path, std::slice::from_ref(&(start..end)))
+                    .await
+                    .map_err(|e| o.err("read", &path, e))?
+                    .concat();
+                if bytes.len() as u64 != end - start {
+                    return Err(RegistryError::Store(format!(
+                        "{}/{path} is shorter than its registry row says",
+                        o.display
+                    )));
+                }
+                Ok(bytes)
+            }
         }
     }
+}
+
+/// Objects in a bucket (S3, GCS) or container (Azure) under a prefix.
+pub struct ObjStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: object_store::path::Path,
+    /// `scheme://bucket` (for messages; the URL never carries credentials).
+    display: String,
+}
+
+impl ObjStore {
+    /// Builds the client for `url` from the provider's environment variables, then `options`
+    /// (lowercase builder keys such as `aws_endpoint_url`).
+    pub fn open(url: &str, options: &[(String, String)]) -> Result<ObjStore, RegistryError> {
+        use object_store::aws::AmazonS3Builder;
+        use object_store::azure::MicrosoftAzureBuilder;
+        use object_store::gcp::GoogleCloudStorageBuilder;
+
+        // reqwest finds the process-wide rustls provider; install ring (what the rest of the
+        // fleet uses) unless someone installed one already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let bad = |e: &dyn std::fmt::Display| RegistryError::Store(format!("{url}: {e}"));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad(&"not an object-storage URL"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let base = format!("{scheme}://{bucket}");
+        let store: Arc<dyn ObjectStore> = match scheme {
+            "s3" => {
+                let mut b = AmazonS3Builder::from_env().with_url(&base);
+                for (k, v) in options {
+                    let key = k
+                        .to_ascii_lowercase()
+                        .parse()
+                        .map_err(|_| bad(&format!("unknown store option {k:?}")))?;
+                    b = b.with_config(key, v);
+                }
+                Arc::new(b.build().map_err(|e| bad(&e))?)
+            }
+            "gs" => {
+                let mut b = GoogleCloudStorageBuilder::from_env().with_url(&base);
+                for (k, v) in options {
+                    let key = k
+                        .to_ascii_lowercase()
+                        .parse()
+                        .map_err(|_| bad(&format!("unknown store option {k:?}")))?;
+                    b = b.with_config(key, v);
+                }
+                Arc::new(b.build().map_err(|e| bad(&e))?)
+            }
+            "az" => {
+                let mut b = MicrosoftAzureBuilder::from_env().with_url(&base);
+                for (k, v) in options {
+                    let key = k
+                        .to_ascii_lowercase()
+                        .parse()
+                        .map_err(|_| bad(&format!("unknown store option {k:?}")))?;
+                    b = b.with_config(key, v);
+                }
+                Arc::new(b.build().map_err(|e| bad(&e))?)
+            }
+            other => return Err(bad(&format!("unsupported scheme {other:?}"))),
+        };
+        tracing::info!(store = %base, prefix, "Model bundles go to object storage.");
+        Ok(ObjStore {
+            store,
+            prefix: object_store::path::Path::from(prefix),
+            display: base,
+        })
+    }
+
+    fn path(&self, key: &str) -> Result<object_store::path::Path, RegistryError> {
+        check_key(key)?;
+        Ok(key
+            .split('/')
+            .fold(self.prefix.clone(), |p, part| p.join(part)))
+    }
+
+    /// Names the object and the failure (the error's text never carries credentials).
+    fn err(
+        &self,
+        what: &str,
+        path: &object_store::path::Path,
+        e: object_store::Error,
+    ) -> RegistryError {
+        RegistryError::Store(format!("cannot {what} {}/{path}: {e}", self.display))
+    }
+}
+
+/// Keys are `<name>/<version>.bundle` with checked name and version; refuse anything that
+/// could leave the root or prefix anyway.
+fn check_key(key: &str) -> Result<(), RegistryError> {
+    if key
+        .split('/')
+        .any(|p| p.is_empty() || p == "." || p == "..")
+        || key.starts_with('/')
+    {
+        return Err(RegistryError::Store(format!("invalid blob key {key:?}")));
+    }
+    Ok(())
 }
 
 /// Files under a root directory.
@@ -358,15 +508,7 @@ pub struct FsStore {
 
 impl FsStore {
     fn path(&self, key: &str) -> Result<PathBuf, RegistryError> {
-        // Keys are `<name>/<version>.bundle` with checked name and version; refuse anything
-        // that could leave the root anyway.
-        if key
-            .split('/')
-            .any(|p| p.is_empty() || p == "." || p == "..")
-            || key.starts_with('/')
-        {
-            return Err(RegistryError::Store(format!("invalid blob key {key:?}")));
-        }
+        check_key(key)?;
         Ok(self.root.join(key))
     }
 }

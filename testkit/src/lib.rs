@@ -6,6 +6,7 @@
 //!   agent publishes and keeps a per-`(device, stream)` ledger of the sequence numbers it saw.
 //! * [`tls`]: a throwaway PKI per test ([`tls::TestPki`]), a mutual-TLS Mosquitto with the
 //!   Ember per-device ACL ([`TestBroker::start_tls`]) and TLS test clients.
+//! * [`TestS3`]: a private S3-compatible server (`moto`) on an ephemeral 127.0.0.1 port.
 //! * [`bundles`]: signed variants of the committed model bundles (development key).
 //! * [`TestAgent`]: the `ember-agent` binary as a child process, with a generated config, its
 //!   own data dir, metrics endpoint and captured stderr.
@@ -29,6 +30,7 @@ mod agent;
 mod broker;
 pub mod bundles;
 mod postgres;
+mod s3;
 mod subscriber;
 pub mod tls;
 
@@ -38,6 +40,7 @@ use std::time::{Duration, Instant};
 pub use agent::{Metrics, TestAgent, TestAgentBuilder, parse_prometheus, tail};
 pub use broker::TestBroker;
 pub use postgres::{PG_BIN_DIR, TestPostgres};
+pub use s3::{S3Answer, TestS3};
 pub use subscriber::{InferenceLog, RecordSeen, StreamLog, Subscriber, SubscriberView};
 
 /// The subscription filter for everything agents publish (`ember/v1/<device>/<channel>`).

@@ -127,9 +127,15 @@ impl TestFleet {
     /// [`TestFleet::spawn`] on a given port (0: any free one), e.g. to restart a fleet where
     /// its clients expect it.
     pub fn spawn_on(text: &str, port: u16) -> TestFleet {
-        init_logging();
         let settings = Settings::from_toml(text, "test", Vec::new())
             .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{text}"));
+        Self::spawn_settings(settings, port)
+    }
+
+    /// Starts a fleet from resolved settings (for what a config file cannot say, such as
+    /// `models.store_options`), without waiting.
+    pub fn spawn_settings(settings: Settings, port: u16) -> TestFleet {
+        init_logging();
         let listener = std::net::TcpListener::bind(("127.0.0.1", port))
             .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:{port}: {e}"));
         let port = listener.local_addr().expect("bound").port();
