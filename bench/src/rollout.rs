@@ -121,7 +121,8 @@ pub async fn run(args: Args) -> Result<()> {
     let uploaded = upload(http)?;
     println!(
         "uploaded {MODEL} {NEW} ({BUNDLE} re-signed): {} bytes, sha256 {}",
-        uploaded["size"], uploaded["sha256"]
+        uploaded["size"],
+        uploaded["sha256"].as_str().unwrap_or("?")
     );
     let ids: Vec<String> = (0..args.devices).map(|i| format!("dev-{i:05}")).collect();
     let downloads = if args.include_downloads {
