@@ -9,24 +9,36 @@
 //! Measured: wall time from `POST /api/v1/rollouts` to the rollout's `completed`, per-wave
 //! times, and the MQTT payload + topic bytes each way. Baseline, in the same run: publishing
 //! N retained QoS 1 desired-state messages of the same size from one client until every PUBACK
-//! arrived (the broker's floor for telling every device something once). The bundle download
-//! (HTTP, per device) is not part of this case yet: the registry's download route is built
-//! separately; `--include-downloads` says so instead of measuring something else.
+//! arrived (the broker's floor for telling every device something once).
+//!
+//! The new version is a real bundle (`models/bundles/activity-int8.bundle` re-signed as
+//! `2.0.0` with the development key) uploaded through `POST /api/v1/models` to a registry that
+//! trusts the development key, so the desired states carry its real sha256, size and URL.
+//! With `--include-downloads` every device also gets its own device-scoped token (created
+//! during setup, not timed) and, between `downloading` and `verified`, fetches the bundle from
+//! the desired state's `url` with the agent's own downloader
+//! (`ember_agent::ota::download::Downloader`: HTTP/1.1 via ureq, `.part` file, size cap,
+//! sha256 against the desired state's `sha256`, fsync, rename), at most `--download-concurrency`
+//! at a time across all devices.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use ember_agent::ota::download::{Downloader, Request, TlsFiles};
+use ember_fleet::auth::Scope;
 use ember_fleet::config::Settings;
 use ember_proto::ota::{OtaReport, OtaState};
 use ember_proto::{DeviceState, Encoding, Status};
 use ember_testkit::{TestBroker, localhost};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "bench-admin-token-0123456789abcdef";
@@ -34,6 +46,8 @@ const MODEL: &str = "activity";
 const OLD: &str = "1.0.0";
 const NEW: &str = "2.0.0";
 const TIMEOUT: Duration = Duration::from_secs(600);
+/// The committed bundle re-signed as `NEW` (its manifest's model name is `activity`).
+const BUNDLE: &str = "activity-int8";
 
 #[derive(clap::Args, Clone)]
 pub struct Args {
@@ -46,10 +60,13 @@ pub struct Args {
     /// Cumulative wave sizes.
     #[arg(long, value_delimiter = ',', default_value = "1%,10%,100%")]
     waves: Vec<String>,
-    /// Also download every bundle over HTTP (needs the registry's download route, which is
-    /// not in this build: the run stops with that message rather than measure without it).
+    /// Also download every bundle over HTTP from the registry, one device token per device,
+    /// sha256-checked against the desired state before reporting `verified`.
     #[arg(long)]
     include_downloads: bool,
+    /// Downloads in flight at once, across all devices (with --include-downloads).
+    #[arg(long, default_value_t = 32)]
+    download_concurrency: usize,
 }
 
 #[derive(Default)]
@@ -60,33 +77,79 @@ struct Bytes {
     /// Statuses published by the devices (payload + topic).
     up: AtomicU64,
     up_msgs: AtomicU64,
+    /// Bundle bytes downloaded over HTTP (body bytes).
+    bundle: AtomicU64,
+    downloads: AtomicU64,
+    download_failures: AtomicU64,
+}
+
+/// What a simulated device needs to download its bundle.
+struct Downloads {
+    http: u16,
+    dir: PathBuf,
+    tokens: HashMap<String, String>,
+    permits: Semaphore,
+    client: Downloader,
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    if args.include_downloads {
-        bail!(
-            "--include-downloads needs GET /api/v1/models/{{name}}/{{version}}/bundle, which is not in this build yet; run without it to measure the MQTT path"
-        );
-    }
     if args.devices == 0 || args.connections == 0 || args.connections > args.devices {
         bail!("--devices and --connections must be at least 1, connections at most devices");
     }
+    if args.download_concurrency == 0 {
+        bail!("--download-concurrency must be at least 1");
+    }
     println!("machine: {}", super::machine());
     println!(
-        "case: {} devices over {} MQTT connections, waves {:?}, zero soak, fleet in-process on SQLite, Mosquitto",
+        "case: {} devices over {} MQTT connections, waves {:?}, zero soak, fleet in-process on SQLite, Mosquitto, {}",
         args.devices,
         args.connections,
-        args.waves.join(",")
+        args.waves.join(","),
+        if args.include_downloads {
+            format!(
+                "bundle downloads over HTTP (device tokens, sha256 checked, at most {} at once)",
+                args.download_concurrency
+            )
+        } else {
+            "no bundle downloads".to_string()
+        }
     );
     let broker = TestBroker::start();
     let dir = tempfile::tempdir()?;
     let db_url = format!("sqlite://{}", dir.path().join("fleet.db").display());
-    let (http, fleet_stop, fleet_thread) = start_fleet(&db_url, broker.port())?;
+    let (http, fleet_stop, fleet_thread) = start_fleet(&db_url, dir.path(), broker.port())?;
+    let uploaded = upload(http)?;
+    println!(
+        "uploaded {MODEL} {NEW} ({BUNDLE} re-signed): {} bytes, sha256 {}",
+        uploaded["size"],
+        uploaded["sha256"].as_str().unwrap_or("?")
+    );
+    let ids: Vec<String> = (0..args.devices).map(|i| format!("dev-{i:05}")).collect();
+    let downloads = if args.include_downloads {
+        let t = Instant::now();
+        let tokens = device_tokens(&db_url, &ids).await?;
+        println!(
+            "{} device tokens created in {:.1} s (setup, not timed)",
+            tokens.len(),
+            t.elapsed().as_secs_f64()
+        );
+        let dl_dir = dir.path().join("downloads");
+        std::fs::create_dir_all(&dl_dir)?;
+        Some(Arc::new(Downloads {
+            http,
+            dir: dl_dir,
+            tokens,
+            permits: Semaphore::new(args.download_concurrency),
+            client: Downloader::new(&TlsFiles::default())
+                .map_err(|e| anyhow::anyhow!("the downloader: {e}"))?,
+        }))
+    } else {
+        None
+    };
 
     // The devices come online (not measured).
     let bytes = Arc::new(Bytes::default());
     let stop = CancellationToken::new();
-    let ids: Vec<String> = (0..args.devices).map(|i| format!("dev-{i:05}")).collect();
     let per = args.devices.div_ceil(args.connections);
     let mut sims = Vec::new();
     for (i, chunk) in ids.chunks(per).enumerate() {
@@ -95,6 +158,7 @@ pub async fn run(args: Args) -> Result<()> {
             i,
             chunk.to_vec(),
             bytes.clone(),
+            downloads.clone(),
             stop.clone(),
         )));
     }
@@ -117,7 +181,6 @@ pub async fn run(args: Args) -> Result<()> {
         "devices online and registered in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    register(&db_url).await?;
     let (up0, down0) = (
         bytes.up.load(Ordering::Relaxed),
         bytes.down.load(Ordering::Relaxed),
@@ -161,6 +224,9 @@ pub async fn run(args: Args) -> Result<()> {
     let down = bytes.down.load(Ordering::Relaxed) - down0;
     let upm = bytes.up_msgs.load(Ordering::Relaxed) - upm0;
     let downm = bytes.down_msgs.load(Ordering::Relaxed) - downm0;
+    let bundle = bytes.bundle.load(Ordering::Relaxed);
+    let fetched = bytes.downloads.load(Ordering::Relaxed);
+    let failed = bytes.download_failures.load(Ordering::Relaxed);
     stop.cancel();
     for s in sims {
         let _ = s.await;
@@ -191,6 +257,14 @@ pub async fn run(args: Args) -> Result<()> {
     println!(
         "MQTT fleet -> devices: {downm} desired-state messages, {down} bytes (payload + topic); devices -> fleet: {upm} statuses, {up} bytes"
     );
+    if args.include_downloads {
+        println!(
+            "HTTP bundle downloads: {fetched} verified, {failed} failed, {bundle} bytes (body), at most {} at once",
+            args.download_concurrency
+        );
+    } else {
+        println!("HTTP bundle downloads: none (run with --include-downloads)");
+    }
     println!(
         "baseline: {} retained QoS 1 messages of {avg_desired} bytes published by one client until every PUBACK: {baseline:.2} s",
         args.devices
@@ -204,11 +278,15 @@ pub async fn run(args: Args) -> Result<()> {
 
 fn start_fleet(
     db_url: &str,
+    data_dir: &Path,
     broker: u16,
 ) -> Result<(u16, CancellationToken, std::thread::JoinHandle<()>)> {
     let text = format!(
-        "bootstrap_token = \"{TOKEN}\"\n[log]\nlevel = \"warn\"\n[database]\nurl = \"{db_url}\"\n\
-         [mqtt]\nhost = \"127.0.0.1\"\nport = {broker}\nclient_id = \"ember-fleet-bench-rollout\"\n"
+        "bootstrap_token = \"{TOKEN}\"\ndata_dir = \"{}\"\n[log]\nlevel = \"warn\"\n[database]\nurl = \"{db_url}\"\n\
+         [mqtt]\nhost = \"127.0.0.1\"\nport = {broker}\nclient_id = \"ember-fleet-bench-rollout\"\n\
+         [models]\ntrusted_keys = [\"{}\"]\n",
+        data_dir.display(),
+        ember_testkit::bundles::dev_public_key_path().display()
     );
     let settings = Settings::from_toml(&text, "bench", Vec::new())
         .map_err(|e| anyhow::anyhow!("fleet config: {e}"))?;
@@ -251,43 +329,111 @@ fn start_fleet(
     Ok((port, stop, thread))
 }
 
-/// The registry row of the new version (the upload route is another part's).
-async fn register(db_url: &str) -> Result<()> {
+/// Uploads the new version through the registry's route (admin token); returns its entry.
+fn upload(http: u16) -> Result<Value> {
+    let bundle = ember_testkit::bundles::with_version(BUNDLE, NEW);
+    let mut s = TcpStream::connect_timeout(&localhost(http), Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let head = format!(
+        "POST /api/v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Connection: close\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        bundle.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(&bundle)?;
+    let (code, body) = read_answer(s)?;
+    if code != 201 {
+        bail!("the upload answered {code}: {body}");
+    }
+    let entry: Value = serde_json::from_str(&body)?;
+    let local = file_sha256(&bundle);
+    if entry["sha256"].as_str() != Some(local.as_str()) {
+        bail!(
+            "the registry stored sha256 {}, the bundle has {local}",
+            entry["sha256"]
+        );
+    }
+    Ok(entry)
+}
+
+/// sha256 of the uploaded bytes, computed the agent's way (through a file), to cross-check
+/// the registry's entry.
+fn file_sha256(bytes: &[u8]) -> String {
+    let Ok(dir) = tempfile::tempdir() else {
+        return String::new();
+    };
+    let path = dir.path().join("bundle");
+    if std::fs::write(&path, bytes).is_err() {
+        return String::new();
+    }
+    ember_agent::ota::slots::sha256_file(&path).unwrap_or_default()
+}
+
+/// One device-scoped token per device (what a provisioned agent holds), stored directly.
+async fn device_tokens(db_url: &str, ids: &[String]) -> Result<HashMap<String, String>> {
     let settings = ember_fleet::config::DatabaseSettings {
         url: db_url.into(),
         backend: ember_fleet::config::Backend::Sqlite,
         max_connections: 1,
     };
     let db = ember_fleet::db::Db::open(&settings).await?;
-    let mut q = ember_fleet::db::Sql::new(
-        "INSERT INTO models (name, version, kind, precision, sha256, size, key_id, manifest, blob_key, deprecated, created_at) VALUES (",
-    );
-    q.bind(MODEL)
-        .push(", ")
-        .bind(NEW)
-        .push(", 'activity', 'f32', ")
-        .bind("ab".repeat(32))
-        .push(", 29711, 'bench-key', '{}', 'bench', FALSE, ")
-        .bind(now_us() as i64)
-        .push(")");
-    q.query().execute(db.pool()).await?;
+    let mut tokens = HashMap::with_capacity(ids.len());
+    for id in ids {
+        let (_, token) =
+            ember_fleet::auth::create(&db, &Scope::Device(id.clone()), &format!("bench {id}"))
+                .await
+                .map_err(|e| anyhow::anyhow!("device token for {id}: {e}"))?;
+        tokens.insert(id.clone(), token);
+    }
     db.close().await;
-    Ok(())
+    Ok(tokens)
 }
 
-fn status(device: &str, running: &str, ota: Option<(&str, OtaState)>) -> Vec<u8> {
+/// Fetches a device's bundle with its own token, at most `permits` at once; the file is
+/// verified (size cap, sha256) by the agent's downloader, then deleted. Returns the bytes.
+async fn download(
+    dl: Arc<Downloads>,
+    device: String,
+    url: String,
+    sha256: String,
+    size: u64,
+) -> Result<u64, String> {
+    let _permit = dl.permits.acquire().await.map_err(|e| e.to_string())?;
+    let dl2 = dl.clone();
+    tokio::task::spawn_blocking(move || {
+        let token = dl2.tokens.get(&device).ok_or("no token for the device")?;
+        let dest = dl2.dir.join(format!("{device}.bundle"));
+        let full = format!("http://127.0.0.1:{}{url}", dl2.http);
+        let got = dl2
+            .client
+            .fetch(&Request {
+                url: &full,
+                dest: &dest,
+                max_bytes: size,
+                sha256: &sha256,
+                bearer: Some(token),
+            })
+            .map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(&got.path);
+        Ok::<u64, String>(got.bytes)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+fn status(device: &str, running: &str, ota: Option<(&str, OtaState, Option<String>)>) -> Vec<u8> {
     let mut s = Status::offline(device);
     s.state = DeviceState::Online;
     s.ts = now_us();
     s.agent_version = Some("bench".into());
     s.models.insert(MODEL.into(), running.into());
-    if let Some((rollout, state)) = ota {
+    if let Some((rollout, state, reason)) = ota {
         s.ota.push(OtaReport {
             model: MODEL.into(),
             version: NEW.into(),
             rollout: Some(rollout.into()),
             state,
-            reason: None,
+            reason,
             ts: now_us(),
             agreement: None,
             latency_ratio: None,
@@ -302,6 +448,7 @@ async fn simulate(
     n: usize,
     devices: Vec<String>,
     bytes: Arc<Bytes>,
+    downloads: Option<Arc<Downloads>>,
     stop: CancellationToken,
 ) {
     let mut opts = MqttOptions::new(format!("bench-sim-{n}"), "127.0.0.1", port);
@@ -311,13 +458,7 @@ async fn simulate(
     opts.set_request_channel_capacity(cap);
     let (client, mut el) = AsyncClient::new(opts, cap);
     let mut done: HashSet<String> = HashSet::new();
-    let up = |topic: String, payload: Vec<u8>| {
-        bytes
-            .up
-            .fetch_add((topic.len() + payload.len()) as u64, Ordering::Relaxed);
-        bytes.up_msgs.fetch_add(1, Ordering::Relaxed);
-        let _ = client.try_publish(topic, QoS::AtLeastOnce, true, payload);
-    };
+    let up = |topic: String, payload: Vec<u8>| publish_up(&client, &bytes, topic, payload);
     let mut started = false;
     loop {
         let ev = tokio::select! {
@@ -361,16 +502,27 @@ async fn simulate(
                 let topic = format!("ember/v1/{}/status", d.device);
                 up(
                     topic.clone(),
-                    status(&d.device, OLD, Some((&rollout, OtaState::Downloading))),
+                    status(
+                        &d.device,
+                        OLD,
+                        Some((&rollout, OtaState::Downloading, None)),
+                    ),
                 );
-                up(
-                    topic.clone(),
-                    status(&d.device, OLD, Some((&rollout, OtaState::Verified))),
+                let Some(dl) = downloads.clone() else {
+                    finish(&client, &bytes, &d.device, &rollout, Ok(0));
+                    continue;
+                };
+                let (client, bytes) = (client.clone(), bytes.clone());
+                let (url, sha256, size) = (
+                    m.url.clone().unwrap_or_default(),
+                    m.sha256.clone().unwrap_or_default(),
+                    m.size.unwrap_or(0),
                 );
-                up(
-                    topic,
-                    status(&d.device, NEW, Some((&rollout, OtaState::Active))),
-                );
+                let device = d.device.clone();
+                tokio::spawn(async move {
+                    let got = download(dl, device.clone(), url, sha256, size).await;
+                    finish(&client, &bytes, &device, &rollout, got);
+                });
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => {}
@@ -378,6 +530,55 @@ async fn simulate(
                 // Reconnects on the next poll (e.g. the broker's listen backlog was full).
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+        }
+    }
+}
+
+fn publish_up(client: &AsyncClient, bytes: &Bytes, topic: String, payload: Vec<u8>) {
+    bytes
+        .up
+        .fetch_add((topic.len() + payload.len()) as u64, Ordering::Relaxed);
+    bytes.up_msgs.fetch_add(1, Ordering::Relaxed);
+    let _ = client.try_publish(topic, QoS::AtLeastOnce, true, payload);
+}
+
+/// After the download (or none): `verified` then `active`, or `failed` with the reason.
+fn finish(
+    client: &AsyncClient,
+    bytes: &Bytes,
+    device: &str,
+    rollout: &str,
+    got: Result<u64, String>,
+) {
+    let topic = format!("ember/v1/{device}/status");
+    match got {
+        Ok(n) => {
+            if n > 0 {
+                bytes.bundle.fetch_add(n, Ordering::Relaxed);
+                bytes.downloads.fetch_add(1, Ordering::Relaxed);
+            }
+            publish_up(
+                client,
+                bytes,
+                topic.clone(),
+                status(device, OLD, Some((rollout, OtaState::Verified, None))),
+            );
+            publish_up(
+                client,
+                bytes,
+                topic,
+                status(device, NEW, Some((rollout, OtaState::Active, None))),
+            );
+        }
+        Err(e) => {
+            eprintln!("{device}: download failed: {e}");
+            bytes.download_failures.fetch_add(1, Ordering::Relaxed);
+            publish_up(
+                client,
+                bytes,
+                topic,
+                status(device, OLD, Some((rollout, OtaState::Failed, Some(e)))),
+            );
         }
     }
 }
@@ -432,6 +633,11 @@ fn http_call(port: u16, method: &str, path: &str, body: Option<&str>) -> Result<
         None => req.push_str("\r\n"),
     }
     s.write_all(req.as_bytes())?;
+    read_answer(s)
+}
+
+/// Reads a `Connection: close` answer: status code and body as text (de-chunked).
+fn read_answer(mut s: TcpStream) -> Result<(u16, String)> {
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
