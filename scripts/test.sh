@@ -2,8 +2,7 @@
 # Ember's whole test suite (the README's second command). On a fresh Debian 12 machine with the
 # Rust toolchain it installs what it needs, then runs: format and lint checks, every host test
 # (unit, property and system tests against real Mosquitto brokers, PostgreSQL clusters, the
-# fleet's Python peers and headless Chromium), the committed models' golden vectors on wgpu over
-# Mesa lavapipe (software Vulkan), the agent's and proto's
+# fleet's Python peers, an S3-compatible server and headless Chromium), the agent's and proto's
 # unit tests for aarch64 under qemu-aarch64, an armv7 check of the agent, and a no_std build of
 # ember-proto for Cortex-M4F. It ends with a plain "N passed, N failed" line.
 set -uo pipefail
