@@ -45,8 +45,9 @@ enum Cmd {
     Rss,
     /// Fleet ingest throughput (SQLite, PostgreSQL) and API latency under 1,000 devices.
     Fleet(fleet::Args),
-    /// A staged rollout to 1,000 simulated devices: create to completed, MQTT bytes each way,
-    /// against publishing the same number of retained messages.
+    /// A staged rollout to 1,000 simulated devices: create to completed, MQTT bytes each way
+    /// (with --include-downloads, every device also downloads and checks the bundle), against
+    /// publishing the same number of retained messages.
     Rollout(rollout::Args),
 }
 

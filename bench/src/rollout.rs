@@ -22,7 +22,7 @@
 //! at a time across all devices.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -341,7 +341,7 @@ fn upload(http: u16) -> Result<Value> {
     );
     s.write_all(head.as_bytes())?;
     s.write_all(&bundle)?;
-    let (code, body) = read_answer(s)?;
+    let (code, body) = super::fleet::read_answer(s)?;
     if code != 201 {
         bail!("the upload answered {code}: {body}");
     }
@@ -633,29 +633,7 @@ fn http_call(port: u16, method: &str, path: &str, body: Option<&str>) -> Result<
         None => req.push_str("\r\n"),
     }
     s.write_all(req.as_bytes())?;
-    read_answer(s)
-}
-
-/// Reads a `Connection: close` answer: status code and body as text (de-chunked).
-fn read_answer(mut s: TcpStream) -> Result<(u16, String)> {
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        super::fleet::dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Ok((code, body))
+    Ok(super::fleet::read_answer(s)?)
 }
 
 fn now_us() -> u64 {

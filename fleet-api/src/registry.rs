@@ -426,38 +426,37 @@ impl ObjStore {
             .ok_or_else(|| bad(&"not an object-storage URL"))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let base = format!("{scheme}://{bucket}");
+        // Each provider's builder takes the same `(key, value)` options, parsed into its own
+        // config-key type.
+        fn configure<B, K: std::str::FromStr>(
+            mut builder: B,
+            options: &[(String, String)],
+            set: fn(B, K, String) -> B,
+            bad: &dyn Fn(&dyn std::fmt::Display) -> RegistryError,
+        ) -> Result<B, RegistryError> {
+            for (k, v) in options {
+                let key = k
+                    .to_ascii_lowercase()
+                    .parse()
+                    .map_err(|_| bad(&format!("unknown store option {k:?}")))?;
+                builder = set(builder, key, v.clone());
+            }
+            Ok(builder)
+        }
         let store: Arc<dyn ObjectStore> = match scheme {
             "s3" => {
-                let mut b = AmazonS3Builder::from_env().with_url(&base);
-                for (k, v) in options {
-                    let key = k
-                        .to_ascii_lowercase()
-                        .parse()
-                        .map_err(|_| bad(&format!("unknown store option {k:?}")))?;
-                    b = b.with_config(key, v);
-                }
+                let b = AmazonS3Builder::from_env().with_url(&base);
+                let b = configure(b, options, |b, k, v| b.with_config(k, v), &bad)?;
                 Arc::new(b.build().map_err(|e| bad(&e))?)
             }
             "gs" => {
-                let mut b = GoogleCloudStorageBuilder::from_env().with_url(&base);
-                for (k, v) in options {
-                    let key = k
-                        .to_ascii_lowercase()
-                        .parse()
-                        .map_err(|_| bad(&format!("unknown store option {k:?}")))?;
-                    b = b.with_config(key, v);
-                }
+                let b = GoogleCloudStorageBuilder::from_env().with_url(&base);
+                let b = configure(b, options, |b, k, v| b.with_config(k, v), &bad)?;
                 Arc::new(b.build().map_err(|e| bad(&e))?)
             }
             "az" => {
-                let mut b = MicrosoftAzureBuilder::from_env().with_url(&base);
-                for (k, v) in options {
-                    let key = k
-                        .to_ascii_lowercase()
-                        .parse()
-                        .map_err(|_| bad(&format!("unknown store option {k:?}")))?;
-                    b = b.with_config(key, v);
-                }
+                let b = MicrosoftAzureBuilder::from_env().with_url(&base);
+                let b = configure(b, options, |b, k, v| b.with_config(k, v), &bad)?;
                 Arc::new(b.build().map_err(|e| bad(&e))?)
             }
             other => return Err(bad(&format!("unsupported scheme {other:?}"))),
