@@ -27,14 +27,14 @@ step() {
 bash scripts/install-deps.sh || { echo "0 passed, 1 failed"; exit 1; }
 
 step fmt cargo fmt --all -- --check
-step clippy cargo clippy --workspace --all-targets -- -D warnings
-step host-tests cargo test --workspace --no-fail-fast
-# The wgpu golden vectors (models/tests/wgpu_golden.rs and the agent's `golden` lib test with
-# `--features wgpu`) pass on Mesa lavapipe but are not a step here: building burn's wgpu stack
-# next to the host tests rebuilt most of the dependency graph (> 30 min on 2 cores), past the
-# CI budget. Run them with:
-#   cargo test -p ember-models -p ember-agent --no-default-features \
-#     --features ember-models/wgpu,ember-agent/wgpu --lib --test wgpu_golden -- golden
+# One feature set for lint and tests: burn is built once, with its wgpu backend beside flex, so
+# the wgpu golden vectors (models/tests/wgpu_golden.rs, the agent's
+# `golden_vectors_of_every_committed_bundle_pass_on_wgpu`) run on Mesa's lavapipe in the same
+# build as every other test. The agents the system tests spawn carry wgpu compiled in and serve
+# on flex, the configured default (Ember never lets burn pick a device).
+WGPU=(--features ember-models/wgpu,ember-agent/wgpu)
+step clippy cargo clippy --workspace --all-targets "${WGPU[@]}" -- -D warnings
+step host-tests cargo test --workspace --no-fail-fast "${WGPU[@]}"
 step thumbv7em-proto cargo build -p ember-proto --no-default-features --target thumbv7em-none-eabihf
 step aarch64-tests cargo test -p ember-proto -p ember-ts -p ember-agent --lib --no-fail-fast --target aarch64-unknown-linux-gnu
 # armv7: a full check (build scripts, incl. ring's C, run with the cross compiler); aarch64 above

@@ -1262,7 +1262,7 @@ mod tests {
                 "inference.forward_raw",
             ),
             (
-                format!("{MIN}[inference]\nbackend = \"wgpu\"\n"),
+                format!("{MIN}[inference]\nbackend = \"cuda\"\n"),
                 "inference.backend",
             ),
             (
@@ -1274,6 +1274,17 @@ mod tests {
         for (text, key) in cases {
             let e = err(&text);
             assert!(e.contains(key), "{text}: {e} should name {key}");
+        }
+    }
+
+    #[test]
+    fn the_wgpu_backend_is_accepted_only_by_a_wgpu_build() {
+        let text = format!("{MIN}[inference]\nbackend = \"wgpu\"\n");
+        if cfg!(feature = "wgpu") {
+            assert_eq!(load(&text).unwrap().inference.backend, Backend::Wgpu);
+        } else {
+            let e = err(&text);
+            assert!(e.contains("inference.backend") && e.contains("--features wgpu"), "{e}");
         }
     }
 

@@ -1082,8 +1082,8 @@ mod tests {
         golden_vectors_pass_on(Backend::Flex);
     }
 
-    /// The same through the agent's wgpu path (CI: Mesa lavapipe, `scripts/test.sh`
-    /// step `wgpu-golden`). A machine without a Vulkan adapter fails here with instructions.
+    /// The same through the agent's wgpu path (CI: Mesa lavapipe, in `scripts/test.sh`'s
+    /// step `host-tests`). A machine without a Vulkan adapter fails here with instructions.
     #[cfg(feature = "wgpu")]
     #[test]
     fn golden_vectors_of_every_committed_bundle_pass_on_wgpu() {
