@@ -69,6 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let bundle = ember_models::Bundle::read(&std::fs::read(&path)?)?;
         let model = ember_models::LoadedModel::load(&bundle, &device)?;
         let net = model.net();
+        let plan = ember_models::plan::Plan::new(net).expect("committed bundles have a plan");
         let (channels, window) = (model.input().channels, model.input().window);
         for batch in [1usize, 32] {
             // The benchmark's input (bench/inference): the golden windows, cycled.
@@ -103,6 +104,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     (
                         "Net::outputs (rewritten forward)",
                         Box::new(|| drop(net.outputs(x.clone()).into_data())),
+                    ),
+                    (
+                        "Plan::outputs (weights laid out at load)",
+                        Box::new(|| drop(plan.outputs(x.clone()).into_data())),
                     ),
                     ("LoadedModel::infer", Box::new(|| drop(model.infer(&input)))),
                     (

@@ -239,7 +239,7 @@ pub fn conv1d_nlc_applies(conv: &Conv1d) -> bool {
     conv.groups == 1 && conv.dilation == 1 && conv1d_padding(conv).is_some()
 }
 
-fn conv1d_padding(conv: &Conv1d) -> Option<(usize, usize)> {
+pub(crate) fn conv1d_padding(conv: &Conv1d) -> Option<(usize, usize)> {
     match conv.padding {
         PaddingConfig1d::Valid => Some((0, 0)),
         PaddingConfig1d::Explicit(left, right) => Some((left, right)),

@@ -13,6 +13,7 @@ use crate::bundle::Bundle;
 use crate::hex;
 use crate::manifest::{Golden, InputSpec, OutputSpec, Precision};
 use crate::model::{Architecture, ArchitectureError, Net};
+use crate::plan::Plan;
 
 /// Why a model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +154,8 @@ impl Output {
 #[derive(Debug, Clone)]
 pub struct LoadedModel {
     net: Net,
+    /// The network with its weights laid out for inference (`None`: run `net` itself).
+    plan: Option<Plan>,
     device: Device,
     architecture: Architecture,
     input: InputSpec,
@@ -205,8 +208,13 @@ impl LoadedModel {
             let net = load_net(&manifest.architecture, bundle.weights(), &host)?;
             crate::quant::dequantize(net).to_device(device)
         };
+        // int8 weights kept quantized run through the network as stored (the plan reads f32).
+        let plan = (manifest.precision == Precision::F32 || options.dequantize)
+            .then(|| Plan::new(&net))
+            .flatten();
         Ok(LoadedModel {
             net,
+            plan,
             device: device.clone(),
             architecture: manifest.architecture.clone(),
             input: manifest.input.clone(),
@@ -227,6 +235,7 @@ impl LoadedModel {
         device: &Device,
     ) -> LoadedModel {
         LoadedModel {
+            plan: Plan::new(&net),
             net,
             device: device.clone(),
             architecture,
@@ -285,13 +294,15 @@ impl LoadedModel {
         let mut x = windows.to_vec();
         self.input.normalization.apply(&mut x, window);
         let x = Tensor::<3>::from_data(TensorData::new(x, [batch, channels, window]), &self.device);
-        let values =
-            self.net
-                .outputs(x)
-                .try_into_vec_as::<f32>()
-                .map_err(|e| ModelError::Backend {
-                    message: e.to_string(),
-                })?;
+        let y = match &self.plan {
+            Some(plan) => plan.outputs(x),
+            None => self.net.outputs(x),
+        };
+        let values = y
+            .try_into_vec_as::<f32>()
+            .map_err(|e| ModelError::Backend {
+                message: e.to_string(),
+            })?;
         Ok(match &self.output {
             OutputSpec::Classes { labels } => Output::Classes {
                 classes: labels.len(),

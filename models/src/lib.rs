@@ -69,6 +69,7 @@ pub mod keys;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod plan;
 pub mod quant;
 
 #[cfg(feature = "train")]
