@@ -1284,7 +1284,10 @@ mod tests {
             assert_eq!(load(&text).unwrap().inference.backend, Backend::Wgpu);
         } else {
             let e = err(&text);
-            assert!(e.contains("inference.backend") && e.contains("--features wgpu"), "{e}");
+            assert!(
+                e.contains("inference.backend") && e.contains("--features wgpu"),
+                "{e}"
+            );
         }
     }
 
