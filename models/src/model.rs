@@ -149,6 +149,14 @@ impl Net {
         }
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        match self {
+            Net::Activity(m) => m.head.weight.device(),
+            Net::Anomaly(m) => m.enc1.weight.device(),
+        }
+    }
+
     pub fn num_params(&self) -> usize {
         match self {
             Net::Activity(m) => m.num_params(),

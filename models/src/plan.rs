@@ -28,6 +28,8 @@ use crate::anomaly::ConvAutoencoder;
 use crate::model::Net;
 
 /// A network with its weights laid out for inference; see the module documentation.
+// One per loaded model: boxing the larger variant would save a few hundred bytes once.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Plan {
     Activity(ActivityPlan),
@@ -36,9 +38,13 @@ pub enum Plan {
 
 impl Plan {
     /// The plan for `net`, or `None` when a layer has settings the plan does not implement
-    /// (never for networks built from an [`Architecture`](crate::Architecture)). The
+    /// (never for networks built from an [`Architecture`](crate::Architecture)) or when the
+    /// network lives on a GPU ([`crate::backend::is_gpu`]: the plan is a CPU formulation). The
     /// weights must be f32 (dequantize int8 first): they are read back to the host once.
     pub fn new(net: &Net) -> Option<Plan> {
+        if crate::backend::is_gpu(&net.device()) {
+            return None;
+        }
         match net {
             Net::Activity(m) => ActivityPlan::new(m).map(Plan::Activity),
             Net::Anomaly(m) => AnomalyPlan::new(m).map(Plan::Anomaly),

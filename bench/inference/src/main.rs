@@ -212,6 +212,11 @@ fn latency(
         .iter()
         .map(|b| Ok((*b, b.device()?)))
         .collect::<Result<_>>()?;
+    for (backend, device) in &devices {
+        // Which adapter a GPU backend got (lavapipe, a discrete GPU, ...), for the record.
+        let adapter = device.identity().map_or_else(|| "-".to_string(), |i| i.name);
+        eprintln!("burn {backend}: device {adapter}");
+    }
     for path in bundle_paths(bundles)? {
         let name = stem(&path);
         let bundle = read_bundle(&path)?;
