@@ -82,6 +82,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 TensorData::new(input.clone(), [batch, channels, window]),
                 &device,
             );
+            let normalized = x.clone().into_data().try_into_vec::<f32>()?;
             let iters = if batch == 1 { 4000 } else { 400 };
             // Old (module) forward vs the rewritten forward, the output head included, and
             // what `infer` adds around the latter (checks, normalization, tensor in and out).
@@ -108,6 +109,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     (
                         "Plan::outputs (weights laid out at load)",
                         Box::new(|| drop(plan.outputs(x.clone()).into_data())),
+                    ),
+                    (
+                        "Plan::output_values (last step on the host)",
+                        Box::new(|| drop(plan.output_values(x.clone(), &normalized))),
                     ),
                     ("LoadedModel::infer", Box::new(|| drop(model.infer(&input)))),
                     (

@@ -293,16 +293,23 @@ impl LoadedModel {
         let batch = windows.len() / per_window;
         let mut x = windows.to_vec();
         self.input.normalization.apply(&mut x, window);
-        let x = Tensor::<3>::from_data(TensorData::new(x, [batch, channels, window]), &self.device);
-        let y = match &self.plan {
-            Some(plan) => plan.outputs(x),
-            None => self.net.outputs(x),
-        };
-        let values = y
-            .try_into_vec_as::<f32>()
-            .map_err(|e| ModelError::Backend {
-                message: e.to_string(),
-            })?;
+        let shape = [batch, channels, window];
+        let values = match &self.plan {
+            // The plan finishes on the host, against this copy of the normalized input.
+            Some(plan) => plan.output_values(
+                Tensor::<3>::from_data(TensorData::new(x.clone(), shape), &self.device),
+                &x,
+            ),
+            None => self
+                .net
+                .outputs(Tensor::<3>::from_data(
+                    TensorData::new(x, shape),
+                    &self.device,
+                ))
+                .try_into_vec_as::<f32>()
+                .map_err(|e| e.to_string()),
+        }
+        .map_err(|message| ModelError::Backend { message })?;
         Ok(match &self.output {
             OutputSpec::Classes { labels } => Output::Classes {
                 classes: labels.len(),

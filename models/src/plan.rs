@@ -51,6 +51,56 @@ impl Plan {
         }
     }
 
+    /// What [`Plan::outputs`] computes, as host values (`[batch × classes]` probabilities or
+    /// `[batch]` errors), for normalized input `x` whose host copy is `normalized` (laid out
+    /// `[window][channel][sample]`). The last, tiny step runs on the host: the softmax over a
+    /// few logits, or the mean squared error against the input the caller already holds. On
+    /// flex that saves the three to five tensor operations (each an allocation and a kernel
+    /// call) that dominate at this size (docs/benchmarks.md); the error is summed in f64.
+    pub fn output_values(&self, x: Tensor<3>, normalized: &[f32]) -> Result<Vec<f32>, String> {
+        match self {
+            Plan::Activity(p) => {
+                let [_, classes] = p.head.weight.dims();
+                let mut values = p
+                    .forward(x)
+                    .try_into_vec_as::<f32>()
+                    .map_err(|e| e.to_string())?;
+                values.chunks_mut(classes.max(1)).for_each(softmax_in_place);
+                Ok(values)
+            }
+            Plan::Anomaly(p) => {
+                let [batch, channels, window] = x.dims();
+                let recon = p
+                    .reconstruct_nlc(x)
+                    .try_into_vec_as::<f32>()
+                    .map_err(|e| e.to_string())?;
+                // recon: [batch][sample][channel]; normalized: [batch][channel][sample]
+                let per_window = channels * window;
+                if recon.len() != batch * per_window || normalized.len() != recon.len() {
+                    return Err(format!(
+                        "reconstruction has {} values and the input {}, expected {}",
+                        recon.len(),
+                        normalized.len(),
+                        batch * per_window
+                    ));
+                }
+                Ok((0..batch)
+                    .map(|b| {
+                        let (r, x) = (&recon[b * per_window..], &normalized[b * per_window..]);
+                        let mut sum = 0f64;
+                        for t in 0..window {
+                            for c in 0..channels {
+                                let d = f64::from(r[t * channels + c] - x[c * window + t]);
+                                sum += d * d;
+                            }
+                        }
+                        (sum / per_window as f64) as f32
+                    })
+                    .collect())
+            }
+        }
+    }
+
     /// What [`Net::outputs`] computes: class probabilities `[batch, classes]` or one
     /// reconstruction error per window `[batch, 1]`, for normalized `[batch, channels,
     /// window]` input.
@@ -161,6 +211,19 @@ impl AnomalyPlan {
         let err: Tensor<2> = (recon - x.swap_dims(1, 2)).square().flatten(1, 2);
         // [batch, window × channels]
         err.mean_dim(1).squeeze_dim(1)
+    }
+}
+
+/// Softmax of one window's logits, in place (max subtracted first, as burn's softmax does).
+fn softmax_in_place(logits: &mut [f32]) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in logits.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in logits.iter_mut() {
+        *v /= sum;
     }
 }
 
@@ -460,6 +523,13 @@ mod tests {
         assert!(TimeMajorConvTranspose::new(&odd.init(&device)).is_none());
     }
 
+    fn net_outputs_per_window(net: &Net) -> usize {
+        match net {
+            Net::Activity(m) => m.head.weight.dims()[1],
+            Net::Anomaly(_) => 1,
+        }
+    }
+
     #[test]
     fn plans_compute_what_the_networks_compute() {
         let device = Device::flex();
@@ -478,6 +548,13 @@ mod tests {
                     &net.outputs(x.clone()).into_data(),
                     Tolerance::absolute(1e-5),
                 );
+                let host = x.clone().into_data().try_into_vec::<f32>().unwrap();
+                let values = plan.output_values(x.clone(), &host).unwrap();
+                TensorData::new(values, [batch * net_outputs_per_window(&net)])
+                    .assert_approx_eq::<f32>(
+                        &net.outputs(x.clone()).flatten::<1>(0, 1).into_data(),
+                        Tolerance::absolute(1e-5),
+                    );
                 if let (Net::Anomaly(m), Plan::Anomaly(p)) = (&net, &plan) {
                     p.forward(x.clone()).into_data().assert_approx_eq::<f32>(
                         &m.forward(x).into_data(),
