@@ -127,10 +127,10 @@ impl ActivityCnn {
     /// The same math as [`ActivityCnn::forward_modules`] (the burn modules' own `forward`),
     /// computed time-major ([`conv1d_nlc`]): each convolution is one matrix product over
     /// sliding windows, which flex runs 1.1–2.6× faster than its conv kernel at these sizes
-    /// (docs/benchmarks.md). Results agree to float rounding (summation order). On a GPU
-    /// ([`crate::backend::is_gpu`]) it is `forward_modules`.
+    /// (docs/benchmarks.md). Results agree to float rounding (summation order). Off flex
+    /// ([`crate::backend::is_flex`]) it is `forward_modules`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<2> {
-        if !self.nlc_applies() || crate::backend::is_gpu(&x.device()) {
+        if !self.nlc_applies() || !crate::backend::is_flex(&x.device()) {
             return self.forward_modules(x);
         }
         // x: [batch, channels, window] -> time-major view [batch, window, channels]

@@ -125,11 +125,11 @@ impl ConvAutoencoder {
     /// The same math as [`ConvAutoencoder::forward_modules`] (the burn modules' own
     /// `forward`), with the four convolutions computed time-major as one matrix product each
     /// ([`conv1d_nlc`], 1.3–3× faster than flex's conv kernel at these sizes;
-    /// docs/benchmarks.md). The transposed convolutions run channel-major, as before. On a GPU
-    /// ([`crate::backend::is_gpu`]) it is `forward_modules`.
+    /// docs/benchmarks.md). The transposed convolutions run channel-major, as before. Off flex
+    /// ([`crate::backend::is_flex`]) it is `forward_modules`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let convs = [&self.enc1, &self.enc2, &self.bottleneck, &self.expand];
-        if !convs.iter().all(|c| conv1d_nlc_applies(c)) || crate::backend::is_gpu(&x.device()) {
+        if !convs.iter().all(|c| conv1d_nlc_applies(c)) || !crate::backend::is_flex(&x.device()) {
             return self.forward_modules(x);
         }
         // x: [batch, channels, window] -> time-major view [batch, window, channels]

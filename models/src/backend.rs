@@ -63,20 +63,13 @@ impl Backend {
     }
 }
 
-/// Whether tensors on `device` live on a GPU (burn's cubecl backends, i.e. wgpu). The models'
-/// time-major convolutions multiply overlapping strided views (`unfold`), which flex's matmul
-/// reads as they are but cubecl's refuses ("non-contiguous matrix layout"), and they exist to
-/// beat flex's conv kernel on the CPU: on a GPU the models run burn's own conv modules.
-pub fn is_gpu(device: &Device) -> bool {
-    #[cfg(feature = "wgpu")]
-    {
-        matches!(device, Device::Cube(_))
-    }
-    #[cfg(not(feature = "wgpu"))]
-    {
-        let _ = device;
-        false
-    }
+/// Whether `device` is flex (with or without autodiff). The models' time-major convolutions
+/// multiply overlapping strided views (`unfold`), which flex's matmul reads as they are but
+/// burn's GPU (cubecl) matmul refuses ("non-contiguous matrix layout"), and they exist to beat
+/// flex's conv kernel on the CPU: on any other backend the models run burn's own conv modules.
+pub fn is_flex(device: &Device) -> bool {
+    // Device equality compares the compute resource and ignores autodiff.
+    *device == Device::flex()
 }
 
 #[cfg(feature = "wgpu")]

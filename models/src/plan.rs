@@ -39,10 +39,10 @@ pub enum Plan {
 impl Plan {
     /// The plan for `net`, or `None` when a layer has settings the plan does not implement
     /// (never for networks built from an [`Architecture`](crate::Architecture)) or when the
-    /// network lives on a GPU ([`crate::backend::is_gpu`]: the plan is a CPU formulation). The
+    /// network is not on flex ([`crate::backend::is_flex`]: the plan is a CPU formulation). The
     /// weights must be f32 (dequantize int8 first): they are read back to the host once.
     pub fn new(net: &Net) -> Option<Plan> {
-        if crate::backend::is_gpu(&net.device()) {
+        if !crate::backend::is_flex(&net.device()) {
             return None;
         }
         match net {
