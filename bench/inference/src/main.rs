@@ -212,8 +212,9 @@ fn latency(
         .iter()
         .map(|b| Ok((*b, b.device()?)))
         .collect::<Result<_>>()?;
+    // Which adapter a GPU backend got (lavapipe, a discrete GPU, ...), for the record.
+    #[cfg(feature = "wgpu")]
     for (backend, device) in &devices {
-        // Which adapter a GPU backend got (lavapipe, a discrete GPU, ...), for the record.
         let adapter = device.identity().map_or_else(|| "-".to_string(), |i| i.name);
         eprintln!("burn {backend}: device {adapter}");
     }
