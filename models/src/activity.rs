@@ -187,19 +187,7 @@ impl ActivityCnn {
 
     /// `self.pool` on a time-major map: the maximum over each window of `kernel_size` steps.
     fn max_pool_nlc(&self, x: Tensor<3>) -> Tensor<3> {
-        // x: [batch, length, channels]
-        let k = self.pool.kernel_size;
-        let [batch, length, channels] = x.dims();
-        let out = length / k;
-        let x = if out * k == length {
-            x
-        } else {
-            x.narrow(1, 0, out * k)
-        };
-        x.reshape([batch, out, k, channels])
-            .max_dim(2)
-            .reshape([batch, out, channels])
-        // [batch, length / k, channels]
+        max_pool_nlc(x, self.pool.kernel_size)
     }
 
     /// `self.pool` (MaxPool1d): for non-overlapping windows without padding or dilation, the
@@ -262,19 +250,10 @@ pub(crate) fn conv1d_padding(conv: &Conv1d) -> Option<(usize, usize)> {
 /// ([`bias_relu_nlc`]). Callers check [`conv1d_nlc_applies`] first.
 pub fn conv1d_nlc(conv: &Conv1d, x: Tensor<3>, with_bias: bool) -> Tensor<3> {
     // x: [batch, length, c_in]
-    let [batch, length, c_in] = x.dims();
+    let [_, _, c_in] = x.dims();
     let [c_out, _, k] = conv.weight.dims();
-    let (left, right) = conv1d_padding(conv).unwrap_or((0, 0));
-    let x = if left + right > 0 {
-        x.pad([(left, right), (0, 0)], 0.0f32)
-    } else {
-        x
-    };
-    let padded = length + left + right;
-    // [batch, padded, c_in]
-    let rows: Tensor<3> = x
-        .reshape([batch, padded * c_in])
-        .unfold(1, k * c_in, conv.stride * c_in);
+    let pad = conv1d_padding(conv).unwrap_or((0, 0));
+    let rows = unfold_rows(x, k, conv.stride, pad, c_in);
     // [batch, out, k × c_in]: row t = padded steps t·stride .. t·stride + k, all channels
     // The weights as [k × c_in, c_out], row (j, c) = weight[:, c, j]: a transposed view of
     // the [c_out, k, c_in] copy, which flex makes with its batched 2-D transpose (a direct
@@ -293,6 +272,46 @@ pub fn conv1d_nlc(conv: &Conv1d, x: Tensor<3>, with_bias: bool) -> Tensor<3> {
         (Some(bias), true) => y + bias.val().reshape([1, 1, c_out]),
         _ => y,
     }
+}
+
+/// Max pooling over non-overlapping windows of `k` steps on a time-major map (a trailing
+/// partial window is dropped, as `MaxPool1d` does).
+pub(crate) fn max_pool_nlc(x: Tensor<3>, k: usize) -> Tensor<3> {
+    // x: [batch, length, channels]
+    let [batch, length, channels] = x.dims();
+    let out = length / k;
+    let x = if out * k == length {
+        x
+    } else {
+        x.narrow(1, 0, out * k)
+    };
+    x.reshape([batch, out, k, channels])
+        .max_dim(2)
+        .reshape([batch, out, channels])
+    // [batch, length / k, channels]
+}
+
+/// Each output step's receptive field as one row: zero-pad the time axis, then view windows
+/// of `kernel` steps × all channels (contiguous in time-major layout) with `unfold`, a
+/// strided view (overlapping rows, no copy).
+pub(crate) fn unfold_rows(
+    x: Tensor<3>,
+    kernel: usize,
+    stride: usize,
+    (left, right): (usize, usize),
+    c_in: usize,
+) -> Tensor<3> {
+    // x: [batch, length, c_in]
+    let [batch, length, _] = x.dims();
+    let x = if left + right > 0 {
+        x.pad([(left, right), (0, 0)], 0.0f32)
+    } else {
+        x
+    };
+    let padded = length + left + right;
+    x.reshape([batch, padded * c_in])
+        .unfold(1, kernel * c_in, stride * c_in)
+    // [batch, out, kernel × c_in]
 }
 
 /// `relu(x + conv.bias)` on a time-major map ([batch, length, c_out]).

@@ -23,7 +23,7 @@ use burn::nn::{Linear, PaddingConfig1d};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
-use crate::activity::ActivityCnn;
+use crate::activity::{ActivityCnn, max_pool_nlc, unfold_rows};
 use crate::anomaly::ConvAutoencoder;
 use crate::model::Net;
 
@@ -227,27 +227,19 @@ fn softmax_in_place(logits: &mut [f32]) {
     }
 }
 
-/// Max pooling over non-overlapping windows of `k` steps on a time-major map (a trailing
-/// partial window is dropped, as `MaxPool1d` does).
-fn max_pool_nlc(x: Tensor<3>, k: usize) -> Tensor<3> {
-    // x: [batch, length, channels]
-    let [batch, length, channels] = x.dims();
-    let out = length / k;
-    let x = if out * k == length {
-        x
-    } else {
-        x.narrow(1, 0, out * k)
-    };
-    x.reshape([batch, out, k, channels])
-        .max_dim(2)
-        .reshape([batch, out, channels])
-    // [batch, length / k, channels]
-}
-
 /// The host copy of an f32 tensor's values, in logical (row-major) order (`None` for another
 /// element type, e.g. weights still quantized).
 fn host_values<const D: usize>(t: Tensor<D>) -> Option<Vec<f32>> {
     t.into_data().try_into_vec::<f32>().ok()
+}
+
+/// A bias `[c_out]` as the `[1, 1, c_out]` row a time-major map broadcasts against.
+fn bias_row(bias: Tensor<1>, device: &Device) -> Option<Tensor<3>> {
+    let [c_out] = bias.dims();
+    Some(Tensor::from_data(
+        TensorData::new(host_values(bias)?, [1, 1, c_out]),
+        device,
+    ))
 }
 
 /// A `Conv1d` as one matrix product on a time-major map; see `activity::conv1d_nlc`, which
@@ -284,10 +276,7 @@ impl TimeMajorConv {
         }
         let weight = Tensor::from_data(TensorData::new(rows, [1, kernel * c_in, c_out]), &device);
         let bias = match &conv.bias {
-            Some(b) => Some(Tensor::from_data(
-                TensorData::new(host_values(b.val())?, [1, 1, c_out]),
-                &device,
-            )),
+            Some(b) => Some(bias_row(b.val(), &device)?),
             None => None,
         };
         Some(TimeMajorConv {
@@ -320,28 +309,6 @@ impl TimeMajorConv {
         };
         burn::tensor::activation::relu(x)
     }
-}
-
-/// Each output step's receptive field as one row: zero-pad the time axis, then view windows
-/// of `kernel` steps × all channels (contiguous in time-major layout) with `unfold`.
-fn unfold_rows(
-    x: Tensor<3>,
-    kernel: usize,
-    stride: usize,
-    (left, right): (usize, usize),
-    c_in: usize,
-) -> Tensor<3> {
-    // x: [batch, length, c_in]
-    let [batch, length, _] = x.dims();
-    let x = if left + right > 0 {
-        x.pad([(left, right), (0, 0)], 0.0f32)
-    } else {
-        x
-    };
-    let padded = length + left + right;
-    x.reshape([batch, padded * c_in])
-        .unfold(1, kernel * c_in, stride * c_in)
-    // [batch, out, kernel × c_in]
 }
 
 /// A `ConvTranspose1d` whose output is exactly `stride ×` its input's length, as one matrix
@@ -414,10 +381,7 @@ impl TimeMajorConvTranspose {
         let device = conv.weight.device();
         let weight = Tensor::from_data(TensorData::new(rows, [1, taps * c_in, cols]), &device);
         let bias = match &conv.bias {
-            Some(b) => Some(Tensor::from_data(
-                TensorData::new(host_values(b.val())?, [1, 1, c_out]),
-                &device,
-            )),
+            Some(b) => Some(bias_row(b.val(), &device)?),
             None => None,
         };
         Some(TimeMajorConvTranspose {
