@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Ember's tests need on Debian 12 (run as root, or with sudo available):
 # the Mosquitto broker, PostgreSQL 15, Mesa lavapipe (software Vulkan), the fleet's Python test
-# peers, Chromium and playwright-core, qemu-user and the gcc cross linkers, and the Rust cross targets.
+# peers, Chromium and Python's playwright, qemu-user and the gcc cross linkers, and the Rust cross targets.
 set -euo pipefail
 
 need_apt=()
@@ -12,10 +12,9 @@ command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need_apt+=(gcc-aarch64-linux
 command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
 # PostgreSQL 15 server programs for the fleet's throwaway test clusters (initdb, pg_ctl).
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
-# Chromium and Node.js for the fleet dashboard's browser test (fleet-api/tests/it/browser.rs).
+# Chromium for the fleet dashboard's browser tests (fleet-api/tests/it/browser.rs), driven by
+# Python's playwright (below); no Node.js or npm.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
-command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
-command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 # Mesa's lavapipe (software Vulkan) and the Vulkan loader: the models' wgpu golden test runs on it.
 compgen -G '/usr/share/vulkan/icd.d/lvp_icd.*.json' >/dev/null || need_apt+=(mesa-vulkan-drivers libvulkan1)
 
@@ -32,14 +31,12 @@ fi
 # Debian starts a system-wide broker on 1883 when it installs mosquitto where an init system
 # runs; the tests never use it (each starts its own on an ephemeral port).
 
-# Python peers of the fleet tests: paho-mqtt (an independent MQTT client), schemathesis and
-# moto (an S3-compatible server for the registry),
+# Python peers of the fleet tests: paho-mqtt (an independent MQTT client), schemathesis,
+# moto (an S3-compatible server for the registry) and playwright (drives /usr/bin/chromium in
+# the browser tests; its wheel carries its own driver: never `playwright install`),
 # at the pinned versions (a quick no-op when they are already installed).
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r fleet-api/tests/python/requirements.txt
 
-# playwright-core (exact version in fleet-api/tests/browser/package-lock.json) drives that Chromium.
-[ -f fleet-api/tests/browser/node_modules/playwright-core/package.json ] ||
-  npm ci --prefix fleet-api/tests/browser --no-audit --no-fund --loglevel=error
 
 installed=$(rustup target list --installed)
 for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf thumbv7em-none-eabihf; do

@@ -1,5 +1,6 @@
-//! The dashboard in a real browser: Debian's Chromium driven by `playwright-core`
-//! (`fleet-api/tests/browser/dashboard.mjs`, installed by `npm ci` in that folder), against a
+//! The dashboard in a real browser: Debian's Chromium driven by the Python `playwright` package
+//! (`fleet-api/tests/browser/dashboard.py`; the wheel is pinned in
+//! `fleet-api/tests/python/requirements.txt` and brings its own driver, no npm), against a
 //! fleet holding a realistic state built through the real Mosquitto.
 //!
 //! The script signs in, checks the overview, the device list's filters and a device page,
@@ -28,23 +29,31 @@ pub(crate) fn browser_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser"))
 }
 
-/// Fails (never skips) when Chromium, node or playwright-core is missing, saying how to fix it.
+/// Fails (never skips) when Chromium or Python's playwright is missing, saying how to fix it.
 pub(crate) fn require_browser() {
     assert!(
         Path::new("/usr/bin/chromium").is_file(),
         "this test needs Debian's chromium: run scripts/install-deps.sh (apt-get install chromium)"
     );
+    let playwright = Command::new("python3")
+        .args(["-c", "import playwright.sync_api"])
+        .output();
     assert!(
-        browser_dir()
-            .join("node_modules/playwright-core/package.json")
-            .is_file(),
-        "this test needs playwright-core: run `npm ci --prefix fleet-api/tests/browser` (scripts/install-deps.sh does)"
+        playwright.map(|o| o.status.success()).unwrap_or(false),
+        "this test needs Python's playwright package: run scripts/install-deps.sh \
+         (pip install -r fleet-api/tests/python/requirements.txt; never `playwright install`, \
+         the tests drive /usr/bin/chromium)"
     );
-    let node = Command::new("node").arg("--version").output();
-    assert!(
-        node.map(|o| o.status.success()).unwrap_or(false),
-        "this test needs node (Debian: apt-get install nodejs)"
-    );
+}
+
+/// The command that runs one of the browser scripts (`dashboard.py`, `rollouts.py`).
+pub(crate) fn browser_script(name: &str, cfg: &serde_json::Value) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg("-u")
+        .arg(browser_dir().join(name))
+        .arg(cfg.to_string())
+        .current_dir(browser_dir());
+    cmd
 }
 
 fn stream_status(stream: &str, last_seq: u64) -> StreamStatus {
@@ -286,15 +295,12 @@ fn dashboard_pages_load_and_update_live_in_chromium() {
         "bundle_version": "1.0.0",
     });
     let started = Instant::now();
-    let mut child = Command::new("node")
-        .arg(browser_dir().join("dashboard.mjs"))
-        .arg(cfg.to_string())
-        .current_dir(browser_dir())
+    let mut child = browser_script("dashboard.py", &cfg)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("cannot run node");
+        .expect("cannot run python3");
     let mut stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel::<String>();
@@ -329,7 +335,7 @@ fn dashboard_pages_load_and_update_live_in_chromium() {
                         imu("edge-03", 101..=160, now - 60_000_000, 1_000_000),
                     ],
                 );
-                writeln!(stdin, "GO").expect("node's stdin");
+                writeln!(stdin, "GO").expect("the browser script's stdin");
             }
             "READY device" => {
                 let mut b = TelemetryBatch::new("edge-01", "imu");
@@ -347,7 +353,7 @@ fn dashboard_pages_load_and_update_live_in_chromium() {
                         ),
                     ],
                 );
-                writeln!(stdin, "GO").expect("node's stdin");
+                writeln!(stdin, "GO").expect("the browser script's stdin");
             }
             l if l.starts_with("OK ") => ok = Some(l[3..].to_string()),
             _ => {}
@@ -357,7 +363,7 @@ fn dashboard_pages_load_and_update_live_in_chromium() {
     if ok.is_none() {
         let _ = child.kill();
     }
-    let out = child.wait_with_output().expect("node ran");
+    let out = child.wait_with_output().expect("the browser script ran");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && ok.is_some(),

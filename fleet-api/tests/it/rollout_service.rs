@@ -751,15 +751,12 @@ fn the_dashboard_shows_and_commands_a_rollout_live() {
         "base": format!("http://127.0.0.1:{}", fleet.port), "token": ADMIN, "rollout": id,
         "canary": "f-0", "devices": 3, "screenshots": shots.path(),
     });
-    let mut child = std::process::Command::new("node")
-        .arg(crate::browser::browser_dir().join("rollouts.mjs"))
-        .arg(cfg.to_string())
-        .current_dir(crate::browser::browser_dir())
+    let mut child = crate::browser::browser_script("rollouts.py", &cfg)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("cannot run node");
+        .expect("cannot run python3");
     let mut stdin = child.stdin.take().expect("stdin");
     let stdout = BufReader::new(child.stdout.take().expect("stdout"));
     let mut transcript = Vec::new();
@@ -785,7 +782,7 @@ fn the_dashboard_shows_and_commands_a_rollout_live() {
         }
     }
     drop(stdin);
-    let out = child.wait_with_output().expect("node ends");
+    let out = child.wait_with_output().expect("the browser script ends");
     assert!(
         ok,
         "the browser run failed: {}\n{}",
