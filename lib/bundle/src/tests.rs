@@ -9,7 +9,7 @@ use ed25519_dalek::SigningKey;
 use super::*;
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn bytes(name: &str) -> Vec<u8> {

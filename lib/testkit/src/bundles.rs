@@ -6,9 +6,9 @@
 
 use std::path::PathBuf;
 
-/// The repository root (this crate lives in `<root>/testkit`).
+/// The repository root (this crate lives in `<root>/lib/testkit`).
 fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// A committed bundle, e.g. `committed("activity-f32")` → `models/bundles/activity-f32.bundle`.
