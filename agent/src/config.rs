@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use ember_proto::Encoding;
 
+use crate::tls_files::{self, check_key_permissions, is_loopback};
+
 // ---- named defaults -----------------------------------------------------------------------
 
 pub const DEFAULT_DATA_DIR: &str = "ember-data";
@@ -60,6 +62,8 @@ pub const DEFAULT_OTA_MAX_BUNDLE_BYTES: u64 = 64 * 1024 * 1024;
 /// Crash-loop protection: this many starts within the window after a switch roll it back.
 pub const DEFAULT_OTA_CRASH_LOOP_RESTARTS: u32 = 3;
 pub const DEFAULT_OTA_CRASH_LOOP_WINDOW_S: u64 = 300;
+/// Days before expiry from which the agent warns about its client certificate.
+pub const DEFAULT_EXPIRY_WARN_DAYS: u64 = 30;
 
 /// What went wrong, and where.
 #[derive(Debug, thiserror::Error)]
@@ -170,7 +174,19 @@ pub struct RawMqtt {
     /// Plaintext to a broker that is not on this machine (development only; see `tls`).
     pub insecure: Option<bool>,
     /// `[mqtt.tls]`: see `crate::tls`.
-    pub tls: Option<crate::tls::RawTls>,
+    pub tls: Option<RawTls>,
+}
+
+/// `[mqtt.tls]` as written in the file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub alpn: Option<Vec<String>>,
+    pub server_name: Option<String>,
+    pub expiry_warn_days: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -331,7 +347,23 @@ pub struct MqttSettings {
     /// Plaintext MQTT allowed to a non-loopback broker (no `[mqtt.tls]`).
     pub insecure: bool,
     /// TLS to the broker; `None` is plaintext (loopback, or `insecure`).
-    pub tls: Option<crate::tls::TlsSettings>,
+    pub tls: Option<TlsSettings>,
+}
+
+/// `[mqtt.tls]` resolved.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsSettings {
+    /// The only CA the broker's certificate may chain to (PEM).
+    pub ca_file: PathBuf,
+    /// The client certificate (PEM, leaf first) for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM: PKCS#8, SEC1 or PKCS#1), mode 0600 or stricter.
+    pub key_file: Option<PathBuf>,
+    /// ALPN protocols to offer, e.g. `["x-amzn-mqtt-ca"]` for AWS IoT Core on port 443.
+    pub alpn: Vec<String>,
+    /// The name the broker's certificate must carry, when it differs from `mqtt.host`.
+    pub server_name: Option<String>,
+    pub expiry_warn_days: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -511,7 +543,7 @@ impl Settings {
 
         let m = raw.mqtt;
         let host = m.host.as_deref().unwrap_or(DEFAULT_MQTT_HOST);
-        let tls = crate::tls::resolve(m.tls, m.insecure, host)?;
+        let tls = resolve_tls(m.tls, m.insecure, host)?;
         let mqtt = MqttSettings {
             host: m.host.unwrap_or_else(|| DEFAULT_MQTT_HOST.into()),
             port: m.port.unwrap_or(DEFAULT_MQTT_PORT),
@@ -877,6 +909,93 @@ pub fn url_origin(url: &str) -> Option<(&'static str, String)> {
     Some((scheme, host))
 }
 
+/// Resolves `[mqtt.tls]` and `mqtt.insecure` for a broker on `host`, checking the files: they
+/// must be readable PEM, and the key must not be readable by group or others.
+pub fn resolve_tls(
+    raw: Option<RawTls>,
+    insecure: Option<bool>,
+    host: &str,
+) -> Result<Option<TlsSettings>, ConfigError> {
+    let insecure = insecure.unwrap_or(false);
+    let Some(raw) = raw else {
+        if !insecure && !is_loopback(host) {
+            return Err(invalid(
+                "mqtt.tls",
+                format!(
+                    "missing: the broker {host:?} is not on this machine, so the connection must use TLS: \
+                     add [mqtt.tls] with ca_file, cert_file and key_file (or, for development only, set mqtt.insecure = true)"
+                ),
+            ));
+        }
+        return Ok(None);
+    };
+    if insecure {
+        return Err(invalid(
+            "mqtt.insecure",
+            "cannot be true together with [mqtt.tls]: remove one of them",
+        ));
+    }
+    let ca_file = raw.ca_file.ok_or_else(|| {
+        invalid(
+            "mqtt.tls.ca_file",
+            "missing: name the PEM file of the CA that signed the broker's certificate",
+        )
+    })?;
+    let ca = tls_files::read_certs(&ca_file).map_err(|m| invalid("mqtt.tls.ca_file", m))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in ca {
+        roots
+            .add(c)
+            .map_err(|e| invalid("mqtt.tls.ca_file", format!("not a usable CA: {e}")))?;
+    }
+    match (&raw.cert_file, &raw.key_file) {
+        (Some(cert), Some(key)) => {
+            check_key_permissions(key).map_err(|m| invalid("mqtt.tls.key_file", m))?;
+            tls_files::load_pair(cert, key).map_err(|(k, m)| invalid(k, m))?;
+        }
+        (Some(_), None) => {
+            return Err(invalid(
+                "mqtt.tls.key_file",
+                "missing: cert_file is set, so give its private key too",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "mqtt.tls.cert_file",
+                "missing: key_file is set, so give its certificate too",
+            ));
+        }
+        (None, None) => {}
+    }
+    if let Some(name) = &raw.server_name {
+        rustls::pki_types::ServerName::try_from(name.as_str()).map_err(|_| {
+            invalid(
+                "mqtt.tls.server_name",
+                format!("{name:?} is not a DNS name or IP address"),
+            )
+        })?;
+    }
+    let alpn = raw.alpn.unwrap_or_default();
+    if alpn.iter().any(|p| p.is_empty() || p.len() > 255) {
+        return Err(invalid(
+            "mqtt.tls.alpn",
+            "each protocol must be 1-255 bytes, e.g. [\"x-amzn-mqtt-ca\"]",
+        ));
+    }
+    let expiry_warn_days = raw.expiry_warn_days.unwrap_or(DEFAULT_EXPIRY_WARN_DAYS);
+    if expiry_warn_days > 3650 {
+        return Err(invalid("mqtt.tls.expiry_warn_days", "must be at most 3650"));
+    }
+    Ok(Some(TlsSettings {
+        ca_file,
+        cert_file: raw.cert_file,
+        key_file: raw.key_file,
+        alpn,
+        server_name: raw.server_name,
+        expiry_warn_days,
+    }))
+}
+
 fn resolve_ota(raw: RawOta) -> Result<OtaSettings, ConfigError> {
     let insecure = raw.insecure.unwrap_or(false);
     let fleet_url = match raw.fleet_url {
@@ -891,7 +1010,7 @@ fn resolve_ota(raw: RawOta) -> Result<OtaSettings, ConfigError> {
                     ),
                 ));
             };
-            if scheme == "http" && !insecure && !crate::tls::is_loopback(&host) {
+            if scheme == "http" && !insecure && !is_loopback(&host) {
                 return Err(invalid(
                     "ota.fleet_url",
                     format!(
@@ -904,7 +1023,7 @@ fn resolve_ota(raw: RawOta) -> Result<OtaSettings, ConfigError> {
     };
     let enabled = raw.enabled.unwrap_or(fleet_url.is_some());
     if let Some(token) = &raw.token_file {
-        crate::tls::check_key_permissions(token)
+        check_key_permissions(token)
             .map_err(|m| invalid("ota.token_file", m.replace("private key", "token file")))?;
         let text = std::fs::read_to_string(token).map_err(|e| {
             invalid(
@@ -1099,9 +1218,15 @@ fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError>
     }
 }
 
+/// The OTA test-only fault hook (`ota`, compiled only with the `fault-injection` feature):
+/// `<model>@<version>` aborts the agent shortly after that version serves. Named here, below
+/// `ota`, because the name is reserved in every build: a release build ignores it rather than
+/// refusing it as an unknown override.
+pub const FAULT_CRASH_AFTER_SWITCH_ENV: &str = "EMBER_AGENT_FAULT_CRASH_AFTER_SWITCH";
+
 /// `EMBER_*` variables that are not config overrides: the config file's path and the log
-/// filter, both read by the binary itself, and the OTA test-only fault hook (`crate::ota`).
-pub const RESERVED_ENV: [&str; 3] = ["EMBER_CONFIG", "EMBER_LOG", crate::ota::FAULT_ENV];
+/// filter, both read by the binary itself, and the OTA test-only fault hook.
+pub const RESERVED_ENV: [&str; 3] = ["EMBER_CONFIG", "EMBER_LOG", FAULT_CRASH_AFTER_SWITCH_ENV];
 
 /// Applies `EMBER_*` overrides onto the parsed file.
 fn apply_env(
@@ -1458,5 +1583,23 @@ mod tests {
                 "error for {text:?} should name {key:?}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn plaintext_only_to_loopback_unless_insecure() {
+        assert!(resolve_tls(None, None, "127.0.0.1").unwrap().is_none());
+        let e = resolve_tls(None, None, "broker.example")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mqtt.tls"), "{e}");
+        assert!(
+            resolve_tls(None, Some(true), "broker.example")
+                .unwrap()
+                .is_none()
+        );
+        let e = resolve_tls(Some(RawTls::default()), Some(true), "b")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mqtt.insecure"), "{e}");
     }
 }

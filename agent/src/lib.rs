@@ -1,6 +1,25 @@
 //! `ember-agent`: the edge daemon. See ARCHITECTURE.md for the codemap.
 //!
 //! The binary (`main.rs`) only parses arguments and calls [`runtime::run`].
+//!
+//! # Layers
+//!
+//! The modules form a one-way stack: a module imports only from layers below its own, never
+//! from its own layer or above. `tests/it/layers.rs` (`LAYERS`, the one authoritative copy of
+//! this table) fails on an import against it.
+//!
+//! ```text
+//! 9  runtime           wires everything, start-up and shutdown order
+//! 8  writer            the one task that appends, commits and maintains the queue
+//! 7  uplink            MQTT state machine: reads and acks the queue, feeds OTA
+//! 6  ota               desired state -> download -> verify -> shadow -> swap
+//! 5  inference         model loading and the model thread
+//! 4  tls               rustls client config, certificate reload, SIGHUP
+//! 3  queue             the durable queue (generic over its storage `Engine`)
+//! 2  source            samples in: sim, replay, socket
+//! 1  metrics, config   counters; raw file -> validated `Settings` (every Raw*/…Settings)
+//! 0  tls_files         host TLS files: loopback, key permissions, PEM, expiry
+//! ```
 
 pub mod config;
 pub mod inference;
@@ -10,4 +29,6 @@ pub mod queue;
 pub mod runtime;
 pub mod source;
 pub mod tls;
+pub mod tls_files;
 pub mod uplink;
+pub mod writer;

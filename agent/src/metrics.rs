@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -36,7 +36,7 @@ pub struct Metrics {
     pub messages_sent: AtomicU64,
     pub publish_latency_us_sum: AtomicU64,
     pub fsyncs: AtomicU64,
-    /// The client certificate's notAfter (Unix seconds); 0 without one (see `crate::tls`).
+    /// The client certificate's notAfter (Unix seconds); 0 without one (see `tls`).
     pub tls_cert_not_after: AtomicU64,
     /// Windows evaluated by a model (each produced one result).
     pub inference_windows: AtomicU64,
@@ -335,9 +335,31 @@ impl Metrics {
                 value.load(Relaxed)
             ));
         }
-        out.push_str(&crate::tls::render_metrics(self, device_id));
+        out.push_str(&render_tls(self, device_id));
         out
     }
+}
+
+/// Prometheus lines for the TLS client certificate (none without one; `tls` stores its
+/// notAfter in `tls_cert_not_after`).
+fn render_tls(metrics: &Metrics, device_id: &str) -> String {
+    let not_after = metrics.tls_cert_not_after.load(Relaxed);
+    if not_after == 0 {
+        return String::new();
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let left = not_after as i64 - now;
+    format!(
+        "# HELP ember_agent_tls_client_cert_expiry_seconds Seconds until the client certificate expires (negative: expired).\n\
+         # TYPE ember_agent_tls_client_cert_expiry_seconds gauge\n\
+         ember_agent_tls_client_cert_expiry_seconds{{device=\"{device_id}\"}} {left}\n\
+         # HELP ember_agent_tls_client_cert_expiry_timestamp_seconds The client certificate's notAfter (Unix time).\n\
+         # TYPE ember_agent_tls_client_cert_expiry_timestamp_seconds gauge\n\
+         ember_agent_tls_client_cert_expiry_timestamp_seconds{{device=\"{device_id}\"}} {not_after}\n"
+    )
 }
 
 /// Serves `GET /metrics` on `addr` until `shutdown` fires.

@@ -58,12 +58,14 @@
 //!
 //! # Fault injection (tests only)
 //!
-//! [`FAULT_ENV`] (`EMBER_AGENT_FAULT_CRASH_AFTER_SWITCH=<model>@<version>`) makes the agent
-//! abort about 1.5 s after that version starts serving, both right after a switch and at a
-//! start that serves it. It exists for the crash-loop tests; it cannot be set from the config
-//! file or over MQTT.
+//! Built with the `fault-injection` cargo feature only (the test build; never a release),
+//! `EMBER_AGENT_FAULT_CRASH_AFTER_SWITCH=<model>@<version>` (`config::FAULT_CRASH_AFTER_SWITCH_ENV`)
+//! makes the agent abort about 1.5 s after that version starts serving, both right after a
+//! switch and at a start that serves it ([`FaultHook`], `fault.rs`). It exists for the
+//! crash-loop tests; it cannot be set from the config file or over MQTT.
 
 pub mod download;
+mod fault;
 pub mod slots;
 
 use std::collections::BTreeMap;
@@ -81,12 +83,9 @@ use crate::inference::{self, InferenceHandle};
 use crate::metrics::Metrics;
 use crate::source::now_us;
 use download::{DownloadError, Downloader, Request, TlsFiles};
+pub use fault::FaultHook;
 use slots::{ModelDir, ModelState, Refusal, Slot, SlotInfo, StartCheck};
 
-/// Test-only fault hook: `<model>@<version>` aborts the agent shortly after that version
-/// serves. Read from the process environment only.
-pub const FAULT_ENV: &str = "EMBER_AGENT_FAULT_CRASH_AFTER_SWITCH";
-const FAULT_DELAY: Duration = Duration::from_millis(1500);
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 /// How often a long wait (shadow evaluation) looks for a newer desired state.
@@ -355,25 +354,6 @@ fn report_of(name: &str, r: &Refusal) -> OtaReport {
     }
 }
 
-/// The fault hook's target, if set (see the module docs).
-pub fn fault_hook() -> Option<String> {
-    std::env::var(FAULT_ENV).ok().filter(|v| !v.is_empty())
-}
-
-/// Aborts the process shortly if `model@version` is the fault hook's target.
-pub fn arm_fault(hook: Option<&str>, model: &str, version: &str) {
-    if hook != Some(format!("{model}@{version}").as_str()) {
-        return;
-    }
-    tracing::warn!(%model, %version, "Fault hook {FAULT_ENV}: aborting shortly (test only).");
-    let _ = std::thread::Builder::new()
-        .name("fault-hook".into())
-        .spawn(|| {
-            std::thread::sleep(FAULT_DELAY);
-            std::process::abort();
-        });
-}
-
 /// Starts the OTA thread. It stops when [`OtaShared::close`] is called.
 pub fn spawn(
     settings: Arc<Settings>,
@@ -413,7 +393,7 @@ pub fn spawn(
         token,
         trusted,
         device,
-        fault: fault_hook(),
+        fault: FaultHook::from_env(),
     };
     std::thread::Builder::new()
         .name("ota".into())
@@ -431,7 +411,7 @@ struct Ota {
     token: Option<String>,
     trusted: Result<TrustedKeys, String>,
     device: Result<Device, String>,
-    fault: Option<String>,
+    fault: FaultHook,
 }
 
 /// Whether a step finished or a newer desired state (or shutdown) cut it short.
@@ -834,7 +814,8 @@ impl Ota {
         }
         let (scheme, host) = crate::config::url_origin(url)
             .ok_or_else(|| format!("{url:?} is not an http(s) URL"))?;
-        if scheme == "http" && !self.settings.ota.insecure && !crate::tls::is_loopback(&host) {
+        if scheme == "http" && !self.settings.ota.insecure && !crate::tls_files::is_loopback(&host)
+        {
             return Err(format!(
                 "refusing the plain-HTTP download URL {url:?} (set ota.insecure = true for development)"
             ));
@@ -979,7 +960,7 @@ impl Ota {
             shadow.map(|s| s.0),
             shadow.map(|s| s.1),
         );
-        arm_fault(self.fault.as_deref(), &name, &t.version);
+        self.fault.arm(&name, &t.version);
         Ok(())
     }
 }
