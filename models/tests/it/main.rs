@@ -1,4 +1,4 @@
-//! ember-models integration tests: one binary (see CONVENTIONS.md), modules by concern.
+//! ember-models integration tests: one binary (CONTRIBUTING.md, "Tests"), modules by concern.
 //!
 //! They use the committed artefacts: `models/data/*.ts`, `models/bundles/*.bundle` and the
 //! development key in `models/keys/dev/`.
