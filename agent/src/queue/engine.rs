@@ -3,7 +3,8 @@
 //!
 //! The queue only needs atomic batches of puts and deletes, ordered range scans, and two
 //! durability levels (`flush`: survive a process crash; `sync`: survive power loss). Anything
-//! that offers those (redb, a hand-written log) could replace sled without touching the queue.
+//! that offers those (redb, a hand-written log) could replace sled without touching the queue:
+//! `Queue<E: Engine>` is generic over it, and `Queue::open_engine::<E>` opens one.
 
 use std::fs::File;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -15,8 +16,23 @@ use super::QueueError;
 /// A key-value pair as stored.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
+/// What [`Engine::for_each`] calls with each key and value; an error stops the walk.
+pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), QueueError> + 'a;
+
 /// What the queue needs from a storage engine.
-pub trait Engine: Send + Sync {
+pub trait Engine: Send + Sync + Sized {
+    /// Opens (or creates) a database in the directory `path`, with about `cache_bytes` of
+    /// cache and, when `background_flush_ms` is set, a background flush at that interval.
+    /// A database that is damaged MUST be reported as [`QueueError::Open`] (the queue moves it
+    /// aside and starts empty); an I/O error MUST NOT be (a full disk is not corruption), nor a
+    /// database locked by another process ([`QueueError::Locked`]).
+    fn open(
+        path: &Path,
+        cache_bytes: u64,
+        background_flush_ms: Option<u64>,
+    ) -> Result<Self, QueueError>;
+    /// Visits every entry in ascending key order (recovery at open, compaction).
+    fn for_each(&self, visit: &mut Visit<'_>) -> Result<(), QueueError>;
     /// Applies all puts and deletes atomically: after a crash either all or none are visible.
     fn apply(&self, puts: Vec<Entry>, deletes: Vec<Vec<u8>>) -> Result<(), QueueError>;
     /// The value stored under `key`, if any.
@@ -42,7 +58,7 @@ pub trait Engine: Send + Sync {
 ///   durability barrier (sled issue #1452; only sled's background thread calls `fsync`, every
 ///   500 ms). [`SledEngine::sync`] therefore also calls `fsync` on sled's data file itself.
 /// * sled never shrinks its file after deletes; the queue reclaims space by compacting into a
-///   fresh database (see `Queue::maybe_compact`).
+///   fresh database (see `Queue::maintain` and `Queue::compact`).
 pub struct SledEngine {
     db: sled::Db,
     data_file: File,
@@ -50,9 +66,40 @@ pub struct SledEngine {
 }
 
 impl SledEngine {
-    /// Opens (or creates) a database directory. sled panics on some kinds of corruption instead
+    /// The database directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// `catch_unwind` without the default hook's "thread ... panicked" line for a panic on this
+/// thread: sled panics on some damaged files, the queue handles that (it moves the database
+/// aside and says so), and a panic message in the log would read as a crash. Panics on other
+/// threads meanwhile are reported as usual.
+fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    type Hook = dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync;
+    let previous: std::sync::Arc<Hook> = std::sync::Arc::from(std::panic::take_hook());
+    let here = std::thread::current().id();
+    let others = previous.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().id() != here {
+            others(info);
+        }
+    }));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    drop(std::panic::take_hook());
+    std::panic::set_hook(Box::new(move |info| previous(info)));
+    result
+}
+
+fn sled_err(e: sled::Error) -> QueueError {
+    QueueError::Engine(e.to_string())
+}
+
+impl Engine for SledEngine {
+    /// sled panics on some kinds of corruption instead
     /// of returning an error; such a panic is caught and reported as [`QueueError::Open`].
-    pub fn open(
+    fn open(
         path: &Path,
         cache_bytes: u64,
         background_flush_ms: Option<u64>,
@@ -112,48 +159,14 @@ impl SledEngine {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Reads every entry, for recovery at open and for compaction.
-    pub fn for_each(
-        &self,
-        mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), QueueError>,
-    ) -> Result<(), QueueError> {
+    fn for_each(&self, visit: &mut Visit<'_>) -> Result<(), QueueError> {
         for item in self.db.iter() {
             let (k, v) = item.map_err(sled_err)?;
             visit(&k, &v)?;
         }
         Ok(())
     }
-}
 
-/// `catch_unwind` without the default hook's "thread ... panicked" line for a panic on this
-/// thread: sled panics on some damaged files, the queue handles that (it moves the database
-/// aside and says so), and a panic message in the log would read as a crash. Panics on other
-/// threads meanwhile are reported as usual.
-fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
-    type Hook = dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync;
-    let previous: std::sync::Arc<Hook> = std::sync::Arc::from(std::panic::take_hook());
-    let here = std::thread::current().id();
-    let others = previous.clone();
-    std::panic::set_hook(Box::new(move |info| {
-        if std::thread::current().id() != here {
-            others(info);
-        }
-    }));
-    let result = catch_unwind(AssertUnwindSafe(f));
-    drop(std::panic::take_hook());
-    std::panic::set_hook(Box::new(move |info| previous(info)));
-    result
-}
-
-fn sled_err(e: sled::Error) -> QueueError {
-    QueueError::Engine(e.to_string())
-}
-
-impl Engine for SledEngine {
     fn apply(&self, puts: Vec<Entry>, deletes: Vec<Vec<u8>>) -> Result<(), QueueError> {
         let mut batch = sled::Batch::default();
         for k in deletes {

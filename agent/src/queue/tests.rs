@@ -1,5 +1,8 @@
+use super::format::{KEY_LEN, record_key};
 use super::*;
 use crate::config::{FsyncPolicy, FullPolicy, QueueSettings};
+use crate::source::Sample;
+use ember_proto::{InferenceRecord, ProtoError};
 use proptest::prelude::*;
 use std::collections::VecDeque;
 

@@ -14,6 +14,7 @@ mod disk;
 mod disk_full;
 mod eviction;
 mod inference;
+mod layers;
 mod ota;
 mod socket;
 mod tls;
