@@ -1,47 +1,43 @@
-//! `ember-fleet`: the cloud side of Ember.
+//! `ember-fleet`: the cloud side of Ember, in four rooms and a few cross-cutting modules.
 //!
-//! * [`ingest`]: MQTT subscriber (rumqttc) → classification → bounded channel → batched,
-//!   idempotent database writes; PUBACK only after commit.
-//! * [`db`]: one sqlx `Any` pool over SQLite (default, a file in the data dir) or PostgreSQL,
-//!   and the migrations for each.
-//! * [`ledger`]: per device and stream: captured, received, missing, evicted, pending, lost.
-//! * [`retention`]: deletes old telemetry (as a prefix of sequence numbers, archiving the
-//!   gaps), aggregates and rejects.
-//! * [`api`]: the REST API under `/api/v1`, its OpenAPI document, `/metrics`, the live
-//!   event stream (`/api/v1/events`) and the dashboard (`/dashboard/`).
-//! * [`events`]: what ingestion committed, fanned out to the live event streams.
-//! * [`rollout`]: the staged-rollout state machine (pure); [`rollout_store`] persists it with
-//!   its event history and the per-device desired-model outbox; [`rollouts`] drives them in
-//!   the running fleet (API steps, OTA reports from statuses, the soak-time driver and the
-//!   retained desired-state publisher).
-//! * [`registry`]: verified model bundles (rows in `models`, bytes in the blob store).
-//! * [`model_cli`]: `ember-fleet model ...`, the registry over HTTP.
-//! * [`auth`]: hashed API tokens with `read` and `admin` scopes.
-//! * [`demo`]: `ember-fleet demo`: embedded broker (rumqttd), the service and real agents.
-//! * [`tls`], [`pki`]: HTTPS, mutual TLS to the broker, and the `ember-fleet pki` CA.
-//! * [`config`]: TOML + `EMBER_FLEET_*` overrides → validated [`config::Settings`].
+//! Rooms:
+//! * [`server`]: the running service's own parts: [`server::ingest`] (MQTT subscriber →
+//!   classification → bounded channel → batched, idempotent database writes; PUBACK only
+//!   after commit), [`server::events`] (what was committed, fanned out to the live streams),
+//!   [`server::ledger`] (per stream: captured, received, missing, evicted, pending, lost) and
+//!   [`server::retention`].
+//! * [`ota`]: the OTA domain: [`ota::registry`] (verified model bundles: rows in `models`,
+//!   bytes in the blob store) and [`ota::rollout`] (the pure staged-rollout state machine,
+//!   its store, the service that drives it and the retained desired-state publisher).
+//! * [`api`]: the HTTP face: the REST API under `/api/v1` with its request and response
+//!   types, its OpenAPI document, `/metrics`, the live event stream (`/api/v1/events`) and
+//!   the dashboard (`/dashboard/`).
+//! * [`cli`]: the operator's commands behind the binary: `run`, `check-config`, `token`,
+//!   `pki`, `model`, `rollout` (and `demo`).
 //!
-//! [`run`] wires them together; `main.rs` only parses arguments, sets up logging and signals,
-//! and calls it.
+//! Cross-cutting: [`config`] (TOML + `EMBER_FLEET_*` overrides → validated
+//! [`config::Settings`]), [`db`] (one sqlx `Any` pool over SQLite or PostgreSQL, and the
+//! migrations), [`error`], [`auth`] (hashed API tokens with `read`, `admin` and `device:<id>`
+//! scopes), [`tls`] (HTTPS, mutual TLS to the broker), [`metrics`], [`ranges`].
+//!
+//! `demo` (only with the cargo feature `demo`): `ember-fleet demo`, an embedded broker
+//! (rumqttd), the service and real agents running the development-signed bundles. Release
+//! builds of the service leave it out.
+//!
+//! [`run`] wires the rooms together; `main.rs` only parses arguments and calls [`cli::run`].
 
 pub mod api;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod db;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
-pub mod events;
-pub mod ingest;
-pub mod ledger;
 pub mod metrics;
-pub mod model_cli;
-pub mod pki;
+pub mod ota;
 pub mod ranges;
-pub mod registry;
-pub mod retention;
-pub mod rollout;
-pub mod rollout_store;
-pub mod rollouts;
+pub mod server;
 pub mod tls;
 
 use std::sync::Arc;
@@ -53,8 +49,12 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::db::Db;
 pub use crate::error::FleetError;
-use crate::ingest::IngestState;
 use crate::metrics::Metrics;
+use crate::ota::registry::Registry;
+use crate::ota::rollout::service::Service as Rollouts;
+use crate::server::events::Events;
+use crate::server::ingest::{self, IngestState};
+use crate::server::retention;
 
 /// Runs the service on `listener` until `shutdown` fires and the drain completes (or
 /// `shutdown.grace_ms` passes, or `force` fires).
@@ -77,16 +77,12 @@ pub async fn run(
         auth::store(&db, token, &auth::Scope::Admin, "bootstrap").await?;
         tracing::info!("Stored the bootstrap admin token.");
     }
-    let registry = registry::Registry::new(db.clone(), &settings.data_dir, &settings.models)
+    let registry = Registry::new(db.clone(), &settings.data_dir, &settings.models)
         .map_err(|e| FleetError::ModelStore(e.to_string()))?;
     let metrics = Arc::new(Metrics::new());
     let ingest_state = Arc::new(IngestState::default());
-    let events = Arc::new(events::Events::new());
-    let rollouts = Arc::new(rollouts::Service::new(
-        db.clone(),
-        events.clone(),
-        metrics.clone(),
-    ));
+    let events = Arc::new(Events::new());
+    let rollouts = Arc::new(Rollouts::new(db.clone(), events.clone(), metrics.clone()));
 
     let mut ingest = tokio::spawn(ingest::run(
         settings.clone(),

@@ -14,8 +14,8 @@ use super::{
     parse_int_cursor,
 };
 use crate::db::Sql;
-use crate::ingest::writer::{BUCKET_US, decode_values};
-use crate::ledger::{StreamLedger, device_ledger};
+use crate::server::ingest::writer::{BUCKET_US, decode_values};
+use crate::server::ledger::{StreamLedger, device_ledger};
 
 /// What the fleet knows about one stream of a device.
 #[derive(Debug, Serialize, ToSchema)]

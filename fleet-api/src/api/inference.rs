@@ -14,7 +14,7 @@ use super::{
     AppError, AppState, StreamPath, check_name, cursor, int_cursor, page_limit, parse_int_cursor,
 };
 use crate::db::{Sql, get_bool};
-use crate::ingest::writer::{BUCKET_US, decode_values};
+use crate::server::ingest::writer::{BUCKET_US, decode_values};
 
 /// One model result.
 #[derive(Debug, Serialize, ToSchema)]

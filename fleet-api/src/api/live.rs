@@ -22,7 +22,7 @@ use utoipa::ToSchema;
 use super::error::ErrorBody;
 use super::{AppError, AppState};
 use crate::db::{Sql, get_bool};
-use crate::ledger::device_ledger;
+use crate::server::ledger::device_ledger;
 
 /// How often the event stream sends the ingest counters.
 pub const TICK: Duration = Duration::from_secs(2);
@@ -167,7 +167,7 @@ struct IngestTick {
 }
 
 struct Live {
-    rx: tokio::sync::broadcast::Receiver<crate::events::LiveEvent>,
+    rx: tokio::sync::broadcast::Receiver<crate::server::events::LiveEvent>,
     tick: tokio::time::Interval,
     last: Option<(Instant, f64)>,
     state: AppState,

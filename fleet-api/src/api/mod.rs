@@ -36,9 +36,9 @@ use utoipa::{IntoParams, OpenApi};
 use crate::auth::Scope;
 use crate::config::Settings;
 use crate::db::Db;
-use crate::events::Events;
-use crate::ingest::IngestState;
 use crate::metrics::Metrics;
+use crate::server::events::Events;
+use crate::server::ingest::IngestState;
 pub use error::{AppError, ErrorBody};
 
 /// What every handler can reach.
@@ -49,9 +49,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub ingest: Arc<IngestState>,
     pub events: Arc<Events>,
-    pub rollouts: Arc<crate::rollouts::Service>,
+    pub rollouts: Arc<crate::ota::rollout::service::Service>,
     /// The model registry (bundles and their blobs).
-    pub registry: Arc<crate::registry::Registry>,
+    pub registry: Arc<crate::ota::registry::Registry>,
     /// Fires when the service shuts down: ends the live event streams.
     pub shutdown: tokio_util::sync::CancellationToken,
 }

@@ -24,7 +24,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiJson, ApiPath, ApiQuery, ErrorBody, ErrorDetail};
 use super::{AdminAccess, AppError, AppState, page_limit};
 use crate::auth::Scope;
-use crate::registry::{self, ModelEntry, RegistryError};
+use crate::ota::registry::{self, ModelEntry, RegistryError};
 
 /// The registry's routes, with their guards.
 pub fn routes(state: AppState) -> Router<AppState> {

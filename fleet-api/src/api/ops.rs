@@ -13,7 +13,7 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 use super::error::{ApiQuery, ErrorBody};
 use super::{ApiDoc, AppError, AppState, check_name, cursor, page_limit};
 use crate::db::Sql;
-use crate::ingest::classify::{INVALID_DEVICE, RejectReason};
+use crate::server::ingest::classify::{INVALID_DEVICE, RejectReason};
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {

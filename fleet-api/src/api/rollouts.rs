@@ -1,11 +1,13 @@
 //! Rollouts: create (admin), list, show with per-wave progress and per-device states, history,
-//! the operator commands (admin), and a device's desired state.
+//! the operator commands (admin), and a device's desired state; the request and response
+//! types (`CreateRollout` and its checks, the views) that the rollout service does not see.
 
 use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use ember_proto::ota::ShadowPolicy;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use utoipa::{IntoParams, ToSchema};
@@ -13,9 +15,11 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiJson, ApiPath, ApiQuery, ErrorBody};
 use super::{AdminAccess, AppError, AppState, DevicePath, check_name, page_limit};
 use crate::db::Sql;
-use crate::rollout::{Command, DeviceState, PauseReason, RolloutState, WaveSize};
-use crate::rollout_store::{self, Stored};
-use crate::rollouts::{CreateRollout, RolloutError, Shadow, check_id};
+use crate::ota::rollout::machine::{
+    Command, DeviceState, PauseReason, RolloutSpec, RolloutState, WaveSize, WaveSpec,
+};
+use crate::ota::rollout::service::{NewRollout, RolloutError, Selection, check_id, check_version};
+use crate::ota::rollout::store::{self as rollout_store, Stored};
 
 impl From<RolloutError> for AppError {
     fn from(e: RolloutError) -> AppError {
@@ -27,6 +31,240 @@ impl From<RolloutError> for AppError {
         }
     }
 }
+
+/// The default waves: one canary device, then 10%, 50% and everything.
+pub const DEFAULT_WAVES: &[&str] = &["canary", "10%", "50%", "100%"];
+/// Longest soak a wave may ask for (30 days).
+pub const MAX_SOAK_S: u64 = 30 * 24 * 3600;
+/// Most waves one rollout may have.
+pub const MAX_WAVES: usize = 32;
+
+// Requests.
+
+/// Which devices a rollout targets: exactly one of the three.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Targets {
+    /// Every registered device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all: Option<bool>,
+    /// Devices carrying every one of these tags (`key=value`, or `key` for any value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
+    /// These devices (each must be registered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<String>>,
+}
+
+/// Shadow-evaluation thresholds sent to every device of the rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Shadow {
+    /// Live windows to run both models on (1 to 1,000,000).
+    #[schema(minimum = 1, maximum = 1000000)]
+    #[serde(deserialize_with = "windows")]
+    pub windows: u32,
+    /// Least fraction of windows on which both models must agree, in [0, 1].
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub min_agreement: f64,
+    /// Largest accepted ratio of the new model's mean latency to the running one's (> 0).
+    #[schema(exclusive_minimum = 0.0)]
+    pub max_latency_ratio: f64,
+}
+
+/// A JSON integer, also written as an integral float (`20.0`), as JSON Schema allows.
+fn integer(n: &serde_json::Number) -> Option<u64> {
+    n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f as u64)
+    })
+}
+
+fn optional_integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => integer(&n)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("{n} is not a non-negative integer"))),
+    }
+}
+
+fn windows<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    integer(&n)
+        .filter(|w| (1..=1_000_000).contains(w))
+        .map(|w| w as u32)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("shadow.windows {n} is not an integer in 1-1000000"))
+        })
+}
+
+/// Wave sizes: `canary`, `N%` or a device count `N`, at most [`MAX_WAVES`].
+fn waves_schema() -> utoipa::openapi::Array {
+    use utoipa::openapi::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^(canary|[0-9]{1,3}([.][0-9]+)?%|[0-9]{1,9})$")),
+        )
+        .max_items(Some(MAX_WAVES))
+        .build()
+}
+
+impl From<ShadowPolicy> for Shadow {
+    fn from(p: ShadowPolicy) -> Shadow {
+        Shadow {
+            windows: p.windows,
+            min_agreement: p.min_agreement,
+            max_latency_ratio: p.max_latency_ratio,
+        }
+    }
+}
+
+/// A request to start a rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRollout {
+    /// Registered model name.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+    pub model: String,
+    /// Registered, not deprecated version.
+    #[schema(pattern = "^[^/\\x00-\\x1f\\x7f-\\x9f]{1,64}$")]
+    pub version: String,
+    pub targets: Targets,
+    /// Cumulative wave sizes: `canary` (one device), `N%` or a device count `N`; the last one
+    /// must be `100%`. Default `canary, 10%, 50%, 100%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = waves_schema)]
+    pub waves: Option<Vec<String>>,
+    /// Seconds each wave must run before the next starts (default 0, at most 30 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 2592000)]
+    #[serde(deserialize_with = "optional_integer")]
+    pub min_soak_s: Option<u64>,
+    /// Fraction (0, 1] of a wave that must be active to go on (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub success_threshold: Option<f64>,
+    /// Fraction [0, 1) of a wave that may fail before the rollout pauses (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0.0, exclusive_maximum = 1.0)]
+    pub failure_threshold: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Shadow>,
+}
+
+impl CreateRollout {
+    /// The request in the rollout service's terms; the plan's problems, if any, travel with
+    /// it and are reported after the version checks.
+    pub fn to_new_rollout(&self) -> NewRollout<'_> {
+        NewRollout {
+            model: &self.model,
+            version: &self.version,
+            spec: self.to_spec(),
+            targets: Selection {
+                all: self.targets.all,
+                tags: self.targets.tags.as_deref(),
+                devices: self.targets.devices.as_deref(),
+            },
+        }
+    }
+
+    /// Checks the request and builds the plan, naming the first problem.
+    pub fn to_spec(&self) -> Result<RolloutSpec, RolloutError> {
+        let invalid = |m: String| RolloutError::Invalid(m);
+        ember_proto::check_name(&self.model)
+            .map_err(|why| invalid(format!("model {:?} is not valid: {why}", self.model)))?;
+        check_version(&self.version)?;
+        let min_soak_s = self.min_soak_s.unwrap_or(0);
+        if min_soak_s > MAX_SOAK_S {
+            return Err(invalid(format!(
+                "min_soak_s {min_soak_s} is more than {MAX_SOAK_S} (30 days)"
+            )));
+        }
+        let success_threshold = self.success_threshold.unwrap_or(1.0);
+        let failure_threshold = self.failure_threshold.unwrap_or(0.0);
+        let names: Vec<String> = match &self.waves {
+            Some(w) => w.clone(),
+            None => DEFAULT_WAVES.iter().map(|s| s.to_string()).collect(),
+        };
+        if names.len() > MAX_WAVES {
+            return Err(invalid(format!(
+                "{} waves: at most {MAX_WAVES}",
+                names.len()
+            )));
+        }
+        let waves = names
+            .iter()
+            .map(|name| {
+                Ok(WaveSpec {
+                    name: name.clone(),
+                    size: parse_wave(name)?,
+                    min_soak_s,
+                    success_threshold,
+                    failure_threshold,
+                })
+            })
+            .collect::<Result<Vec<_>, RolloutError>>()?;
+        if let Some(s) = &self.shadow {
+            if s.windows == 0 {
+                return Err(invalid("shadow.windows must be at least 1".into()));
+            }
+            if !(0.0..=1.0).contains(&s.min_agreement) {
+                return Err(invalid("shadow.min_agreement must be in [0, 1]".into()));
+            }
+            if !(s.max_latency_ratio.is_finite() && s.max_latency_ratio > 0.0) {
+                return Err(invalid(
+                    "shadow.max_latency_ratio must be a positive number".into(),
+                ));
+            }
+        }
+        let spec = RolloutSpec {
+            model: self.model.clone(),
+            version: self.version.clone(),
+            waves,
+            shadow: self.shadow.map(|s| ShadowPolicy {
+                windows: s.windows,
+                min_agreement: s.min_agreement,
+                max_latency_ratio: s.max_latency_ratio,
+            }),
+        };
+        spec.validate().map_err(|e| invalid(e.to_string()))?;
+        Ok(spec)
+    }
+}
+
+/// `canary` (1 device), `N%` (percent of the targets) or `N` (devices), cumulative.
+pub fn parse_wave(s: &str) -> Result<WaveSize, RolloutError> {
+    let bad = || {
+        RolloutError::Invalid(format!(
+            "wave {s:?} is not `canary`, a percentage like `10%` or a device count like `5`"
+        ))
+    };
+    if s == "canary" {
+        return Ok(WaveSize::Count(1));
+    }
+    if let Some(p) = s.strip_suffix('%') {
+        let p: f64 = p.trim().parse().map_err(|_| bad())?;
+        if !(p > 0.0 && p <= 100.0) {
+            return Err(RolloutError::Invalid(format!(
+                "wave {s:?}: a percentage must be more than 0 and at most 100"
+            )));
+        }
+        return Ok(WaveSize::Percent(p));
+    }
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err(RolloutError::Invalid(format!(
+            "wave {s:?}: a count must be at least 1"
+        ))),
+        Ok(n) => Ok(WaveSize::Count(n)),
+        Err(_) => Err(bad()),
+    }
+}
+
+// Responses.
 
 /// One wave's plan and progress.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -264,7 +502,7 @@ pub async fn create(
     _admin: AdminAccess,
     ApiJson(req): ApiJson<CreateRollout>,
 ) -> Result<(StatusCode, Json<RolloutView>), AppError> {
-    let stored = state.rollouts.create(&req).await?;
+    let stored = state.rollouts.create(req.to_new_rollout()).await?;
     Ok((StatusCode::CREATED, Json(full_view(&state, &stored).await?)))
 }
 
@@ -486,4 +724,58 @@ pub async fn desired(
         device: d.device,
         models: serde_json::to_value(&d.models).map_err(|e| AppError::Internal(Box::new(e)))?,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waves_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_wave("canary").unwrap(), WaveSize::Count(1));
+        assert_eq!(parse_wave("10%").unwrap(), WaveSize::Percent(10.0));
+        assert_eq!(parse_wave("5").unwrap(), WaveSize::Count(5));
+        for bad in ["0", "0%", "101%", "x", "NaN%", "-1", ""] {
+            assert!(parse_wave(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn requests_are_checked() {
+        let mut req = CreateRollout {
+            model: "activity".into(),
+            version: "2.0.0".into(),
+            targets: Targets {
+                all: Some(true),
+                ..Targets::default()
+            },
+            waves: None,
+            min_soak_s: None,
+            success_threshold: None,
+            failure_threshold: None,
+            shadow: None,
+        };
+        let spec = req.to_spec().unwrap();
+        assert_eq!(spec.waves.len(), 4);
+        req.min_soak_s = Some(u64::MAX);
+        assert!(
+            req.to_spec()
+                .unwrap_err()
+                .to_string()
+                .contains("min_soak_s")
+        );
+        req.min_soak_s = None;
+        req.waves = Some(vec!["canary".into(), "50%".into()]);
+        assert!(req.to_spec().unwrap_err().to_string().contains("100"));
+        req.waves = None;
+        req.shadow = Some(Shadow {
+            windows: 0,
+            min_agreement: 0.9,
+            max_latency_ratio: 2.0,
+        });
+        assert!(req.to_spec().unwrap_err().to_string().contains("windows"));
+        req.shadow = None;
+        req.failure_threshold = Some(1.0);
+        assert!(req.to_spec().is_err());
+    }
 }

@@ -9,6 +9,8 @@ mod support;
 mod api;
 mod browser;
 mod cli;
+// `ember-fleet demo` exists only with the `demo` feature (scripts/test.sh enables it).
+#[cfg(feature = "demo")]
 mod demo;
 mod inference;
 mod ingest;

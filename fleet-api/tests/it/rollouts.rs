@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 
 use ember_fleet::config::{Backend, DatabaseSettings};
 use ember_fleet::db::Db;
-use ember_fleet::rollout::{Command, DeviceState, Rollout, RolloutSpec, RolloutState};
-use ember_fleet::rollout_store::{self, StoreError};
+use ember_fleet::ota::rollout::machine::{
+    Command, DeviceState, Rollout, RolloutSpec, RolloutState,
+};
+use ember_fleet::ota::rollout::store::{self as rollout_store, StoreError};
 
 use crate::on_both_backends;
 use crate::support::{Kind, Store};

@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RetentionSettings;
 use crate::db::{Db, Sql, now_us, timed};
-use crate::ledger::{RecordsTable, live_gaps, records_table};
 use crate::metrics::Metrics;
+use crate::server::ledger::{RecordsTable, live_gaps, records_table};
 
 const DAY_US: i64 = 86_400_000_000;
 

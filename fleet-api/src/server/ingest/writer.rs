@@ -44,8 +44,8 @@ use tokio_util::sync::CancellationToken;
 use super::classify::{Item, Reject, RejectReason};
 use crate::config::{Backend, IngestSettings};
 use crate::db::{Db, Sql, timed};
-use crate::events::{Events, LiveEvent, MAX_RESULTS_PER_STREAM};
 use crate::metrics::Metrics;
+use crate::server::events::{Events, LiveEvent, MAX_RESULTS_PER_STREAM};
 
 /// Width of an aggregate bucket: one minute, in microseconds.
 pub const BUCKET_US: i64 = 60_000_000;
@@ -124,7 +124,7 @@ pub struct Writer {
     pub acker: Acker,
     pub events: Arc<Events>,
     /// Where the OTA reports of stored statuses go (after commit, before the PUBACK).
-    pub rollouts: Arc<crate::rollouts::Service>,
+    pub rollouts: Arc<crate::ota::rollout::service::Service>,
 }
 
 /// Receives until the channel closes (shutdown), writing batch after batch. Returns when every
@@ -415,46 +415,100 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Writes one batch in one transaction.
+/// A transaction of the pool.
+type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+/// A stream: (device, stream).
+type Key<'a> = (&'a str, &'a str);
+
+/// A batch grouped by kind of row. Every map is a BTreeMap, so each statement lists its keys
+/// in sorted order and concurrent replicas lock rows in the same order.
+#[derive(Default)]
+struct Grouped<'a> {
+    /// Device -> the latest receive time of a message from it (not counting Last Wills).
+    contacts: BTreeMap<&'a str, i64>,
+    /// Devices whose Last Will is in the batch.
+    wills: BTreeSet<&'a str>,
+    telemetry: BTreeMap<Key<'a>, StreamRecords>,
+    inference: BTreeMap<Key<'a>, InferenceRecords<'a>>,
+    statuses: Vec<(&'a Status, i64)>,
+    heartbeats: Vec<(&'a Heartbeat, i64)>,
+    rejects: BTreeMap<(&'a str, &'static str), RejectAgg>,
+}
+
+/// Writes one batch in one transaction: the batch is grouped first, so that the transaction
+/// is short and touches rows in a fixed order (replicas writing the same stream concurrently
+/// then cannot deadlock each other); then one step per kind of row, always in this order:
+/// devices, streams (locked, with their retention watermarks), telemetry, inference results,
+/// stream counters, `inference_1m`, `aggregates_1m`, statuses, heartbeats, rejects.
 async fn write_batch(
     db: &Db,
     settings: &IngestSettings,
     batch: &[Inbound],
 ) -> Result<Outcome, sqlx::Error> {
-    // Group first, so that the transaction is short and touches rows in a fixed order
-    // (replicas writing the same stream concurrently then cannot deadlock each other).
-    let mut contacts: BTreeMap<&str, i64> = BTreeMap::new();
-    let mut wills: BTreeSet<&str> = BTreeSet::new();
-    let mut streams: BTreeMap<(&str, &str), StreamRecords> = BTreeMap::new();
-    let mut inference: BTreeMap<(&str, &str), InferenceRecords> = BTreeMap::new();
-    let mut statuses: Vec<(&Status, i64)> = Vec::new();
-    let mut heartbeats: Vec<(&Heartbeat, i64)> = Vec::new();
-    let mut rejects: BTreeMap<(&str, &'static str), RejectAgg> = BTreeMap::new();
     let mut outcome = Outcome::default();
+    let g = group(batch, &mut outcome);
+    let sqlite = matches!(db.backend(), Backend::Sqlite);
 
+    let mut tx = db.pool().begin().await?;
+    // One statement per kind of row for the whole batch, not one per device or stream: on
+    // PostgreSQL each statement is a round trip, and with 100-record messages a batch spans
+    // ~10 devices, so per-stream statements cost more than the rows (see docs/benchmarks.md).
+    // Every multi-row statement lists its keys in sorted order (the maps are BTreeMaps), so
+    // rows are still locked in a fixed order.
+    upsert_devices(&mut tx, &g.contacts, &g.wills).await?;
+    let watermarks = upsert_streams(&mut tx, &g.telemetry, &g.inference).await?;
+    let telemetry = insert_telemetry(&mut tx, &g.telemetry, &watermarks, sqlite).await?;
+    let results = insert_inference(&mut tx, &g.inference, &watermarks, sqlite).await?;
+
+    // Counters, aggregates and live events from the inserted rows only.
+    let mut counters: BTreeMap<Key, StreamUpdate> = BTreeMap::new();
+    let aggregates = telemetry_effects(
+        &telemetry,
+        settings.aggregate_channels,
+        &mut counters,
+        &mut outcome,
+    );
+    let inference_aggregates = inference_effects(&results, &mut counters, &mut outcome);
+    upsert_stream_counters(&mut tx, counters).await?;
+    upsert_inference_aggregates(&mut tx, inference_aggregates).await?;
+    upsert_aggregates(&mut tx, aggregates).await?;
+
+    write_statuses(&mut tx, &g.statuses, &mut outcome).await?;
+    write_heartbeats(&mut tx, &g.heartbeats).await?;
+    write_rejects(&mut tx, &g.rejects, &mut outcome).await?;
+
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// Groups a batch by kind of row; counts its records into `outcome`.
+fn group<'a>(batch: &'a [Inbound], outcome: &mut Outcome) -> Grouped<'a> {
+    let mut g = Grouped::default();
     for m in batch {
         match &m.item {
             Ok(item) => {
                 let is_will = matches!(item, Item::Status(s) if is_last_will(s));
                 if is_will {
-                    wills.insert(item.device());
+                    g.wills.insert(item.device());
                 } else {
-                    let seen = contacts.entry(item.device()).or_insert(m.received_at);
+                    let seen = g.contacts.entry(item.device()).or_insert(m.received_at);
                     *seen = (*seen).max(m.received_at);
                 }
                 match item {
                     Item::Telemetry(b) => {
-                        group_telemetry(b, m.received_at, &mut streams, &mut outcome)
+                        group_telemetry(b, m.received_at, &mut g.telemetry, outcome)
                     }
                     Item::Inference(b) => {
-                        group_inference(b, m.received_at, &mut inference, &mut outcome)
+                        group_inference(b, m.received_at, &mut g.inference, outcome)
                     }
-                    Item::Status(s) => statuses.push((s, m.received_at)),
-                    Item::Heartbeat(h) => heartbeats.push((h, m.received_at)),
+                    Item::Status(s) => g.statuses.push((s, m.received_at)),
+                    Item::Heartbeat(h) => g.heartbeats.push((h, m.received_at)),
                 }
             }
             Err(r) => {
-                let agg = rejects
+                let agg = g
+                    .rejects
                     .entry((r.device.as_str(), r.reason.as_str()))
                     .or_insert(RejectAgg {
                         count: 0,
@@ -470,15 +524,17 @@ async fn write_batch(
             }
         }
     }
+    g
+}
 
-    let mut tx = db.pool().begin().await?;
-
-    // One statement per kind of row for the whole batch, not one per device or stream: on
-    // PostgreSQL each statement is a round trip, and with 100-record messages a batch spans
-    // ~10 devices, so per-stream statements cost more than the rows (see docs/benchmarks.md).
-    // Every multi-row statement lists its keys in sorted order (the maps are BTreeMaps), so
-    // rows are still locked in a fixed order.
-    let contacts: Vec<(&str, i64)> = contacts.into_iter().collect();
+/// Registers every device the batch heard from (first and last seen), and the devices whose
+/// Last Will is all the batch has of them.
+async fn upsert_devices(
+    tx: &mut Tx,
+    contacts: &BTreeMap<&str, i64>,
+    wills: &BTreeSet<&str>,
+) -> Result<(), sqlx::Error> {
+    let contacts: Vec<(&str, i64)> = contacts.iter().map(|(d, seen)| (*d, *seen)).collect();
     for chunk in contacts.chunks(KEY_ROWS_PER_STATEMENT) {
         let mut q = Sql::new(
             "INSERT INTO devices (device_id, registered_at, first_seen, last_seen) VALUES ",
@@ -497,7 +553,7 @@ async fn write_batch(
              last_seen = CASE WHEN devices.last_seen IS NULL OR devices.last_seen < excluded.last_seen \
                               THEN excluded.last_seen ELSE devices.last_seen END",
         );
-        q.query().execute(&mut *tx).await?;
+        q.query().execute(&mut **tx).await?;
     }
     for device in wills
         .iter()
@@ -506,14 +562,36 @@ async fn write_batch(
         let mut q = Sql::new("INSERT INTO devices (device_id, registered_at) VALUES (");
         q.bind(*device).push(", ").bind(crate::db::now_us());
         q.push(") ON CONFLICT (device_id) DO NOTHING");
-        q.query().execute(&mut *tx).await?;
+        q.query().execute(&mut **tx).await?;
     }
+    Ok(())
+}
 
-    // Creates the stream rows (telemetry and inference streams in one statement, in key order)
-    // if needed and locks them (Postgres) for this transaction, so retention cannot prune a
-    // stream between this read and the inserts below.
+/// Each stream's retention watermark (`streams.pruned_through`), by key.
+struct Watermarks<'a> {
+    index: BTreeMap<Key<'a>, usize>,
+    pruned: Vec<Option<i64>>,
+}
+
+impl Watermarks<'_> {
+    fn pruned_through(&self, key: &Key) -> Result<i64, sqlx::Error> {
+        self.index
+            .get(key)
+            .and_then(|i| self.pruned[*i])
+            .ok_or(sqlx::Error::RowNotFound)
+    }
+}
+
+/// Creates the stream rows (telemetry and inference streams in one statement, in key order)
+/// if needed and locks them (Postgres) for this transaction, so retention cannot prune a
+/// stream between this read and the inserts below.
+async fn upsert_streams<'a>(
+    tx: &mut Tx,
+    telemetry: &BTreeMap<Key<'a>, StreamRecords>,
+    inference: &BTreeMap<Key<'a>, InferenceRecords<'_>>,
+) -> Result<Watermarks<'a>, sqlx::Error> {
     let mut kinds: BTreeMap<(&str, &str), &'static str> = BTreeMap::new();
-    for key in streams.keys() {
+    for key in telemetry.keys() {
         kinds.insert(*key, "telemetry");
     }
     for key in inference.keys() {
@@ -538,7 +616,7 @@ async fn write_batch(
             " ON CONFLICT (device_id, stream) DO UPDATE SET pruned_through = streams.pruned_through \
              RETURNING device_id, stream, pruned_through",
         );
-        for row in q.query().fetch_all(&mut *tx).await? {
+        for row in q.query().fetch_all(&mut **tx).await? {
             let device: String = row.try_get("device_id")?;
             let stream: String = row.try_get("stream")?;
             if let Some(i) = index.get(&(device.as_str(), stream.as_str())) {
@@ -546,83 +624,90 @@ async fn write_batch(
             }
         }
     }
-    let pruned_through = |key: &(&str, &str)| -> Result<i64, sqlx::Error> {
-        index
-            .get(key)
-            .and_then(|i| pruned[*i])
-            .ok_or(sqlx::Error::RowNotFound)
-    };
-    let sqlite = matches!(db.backend(), Backend::Sqlite);
+    Ok(Watermarks { index, pruned })
+}
 
-    // Per stream: the records above its retention watermark, and which of them were new.
-    struct Live<'a, R> {
-        device: &'a str,
-        stream: &'a str,
-        rows: Vec<(i64, R)>,
-        in_batch_duplicates: u64,
-        last_received: Option<i64>,
-        expired: u64,
-        inserted: BTreeSet<i64>,
-    }
-    fn live<'a, R: Copy>(
-        (device, stream): (&'a str, &'a str),
-        records: impl Iterator<Item = (u64, R)>,
-        pruned: i64,
-        in_batch_duplicates: u64,
-        last_received: Option<i64>,
-    ) -> Live<'a, R> {
-        let mut expired = 0u64;
-        let rows = records
-            .filter_map(|(seq, r)| {
-                let seq = to_i64(seq);
-                if seq <= pruned {
-                    expired += 1;
-                    None
-                } else {
-                    Some((seq, r))
-                }
-            })
-            .collect();
-        Live {
-            device,
-            stream,
-            rows,
-            in_batch_duplicates,
-            last_received,
-            expired,
-            inserted: BTreeSet::new(),
-        }
-    }
-    /// Every row of every stream, in key and then sequence order: `(stream, row)` indices.
-    fn all_rows<R>(lives: &[Live<'_, R>]) -> Vec<(usize, usize)> {
-        lives
-            .iter()
-            .enumerate()
-            .flat_map(|(l, live)| (0..live.rows.len()).map(move |r| (l, r)))
-            .collect()
-    }
-    /// Records which rows a `RETURNING device_id, stream, seq` statement inserted.
-    fn mark_inserted<R>(
-        lives: &mut [Live<'_, R>],
-        index: &BTreeMap<(&str, &str), usize>,
-        rows: Vec<sqlx::any::AnyRow>,
-    ) -> Result<(), sqlx::Error> {
-        for row in rows {
-            let device: String = row.try_get("device_id")?;
-            let stream: String = row.try_get("stream")?;
-            if let Some(i) = index.get(&(device.as_str(), stream.as_str())) {
-                lives[*i].inserted.insert(row.try_get::<i64, _>("seq")?);
+/// Per stream: the records above its retention watermark, and which of them were new.
+struct Live<'a, R> {
+    device: &'a str,
+    stream: &'a str,
+    rows: Vec<(i64, R)>,
+    in_batch_duplicates: u64,
+    last_received: Option<i64>,
+    expired: u64,
+    inserted: BTreeSet<i64>,
+}
+
+/// A stream's records split at its watermark `pruned`: those at or below it are expired.
+fn live<'a, R: Copy>(
+    (device, stream): (&'a str, &'a str),
+    records: impl Iterator<Item = (u64, R)>,
+    pruned: i64,
+    in_batch_duplicates: u64,
+    last_received: Option<i64>,
+) -> Live<'a, R> {
+    let mut expired = 0u64;
+    let rows = records
+        .filter_map(|(seq, r)| {
+            let seq = to_i64(seq);
+            if seq <= pruned {
+                expired += 1;
+                None
+            } else {
+                Some((seq, r))
             }
-        }
-        Ok(())
+        })
+        .collect();
+    Live {
+        device,
+        stream,
+        rows,
+        in_batch_duplicates,
+        last_received,
+        expired,
+        inserted: BTreeSet::new(),
     }
+}
 
+/// Every row of every stream, in key and then sequence order: `(stream, row)` indices.
+fn all_rows<R>(lives: &[Live<'_, R>]) -> Vec<(usize, usize)> {
+    lives
+        .iter()
+        .enumerate()
+        .flat_map(|(l, live)| (0..live.rows.len()).map(move |r| (l, r)))
+        .collect()
+}
+
+/// Records which rows a `RETURNING device_id, stream, seq` statement inserted.
+fn mark_inserted<R>(
+    lives: &mut [Live<'_, R>],
+    index: &BTreeMap<(&str, &str), usize>,
+    rows: Vec<sqlx::any::AnyRow>,
+) -> Result<(), sqlx::Error> {
+    for row in rows {
+        let device: String = row.try_get("device_id")?;
+        let stream: String = row.try_get("stream")?;
+        if let Some(i) = index.get(&(device.as_str(), stream.as_str())) {
+            lives[*i].inserted.insert(row.try_get::<i64, _>("seq")?);
+        }
+    }
+    Ok(())
+}
+
+/// Inserts the telemetry records above their stream's watermark; `Live::inserted` tells
+/// which were new.
+async fn insert_telemetry<'a>(
+    tx: &mut Tx,
+    streams: &'a BTreeMap<Key<'a>, StreamRecords>,
+    watermarks: &Watermarks<'_>,
+    sqlite: bool,
+) -> Result<Vec<Live<'a, &'a Rec>>, sqlx::Error> {
     let mut lives: Vec<Live<&Rec>> = Vec::with_capacity(streams.len());
-    for (key, recs) in &streams {
+    for (key, recs) in streams {
         lives.push(live(
             *key,
             recs.records.iter().map(|(seq, r)| (*seq, r)),
-            pruned_through(key)?,
+            watermarks.pruned_through(key)?,
             recs.in_batch_duplicates,
             recs.records.values().map(|r| r.2).max(),
         ));
@@ -656,16 +741,27 @@ async fn write_batch(
             q.bind(encode_values(values)).push(", ").bind(*at).push(")");
         }
         q.push(" ON CONFLICT (device_id, stream, seq) DO NOTHING RETURNING device_id, stream, seq");
-        let rows = q.query().fetch_all(&mut *tx).await?;
+        let rows = q.query().fetch_all(&mut **tx).await?;
         mark_inserted(&mut lives, &telemetry_index, rows)?;
     }
 
+    Ok(lives)
+}
+
+/// Inserts the model results above their stream's watermark; `Live::inserted` tells which
+/// were new.
+async fn insert_inference<'a>(
+    tx: &mut Tx,
+    inference: &'a BTreeMap<Key<'a>, InferenceRecords<'a>>,
+    watermarks: &Watermarks<'_>,
+    sqlite: bool,
+) -> Result<Vec<Live<'a, (&'a InferenceRecord, i64)>>, sqlx::Error> {
     let mut results: Vec<Live<(&InferenceRecord, i64)>> = Vec::with_capacity(inference.len());
-    for (key, recs) in &inference {
+    for (key, recs) in inference {
         results.push(live(
             *key,
             recs.records.iter().map(|(seq, r)| (*seq, *r)),
-            pruned_through(key)?,
+            watermarks.pruned_through(key)?,
             recs.in_batch_duplicates,
             recs.records.values().map(|r| r.1).max(),
         ));
@@ -727,14 +823,23 @@ async fn write_batch(
             q.push(", ").bind(at).push(")");
         }
         q.push(" ON CONFLICT (device_id, stream, seq) DO NOTHING RETURNING device_id, stream, seq");
-        let rows = q.query().fetch_all(&mut *tx).await?;
+        let rows = q.query().fetch_all(&mut **tx).await?;
         mark_inserted(&mut results, &inference_index, rows)?;
     }
 
-    // Counters, aggregates and live events from the inserted rows only.
-    let mut counters: BTreeMap<(&str, &str), StreamUpdate> = BTreeMap::new();
+    Ok(results)
+}
+
+/// The counters, per-minute aggregates (returned) and live events of the telemetry rows that
+/// were inserted.
+fn telemetry_effects<'a>(
+    lives: &[Live<'a, &Rec>],
+    aggregate_channels: usize,
+    counters: &mut BTreeMap<Key<'a>, StreamUpdate>,
+    outcome: &mut Outcome,
+) -> BTreeMap<(&'a str, &'a str, i64, i64), Agg> {
     let mut aggregates: BTreeMap<(&str, &str, i64, i64), Agg> = BTreeMap::new();
-    for live in &lives {
+    for live in lives {
         let (device, stream, inserted) = (live.device, live.stream, &live.inserted);
         let stored = inserted.len() as u64;
         let duplicates = live.rows.len() as u64 - stored + live.in_batch_duplicates;
@@ -750,7 +855,7 @@ async fn write_batch(
             max_seq = max_seq.max(*seq);
             channels = Some(values.len() as i64);
             let bucket = ts - ts.rem_euclid(BUCKET_US);
-            for (ch, v) in values.iter().take(settings.aggregate_channels).enumerate() {
+            for (ch, v) in values.iter().take(aggregate_channels).enumerate() {
                 if !v.is_finite() {
                     continue;
                 }
@@ -796,9 +901,19 @@ async fn write_batch(
         }
     }
 
+    aggregates
+}
+
+/// The counters (merged into the telemetry ones), per-minute aggregates (returned) and live
+/// events of the model results that were inserted.
+fn inference_effects<'a>(
+    results: &[Live<'a, (&InferenceRecord, i64)>],
+    counters: &mut BTreeMap<Key<'a>, StreamUpdate>,
+    outcome: &mut Outcome,
+) -> BTreeMap<(&'a str, &'a str, i64, String), InferenceAgg> {
     let mut inference_aggregates: BTreeMap<(&str, &str, i64, String), InferenceAgg> =
         BTreeMap::new();
-    for live in &results {
+    for live in results {
         let (device, stream, inserted) = (live.device, live.stream, &live.inserted);
         let stored = inserted.len() as u64;
         let duplicates = live.rows.len() as u64 - stored + live.in_batch_duplicates;
@@ -893,6 +1008,14 @@ async fn write_batch(
         }
     }
 
+    inference_aggregates
+}
+
+/// Adds the batch's counters to each stream row (one upsert touches each stream once).
+async fn upsert_stream_counters(
+    tx: &mut Tx,
+    counters: BTreeMap<Key<'_>, StreamUpdate>,
+) -> Result<(), sqlx::Error> {
     let counters: Vec<_> = counters.into_iter().collect();
     for chunk in counters.chunks(KEY_ROWS_PER_STATEMENT) {
         let mut q = Sql::new(
@@ -933,9 +1056,16 @@ async fn write_batch(
              channels = COALESCE(excluded.channels, streams.channels), \
              last_received_at = COALESCE(excluded.last_received_at, streams.last_received_at)",
         );
-        q.query().execute(&mut *tx).await?;
+        q.query().execute(&mut **tx).await?;
     }
+    Ok(())
+}
 
+/// Adds the results' per-minute aggregates to `inference_1m`.
+async fn upsert_inference_aggregates(
+    tx: &mut Tx,
+    inference_aggregates: BTreeMap<(&str, &str, i64, String), InferenceAgg>,
+) -> Result<(), sqlx::Error> {
     let inference_aggregates: Vec<_> = inference_aggregates.into_iter().collect();
     for chunk in inference_aggregates.chunks(INFERENCE_AGGREGATE_ROWS_PER_INSERT) {
         let mut q = Sql::new(
@@ -970,9 +1100,16 @@ async fn write_batch(
                               THEN excluded.score_max ELSE inference_1m.score_max END, \
              latency_sum = inference_1m.latency_sum + excluded.latency_sum",
         );
-        q.query().execute(&mut *tx).await?;
+        q.query().execute(&mut **tx).await?;
     }
+    Ok(())
+}
 
+/// Adds the telemetry's per-minute, per-channel aggregates to `aggregates_1m`.
+async fn upsert_aggregates(
+    tx: &mut Tx,
+    aggregates: BTreeMap<(&str, &str, i64, i64), Agg>,
+) -> Result<(), sqlx::Error> {
     let aggregates: Vec<_> = aggregates.into_iter().collect();
     for chunk in aggregates.chunks(AGGREGATE_ROWS_PER_INSERT) {
         let mut q = Sql::new(
@@ -998,27 +1135,51 @@ async fn write_batch(
              min_v = CASE WHEN excluded.min_v < aggregates_1m.min_v THEN excluded.min_v ELSE aggregates_1m.min_v END, \
              max_v = CASE WHEN excluded.max_v > aggregates_1m.max_v THEN excluded.max_v ELSE aggregates_1m.max_v END",
         );
-        q.query().execute(&mut *tx).await?;
+        q.query().execute(&mut **tx).await?;
     }
+    Ok(())
+}
 
-    for (status, received_at) in &statuses {
-        apply_status(&mut tx, status, *received_at).await?;
+/// Applies the statuses in arrival order (see [`apply_status`]).
+async fn write_statuses(
+    tx: &mut Tx,
+    statuses: &[(&Status, i64)],
+    outcome: &mut Outcome,
+) -> Result<(), sqlx::Error> {
+    for (status, received_at) in statuses {
+        apply_status(tx, status, *received_at).await?;
         outcome.events.push(LiveEvent::Device {
             device_id: status.device.clone(),
             online: status.state == DeviceState::Online,
         });
     }
 
-    for (hb, received_at) in &heartbeats {
+    Ok(())
+}
+
+/// Records each heartbeat's uptime and queue size on its device.
+async fn write_heartbeats(
+    tx: &mut Tx,
+    heartbeats: &[(&Heartbeat, i64)],
+) -> Result<(), sqlx::Error> {
+    for (hb, received_at) in heartbeats {
         let mut q = Sql::new("UPDATE devices SET uptime_s = ");
         q.bind(to_i64(hb.uptime_s));
         q.push(", queue_records = ").bind(to_i64(hb.queue_records));
         q.push(", heartbeat_at = ").bind(*received_at);
         q.push(" WHERE device_id = ").bind(hb.device.as_str());
-        q.query().execute(&mut *tx).await?;
+        q.query().execute(&mut **tx).await?;
     }
+    Ok(())
+}
 
-    for ((device, reason), r) in &rejects {
+/// Adds the batch's rejects to the per-device, per-reason counts.
+async fn write_rejects(
+    tx: &mut Tx,
+    rejects: &BTreeMap<(&str, &'static str), RejectAgg>,
+    outcome: &mut Outcome,
+) -> Result<(), sqlx::Error> {
+    for ((device, reason), r) in rejects {
         let mut q = Sql::new(
             "INSERT INTO rejects (device_id, reason, count, first_at, last_at, last_topic, last_detail) VALUES (",
         );
@@ -1040,7 +1201,7 @@ async fn write_batch(
             " ON CONFLICT (device_id, reason) DO UPDATE SET count = rejects.count + excluded.count, \
              last_at = excluded.last_at, last_topic = excluded.last_topic, last_detail = excluded.last_detail",
         );
-        q.query().execute(&mut *tx).await?;
+        q.query().execute(&mut **tx).await?;
         outcome.events.push(LiveEvent::Reject {
             device_id: device.to_string(),
             reason: reason.to_string(),
@@ -1048,8 +1209,7 @@ async fn write_batch(
         });
     }
 
-    tx.commit().await?;
-    Ok(outcome)
+    Ok(())
 }
 
 fn group_telemetry<'a>(
@@ -1152,11 +1312,7 @@ fn bounded(s: String) -> String {
 
 /// Applies one status: the registry row (unless an older status overtook it), the per-stream
 /// `last_seq` (only ever raised) and the union of evicted ranges.
-async fn apply_status(
-    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-    status: &Status,
-    received_at: i64,
-) -> Result<(), sqlx::Error> {
+async fn apply_status(tx: &mut Tx, status: &Status, received_at: i64) -> Result<(), sqlx::Error> {
     let device = status.device.as_str();
     if is_last_will(status) {
         let mut q = Sql::new("UPDATE devices SET online_changed_at = CASE WHEN online THEN ");

@@ -43,8 +43,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::db::{Db, now_us};
-use crate::events::Events;
 use crate::metrics::Metrics;
+use crate::server::events::Events;
 use classify::{Reject, RejectReason, classify};
 use writer::{AckToken, Acker, Inbound, Writer};
 
@@ -115,7 +115,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     state: Arc<IngestState>,
     events: Arc<Events>,
-    rollouts: Arc<crate::rollouts::Service>,
+    rollouts: Arc<crate::ota::rollout::service::Service>,
     shutdown: CancellationToken,
     force: CancellationToken,
 ) {

@@ -18,7 +18,7 @@
 use sqlx::Row;
 
 use crate::db::{Db, Sql, now_us};
-use crate::rollout::{Effect, Rollout};
+use crate::ota::rollout::machine::{Effect, Rollout};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -338,7 +338,7 @@ mod tests {
 
     use super::*;
     use crate::config::{Backend, DatabaseSettings};
-    use crate::rollout::{Command, DeviceState, RolloutSpec, RolloutState};
+    use crate::ota::rollout::machine::{Command, DeviceState, RolloutSpec, RolloutState};
 
     async fn sqlite() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();

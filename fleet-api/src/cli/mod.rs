@@ -1,0 +1,252 @@
+//! The operator's commands: what the `ember-fleet` binary does with its arguments.
+//!
+//! `main.rs` parses [`Cli`] and calls [`run`]. Commands that talk to a running fleet over
+//! HTTP (`model`, `rollout`) or work on files only (`pki`) need no configuration; the others
+//! (`run`, `check-config`, `token`, `demo`) load it first, and an invalid configuration exits
+//! with status 2 before anything is bound or written.
+//!
+//! * [`token`]: API tokens in the database.
+//! * [`pki`]: the fleet's certificate authority, on files.
+//! * [`model`]: the model registry of a running fleet, over its HTTP API.
+//! * [`rollout`]: staged rollouts of a running fleet, over its HTTP API.
+//!
+//! `demo` is compiled only with the cargo feature `demo`; without it the subcommand still
+//! parses and exits non-zero saying how to get it ([`DEMO_MISSING`]).
+
+pub mod model;
+pub mod pki;
+pub mod rollout;
+pub mod token;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{LogFormat, Settings};
+
+/// What `ember-fleet demo` says in a build without the `demo` feature.
+pub const DEMO_MISSING: &str = "this ember-fleet was built without the demo (the cargo feature `demo`); \
+     run it with `cargo run --release -p ember-fleet --features demo -- demo`";
+
+#[derive(Parser)]
+#[command(
+    name = "ember-fleet",
+    version,
+    about = "Ember fleet service: MQTT ingestion, device registry, durability ledger, REST API"
+)]
+pub struct Cli {
+    /// Configuration file (TOML). EMBER_FLEET_* environment variables override it.
+    #[arg(long, short, global = true, env = "EMBER_FLEET_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the service (the default).
+    Run,
+    /// Validate the configuration and print it fully resolved (secrets masked).
+    CheckConfig,
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Certificates: a CA, the broker's and the fleet's certificates, device certificates
+    /// (also from a device's CSR) and a mutual-TLS Mosquitto config.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
+    /// The model registry of a running fleet, over its HTTP API: upload, list, show,
+    /// deprecate.
+    Model(model::ModelArgs),
+    /// Run the whole system locally: an embedded MQTT broker, this service on SQLite, and
+    /// several real agents replaying recorded sensor data through the committed models.
+    Demo(DemoArgs),
+    /// Staged model rollouts over the fleet's HTTP API: create, list, show, pause, resume,
+    /// abort, rollback.
+    Rollout(rollout::RolloutArgs),
+}
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// How many agent processes to start.
+    #[arg(long, default_value_t = 4)]
+    pub agents: usize,
+    /// Where the API and dashboard listen.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// The demo's state (database, agent queues, generated configs); kept between runs.
+    #[arg(long, default_value = "ember-demo")]
+    pub data_dir: PathBuf,
+    /// The ember-agent binary (default: beside this executable, built with cargo if missing).
+    #[arg(long)]
+    pub agent_bin: Option<PathBuf>,
+    /// Replay speed relative to the recordings' real 10 Hz.
+    #[arg(long, default_value_t = 5.0)]
+    pub speed: f64,
+}
+
+/// Runs one parsed command line; the binary's exit status.
+pub fn run(cli: Cli) -> ExitCode {
+    // The PKI works on files only: no configuration needed.
+    if let Some(Command::Pki(cmd)) = cli.command {
+        return print_result(pki::run(cmd));
+    }
+    // Rollouts talk to a running fleet over HTTP: no configuration needed either.
+    if let Some(Command::Rollout(args)) = cli.command {
+        return print_result(rollout::run(args));
+    }
+    // The model commands talk to a running fleet over HTTP: no configuration needed either.
+    if let Some(Command::Model(args)) = cli.command {
+        return print_result(model::run(args));
+    }
+    // A build without the demo says so whatever the configuration.
+    if cfg!(not(feature = "demo")) && matches!(cli.command, Some(Command::Demo(_))) {
+        eprintln!("ember-fleet: {DEMO_MISSING}");
+        return ExitCode::FAILURE;
+    }
+    let env = std::env::vars();
+    let settings = match Settings::load(cli.config.as_deref(), env) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ember-fleet: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => {
+            print!("{}", settings.to_toml());
+            Ok(())
+        }
+        Command::Run => serve(settings),
+        Command::Token(cmd) => token::run(settings, cmd),
+        Command::Pki(_) | Command::Rollout(_) | Command::Model(_) => Ok(()),
+        Command::Demo(args) => demo(settings, args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ember-fleet: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints what a configuration-free command produced, or its error.
+fn print_result(result: anyhow::Result<String>) -> ExitCode {
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ember-fleet: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EMBER_FLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log.level));
+    // Colour only for a terminal, and never when NO_COLOR is set (https://no-color.org).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match settings.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// `ember-fleet run`: the service until SIGTERM/SIGINT and its drain.
+fn serve(settings: Settings) -> anyhow::Result<()> {
+    init_logging(&settings);
+    runtime()?.block_on(async move {
+        let listener = crate::bind(&settings).await?;
+        let shutdown = CancellationToken::new();
+        let force = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone(), force.clone())?;
+        crate::run(settings, listener, shutdown, force).await?;
+        Ok(())
+    })
+}
+
+#[cfg(not(feature = "demo"))]
+fn demo(_settings: Settings, _args: DemoArgs) -> anyhow::Result<()> {
+    anyhow::bail!("{DEMO_MISSING}")
+}
+
+#[cfg(feature = "demo")]
+fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
+    // The embedded broker logs every connection and disconnection (some as errors); its start-up
+    // failures still surface as the demo's own error.
+    if settings.log.level == "info" {
+        settings.log.level = "info,rumqttd=off".into();
+    }
+    init_logging(&settings);
+    let opts = crate::demo::DemoOptions {
+        agents: args.agents,
+        listen: args.listen,
+        data_dir: args.data_dir,
+        agent_bin: args.agent_bin,
+        speed: args.speed,
+    };
+    let agents = opts.agents;
+    runtime()?.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let force = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone(), force.clone())?;
+        crate::demo::run(opts, shutdown, force, |url| {
+            println!("Ember demo: {agents} agents online. Dashboard: {url}  (Ctrl-C stops)");
+        })
+        .await?;
+        println!("Ember demo stopped.");
+        Ok(())
+    })
+}
+
+/// First SIGTERM/SIGINT: drain gracefully. Second: exit at once.
+fn spawn_signal_handler(
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            seen += 1;
+            if seen == 1 {
+                tracing::info!(
+                    "Shutdown requested: draining ingestion (send the signal again to exit at once)."
+                );
+                shutdown.cancel();
+            } else {
+                tracing::warn!(
+                    "Second signal: exiting now; unacknowledged messages stay with the broker."
+                );
+                force.cancel();
+                std::process::exit(130);
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! The running service's own parts: what `ember-fleet run` does between the broker and the
+//! database, apart from the HTTP face ([`crate::api`]) and the OTA domain ([`crate::ota`]).
+//!
+//! * [`ingest`]: MQTT subscriber (rumqttc) → [`ingest::classify`] → bounded channel →
+//!   [`ingest::writer`] (batched, idempotent database writes; PUBACK only after commit).
+//! * [`events`]: what ingestion and the rollout service committed, fanned out to the live
+//!   event streams.
+//! * [`ledger`]: per device and stream: captured, received, missing, evicted, pending, lost.
+//! * [`retention`]: deletes old telemetry and results (as a prefix of sequence numbers,
+//!   archiving the gaps), aggregates and rejects.
+
+pub mod events;
+pub mod ingest;
+pub mod ledger;
+pub mod retention;
