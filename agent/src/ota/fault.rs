@@ -1,9 +1,10 @@
 //! The test-only fault hook (see "Fault injection" in the `ota` module docs).
 //!
 //! Only the `fault-injection` feature compiles the hook: reading
-//! [`FAULT_CRASH_AFTER_SWITCH_ENV`] and the `abort`. Release builds do not enable it, so there
-//! [`FaultHook`] is an empty type whose `arm` does nothing, and the variable is ignored (its
-//! name stays reserved in `config`, so setting it never makes the config invalid).
+//! `config::FAULT_CRASH_AFTER_SWITCH_ENV` and the `abort`. Release builds do not enable it,
+//! so there [`FaultHook`] is an empty type whose `arm` does nothing, and the variable is
+//! ignored (its name stays reserved in `config`, so setting it never makes the config
+//! invalid).
 
 #[cfg(feature = "fault-injection")]
 pub use armed::FaultHook;

@@ -4,7 +4,7 @@
 //! The queue only needs atomic batches of puts and deletes, ordered range scans, and two
 //! durability levels (`flush`: survive a process crash; `sync`: survive power loss). Anything
 //! that offers those (redb, a hand-written log) could replace sled without touching the queue:
-//! `Queue<E: Engine>` is generic over it, and `Queue::open_engine::<E>` opens one.
+//! `Queue<E: Engine>` is generic over it, and `Queue::<E>::open_engine` opens one.
 
 use std::fs::File;
 use std::panic::{AssertUnwindSafe, catch_unwind};
