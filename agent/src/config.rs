@@ -7,16 +7,20 @@
 //!
 //! Environment overrides: `EMBER_<KEY>` for a top-level key and `EMBER_<SECTION>__<KEY>` for a
 //! key in a table, e.g. `EMBER_DEVICE_ID=dev-7`, `EMBER_MQTT__PORT=8883`,
-//! `EMBER_QUEUE__FSYNC=never`. Values are parsed as TOML scalars (so `8883` is an integer and
-//! `true` a boolean) and fall back to strings. Sources (`[[source]]`) can only be set in the
-//! file. Variables starting with `EMBER_FLEET_` belong to the fleet service and are ignored, as
-//! are `EMBER_CONFIG` (the config file's path) and `EMBER_LOG` (the log filter).
+//! `EMBER_QUEUE__FSYNC=never`, through `ember_host::env::Overlay`. Keys that hold text
+//! (`STRING_KEYS`: the device id, hosts, paths) always take the value as a string; other values
+//! are parsed as TOML scalars (so `8883` is an integer and `true` a boolean) and fall back to
+//! strings. Sources (`[[source]]`) can only be set in the file. Variables starting with
+//! `EMBER_FLEET_` belong to the fleet service and are ignored, as are the names in
+//! `ember_host::env::RESERVED` (`EMBER_CONFIG`, `EMBER_LOG`, the fault hook, test variables).
+//! A key that no setting has is blamed on the variable that set it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ember_host::env::Overlay;
 use serde::{Deserialize, Serialize};
 
 use ember_proto::Encoding;
@@ -487,13 +491,27 @@ impl Settings {
             path: name.to_string(),
             message: e.to_string(),
         })?;
-        apply_env(&mut table, env)?;
+        let applied = ENV.apply(&mut table, env).map_err(|e| ConfigError::Env {
+            var: e.var,
+            message: e.message,
+        })?;
         let raw: RawConfig =
             toml::Value::Table(table)
                 .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    path: name.to_string(),
-                    message: e.to_string(),
+                .map_err(|e: toml::de::Error| match applied.blame(&e.to_string()) {
+                    // A key the file does not have came from the environment: blame the variable.
+                    Some(var) => ConfigError::Env {
+                        var: var.to_string(),
+                        message: format!(
+                            "{} (not a setting of ember-agent: unset the variable; \
+                         agent/examples/agent.toml lists every key)",
+                            e.message()
+                        ),
+                    },
+                    None => ConfigError::Parse {
+                        path: name.to_string(),
+                        message: e.to_string(),
+                    },
                 })?;
         Settings::resolve(raw)
     }
@@ -1224,67 +1242,36 @@ fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError>
 /// refusing it as an unknown override.
 pub const FAULT_CRASH_AFTER_SWITCH_ENV: &str = "EMBER_AGENT_FAULT_CRASH_AFTER_SWITCH";
 
-/// `EMBER_*` variables that are not config overrides: the config file's path and the log
-/// filter, both read by the binary itself, and the OTA test-only fault hook.
-pub const RESERVED_ENV: [&str; 3] = ["EMBER_CONFIG", "EMBER_LOG", FAULT_CRASH_AFTER_SWITCH_ENV];
+/// Keys whose values are text even when they look like numbers or booleans
+/// (`EMBER_DEVICE_ID=1001` is the device id `"1001"`); `the_string_keys_are_every_text_setting`
+/// keeps the list complete.
+const STRING_KEYS: &[&str] = &[
+    "device_id",
+    "data_dir",
+    "log.format",
+    "log.level",
+    "mqtt.host",
+    "mqtt.client_id",
+    "mqtt.encoding",
+    "queue.full_policy",
+    "queue.fsync",
+    "metrics.listen",
+    "inference.backend",
+    "inference.forward_raw",
+    "ota.fleet_url",
+    "ota.token_file",
+    "ota.ca_file",
+];
 
-/// Applies `EMBER_*` overrides onto the parsed file.
-fn apply_env(
-    table: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
-    for (var, value) in env {
-        let Some(rest) = var.strip_prefix("EMBER_") else {
-            continue;
-        };
-        if rest.starts_with("FLEET_") || rest.is_empty() || RESERVED_ENV.contains(&var.as_str()) {
-            continue;
-        }
-        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
-        if path.iter().any(|p| p.is_empty()) || path.len() > 2 {
-            return Err(ConfigError::Env {
-                var,
-                message: "use EMBER_<KEY> or EMBER_<SECTION>__<KEY> (double underscore between section and key)".into(),
-            });
-        }
-        if path[0] == "source" {
-            return Err(ConfigError::Env {
-                var,
-                message: "sources can only be configured in the file".into(),
-            });
-        }
-        let parsed = parse_scalar(&value);
-        let slot = if path.len() == 1 {
-            &mut *table
-        } else {
-            let entry = table
-                .entry(path[0].clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            match entry {
-                toml::Value::Table(t) => t,
-                _ => {
-                    return Err(ConfigError::Env {
-                        var,
-                        message: format!("`{}` is not a table in the config file", path[0]),
-                    });
-                }
-            }
-        };
-        slot.insert(path[path.len() - 1].clone(), parsed);
-    }
-    Ok(())
-}
-
-fn parse_scalar(s: &str) -> toml::Value {
-    #[derive(Deserialize)]
-    struct Probe {
-        v: toml::Value,
-    }
-    match toml::from_str::<Probe>(&format!("v = {s}")) {
-        Ok(Probe { v }) if !matches!(v, toml::Value::Table(_) | toml::Value::Array(_)) => v,
-        _ => toml::Value::String(s.to_string()),
-    }
-}
+/// `EMBER_<KEY>` / `EMBER_<SECTION>__<KEY>`. Names in `ember_host::env::RESERVED` (the config
+/// path, the log filter, the fault hook [`FAULT_CRASH_AFTER_SWITCH_ENV`], test variables) and
+/// the fleet's `EMBER_FLEET_*` are not overrides.
+const ENV: Overlay<'static> = Overlay {
+    prefix: "EMBER_",
+    foreign_prefixes: &["EMBER_FLEET_"],
+    string_keys: STRING_KEYS,
+    file_only: &[("source", "sources can only be configured in the file")],
+};
 
 #[cfg(test)]
 mod tests {
@@ -1294,6 +1281,47 @@ mod tests {
 
     fn load(text: &str) -> Result<Settings, ConfigError> {
         Settings::from_toml(text, "test.toml", Vec::new())
+    }
+
+    /// `EMBER_DEVICE_ID=1001` is the device id "1001" (it was once parsed as an integer and
+    /// refused), and the fleet's and the tests' variables are not overrides.
+    #[test]
+    fn numeric_looking_text_stays_text_and_reserved_names_are_skipped() {
+        let env: Vec<(String, String)> = [
+            ("EMBER_DEVICE_ID", "1001"),
+            ("EMBER_MQTT__HOST", "10.0.0.7"),
+            ("EMBER_MQTT__INSECURE", "true"),
+            ("EMBER_FLEET_URL", "http://fleet:8080"),
+            ("EMBER_TEST_SEED", "7"),
+            ("EMBER_LOG", "debug"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = Settings::from_toml(MIN, "t", env).unwrap();
+        assert_eq!(s.device_id, "1001");
+        assert_eq!(s.mqtt.host, "10.0.0.7");
+        let e = Settings::from_toml(MIN, "t", vec![("EMBER_REPO".into(), "/src".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("EMBER_REPO") && e.contains("unset the variable"),
+            "{e}"
+        );
+    }
+
+    /// Every setting that holds text is in `STRING_KEYS`.
+    #[test]
+    fn the_string_keys_are_every_text_setting() {
+        let text = include_str!("../examples/agent.toml");
+        let s = load(text).unwrap();
+        let table: toml::Table = toml::from_str(&s.to_toml()).unwrap();
+        for key in ember_host::env::string_keys_of(&table) {
+            assert!(
+                STRING_KEYS.contains(&key.as_str()),
+                "`{key}` holds text: add it to STRING_KEYS"
+            );
+        }
     }
 
     fn err(text: &str) -> String {

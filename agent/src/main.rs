@@ -108,19 +108,11 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 }
 
 fn init_logging(settings: &Settings) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log.level));
-    // Colour only for a terminal, and never when NO_COLOR is set (https://no-color.org).
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match settings.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Pretty => builder.init(),
-    }
+    let format = match settings.log.format {
+        LogFormat::Json => ember_host::logging::Format::Json,
+        LogFormat::Pretty => ember_host::logging::Format::Pretty,
+    };
+    ember_host::logging::init("EMBER_LOG", &settings.log.level, format);
 }
 
 fn run(settings: Settings) -> anyhow::Result<()> {
@@ -145,28 +137,13 @@ fn spawn_signal_handler(
     shutdown: CancellationToken,
     force: CancellationToken,
 ) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    tokio::spawn(async move {
-        let mut seen = 0;
-        loop {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            seen += 1;
-            if seen == 1 {
-                tracing::info!(
-                    "Shutdown requested: draining the queue (send the signal again to exit at once)."
-                );
-                shutdown.cancel();
-            } else {
-                tracing::warn!("Second signal: exiting now; queued records stay on disk.");
-                force.cancel();
-                std::process::exit(130);
-            }
-        }
-    });
-    Ok(())
+    ember_host::signals::spawn_two_stage(
+        shutdown,
+        force,
+        ember_host::signals::Messages {
+            draining: "Shutdown requested: draining the queue (send the signal again to exit at once).",
+            exiting: "Second signal: exiting now; queued records stay on disk.",
+        },
+    )
+    .context("cannot install the SIGTERM/SIGINT handlers")
 }

@@ -341,23 +341,19 @@ pub fn csr(device_id: &str, key: &Path) -> anyhow::Result<String> {
     Ok(params.serialize_request(&key)?.pem()?)
 }
 
+/// A new file, never replacing one (`ember_host::fs::Durable::create_new`), durable and with
+/// `mode` from its creation.
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
+    ember_host::fs::Durable::new()
         .mode(mode)
-        .open(path)
+        .create_new()
+        .write(path, bytes)
         .map_err(|e| {
             anyhow::anyhow!(
                 "cannot create {}: {e} (it is never overwritten)",
                 path.display()
             )
-        })?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
+        })
 }
 
 /// The uplink's client configuration (None: plaintext, after a WARN that says so).

@@ -9,16 +9,18 @@
 //! Environment overrides: `EMBER_FLEET_<KEY>` for a top-level key and
 //! `EMBER_FLEET_<SECTION>__<KEY>` for a key in a table, e.g.
 //! `EMBER_FLEET_DATABASE__URL=postgres://...`, `EMBER_FLEET_MQTT__PORT=8883`,
-//! `EMBER_FLEET_BOOTSTRAP_TOKEN=...`. Values are parsed as TOML scalars (so `8883` is an integer
-//! and `true` a boolean) and fall back to strings; keys that hold text (URLs, tokens, hosts) are
-//! always taken as strings. `EMBER_FLEET_CONFIG` (the file's path), `EMBER_FLEET_LOG` (the log
-//! filter) and `EMBER_FLEET_TOKEN` (the `model` commands' API token) are read by the binary and
-//! are not overrides; other `EMBER_*` variables belong to the
-//! agent and are ignored.
+//! `EMBER_FLEET_BOOTSTRAP_TOKEN=...`, through `ember_host::env::Overlay`. Values are parsed as
+//! TOML scalars (so `8883` is an integer and `true` a boolean) and fall back to strings; keys
+//! that hold text (URLs, tokens, hosts) are always taken as strings. The variables listed in
+//! `ember_host::env::RESERVED` (`EMBER_FLEET_CONFIG`, `EMBER_FLEET_LOG`, and the CLI's
+//! `EMBER_FLEET_URL`, `EMBER_FLEET_TOKEN`, `EMBER_FLEET_CA_FILE`) are not overrides; other
+//! `EMBER_*` variables belong to the agent and are ignored. A key that no setting has is blamed
+//! on the variable that set it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use ember_host::env::Overlay;
 use serde::{Deserialize, Serialize};
 
 // ---- named defaults -----------------------------------------------------------------------
@@ -416,13 +418,27 @@ impl Settings {
             path: name.to_string(),
             message: e.to_string(),
         })?;
-        apply_env(&mut table, env)?;
+        let applied = ENV.apply(&mut table, env).map_err(|e| ConfigError::Env {
+            var: e.var,
+            message: e.message,
+        })?;
         let raw: RawConfig =
             toml::Value::Table(table)
                 .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    path: name.to_string(),
-                    message: e.to_string(),
+                .map_err(|e: toml::de::Error| match applied.blame(&e.to_string()) {
+                    // A key the file does not have came from the environment: blame the variable.
+                    Some(var) => ConfigError::Env {
+                        var: var.to_string(),
+                        message: format!(
+                            "{} (not a setting of ember-fleet: unset the variable; \
+                         fleet-api/examples/fleet.toml lists every key)",
+                            e.message()
+                        ),
+                    },
+                    None => ConfigError::Parse {
+                        path: name.to_string(),
+                        message: e.to_string(),
+                    },
                 })?;
         Settings::resolve(raw)
     }
@@ -767,11 +783,9 @@ fn default_client_id() -> String {
     format!("ember-fleet-{host}")
 }
 
-/// `EMBER_FLEET_*` variables that are not config overrides.
-pub const RESERVED_ENV: [&str; 3] = ["EMBER_FLEET_CONFIG", "EMBER_FLEET_LOG", "EMBER_FLEET_TOKEN"];
-
-/// Keys whose values are text even when they look like numbers or booleans.
-const STRING_KEYS: [&str; 13] = [
+/// Keys whose values are text even when they look like numbers or booleans
+/// (`the_string_keys_are_every_text_setting` keeps the list complete).
+const STRING_KEYS: &[&str] = &[
     "models.store",
     "models.trusted_keys",
     "data_dir",
@@ -787,62 +801,14 @@ const STRING_KEYS: [&str; 13] = [
     "log.format",
 ];
 
-/// Applies `EMBER_FLEET_*` overrides onto the parsed file.
-fn apply_env(
-    table: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
-    for (var, value) in env {
-        let Some(rest) = var.strip_prefix("EMBER_FLEET_") else {
-            continue;
-        };
-        if rest.is_empty() || RESERVED_ENV.contains(&var.as_str()) {
-            continue;
-        }
-        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
-        if path.iter().any(|p| p.is_empty()) || path.len() > 2 {
-            return Err(ConfigError::Env {
-                var,
-                message: "use EMBER_FLEET_<KEY> or EMBER_FLEET_<SECTION>__<KEY> (double underscore between section and key)".into(),
-            });
-        }
-        let dotted = path.join(".");
-        let parsed = if STRING_KEYS.contains(&dotted.as_str()) {
-            toml::Value::String(value)
-        } else {
-            parse_scalar(&value)
-        };
-        let slot = if path.len() == 1 {
-            &mut *table
-        } else {
-            let entry = table
-                .entry(path[0].clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            match entry {
-                toml::Value::Table(t) => t,
-                _ => {
-                    return Err(ConfigError::Env {
-                        var,
-                        message: format!("`{}` is not a table in the config file", path[0]),
-                    });
-                }
-            }
-        };
-        slot.insert(path[path.len() - 1].clone(), parsed);
-    }
-    Ok(())
-}
-
-fn parse_scalar(s: &str) -> toml::Value {
-    #[derive(Deserialize)]
-    struct Probe {
-        v: toml::Value,
-    }
-    match toml::from_str::<Probe>(&format!("v = {s}")) {
-        Ok(Probe { v }) if !matches!(v, toml::Value::Table(_) | toml::Value::Array(_)) => v,
-        _ => toml::Value::String(s.to_string()),
-    }
-}
+/// `EMBER_FLEET_<KEY>` / `EMBER_FLEET_<SECTION>__<KEY>` (names in `ember_host::env::RESERVED`,
+/// such as `EMBER_FLEET_URL` and `EMBER_FLEET_TOKEN`, are not overrides).
+const ENV: Overlay<'static> = Overlay {
+    prefix: "EMBER_FLEET_",
+    foreign_prefixes: &[],
+    string_keys: STRING_KEYS,
+    file_only: &[],
+};
 
 #[cfg(test)]
 mod tests {
@@ -950,6 +916,51 @@ mod tests {
         assert!(!printed.contains("mqtt-secret"), "{printed}");
         assert_eq!(s.mqtt.password.as_deref(), Some("mqtt-secret"));
         assert!(printed.contains("fleet:***@db.local"), "{printed}");
+    }
+
+    /// The CLI's variables (`EMBER_FLEET_URL` for `rollout`/`model`, `EMBER_FLEET_CA_FILE`,
+    /// `EMBER_FLEET_TOKEN`) and test variables are not settings: exporting them never stops
+    /// `run`, `token` or `demo` from starting.
+    #[test]
+    fn reserved_variables_are_not_overrides() {
+        let env: Vec<(String, String)> = [
+            ("EMBER_FLEET_URL", "https://fleet.example:8443"),
+            ("EMBER_FLEET_CA_FILE", "/etc/ember/ca.pem"),
+            ("EMBER_FLEET_TOKEN", "t"),
+            ("EMBER_FLEET_CONFIG", "/etc/ember/fleet.toml"),
+            ("EMBER_FLEET_TEST_LOG", "debug"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Settings::from_toml("", "t", env).unwrap();
+    }
+
+    #[test]
+    fn an_unknown_variable_is_named_with_the_fix() {
+        let env = vec![("EMBER_FLEET_MQTT__PROT".to_string(), "1".to_string())];
+        let e = Settings::from_toml("", "t", env).unwrap_err().to_string();
+        assert!(
+            e.contains("EMBER_FLEET_MQTT__PROT") && e.contains("unset the variable"),
+            "{e}"
+        );
+    }
+
+    /// Every setting that holds text is in `STRING_KEYS`, so a value like `1001` or `true`
+    /// given in the environment stays text.
+    #[test]
+    fn the_string_keys_are_every_text_setting() {
+        let text = include_str!("../examples/fleet.toml");
+        let s = load(text).unwrap();
+        let table: toml::Table = toml::from_str(&s.to_toml()).unwrap();
+        // Resolved from other keys, not settable themselves.
+        let derived = ["database.backend"];
+        for key in ember_host::env::string_keys_of(&table) {
+            assert!(
+                STRING_KEYS.contains(&key.as_str()) || derived.contains(&key.as_str()),
+                "`{key}` holds text: add it to STRING_KEYS"
+            );
+        }
     }
 
     #[test]

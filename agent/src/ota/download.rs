@@ -340,12 +340,9 @@ fn finish(
             found,
         });
     }
-    std::fs::rename(part, req.dest).map_err(io(req.dest))?;
-    if let Some(dir) = req.dest.parent() {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir))?;
-    }
+    // The part file was fsynced after its last write; this fsyncs it again (cheap), renames it
+    // and fsyncs the directory.
+    ember_host::fs::rename(part, req.dest).map_err(io(req.dest))?;
     Ok(Fetched {
         path: req.dest.to_path_buf(),
         bytes,

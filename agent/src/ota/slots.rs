@@ -3,7 +3,6 @@
 //! leaves either the old or the new state, never a mix.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ember_proto::OtaState;
@@ -162,23 +161,14 @@ impl ModelDir {
     pub fn save(&self, state: &ModelState) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
-        let tmp = self.dir.join("state.json.tmp");
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, self.state_path())?;
-        sync_dir(&self.dir)
+        ember_host::fs::replace(&self.state_path(), &bytes)
     }
 
     /// Moves a verified file into slot `s` (fsync of the file, rename, fsync of the directory).
     pub fn install(&self, from: &Path, s: Slot) -> std::io::Result<PathBuf> {
         std::fs::create_dir_all(&self.dir)?;
-        File::open(from)?.sync_all()?;
         let to = self.slot_path(s);
-        std::fs::rename(from, &to)?;
-        sync_dir(&self.dir)?;
+        ember_host::fs::rename(from, &to)?;
         if let Some(parent) = from.parent() {
             sync_dir(parent)?;
         }
@@ -186,9 +176,7 @@ impl ModelDir {
     }
 }
 
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+pub use ember_host::fs::sync_dir;
 
 /// sha256 of a file, lowercase hex.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {

@@ -140,21 +140,9 @@ pub(super) fn write_reservations(
 /// Replaces `root/name` with `bytes` atomically and durably (write a temp file, fsync, rename,
 /// fsync the directory).
 fn replace_file(root: &Path, name: &str, bytes: &[u8]) -> Result<(), QueueError> {
-    let tmp = root.join(format!("{name}.tmp"));
-    let path = root.join(name);
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(io_err(format!("creating {name}.tmp")))?;
-        f.write_all(bytes)
-            .map_err(io_err(format!("writing {name}.tmp")))?;
-        f.sync_all()
-            .map_err(io_err(format!("fsync of {name}.tmp")))?;
-    }
-    std::fs::rename(&tmp, &path).map_err(io_err(format!("replacing {name}")))?;
-    sync_dir(root)
+    ember_host::fs::replace(&root.join(name), bytes).map_err(io_err(format!("replacing {name}")))
 }
+
 pub(super) fn sync_dir(dir: &Path) -> Result<(), QueueError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(format!("fsync of directory {}", dir.display())))
+    ember_host::fs::sync_dir(dir).map_err(io_err(format!("fsync of directory {}", dir.display())))
 }

@@ -21,6 +21,49 @@ fn check_config(dir: &Path, name: &str, text: &str) -> Output {
     cmd.output().expect("run ember-agent")
 }
 
+/// Environment overrides reach the binary typed by their key: `EMBER_DEVICE_ID=1001` is the
+/// device id "1001" (it was once parsed as an integer and refused), and the fleet's and the
+/// tooling's variables exported in the same shell are not overrides; an unknown `EMBER_*`
+/// variable is refused naming the variable.
+#[test]
+fn environment_overrides_are_typed_by_key_and_reserved_names_are_skipped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, MIN).expect("write config");
+    let run = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config").arg(&path).arg("check-config");
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("EMBER_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(env.iter().copied())
+            .output()
+            .expect("run ember-agent")
+    };
+    let out = run(&[
+        ("EMBER_DEVICE_ID", "1001"),
+        ("EMBER_FLEET_URL", "http://127.0.0.1:8080"),
+        ("EMBER_FLEET_TOKEN", "t"),
+        ("EMBER_TEST_SEED", "3"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("device_id = \"1001\""), "{stdout}");
+    let out = run(&[("EMBER_REPO", "/src/ember")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("EMBER_REPO") && stderr.contains("unset the variable"),
+        "{stderr}"
+    );
+}
+
 /// Each bad file exits with status 2 and a message on stderr that names the offending key.
 #[test]
 fn invalid_configs_exit_2_naming_the_key() {

@@ -69,6 +69,35 @@ pub enum Command {
     Rollout(rollout::RolloutArgs),
 }
 
+/// Where the fleet of an HTTP command (`model`, `rollout`) is and how to trust and
+/// authenticate to it (`ember_host::client::Target`).
+#[derive(clap::Args)]
+pub struct FleetArgs {
+    /// The fleet's base URL.
+    #[arg(long, env = "EMBER_FLEET_URL", default_value = ember_host::client::DEFAULT_URL)]
+    pub url: String,
+    /// PEM CA certificate that signed the fleet's HTTPS certificate (`ember-fleet pki`);
+    /// without it an https:// fleet must have a publicly trusted certificate.
+    #[arg(long, env = "EMBER_FLEET_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// A file holding an API token (admin for writes, read for the rest); default: the
+    /// EMBER_FLEET_TOKEN environment variable.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl FleetArgs {
+    /// The client of that fleet; refuses to go on without a token.
+    pub fn client(&self) -> anyhow::Result<ember_host::client::FleetClient> {
+        let target = ember_host::client::Target::resolve(
+            Some(self.url.clone()),
+            self.ca_file.clone(),
+            self.token_file.as_deref(),
+        )?;
+        Ok(target.client(true)?)
+    }
+}
+
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// How many agent processes to start.
@@ -149,19 +178,11 @@ fn print_result(result: anyhow::Result<String>) -> ExitCode {
 }
 
 fn init_logging(settings: &Settings) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EMBER_FLEET_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log.level));
-    // Colour only for a terminal, and never when NO_COLOR is set (https://no-color.org).
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match settings.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Pretty => builder.init(),
-    }
+    let format = match settings.log.format {
+        LogFormat::Json => ember_host::logging::Format::Json,
+        LogFormat::Pretty => ember_host::logging::Format::Pretty,
+    };
+    ember_host::logging::init("EMBER_FLEET_LOG", &settings.log.level, format);
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -223,30 +244,13 @@ fn spawn_signal_handler(
     shutdown: CancellationToken,
     force: CancellationToken,
 ) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    tokio::spawn(async move {
-        let mut seen = 0;
-        loop {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            seen += 1;
-            if seen == 1 {
-                tracing::info!(
-                    "Shutdown requested: draining ingestion (send the signal again to exit at once)."
-                );
-                shutdown.cancel();
-            } else {
-                tracing::warn!(
-                    "Second signal: exiting now; unacknowledged messages stay with the broker."
-                );
-                force.cancel();
-                std::process::exit(130);
-            }
-        }
-    });
-    Ok(())
+    ember_host::signals::spawn_two_stage(
+        shutdown,
+        force,
+        ember_host::signals::Messages {
+            draining: "Shutdown requested: draining ingestion (send the signal again to exit at once).",
+            exiting: "Second signal: exiting now; unacknowledged messages stay with the broker.",
+        },
+    )
+    .context("cannot install the SIGTERM/SIGINT handlers")
 }

@@ -23,8 +23,6 @@
 //! * Every certificate gets a random 128-bit serial number.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -396,26 +394,23 @@ fn write_key(path: &Path, text: &str, replace: bool) -> anyhow::Result<()> {
     write_atomic(path, text, KEY_MODE, replace)
 }
 
+/// Through `ember_host::fs::Durable`: the mode is set when the file is created, and without
+/// `replace` an existing file is never overwritten (the final step fails instead).
 fn write_atomic(path: &Path, text: &str, mode: u32, replace: bool) -> anyhow::Result<()> {
-    if !replace && path.exists() {
-        bail!(
+    let durable = ember_host::fs::Durable::new().mode(mode);
+    let durable = if replace {
+        durable
+    } else {
+        durable.create_new()
+    };
+    match durable.write(path, text.as_bytes()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
             "{} exists and is never overwritten: move it away first",
             path.display()
-        );
+        ),
+        Err(e) => Err(e).with_context(|| format!("cannot write {}", path.display())),
     }
-    let tmp = path.with_extension("tmp-ember");
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(text.as_bytes())
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,32 +1,23 @@
 //! `ember-fleet rollout ...`: the rollout API over HTTP(S), for operators.
 //!
 //! Needs no configuration file: `--url` (or `EMBER_FLEET_URL`) names the fleet, the token comes
-//! from `--token-file` or `EMBER_FLEET_TOKEN`, and `--ca-file` the CA that signed the fleet's
-//! HTTPS certificate (`ember-fleet pki`). One request per connection, blocking.
+//! from `--token-file` or `EMBER_FLEET_TOKEN`, and `--ca-file` (or `EMBER_FLEET_CA_FILE`) is the
+//! CA that signed the fleet's HTTPS certificate (`ember-fleet pki`). Requests go through
+//! `ember_host::client::FleetClient`, like `ember-fleet model`.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Args, Subcommand};
+use ember_host::client::{Body, FleetClient};
 use serde_json::{Value, json};
 
-const TIMEOUT: Duration = Duration::from_secs(30);
+use super::FleetArgs;
 
 #[derive(Args)]
 pub struct RolloutArgs {
-    /// The fleet's base URL.
-    #[arg(long, env = "EMBER_FLEET_URL", default_value = "http://127.0.0.1:8080")]
-    url: String,
-    /// A file holding an API token (admin for create and commands). Else EMBER_FLEET_TOKEN.
-    #[arg(long)]
-    token_file: Option<PathBuf>,
-    /// PEM CA certificate that signed the fleet's HTTPS certificate (https URLs).
-    #[arg(long)]
-    ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    fleet: FleetArgs,
     /// Print the API's JSON instead of a summary.
     #[arg(long, global = true)]
     json: bool,
@@ -103,16 +94,7 @@ struct CreateArgs {
 
 /// Runs one `rollout` subcommand; returns what to print.
 pub fn run(args: RolloutArgs) -> anyhow::Result<String> {
-    let token = match &args.token_file {
-        Some(f) => std::fs::read_to_string(f)
-            .with_context(|| format!("cannot read the token file {}", f.display()))?
-            .trim()
-            .to_string(),
-        None => std::env::var("EMBER_FLEET_TOKEN").map_err(|_| {
-            anyhow::anyhow!("no API token: pass --token-file or set EMBER_FLEET_TOKEN")
-        })?,
-    };
-    let client = Client::new(&args.url, token, args.ca_file.as_deref())?;
+    let client = args.fleet.client()?;
     let json_out = args.json;
     let (view, cmd) = match args.command {
         RolloutCommand::Create(c) => {
@@ -141,10 +123,13 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<String> {
             {
                 body["shadow"] = json!({"windows": w, "min_agreement": a, "max_latency_ratio": r});
             }
-            (client.call("POST", "/api/v1/rollouts", Some(&body))?, None)
+            (
+                call(&client, "POST", "/api/v1/rollouts", Some(&body))?,
+                None,
+            )
         }
         RolloutCommand::List => {
-            let v = client.call("GET", "/api/v1/rollouts?limit=1000", None)?;
+            let v = call(&client, "GET", "/api/v1/rollouts?limit=1000", None)?;
             if json_out {
                 return Ok(format!("{v:#}\n"));
             }
@@ -164,7 +149,12 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<String> {
             return Ok(out);
         }
         RolloutCommand::Show { id } => (
-            client.call("GET", &format!("/api/v1/rollouts/{}", path_id(&id)?), None)?,
+            call(
+                &client,
+                "GET",
+                &format!("/api/v1/rollouts/{}", path_id(&id)?),
+                None,
+            )?,
             None,
         ),
         RolloutCommand::Pause(c) => (command(&client, "pause", &c)?, Some(c)),
@@ -184,7 +174,8 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<String> {
                 );
             }
             std::thread::sleep(Duration::from_millis(200));
-            view = client.call(
+            view = call(
+                &client,
                 "GET",
                 &format!("/api/v1/rollouts/{}", path_id(&c.id)?),
                 None,
@@ -195,7 +186,8 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<String> {
         return Ok(format!("{view:#}\n"));
     }
     let id = s(&view["id"]).to_string();
-    let events = client.call(
+    let events = call(
+        &client,
         "GET",
         &format!("/api/v1/rollouts/{}/events", path_id(&id)?),
         None,
@@ -203,8 +195,9 @@ pub fn run(args: RolloutArgs) -> anyhow::Result<String> {
     Ok(summary(&view, &events))
 }
 
-fn command(client: &Client, name: &str, c: &CommandArgs) -> anyhow::Result<Value> {
-    client.call(
+fn command(client: &FleetClient, name: &str, c: &CommandArgs) -> anyhow::Result<Value> {
+    call(
+        client,
         "POST",
         &format!("/api/v1/rollouts/{}/{name}", path_id(&c.id)?),
         None,
@@ -287,185 +280,12 @@ fn summary(v: &Value, events: &Value) -> String {
     out
 }
 
-/// A minimal HTTP/1.1 client: one request per connection, JSON in and out.
-struct Client {
-    host: String,
-    port: u16,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    token: String,
-}
-
-impl Client {
-    fn new(url: &str, token: String, ca: Option<&std::path::Path>) -> anyhow::Result<Client> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("http://") {
-            (false, r)
-        } else {
-            bail!("--url {url:?} must start with http:// or https://");
-        };
-        let authority = rest.trim_end_matches('/');
-        if authority.contains('/') {
-            bail!("--url {url:?} must be the fleet's base URL, without a path");
-        }
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-                h.trim_matches(|c| c == '[' || c == ']').to_string(),
-                p.parse()
-                    .with_context(|| format!("--url {url:?}: port {p:?} is not a number"))?,
-            ),
-            _ => (authority.to_string(), if tls { 443 } else { 80 }),
-        };
-        let tls = if tls {
-            let ca = ca.context(
-                "an https URL needs --ca-file (the CA that signed the fleet's certificate)",
-            )?;
-            let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in rustls_pemfile_certs(&pem)? {
-                roots
-                    .add(cert)
-                    .context("the CA file holds an unusable certificate")?;
-            }
-            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .context("no TLS protocol versions")?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-            Some(Arc::new(config))
-        } else {
-            None
-        };
-        Ok(Client {
-            host,
-            port,
-            tls,
-            token,
-        })
-    }
-
-    /// Sends a request; a non-2xx answer is an error carrying the API's message.
-    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
-        let body = body.map(Value::to_string);
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAuthorization: Bearer {}\r\nAccept: application/json\r\n",
-            self.host, self.token
-        );
-        match &body {
-            Some(b) => req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-                b.len()
-            )),
-            None => req.push_str("Content-Length: 0\r\n\r\n"),
-        }
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
-            .with_context(|| format!("cannot connect to {}:{}", self.host, self.port))?;
-        tcp.set_read_timeout(Some(TIMEOUT))?;
-        tcp.set_write_timeout(Some(TIMEOUT))?;
-        let mut raw = Vec::new();
-        match &self.tls {
-            Some(config) => {
-                let name = rustls::pki_types::ServerName::try_from(self.host.clone())
-                    .context("the URL's host is not a valid TLS server name")?;
-                let conn = rustls::ClientConnection::new(config.clone(), name)?;
-                let mut stream = rustls::StreamOwned::new(conn, tcp);
-                stream.write_all(req.as_bytes())?;
-                read_all(&mut stream, &mut raw)?;
-            }
-            None => {
-                let mut stream = tcp;
-                stream.write_all(req.as_bytes())?;
-                read_all(&mut stream, &mut raw)?;
-            }
-        }
-        let (status, body) = parse_response(&raw)?;
-        let v: Value = serde_json::from_str(&body).unwrap_or(Value::String(body.clone()));
-        if !(200..300).contains(&status) {
-            let msg = v["error"]["message"].as_str().unwrap_or(body.as_str());
-            bail!("{method} {path}: HTTP {status}: {msg}");
-        }
-        Ok(v)
-    }
-}
-
-fn read_all(r: &mut impl Read, out: &mut Vec<u8>) -> anyhow::Result<()> {
-    match r.read_to_end(out) {
-        Ok(_) => Ok(()),
-        // A server that closes without close_notify after a complete response.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => Ok(()),
-        Err(e) => Err(e).context("cannot read the response"),
-    }
-}
-
-fn rustls_pemfile_certs(
-    pem: &[u8],
-) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
-    use rustls::pki_types::pem::PemObject;
-    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .context("the CA file is not PEM certificates")?;
-    if certs.is_empty() {
-        bail!("the CA file holds no certificate");
-    }
-    Ok(certs)
-}
-
-fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
-        .context("the fleet's answer is not HTTP")?;
-    let status: u16 = head
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .context("the fleet's answer has no status")?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked {
-        let mut out = String::new();
-        let mut s = rest;
-        while let Some((size, after)) = s.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 || after.len() < n {
-                break;
-            }
-            out.push_str(&after[..n]);
-            s = after[n..].trim_start_matches("\r\n");
-        }
-        out
-    } else {
-        rest.to_string()
-    };
-    Ok((status, body))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_are_checked() {
-        assert!(Client::new("ftp://x", String::new(), None).is_err());
-        assert!(Client::new("http://x:80/api", String::new(), None).is_err());
-        assert!(Client::new("https://x", String::new(), None).is_err());
-        let c = Client::new("http://127.0.0.1:8080/", String::new(), None).unwrap();
-        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 8080));
-    }
-
-    #[test]
-    fn responses_parse_plain_and_chunked() {
-        let (s, b) = parse_response(b"HTTP/1.1 201 Created\r\nA: b\r\n\r\n{}").unwrap();
-        assert_eq!((s, b.as_str()), (201, "{}"));
-        let (_, b) = parse_response(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!(b, "{}");
-    }
+/// One JSON request; a non-2xx answer is an error carrying the API's message.
+fn call(
+    client: &FleetClient,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<Value> {
+    Ok(client.call(method, path, body.map(Body::Json))?)
 }

@@ -27,7 +27,6 @@
 //! trusted keys when it was uploaded, and whose blob was durably stored before the row was
 //! committed. A (name, version) is never overwritten: a new build needs a new version.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -521,21 +520,7 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
         .parent()
         .ok_or_else(|| RegistryError::Store(format!("{} has no directory", path.display())))?;
     std::fs::create_dir_all(dir).map_err(|e| store_err("create", dir, e))?;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| store_err("create", &tmp, e))?;
-        f.write_all(bytes)
-            .map_err(|e| store_err("write", &tmp, e))?;
-        f.sync_all().map_err(|e| store_err("fsync", &tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| store_err("rename into", path, e))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| store_err("fsync", dir, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    ember_host::fs::replace(path, bytes).map_err(|e| store_err("write", path, e))
 }
 
 fn read_range(path: &Path, start: u64, end: u64) -> Result<Vec<u8>, RegistryError> {

@@ -105,6 +105,61 @@ fn check_config_prints_the_resolved_config_without_secrets() {
     assert!(token.starts_with("ef_") && token.len() == 67, "{token}");
 }
 
+/// The CLI's variables (`EMBER_FLEET_URL`, `EMBER_FLEET_CA_FILE`, `EMBER_FLEET_TOKEN`) exported
+/// in the operator's shell never stop the commands that read the configuration (they once
+/// failed with "unknown field `url`"), and `model` and `rollout` both follow
+/// `EMBER_FLEET_URL`. An unknown `EMBER_FLEET_*` variable is named, with the fix.
+#[test]
+fn the_cli_variables_are_not_settings_and_both_http_commands_follow_them() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = format!("sqlite://{}/fleet.db", dir.path().display());
+    // Nothing listens on this port: the error must name the URL taken from the environment.
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let with_cli_env = |args: &[&str]| {
+        fleet_cmd()
+            .args(args)
+            .env("EMBER_FLEET_DATABASE__URL", &db)
+            .env("EMBER_FLEET_URL", &url)
+            .env("EMBER_FLEET_CA_FILE", dir.path().join("ca.pem"))
+            .env("EMBER_FLEET_TOKEN", "ef_not-a-real-token")
+            .output()
+            .expect("run ember-fleet")
+    };
+    for args in [
+        &["check-config"][..],
+        &["token", "create", "--scope", "read"][..],
+    ] {
+        let out = with_cli_env(args);
+        assert!(
+            out.status.success(),
+            "ember-fleet {args:?} with EMBER_FLEET_URL set: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // http:// ignores the CA file; the unreachable fleet is named by the URL from the env.
+    for args in [&["model", "list"][..], &["rollout", "list"][..]] {
+        let out = with_cli_env(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("cannot reach the fleet at {url}/api/v1/")),
+            "{args:?}: {stderr}"
+        );
+    }
+    let out = fleet_cmd()
+        .arg("check-config")
+        .env("EMBER_FLEET_MQTT__PROT", "1883")
+        .output()
+        .expect("run ember-fleet");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("EMBER_FLEET_MQTT__PROT") && stderr.contains("unset the variable"),
+        "{stderr}"
+    );
+}
+
 /// The real binary: SIGTERM while messages arrive; it drains (stores and acknowledges what it
 /// took) and exits 0. A new instance with the same client id then gets the rest from the
 /// broker: every record exactly once.

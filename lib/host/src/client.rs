@@ -166,7 +166,8 @@ impl std::fmt::Debug for FleetClient {
 }
 
 impl FleetClient {
-    /// A client of the fleet at `base` (`http://host:port` or `https://…`, no path).
+    /// A client of the fleet at `base` (`http://host:port` or `https://…`, no path); an
+    /// https fleet is verified against `ca_file` when given.
     pub fn new(base: &str, ca_file: Option<&Path>) -> Result<FleetClient, ClientError> {
         let bad = |problem| ClientError::Url {
             url: base.to_string(),
@@ -184,7 +185,8 @@ impl FleetClient {
             return Err(bad("must be the fleet's base URL, without a path"));
         }
         let mut tls = ureq::tls::TlsConfig::builder();
-        if let Some(ca) = ca_file {
+        // The CA pin matters only for https:// (a plain URL ignores an exported CA file).
+        if let Some(ca) = ca_file.filter(|_| base.starts_with("https://")) {
             let certs = crate::tls::read_certs(ca).map_err(ClientError::CaFile)?;
             let certs: Vec<ureq::tls::Certificate<'static>> = certs
                 .iter()
