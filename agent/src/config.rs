@@ -85,6 +85,20 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+impl From<ember_host::env::LoadError> for ConfigError {
+    fn from(e: ember_host::env::LoadError) -> ConfigError {
+        use ember_host::env::LoadError;
+        match e {
+            LoadError::Read { path, source } => ConfigError::Read { path, source },
+            LoadError::Parse { path, message } => ConfigError::Parse { path, message },
+            LoadError::Env(e) => ConfigError::Env {
+                var: e.var,
+                message: e.message,
+            },
+        }
+    }
+}
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -469,51 +483,16 @@ impl Settings {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let (text, name) = match path {
-            Some(p) => (
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_path_buf(),
-                    source,
-                })?,
-                p.display().to_string(),
-            ),
-            None => (String::new(), "<defaults>".to_string()),
-        };
-        Self::from_toml(&text, &name, env)
+        Settings::resolve(ENV.load(path, env)?)
     }
 
+    /// [`Settings::load`] on text already read (`name` is what errors call it).
     pub fn from_toml(
         text: &str,
         name: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: name.to_string(),
-            message: e.to_string(),
-        })?;
-        let applied = ENV.apply(&mut table, env).map_err(|e| ConfigError::Env {
-            var: e.var,
-            message: e.message,
-        })?;
-        let raw: RawConfig =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| match applied.blame(&e.to_string()) {
-                    // A key the file does not have came from the environment: blame the variable.
-                    Some(var) => ConfigError::Env {
-                        var: var.to_string(),
-                        message: format!(
-                            "{} (not a setting of ember-agent: unset the variable; \
-                         agent/examples/agent.toml lists every key)",
-                            e.message()
-                        ),
-                    },
-                    None => ConfigError::Parse {
-                        path: name.to_string(),
-                        message: e.to_string(),
-                    },
-                })?;
-        Settings::resolve(raw)
+        Settings::resolve(ENV.parse(text, name, env)?)
     }
 
     pub fn resolve(raw: RawConfig) -> Result<Settings, ConfigError> {
@@ -935,31 +914,12 @@ pub fn resolve_tls(
     host: &str,
 ) -> Result<Option<TlsSettings>, ConfigError> {
     let insecure = insecure.unwrap_or(false);
+    tls_files::check_mqtt_transport(raw.is_some(), insecure, host)
+        .map_err(|(k, m)| invalid(k, m))?;
     let Some(raw) = raw else {
-        if !insecure && !is_loopback(host) {
-            return Err(invalid(
-                "mqtt.tls",
-                format!(
-                    "missing: the broker {host:?} is not on this machine, so the connection must use TLS: \
-                     add [mqtt.tls] with ca_file, cert_file and key_file (or, for development only, set mqtt.insecure = true)"
-                ),
-            ));
-        }
         return Ok(None);
     };
-    if insecure {
-        return Err(invalid(
-            "mqtt.insecure",
-            "cannot be true together with [mqtt.tls]: remove one of them",
-        ));
-    }
-    let ca_file = raw.ca_file.ok_or_else(|| {
-        invalid(
-            "mqtt.tls.ca_file",
-            "missing: name the PEM file of the CA that signed the broker's certificate",
-        )
-    })?;
-    let ca = tls_files::read_certs(&ca_file).map_err(|m| invalid("mqtt.tls.ca_file", m))?;
+    let (ca_file, ca) = tls_files::mqtt_ca_file(raw.ca_file).map_err(|(k, m)| invalid(k, m))?;
     let mut roots = rustls::RootCertStore::empty();
     for c in ca {
         roots
@@ -1267,6 +1227,8 @@ const STRING_KEYS: &[&str] = &[
 /// path, the log filter, the fault hook [`FAULT_CRASH_AFTER_SWITCH_ENV`], test variables) and
 /// the fleet's `EMBER_FLEET_*` are not overrides.
 const ENV: Overlay<'static> = Overlay {
+    program: "ember-agent",
+    example: "agent/examples/agent.toml",
     prefix: "EMBER_",
     foreign_prefixes: &["EMBER_FLEET_"],
     string_keys: STRING_KEYS,

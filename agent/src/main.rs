@@ -125,25 +125,16 @@ fn run(settings: Settings) -> anyhow::Result<()> {
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
         let force = CancellationToken::new();
-        spawn_signal_handler(shutdown.clone(), force.clone())?;
+        ember_host::signals::spawn_two_stage(shutdown.clone(), force.clone(), SIGNALS)
+            .context("cannot install the SIGTERM/SIGINT handlers")?;
         let report = ember_agent::runtime::run(settings, shutdown, force).await?;
         tracing::info!(outcome = ?report.outcome, queued = report.queued_at_exit, "Exiting.");
         Ok(())
     })
 }
 
-/// First SIGTERM/SIGINT: drain gracefully. Second: exit at once.
-fn spawn_signal_handler(
-    shutdown: CancellationToken,
-    force: CancellationToken,
-) -> anyhow::Result<()> {
-    ember_host::signals::spawn_two_stage(
-        shutdown,
-        force,
-        ember_host::signals::Messages {
-            draining: "Shutdown requested: draining the queue (send the signal again to exit at once).",
-            exiting: "Second signal: exiting now; queued records stay on disk.",
-        },
-    )
-    .context("cannot install the SIGTERM/SIGINT handlers")
-}
+/// What the two-stage signal handler says: first SIGTERM/SIGINT drains, the second exits.
+const SIGNALS: ember_host::signals::Messages = ember_host::signals::Messages {
+    draining: "Shutdown requested: draining the queue (send the signal again to exit at once).",
+    exiting: "Second signal: exiting now; queued records stay on disk.",
+};

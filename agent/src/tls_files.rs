@@ -13,7 +13,10 @@ use std::sync::Arc;
 
 use rustls::sign::CertifiedKey;
 
-pub use ember_host::tls::{check_key_permissions, is_loopback, not_after, provider, read_certs};
+pub use ember_host::tls::{
+    check_key_permissions, check_mqtt_transport, is_loopback, mqtt_ca_file, not_after, provider,
+    read_certs,
+};
 
 /// Loads a certificate chain and its key, and the chain's `not_after` (Unix seconds). Errors
 /// name the config key and never quote the file.

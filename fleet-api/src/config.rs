@@ -75,6 +75,20 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+impl From<ember_host::env::LoadError> for ConfigError {
+    fn from(e: ember_host::env::LoadError) -> ConfigError {
+        use ember_host::env::LoadError;
+        match e {
+            LoadError::Read { path, source } => ConfigError::Read { path, source },
+            LoadError::Parse { path, message } => ConfigError::Parse { path, message },
+            LoadError::Env(e) => ConfigError::Env {
+                var: e.var,
+                message: e.message,
+            },
+        }
+    }
+}
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -396,51 +410,16 @@ impl Settings {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let (text, name) = match path {
-            Some(p) => (
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_path_buf(),
-                    source,
-                })?,
-                p.display().to_string(),
-            ),
-            None => (String::new(), "<defaults>".to_string()),
-        };
-        Self::from_toml(&text, &name, env)
+        Settings::resolve(ENV.load(path, env)?)
     }
 
+    /// [`Settings::load`] on text already read (`name` is what errors call it).
     pub fn from_toml(
         text: &str,
         name: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: name.to_string(),
-            message: e.to_string(),
-        })?;
-        let applied = ENV.apply(&mut table, env).map_err(|e| ConfigError::Env {
-            var: e.var,
-            message: e.message,
-        })?;
-        let raw: RawConfig =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| match applied.blame(&e.to_string()) {
-                    // A key the file does not have came from the environment: blame the variable.
-                    Some(var) => ConfigError::Env {
-                        var: var.to_string(),
-                        message: format!(
-                            "{} (not a setting of ember-fleet: unset the variable; \
-                         fleet-api/examples/fleet.toml lists every key)",
-                            e.message()
-                        ),
-                    },
-                    None => ConfigError::Parse {
-                        path: name.to_string(),
-                        message: e.to_string(),
-                    },
-                })?;
-        Settings::resolve(raw)
+        Settings::resolve(ENV.parse(text, name, env)?)
     }
 
     pub fn resolve(raw: RawConfig) -> Result<Settings, ConfigError> {
@@ -804,6 +783,8 @@ const STRING_KEYS: &[&str] = &[
 /// `EMBER_FLEET_<KEY>` / `EMBER_FLEET_<SECTION>__<KEY>` (names in `ember_host::env::RESERVED`,
 /// such as `EMBER_FLEET_URL` and `EMBER_FLEET_TOKEN`, are not overrides).
 const ENV: Overlay<'static> = Overlay {
+    program: "ember-fleet",
+    example: "fleet-api/examples/fleet.toml",
     prefix: "EMBER_FLEET_",
     foreign_prefixes: &[],
     string_keys: STRING_KEYS,

@@ -75,7 +75,7 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-use ember_host::tls::{check_key_permissions, is_loopback};
+use ember_host::tls::{check_key_permissions, check_mqtt_transport, mqtt_ca_file};
 use ember_host::tls::{provider, read_certs, read_key};
 
 fn pair(
@@ -120,31 +120,11 @@ pub fn resolve_mqtt(
     host: &str,
 ) -> Result<Option<MqttTlsSettings>, ConfigError> {
     let insecure = insecure.unwrap_or(false);
+    check_mqtt_transport(raw.is_some(), insecure, host).map_err(|(k, m)| invalid(k, m))?;
     let Some(raw) = raw else {
-        if !insecure && !is_loopback(host) {
-            return Err(invalid(
-                "mqtt.tls",
-                format!(
-                    "missing: the broker {host:?} is not on this machine, so the connection must use TLS: \
-                     add [mqtt.tls] with ca_file, cert_file and key_file (or, for development only, set mqtt.insecure = true)"
-                ),
-            ));
-        }
         return Ok(None);
     };
-    if insecure {
-        return Err(invalid(
-            "mqtt.insecure",
-            "cannot be true together with [mqtt.tls]: remove one of them",
-        ));
-    }
-    let ca_file = raw.ca_file.ok_or_else(|| {
-        invalid(
-            "mqtt.tls.ca_file",
-            "missing: name the PEM file of the CA that signed the broker's certificate",
-        )
-    })?;
-    read_certs(&ca_file).map_err(|m| invalid("mqtt.tls.ca_file", m))?;
+    let (ca_file, _) = mqtt_ca_file(raw.ca_file).map_err(|(k, m)| invalid(k, m))?;
     let (cert_file, key_file) = pair("mqtt.tls", raw.cert_file, raw.key_file)?;
     let s = MqttTlsSettings {
         ca_file,

@@ -199,7 +199,8 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         let listener = crate::bind(&settings).await?;
         let shutdown = CancellationToken::new();
         let force = CancellationToken::new();
-        spawn_signal_handler(shutdown.clone(), force.clone())?;
+        ember_host::signals::spawn_two_stage(shutdown.clone(), force.clone(), SIGNALS)
+            .context("cannot install the SIGTERM/SIGINT handlers")?;
         crate::run(settings, listener, shutdown, force).await?;
         Ok(())
     })
@@ -229,7 +230,8 @@ fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let shutdown = CancellationToken::new();
         let force = CancellationToken::new();
-        spawn_signal_handler(shutdown.clone(), force.clone())?;
+        ember_host::signals::spawn_two_stage(shutdown.clone(), force.clone(), SIGNALS)
+            .context("cannot install the SIGTERM/SIGINT handlers")?;
         crate::demo::run(opts, shutdown, force, |url| {
             println!("Ember demo: {agents} agents online. Dashboard: {url}  (Ctrl-C stops)");
         })
@@ -239,18 +241,8 @@ fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     })
 }
 
-/// First SIGTERM/SIGINT: drain gracefully. Second: exit at once.
-fn spawn_signal_handler(
-    shutdown: CancellationToken,
-    force: CancellationToken,
-) -> anyhow::Result<()> {
-    ember_host::signals::spawn_two_stage(
-        shutdown,
-        force,
-        ember_host::signals::Messages {
-            draining: "Shutdown requested: draining ingestion (send the signal again to exit at once).",
-            exiting: "Second signal: exiting now; unacknowledged messages stay with the broker.",
-        },
-    )
-    .context("cannot install the SIGTERM/SIGINT handlers")
-}
+/// What the two-stage signal handler says: first SIGTERM/SIGINT drains, the second exits.
+const SIGNALS: ember_host::signals::Messages = ember_host::signals::Messages {
+    draining: "Shutdown requested: draining ingestion (send the signal again to exit at once).",
+    exiting: "Second signal: exiting now; unacknowledged messages stay with the broker.",
+};

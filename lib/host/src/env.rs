@@ -111,9 +111,27 @@ pub struct EnvError {
     pub message: String,
 }
 
+/// Why a configuration file plus its environment could not be read into the raw config.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error(transparent)]
+    Env(#[from] EnvError),
+}
+
 /// How one program maps its variables onto its configuration file.
 #[derive(Debug, Clone, Copy)]
 pub struct Overlay<'a> {
+    /// The program, for messages (`ember-agent`).
+    pub program: &'a str,
+    /// Where every key is documented, for messages (`agent/examples/agent.toml`).
+    pub example: &'a str,
     /// `EMBER_` (agent) or `EMBER_FLEET_` (fleet).
     pub prefix: &'a str,
     /// Variables starting with these belong to another program and are skipped
@@ -160,6 +178,58 @@ impl Overlay<'_> {
             "use {p}<KEY> or {p}<SECTION>__<KEY> (double underscore between section and key)",
             p = self.prefix
         )
+    }
+
+    /// Reads `path` (an empty file when `None`), applies `vars` and deserializes the program's
+    /// raw configuration (`deny_unknown_fields`; validation is the program's).
+    pub fn load<T: serde::de::DeserializeOwned>(
+        &self,
+        path: Option<&std::path::Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<T, LoadError> {
+        let (text, name) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| LoadError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "<defaults>".to_string()),
+        };
+        self.parse(&text, &name, vars)
+    }
+
+    /// [`Overlay::load`] on text already read (`name` is what errors call it). An unknown key
+    /// that came from the environment is blamed on its variable.
+    pub fn parse<T: serde::de::DeserializeOwned>(
+        &self,
+        text: &str,
+        name: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<T, LoadError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| LoadError::Parse {
+            path: name.to_string(),
+            message: e.to_string(),
+        })?;
+        let applied = self.apply(&mut table, vars)?;
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| match applied.blame(&e.to_string()) {
+                Some(var) => LoadError::Env(EnvError {
+                    var: var.to_string(),
+                    message: format!(
+                        "{} (not a setting of {}: unset the variable; {} lists every key)",
+                        e.message(),
+                        self.program,
+                        self.example
+                    ),
+                }),
+                None => LoadError::Parse {
+                    path: name.to_string(),
+                    message: e.to_string(),
+                },
+            })
     }
 
     /// Applies every override in `vars` onto `table`. Reserved and foreign variables are
@@ -259,12 +329,16 @@ mod tests {
     use super::*;
 
     const AGENT: Overlay<'static> = Overlay {
+        program: "ember-agent",
+        example: "agent.toml",
         prefix: "EMBER_",
         foreign_prefixes: &["EMBER_FLEET_"],
         string_keys: &["device_id", "mqtt.host"],
         file_only: &[("source", "sources can only be configured in the file")],
     };
     const FLEET: Overlay<'static> = Overlay {
+        program: "ember-fleet",
+        example: "fleet.toml",
         prefix: "EMBER_FLEET_",
         foreign_prefixes: &[],
         string_keys: &["database.url"],
@@ -372,6 +446,50 @@ mod tests {
             Some("EMBER_FLEET_MQTT__PROT")
         );
         assert_eq!(applied.blame("invalid type: integer"), None);
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Raw {
+        device_id: Option<String>,
+        mqtt: Option<RawMqtt>,
+    }
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct RawMqtt {
+        port: Option<u16>,
+    }
+
+    #[test]
+    fn load_reads_overlays_and_blames() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.toml");
+        std::fs::write(&p, "device_id = \"d\"\n[mqtt]\nport = 1\n").unwrap();
+        let raw: Raw = AGENT
+            .load(Some(&p), vars(&[("EMBER_MQTT__PORT", "8883")]))
+            .unwrap();
+        assert_eq!(raw.device_id.as_deref(), Some("d"));
+        assert_eq!(raw.mqtt.unwrap().port, Some(8883));
+        let e = AGENT
+            .load::<Raw>(Some(&p), vars(&[("EMBER_MQTT__PROT", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("environment variable EMBER_MQTT__PROT: unknown field `prot`")
+                && e.contains("not a setting of ember-agent: unset the variable; agent.toml"),
+            "{e}"
+        );
+        let e = AGENT
+            .load::<Raw>(Some(&dir.path().join("missing.toml")), vars(&[]))
+            .unwrap_err();
+        assert!(matches!(e, LoadError::Read { .. }), "{e}");
+        let e = AGENT
+            .parse::<Raw>("colour = 1", "f.toml", vars(&[]))
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with("f.toml: unknown field `colour`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
@@ -87,6 +87,42 @@ pub fn root_store(ca_file: &Path) -> Result<rustls::RootCertStore, String> {
     Ok(roots)
 }
 
+/// The rule both programs apply to `[mqtt.tls]` and `mqtt.insecure` for a broker on `host`:
+/// plaintext only to this machine unless `insecure` (development), and never `insecure`
+/// together with TLS. The error is the config key and what to do.
+pub fn check_mqtt_transport(
+    tls: bool,
+    insecure: bool,
+    host: &str,
+) -> Result<(), (&'static str, String)> {
+    match (tls, insecure) {
+        (false, false) if !is_loopback(host) => Err((
+            "mqtt.tls",
+            format!(
+                "missing: the broker {host:?} is not on this machine, so the connection must use TLS: \
+                 add [mqtt.tls] with ca_file, cert_file and key_file (or, for development only, set mqtt.insecure = true)"
+            ),
+        )),
+        (true, true) => Err((
+            "mqtt.insecure",
+            "cannot be true together with [mqtt.tls]: remove one of them".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `mqtt.tls.ca_file`: present and holding PEM certificates; the path and the certificates.
+pub fn mqtt_ca_file(
+    ca_file: Option<PathBuf>,
+) -> Result<(PathBuf, Vec<CertificateDer<'static>>), (&'static str, String)> {
+    let ca_file = ca_file.ok_or((
+        "mqtt.tls.ca_file",
+        "missing: name the PEM file of the CA that signed the broker's certificate".to_string(),
+    ))?;
+    let certs = read_certs(&ca_file).map_err(|m| ("mqtt.tls.ca_file", m))?;
+    Ok((ca_file, certs))
+}
+
 /// The end of a certificate's validity, in seconds since the Unix epoch; `None` when the DER is
 /// not an X.509 certificate.
 pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
@@ -113,6 +149,24 @@ mod tests {
         for h in ["example.com", "10.0.0.1", "::2", "[fe80::1]", ""] {
             assert!(!is_loopback(h), "{h}");
         }
+    }
+
+    #[test]
+    fn mqtt_transport_rule() {
+        assert!(check_mqtt_transport(false, false, "127.0.0.1").is_ok());
+        assert!(check_mqtt_transport(false, true, "broker.example").is_ok());
+        assert!(check_mqtt_transport(true, false, "broker.example").is_ok());
+        let (key, m) = check_mqtt_transport(false, false, "broker.example").unwrap_err();
+        assert_eq!(key, "mqtt.tls");
+        assert!(
+            m.contains("must use TLS") && m.contains("mqtt.insecure = true"),
+            "{m}"
+        );
+        assert_eq!(
+            check_mqtt_transport(true, true, "h").unwrap_err().0,
+            "mqtt.insecure"
+        );
+        assert_eq!(mqtt_ca_file(None).unwrap_err().0, "mqtt.tls.ca_file");
     }
 
     #[test]
