@@ -42,12 +42,7 @@ use crate::config::{ConfigError, Settings, TlsSettings};
 use crate::metrics::Metrics;
 use crate::tls_files::{check_key_permissions, load_pair, provider, read_certs};
 
-fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.to_string(),
-        message: message.into(),
-    }
-}
+use ember_host::env::invalid;
 
 /// How often a handshake may repeat the expiry warning.
 const WARN_EVERY: Duration = Duration::from_secs(3600);

@@ -59,42 +59,9 @@ pub const DEFAULT_MODEL_STORE: &str = "fs";
 /// Shortest accepted bootstrap token: it is an admin credential.
 pub const MIN_BOOTSTRAP_TOKEN_LEN: usize = 16;
 
-/// What went wrong, and where.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path} is not valid: {message}")]
-    Parse { path: String, message: String },
-    #[error("environment variable {var}: {message}")]
-    Env { var: String, message: String },
-    #[error("invalid value for `{key}`: {message}")]
-    Invalid { key: String, message: String },
-}
-
-impl From<ember_host::env::LoadError> for ConfigError {
-    fn from(e: ember_host::env::LoadError) -> ConfigError {
-        use ember_host::env::LoadError;
-        match e {
-            LoadError::Read { path, source } => ConfigError::Read { path, source },
-            LoadError::Parse { path, message } => ConfigError::Parse { path, message },
-            LoadError::Env(e) => ConfigError::Env {
-                var: e.var,
-                message: e.message,
-            },
-        }
-    }
-}
-
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        message: message.into(),
-    }
-}
+/// What went wrong, and where (one type for both binaries, `ember_host::env::ConfigError`).
+pub use ember_host::env::ConfigError;
+use ember_host::env::invalid;
 
 // ---- the file layer -----------------------------------------------------------------------
 

@@ -68,12 +68,7 @@ pub struct MqttTlsSettings {
     pub alpn: Vec<String>,
 }
 
-fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.to_string(),
-        message: message.into(),
-    }
-}
+use ember_host::env::invalid;
 
 use ember_host::tls::{check_key_permissions, check_mqtt_transport, mqtt_ca_file};
 use ember_host::tls::{provider, read_certs, read_key};
@@ -85,19 +80,19 @@ fn pair(
 ) -> Result<(PathBuf, PathBuf), ConfigError> {
     let cert = cert.ok_or_else(|| {
         invalid(
-            &format!("{section}.cert_file"),
+            format!("{section}.cert_file"),
             "missing: name the PEM certificate (chain) file",
         )
     })?;
     let key = key.ok_or_else(|| {
         invalid(
-            &format!("{section}.key_file"),
+            format!("{section}.key_file"),
             "missing: name the PEM private key file",
         )
     })?;
-    read_certs(&cert).map_err(|m| invalid(&format!("{section}.cert_file"), m))?;
-    check_key_permissions(&key).map_err(|m| invalid(&format!("{section}.key_file"), m))?;
-    read_key(&key).map_err(|m| invalid(&format!("{section}.key_file"), m))?;
+    read_certs(&cert).map_err(|m| invalid(format!("{section}.cert_file"), m))?;
+    check_key_permissions(&key).map_err(|m| invalid(format!("{section}.key_file"), m))?;
+    read_key(&key).map_err(|m| invalid(format!("{section}.key_file"), m))?;
     Ok((cert, key))
 }
 

@@ -111,18 +111,38 @@ pub struct EnvError {
     pub message: String,
 }
 
-/// Why a configuration file plus its environment could not be read into the raw config.
+/// Why a program's configuration (file plus environment) is refused: the error type of both
+/// binaries' `config` modules, each variant naming what to fix.
 #[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error("cannot read {path}: {source}")]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
     Read {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
+    #[error("config file {path} is not valid: {message}")]
     Parse { path: String, message: String },
-    #[error(transparent)]
-    Env(#[from] EnvError),
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl From<EnvError> for ConfigError {
+    fn from(e: EnvError) -> ConfigError {
+        ConfigError::Env {
+            var: e.var,
+            message: e.message,
+        }
+    }
+}
+
+/// [`ConfigError::Invalid`] for `key`.
+pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 /// How one program maps its variables onto its configuration file.
@@ -186,10 +206,10 @@ impl Overlay<'_> {
         &self,
         path: Option<&std::path::Path>,
         vars: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<T, LoadError> {
+    ) -> Result<T, ConfigError> {
         let (text, name) = match path {
             Some(p) => (
-                std::fs::read_to_string(p).map_err(|source| LoadError::Read {
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
                     path: p.to_path_buf(),
                     source,
                 })?,
@@ -207,8 +227,8 @@ impl Overlay<'_> {
         text: &str,
         name: &str,
         vars: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<T, LoadError> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| LoadError::Parse {
+    ) -> Result<T, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: name.to_string(),
             message: e.to_string(),
         })?;
@@ -216,7 +236,7 @@ impl Overlay<'_> {
         toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| match applied.blame(&e.to_string()) {
-                Some(var) => LoadError::Env(EnvError {
+                Some(var) => ConfigError::Env {
                     var: var.to_string(),
                     message: format!(
                         "{} (not a setting of {}: unset the variable; {} lists every key)",
@@ -224,8 +244,8 @@ impl Overlay<'_> {
                         self.program,
                         self.example
                     ),
-                }),
-                None => LoadError::Parse {
+                },
+                None => ConfigError::Parse {
                     path: name.to_string(),
                     message: e.to_string(),
                 },
@@ -482,7 +502,7 @@ mod tests {
         let e = AGENT
             .load::<Raw>(Some(&dir.path().join("missing.toml")), vars(&[]))
             .unwrap_err();
-        assert!(matches!(e, LoadError::Read { .. }), "{e}");
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
         let e = AGENT
             .parse::<Raw>("colour = 1", "f.toml", vars(&[]))
             .unwrap_err();
