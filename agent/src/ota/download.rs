@@ -100,30 +100,11 @@ impl Downloader {
     pub fn new(tls: &TlsFiles) -> Result<Downloader, DownloadError> {
         let mut builder = ureq::tls::TlsConfig::builder();
         if let Some(ca) = &tls.ca {
-            let pem = read_pem(ca)?;
-            let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
-                .filter_map(|item| match item {
-                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
-                    Ok(_) => None,
-                    Err(e) => Some(Err(e)),
-                })
-                .collect::<Result<_, _>>()
-                .map_err(|e| tls_err(ca, e.to_string()))?;
-            if certs.is_empty() {
-                return Err(tls_err(ca, "no certificate in the file".into()));
-            }
+            let certs = pem_certs(ca)?;
             builder = builder.root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)));
         }
         if let Some((cert, key)) = &tls.client_cert {
-            let chain_pem = read_pem(cert)?;
-            let chain: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&chain_pem)
-                .filter_map(|item| match item {
-                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
-                    Ok(_) => None,
-                    Err(e) => Some(Err(e)),
-                })
-                .collect::<Result<_, _>>()
-                .map_err(|e| tls_err(cert, e.to_string()))?;
+            let chain = pem_certs(cert)?;
             let key_pem = read_pem(key)?;
             // The error never includes the key's bytes.
             let key_parsed = ureq::tls::PrivateKey::from_pem(&key_pem)
@@ -399,6 +380,16 @@ fn remove(path: &Path) -> Result<(), DownloadError> {
     }
 }
 
+/// The certificates of a PEM file (`ember_host::tls::certs_from_pem`), as ureq takes them.
+fn pem_certs(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>, DownloadError> {
+    let certs = ember_host::tls::certs_from_pem(&read_pem(path)?)
+        .map_err(|m| tls_err(path, format!("the file {m}")))?;
+    Ok(certs
+        .iter()
+        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+        .collect())
+}
+
 fn read_pem(path: &Path) -> Result<Vec<u8>, DownloadError> {
     std::fs::read(path).map_err(|e| tls_err(path, e.to_string()))
 }
@@ -657,6 +648,6 @@ mod tests {
         })
         .err()
         .expect("refused");
-        assert!(e.to_string().contains("no certificate"), "{e}");
+        assert!(e.to_string().contains("no PEM certificate"), "{e}");
     }
 }
