@@ -22,8 +22,6 @@
 //! at a time across all devices.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,9 +31,10 @@ use anyhow::{Context, Result, bail};
 use ember_agent::ota::download::{Downloader, Request, TlsFiles};
 use ember_fleet::auth::Scope;
 use ember_fleet::config::Settings;
+use ember_host::client::{Body, FleetClient};
 use ember_proto::ota::{OtaReport, OtaState};
 use ember_proto::{DeviceState, Encoding, Status};
-use ember_testkit::{TestBroker, localhost};
+use ember_testkit::TestBroker;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -194,7 +193,7 @@ pub async fn run(args: Args) -> Result<()> {
     let t0 = Instant::now();
     let body = json!({"model": MODEL, "version": NEW, "targets": {"all": true},
         "waves": args.waves, "min_soak_s": 0});
-    let (code, text) = http_call(http, "POST", "/api/v1/rollouts", Some(&body.to_string()))?;
+    let (code, text) = http_call(http, "POST", "/api/v1/rollouts", Some(&body))?;
     if code != 201 {
         bail!("create answered {code}: {text}");
     }
@@ -332,20 +331,16 @@ fn start_fleet(
 /// Uploads the new version through the registry's route (admin token); returns its entry.
 fn upload(http: u16) -> Result<Value> {
     let bundle = ember_testkit::bundles::with_version(BUNDLE, NEW);
-    let mut s = TcpStream::connect_timeout(&localhost(http), Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let head = format!(
-        "POST /api/v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Connection: close\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-        bundle.len()
-    );
-    s.write_all(head.as_bytes())?;
-    s.write_all(&bundle)?;
-    let (code, body) = super::fleet::read_answer(s)?;
-    if code != 201 {
-        bail!("the upload answered {code}: {body}");
+    let r = FleetClient::local(http).with_token(TOKEN).send(
+        "POST",
+        "/api/v1/models",
+        &[],
+        Some(Body::Bytes(&bundle)),
+    )?;
+    if r.status != 201 {
+        bail!("the upload answered {}: {}", r.status, r.text());
     }
-    let entry: Value = serde_json::from_str(&body)?;
+    let entry: Value = serde_json::from_slice(&r.body)?;
     let local = file_sha256(&bundle);
     if entry["sha256"].as_str() != Some(local.as_str()) {
         bail!(
@@ -619,21 +614,13 @@ async fn baseline(port: u16, n: usize, size: usize) -> Result<f64> {
     Ok(t0.map(|t| t.elapsed().as_secs_f64()).unwrap_or(f64::NAN))
 }
 
-fn http_call(port: u16, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&localhost(port), Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n"
-    );
-    match body {
-        Some(b) => req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-            b.len()
-        )),
-        None => req.push_str("\r\n"),
-    }
-    s.write_all(req.as_bytes())?;
-    Ok(super::fleet::read_answer(s)?)
+/// One call to the fleet's API with the admin token: (status, body).
+fn http_call(port: u16, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, String)> {
+    let r =
+        FleetClient::local(port)
+            .with_token(TOKEN)
+            .send(method, path, &[], body.map(Body::Json))?;
+    Ok((r.status, r.text()))
 }
 
 fn now_us() -> u64 {

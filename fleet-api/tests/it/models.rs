@@ -8,13 +8,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
-use std::time::Duration;
 
 use ember_fleet::config::{Backend, DatabaseSettings, Settings};
 use ember_fleet::db::{Db, Sql};
+use ember_host::client::{Body, FleetClient};
 use ember_testkit::bundles::{committed, committed_path, dev_public_key_path, with_version};
 use ember_testkit::{TestBroker, TestS3};
 use serde_json::{Value, json};
@@ -67,46 +65,20 @@ fn http(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> Bin {
-    let mut s = TcpStream::connect_timeout(&ember_testkit::localhost(port), Duration::from_secs(5))
-        .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(b) = body {
-        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
-    }
-    req.push_str("\r\n");
-    let mut out = req.into_bytes();
-    out.extend_from_slice(body.unwrap_or_default());
-    // The server may answer (413) and close before reading everything.
-    let _ = s.write_all(&out);
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(&raw)));
-    let head = String::from_utf8_lossy(&raw[..end]).to_string();
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let body = raw[end + 4..].to_vec();
+    let client = FleetClient::local(port);
+    let client = match token {
+        Some(t) => client.with_token(t),
+        None => client,
+    };
+    let mut all = vec![("Connection", "close")];
+    all.extend_from_slice(headers);
+    let r = client
+        .send(method, path, &all, body.map(Body::Bytes))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     let bin = Bin {
-        status,
-        headers,
-        body,
+        status: r.status,
+        headers: r.headers,
+        body: r.body,
     };
     if method != "HEAD" {
         let len: usize = bin

@@ -2,15 +2,13 @@
 //! (docs/security.md).
 
 use std::fs;
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::Duration;
 
 use ember_fleet::auth::{self, Scope};
 use ember_fleet::config::Settings;
 use ember_fleet::db::Db;
+use ember_host::client::{ClientError, FleetClient};
 use ember_testkit::tls::{TestPki, client_config};
 use ember_testkit::{TestAgent, TestBroker, free_port, wait_until};
 use serde_json::{Value, json};
@@ -132,42 +130,22 @@ fn scoped_tokens_are_enforced() {
     fleet.stop().expect("clean stop");
 }
 
-/// A minimal HTTPS/1.1 client that trusts only `ca_pem`; returns (status, body).
+/// One request over HTTPS through the fleet's client, trusting only the test CA in
+/// `ca_file`; returns (status, body).
 fn https(
     port: u16,
-    tls: &Arc<rustls::ClientConfig>,
+    ca_file: &std::path::Path,
     method: &str,
     path: &str,
     token: Option<&str>,
-) -> std::io::Result<(u16, String)> {
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("a name");
-    let conn = rustls::ClientConnection::new(tls.clone(), name).map_err(std::io::Error::other)?;
-    let tcp = TcpStream::connect_timeout(&ember_testkit::localhost(port), Duration::from_secs(5))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut s = rustls::StreamOwned::new(conn, tcp);
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    match s.read_to_end(&mut raw) {
-        Ok(_) => {}
-        // A server may close without close_notify after `Connection: close`.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
-        Err(e) => return Err(e),
-    }
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no end of HTTP head"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("bad status line"))?;
-    Ok((status, body.to_string()))
+) -> Result<(u16, String), ClientError> {
+    let client = FleetClient::new(&format!("https://127.0.0.1:{port}"), Some(ca_file))?;
+    let client = match token {
+        Some(t) => client.with_token(t),
+        None => client,
+    };
+    let r = client.send(method, path, &[("Connection", "close")], None)?;
+    Ok((r.status, r.text()))
 }
 
 fn toml_path(p: &std::path::Path) -> String {
@@ -245,9 +223,9 @@ fn full_tls_scenario_logs_no_secrets() {
             .spawn()
             .expect("spawn ember-fleet"),
     );
-    let tls = client_config(pki.ca_pem(), None);
+    let ca = pki.ca_file();
     let healthy = wait_until(WAIT, || {
-        https(port, &tls, "GET", "/api/v1/health", None).is_ok_and(|(s, _)| s == 200)
+        https(port, ca, "GET", "/api/v1/health", None).is_ok_and(|(s, _)| s == 200)
     });
     assert!(
         healthy,
@@ -292,7 +270,7 @@ fn full_tls_scenario_logs_no_secrets() {
     let ledger_path = "/api/v1/devices/dev-s/ledger";
     let mut last = String::new();
     let flowing = wait_until(WAIT, || {
-        match https(port, &tls, "GET", ledger_path, Some(&dev_token)) {
+        match https(port, ca, "GET", ledger_path, Some(&dev_token)) {
             Ok((200, body)) => {
                 last = body.clone();
                 serde_json::from_str::<Value>(&body)
@@ -315,9 +293,9 @@ fn full_tls_scenario_logs_no_secrets() {
         "telemetry did not reach the fleet over mTLS: {last}\nfleet log:\n{}",
         fs::read_to_string(&fleet_log).unwrap_or_default()
     );
-    let (status, _) = https(port, &tls, "GET", "/api/v1/devices", Some(&dev_token)).expect("https");
+    let (status, _) = https(port, ca, "GET", "/api/v1/devices", Some(&dev_token)).expect("https");
     assert_eq!(status, 403, "a device token may not list the fleet");
-    let (status, _) = https(port, &tls, "GET", "/api/v1/devices", Some(&admin)).expect("https");
+    let (status, _) = https(port, ca, "GET", "/api/v1/devices", Some(&admin)).expect("https");
     assert_eq!(status, 200);
 
     agent.sigterm();

@@ -1,10 +1,9 @@
-//! A minimal blocking HTTP/1.1 client (one request per connection), enough for the fleet's
-//! JSON API without pulling an HTTP client crate into the tests.
+//! The tests' HTTP client: a thin layer over the fleet's one REST client
+//! ([`ember_host::client::FleetClient`]) with the shape the tests use (a panicking
+//! [`request`], the body as text, lower-case header names, any status returned as is, no
+//! redirects followed).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
-
+use ember_host::client::{Body, FleetClient};
 use serde_json::Value;
 
 #[derive(Debug, Clone)]
@@ -48,6 +47,8 @@ pub fn request(
         .unwrap_or_else(|e| panic!("{method} {path} on port {port} failed: {e}"))
 }
 
+/// One request on its own connection (`Connection: close`); a body is sent as is, labelled
+/// JSON (malformed JSON included), whatever the method. `Err` when no HTTP answer came back.
 pub fn try_request(
     port: u16,
     method: &str,
@@ -55,64 +56,26 @@ pub fn try_request(
     token: Option<&str>,
     body: Option<&str>,
 ) -> std::io::Result<Resp> {
-    let mut s =
-        TcpStream::connect_timeout(&ember_testkit::localhost(port), Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    if let Some(b) = body {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        ));
-    }
-    req.push_str("\r\n");
-    if let Some(b) = body {
-        req.push_str(b);
-    }
-    s.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("no end of HTTP head in {text:?}")))?;
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_string()
+    let client = FleetClient::local(port);
+    let client = match token {
+        Some(t) => client.with_token(t),
+        None => client,
     };
-    Ok(Resp {
-        status,
-        headers,
-        body,
-    })
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
+    let mut headers = vec![("Connection", "close")];
+    if body.is_some() {
+        headers.push(("Content-Type", "application/json"));
     }
-    out
+    let r = client
+        .send(
+            method,
+            path,
+            &headers,
+            body.map(|b| Body::Bytes(b.as_bytes())),
+        )
+        .map_err(std::io::Error::other)?;
+    Ok(Resp {
+        status: r.status,
+        body: r.text(),
+        headers: r.headers,
+    })
 }
