@@ -6,8 +6,6 @@
 //! [`ember_proto::acl::mosquitto_acl`], the same ACL `ember-fleet pki mosquitto-conf` writes.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -55,20 +53,12 @@ fn at(unix_s: i64) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(unix_s).expect("a representable time")
 }
 
-/// Writes `text` to `path` with mode `mode` (replacing it atomically through a rename).
+/// Writes `text` to `path` with mode `mode` (replacing it atomically: `ember_host::fs`).
 pub fn write_file(path: &Path, text: &str, mode: u32) {
-    let tmp = path.with_extension("tmp-write");
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
+    ember_host::fs::Durable::new()
         .mode(mode)
-        .open(&tmp)
-        .unwrap_or_else(|e| panic!("cannot create {}: {e}", tmp.display()));
-    f.write_all(text.as_bytes())
-        .and_then(|_| f.sync_all())
-        .unwrap_or_else(|e| panic!("cannot write {}: {e}", tmp.display()));
-    fs::rename(&tmp, path).unwrap_or_else(|e| panic!("cannot rename to {}: {e}", path.display()));
+        .write(path, text.as_bytes())
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
 
 impl TestPki {
