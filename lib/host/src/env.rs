@@ -507,7 +507,8 @@ mod tests {
             .parse::<Raw>("colour = 1", "f.toml", vars(&[]))
             .unwrap_err();
         assert!(
-            e.to_string().starts_with("f.toml: unknown field `colour`"),
+            e.to_string()
+                .starts_with("config file f.toml is not valid: unknown field `colour`"),
             "{e}"
         );
     }
