@@ -323,6 +323,122 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// A second storage engine, for the tests only: a `BTreeMap` rewritten whole to
+/// `<dir>/entries` (length-prefixed pairs, through `ember_host::fs::replace`) at each change.
+/// Slow and simple; it exists to prove that `Queue<E: Engine>` needs nothing of sled.
+struct FileEngine {
+    file: PathBuf,
+    map: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+impl FileEngine {
+    fn persist(&self, map: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<(), QueueError> {
+        let mut bytes = Vec::new();
+        for (k, v) in map {
+            for part in [k, v] {
+                bytes.extend_from_slice(&(part.len() as u32).to_le_bytes());
+                bytes.extend_from_slice(part);
+            }
+        }
+        ember_host::fs::replace(&self.file, &bytes).map_err(|e| QueueError::Engine(e.to_string()))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
+        self.map.lock().unwrap()
+    }
+}
+
+impl Engine for FileEngine {
+    fn open(path: &Path, _: u64, _: Option<u64>) -> Result<Self, QueueError> {
+        std::fs::create_dir_all(path).map_err(|e| QueueError::Engine(e.to_string()))?;
+        let file = path.join("entries");
+        let mut map = BTreeMap::new();
+        if let Ok(bytes) = std::fs::read(&file) {
+            let mut parts = Vec::new();
+            let mut at = 0;
+            while at < bytes.len() {
+                let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+                parts.push(bytes[at + 4..at + 4 + len].to_vec());
+                at += 4 + len;
+            }
+            for kv in parts.chunks(2) {
+                map.insert(kv[0].clone(), kv[1].clone());
+            }
+        }
+        Ok(FileEngine {
+            file,
+            map: Mutex::new(map),
+        })
+    }
+
+    fn for_each(&self, visit: &mut Visit<'_>) -> Result<(), QueueError> {
+        for (k, v) in self.lock().iter() {
+            visit(k, v)?;
+        }
+        Ok(())
+    }
+
+    fn apply(&self, puts: Vec<Entry>, deletes: Vec<Vec<u8>>) -> Result<(), QueueError> {
+        let mut map = self.lock();
+        for k in deletes {
+            map.remove(&k);
+        }
+        map.extend(puts);
+        self.persist(&map)
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, QueueError> {
+        Ok(self.lock().get(key).cloned())
+    }
+
+    fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Entry>, QueueError> {
+        Ok(self
+            .lock()
+            .range(from.to_vec()..=to.to_vec())
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn remove_keys(&self, keys: &[&[u8]]) -> Result<(u64, u64), QueueError> {
+        let mut map = self.lock();
+        let (mut n, mut bytes) = (0, 0);
+        for k in keys {
+            if let Some(v) = map.remove(*k) {
+                n += 1;
+                bytes += (k.len() + v.len()) as u64;
+            }
+        }
+        self.persist(&map)?;
+        Ok((n, bytes))
+    }
+
+    fn delete_range(&self, from: &[u8], to: &[u8]) -> Result<(u64, u64), QueueError> {
+        let mut map = self.lock();
+        let keys: Vec<Vec<u8>> = map
+            .range(from.to_vec()..=to.to_vec())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let (mut n, mut bytes) = (0, 0);
+        for k in keys {
+            if let Some(v) = map.remove(&k) {
+                n += 1;
+                bytes += (k.len() + v.len()) as u64;
+            }
+        }
+        self.persist(&map)?;
+        Ok((n, bytes))
+    }
+
+    fn flush(&self) -> Result<(), QueueError> {
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), QueueError> {
+        Ok(())
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
@@ -330,10 +446,25 @@ proptest! {
     /// drop_oldest eviction, reopened and compacted at random points.
     #[test]
     fn queue_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
+        queue_matches_model_on::<SledEngine>(ops)?;
+    }
+
+    /// The same model run on another storage engine: the queue is generic over `Engine`.
+    #[test]
+    fn queue_on_another_engine_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
+        queue_matches_model_on::<FileEngine>(ops)?;
+    }
+}
+
+fn queue_matches_model_on<E: Engine>(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let open = |dir: &Path, s: QueueSettings| {
+        Queue::<E>::open_engine(dir, s, Arc::new(Metrics::default())).unwrap()
+    };
+    {
         let dir = tempfile::tempdir().unwrap();
         let cap = 150 * RECORD_BYTES;
         let s = settings(cap, FullPolicy::DropOldest, FsyncPolicy::EveryBatch);
-        let (mut q, _, _) = open(dir.path(), s.clone());
+        let (mut q, _) = open(dir.path(), s.clone());
         let names = ["s0", "s1", "s2"];
         let mut model: Vec<VecDeque<(u64, f32)>> = vec![VecDeque::new(); 3];
         let mut next: Vec<u64> = vec![1; 3];
@@ -348,7 +479,11 @@ proptest! {
                     for (st, n) in parts {
                         for _ in 0..n {
                             counter += 1;
-                            batch.push(Sample { stream: names[st as usize].into(), ts_us: u64::from(counter), values: vec![counter as f32, 1.0, 2.0] });
+                            batch.push(Sample {
+                                stream: names[st as usize].into(),
+                                ts_us: u64::from(counter),
+                                values: vec![counter as f32, 1.0, 2.0],
+                            });
                         }
                     }
                     prop_assert_eq!(q.append(&batch).unwrap().accepted, batch.len());
@@ -356,9 +491,18 @@ proptest! {
                         let i = names.iter().position(|n| **n == *smp.stream).unwrap();
                         // Model eviction, before the new record goes in: oldest capture time
                         // first, skipping in-flight records; over the cap if nothing is left.
-                        while (model.iter().map(|m| m.len() as u64).sum::<u64>() + 1) * RECORD_BYTES > cap {
+                        while (model.iter().map(|m| m.len() as u64).sum::<u64>() + 1) * RECORD_BYTES
+                            > cap
+                        {
                             let victim = (0..3)
-                                .filter_map(|j| model[j].iter().position(|(sq, _)| *sq > in_flight[j] && *sq < batch_start[j]).map(|p| (model[j][p].1, j, p)))
+                                .filter_map(|j| {
+                                    model[j]
+                                        .iter()
+                                        .position(|(sq, _)| {
+                                            *sq > in_flight[j] && *sq < batch_start[j]
+                                        })
+                                        .map(|p| (model[j][p].1, j, p))
+                                })
                                 .min_by(|a, b| a.0.total_cmp(&b.0));
                             let Some((_, j, p)) = victim else { break };
                             model[j].remove(p);
@@ -372,10 +516,22 @@ proptest! {
                 Op::Send(st, n) | Op::SendNoAck(st, n) => {
                     let i = st as usize;
                     let ack = matches!(op, Op::Send(..));
-                    let Some(sid) = q.stream_names().iter().find(|(_, nm)| **nm == *names[i]).map(|(s, _)| *s) else { continue };
+                    let Some(sid) = q
+                        .stream_names()
+                        .iter()
+                        .find(|(_, nm)| **nm == *names[i])
+                        .map(|(s, _)| *s)
+                    else {
+                        continue;
+                    };
                     let got = q.read(sid, 0, n as usize).unwrap();
                     let want: Vec<(u64, f32)> = model[i].iter().take(n as usize).copied().collect();
-                    prop_assert_eq!(got.iter().map(|(s, r)| (*s, r.values[0])).collect::<Vec<_>>(), want.clone());
+                    prop_assert_eq!(
+                        got.iter()
+                            .map(|(s, r)| (*s, r.values[0]))
+                            .collect::<Vec<_>>(),
+                        want.clone()
+                    );
                     if let Some((last, _)) = want.last() {
                         in_flight[i] = in_flight[i].max(*last);
                         if ack {
@@ -405,6 +561,7 @@ proptest! {
             }
         }
     }
+    Ok(())
 }
 
 fn result(i: u64) -> InferenceItem {

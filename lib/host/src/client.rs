@@ -211,7 +211,6 @@ impl FleetClient {
 
     /// `http://127.0.0.1:<port>`, for tests and the bench.
     pub fn local(port: u16) -> FleetClient {
-        #[allow(clippy::expect_used)]
         FleetClient::new(&format!("http://127.0.0.1:{port}"), None)
             .expect("a loopback URL is valid")
     }
