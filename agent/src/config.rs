@@ -42,6 +42,12 @@ pub const DEFAULT_RECONNECT_MIN_MS: u64 = 250;
 pub const DEFAULT_RECONNECT_MAX_MS: u64 = 30_000;
 pub const DEFAULT_HEARTBEAT_S: u64 = 30;
 pub const DEFAULT_STATUS_INTERVAL_S: u64 = 10;
+/// How long sent records may stay uncommitted, while the fleet answers, before the uplink
+/// sends them again from the first uncommitted one (`mqtt.commit_timeout_s`).
+pub const DEFAULT_COMMIT_TIMEOUT_S: u64 = 10;
+/// `delivery = "auto"`: how long PUBACKed records wait for a first commit watermark before
+/// the agent treats the fleet as one that sends none (`mqtt.commit_fallback_s`).
+pub const DEFAULT_COMMIT_FALLBACK_S: u64 = 60;
 pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 256 * 1024 * 1024;
 pub const DEFAULT_QUEUE_MAX_AGE_S: u64 = 7 * 24 * 3600;
 pub const DEFAULT_FSYNC_INTERVAL_MS: u64 = 1000;
@@ -156,6 +162,10 @@ pub struct RawMqtt {
     pub reconnect_max_ms: Option<u64>,
     pub heartbeat_s: Option<u64>,
     pub status_interval_s: Option<u64>,
+    /// `auto` (default), `commit` or `puback`: when a record leaves the queue.
+    pub delivery: Option<String>,
+    pub commit_timeout_s: Option<u64>,
+    pub commit_fallback_s: Option<u64>,
     /// Plaintext to a broker that is not on this machine (development only; see `tls`).
     pub insecure: Option<bool>,
     /// `[mqtt.tls]`: see `crate::tls`.
@@ -329,10 +339,30 @@ pub struct MqttSettings {
     pub reconnect_max_ms: u64,
     pub heartbeat_s: u64,
     pub status_interval_s: u64,
+    /// When a record leaves the queue (end-to-end acknowledgement, see `crate::uplink`).
+    pub delivery: DeliveryMode,
+    /// Sent records uncommitted this long, while the fleet answers, are sent again.
+    pub commit_timeout_s: u64,
+    /// `delivery = "auto"`: how long PUBACKed records wait for a first commit watermark.
+    pub commit_fallback_s: u64,
     /// Plaintext MQTT allowed to a non-loopback broker (no `[mqtt.tls]`).
     pub insecure: bool,
     /// TLS to the broker; `None` is plaintext (loopback, or `insecure`).
     pub tls: Option<TlsSettings>,
+}
+
+/// When the agent deletes a record from its queue (`mqtt.delivery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    /// Keep records until the fleet's commit watermark covers them; if no watermark has ever
+    /// come from this fleet and PUBACKed records have waited `commit_fallback_s`, delete on
+    /// PUBACK instead (a fleet older than end-to-end acknowledgement), until one comes.
+    Auto,
+    /// Always keep records until the fleet's commit watermark covers them.
+    Commit,
+    /// Delete a record when the broker acknowledges the message that carried it.
+    Puback,
 }
 
 /// `[mqtt.tls]` resolved.
@@ -533,6 +563,21 @@ impl Settings {
             reconnect_max_ms: m.reconnect_max_ms.unwrap_or(DEFAULT_RECONNECT_MAX_MS),
             heartbeat_s: m.heartbeat_s.unwrap_or(DEFAULT_HEARTBEAT_S),
             status_interval_s: m.status_interval_s.unwrap_or(DEFAULT_STATUS_INTERVAL_S),
+            delivery: match m.delivery.as_deref() {
+                None | Some("auto") => DeliveryMode::Auto,
+                Some("commit") => DeliveryMode::Commit,
+                Some("puback") => DeliveryMode::Puback,
+                Some(other) => {
+                    return Err(invalid(
+                        "mqtt.delivery",
+                        format!(
+                            "{other:?} is not a delivery mode: use \"auto\" (keep records until the fleet commits them, unless the fleet never sends a commit watermark), \"commit\" (always wait for the fleet's commit) or \"puback\" (delete on the broker's PUBACK, for fleets older than end-to-end acknowledgement)"
+                        ),
+                    ));
+                }
+            },
+            commit_timeout_s: m.commit_timeout_s.unwrap_or(DEFAULT_COMMIT_TIMEOUT_S),
+            commit_fallback_s: m.commit_fallback_s.unwrap_or(DEFAULT_COMMIT_FALLBACK_S),
             insecure: m.insecure.unwrap_or(false),
             tls,
         };
@@ -597,6 +642,24 @@ impl Settings {
             return Err(invalid(
                 "mqtt.status_interval_s",
                 "must be at least 1 second",
+            ));
+        }
+        if !(1..=3600).contains(&mqtt.commit_timeout_s) {
+            return Err(invalid(
+                "mqtt.commit_timeout_s",
+                format!(
+                    "{} is out of range: use 1-3600 seconds",
+                    mqtt.commit_timeout_s
+                ),
+            ));
+        }
+        if !(1..=86_400).contains(&mqtt.commit_fallback_s) {
+            return Err(invalid(
+                "mqtt.commit_fallback_s",
+                format!(
+                    "{} is out of range: use 1-86400 seconds",
+                    mqtt.commit_fallback_s
+                ),
             ));
         }
 
@@ -1180,6 +1243,7 @@ const STRING_KEYS: &[&str] = &[
     "mqtt.host",
     "mqtt.client_id",
     "mqtt.encoding",
+    "mqtt.delivery",
     "queue.full_policy",
     "queue.fsync",
     "metrics.listen",

@@ -29,6 +29,12 @@ pub struct Metrics {
     pub reconnects: AtomicU64,
     pub in_flight: AtomicU64,
     pub queue_resets: AtomicU64,
+    /// Records sent again because the fleet had not committed them in time.
+    pub resent: AtomicU64,
+    /// Commit watermarks received from the fleet (end-to-end acknowledgement).
+    pub commit_watermarks: AtomicU64,
+    /// 1 while records wait for the fleet's commit, 0 while they leave on PUBACK.
+    pub delivery_commit: AtomicU64,
     pub queue_records: AtomicU64,
     pub queue_bytes: AtomicU64,
     pub queue_disk_bytes: AtomicU64,
@@ -80,12 +86,13 @@ impl Metrics {
             reconnects: self.reconnects.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
             queue_resets: self.queue_resets.load(Relaxed),
+            resent: self.resent.load(Relaxed),
         }
     }
 
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render(&self, device_id: &str) -> String {
-        let counters: [(&str, &str, &str, &str, &AtomicU64); 31] = [
+        let counters: [(&str, &str, &str, &str, &AtomicU64); 34] = [
             (
                 "records_captured_total",
                 "counter",
@@ -110,7 +117,7 @@ impl Metrics {
             (
                 "records_acked_total",
                 "counter",
-                "Records acknowledged by the broker and deleted from the queue.",
+                "Records delivered and deleted from the queue: on the fleet's commit watermark, or on the broker's PUBACK with mqtt.delivery = puback.",
                 "",
                 &self.acked,
             ),
@@ -267,6 +274,27 @@ impl Metrics {
                 "Desired-state messages ignored because they did not decode or validate.",
                 "",
                 &self.ota_desired_invalid,
+            ),
+            (
+                "records_resent_total",
+                "counter",
+                "Records sent again because the fleet had not committed them within mqtt.commit_timeout_s.",
+                "",
+                &self.resent,
+            ),
+            (
+                "commit_watermarks_total",
+                "counter",
+                "Commit watermarks received from the fleet (end-to-end acknowledgement).",
+                "",
+                &self.commit_watermarks,
+            ),
+            (
+                "delivery_commit",
+                "gauge",
+                "1 while records stay queued until the fleet commits them, 0 while they leave on the broker's PUBACK.",
+                "",
+                &self.delivery_commit,
             ),
             (
                 "records_in_flight",

@@ -35,11 +35,31 @@
 //!
 //! # Delivery
 //!
-//! Telemetry is published at QoS1. A record is deleted from the queue only when the PUBACK of
-//! the message carrying it arrives. rumqttc reports each QoS1 publish's packet id in order
+//! Telemetry is published at QoS1. rumqttc reports each QoS1 publish's packet id in order
 //! (`Outgoing::Publish(pkid)`), which is how a PUBACK is matched to its records. The session
 //! is clean: on reconnect rumqttc forgets unacknowledged publishes, and so does the uplink,
 //! re-reading them from the queue (the fleet deduplicates on `(device, stream, seq)`).
+//!
+//! # End-to-end acknowledgement (`mqtt.delivery`, `docs/protocol.md`)
+//!
+//! A broker is a buffer, not a store of record: it can lose what it acknowledged (a restart
+//! between autosaves, a shared subscription it does not restore, a queue limit). So with
+//! `delivery = "commit"` (and `"auto"` once the fleet has sent one watermark) a PUBACK deletes
+//! nothing: the uplink subscribes to `ember/v1/{device}/committed`, where the fleet publishes,
+//! after its database transaction, per stream the highest sequence number up to which it holds
+//! every record, and the queue deletes up to there ([`Queue::trim`]). A stream whose sent
+//! records stay uncommitted for `commit_timeout_s` while the fleet keeps answering (a
+//! watermark arrived after the last progress) is sent again from its first queued record; if
+//! the fleet is silent, the uplink asks with a status message (the fleet answers every status
+//! with a watermark) instead of flooding a broker that is holding messages for a fleet that is
+//! down. Reconnecting re-sends only what the broker had not acknowledged.
+//!
+//! `"auto"` (the default) starts like `"commit"`. If no watermark has ever come from the fleet
+//! (remembered in `<data_dir>/fleet-commits` once one has) and PUBACKed records have waited
+//! `commit_fallback_s`, the fleet is taken to be one without end-to-end acknowledgement: what
+//! the broker acknowledged is deleted and the uplink deletes on PUBACK, until a watermark
+//! arrives. `"puback"` deletes on PUBACK and does not subscribe. The mode in force is in the
+//! status message (`delivery`) and the `delivery_commit` gauge.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -52,11 +72,11 @@ use rumqttc::{
 use tokio_util::sync::CancellationToken;
 
 use ember_proto::{
-    Channel, DeviceState, Heartbeat, InferenceBatch, QueueGauge, SCHEMA_VERSION, Status,
+    Channel, Delivery, DeviceState, Heartbeat, InferenceBatch, QueueGauge, SCHEMA_VERSION, Status,
     TelemetryBatch, Topic,
 };
 
-use crate::config::Settings;
+use crate::config::{DeliveryMode, Settings};
 use crate::metrics::Metrics;
 use crate::queue::{Queue, StreamId};
 
@@ -79,6 +99,33 @@ enum Pending {
     },
     Control,
 }
+
+/// When records leave the queue now (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// On the fleet's commit watermark.
+    Commit,
+    /// `delivery = "auto"` before any watermark: records are kept after PUBACK; `since` is when
+    /// the first PUBACK came that no watermark has followed.
+    Awaiting { since: Option<Instant> },
+    /// On the broker's PUBACK.
+    Puback,
+}
+
+/// What the uplink knows of one stream's commit watermark.
+#[derive(Debug, Clone, Copy, Default)]
+struct StreamCommit {
+    /// The highest watermark received in this process.
+    upto: u64,
+    /// Since when sent records have waited without the watermark advancing (`None`: nothing
+    /// sent is waiting).
+    waiting_since: Option<Instant>,
+}
+
+/// The file that remembers that this device's fleet sends commit watermarks (`"auto"`).
+pub const FLEET_COMMITS_FILE: &str = "fleet-commits";
+/// How often the commit timers are checked.
+const COMMIT_CHECK: Duration = Duration::from_secs(1);
 
 /// Why `run` returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +160,15 @@ pub struct Uplink {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// The OTA client's mailbox and reports; `None` when OTA is off.
     ota: Option<Arc<crate::ota::OtaShared>>,
+    /// When records leave the queue (end-to-end acknowledgement).
+    mode: Mode,
+    /// Per stream, indexed like `cursors`.
+    commits: Vec<StreamCommit>,
+    /// When the last valid watermark arrived: the fleet is answering.
+    last_watermark_at: Option<Instant>,
+    /// When the uplink last asked for a watermark (with a status message).
+    solicited_at: Option<Instant>,
+    warned_ahead: bool,
 }
 
 struct Topics {
@@ -121,6 +177,7 @@ struct Topics {
     status: String,
     heartbeat: String,
     desired: String,
+    committed: String,
 }
 
 impl Uplink {
@@ -143,7 +200,25 @@ impl Uplink {
                 settings.device_id,
                 ember_proto::acl::DESIRED
             ),
+            committed: format!(
+                "{}/{}/{}",
+                ember_proto::topic::PREFIX,
+                settings.device_id,
+                ember_proto::commit::COMMITTED
+            ),
         };
+        let mode = match settings.mqtt.delivery {
+            DeliveryMode::Commit => Mode::Commit,
+            DeliveryMode::Puback => Mode::Puback,
+            DeliveryMode::Auto if settings.data_dir.join(FLEET_COMMITS_FILE).exists() => {
+                Mode::Commit
+            }
+            DeliveryMode::Auto => Mode::Awaiting { since: None },
+        };
+        queue.set_evict_sent(mode != Mode::Puback);
+        metrics
+            .delivery_commit
+            .store(u64::from(mode != Mode::Puback), Relaxed);
         let backoff = Duration::from_millis(settings.mqtt.reconnect_min_ms);
         Uplink {
             settings,
@@ -164,6 +239,11 @@ impl Uplink {
             failures: 0,
             tls: None,
             ota: None,
+            mode,
+            commits: Vec::new(),
+            last_watermark_at: None,
+            solicited_at: None,
+            warned_ahead: false,
         }
     }
 
@@ -234,6 +314,8 @@ impl Uplink {
         let mut status_tick =
             tokio::time::interval(Duration::from_secs(self.settings.mqtt.status_interval_s));
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut commit_tick = tokio::time::interval(COMMIT_CHECK);
+        commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         let mut retry_at: Option<tokio::time::Instant> = None;
         let linger = Duration::from_millis(self.settings.mqtt.message_max_delay_ms);
@@ -311,6 +393,11 @@ impl Uplink {
                         self.publish_status(&client, DeviceState::Online);
                     }
                 }
+                _ = commit_tick.tick() => {
+                    if self.connected {
+                        self.check_commits(&client);
+                    }
+                }
             }
         };
 
@@ -369,9 +456,18 @@ impl Uplink {
                 {
                     tracing::error!(error = %e, "Cannot subscribe to the desired state; OTA waits for the next connection.");
                 }
+                if self.settings.mqtt.delivery != DeliveryMode::Puback
+                    && let Err(e) =
+                        client.try_subscribe(self.topics.committed.clone(), QoS::AtLeastOnce)
+                {
+                    tracing::error!(error = %e, "Cannot subscribe to the fleet's commit watermark; records stay queued until the next connection.");
+                }
             }
             Event::Incoming(Packet::Publish(p)) if p.topic == self.topics.desired => {
                 self.on_desired(&p.payload);
+            }
+            Event::Incoming(Packet::Publish(p)) if p.topic == self.topics.committed => {
+                self.on_committed(&p.payload);
             }
             Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
                 if let Some(p) = self.awaiting_pkid.pop_front() {
@@ -393,8 +489,17 @@ impl Uplink {
                     self.metrics
                         .publish_latency_us_sum
                         .fetch_add(sent_at.elapsed().as_micros() as u64, Relaxed);
-                    if let Err(e) = self.queue.ack(sid, first, last) {
-                        tracing::error!(error = %e, "Could not delete acknowledged records; they will be sent again.");
+                    match &mut self.mode {
+                        Mode::Puback => {
+                            if let Err(e) = self.queue.ack(sid, first, last) {
+                                tracing::error!(error = %e, "Could not delete acknowledged records; they will be sent again.");
+                            }
+                        }
+                        // Kept until the fleet's commit watermark covers them.
+                        Mode::Awaiting { since } => {
+                            since.get_or_insert_with(Instant::now);
+                        }
+                        Mode::Commit => {}
                     }
                 }
                 Some(Pending::Control) => {}
@@ -460,14 +565,192 @@ impl Uplink {
         delay
     }
 
-    /// Unacknowledged publishes are gone with the session: re-read them from the queue.
+    /// Unacknowledged publishes are gone with the session: re-read them from the queue. On
+    /// PUBACK the queue's head is the first unacknowledged record; waiting for the fleet's
+    /// commit, each stream resumes at its first unacknowledged record instead, so what the
+    /// broker already acknowledged is not sent again on every reconnect (the commit timer
+    /// re-sends it if the broker lost it).
     fn forget_in_flight(&mut self) {
+        if self.mode == Mode::Puback {
+            for c in &mut self.cursors {
+                *c = 0;
+            }
+        } else {
+            for p in self.awaiting_pkid.iter().chain(self.by_pkid.values()) {
+                if let Pending::Data { sid, first, .. } = p
+                    && let Some(c) = self.cursors.get_mut(*sid as usize)
+                    && (*c == 0 || *c > *first)
+                {
+                    *c = *first;
+                }
+            }
+        }
         self.awaiting_pkid.clear();
         self.by_pkid.clear();
         self.in_flight_records = 0;
         self.metrics.in_flight.store(0, Relaxed);
-        for c in &mut self.cursors {
-            *c = 0;
+    }
+
+    /// A commit watermark from the fleet: delete what it covers (see the module docs).
+    fn on_committed(&mut self, payload: &[u8]) {
+        if payload.is_empty() {
+            return;
+        }
+        let c = match ember_proto::message::decode_committed(payload) {
+            Ok((c, _)) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, bytes = payload.len(),
+                    "Ignoring a commit watermark that does not decode or validate.");
+                return;
+            }
+        };
+        if c.device != self.settings.device_id {
+            tracing::warn!(device = %c.device, "Ignoring a commit watermark addressed to another device.");
+            return;
+        }
+        let now = Instant::now();
+        self.metrics.commit_watermarks.fetch_add(1, Relaxed);
+        self.last_watermark_at = Some(now);
+        if self.mode != Mode::Commit && self.settings.mqtt.delivery != DeliveryMode::Puback {
+            tracing::info!(
+                "The fleet sends commit watermarks: records now stay queued until the fleet has committed them."
+            );
+            self.mode = Mode::Commit;
+            self.queue.set_evict_sent(true);
+            self.metrics.delivery_commit.store(1, Relaxed);
+            let marker = self.settings.data_dir.join(FLEET_COMMITS_FILE);
+            if let Err(e) = ember_host::fs::replace(&marker, b"1\n") {
+                tracing::warn!(error = %e, path = %marker.display(), "Cannot remember that the fleet sends commit watermarks; after a restart the agent waits for one again.");
+            }
+        }
+        let streams = self.queue.stream_names();
+        self.grow(streams.len());
+        for s in &c.streams {
+            let Some((sid, _)) = streams.iter().find(|(_, n)| **n == *s.stream) else {
+                continue;
+            };
+            let idx = *sid as usize;
+            let last = self
+                .queue
+                .stream_status()
+                .get(idx)
+                .map_or(0, |st| st.last_seq);
+            if s.upto > last && !self.warned_ahead {
+                self.warned_ahead = true;
+                tracing::warn!(stream = %s.stream, committed = s.upto, last_seq = last,
+                    "The fleet says it committed records this device never wrote: was this device's data_dir reset? Records above its last sequence number are kept.");
+            }
+            let sc = &mut self.commits[idx];
+            if s.upto <= sc.upto {
+                continue;
+            }
+            sc.upto = s.upto;
+            sc.waiting_since = None;
+            if let Err(e) = self.queue.trim(*sid, s.upto) {
+                tracing::error!(error = %e, "Could not delete committed records; they stay queued until the next watermark.");
+            }
+            let cursor = &mut self.cursors[idx];
+            if *cursor != 0 && *cursor <= s.upto {
+                *cursor = s.upto + 1;
+            }
+        }
+    }
+
+    /// Every [`COMMIT_CHECK`] while connected: the `"auto"` fallback, and re-sending what the
+    /// fleet has not committed in time (see the module docs).
+    fn check_commits(&mut self, client: &AsyncClient) {
+        let now = Instant::now();
+        match self.mode {
+            Mode::Puback => return,
+            Mode::Awaiting { since: Some(t) }
+                if now.duration_since(t).as_secs() >= self.settings.mqtt.commit_fallback_s =>
+            {
+                self.fall_back_to_puback();
+                return;
+            }
+            Mode::Awaiting { .. } => return,
+            Mode::Commit => {}
+        }
+        let timeout = Duration::from_secs(self.settings.mqtt.commit_timeout_s);
+        let streams = self.queue.stream_names();
+        self.grow(streams.len());
+        let mut ask = false;
+        for (sid, name) in &streams {
+            let idx = *sid as usize;
+            let cursor = self.cursors[idx];
+            let head = match self.queue.first_seq(*sid) {
+                Ok(Some(h)) if cursor != 0 && h < cursor => h,
+                // Nothing sent is still queued: everything sent was committed.
+                Ok(_) => {
+                    self.commits[idx].waiting_since = None;
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let since = *self.commits[idx].waiting_since.get_or_insert(now);
+            if now.duration_since(since) < timeout {
+                continue;
+            }
+            if self.last_watermark_at.is_some_and(|w| w > since) {
+                let n = cursor - head;
+                tracing::info!(stream = %name, from = head, records = n, committed = self.commits[idx].upto,
+                    "The fleet has not committed records sent {}s ago and is answering: sending them again.", timeout.as_secs());
+                self.metrics.resent.fetch_add(n, Relaxed);
+                self.cursors[idx] = 0;
+                self.commits[idx].waiting_since = Some(now);
+            } else {
+                ask = true;
+            }
+        }
+        if ask
+            && self
+                .solicited_at
+                .is_none_or(|t| now.duration_since(t) >= timeout)
+        {
+            tracing::debug!("Asking the fleet for its commit watermark.");
+            self.solicited_at = Some(now);
+            self.publish_status(client, DeviceState::Online);
+        }
+    }
+
+    /// `"auto"` without any watermark: the fleet does not send them. Deletes what the broker
+    /// acknowledged and deletes on PUBACK from now on.
+    fn fall_back_to_puback(&mut self) {
+        tracing::warn!(
+            waited_s = self.settings.mqtt.commit_fallback_s,
+            "No commit watermark came from the fleet while the broker acknowledged records: the fleet predates end-to-end acknowledgement, or the broker ACL does not let this device read its `committed` topic. Records now leave the queue on the broker's PUBACK, as the broker's guarantee allows (set mqtt.delivery = \"commit\" to keep waiting for the fleet, or \"puback\" to choose this)."
+        );
+        let streams = self.queue.stream_names();
+        self.grow(streams.len());
+        let mut upto: Vec<u64> = self.cursors.iter().map(|c| c.saturating_sub(1)).collect();
+        for p in self.awaiting_pkid.iter().chain(self.by_pkid.values()) {
+            if let Pending::Data { sid, first, .. } = p
+                && let Some(u) = upto.get_mut(*sid as usize)
+            {
+                *u = (*u).min(first - 1);
+            }
+        }
+        self.mode = Mode::Puback;
+        self.queue.set_evict_sent(false);
+        self.metrics.delivery_commit.store(0, Relaxed);
+        for (sid, _) in &streams {
+            let u = upto[*sid as usize];
+            if u > 0
+                && let Err(e) = self.queue.trim(*sid, u)
+            {
+                tracing::error!(error = %e, "Could not delete acknowledged records; they will be sent again.");
+            }
+        }
+    }
+
+    /// Per-stream state for `n` streams.
+    fn grow(&mut self, n: usize) {
+        if self.cursors.len() < n {
+            self.cursors.resize(n, 0);
+            self.waiting_since.resize(n, None);
+        }
+        if self.commits.len() < n {
+            self.commits.resize(n, StreamCommit::default());
         }
     }
 
@@ -492,10 +775,7 @@ impl Uplink {
             m.max_in_flight,
         );
         let streams = self.queue.stream_names();
-        if self.cursors.len() < streams.len() {
-            self.cursors.resize(streams.len(), 0);
-            self.waiting_since.resize(streams.len(), None);
-        }
+        self.grow(streams.len());
         let mut backlog_messages = 0u64;
         let mut idle_rounds = 0;
         while self.in_flight_messages() < window && idle_rounds < streams.len() {
@@ -678,6 +958,10 @@ impl Uplink {
             counters: Some(self.metrics.snapshot()),
             streams: self.queue.stream_status(),
             ota: self.ota.as_ref().map(|o| o.reports()).unwrap_or_default(),
+            delivery: Some(match self.mode {
+                Mode::Puback => Delivery::Puback,
+                Mode::Commit | Mode::Awaiting { .. } => Delivery::Commit,
+            }),
         }
     }
 

@@ -486,6 +486,7 @@ fn status(device: &str, last_seq: u64) -> Vec<u8> {
     s.ts = now_us();
     s.agent_version = Some("ember-bench".into());
     s.streams.push(StreamStatus {
+        head: None,
         stream: STREAM.into(),
         last_seq,
         queued: 0,

@@ -44,6 +44,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "models",
         include_str!("../migrations/sqlite/0004_models.sql"),
     ),
+    (
+        5,
+        "commits",
+        include_str!("../migrations/sqlite/0005_commits.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -65,6 +70,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "models",
         include_str!("../migrations/postgres/0004_models.sql"),
+    ),
+    (
+        5,
+        "commits",
+        include_str!("../migrations/postgres/0005_commits.sql"),
     ),
 ];
 

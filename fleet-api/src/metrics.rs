@@ -118,6 +118,11 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "Stored messages not acknowledged because the connection they came on was gone (the broker sends them again; they are deduplicated).",
     ),
     (
+        "commit_watermarks_total",
+        Kind::Counter,
+        "Commit watermark messages to devices (end-to-end acknowledgement), by outcome: sent, or retried because the connection could not take them.",
+    ),
+    (
         "retention_deleted_total",
         Kind::Counter,
         "Rows deleted by retention, by table.",

@@ -274,7 +274,9 @@ impl<E: Engine> Queue<E> {
                 if st.records == 0 {
                     continue;
                 }
-                let from = *cursor.entry(sid).or_insert(st.sent_upto + 1);
+                let from = *cursor
+                    .entry(sid)
+                    .or_insert(self.evictable_from(st.sent_upto));
                 let head = engine.scan(&record_key(sid, from), &record_key(sid, u64::MAX), 1)?;
                 if let Some((k, v)) = head.first() {
                     let ts = decode_value(k, v).map(|r| r.ts_us).unwrap_or(0);

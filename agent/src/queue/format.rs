@@ -189,3 +189,15 @@ pub fn decode_value(key: &[u8], bytes: &[u8]) -> Result<QueuedRecord, ProtoError
         inference: Some(inference),
     })
 }
+
+/// The lowest sequence number stored for `sid`, if any.
+pub(super) fn first_key<E: super::Engine>(
+    engine: &E,
+    sid: super::StreamId,
+) -> Result<Option<u64>, super::QueueError> {
+    let head = engine.scan(&record_key(sid, 0), &record_key(sid, u64::MAX), 1)?;
+    Ok(head
+        .first()
+        .and_then(|(k, _)| parse_record_key(k))
+        .map(|(_, s)| s))
+}

@@ -66,7 +66,7 @@ impl<E: Engine> Queue<E> {
         let mut puts = Vec::new();
         let mut evicted = 0u64;
         for sid in 0..g.streams.len() {
-            let mut from = g.streams[sid].sent_upto + 1;
+            let mut from = self.evictable_from(g.streams[sid].sent_upto);
             'stream: loop {
                 let run = engine.scan(
                     &record_key(sid as StreamId, from),

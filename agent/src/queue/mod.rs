@@ -58,12 +58,17 @@
 //! * The uplink MUST only be handed records that are durable under the policy in force
 //!   ([`Queue::read`] stops at the durable watermark), so a record the fleet has seen can never
 //!   be lost and its sequence number reused.
-//! * Records are deleted only by [`Queue::ack`] (the broker's PUBACK), by eviction (counted by
-//!   reason and recorded as ranges in the stream's metadata) or, when their CRC fails, as
-//!   corrupt (counted; never a crash).
-//! * Eviction (`drop_oldest`) MUST NOT touch a record already handed to the uplink and not yet
-//!   acknowledged: it may have reached the fleet, and counting it as evicted would break
-//!   `captured = delivered + evicted + queued`.
+//! * Records are deleted only by [`Queue::ack`] (the broker's PUBACK, with `delivery =
+//!   "puback"`), by [`Queue::trim`] (the fleet's commit watermark, end-to-end
+//!   acknowledgement), by eviction (counted by reason and recorded as ranges in the stream's
+//!   metadata) or, when their CRC fails, as corrupt (counted; never a crash). Each record
+//!   leaves the queue exactly once, so `captured = acked + evicted + corrupt + queued` holds.
+//! * While records leave on PUBACK, eviction (`drop_oldest`, age) MUST NOT touch a record
+//!   already handed to the uplink and not yet acknowledged: it may have reached the fleet,
+//!   and counting it as evicted would break the fleet's ledger. While they wait for the
+//!   fleet's commit ([`Queue::set_evict_sent`]), the caps count every uncommitted record and
+//!   eviction takes the oldest whether sent or not: the fleet's ledger then shows a record it
+//!   holds that the agent also reported evicted as received, never as lost.
 //! * The byte cap counts key + value bytes of queued records; sled's file is larger and is
 //!   reclaimed by compaction when the live data is small.
 //!
@@ -240,6 +245,9 @@ pub struct Queue<E: Engine = SledEngine> {
     low_disk_warned: std::sync::atomic::AtomicBool,
     /// What `queue.mark` holds (see the module docs).
     marks: Mutex<BTreeMap<String, u64>>,
+    /// Eviction may take records already handed to the uplink (end-to-end acknowledgement:
+    /// records stay queued until the fleet commits them, so the caps must count them).
+    evict_sent: std::sync::atomic::AtomicBool,
 }
 
 impl Queue {
@@ -273,6 +281,22 @@ impl<E: Engine> Queue<E> {
     fn publish_gauges(&self, g: &Inner<E>) {
         self.metrics.queue_records.store(g.records, Relaxed);
         self.metrics.queue_bytes.store(g.bytes, Relaxed);
+    }
+
+    /// Whether eviction may take records already handed to the uplink (see the module docs):
+    /// off while records leave on the broker's PUBACK, on while they wait for the fleet's
+    /// commit.
+    pub fn set_evict_sent(&self, on: bool) {
+        self.evict_sent.store(on, Relaxed);
+    }
+
+    /// The first sequence number eviction may take in a stream whose reads reached `sent_upto`.
+    fn evictable_from(&self, sent_upto: u64) -> u64 {
+        if self.evict_sent.load(Relaxed) {
+            0
+        } else {
+            sent_upto + 1
+        }
     }
 
     pub fn settings(&self) -> &QueueSettings {
@@ -327,16 +351,25 @@ impl<E: Engine> Queue<E> {
         self.len().0 == 0
     }
 
-    /// Per-stream status for the status message (the agent's half of the ledger).
+    /// Per-stream status for the status message (the agent's half of the ledger), with each
+    /// stream's lowest queued sequence number (`head`).
     pub fn stream_status(&self) -> Vec<StreamStatus> {
         let g = self.lock();
+        let engine = g.engine().ok();
         g.streams
             .iter()
-            .map(|s| StreamStatus {
+            .enumerate()
+            .map(|(sid, s)| StreamStatus {
                 stream: s.name.to_string(),
                 last_seq: s.next_seq - 1,
                 queued: s.records,
                 evicted: s.evicted.clone(),
+                head: match &engine {
+                    Some(e) if s.records > 0 => {
+                        format::first_key(&**e, sid as StreamId).ok().flatten()
+                    }
+                    _ => None,
+                },
             })
             .collect()
     }

@@ -80,6 +80,7 @@ impl<E: Engine> Queue<E> {
             space: tokio::sync::Notify::new(),
             low_disk_warned: std::sync::atomic::AtomicBool::new(false),
             marks: Mutex::new(marks),
+            evict_sent: std::sync::atomic::AtomicBool::new(false),
         };
         queue.publish_gauges(&queue.lock());
         Ok((queue, report))

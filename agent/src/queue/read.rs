@@ -92,6 +92,32 @@ impl<E: Engine> Queue<E> {
         Ok(n)
     }
 
+    /// The fleet committed every record of `sid` up to `upto` (end-to-end acknowledgement):
+    /// deletes what is still queued up to there, never beyond the last assigned sequence
+    /// number. Deleted in chunks, each counted like an acknowledgement. Returns how many
+    /// records were deleted.
+    pub fn trim(&self, sid: StreamId, upto: u64) -> Result<u64, QueueError> {
+        const CHUNK: u64 = 4096;
+        let last = {
+            let g = self.lock();
+            match g.streams.get(sid as usize) {
+                Some(st) => upto.min(st.next_seq.saturating_sub(1)),
+                None => return Ok(0),
+            }
+        };
+        let mut deleted = 0;
+        let mut from = match self.first_seq(sid)? {
+            Some(first) => first,
+            None => return Ok(0),
+        };
+        while from <= last {
+            let to = last.min(from.saturating_add(CHUNK - 1));
+            deleted += self.ack(sid, from, to)?;
+            from = to + 1;
+        }
+        Ok(deleted)
+    }
+
     /// The first queued sequence number of `sid` (None when the stream has no records).
     pub fn first_seq(&self, sid: StreamId) -> Result<Option<u64>, QueueError> {
         let g = self.lock();
@@ -99,11 +125,7 @@ impl<E: Engine> Queue<E> {
         if g.streams.get(sid as usize).is_none_or(|s| s.records == 0) {
             return Ok(None);
         }
-        let head = engine.scan(&record_key(sid, 0), &record_key(sid, u64::MAX), 1)?;
-        Ok(head
-            .first()
-            .and_then(|(k, _)| parse_record_key(k))
-            .map(|(_, s)| s))
+        super::format::first_key(&*engine, sid)
     }
 }
 

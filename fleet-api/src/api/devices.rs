@@ -44,6 +44,10 @@ pub struct Device {
     /// `ts` of the last status applied (device clock).
     pub status_ts: Option<i64>,
     pub agent_version: Option<String>,
+    /// When the agent deletes queued records, from its last status: `commit` (on the fleet's
+    /// commit watermark, end-to-end acknowledgement) or `puback` (on the broker's PUBACK,
+    /// also agents that predate end-to-end acknowledgement); null before its first status.
+    pub delivery: Option<String>,
     /// Active model name -> version.
     #[schema(value_type = Object)]
     pub models: serde_json::Value,
@@ -124,8 +128,8 @@ fn tags_schema() -> utoipa::openapi::Object {
 }
 
 const DEVICE_COLUMNS: &str = "device_id, online, registered_at, preregistered, first_seen, last_seen, \
-     online_changed_at, status_ts, agent_version, models, counters, queue_records, queue_bytes, \
-     queue_disk_bytes, uptime_s, heartbeat_at";
+     online_changed_at, status_ts, agent_version, delivery, models, counters, queue_records, \
+     queue_bytes, queue_disk_bytes, uptime_s, heartbeat_at";
 
 fn device_from_row(row: &AnyRow) -> Result<Device, sqlx::Error> {
     let json = |col: &str| -> Result<Option<serde_json::Value>, sqlx::Error> {
@@ -143,6 +147,7 @@ fn device_from_row(row: &AnyRow) -> Result<Device, sqlx::Error> {
         online_changed_at: row.try_get("online_changed_at")?,
         status_ts: row.try_get("status_ts")?,
         agent_version: row.try_get("agent_version")?,
+        delivery: row.try_get("delivery")?,
         models: json("models")?.unwrap_or_else(|| serde_json::json!({})),
         counters: json("counters")?,
         queue: QueueView {

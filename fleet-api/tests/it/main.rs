@@ -12,6 +12,7 @@ mod cli;
 // `ember-fleet demo` exists only with the `demo` feature (scripts/test.sh enables it).
 #[cfg(feature = "demo")]
 mod demo;
+mod e2e_ack;
 mod inference;
 mod ingest;
 mod live;

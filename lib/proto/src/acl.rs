@@ -5,11 +5,12 @@
 //! one pattern ACL confines every device to `ember/v1/<its own id>/...`:
 //!
 //! * a device MAY write its own `telemetry`, `inference`, `status` and `heartbeat` topics, and
-//!   MAY read its own `desired` topic (desired state sent by the fleet; used by OTA);
+//!   MAY read its own `desired` topic (desired state sent by the fleet; used by OTA) and its
+//!   own `committed` topic (the fleet's commit watermark, [`crate::commit`]);
 //! * a device MUST NOT read or write any other device's topics (Mosquitto denies by default
 //!   what no line allows: a publish is dropped, a subscription refused);
 //! * the fleet identity ([`FLEET_IDENTITY`]) MAY read every device topic and write every
-//!   device's `desired` topic.
+//!   device's `desired` and `committed` topics; a device can write neither, not even its own.
 //!
 //! **Invariant:** the fleet identity contains a `:`, which [`crate::check_name`] never
 //! allows in a device id, so no device certificate can ever carry the fleet's user name.
@@ -17,6 +18,7 @@
 use alloc::format;
 use alloc::string::String;
 
+use crate::commit::COMMITTED;
 use crate::topic::{Channel, PREFIX};
 
 /// The channel on which the fleet sends a device its desired state (reserved for OTA).
@@ -54,11 +56,13 @@ pub fn mosquitto_acl(fleet: &str) -> String {
         out.push_str(&format!("pattern write {PREFIX}/%u/{}\n", c.as_str()));
     }
     out.push_str(&format!("pattern read {PREFIX}/%u/{DESIRED}\n"));
+    out.push_str(&format!("pattern read {PREFIX}/%u/{COMMITTED}\n"));
     out.push_str(&format!(
-        "\n# The fleet service: reads every device topic, writes desired state.\n\
+        "\n# The fleet service: reads every device topic, writes desired state and commit watermarks.\n\
          user {fleet}\n\
          topic read {PREFIX}/#\n\
-         topic write {PREFIX}/+/{DESIRED}\n"
+         topic write {PREFIX}/+/{DESIRED}\n\
+         topic write {PREFIX}/+/{COMMITTED}\n"
     ));
     out
 }
@@ -80,6 +84,11 @@ mod tests {
         let acl = mosquitto_acl(FLEET_IDENTITY);
         assert!(acl.contains("pattern write ember/v1/%u/telemetry\n"));
         assert!(acl.contains("pattern read ember/v1/%u/desired\n"));
+        assert!(acl.contains("pattern read ember/v1/%u/committed\n"));
+        assert!(acl.contains("topic write ember/v1/+/committed\n"));
+        // A device writes only its own data channels, never a fleet channel.
+        assert!(!acl.contains("pattern write ember/v1/%u/committed"));
+        assert!(!acl.contains("pattern write ember/v1/%u/desired"));
         assert!(acl.contains("user ember:fleet\ntopic read ember/v1/#\n"));
         // No device-wide wildcard grants.
         assert!(!acl.contains("pattern read ember/v1/+"));

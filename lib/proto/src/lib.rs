@@ -4,6 +4,8 @@
 //! * [`record`]: the record envelope (device, stream, per-stream sequence number, capture
 //!   timestamp, CRC32) and the compact binary form the agent stores on disk.
 //! * [`acl`]: the broker ACL (per-device topic confinement) the topic scheme implies.
+//! * [`commit`]: the fleet's commit watermark (end-to-end acknowledgement) and the delivery
+//!   modes.
 //! * [`ota`]: the desired-model state the fleet sends and the OTA reports agents return.
 //! * [`message`]: versioned messages (telemetry and inference batches, status, heartbeat) and their
 //!   JSON / CBOR encodings.
@@ -14,11 +16,13 @@
 extern crate alloc;
 
 pub mod acl;
+pub mod commit;
 pub mod message;
 pub mod ota;
 pub mod record;
 pub mod topic;
 
+pub use commit::{Committed, CommittedStream, Delivery};
 pub use message::{
     AgentCounters, DeviceState, Encoding, EvictedRange, Heartbeat, InferenceBatch, InferenceOutput,
     InferenceRecord, Message, QueueGauge, SCHEMA_VERSION, Status, StreamStatus, TelemetryBatch,

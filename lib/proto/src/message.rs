@@ -276,7 +276,9 @@ pub struct AgentCounters {
     pub enqueued: u64,
     /// Records published (a record re-sent after a reconnect counts again).
     pub sent: u64,
-    /// Records acknowledged by the broker (QoS1 PUBACK) and deleted from the queue.
+    /// Records delivered and deleted from the queue: covered by the fleet's commit watermark
+    /// (end-to-end acknowledgement), or acknowledged by the broker (QoS1 PUBACK) when the
+    /// agent deletes on PUBACK.
     pub acked: u64,
     /// Records evicted because the queue reached its byte cap.
     pub evicted_bytes: u64,
@@ -295,6 +297,9 @@ pub struct AgentCounters {
     pub in_flight: u64,
     /// Times the queue database could not be opened and was replaced by an empty one.
     pub queue_resets: u64,
+    /// Records sent again because the fleet had not committed them in time.
+    #[serde(default)]
+    pub resent: u64,
 }
 
 /// A contiguous range of sequence numbers the agent evicted on purpose.
@@ -318,6 +323,12 @@ pub struct StreamStatus {
     /// The most recent ranges evicted on purpose (oldest first, bounded).
     #[serde(default)]
     pub evicted: Vec<EvictedRange>,
+    /// The lowest sequence number still queued (absent when nothing is, and from agents that
+    /// predate end-to-end acknowledgement). Everything below it has left the agent for good
+    /// (delivered, evicted or corrupt) and can never be sent again, so the fleet's commit
+    /// watermark may pass it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<u64>,
 }
 
 /// Retained on `ember/v1/{device}/status`; the Last Will publishes the `offline` form.
@@ -344,6 +355,10 @@ pub struct Status {
     /// version), see [`crate::ota`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ota: Vec<crate::ota::OtaReport>,
+    /// When this agent deletes a record from its queue (see [`crate::commit`]). Absent from
+    /// agents older than end-to-end acknowledgement, which delete on PUBACK.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<crate::commit::Delivery>,
 }
 
 impl Status {
@@ -360,6 +375,7 @@ impl Status {
             counters: None,
             streams: Vec::new(),
             ota: Vec::new(),
+            delivery: None,
         }
     }
 }
@@ -532,6 +548,16 @@ mod codec {
         Ok((d, enc))
     }
 
+    /// Decodes and validates a commit watermark (version, device id, stream names).
+    pub fn decode_committed(
+        payload: &[u8],
+    ) -> Result<(crate::commit::Committed, Encoding), ProtoError> {
+        let (c, enc) = decode::<crate::commit::Committed>(payload)?;
+        check_version(c.v)?;
+        c.validate()?;
+        Ok((c, enc))
+    }
+
     /// Decodes a status message and checks its version.
     pub fn decode_status(payload: &[u8]) -> Result<(Status, Encoding), ProtoError> {
         let (s, enc) = decode::<Status>(payload)?;
@@ -542,8 +568,8 @@ mod codec {
 
 #[cfg(feature = "std")]
 pub use codec::{
-    decode, decode_desired, decode_heartbeat, decode_inference, decode_status, decode_telemetry,
-    encode,
+    decode, decode_committed, decode_desired, decode_heartbeat, decode_inference, decode_status,
+    decode_telemetry, encode,
 };
 
 #[cfg(all(test, feature = "json", feature = "cbor"))]

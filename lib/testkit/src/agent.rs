@@ -22,7 +22,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Builds an agent's config file; [`TestAgentBuilder::spawn`] starts it.
 ///
 /// Defaults suited to tests: the broker on 127.0.0.1, reconnects every 50-500 ms, a status
-/// message every second, a 5 s drain on SIGTERM, metrics on a free port, logs at `info`.
+/// message every second, a 5 s drain on SIGTERM, metrics on a free port, logs at `info`, and
+/// `mqtt.delivery = "puback"`: records leave the queue on the broker's PUBACK, because the
+/// testkit's [`crate::Subscriber`] is a plain MQTT subscriber that sends no commit watermarks
+/// (like a fleet older than end-to-end acknowledgement). Tests against a real `ember-fleet`
+/// choose `"auto"` or `"commit"` with [`TestAgentBuilder::delivery`].
 #[derive(Debug, Clone)]
 pub struct TestAgentBuilder {
     bin: PathBuf,
@@ -146,6 +150,11 @@ impl TestAgentBuilder {
         self.set("queue", key, value)
     }
 
+    /// `mqtt.delivery`: `"auto"`, `"commit"` or `"puback"` (the testkit's default).
+    pub fn delivery(self, mode: &str) -> Self {
+        self.mqtt("delivery", &quote(mode))
+    }
+
     /// Any `[mqtt]` key; `value` is TOML (strings quoted).
     pub fn mqtt(self, key: &str, value: &str) -> Self {
         self.set("mqtt", key, value)
@@ -214,6 +223,7 @@ impl TestAgentBuilder {
         defaults("mqtt", "reconnect_min_ms", "50".into());
         defaults("mqtt", "reconnect_max_ms", "500".into());
         defaults("mqtt", "status_interval_s", "1".into());
+        defaults("mqtt", "delivery", quote("puback"));
         defaults(
             "metrics",
             "listen",

@@ -29,6 +29,9 @@ pub struct TestBroker {
     starts: u32,
     /// Mutual TLS and the Ember ACL instead of an anonymous plaintext listener.
     tls: Option<crate::tls::BrokerTls>,
+    /// `persistence true` in the broker's temp dir (see [`TestBroker::start_persistent`]).
+    persistent: bool,
+    autosave: u32,
 }
 
 impl TestBroker {
@@ -39,24 +42,48 @@ impl TestBroker {
         TestBroker::start_with(None)
     }
 
+    /// Like [`TestBroker::start`], but the broker keeps its state on disk the way a production
+    /// Mosquitto should (`persistence true`, saved every `autosave_interval` seconds and on a
+    /// clean shutdown), so a restart brings back retained messages, persistent sessions and
+    /// their queued messages, except what arrived since the last save. Mosquitto 2.0.11 does
+    /// not bring back shared subscriptions (`$share/...`).
+    pub fn start_persistent(autosave_interval_s: u32) -> TestBroker {
+        let mut b = TestBroker::new_unstarted(None);
+        b.persistent = true;
+        b.autosave = autosave_interval_s;
+        b.start_on_free_port();
+        b
+    }
+
     pub(crate) fn start_with(tls: Option<crate::tls::BrokerTls>) -> TestBroker {
+        let mut b = TestBroker::new_unstarted(tls);
+        b.start_on_free_port();
+        b
+    }
+
+    fn new_unstarted(tls: Option<crate::tls::BrokerTls>) -> TestBroker {
         let dir = tempfile::Builder::new()
             .prefix("ember-broker-")
             .tempdir()
             .expect("cannot create a temp dir for the broker");
-        let mut broker = TestBroker {
+        TestBroker {
             port: 0,
             dir,
             child: None,
             starts: 0,
             tls,
-        };
+            persistent: false,
+            autosave: 0,
+        }
+    }
+
+    fn start_on_free_port(&mut self) {
         // The port was free when picked; another process may take it before mosquitto binds it.
         let mut last_err = String::new();
         for _ in 0..5 {
-            broker.port = free_port();
-            match broker.spawn() {
-                Ok(()) => return broker,
+            self.port = free_port();
+            match self.spawn() {
+                Ok(()) => return,
                 Err(e) => last_err = e,
             }
         }
@@ -89,6 +116,14 @@ impl TestBroker {
         let _ = child.wait();
     }
 
+    /// Kills the broker with SIGKILL (no chance to save its state) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Starts the broker again on the same port (stopping it first if it runs).
     pub fn restart(&mut self) {
         self.stop();
@@ -116,10 +151,21 @@ impl TestBroker {
         let bin = mosquitto_path();
         let conf = self.dir.path().join("mosquitto.conf");
         let log = self.dir.path().join("mosquitto.log");
-        let text = match &self.tls {
+        let mut text = match &self.tls {
             Some(tls) => tls.config(self.port, &log),
             None => config(self.port, &log),
         };
+        if self.persistent {
+            let data = self.dir.path().join("data");
+            fs::create_dir_all(&data)
+                .map_err(|e| format!("cannot create {}: {e}", data.display()))?;
+            text = text.replace("persistence false\n", "");
+            text.push_str(&format!(
+                "persistence true\npersistence_location {}/\nautosave_interval {}\n",
+                data.display(),
+                self.autosave
+            ));
+        }
         fs::write(&conf, text).map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
         self.starts += 1;
         let mut child = Command::new(&bin)

@@ -411,6 +411,7 @@ mod tests {
         let mut st = Status::offline("d1");
         st.ts = 5;
         st.streams.push(StreamStatus {
+            head: None,
             stream: "imu".into(),
             last_seq: 10,
             queued: 0,

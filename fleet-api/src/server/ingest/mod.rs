@@ -30,6 +30,7 @@
 //!   `force` abandons the drain; nothing unstored was acknowledged, so nothing is lost.
 
 pub mod classify;
+pub mod commits;
 pub mod writer;
 
 use std::collections::{HashMap, VecDeque};
@@ -138,6 +139,17 @@ pub async fn run(
     let (client, mut eventloop) = AsyncClient::new(opts, request_capacity);
 
     let epoch = Arc::new(AtomicU64::new(0));
+    // Commit watermarks go out on this connection (retained QoS 0, see `commits::MqttSink`).
+    let commits = Arc::new(commits::Commits::default());
+    let commits_stop = CancellationToken::new();
+    let commit_publisher = tokio::spawn(commits.clone().run(
+        db.clone(),
+        Arc::new(commits::MqttSink {
+            client: client.clone(),
+        }),
+        metrics.clone(),
+        commits_stop.clone(),
+    ));
     let (tx, rx) = mpsc::channel::<Inbound>(settings.ingest.channel_capacity);
     let mut writer = tokio::spawn(writer::run(
         rx,
@@ -152,6 +164,7 @@ pub async fn run(
             },
             events,
             rollouts,
+            commits,
         },
         force.clone(),
     ));
@@ -341,6 +354,8 @@ pub async fn run(
             let _ = (&mut writer).await;
         }
     }
+    commits_stop.cancel();
+    let _ = commit_publisher.await;
     // Leave cleanly: the acknowledgements queued before this go out first (one channel).
     if state.connected.load(Ordering::Acquire) && !force.is_cancelled() {
         let _ = client.try_disconnect();

@@ -22,6 +22,9 @@
 //!   message by message, and a message that still fails is recorded as a `storage` reject and
 //!   acknowledged. Connection problems are retried, with backoff, until they clear or the
 //!   service is forced down.
+//! * Each stream's commit watermark (`streams.committed_through`, [`super::commits`]) is
+//!   raised in the same transaction as the rows it covers, and the devices of the batch are
+//!   handed to the watermark publisher only after the commit.
 //! * Acknowledgements go out in the order messages arrived (MQTT requires it for QoS 1), and
 //!   never on a connection other than the one a message came on (packet ids are per
 //!   connection); a message from an older connection is stored but left to be redelivered.
@@ -46,6 +49,7 @@ use crate::config::{Backend, IngestSettings};
 use crate::db::{Db, Sql, timed};
 use crate::metrics::Metrics;
 use crate::server::events::{Events, LiveEvent, MAX_RESULTS_PER_STREAM};
+use crate::server::ledger::RecordsTable;
 
 /// Width of an aggregate bucket: one minute, in microseconds.
 pub const BUCKET_US: i64 = 60_000_000;
@@ -125,6 +129,8 @@ pub struct Writer {
     pub events: Arc<Events>,
     /// Where the OTA reports of stored statuses go (after commit, before the PUBACK).
     pub rollouts: Arc<crate::ota::rollout::service::Service>,
+    /// Devices due a commit watermark (after commit).
+    pub commits: Arc<super::commits::Commits>,
 }
 
 /// Receives until the channel closes (shutdown), writing batch after batch. Returns when every
@@ -188,6 +194,8 @@ impl Writer {
                     );
                     self.record(&batch, &outcome);
                     self.apply_ota(&batch).await;
+                    self.commits
+                        .touch(outcome.devices.iter().map(String::as_str));
                     self.ack_all(&batch).await;
                     return true;
                 }
@@ -227,6 +235,8 @@ impl Writer {
                     Ok(outcome) => {
                         self.record(&one, &outcome);
                         self.apply_ota(&one).await;
+                        self.commits
+                            .touch(outcome.devices.iter().map(String::as_str));
                         break;
                     }
                     Err(e) if is_transient(&e) || attempt + 1 < BATCH_ATTEMPTS => {
@@ -352,6 +362,8 @@ pub struct Outcome {
     pub expired: u64,
     /// For the live view, published after the commit.
     pub events: Vec<LiveEvent>,
+    /// Devices whose records or status the batch stored: each is due a commit watermark.
+    pub devices: BTreeSet<String>,
 }
 
 /// A record as stored: capture time, values, receive time.
@@ -470,11 +482,53 @@ async fn write_batch(
         &mut outcome,
     );
     let inference_aggregates = inference_effects(&results, &mut counters, &mut outcome);
+    // Commit watermarks over every row now stored, new or not.
+    for (table, key, seqs) in telemetry
+        .iter()
+        .map(|l| {
+            (
+                RecordsTable::Telemetry,
+                (l.device, l.stream),
+                row_seqs(&l.rows),
+            )
+        })
+        .chain(results.iter().map(|l| {
+            (
+                RecordsTable::Inference,
+                (l.device, l.stream),
+                row_seqs(&l.rows),
+            )
+        }))
+    {
+        let from = watermarks.committed_from(&key)?;
+        // Only a batch that holds the next record can raise the watermark.
+        if seqs.binary_search(&(from + 1)).is_err() {
+            continue;
+        }
+        let c =
+            super::commits::advance(&mut tx, table, key, from, &seqs, watermarks.max_seq(&key)?)
+                .await?;
+        if let Some(u) = counters.get_mut(&key) {
+            u.committed = u.committed.max(c);
+        }
+    }
+    outcome.devices.extend(
+        g.telemetry
+            .keys()
+            .chain(g.inference.keys())
+            .map(|(d, _)| d.to_string()),
+    );
     upsert_stream_counters(&mut tx, counters).await?;
     upsert_inference_aggregates(&mut tx, inference_aggregates).await?;
     upsert_aggregates(&mut tx, aggregates).await?;
 
     write_statuses(&mut tx, &g.statuses, &mut outcome).await?;
+    for (status, _) in &g.statuses {
+        if !is_last_will(status) {
+            super::commits::advance_from_status(&mut tx, status).await?;
+            outcome.devices.insert(status.device.clone());
+        }
+    }
     write_heartbeats(&mut tx, &g.heartbeats).await?;
     write_rejects(&mut tx, &g.rejects, &mut outcome).await?;
 
@@ -567,19 +621,39 @@ async fn upsert_devices(
     Ok(())
 }
 
-/// Each stream's retention watermark (`streams.pruned_through`), by key.
+/// Each stream's retention watermark (`streams.pruned_through`), commit watermark and highest
+/// stored seq before this batch, by key.
 struct Watermarks<'a> {
     index: BTreeMap<Key<'a>, usize>,
-    pruned: Vec<Option<i64>>,
+    pruned: Vec<Option<(i64, i64, i64)>>,
 }
 
 impl Watermarks<'_> {
-    fn pruned_through(&self, key: &Key) -> Result<i64, sqlx::Error> {
+    fn get(&self, key: &Key) -> Result<(i64, i64, i64), sqlx::Error> {
         self.index
             .get(key)
             .and_then(|i| self.pruned[*i])
             .ok_or(sqlx::Error::RowNotFound)
     }
+
+    fn pruned_through(&self, key: &Key) -> Result<i64, sqlx::Error> {
+        Ok(self.get(key)?.0)
+    }
+
+    /// Where the commit watermark stands: nothing at or below it is needed again.
+    fn committed_from(&self, key: &Key) -> Result<i64, sqlx::Error> {
+        let (pruned, committed, _) = self.get(key)?;
+        Ok(pruned.max(committed))
+    }
+
+    fn max_seq(&self, key: &Key) -> Result<i64, sqlx::Error> {
+        Ok(self.get(key)?.2)
+    }
+}
+
+/// The sequence numbers of a stream's rows in the batch, ascending.
+fn row_seqs<R>(rows: &[(i64, R)]) -> Vec<i64> {
+    rows.iter().map(|(s, _)| *s).collect()
 }
 
 /// Creates the stream rows (telemetry and inference streams in one statement, in key order)
@@ -602,7 +676,7 @@ async fn upsert_streams<'a>(
     let keys: Vec<((&str, &str), &str)> = kinds.into_iter().collect();
     let index: BTreeMap<(&str, &str), usize> =
         keys.iter().enumerate().map(|(i, (k, _))| (*k, i)).collect();
-    let mut pruned: Vec<Option<i64>> = vec![None; keys.len()];
+    let mut pruned: Vec<Option<(i64, i64, i64)>> = vec![None; keys.len()];
     for chunk in keys.chunks(KEY_ROWS_PER_STATEMENT) {
         let mut q = Sql::new("INSERT INTO streams (device_id, stream, kind) VALUES ");
         for (i, ((device, stream), kind)) in chunk.iter().enumerate() {
@@ -614,13 +688,17 @@ async fn upsert_streams<'a>(
         }
         q.push(
             " ON CONFLICT (device_id, stream) DO UPDATE SET pruned_through = streams.pruned_through \
-             RETURNING device_id, stream, pruned_through",
+             RETURNING device_id, stream, pruned_through, committed_through, max_seq",
         );
         for row in q.query().fetch_all(&mut **tx).await? {
             let device: String = row.try_get("device_id")?;
             let stream: String = row.try_get("stream")?;
             if let Some(i) = index.get(&(device.as_str(), stream.as_str())) {
-                pruned[*i] = Some(row.try_get("pruned_through")?);
+                pruned[*i] = Some((
+                    row.try_get("pruned_through")?,
+                    row.try_get("committed_through")?,
+                    row.try_get("max_seq")?,
+                ));
             }
         }
     }
@@ -886,6 +964,7 @@ fn telemetry_effects<'a>(
                 last_ts,
                 channels,
                 last_received: live.last_received,
+                committed: 0,
             },
         );
         if let Some((seq, (ts, values, _))) =
@@ -966,6 +1045,7 @@ fn inference_effects<'a>(
             last_ts,
             channels: None,
             last_received: live.last_received,
+            committed: 0,
         };
         match counters.entry((device, stream)) {
             std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().merge(update),
@@ -1020,7 +1100,7 @@ async fn upsert_stream_counters(
     for chunk in counters.chunks(KEY_ROWS_PER_STATEMENT) {
         let mut q = Sql::new(
             "INSERT INTO streams (device_id, stream, kind, received, duplicates, expired, max_seq, \
-             first_ts, last_ts, channels, last_received_at) VALUES ",
+             first_ts, last_ts, channels, last_received_at, committed_through) VALUES ",
         );
         for (i, ((device, stream), u)) in chunk.iter().enumerate() {
             if i > 0 {
@@ -1040,6 +1120,8 @@ async fn upsert_stream_counters(
             q.bind(u.channels)
                 .push(", ")
                 .bind(u.last_received)
+                .push(", ")
+                .bind(u.committed)
                 .push(")");
         }
         q.push(
@@ -1054,7 +1136,9 @@ async fn upsert_stream_counters(
              last_ts = CASE WHEN excluded.last_ts IS NOT NULL AND (streams.last_ts IS NULL OR excluded.last_ts > streams.last_ts) \
                             THEN excluded.last_ts ELSE streams.last_ts END, \
              channels = COALESCE(excluded.channels, streams.channels), \
-             last_received_at = COALESCE(excluded.last_received_at, streams.last_received_at)",
+             last_received_at = COALESCE(excluded.last_received_at, streams.last_received_at), \
+             committed_through = CASE WHEN excluded.committed_through > streams.committed_through \
+                                      THEN excluded.committed_through ELSE streams.committed_through END",
         );
         q.query().execute(&mut **tx).await?;
     }
@@ -1268,6 +1352,8 @@ struct StreamUpdate {
     last_ts: Option<i64>,
     channels: Option<i64>,
     last_received: Option<i64>,
+    /// The raised commit watermark (0: unchanged).
+    committed: i64,
 }
 
 impl StreamUpdate {
@@ -1287,6 +1373,7 @@ impl StreamUpdate {
         self.last_ts = self.last_ts.max(o.last_ts);
         self.channels = o.channels.or(self.channels);
         self.last_received = self.last_received.max(o.last_received);
+        self.committed = self.committed.max(o.committed);
     }
 }
 
@@ -1340,6 +1427,13 @@ async fn apply_status(tx: &mut Tx, status: &Status, received_at: i64) -> Result<
         .bind(status.agent_version.clone().map(bounded));
     q.push(", models = ").bind(bounded(models));
     q.push(", counters = ").bind(counters.map(bounded));
+    // Agents that predate end-to-end acknowledgement send no `delivery`: they delete on PUBACK.
+    q.push(", delivery = ").bind(
+        status
+            .delivery
+            .unwrap_or(ember_proto::Delivery::Puback)
+            .as_str(),
+    );
     let queue = status.queue.as_ref();
     q.push(", queue_records = ")
         .bind(queue.map(|g| to_i64(g.records)));

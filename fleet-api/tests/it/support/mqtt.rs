@@ -118,6 +118,7 @@ pub fn status(
     s.ts = super::now_us();
     s.agent_version = Some("test".into());
     s.streams.push(ember_proto::StreamStatus {
+        head: None,
         stream: stream.into(),
         last_seq,
         queued,
