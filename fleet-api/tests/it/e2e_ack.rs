@@ -108,12 +108,13 @@ fn broker_restarts_and_crashes_lose_no_record() {
             rounds.push((fleet_up, crash));
         }
     }
+    let resent = agent.metric("records_resent_total");
     stop_agent(&agent);
     let fleet = fleet.expect("the fleet runs");
     let l = fleet.wait_ledger("bounce-dev", "imu", complete);
     eprintln!(
-        "broker bounces {rounds:?}: captured {}, duplicates {}, agent re-sent {} records",
-        l["captured"], l["duplicates"], "(see the agent log)"
+        "broker bounces (fleet up, crash) {rounds:?}: captured {}, lost {}, missing {}, duplicates {}, agent re-sent {resent} records",
+        l["captured"], l["lost_count"], l["missing_count"], l["duplicates"]
     );
 }
 
