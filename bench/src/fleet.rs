@@ -310,7 +310,7 @@ pub async fn run(args: Args, measure: Duration) -> Result<()> {
     Ok(())
 }
 
-fn sibling_binary(name: &str) -> Result<PathBuf> {
+pub(crate) fn sibling_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe
         .parent()
@@ -633,13 +633,13 @@ async fn db_ceiling(url: &str, args: &Args, batch: usize, measure: Duration) -> 
 // ---- the fleet --------------------------------------------------------------------------
 
 /// The `ember-fleet` binary as a child process; SIGTERMed (then killed) when dropped.
-struct FleetProcess {
+pub(crate) struct FleetProcess {
     child: Child,
     log: PathBuf,
 }
 
 impl FleetProcess {
-    fn start(bin: &Path, dir: &Path, config: &str, port: u16) -> Result<FleetProcess> {
+    pub(crate) fn start(bin: &Path, dir: &Path, config: &str, port: u16) -> Result<FleetProcess> {
         let conf = dir.join("fleet.toml");
         std::fs::write(&conf, config)?;
         let log = dir.join("fleet.log");
@@ -755,7 +755,7 @@ fn fleet_config(args: &Args, url: &str, broker: u16, http: u16, dir: &Path) -> S
 }
 
 /// The fleet's `/metrics` as `name{labels}` -> value (without the `ember_fleet_` prefix).
-fn metrics(port: u16) -> std::collections::BTreeMap<String, f64> {
+pub(crate) fn metrics(port: u16) -> std::collections::BTreeMap<String, f64> {
     let Ok((200, body)) = api_get(port, "/metrics") else {
         return Default::default();
     };

@@ -8,11 +8,14 @@
 //! cargo build --release -p ember-fleet -p ember-bench
 //! target/release/ember-bench --seconds 30 fleet   # fleet ingest + API latency (see fleet.rs)
 //! target/release/ember-bench rollout              # 1,000-device staged rollout (rollout.rs)
+//! cargo build --release -p ember-agent -p ember-fleet -p ember-bench
+//! target/release/ember-bench --seconds 20 ack     # end-to-end acknowledgement: cost, latency (ack.rs)
 //! ```
 //!
 //! Cases are declared in `cases()`: what load, which configuration, what is measured. Every
 //! broker is a real Mosquitto on an ephemeral 127.0.0.1 port; every agent is the real binary.
 
+mod ack;
 mod fleet;
 mod rollout;
 
@@ -49,6 +52,9 @@ enum Cmd {
     /// (with --include-downloads, every device also downloads and checks the bundle), against
     /// publishing the same number of retained messages.
     Rollout(rollout::Args),
+    /// End-to-end acknowledgement: throughput with and without it through a real fleet, against
+    /// both ceilings, and the sensor-to-database latency at 1,000 records/s per device.
+    Ack(ack::Args),
 }
 
 /// One end-to-end case: the agent's configuration under an unbounded source.
@@ -98,6 +104,7 @@ fn main() -> Result<()> {
         Cmd::Rss => rt.block_on(rss(measure)),
         Cmd::Fleet(args) => rt.block_on(fleet::run(args, measure)),
         Cmd::Rollout(args) => rt.block_on(rollout::run(args)),
+        Cmd::Ack(args) => rt.block_on(ack::run(args, measure)),
     }
 }
 

@@ -26,6 +26,11 @@ const BATCH_BUCKETS: &[f64] = &[
 const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+/// Sensor-to-database latency: fine enough around tens of milliseconds to read a p50/p99.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4,
+    0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+];
 const BYTES_BUCKETS: &[f64] = &[
     256.0, 1024.0, 4096.0, 16384.0, 65536.0, 131072.0, 262144.0, 1048576.0,
 ];
@@ -116,6 +121,16 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "acks_skipped_total",
         Kind::Counter,
         "Stored messages not acknowledged because the connection they came on was gone (the broker sends them again; they are deduplicated).",
+    ),
+    (
+        "record_commit_latency_seconds",
+        Kind::Histogram(LATENCY_BUCKETS),
+        "From a record's capture (the agent's clock) to the commit of the transaction that stored it, per stored record: the sensor-to-database latency (meaningful when the clocks agree).",
+    ),
+    (
+        "record_commit_latency_max_seconds",
+        Kind::Gauge,
+        "The highest record_commit_latency_seconds observed since the service started.",
     ),
     (
         "commit_watermarks_total",
@@ -234,6 +249,11 @@ impl Metrics {
 
     /// Records one observation in a histogram.
     pub fn observe(&self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.observe_many(name, labels, &[value]);
+    }
+
+    /// Records several observations in a histogram, taking the lock once.
+    pub fn observe_many(&self, name: &str, labels: &[(&str, &str)], values: &[f64]) {
         let Some((name, Kind::Histogram(buckets))) = family(name) else {
             debug_assert!(false, "unknown histogram {name}");
             return;
@@ -248,13 +268,34 @@ impl Metrics {
                 counts: vec![0; buckets.len()],
                 ..Histogram::default()
             });
-        for (i, le) in buckets.iter().enumerate() {
-            if value <= *le {
-                h.counts[i] += 1;
+        for value in values {
+            for (i, le) in buckets.iter().enumerate() {
+                if value <= le {
+                    h.counts[i] += 1;
+                }
             }
+            h.sum += value;
+            h.count += 1;
         }
-        h.sum += value;
-        h.count += 1;
+    }
+
+    /// Raises a gauge to `value` if it is higher.
+    pub fn raise(&self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let Some((name, kind)) = family(name) else {
+            debug_assert!(false, "unknown metric {name}");
+            return;
+        };
+        debug_assert_eq!(kind, Kind::Gauge, "{name}");
+        let mut inner = self.lock();
+        let v = inner
+            .scalars
+            .entry(name)
+            .or_default()
+            .entry(render_labels(labels))
+            .or_insert(value);
+        if value > *v {
+            *v = value;
+        }
     }
 
     /// The current value of a counter or gauge (0 if never set); for tests and health checks.

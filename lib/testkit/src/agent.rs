@@ -699,7 +699,7 @@ mod tests {
         assert!(text.contains("device_id = \"d1\""), "{text}");
         assert!(text.contains("data_dir = \"/tmp/x \\\"y\\\"\""), "{text}");
         assert!(
-            text.contains("[mqtt]\nhost = \"127.0.0.1\"\nport = 1234\n"),
+            text.contains("[mqtt]\ndelivery = \"puback\"\nhost = \"127.0.0.1\"\nport = 1234\n"),
             "{text}"
         );
         assert!(text.contains("listen = \"127.0.0.1:999\""), "{text}");

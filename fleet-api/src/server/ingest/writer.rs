@@ -307,6 +307,19 @@ impl Writer {
     }
 
     fn record(&self, batch: &[Inbound], o: &Outcome) {
+        if !o.captured_at.is_empty() {
+            let now = crate::db::now_us();
+            let latencies: Vec<f64> = o
+                .captured_at
+                .iter()
+                .map(|ts| (now - ts).max(0) as f64 / 1e6)
+                .collect();
+            let max = latencies.iter().copied().fold(0.0, f64::max);
+            self.metrics
+                .observe_many("record_commit_latency_seconds", &[], &latencies);
+            self.metrics
+                .raise("record_commit_latency_max_seconds", &[], max);
+        }
         for e in &o.events {
             self.events.publish(e.clone());
         }
@@ -364,6 +377,9 @@ pub struct Outcome {
     pub events: Vec<LiveEvent>,
     /// Devices whose records or status the batch stored: each is due a commit watermark.
     pub devices: BTreeSet<String>,
+    /// Capture times (agent clock, µs) of the records the batch inserted, for the
+    /// sensor-to-database latency measured at commit.
+    pub captured_at: Vec<i64>,
 }
 
 /// A record as stored: capture time, values, receive time.
@@ -928,6 +944,7 @@ fn telemetry_effects<'a>(
         let (mut first_ts, mut last_ts, mut max_seq, mut channels) =
             (None::<i64>, None::<i64>, 0i64, None::<i64>);
         for (seq, (ts, values, _)) in live.rows.iter().filter(|(s, _)| inserted.contains(s)) {
+            outcome.captured_at.push(*ts);
             first_ts = Some(first_ts.map_or(*ts, |f| f.min(*ts)));
             last_ts = Some(last_ts.map_or(*ts, |l| l.max(*ts)));
             max_seq = max_seq.max(*seq);
@@ -1009,6 +1026,7 @@ fn inference_effects<'a>(
             .collect();
         for (seq, r) in &new {
             let ts = to_i64(r.ts);
+            outcome.captured_at.push(ts);
             first_ts = Some(first_ts.map_or(ts, |f| f.min(ts)));
             last_ts = Some(last_ts.map_or(ts, |l| l.max(ts)));
             max_seq = max_seq.max(*seq);
