@@ -1327,6 +1327,8 @@ mod tests {
     fn minimal_config_gets_defaults() {
         let s = load(MIN).unwrap();
         assert_eq!(s.mqtt.port, DEFAULT_MQTT_PORT);
+        assert_eq!(s.mqtt.delivery, DeliveryMode::Auto);
+        assert_eq!(s.mqtt.commit_timeout_s, DEFAULT_COMMIT_TIMEOUT_S);
         assert_eq!(s.mqtt.client_id, "d1");
         assert_eq!(s.queue.fsync, FsyncPolicy::EveryBatch);
         assert_eq!(s.queue.full_policy, FullPolicy::DropOldest);
@@ -1535,6 +1537,18 @@ mod tests {
             (&format!("{MIN}[mqtt]\nport = 0"), "mqtt.port"),
             (&format!("{MIN}[mqtt]\nport = 70000"), "port"),
             (&format!("{MIN}[mqtt]\nencoding = \"xml\""), "mqtt.encoding"),
+            (
+                &format!("{MIN}[mqtt]\ndelivery = \"broker\""),
+                "mqtt.delivery",
+            ),
+            (
+                &format!("{MIN}[mqtt]\ncommit_timeout_s = 0"),
+                "mqtt.commit_timeout_s",
+            ),
+            (
+                &format!("{MIN}[mqtt]\ncommit_fallback_s = 0"),
+                "mqtt.commit_fallback_s",
+            ),
             (
                 &format!("{MIN}[mqtt]\nmessage_max_bytes = 10"),
                 "mqtt.message_max_bytes",

@@ -630,11 +630,7 @@ impl Uplink {
                 continue;
             };
             let idx = *sid as usize;
-            let last = self
-                .queue
-                .stream_status()
-                .get(idx)
-                .map_or(0, |st| st.last_seq);
+            let last = self.queue.last_seq(*sid);
             if s.upto > last && !self.warned_ahead {
                 self.warned_ahead = true;
                 tracing::warn!(stream = %s.stream, committed = s.upto, last_seq = last,

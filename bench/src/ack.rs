@@ -19,7 +19,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ember_testkit::{TestAgent, TestBroker, free_port};
 
 use crate::fleet::{FleetProcess, metrics, sibling_binary};
@@ -30,6 +30,12 @@ pub struct Args {
     /// Device counts for the latency part, each at 1,000 records/s.
     #[arg(long, value_delimiter = ',', default_value = "10,100")]
     devices: Vec<usize>,
+    /// Records/s per device in the latency part.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// `mqtt.delivery` of the agents in the latency part (`puback` gives the queue baseline).
+    #[arg(long, default_value = "auto")]
+    delivery: String,
     /// Skip the throughput part.
     #[arg(long)]
     latency_only: bool,
@@ -45,11 +51,11 @@ pub async fn run(args: Args, measure: Duration) -> Result<()> {
     }
     println!();
     println!(
-        "| devices × 1,000 records/s | offered rec/s | stored rec/s | p50 | p99 | max (bucket) |"
+        "| devices × records/s, delivery | offered rec/s | stored rec/s | p50 | p99 | max (bucket) | agent queue (mean records, mean MiB on disk) |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---|");
     for n in &args.devices {
-        let row = latency(&fleet_bin, *n, measure).await?;
+        let row = latency(&fleet_bin, *n, &args, measure).await?;
         println!("{row}");
     }
     Ok(())
@@ -221,7 +227,12 @@ fn ms(s: f64) -> String {
     }
 }
 
-async fn latency(fleet_bin: &Path, devices: usize, measure: Duration) -> Result<String> {
+async fn latency(
+    fleet_bin: &Path,
+    devices: usize,
+    args: &Args,
+    measure: Duration,
+) -> Result<String> {
     let broker = TestBroker::start();
     let dir = tempfile::Builder::new()
         .prefix("ember-bench-lat-")
@@ -240,9 +251,9 @@ async fn latency(fleet_bin: &Path, devices: usize, measure: Duration) -> Result<
             TestAgent::builder(&bin)
                 .device_id(&format!("lat-{i:03}"))
                 .broker_port(broker.port())
-                .delivery("auto")
+                .delivery(&args.delivery)
                 .set("log", "level", "\"warn\"")
-                .sim("imu", 1000.0, 3)
+                .sim("imu", f64::from(args.rate), 3)
                 .spawn(),
         );
     }
@@ -275,6 +286,8 @@ async fn latency(fleet_bin: &Path, devices: usize, measure: Duration) -> Result<
         .iter()
         .filter(|a| a.metric("delivery_commit") == 1.0)
         .count();
+    let mean = |k: &str| agents.iter().map(|a| a.metric(k)).sum::<f64>() / devices as f64;
+    let (queue_records, queue_disk) = (mean("queue_records"), mean("queue_disk_bytes"));
     eprintln!(
         "{devices} devices: {committed_mode} in commit mode, {total:.0} records in the window, max since start {:.3} s",
         m1.get("record_commit_latency_max_seconds")
@@ -284,11 +297,13 @@ async fn latency(fleet_bin: &Path, devices: usize, measure: Duration) -> Result<
     drop(agents);
     drop(fleet);
     Ok(format!(
-        "| {devices} | {} | {stored_rate:.0} | {} | {} | ≤ {} |",
-        devices * 1000,
+        "| {devices} × {}, {} | {} | {stored_rate:.0} | {} | {} | ≤ {} | {queue_records:.0}, {:.2} |",
+        args.rate,
+        args.delivery,
+        devices * args.rate as usize,
         ms(quantile(&window, 0.5)),
         ms(quantile(&window, 0.99)),
-        ms(max_bucket)
+        ms(max_bucket),
+        queue_disk / 1048576.0
     ))
-    .context("latency")
 }

@@ -331,6 +331,14 @@ impl<E: Engine> Queue<E> {
             .map_or(0, |s| s.durable_upto)
     }
 
+    /// The last sequence number assigned in `sid` (0 when none).
+    pub fn last_seq(&self, sid: StreamId) -> u64 {
+        self.lock()
+            .streams
+            .get(sid as usize)
+            .map_or(0, |s| s.next_seq - 1)
+    }
+
     /// Bytes a record of `channels` values counts against the byte cap.
     pub fn record_size(channels: usize) -> u64 {
         format::record_size(channels)

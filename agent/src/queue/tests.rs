@@ -145,6 +145,64 @@ fn eviction_never_takes_records_handed_to_the_uplink() {
 }
 
 #[test]
+fn waiting_for_the_fleet_eviction_takes_the_oldest_records_even_if_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = 20 * RECORD_BYTES;
+    let (q, _, m) = open(
+        dir.path(),
+        settings(cap, FullPolicy::DropOldest, FsyncPolicy::EveryBatch),
+    );
+    q.set_evict_sent(true);
+    q.append(&(0..20).map(|i| sample("a", i)).collect::<Vec<_>>())
+        .unwrap();
+    let sid = q.stream_names()[0].0;
+    assert_eq!(q.read(sid, 1, 5).unwrap().len(), 5); // 1..=5 sent, not committed
+    q.append(&(20..30).map(|i| sample("a", i)).collect::<Vec<_>>())
+        .unwrap();
+    let st = &q.stream_status()[0];
+    assert_eq!(
+        st.evicted,
+        vec![EvictedRange {
+            from: 1,
+            to: 10,
+            reason: "bytes".into()
+        }]
+    );
+    assert_eq!(st.head, Some(11), "the head is reported");
+    assert_eq!(m.evicted_bytes.load(Relaxed), 10);
+    assert_eq!(q.len().0, 20);
+}
+
+#[test]
+fn trim_deletes_what_the_fleet_committed_and_nothing_beyond_the_last_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, _, m) = open(
+        dir.path(),
+        settings(1 << 30, FullPolicy::DropOldest, FsyncPolicy::EveryBatch),
+    );
+    q.append(&(0..10_000).map(|i| sample("a", i)).collect::<Vec<_>>())
+        .unwrap();
+    let sid = q.stream_names()[0].0;
+    assert_eq!(q.trim(sid, 6000).unwrap(), 6000, "across several chunks");
+    assert_eq!(q.first_seq(sid).unwrap(), Some(6001));
+    assert_eq!(q.stream_status()[0].head, Some(6001));
+    assert_eq!(
+        q.trim(sid, 6000).unwrap(),
+        0,
+        "a stale watermark deletes nothing"
+    );
+    // A watermark beyond the last record deletes up to the last record only.
+    assert_eq!(q.trim(sid, u64::MAX).unwrap(), 4000);
+    assert!(q.is_empty());
+    assert_eq!(q.stream_status()[0].head, None);
+    assert_eq!(m.acked.load(Relaxed), 10_000);
+    q.append(&[sample("a", 1)]).unwrap();
+    assert_eq!(q.stream_status()[0].last_seq, 10_001, "numbers go on");
+    assert_eq!(q.trim(sid, 10_000).unwrap(), 0);
+    assert_eq!(q.len().0, 1);
+}
+
+#[test]
 fn block_policy_refuses_until_acks_free_space() {
     let dir = tempfile::tempdir().unwrap();
     let (q, _, m) = open(

@@ -147,3 +147,39 @@ fn cbor_encoding_end_to_end() {
     );
     assert_no_panic(&agent);
 }
+
+/// A new agent against a fleet that sends no commit watermark (here a plain subscriber, like a
+/// fleet older than end-to-end acknowledgement), with the default `delivery = "auto"`: it keeps
+/// what the broker acknowledged until `commit_fallback_s`, then deletes on PUBACK, says so in
+/// its status, and delivers everything.
+#[test]
+fn auto_delivery_falls_back_to_puback_without_a_commit_watermark() {
+    let broker = TestBroker::start();
+    let sub = Subscriber::start(broker.port(), ALL_TOPICS);
+    let dev = "legacy-fleet-1";
+    let agent = agent(dev, broker.port())
+        .delivery("auto")
+        .mqtt("commit_fallback_s", "3")
+        .sim("imu", 500.0, 2)
+        .start();
+    // Acknowledged by the broker, kept: waiting for a watermark that never comes.
+    agent.expect_metric("records_sent_total", |v| v >= 500.0, SHORT);
+    assert_eq!(agent.metric("delivery_commit"), 1.0);
+    assert!(agent.metric("queue_records") >= 400.0);
+    assert_eq!(agent.metric("records_acked_total"), 0.0);
+    // The fallback: records leave on PUBACK from now on.
+    agent.expect_metric("delivery_commit", |v| v == 0.0, SHORT);
+    agent.expect_metric("queue_records", |v| v < 400.0, SHORT);
+    stop_gracefully(&agent, SHORT);
+    let fin = final_status(&sub, dev);
+    assert_eq!(fin.delivery, Some(ember_proto::Delivery::Puback));
+    let last = stream_status(&fin, "imu").last_seq;
+    assert_eq!(stream_status(&fin, "imu").queued, 0);
+    wait_all_delivered(&sub, dev, "imu", last, SHORT);
+    assert!(
+        agent
+            .last_run_stderr()
+            .contains("No commit watermark came from the fleet"),
+        "the fallback is logged"
+    );
+}

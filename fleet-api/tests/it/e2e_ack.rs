@@ -79,6 +79,16 @@ fn broker_restarts_and_crashes_lose_no_record() {
             .unwrap_or(0)
     };
     assert!(wait_until(WAIT, || received(&fleet) >= 2000));
+    // The fleet records how the device deletes what it queues.
+    let f = fleet.as_ref().expect("the fleet runs");
+    assert!(
+        wait_until(
+            WAIT,
+            || f.get_json("/api/v1/devices/bounce-dev")["delivery"] == "commit"
+        ),
+        "the device's delivery mode is not recorded: {}",
+        f.get_json("/api/v1/devices/bounce-dev")
+    );
 
     let mut rounds = Vec::new();
     for _ in 0..2 {

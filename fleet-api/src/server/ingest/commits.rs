@@ -330,3 +330,25 @@ async fn load(db: &Db, devices: &[String]) -> Result<BTreeMap<String, Committed>
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_is_answered_at_most_once_per_interval() {
+        let c = Commits::default();
+        let t0 = Instant::now();
+        c.touch(["a", "b"]);
+        let (due, next) = c.take_due(t0);
+        assert_eq!(due, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(next, None);
+        c.sent("a", t0);
+        c.touch(["a", "c"]);
+        let (due, next) = c.take_due(t0 + Duration::from_millis(10));
+        assert_eq!(due, vec!["c".to_string()], "a was answered 10 ms ago");
+        assert_eq!(next, Some(t0 + MIN_INTERVAL));
+        let (due, _) = c.take_due(t0 + MIN_INTERVAL);
+        assert_eq!(due, vec!["a".to_string()], "a stays due until its turn");
+    }
+}
