@@ -32,9 +32,10 @@ step fmt cargo fmt --all -- --check
 # `golden_vectors_of_every_committed_bundle_pass_on_wgpu`) run on Mesa's lavapipe in the same
 # build as every other test. The agents the system tests spawn carry wgpu compiled in and serve
 # on flex, the configured default (Ember never lets burn pick a device).
-# The same set also turns on the test-only parts release builds leave out: the agent's fault
-# hooks (`fault-injection`) and the fleet's `demo` (embedded broker, dev-signed bundles).
-WGPU=(--features ember-models/wgpu,ember-agent/wgpu,ember-agent/fault-injection,ember-fleet/demo)
+# The same set also turns on the test-only parts release builds leave out: the agent's and the
+# fleet's fault hooks (`fault-injection`) and the fleet's `demo` (embedded broker, dev-signed
+# bundles).
+WGPU=(--features ember-models/wgpu,ember-agent/wgpu,ember-agent/fault-injection,ember-fleet/demo,ember-fleet/fault-injection)
 step clippy cargo clippy --workspace --all-targets "${WGPU[@]}" -- -D warnings
 step host-tests cargo test --workspace --no-fail-fast "${WGPU[@]}"
 step thumbv7em-proto cargo build -p ember-proto --no-default-features --target thumbv7em-none-eabihf

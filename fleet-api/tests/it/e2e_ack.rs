@@ -159,7 +159,12 @@ impl FleetProcess {
     }
 
     fn spawn(&mut self) {
+        self.spawn_with(&[]);
+    }
+
+    fn spawn_with(&mut self, env: &[(&str, &str)]) {
         let mut cmd = Command::new(fleet_bin());
+        cmd.envs(env.iter().copied());
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("EMBER_FLEET_") {
                 cmd.env_remove(k);
@@ -249,6 +254,56 @@ fn fleet_sigkilled_between_commit_and_watermark_stores_everything_once() {
     let l = last.unwrap_or(Value::Null);
     eprintln!(
         "fleet SIGKILLed 4 times: captured {}, duplicates {}",
+        l["captured"], l["duplicates"]
+    );
+}
+
+/// The fleet aborted by its fault hook right after a commit, before that batch's watermark
+/// and PUBACKs went out: the broker delivers the batch again after the restart, and every
+/// record is stored once (the copies are counted as duplicates).
+#[cfg(feature = "fault-injection")]
+#[test]
+fn fleet_crash_right_after_a_commit_before_its_watermark_stores_everything_once() {
+    let broker = TestBroker::start();
+    let store = Store::new(Kind::Sqlite);
+    let id = client_id();
+    let mut fleet = FleetProcess::start(&store, broker.port(), &id);
+    let agent = streaming_agent("commit-crash-dev", broker.port()).start();
+    agent.expect_metric("delivery_commit", |v| v == 1.0, WAIT);
+    // Again with the hook armed: the 10th batch it commits is its last.
+    fleet.kill();
+    fleet.spawn_with(&[("EMBER_FLEET_FAULT_CRASH_BEFORE_WATERMARK", "10")]);
+    let child = fleet.child.as_mut().expect("the fleet runs");
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fault hook did not fire"
+        );
+        sleep_ms(50);
+    };
+    assert!(!status.success(), "the fleet aborted: {status}");
+    fleet.child = None;
+    sleep_ms(1500);
+    fleet.spawn();
+    sleep_ms(1500);
+    stop_agent(&agent);
+    let mut last = None;
+    let done = wait_until(WAIT, || {
+        last = fleet.ledger("commit-crash-dev", "imu");
+        last.as_ref().is_some_and(complete)
+    });
+    assert!(done, "the ledger is not complete: {last:?}");
+    let l = last.unwrap_or(Value::Null);
+    assert!(
+        l["duplicates"].as_u64().unwrap_or(0) >= 1,
+        "the batch committed before the crash was not delivered again: {l}"
+    );
+    eprintln!(
+        "fleet aborted after a commit, before its watermark: captured {}, duplicates {}",
         l["captured"], l["duplicates"]
     );
 }

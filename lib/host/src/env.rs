@@ -42,6 +42,11 @@ pub const RESERVED: &[Reserved] = &[
         meaning: "`<model>@<version>`: abort shortly after switching to that version",
     },
     Reserved {
+        name: "EMBER_FLEET_FAULT_CRASH_BEFORE_WATERMARK",
+        read_by: "ember-fleet built with the `fault-injection` feature (tests only)",
+        meaning: "`N`: abort right after the N-th committed batch, before its commit watermark and its PUBACKs go out",
+    },
+    Reserved {
         name: "EMBER_FLEET_CONFIG",
         read_by: "ember-fleet",
         meaning: "the fleet's config file (instead of --config)",

@@ -194,6 +194,7 @@ impl Writer {
                     );
                     self.record(&batch, &outcome);
                     self.apply_ota(&batch).await;
+                    fault::crash_before_watermark(&outcome);
                     self.commits
                         .touch(outcome.devices.iter().map(String::as_str));
                     self.ack_all(&batch).await;
@@ -337,6 +338,32 @@ impl Writer {
             }
         }
     }
+}
+
+/// The test-only fault hook between a commit and its watermark (and PUBACKs): compiled only
+/// with the `fault-injection` feature, which release builds never enable.
+mod fault {
+    #[cfg(feature = "fault-injection")]
+    pub fn crash_before_watermark(outcome: &super::Outcome) {
+        use std::sync::OnceLock;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        const NAME: &str = "EMBER_FLEET_FAULT_CRASH_BEFORE_WATERMARK";
+        static AT: OnceLock<Option<u64>> = OnceLock::new();
+        static BATCHES: AtomicU64 = AtomicU64::new(0);
+        let Some(at) = *AT.get_or_init(|| std::env::var(NAME).ok().and_then(|v| v.parse().ok()))
+        else {
+            return;
+        };
+        if outcome.stored > 0 && BATCHES.fetch_add(1, Ordering::Relaxed) + 1 == at {
+            tracing::warn!(
+                "Fault hook {NAME}: aborting after commit {at}, before its watermark and PUBACKs (test only)."
+            );
+            std::process::abort();
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    pub fn crash_before_watermark(_: &super::Outcome) {}
 }
 
 /// Errors worth retrying as they are: the connection, the pool, locks and serialization.
