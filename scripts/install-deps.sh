@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Installs what Ember's tests need on Debian 12 (run as root, or with sudo available):
-# the Mosquitto broker, PostgreSQL 15, Mesa lavapipe (software Vulkan), the fleet's Python test
-# peers, Chromium and Python's playwright, qemu-user and the gcc cross linkers, and the Rust cross targets.
+# the Mosquitto broker and what its ember_identity plugin is built with, PostgreSQL 15, Mesa
+# lavapipe (software Vulkan), the fleet's Python test peers, Chromium and Python's playwright,
+# qemu-user and the gcc cross linkers, and the Rust cross targets.
 set -euo pipefail
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+# The ember_identity Mosquitto plugin (deploy/mosquitto/, built by scripts/build-identity-plugin.sh
+# for every TLS broker the tests start): gcc, the broker's plugin headers and OpenSSL's.
+command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
+[ -f /usr/include/mosquitto_broker.h ] || need_apt+=(mosquitto-dev)
+[ -f /usr/include/mosquitto.h ] || need_apt+=(libmosquitto-dev)
+[ -f /usr/include/openssl/x509.h ] || need_apt+=(libssl-dev)
 command -v qemu-aarch64 >/dev/null 2>&1 || need_apt+=(qemu-user)
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need_apt+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)

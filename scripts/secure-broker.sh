@@ -1,24 +1,37 @@
 #!/usr/bin/env bash
-# A local Mosquitto with mutual TLS and the Ember per-device ACL, for development and demos.
+# A local Mosquitto with mutual TLS, the Ember per-device ACL, the one-device-one-client-id
+# rule and persistence, for development and demos.
 #
-#   scripts/secure-broker.sh start [DIR]   generate what is missing in DIR (default
-#                                          ./ember-pki: CA, broker and fleet certificates,
-#                                          mosquitto.conf, acl) and start the broker
-#   scripts/secure-broker.sh stop [DIR]    stop it
+#   scripts/secure-broker.sh start [DIR] [FLAGS]   generate what is missing in DIR (default
+#                                          ./ember-pki: CA, broker and fleet certificates, the
+#                                          ember_identity plugin), write mosquitto.conf and acl
+#                                          (FLAGS go to `ember-fleet pki mosquitto-conf`, e.g.
+#                                          --offline-window-s 7200 --expected-rate 200) and
+#                                          start the broker; its state lives in DIR/data/
+#   scripts/secure-broker.sh stop [DIR]    stop it (SIGTERM: Mosquitto saves its state first)
 #   scripts/secure-broker.sh device ID [DIR]   issue devices/ID.pem and .key for a quick test
 #
 # Environment: EMBER_MQTTS_PORT (default 8883) for the TLS listener; EMBER_INSECURE_DEV_PORT
 # adds a plaintext, anonymous listener on 127.0.0.1 (DEVELOPMENT ONLY; unset by default).
-# Uses `ember-fleet pki` (cargo run) unless EMBER_FLEET names a built binary. Nothing here is
-# committed: the generated directory holds private keys (mode 0600). See docs/security.md.
+# Uses `ember-fleet pki` (cargo run) unless EMBER_FLEET names a built binary; builds the plugin
+# with scripts/build-identity-plugin.sh (gcc, mosquitto-dev, libmosquitto-dev, libssl-dev).
+# Nothing here is committed: the generated directory holds private keys (mode 0600). See
+# docs/security.md and docs/operations.md ("Broker configuration (Mosquitto)").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cmd=${1:-}
+conf_flags=()
 case "$cmd" in
-  start|stop) dir=${2:-ember-pki} ;;
+  start|stop)
+    dir=ember-pki
+    if [[ $# -ge 2 && $2 != --* ]]; then dir=$2; shift; fi
+    shift
+    conf_flags=("$@")
+    [[ $cmd == stop && ${#conf_flags[@]} -gt 0 ]] && { echo "usage: $0 stop [DIR]" >&2; exit 2; }
+    ;;
   device) id=${2:?usage: secure-broker.sh device ID [DIR]}; dir=${3:-ember-pki} ;;
-  *) echo "usage: $0 start|stop [DIR] | device ID [DIR]" >&2; exit 2 ;;
+  *) echo "usage: $0 start [DIR] [mosquitto-conf flags] | stop [DIR] | device ID [DIR]" >&2; exit 2 ;;
 esac
 port=${EMBER_MQTTS_PORT:-8883}
 
@@ -39,9 +52,12 @@ case "$cmd" in
     [[ -f $dir/ca.pem ]] || fleet init-ca --dir "$dir" >/dev/null
     [[ -f $dir/server.pem ]] || fleet server-cert --dir "$dir" >/dev/null
     [[ -f $dir/fleet.pem ]] || fleet client-cert --dir "$dir" >/dev/null
+    # Rebuilt when its source is newer (the running broker keeps the copy it loaded).
+    [[ $dir/ember_identity.so -nt deploy/mosquitto/ember_identity.c ]] ||
+      bash scripts/build-identity-plugin.sh "$dir" >/dev/null
     extra=()
     [[ -n "${EMBER_INSECURE_DEV_PORT:-}" ]] && extra=(--insecure-dev-port "$EMBER_INSECURE_DEV_PORT")
-    fleet mosquitto-conf --dir "$dir" --port "$port" "${extra[@]}" >/dev/null
+    fleet mosquitto-conf --dir "$dir" --port "$port" "${extra[@]}" "${conf_flags[@]}" >/dev/null
     conf=$dir/run.conf
     {
       # Run as root, Mosquitto switches to the `mosquitto` user, which cannot read the 0600
@@ -57,17 +73,21 @@ case "$cmd" in
     "$(mosquitto_bin)" -d -c "$conf"
     for _ in $(seq 50); do [[ -s $dir/mosquitto.pid ]] && break; sleep 0.1; done
     [[ -s $dir/mosquitto.pid ]] || { echo "mosquitto did not start; see $dir/mosquitto.log" >&2; exit 1; }
-    echo "Mutual-TLS Mosquitto on 127.0.0.1:$port (pid $(cat "$dir/mosquitto.pid"))."
-    echo "Fleet: [mqtt] port = $port; [mqtt.tls] ca_file = \"$dir/ca.pem\", cert_file = \"$dir/fleet.pem\", key_file = \"$dir/fleet.key\""
-    echo "Device: $0 device <id> $dir, then [mqtt.tls] with devices/<id>.pem and .key"
+    echo "Mutual-TLS Mosquitto on 127.0.0.1:$port (pid $(cat "$dir/mosquitto.pid")), state in $dir/data/."
+    echo "Fleet: [mqtt] port = $port, client_id starting with ember-fleet; [mqtt.tls] ca_file = \"$dir/ca.pem\", cert_file = \"$dir/fleet.pem\", key_file = \"$dir/fleet.key\""
+    echo "Device: $0 device <id> $dir, then [mqtt.tls] with devices/<id>.pem and .key (client_id = <id>, the default)"
     ;;
   stop)
     if [[ -f $dir/mosquitto.pid ]]; then
       pid=$(cat "$dir/mosquitto.pid")
       kill "$pid" 2>/dev/null || true
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      # It saves its whole state before it exits: give a large queue time.
+      for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      if kill -0 "$pid" 2>/dev/null; then
+        echo "mosquitto (pid $pid) is still saving after 30 s; see $dir/mosquitto.log" >&2; exit 1
+      fi
       rm -f "$dir/mosquitto.pid"
-      echo "stopped"
+      echo "stopped (state saved in $dir/data/)"
     else
       echo "not running"
     fi

@@ -7,6 +7,7 @@
 mod support;
 
 mod api;
+mod broker_conf;
 mod browser;
 mod cli;
 // `ember-fleet demo` exists only with the `demo` feature (scripts/test.sh enables it).

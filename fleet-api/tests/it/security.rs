@@ -392,7 +392,17 @@ fn pki_cli_and_csr_flow_end_to_end() {
     fleet(&["server-cert"]);
     fleet(&["client-cert"]);
     let port = free_port();
-    fleet(&["mosquitto-conf", "--port", &port.to_string()]);
+    let plugin = ember_testkit::tls::identity_plugin();
+    fleet(&[
+        "mosquitto-conf",
+        "--port",
+        &port.to_string(),
+        "--identity-plugin",
+        plugin.to_str().expect("utf-8"),
+        // The testkit's subscriber plays the fleet here, with its own client ids.
+        "--fleet-client-id-prefix",
+        "ember-testkit-sub-",
+    ]);
     for key in ["ca.key", "server.key", "fleet.key"] {
         let mode = fs::metadata(dir.join(key)).expect("key").permissions();
         assert_eq!(

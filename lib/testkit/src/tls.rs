@@ -3,7 +3,10 @@
 //!
 //! Nothing here is committed: every key and certificate is generated at test time into the
 //! PKI's own temp dir (private keys `0600`). The broker's config is built from
-//! [`ember_proto::acl::mosquitto_acl`], the same ACL `ember-fleet pki mosquitto-conf` writes.
+//! [`ember_proto::acl::mosquitto_acl`], the same ACL `ember-fleet pki mosquitto-conf` writes,
+//! and loads the same `ember_identity` plugin ([`identity_plugin`]): a device's client id must
+//! be its certificate's common name. Unlike the shipped config, the test broker lets the
+//! fleet identity use any client id (tests name their fleet clients freely).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -225,14 +228,35 @@ pub fn mqtt_options(client_id: &str, port: u16, tls: Arc<rustls::ClientConfig>) 
 }
 
 /// Connects once with `tls` and returns `Ok` when the broker answers CONNACK success, or the
-/// error that ended the attempt (TLS alert, closed connection, refused CONNACK).
+/// error that ended the attempt (TLS alert, closed connection, refused CONNACK). The client id
+/// is the client certificate's common name (the only one the broker accepts from a device),
+/// or `ember-testkit-probe` without a certificate.
 pub fn try_connect(port: u16, tls: Arc<rustls::ClientConfig>) -> Result<(), String> {
+    let id = common_name(&tls).unwrap_or_else(|| "ember-testkit-probe".into());
+    try_connect_as(&id, port, tls)
+}
+
+/// The common name of the client certificate `tls` presents, if any.
+pub fn common_name(tls: &rustls::ClientConfig) -> Option<String> {
+    let key = tls.client_auth_cert_resolver.resolve(&[], &[])?;
+    let der = key.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
+
+/// [`try_connect`] with the MQTT client id `client_id`.
+pub fn try_connect_as(
+    client_id: &str,
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a runtime");
     rt.block_on(async move {
-        let (_client, mut el) = AsyncClient::new(mqtt_options("ember-testkit-probe", port, tls), 4);
+        let (_client, mut el) = AsyncClient::new(mqtt_options(client_id, port, tls), 4);
         let attempt = async {
             loop {
                 match el.poll().await {
@@ -333,10 +357,18 @@ impl RawClient {
             stop,
             thread: Some(thread),
         };
-        assert!(
-            crate::wait_until(Duration::from_secs(10), || raw.is_connected()),
-            "the raw TLS client {client_id} could not connect to 127.0.0.1:{port}"
-        );
+        if !crate::wait_until(Duration::from_secs(10), || raw.is_connected()) {
+            let last_error = raw
+                .received()
+                .into_iter()
+                .rev()
+                .find(|(t, _)| t == "<error>")
+                .map(|(_, e)| String::from_utf8_lossy(&e).into_owned());
+            panic!(
+                "the raw TLS client {client_id} could not connect to 127.0.0.1:{port} (a device's \
+                 client id must be its certificate's common name): {last_error:?}"
+            );
+        }
         raw
     }
 
@@ -390,17 +422,63 @@ impl Drop for RawClient {
     }
 }
 
-/// What a TLS test broker needs: its CA, certificate and key, and the ACL file.
+/// The `ember_identity` Mosquitto plugin (deploy/mosquitto/ember_identity.c), built once per
+/// source version by scripts/build-identity-plugin.sh into the temp dir and shared by every
+/// test process. Panics, with the build's own message (which names the missing Debian
+/// packages), when it cannot be built.
+pub fn identity_plugin() -> PathBuf {
+    static PLUGIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PLUGIN.get_or_init(build_identity_plugin).clone()
+}
+
+fn build_identity_plugin() -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let script = root.join("scripts/build-identity-plugin.sh");
+    let source = root.join("deploy/mosquitto/ember_identity.c");
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for f in [&script, &source] {
+        fs::read(f)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", f.display()))
+            .hash(&mut hasher);
+    }
+    let out = std::env::temp_dir()
+        .join(format!("ember-identity-{:016x}", hasher.finish()))
+        .join("ember_identity.so");
+    if out.is_file() {
+        return out;
+    }
+    let built = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        built.status.success() && out.is_file(),
+        "the TLS test broker needs the ember_identity Mosquitto plugin, and {} failed:\n{}{}",
+        script.display(),
+        String::from_utf8_lossy(&built.stdout),
+        String::from_utf8_lossy(&built.stderr)
+    );
+    out
+}
+
+/// What a TLS test broker needs: its CA, certificate and key, the ACL file and the identity
+/// plugin.
 #[derive(Debug, Clone)]
 pub(crate) struct BrokerTls {
     ca_file: PathBuf,
     cert: PathBuf,
     key: PathBuf,
     acl_file: PathBuf,
+    plugin: PathBuf,
 }
 
 impl BrokerTls {
-    /// The Mosquitto config of a mutual-TLS listener on `127.0.0.1:port` with the Ember ACL.
+    /// The Mosquitto config of a mutual-TLS listener on `127.0.0.1:port` with the Ember ACL
+    /// and the identity plugin (no `use_identity_as_username`: with it Mosquitto never calls
+    /// the plugin, which sets the user name itself). No fleet client-id prefix: test fleet
+    /// clients have assorted ids.
     pub(crate) fn config(&self, port: u16, log: &Path) -> String {
         // Run as root, Mosquitto switches to the `mosquitto` user before it reads the TLS
         // files, which then live in a temp dir only the test's user can read: stay as root.
@@ -414,9 +492,10 @@ impl BrokerTls {
              certfile {}\n\
              keyfile {}\n\
              require_certificate true\n\
-             use_identity_as_username true\n\
              allow_anonymous false\n\
              acl_file {}\n\
+             plugin {}\n\
+             plugin_opt_fleet_identity {FLEET_IDENTITY}\n\
              persistence false\n\
              max_queued_messages 0\n\
              max_queued_bytes 0\n\
@@ -433,6 +512,7 @@ impl BrokerTls {
             self.cert.display(),
             self.key.display(),
             self.acl_file.display(),
+            self.plugin.display(),
             log.display()
         )
     }
@@ -447,7 +527,8 @@ fn is_root() -> bool {
 
 impl TestBroker {
     /// Starts a Mosquitto that only accepts clients with a certificate from `pki`, takes the
-    /// user name from the certificate's common name and applies the Ember per-device ACL.
+    /// user name from the certificate's common name, refuses a device whose client id is not
+    /// that name, and applies the Ember per-device ACL.
     pub fn start_tls(pki: &TestPki) -> TestBroker {
         let server = pki.server();
         let acl_file = pki.dir().join("acl");
@@ -461,6 +542,7 @@ impl TestBroker {
             cert: server.cert,
             key: server.key,
             acl_file,
+            plugin: identity_plugin(),
         }))
     }
 }
