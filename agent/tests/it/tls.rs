@@ -88,48 +88,41 @@ fn a_device_cannot_publish_or_subscribe_to_another_devices_topics() {
         "A read other devices' topics (SUBACK codes {codes_b:?} {codes_all:?}): {leaked:?}"
     );
 
-    // B's desired-state topic as B sees it (B may read its own; only the fleet may write it).
-    let b_watch = RawClient::connect(
-        "dev-b-watch",
-        broker.port(),
-        client_config(pki.ca_pem(), Some(&b_cert)),
-    );
-    let codes = b_watch.subscribe("ember/v1/dev-b/desired");
-    assert!(
-        !format!("{codes:?}").contains("Failure"),
-        "B may read its own desired state: {codes:?}"
-    );
-
-    // Writing: forged telemetry, status and desired state for B. Mosquitto drops a publish
-    // its ACL denies (2.0 also closes the connection). Then markers on A's own topic until
-    // one reaches the fleet: the broker handles one client's packets in order, so by then
-    // it has dealt with the forgeries.
+    // Writing: forged telemetry and status for B. Mosquitto 2.0.11 acknowledges a publish its
+    // ACL denies and drops it, keeping the connection (MQTT 3.1.1). Then markers on A's own
+    // topic until one reaches the fleet: the broker handles one client's packets in order, so
+    // by then it has dealt with the forgeries.
     let forged_seq = 9_000_000;
     let mut forged = TelemetryBatch::new(dev_b, "imu");
     forged.push(forged_seq, 1, vec![6.66, 6.66, 6.66]);
     let forged = ember_proto::message::encode(&forged, Encoding::Json).expect("encode");
     a.publish("ember/v1/dev-b/telemetry", forged);
     a.publish("ember/v1/dev-b/status", b"{\"v\":1}".to_vec());
-    a.publish("ember/v1/dev-b/desired", b"{}".to_vec());
     let mut marker_seq = 0;
-    let marker_arrived = wait_until(SHORT, || {
-        if !a.is_connected() {
-            return false;
-        }
-        marker_seq += 1;
-        let mut marker = TelemetryBatch::new("dev-a", "marker");
-        marker.push(marker_seq, 1, vec![1.0]);
-        a.publish(
-            "ember/v1/dev-a/telemetry",
-            ember_proto::message::encode(&marker, Encoding::Json).expect("encode"),
-        );
-        fleet.wait_for(
-            |v| v.unique("dev-a", "marker") >= 1,
-            std::time::Duration::from_secs(2),
-        )
-    });
+    let mut marker_arrived = || {
+        wait_until(SHORT, || {
+            if !a.is_connected() {
+                return false;
+            }
+            marker_seq += 1;
+            let mut marker = TelemetryBatch::new("dev-a", "marker");
+            marker.push(marker_seq, 1, vec![1.0]);
+            a.publish(
+                "ember/v1/dev-a/telemetry",
+                ember_proto::message::encode(&marker, Encoding::Json).expect("encode"),
+            );
+            let seq = marker_seq;
+            fleet.wait_for(
+                |v| {
+                    v.stream("dev-a", "marker")
+                        .is_some_and(|s| s.records.contains_key(&seq))
+                },
+                std::time::Duration::from_secs(2),
+            )
+        })
+    };
     assert!(
-        marker_arrived,
+        marker_arrived(),
         "A's message on its own topic must reach the fleet; broker log:\n{}",
         broker.log_text()
     );
@@ -152,6 +145,28 @@ fn a_device_cannot_publish_or_subscribe_to_another_devices_topics() {
         fleet.with_view(|v| v.decode_errors),
         0,
         "a forged payload reached the fleet identity"
+    );
+    assert_no_panic(&agent_b);
+
+    // B's desired-state topic as B sees it (B may read its own; only the fleet may write it).
+    // One device, one connection: the broker refuses a second client id for B's certificate,
+    // so B's own connection is the agent's until it stops.
+    stop_gracefully(&agent_b, SHORT);
+    let b_watch = RawClient::connect(
+        dev_b,
+        broker.port(),
+        client_config(pki.ca_pem(), Some(&b_cert)),
+    );
+    let codes = b_watch.subscribe("ember/v1/dev-b/desired");
+    assert!(
+        !format!("{codes:?}").contains("Failure"),
+        "B may read its own desired state: {codes:?}"
+    );
+    a.publish("ember/v1/dev-b/desired", b"{}".to_vec());
+    assert!(
+        marker_arrived(),
+        "A's message on its own topic must reach the fleet; broker log:\n{}",
+        broker.log_text()
     );
     // The forged desired state never reached B; the fleet identity's does.
     let fleet_writer = RawClient::connect(
@@ -178,7 +193,6 @@ fn a_device_cannot_publish_or_subscribe_to_another_devices_topics() {
         vec![b"from-the-fleet".to_vec()],
         "only the fleet's desired state may reach B"
     );
-    assert_no_panic(&agent_b);
 }
 
 /// An agent that pins another CA refuses the broker's certificate and says why.
