@@ -73,6 +73,25 @@ fn fleet_config(dir: &Path, broker: u16, http: u16) -> String {
     )
 }
 
+/// A fresh Mosquitto and a fresh fleet (SQLite in a temp dir, kept while the `TempDir` lives)
+/// with its HTTP port.
+fn broker_and_fleet(
+    fleet_bin: &Path,
+) -> Result<(TestBroker, tempfile::TempDir, u16, FleetProcess)> {
+    let broker = TestBroker::start();
+    let dir = tempfile::Builder::new()
+        .prefix("ember-bench-ack-")
+        .tempdir()?;
+    let http = free_port();
+    let fleet = FleetProcess::start(
+        fleet_bin,
+        dir.path(),
+        &fleet_config(dir.path(), broker.port(), http),
+        http,
+    )?;
+    Ok((broker, dir, http, fleet))
+}
+
 struct Mode {
     delivery: &'static str,
     agent_rate: f64,
@@ -120,17 +139,7 @@ async fn throughput(fleet_bin: &Path, measure: Duration) -> Result<()> {
 }
 
 async fn mode(fleet_bin: &Path, delivery: &'static str, measure: Duration) -> Result<Mode> {
-    let broker = TestBroker::start();
-    let dir = tempfile::Builder::new()
-        .prefix("ember-bench-ack-")
-        .tempdir()?;
-    let http = free_port();
-    let fleet = FleetProcess::start(
-        fleet_bin,
-        dir.path(),
-        &fleet_config(dir.path(), broker.port(), http),
-        http,
-    )?;
+    let (broker, _dir, http, fleet) = broker_and_fleet(fleet_bin)?;
     let mut b = TestAgent::builder(agent_binary()?)
         .device_id("bench-ack")
         .broker_port(broker.port())
@@ -233,17 +242,7 @@ async fn latency(
     args: &Args,
     measure: Duration,
 ) -> Result<String> {
-    let broker = TestBroker::start();
-    let dir = tempfile::Builder::new()
-        .prefix("ember-bench-lat-")
-        .tempdir()?;
-    let http = free_port();
-    let fleet = FleetProcess::start(
-        fleet_bin,
-        dir.path(),
-        &fleet_config(dir.path(), broker.port(), http),
-        http,
-    )?;
+    let (broker, _dir, http, fleet) = broker_and_fleet(fleet_bin)?;
     let bin = agent_binary()?;
     let mut agents = Vec::with_capacity(devices);
     for i in 0..devices {

@@ -13,20 +13,12 @@ use ember_testkit::tls::{RawClient, TestPki, client_config};
 use ember_testkit::{TestAgent, TestAgentBuilder, TestBroker, free_port, wait_until};
 use serde_json::Value;
 
-use crate::support::{ADMIN, Kind, Store, TestFleet, WAIT, agent_bin, client_id, fleet_bin, http};
+use crate::support::{
+    Kind, Store, TestFleet, WAIT, agent_bin, client_id, complete, fleet_bin, http,
+};
 
 /// The stream rate: at least 2,000 records a second.
 const RATE_HZ: f64 = 2000.0;
-
-/// Every record captured is stored, none is missing or lost, nothing is still queued.
-fn complete(l: &Value) -> bool {
-    let captured = l["captured"].as_u64().unwrap_or(0);
-    captured > 0
-        && l["received"] == captured
-        && l["missing_count"] == 0
-        && l["lost_count"] == 0
-        && l["queued"] == 0
-}
 
 /// An agent at 2,000 records/s with the default delivery mode (`auto`), re-sending what stays
 /// uncommitted for 3 s (the default is 10 s), with time to drain at the end.
@@ -202,22 +194,7 @@ impl FleetProcess {
     }
 
     fn ledger(&self, device: &str, stream: &str) -> Option<Value> {
-        let r = http::try_request(
-            self.port,
-            "GET",
-            &format!("/api/v1/devices/{device}/ledger"),
-            Some(ADMIN),
-            None,
-        )
-        .ok()?;
-        if r.status != 200 {
-            return None;
-        }
-        r.json()["streams"]
-            .as_array()?
-            .iter()
-            .find(|s| s["stream"] == stream)
-            .cloned()
+        crate::support::stream_ledger(self.port, device, stream)
     }
 }
 

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::on_both_backends;
 use crate::support::mqtt::{Msg, batch, publish, status};
-use crate::support::{Kind, Store, TestFleet, WAIT, agent_bin, client_id, now_us};
+use crate::support::{Kind, Store, TestFleet, WAIT, agent_bin, client_id, complete, now_us};
 
 on_both_backends!(
     agents_stream_every_record_exactly_once,
@@ -31,16 +31,6 @@ fn ranges(v: &Value) -> Vec<(u64, u64)> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// A clean ledger: everything captured was received, nothing missing, nothing queued.
-fn complete(l: &Value) -> bool {
-    let captured = l["captured"].as_u64().unwrap_or(0);
-    captured > 0
-        && l["received"] == captured
-        && l["missing_count"] == 0
-        && l["lost_count"] == 0
-        && l["queued"] == 0
 }
 
 /// Checks that the telemetry API returns exactly `1..=last` once each, in (ts, seq) order.

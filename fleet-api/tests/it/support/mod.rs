@@ -234,15 +234,7 @@ impl TestFleet {
 
     /// The ledger of one stream (None until the stream exists).
     pub fn stream_ledger(&self, device: &str, stream: &str) -> Option<Value> {
-        let r = self.get(&format!("/api/v1/devices/{device}/ledger"));
-        if r.status != 200 {
-            return None;
-        }
-        r.json()["streams"]
-            .as_array()?
-            .iter()
-            .find(|s| s["stream"] == stream)
-            .cloned()
+        stream_ledger(self.port, device, stream)
     }
 
     /// Polls the ledger of a stream until `pred` holds; panics with the last ledger seen.
@@ -306,6 +298,37 @@ impl Drop for TestFleet {
             let _ = t.join();
         }
     }
+}
+
+/// The ledger of one stream from the fleet API on `port` (None until the stream exists, or
+/// while the fleet does not answer).
+pub fn stream_ledger(port: u16, device: &str, stream: &str) -> Option<Value> {
+    let r = http::try_request(
+        port,
+        "GET",
+        &format!("/api/v1/devices/{device}/ledger"),
+        Some(ADMIN),
+        None,
+    )
+    .ok()?;
+    if r.status != 200 {
+        return None;
+    }
+    r.json()["streams"]
+        .as_array()?
+        .iter()
+        .find(|s| s["stream"] == stream)
+        .cloned()
+}
+
+/// A clean ledger: everything captured was received, nothing missing or lost, nothing queued.
+pub fn complete(l: &Value) -> bool {
+    let captured = l["captured"].as_u64().unwrap_or(0);
+    captured > 0
+        && l["received"] == captured
+        && l["missing_count"] == 0
+        && l["lost_count"] == 0
+        && l["queued"] == 0
 }
 
 /// The `ember-agent` binary of this build (`target/<profile>/ember-agent`, next to this test
