@@ -58,6 +58,11 @@ pub const DEFAULT_RECLAIM_BYTES: u64 = 16 * 1024 * 1024;
 /// Free space the queue leaves on its file system; below it the full policy applies.
 pub const DEFAULT_MIN_FREE_BYTES: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_GRACE_MS: u64 = 5000;
+/// How far (ms) a sample's timestamp may go back behind its stream's latest accepted one
+/// before the source refuses it (`source[].max_backwards_ms`): a clock step of NTP size passes.
+pub const DEFAULT_MAX_BACKWARDS_MS: u64 = 1000;
+/// The largest `max_backwards_ms` accepted (one day).
+pub const MAX_MAX_BACKWARDS_MS: u64 = 24 * 3600 * 1000;
 pub const DEFAULT_SAMPLE_CHANNEL: usize = 8192;
 /// Windows per model call, across streams.
 pub const DEFAULT_INFERENCE_MAX_BATCH: usize = 32;
@@ -219,7 +224,10 @@ pub struct RawSource {
     pub stream: Option<String>,
     // sim
     pub rate_hz: Option<f64>,
+    /// sim: how many it generates; replay, socket: the stream's declared schema.
     pub channels: Option<usize>,
+    /// Every source: how far a timestamp may go back before the sample is refused.
+    pub max_backwards_ms: Option<u64>,
     pub seed: Option<u64>,
     // replay
     pub path: Option<PathBuf>,
@@ -443,6 +451,7 @@ pub enum SourceSettings {
         rate_hz: f64,
         channels: usize,
         seed: u64,
+        max_backwards_ms: u64,
     },
     Replay {
         stream: String,
@@ -450,10 +459,16 @@ pub enum SourceSettings {
         format: ReplayFormat,
         rate_hz: f64,
         looped: bool,
+        /// The declared channel count; `None`: the recorded one, or the file's.
+        channels: Option<usize>,
+        max_backwards_ms: u64,
     },
     Socket {
         stream: String,
         endpoint: SocketEndpoint,
+        /// The declared channel count; `None`: the recorded one, or the first sample's.
+        channels: Option<usize>,
+        max_backwards_ms: u64,
     },
 }
 
@@ -463,6 +478,31 @@ impl SourceSettings {
             SourceSettings::Sim { stream, .. }
             | SourceSettings::Replay { stream, .. }
             | SourceSettings::Socket { stream, .. } => stream,
+        }
+    }
+
+    /// The channel count the configuration declares for the stream, if any.
+    pub fn declared_channels(&self) -> Option<usize> {
+        match self {
+            SourceSettings::Sim { channels, .. } => Some(*channels),
+            SourceSettings::Replay { channels, .. } | SourceSettings::Socket { channels, .. } => {
+                *channels
+            }
+        }
+    }
+
+    /// `max_backwards_ms`: how far a sample's timestamp may go back behind the stream's latest.
+    pub fn max_backwards_ms(&self) -> u64 {
+        match self {
+            SourceSettings::Sim {
+                max_backwards_ms, ..
+            }
+            | SourceSettings::Replay {
+                max_backwards_ms, ..
+            }
+            | SourceSettings::Socket {
+                max_backwards_ms, ..
+            } => *max_backwards_ms,
         }
     }
 }
@@ -1124,6 +1164,22 @@ fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError>
             Ok(())
         }
     };
+    let max_backwards_ms = s.max_backwards_ms.unwrap_or(DEFAULT_MAX_BACKWARDS_MS);
+    if max_backwards_ms > MAX_MAX_BACKWARDS_MS {
+        return Err(invalid(
+            key("max_backwards_ms"),
+            format!("{max_backwards_ms} is out of range: use 0-{MAX_MAX_BACKWARDS_MS} (ms)"),
+        ));
+    }
+    let declared = match s.channels {
+        Some(c) if !(1..=256).contains(&c) => {
+            return Err(invalid(
+                key("channels"),
+                format!("{c} is out of range: use 1-256"),
+            ));
+        }
+        c => c,
+    };
     match kind.as_str() {
         "sim" => {
             reject("path", s.path.is_some())?;
@@ -1143,10 +1199,10 @@ fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError>
                 rate_hz: rate(100.0)?,
                 channels,
                 seed: s.seed.unwrap_or(1),
+                max_backwards_ms,
             })
         }
         "replay" => {
-            reject("channels", s.channels.is_some())?;
             reject("seed", s.seed.is_some())?;
             reject("unix", s.unix.is_some())?;
             reject("tcp", s.tcp.is_some())?;
@@ -1179,11 +1235,12 @@ fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError>
                 format,
                 rate_hz: rate(10.0)?,
                 looped: s.looped.unwrap_or(true),
+                channels: declared,
+                max_backwards_ms,
             })
         }
         "socket" => {
             reject("rate_hz", s.rate_hz.is_some())?;
-            reject("channels", s.channels.is_some())?;
             reject("seed", s.seed.is_some())?;
             reject("path", s.path.is_some())?;
             reject("format", s.format.is_some())?;
@@ -1217,7 +1274,12 @@ fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError>
                     ));
                 }
             };
-            Ok(SourceSettings::Socket { stream, endpoint })
+            Ok(SourceSettings::Socket {
+                stream,
+                endpoint,
+                channels: declared,
+                max_backwards_ms,
+            })
         }
         other => Err(invalid(
             key("type"),
@@ -1338,7 +1400,8 @@ mod tests {
                 stream: "imu".into(),
                 rate_hz: 100.0,
                 channels: 6,
-                seed: 1
+                seed: 1,
+                max_backwards_ms: DEFAULT_MAX_BACKWARDS_MS,
             }]
         );
         assert!(s.to_toml().contains("device_id = \"d1\""));

@@ -221,10 +221,11 @@ pub fn prepare_bundle(
     Ok((bundle, model))
 }
 
-/// Checks what can be known of a source before it runs: a sim source declares its channels and
-/// sample rate. (A replay's `rate_hz` is its playback pace, not the data's sample rate, and a
-/// socket's shape is only known per sample: samples of the wrong width are counted in
-/// `inference_errors_total` at run time.)
+/// Checks what can be known of a source before it runs: its declared channel count (`channels`
+/// of any source) and a sim source's sample rate. (A replay's `rate_hz` is its playback pace,
+/// not the data's sample rate. A stream whose schema is only recorded in the queue is checked
+/// by the runtime once the queue is open; one fixed by its first sample is then held to it by
+/// the source, and the model thread skips a window a misfit would be in.)
 fn check_source(
     path: &Path,
     source: &SourceSettings,
@@ -236,22 +237,21 @@ fn check_source(
         source_stream: source.stream().to_string(),
         message,
     };
-    if let SourceSettings::Sim {
-        channels, rate_hz, ..
-    } = source
+    if let Some(channels) = source.declared_channels()
+        && channels != spec.channels
     {
-        if *channels != spec.channels {
-            return Err(mismatch(format!(
-                "the model takes {} channels, the source produces {channels}",
-                spec.channels
-            )));
-        }
-        if (rate_hz - spec.sample_rate_hz).abs() > 1e-6 * spec.sample_rate_hz.max(1.0) {
-            return Err(mismatch(format!(
-                "the model was trained at {} Hz, the source samples at {rate_hz} Hz",
-                spec.sample_rate_hz
-            )));
-        }
+        return Err(mismatch(format!(
+            "the model takes {} channels, the source produces {channels}",
+            spec.channels
+        )));
+    }
+    if let SourceSettings::Sim { rate_hz, .. } = source
+        && (rate_hz - spec.sample_rate_hz).abs() > 1e-6 * spec.sample_rate_hz.max(1.0)
+    {
+        return Err(mismatch(format!(
+            "the model was trained at {} Hz, the source samples at {rate_hz} Hz",
+            spec.sample_rate_hz
+        )));
     }
     Ok(())
 }
@@ -554,6 +554,8 @@ struct Windower {
     expected: u64,
     /// The seq at which the next window would end, were nothing skipped.
     next_end: u64,
+    /// The gap before the next sample is a misfit left out, not samples the thread missed.
+    misfit: bool,
 }
 
 struct Window {
@@ -575,6 +577,7 @@ impl Windower {
             count: 0,
             expected: 0,
             next_end: 0,
+            misfit: false,
         }
     }
 
@@ -649,6 +652,7 @@ struct Engine {
     out: tokio::sync::mpsc::Sender<Produced>,
     active: Arc<Mutex<Vec<ModelSlot>>>,
     last_error_log: Option<Instant>,
+    last_misfit_log: Option<Instant>,
     /// Candidate models under shadow evaluation, by inference stream.
     shadows: HashMap<Arc<str>, Shadow>,
 }
@@ -693,6 +697,7 @@ impl Engine {
             out,
             active,
             last_error_log: None,
+            last_misfit_log: None,
             shadows: HashMap::new(),
         }
     }
@@ -779,23 +784,39 @@ impl Engine {
             return;
         };
         for i in idx {
+            // Second line of defence behind the sources' schema check: a sample the model
+            // cannot take is left out, so the windows that would hold it are skipped
+            // (`reason="misfit"`) and windowing restarts after it; the next window runs.
             let channels = self.windowers[i].channels;
-            if t.values.len() != channels {
-                self.metrics.inference_errors.fetch_add(1, Relaxed);
+            let misfit = if t.values.len() != channels {
+                Some(format!(
+                    "has {} values, the model takes {channels}",
+                    t.values.len()
+                ))
+            } else {
+                t.values
+                    .iter()
+                    .position(|v| !v.is_finite())
+                    .map(|c| format!("has a non-finite value in channel {c}"))
+            };
+            if let Some(why) = misfit {
+                self.windowers[i].misfit = true;
                 let msg = format!(
-                    "a sample of {} has {} values, the model {} takes {channels}",
-                    t.stream,
-                    t.values.len(),
-                    self.slots[i].name,
+                    "sample {} of {} {why}: the windows holding it are skipped (model {})",
+                    t.seq, t.stream, self.slots[i].name,
                 );
-                self.log_error(&msg);
+                self.log_misfit(&msg);
                 continue;
             }
+            let was_misfit = std::mem::take(&mut self.windowers[i].misfit);
             let (skipped, window) = self.windowers[i].push(&t, i);
             if skipped > 0 {
-                self.metrics
-                    .inference_windows_skipped
-                    .fetch_add(skipped, Relaxed);
+                let counter = if was_misfit {
+                    &self.metrics.inference_windows_misfit
+                } else {
+                    &self.metrics.inference_windows_skipped
+                };
+                counter.fetch_add(skipped, Relaxed);
             }
             if let Some(window) = window {
                 self.oldest.get_or_insert_with(Instant::now);
@@ -1017,6 +1038,19 @@ impl Engine {
                 "Shadow evaluation finished."
             );
             let _ = sh.done.send(sh.outcome);
+        }
+    }
+
+    fn log_misfit(&mut self, msg: &str) {
+        if self
+            .last_misfit_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            self.last_misfit_log = Some(Instant::now());
+            tracing::warn!(
+                problem = %msg,
+                "A sample does not fit its model; windows without it are counted in inference_windows_skipped_total{{reason=\"misfit\"}}."
+            );
         }
     }
 

@@ -79,11 +79,15 @@ fn main() -> ExitCode {
         Command::Keygen { .. } | Command::Csr { .. } => ExitCode::SUCCESS,
         Command::Run => match run(settings) {
             Ok(()) => ExitCode::SUCCESS,
-            // A model that cannot be trusted or does not fit is a configuration problem.
+            // A model that cannot be trusted or does not fit, or a schema that contradicts the
+            // recorded one, is a configuration problem.
             Err(e)
                 if matches!(
                     e.downcast_ref::<ember_agent::runtime::AgentError>(),
-                    Some(ember_agent::runtime::AgentError::Model(_))
+                    Some(
+                        ember_agent::runtime::AgentError::Model(_)
+                            | ember_agent::runtime::AgentError::Schema(_)
+                    )
                 ) =>
             {
                 eprintln!("ember-agent: cannot start: {e:#}");

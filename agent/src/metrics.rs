@@ -25,7 +25,17 @@ pub struct Metrics {
     pub evicted_disk: AtomicU64,
     pub storage_errors: AtomicU64,
     pub corrupt: AtomicU64,
+    /// Input refused by sources, all reasons together (the status message's `rejected`);
+    /// [`Metrics::reject`] also counts each reason below.
     pub rejected: AtomicU64,
+    /// Lines or file rows that do not parse (bad JSON, not a number, unknown field).
+    pub rejected_malformed: AtomicU64,
+    /// Samples whose channel count differs from the stream's schema.
+    pub rejected_channels: AtomicU64,
+    /// Samples carrying NaN or an infinity.
+    pub rejected_non_finite: AtomicU64,
+    /// Samples whose timestamp goes back further than the source's tolerance.
+    pub rejected_backwards: AtomicU64,
     pub reconnects: AtomicU64,
     pub in_flight: AtomicU64,
     pub queue_resets: AtomicU64,
@@ -53,6 +63,9 @@ pub struct Metrics {
     pub inference_errors: AtomicU64,
     /// Windows never formed because the inference thread was behind.
     pub inference_windows_skipped: AtomicU64,
+    /// Windows never formed because a sample in them did not fit the model (wrong channel
+    /// count, NaN/Inf): the second line of defence behind the sources' schema check.
+    pub inference_windows_misfit: AtomicU64,
     /// Samples that bypassed inference because its channel was full.
     pub inference_samples_skipped: AtomicU64,
     /// OTA (`crate::ota`): bundle downloads finished, bytes received, installs that failed,
@@ -67,7 +80,50 @@ pub struct Metrics {
     pub models: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
+/// Why a source refused input: the `reason` label of `input_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    Malformed,
+    Channels,
+    NonFinite,
+    Backwards,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 4] = [
+        RejectReason::Malformed,
+        RejectReason::Channels,
+        RejectReason::NonFinite,
+        RejectReason::Backwards,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Malformed => "malformed",
+            RejectReason::Channels => "channels",
+            RejectReason::NonFinite => "non_finite",
+            RejectReason::Backwards => "backwards",
+        }
+    }
+}
+
 impl Metrics {
+    /// Counts one refused input under `reason` (and in the total).
+    pub fn reject(&self, reason: RejectReason) {
+        self.rejected.fetch_add(1, Relaxed);
+        self.rejected_by(reason).fetch_add(1, Relaxed);
+    }
+
+    pub fn rejected_by(&self, reason: RejectReason) -> &AtomicU64 {
+        match reason {
+            RejectReason::Malformed => &self.rejected_malformed,
+            RejectReason::Channels => &self.rejected_channels,
+            RejectReason::NonFinite => &self.rejected_non_finite,
+            RejectReason::Backwards => &self.rejected_backwards,
+        }
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
@@ -92,7 +148,7 @@ impl Metrics {
 
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render(&self, device_id: &str) -> String {
-        let counters: [(&str, &str, &str, &str, &AtomicU64); 34] = [
+        let counters: [(&str, &str, &str, &str, &AtomicU64); 38] = [
             (
                 "records_captured_total",
                 "counter",
@@ -159,9 +215,30 @@ impl Metrics {
             (
                 "input_rejected_total",
                 "counter",
-                "Malformed input lines or samples rejected by sources.",
+                "Input refused by sources before it was queued, by reason (malformed, channels, non_finite, backwards).",
+                "reason=\"malformed\"",
+                &self.rejected_malformed,
+            ),
+            (
+                "input_rejected_total",
+                "counter",
                 "",
-                &self.rejected,
+                "reason=\"channels\"",
+                &self.rejected_channels,
+            ),
+            (
+                "input_rejected_total",
+                "counter",
+                "",
+                "reason=\"non_finite\"",
+                &self.rejected_non_finite,
+            ),
+            (
+                "input_rejected_total",
+                "counter",
+                "",
+                "reason=\"backwards\"",
+                &self.rejected_backwards,
             ),
             (
                 "reconnects_total",
@@ -215,9 +292,16 @@ impl Metrics {
             (
                 "inference_windows_skipped_total",
                 "counter",
-                "Windows skipped because the inference thread was behind.",
-                "",
+                "Windows never evaluated, by reason: the inference thread was behind, or a sample in them did not fit the model.",
+                "reason=\"behind\"",
                 &self.inference_windows_skipped,
+            ),
+            (
+                "inference_windows_skipped_total",
+                "counter",
+                "",
+                "reason=\"misfit\"",
+                &self.inference_windows_misfit,
             ),
             (
                 "inference_samples_skipped_total",

@@ -46,6 +46,46 @@ pub enum AgentError {
     /// A model could not be put into service: the agent refuses to start (exit code 2).
     #[error(transparent)]
     Model(#[from] InferenceError),
+    /// A stream's declared schema contradicts the recorded one, or a model's input (exit 2).
+    #[error("{0}")]
+    Schema(String),
+}
+
+/// Each source's recorded channel count, checked against the declared one and against the
+/// models that window the stream (see `source::schema`).
+fn check_schemas(
+    settings: &Settings,
+    queue: &Queue,
+    slots: &[inference::ModelSlot],
+) -> Result<Vec<Option<usize>>, AgentError> {
+    let mut recorded = Vec::new();
+    for (i, s) in settings.sources.iter().enumerate() {
+        let stream = s.stream();
+        let stored = queue.channels(stream);
+        if let (Some(declared), Some(stored)) = (s.declared_channels(), stored)
+            && declared != stored
+        {
+            return Err(AgentError::Schema(format!(
+                "source[{i}].channels: stream {stream:?} is recorded with {stored} channels in {}, the configuration declares {declared}: a stream's schema does not change; give the source a new stream name (or set channels = {stored})",
+                settings.data_dir.display()
+            )));
+        }
+        let channels = s.declared_channels().or(stored);
+        for slot in slots.iter().filter(|m| &*m.source == stream) {
+            let want = slot.model.input().channels;
+            if let Some(c) = channels
+                && c != want
+            {
+                return Err(AgentError::Schema(format!(
+                    "model {} ({}) takes {want} channels but stream {stream:?} has {c}: feed the model a stream of {want} channels",
+                    slot.name,
+                    slot.bundle.display()
+                )));
+            }
+        }
+        recorded.push(stored);
+    }
+    Ok(recorded)
 }
 
 /// What a run ended with.
@@ -121,6 +161,8 @@ pub async fn run(
         );
         Arc::new(queue)
     };
+    // Before any port is bound: a schema that contradicts the recorded one refuses the start.
+    let recorded = check_schemas(&settings, &queue, &slots)?;
 
     let metrics_task = match settings.metrics.listen {
         Some(addr) => {
@@ -140,11 +182,11 @@ pub async fn run(
 
     let (tx, rx) = mpsc::channel::<Sample>(crate::config::DEFAULT_SAMPLE_CHANNEL);
     let mut sources = Vec::new();
-    for s in settings.sources.clone() {
+    for (s, recorded) in settings.sources.clone().into_iter().zip(recorded) {
         let (tx, m, stop) = (tx.clone(), metrics.clone(), shutdown.clone());
         let name = s.stream().to_string();
         sources.push(tokio::spawn(async move {
-            match source::run(s, tx, m, stop).await {
+            match source::run(s, recorded, tx, m, stop).await {
                 Ok(()) => tracing::info!(stream = %name, "Source finished."),
                 Err(e) => tracing::error!(stream = %name, error = %e, "Source failed; the other sources carry on."),
             }

@@ -487,6 +487,7 @@ fn status(device: &str, last_seq: u64) -> Vec<u8> {
     s.agent_version = Some("ember-bench".into());
     s.streams.push(StreamStatus {
         head: None,
+        channels: None,
         stream: STREAM.into(),
         last_seq,
         queued: 0,

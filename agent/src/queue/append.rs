@@ -107,6 +107,10 @@ impl<E: Engine> Queue<E> {
             budget -= size.min(budget);
             let sid = self.stream_id(&mut g, s.stream());
             let st = &mut g.streams[sid as usize];
+            if st.channels.is_none() {
+                // The stream's schema, persisted with this first sample in the same batch.
+                st.channels = s.channels().map(|c| c as u32);
+            }
             let seq = st.next_seq;
             if let Some(seqs) = seqs.as_mut() {
                 seqs.push(seq);
@@ -227,6 +231,7 @@ impl<E: Engine> Queue<E> {
             records: 0,
             bytes: 0,
             evicted: Vec::new(),
+            channels: None,
             meta_dirty: true,
         });
         sid

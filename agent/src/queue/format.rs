@@ -45,6 +45,10 @@ pub(super) struct StreamMeta {
     pub(super) next_seq: u64,
     #[serde(default)]
     pub(super) evicted: Vec<EvictedRange>,
+    /// The stream's schema: the channel count of its first sample (absent for inference
+    /// streams and for metadata written before schemas existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) channels: Option<u32>,
 }
 
 pub(super) fn meta_json(m: &StreamMeta) -> Vec<u8> {
@@ -88,6 +92,10 @@ pub trait Enqueue {
     fn encode(&self, key: &[u8]) -> Vec<u8>;
     /// Bytes it counts against the byte cap (key + value).
     fn size(&self) -> u64;
+    /// A sample's channel count (what fixes its stream's schema); `None` for other records.
+    fn channels(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl Enqueue for Sample {
@@ -99,6 +107,9 @@ impl Enqueue for Sample {
     }
     fn size(&self) -> u64 {
         record_size(self.values.len())
+    }
+    fn channels(&self) -> Option<usize> {
+        Some(self.values.len())
     }
 }
 

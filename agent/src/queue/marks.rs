@@ -80,6 +80,7 @@ pub(super) fn apply_marks<E: Engine>(
                     records: 0,
                     bytes: 0,
                     evicted: Vec::new(),
+                    channels: None,
                     meta_dirty: true,
                 });
                 sid

@@ -6,7 +6,7 @@
 //! ```text
 //! <data_dir>/queue/                 the live sled database (one tree)
 //!     'r' stream_id:u32be seq:u64be  -> a stored record, one of two versions (below)
-//!     'm' stream_id:u32be            -> StreamMeta JSON {name, next_seq, evicted ranges}
+//!     'm' stream_id:u32be            -> StreamMeta JSON {name, next_seq, evicted ranges, channels}
 //! <data_dir>/queue.seq              sequence reservations per stream (JSON, replaced atomically)
 //! <data_dir>/queue.mark             highest durable seq per stream, as last seen (JSON, replaced
 //!                                   atomically; written by `maintain` when it moved, and at `close`)
@@ -153,6 +153,8 @@ struct StreamState {
     records: u64,
     bytes: u64,
     evicted: Vec<EvictedRange>,
+    /// The schema (channel count) recorded by the stream's first sample.
+    channels: Option<u32>,
     meta_dirty: bool,
 }
 
@@ -162,6 +164,7 @@ impl StreamState {
             name: self.name.to_string(),
             next_seq: self.next_seq,
             evicted: self.evicted.clone(),
+            channels: self.channels,
         }
     }
 
@@ -339,6 +342,14 @@ impl<E: Engine> Queue<E> {
             .map_or(0, |s| s.next_seq - 1)
     }
 
+    /// The schema recorded for a sample stream: the channel count of its first sample, kept in
+    /// the stream's metadata (`None`: no sample recorded yet, or not a sample stream).
+    pub fn channels(&self, stream: &str) -> Option<usize> {
+        let g = self.lock();
+        let sid = *g.by_name.get(stream)?;
+        g.streams.get(sid as usize)?.channels.map(|c| c as usize)
+    }
+
     /// Bytes a record of `channels` values counts against the byte cap.
     pub fn record_size(channels: usize) -> u64 {
         format::record_size(channels)
@@ -378,6 +389,7 @@ impl<E: Engine> Queue<E> {
                     }
                     _ => None,
                 },
+                channels: s.channels,
             })
             .collect()
     }

@@ -249,6 +249,7 @@ fn load_state<E: Engine>(
             name: format!("lost-stream-{sid}"),
             next_seq: 1,
             evicted: Vec::new(),
+            channels: None,
         });
         let (records, bytes) = per_stream.remove(&sid).unwrap_or((0, 0));
         let next_seq = meta.next_seq.max(last_seq.get(&sid).map_or(1, |s| s + 1));
@@ -264,6 +265,7 @@ fn load_state<E: Engine>(
             records,
             bytes,
             evicted: meta.evicted,
+            channels: meta.channels,
             meta_dirty: false,
         });
     }
@@ -294,6 +296,7 @@ fn load_state<E: Engine>(
                 records: 0,
                 bytes: 0,
                 evicted: Vec::new(),
+                channels: None,
                 meta_dirty: true,
             };
             st.evicted.push(EvictedRange {

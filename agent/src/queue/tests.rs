@@ -685,3 +685,27 @@ fn inference_records_round_trip_beside_samples() {
         Err(ProtoError::Checksum { .. })
     ));
 }
+
+#[test]
+fn a_streams_schema_is_recorded_by_its_first_sample_and_survives_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(1 << 30, FullPolicy::DropOldest, FsyncPolicy::EveryBatch);
+    {
+        let (q, _, _) = open(dir.path(), s.clone());
+        assert_eq!(q.channels("imu"), None);
+        q.append(&[sample("imu", 1), sample("imu", 2)]).unwrap();
+        q.append(&[result(1)]).unwrap();
+        assert_eq!(q.channels("imu"), Some(3));
+        let (sid, _) = q.stream_names()[0].clone();
+        // Delivered and trimmed: the records go, the schema stays.
+        q.ack(sid, 1, 2).unwrap();
+        q.close().unwrap();
+    }
+    let (q, _, _) = open(dir.path(), s);
+    assert_eq!(q.channels("imu"), Some(3));
+    let st = q.stream_status();
+    let imu = st.iter().find(|s| s.stream == "imu").unwrap();
+    assert_eq!(imu.channels, Some(3));
+    let inf = st.iter().find(|s| s.stream != "imu").unwrap();
+    assert_eq!(inf.channels, None, "an inference stream has no schema");
+}

@@ -4,6 +4,10 @@
 //! * `replay`: CSV or UEA `.ts` files, looped or once, at a fixed rate.
 //! * `socket`: newline-delimited JSON from local processes over a Unix socket or loopback TCP.
 //!
+//! Every source passes each sample through its stream's [`schema::Guard`] before sending it:
+//! a sample of the wrong channel count, with NaN/Inf, or stamped too far back is refused there,
+//! counted by reason, and never queued (see `schema`).
+//!
 //! **Invariant:** bad input never stops a source: a malformed line is rejected, counted in
 //! `Metrics::rejected` and logged (rate-limited), and the source carries on.
 //! **API boundary:** a source only produces samples; sequence numbers are assigned later by the
@@ -16,8 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::SourceSettings;
 use crate::metrics::Metrics;
+use schema::{Guard, Schema};
 
 pub mod replay;
+pub mod schema;
 pub mod sim;
 pub mod socket;
 pub mod ts;
@@ -45,25 +51,34 @@ pub enum SourceError {
 }
 
 /// Runs one source until `shutdown` fires, the channel closes, or (for a replay with
-/// `loop = false`) the input is exhausted.
+/// `loop = false`) the input is exhausted. `recorded` is the channel count the queue holds for
+/// the stream (the runtime checked that it agrees with a declared one).
 pub async fn run(
     settings: SourceSettings,
+    recorded: Option<usize>,
     tx: mpsc::Sender<Sample>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), SourceError> {
+    let schema = Schema {
+        channels: settings.declared_channels().or(recorded),
+        max_backwards_us: settings.max_backwards_ms().saturating_mul(1000),
+    };
+    let guard = Guard::new(settings.stream().into(), schema, metrics.clone());
     match settings {
         SourceSettings::Sim {
             stream,
             rate_hz,
             channels,
             seed,
+            ..
         } => {
             sim::run(
                 stream.into(),
                 rate_hz,
                 channels,
                 seed,
+                guard,
                 tx,
                 metrics,
                 shutdown,
@@ -76,22 +91,19 @@ pub async fn run(
             format,
             rate_hz,
             looped,
+            ..
         } => {
-            replay::run(
-                stream.into(),
+            let replay = replay::Replay {
                 path,
                 format,
                 rate_hz,
                 looped,
-                tx,
-                metrics,
-                shutdown,
-            )
-            .await
+            };
+            replay::run(stream.into(), replay, guard, tx, metrics, shutdown).await
         }
-        SourceSettings::Socket { stream, endpoint } => {
-            socket::run(stream.into(), endpoint, tx, metrics, shutdown).await
-        }
+        SourceSettings::Socket {
+            stream, endpoint, ..
+        } => socket::run(stream.into(), endpoint, guard, tx, metrics, shutdown).await,
     }
 }
 

@@ -6,13 +6,18 @@
 //!
 //! * CSV: one sample per line, comma-separated numbers. The first non-blank line is skipped
 //!   as a header if any of its fields is not a number; blank lines and `#` comment lines are
-//!   skipped. A malformed line (a field that is not a finite 32-bit number, more than
-//!   [`MAX_VALUES`] columns, a column count different from the first data row's, invalid
-//!   UTF-8) is rejected: counted in `Metrics::rejected` once, when the file is loaded, logged
-//!   (rate-limited) with its line number, and left out. It never stops the replay.
+//!   skipped. A line that does not fit is rejected: counted in `input_rejected_total` once,
+//!   when the file is loaded, under its reason (`malformed`: a field that is not a number,
+//!   more than [`MAX_VALUES`] columns, invalid UTF-8; `non_finite`: NaN or an infinity;
+//!   `channels`: a column count other than the stream's schema, which is the declared or
+//!   recorded channel count, else the first data row's), logged (rate-limited) with its line
+//!   number, and left out. It never stops the replay.
 //! * `.ts` (UEA/sktime, see [`super::ts`]): series after series, each as `len` consecutive
 //!   samples, sample `t` holding value `t` of every channel. Any error in the file is fatal:
-//!   a training set with a broken series should be fixed, not half-replayed.
+//!   a training set with a broken series should be fixed, not half-replayed; so is a file
+//!   whose `@dimensions` differ from the stream's schema.
+//!
+//! Every sample then passes the stream's [`Guard`] before it is sent (see `schema`).
 //!
 //! Samples are paced like the simulator's (see [`super::sim`]): sample `k` is due `k / rate_hz`
 //! after the start and stamped with that time, so timestamps stay evenly spaced across loops.
@@ -26,28 +31,41 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::schema::Guard;
 use super::sim::{Pacer, check_rate, send, should_warn};
 use super::socket::MAX_VALUES;
 use super::{Sample, SourceError};
 use crate::config::ReplayFormat;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RejectReason};
+
+/// What to replay and how.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    pub path: PathBuf,
+    pub format: ReplayFormat,
+    pub rate_hz: f64,
+    pub looped: bool,
+}
 
 /// Replays `path` at `rate_hz`, from the start again after the end if `looped`.
-#[allow(clippy::too_many_arguments)] // The signature the source dispatcher calls.
 pub async fn run(
     stream: Arc<str>,
-    path: PathBuf,
-    format: ReplayFormat,
-    rate_hz: f64,
-    looped: bool,
+    replay: Replay,
+    mut guard: Guard,
     tx: mpsc::Sender<Sample>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), SourceError> {
+    let Replay {
+        path,
+        format,
+        rate_hz,
+        looped,
+    } = replay;
     check_rate(rate_hz)?;
     let span = tracing::info_span!("source", kind = "replay", stream = %stream);
     async move {
-        let rows = load(&path, format, &metrics).await?;
+        let rows = load(&path, format, guard.channels(), &stream, &metrics).await?;
         tracing::info!(
             path = %path.display(),
             samples = rows.len(),
@@ -73,12 +91,15 @@ pub async fn run(
                     ts_us: pacer.ts_us(pacer.next),
                     values,
                 };
+                pacer.next += 1;
+                if guard.admit(&sample).is_err() {
+                    continue;
+                }
                 if !send(&tx, sample, &shutdown).await {
                     tracing::info!("Replay source stopped.");
                     return Ok(());
                 }
                 metrics.captured.fetch_add(1, Relaxed);
-                pacer.next += 1;
             }
             if !looped && pacer.next >= n {
                 tracing::info!(
@@ -114,8 +135,15 @@ impl Rows {
     }
 }
 
-/// Reads and checks the whole file; counts and logs rejected CSV lines.
-async fn load(path: &Path, format: ReplayFormat, metrics: &Metrics) -> Result<Rows, SourceError> {
+/// Reads and checks the whole file against the stream's channel count, if known; counts and
+/// logs rejected CSV lines.
+async fn load(
+    path: &Path,
+    format: ReplayFormat,
+    channels: Option<usize>,
+    stream: &str,
+    metrics: &Metrics,
+) -> Result<Rows, SourceError> {
     let bytes = tokio::fs::read(path)
         .await
         .map_err(|source| SourceError::Open {
@@ -124,14 +152,20 @@ async fn load(path: &Path, format: ReplayFormat, metrics: &Metrics) -> Result<Ro
         })?;
     let mut rejected = 0u64;
     let rows = match format {
-        ReplayFormat::Csv => parse_csv(&bytes, |reason| {
+        ReplayFormat::Csv => parse_csv(&bytes, channels, |why, reason| {
             rejected += 1;
-            metrics.rejected.fetch_add(1, Relaxed);
+            metrics.reject(why);
             if should_warn(rejected) {
                 tracing::warn!(path = %path.display(), reason = %reason, rejected, "Rejected a malformed CSV line; skipping it.");
             }
         }),
-        ReplayFormat::Ts => parse_ts_rows(&bytes),
+        ReplayFormat::Ts => parse_ts_rows(&bytes).and_then(|rows| match channels {
+            Some(c) if c != rows.width => Err(format!(
+                "the file's series have {} channels but stream {stream:?} has {c}: replay it into a new stream, or a file of {c} channels",
+                rows.width
+            )),
+            _ => Ok(rows),
+        }),
     };
     let bad = |message: String| SourceError::BadFile {
         path: path.display().to_string(),
@@ -145,21 +179,30 @@ async fn load(path: &Path, format: ReplayFormat, metrics: &Metrics) -> Result<Ro
     Ok(rows)
 }
 
-/// Parses CSV text; `reject` is called with the reason for each malformed line.
-fn parse_csv(bytes: &[u8], mut reject: impl FnMut(String)) -> Result<Rows, String> {
-    let mut width: Option<(usize, usize)> = None;
+/// Parses CSV text into rows of `channels` values (else the first data row's count); `reject`
+/// is called with the reason for each line left out.
+fn parse_csv(
+    bytes: &[u8],
+    channels: Option<usize>,
+    mut reject: impl FnMut(RejectReason, String),
+) -> Result<Rows, String> {
+    // (width, the line that set it: 0 for the stream's schema)
+    let mut width: Option<(usize, usize)> = channels.map(|c| (c, 0));
     let mut values = Vec::new();
     let mut seen_content = false;
     let mut rejected = 0usize;
-    let mut reject = |reason: String| {
+    let mut reject = |why: RejectReason, reason: String| {
         rejected += 1;
-        reject(reason);
+        reject(why, reason);
     };
     for (idx, raw) in bytes.split(|b| *b == b'\n').enumerate() {
         let line_no = idx + 1;
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         let Ok(line) = std::str::from_utf8(raw) else {
-            reject(format!("line {line_no}: is not valid UTF-8"));
+            reject(
+                RejectReason::Malformed,
+                format!("line {line_no}: is not valid UTF-8"),
+            );
             seen_content = true;
             continue;
         };
@@ -182,25 +225,41 @@ fn parse_csv(bytes: &[u8], mut reject: impl FnMut(String)) -> Result<Rows, Strin
         }
         let row = match parse_row(&fields) {
             Ok(row) => row,
-            Err(reason) => {
-                reject(format!("line {line_no}: {reason}"));
+            Err((why, reason)) => {
+                reject(why, format!("line {line_no}: {reason}"));
                 continue;
             }
         };
         if row.len() > MAX_VALUES {
-            reject(format!(
-                "line {line_no}: has {} columns; at most {MAX_VALUES} are allowed",
-                row.len()
-            ));
+            reject(
+                RejectReason::Malformed,
+                format!(
+                    "line {line_no}: has {} columns; at most {MAX_VALUES} are allowed",
+                    row.len()
+                ),
+            );
             continue;
         }
         match width {
             None => width = Some((row.len(), line_no)),
+            Some((w, 0)) if w != row.len() => {
+                reject(
+                    RejectReason::Channels,
+                    format!(
+                        "line {line_no}: has {} columns but the stream has {w} channels",
+                        row.len()
+                    ),
+                );
+                continue;
+            }
             Some((w, first)) if w != row.len() => {
-                reject(format!(
-                    "line {line_no}: has {} columns but the first data row (line {first}) has {w}",
-                    row.len()
-                ));
+                reject(
+                    RejectReason::Channels,
+                    format!(
+                        "line {line_no}: has {} columns but the first data row (line {first}) has {w}",
+                        row.len()
+                    ),
+                );
                 continue;
             }
             Some(_) => {}
@@ -208,28 +267,32 @@ fn parse_csv(bytes: &[u8], mut reject: impl FnMut(String)) -> Result<Rows, Strin
         values.extend_from_slice(&row);
     }
     match width {
-        Some((width, _)) => Ok(Rows { width, values }),
-        None => Err(format!(
+        Some((width, _)) if !values.is_empty() => Ok(Rows { width, values }),
+        _ => Err(format!(
             "no data rows: every line is blank, a header or malformed ({rejected} rejected); write one sample per line, e.g. `0.1,9.8,0.0`"
         )),
     }
 }
 
-fn parse_row(fields: &[&str]) -> Result<Vec<f32>, String> {
+fn parse_row(fields: &[&str]) -> Result<Vec<f32>, (RejectReason, String)> {
     fields
         .iter()
         .enumerate()
         .map(|(i, f)| {
             let column = i + 1;
             if f.is_empty() {
-                return Err(format!("field {column} is empty"));
+                return Err((RejectReason::Malformed, format!("field {column} is empty")));
             }
             match f.parse::<f32>() {
                 Ok(x) if x.is_finite() => Ok(x),
-                Ok(_) => Err(format!(
-                    "field {column} ({f:?}) is not a finite 32-bit number"
+                Ok(_) => Err((
+                    RejectReason::NonFinite,
+                    format!("field {column} ({f:?}) is not a finite 32-bit number"),
                 )),
-                Err(_) => Err(format!("field {column} ({f:?}) is not a number")),
+                Err(_) => Err((
+                    RejectReason::Malformed,
+                    format!("field {column} ({f:?}) is not a number"),
+                )),
             }
         })
         .collect()
@@ -270,6 +333,7 @@ fn parse_ts_rows(bytes: &[u8]) -> Result<Rows, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::schema::Schema;
     use std::io::Write;
     use std::time::Duration;
 
@@ -301,10 +365,13 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let run = run(
             "rec".into(),
-            f.path().to_path_buf(),
-            format,
-            20_000.0,
-            false,
+            Replay {
+                path: f.path().to_path_buf(),
+                format: format,
+                rate_hz: 20_000.0,
+                looped: false,
+            },
+            Guard::open(&Arc::default()),
             tx,
             metrics.clone(),
             CancellationToken::new(),
@@ -370,10 +437,94 @@ mod tests {
         assert_eq!(metrics.captured.load(Relaxed), 2);
     }
 
+    /// Rows that do not fit a 3-channel stream (2 or 65 columns, NaN, inf) are left out and
+    /// counted by reason; the rest replay in order. A `.ts` file of another width is refused.
+    #[tokio::test(flavor = "current_thread")]
+    async fn rows_that_do_not_fit_the_streams_schema_are_refused_by_reason() {
+        let mut csv = String::from("x,y,z\n");
+        let mut good = Vec::new();
+        for k in 0..30 {
+            match k % 5 {
+                1 => csv.push_str("1,2\n"),
+                2 => csv.push_str(&format!("{}\n", vec!["1"; 65].join(","))),
+                3 => csv.push_str(if k % 2 == 0 { "1,nan,3\n" } else { "inf,2,3\n" }),
+                _ => {
+                    csv.push_str(&format!("{k},0,1\n"));
+                    good.push(vec![k as f32, 0.0, 1.0]);
+                }
+            }
+        }
+        let f = file(csv.as_bytes(), ".csv");
+        let (tx, mut rx) = mpsc::channel(1000);
+        let metrics = Arc::new(Metrics::default());
+        let schema = Schema {
+            channels: Some(3),
+            max_backwards_us: 0,
+        };
+        let guard = Guard::new("rec".into(), schema, metrics.clone());
+        let replay = Replay {
+            path: f.path().to_path_buf(),
+            format: ReplayFormat::Csv,
+            rate_hz: 20_000.0,
+            looped: false,
+        };
+        tokio::time::timeout(
+            WAIT,
+            run(
+                "rec".into(),
+                replay,
+                guard,
+                tx,
+                metrics.clone(),
+                CancellationToken::new(),
+            ),
+        )
+        .await
+        .expect("replay did not finish")
+        .expect("replay");
+        let mut got = Vec::new();
+        while let Ok(s) = rx.try_recv() {
+            got.push(s.values);
+        }
+        assert_eq!(got, good);
+        assert_eq!(metrics.captured.load(Relaxed), 12);
+        assert_eq!(metrics.rejected_channels.load(Relaxed), 12);
+        assert_eq!(metrics.rejected_non_finite.load(Relaxed), 6);
+        assert_eq!(metrics.rejected_malformed.load(Relaxed), 0);
+
+        let ts = file(b"@dimensions 2\n@data\n1,2,3:4,5,6\n", ".ts");
+        let (tx, _rx) = mpsc::channel(10);
+        let guard = Guard::new("rec".into(), schema, metrics.clone());
+        let replay = Replay {
+            path: ts.path().to_path_buf(),
+            format: ReplayFormat::Ts,
+            rate_hz: 10.0,
+            looped: false,
+        };
+        let err = run(
+            "rec".into(),
+            replay,
+            guard,
+            tx,
+            metrics,
+            CancellationToken::new(),
+        )
+        .await
+        .expect_err("a 2-channel file on a 3-channel stream");
+        assert!(
+            err.to_string()
+                .contains("the file's series have 2 channels but stream \"rec\" has 3"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn csv_rejections_name_the_line_and_the_problem() {
         let mut reasons = Vec::new();
-        let rows = parse_csv(b"a,b\n1,2\n1,x\n1\n1,inf\n,2\n", |r| reasons.push(r)).expect("rows");
+        let rows = parse_csv(b"a,b\n1,2\n1,x\n1\n1,inf\n,2\n", None, |_, r| {
+            reasons.push(r)
+        })
+        .expect("rows");
         assert_eq!(
             rows,
             Rows {
@@ -418,10 +569,13 @@ mod tests {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(
             "rec".into(),
-            f.path().to_path_buf(),
-            ReplayFormat::Csv,
-            10_000.0,
-            true,
+            Replay {
+                path: f.path().to_path_buf(),
+                format: ReplayFormat::Csv,
+                rate_hz: 10_000.0,
+                looped: true,
+            },
+            Guard::open(&Arc::default()),
             tx,
             metrics.clone(),
             shutdown.clone(),
@@ -455,10 +609,13 @@ mod tests {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(
             "rec".into(),
-            f.path().to_path_buf(),
-            ReplayFormat::Csv,
-            10_000.0,
-            true,
+            Replay {
+                path: f.path().to_path_buf(),
+                format: ReplayFormat::Csv,
+                rate_hz: 10_000.0,
+                looped: true,
+            },
+            Guard::open(&Arc::default()),
             tx,
             metrics.clone(),
             shutdown.clone(),
@@ -486,10 +643,13 @@ mod tests {
         drop(rx);
         let run = run(
             "rec".into(),
-            f.path().to_path_buf(),
-            ReplayFormat::Csv,
-            1.0,
-            true,
+            Replay {
+                path: f.path().to_path_buf(),
+                format: ReplayFormat::Csv,
+                rate_hz: 1.0,
+                looped: true,
+            },
+            Guard::open(&Arc::default()),
             tx,
             Arc::default(),
             CancellationToken::new(),
@@ -507,10 +667,13 @@ mod tests {
         let (tx, _rx) = mpsc::channel(1);
         let err = run(
             "rec".into(),
-            missing,
-            ReplayFormat::Csv,
-            10.0,
-            false,
+            Replay {
+                path: missing,
+                format: ReplayFormat::Csv,
+                rate_hz: 10.0,
+                looped: false,
+            },
+            Guard::open(&Arc::default()),
             tx,
             Arc::default(),
             CancellationToken::new(),
@@ -561,10 +724,13 @@ mod tests {
         let (tx, _rx) = mpsc::channel(1);
         let err = run(
             "rec".into(),
-            f.path().to_path_buf(),
-            ReplayFormat::Csv,
-            0.0,
-            false,
+            Replay {
+                path: f.path().to_path_buf(),
+                format: ReplayFormat::Csv,
+                rate_hz: 0.0,
+                looped: false,
+            },
+            Guard::open(&Arc::default()),
             tx,
             Arc::default(),
             CancellationToken::new(),
@@ -589,7 +755,7 @@ mod tests {
             #[test]
             fn csv_lines_are_rows_or_rejections(text in "([0-9a,.e -]{0,10}\n){0,20}") {
                 let mut rejected = 0usize;
-                match parse_csv(text.as_bytes(), |_| rejected += 1) {
+                match parse_csv(text.as_bytes(), None, |_, _| rejected += 1) {
                     Ok(rows) => {
                         prop_assert!(rows.width >= 1);
                         prop_assert_eq!(rows.values.len() % rows.width, 0);

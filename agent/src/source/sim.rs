@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::schema::Guard;
 use super::{Sample, SourceError, now_us};
 use crate::metrics::Metrics;
 
@@ -37,11 +38,13 @@ pub(crate) const MIN_TICK: Duration = Duration::from_millis(1);
 pub(crate) const MAX_LAG: Duration = Duration::from_secs(1);
 
 /// Generates samples from `seed` at `rate_hz` until `shutdown` fires or the receiver closes.
+#[allow(clippy::too_many_arguments)] // The signature the source dispatcher calls.
 pub async fn run(
     stream: Arc<str>,
     rate_hz: f64,
     channels: usize,
     seed: u64,
+    mut guard: Guard,
     tx: mpsc::Sender<Sample>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -69,12 +72,16 @@ pub async fn run(
                     ts_us: pacer.ts_us(k),
                     values: signal.sample(k),
                 };
+                pacer.next += 1;
+                if guard.admit(&sample).is_err() {
+                    // Only a recorded schema of another width gets here: counted and logged.
+                    continue;
+                }
                 if !send(&tx, sample, &shutdown).await {
                     tracing::info!("Simulated source stopped.");
                     return Ok(());
                 }
                 metrics.captured.fetch_add(1, Relaxed);
-                pacer.next += 1;
             }
             if !pacer.sleep(now, &tx, &shutdown).await {
                 tracing::info!("Simulated source stopped.");
@@ -396,6 +403,7 @@ mod tests {
             1000.0,
             6,
             42,
+            Guard::open(&metrics),
             tx,
             metrics.clone(),
             shutdown.clone(),
@@ -440,6 +448,7 @@ mod tests {
             100_000.0,
             3,
             1,
+            Guard::open(&metrics),
             tx,
             metrics.clone(),
             shutdown.clone(),
@@ -468,6 +477,7 @@ mod tests {
             10_000.0,
             6,
             1,
+            Guard::open(&metrics),
             tx,
             metrics.clone(),
             shutdown.clone(),
@@ -500,6 +510,7 @@ mod tests {
             0.01,
             6,
             1,
+            Guard::open(&metrics),
             tx,
             metrics.clone(),
             CancellationToken::new(),
@@ -520,6 +531,7 @@ mod tests {
                 rate,
                 channels,
                 1,
+                Guard::open(&metrics),
                 tx,
                 metrics.clone(),
                 CancellationToken::new(),

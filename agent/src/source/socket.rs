@@ -9,9 +9,12 @@
 //!
 //! `values` (1 to [`MAX_VALUES`] numbers, each a finite 32-bit float) is required; `ts`
 //! (microseconds since the Unix epoch) defaults to the time the line was read; `stream`, if
-//! present, must name this source's stream. A good line produces a sample and no reply. A bad
-//! line is rejected (counted in `Metrics::rejected`, logged rate-limited) and answered with one
-//! line `{"error":"line N: ..."}`; the connection stays open. Lines longer than
+//! present, must name this source's stream. A good line produces a sample and no reply. A line
+//! that does not parse (`reason="malformed"`) or whose sample does not fit the stream's schema
+//! (see `schema`: channel count, a value that overflows to an infinity, a timestamp too far
+//! back; one [`Guard`] shared by every client) is rejected (counted in
+//! `input_rejected_total` under its reason, logged rate-limited) and answered with one line
+//! `{"error":"line N: ..."}` that says what was expected; the connection stays open. Lines longer than
 //! [`MAX_LINE_BYTES`] are discarded as they arrive, so a client cannot make the agent buffer
 //! without bound.
 //!
@@ -36,10 +39,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::schema::Guard;
 use super::sim::{send, should_warn};
 use super::{Sample, SourceError, now_us};
 use crate::config::SocketEndpoint;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RejectReason};
 
 /// The most values one sample may carry (from any source).
 pub const MAX_VALUES: usize = 256;
@@ -54,12 +58,13 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 pub async fn run(
     stream: Arc<str>,
     endpoint: SocketEndpoint,
+    guard: Guard,
     tx: mpsc::Sender<Sample>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), SourceError> {
     let listener = Listener::bind(&endpoint).await?;
-    serve(listener, stream, tx, metrics, shutdown).await
+    serve(listener, stream, guard, tx, metrics, shutdown).await
 }
 
 /// A bound socket source endpoint.
@@ -191,6 +196,8 @@ enum Conn {
 /// What every client task shares.
 struct Shared {
     stream: Arc<str>,
+    /// The stream's schema check, shared by all clients (held only for the check).
+    guard: std::sync::Mutex<Guard>,
     tx: mpsc::Sender<Sample>,
     metrics: Arc<Metrics>,
     /// Rejections by this source, for rate-limiting the warnings.
@@ -202,6 +209,7 @@ struct Shared {
 pub async fn serve(
     listener: Listener,
     stream: Arc<str>,
+    guard: Guard,
     tx: mpsc::Sender<Sample>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -212,7 +220,7 @@ pub async fn serve(
             Listener::Unix { file, .. } => tracing::info!(path = %file.path.display(), "Socket source listening."),
             Listener::Tcp(l) => tracing::info!(addr = ?l.local_addr().ok(), "Socket source listening."),
         }
-        let shared = Arc::new(Shared { stream, tx, metrics, rejected: AtomicU64::new(0), shutdown: shutdown.child_token() });
+        let shared = Arc::new(Shared { stream, guard: std::sync::Mutex::new(guard), tx, metrics, rejected: AtomicU64::new(0), shutdown: shutdown.child_token() });
         let mut clients = JoinSet::new();
         let mut next_id = 0u64;
         loop {
@@ -303,36 +311,49 @@ async fn client<S: AsyncRead + AsyncWrite + Send + 'static>(sock: S, shared: Arc
             Ok(Line::Complete) => parse_line(&buf, &shared.stream, now_us),
         };
         line_no += 1;
-        match parsed {
-            Ok(None) => {}
+        let refused = match parsed {
+            Ok(None) => None,
             Ok(Some(sample)) => {
-                if !send(&shared.tx, sample, &shared.shutdown).await {
-                    return;
+                // The guard counts and logs its own refusals.
+                let fit = shared
+                    .guard
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .admit(&sample);
+                match fit {
+                    Ok(()) => {
+                        if !send(&shared.tx, sample, &shared.shutdown).await {
+                            return;
+                        }
+                        shared.metrics.captured.fetch_add(1, Relaxed);
+                        None
+                    }
+                    Err(misfit) => Some(format!("line {line_no}: {misfit}")),
                 }
-                shared.metrics.captured.fetch_add(1, Relaxed);
             }
             Err(reason) => {
                 let message = format!("line {line_no}: {reason}");
-                shared.metrics.rejected.fetch_add(1, Relaxed);
+                shared.metrics.reject(RejectReason::Malformed);
                 let n = shared.rejected.fetch_add(1, Relaxed) + 1;
                 if should_warn(n) {
                     tracing::warn!(reason = %message, rejected = n, "Rejected a line from a socket client.");
                 }
-                if replying {
-                    let reply = format!("{}\n", serde_json::json!({ "error": message }));
-                    let written = tokio::select! {
-                        biased;
-                        _ = shared.shutdown.cancelled() => return,
-                        w = tokio::time::timeout(REPLY_TIMEOUT, wr.write_all(reply.as_bytes())) => w,
-                    };
-                    if !matches!(written, Ok(Ok(()))) {
-                        // The client does not read its replies; keep taking its samples anyway.
-                        tracing::debug!(
-                            "Socket client does not read error replies; no longer replying."
-                        );
-                        replying = false;
-                    }
-                }
+                Some(message)
+            }
+        };
+        if let Some(message) = refused
+            && replying
+        {
+            let reply = format!("{}\n", serde_json::json!({ "error": message }));
+            let written = tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return,
+                w = tokio::time::timeout(REPLY_TIMEOUT, wr.write_all(reply.as_bytes())) => w,
+            };
+            if !matches!(written, Ok(Ok(()))) {
+                // The client does not read its replies; keep taking its samples anyway.
+                tracing::debug!("Socket client does not read error replies; no longer replying.");
+                replying = false;
             }
         }
     }
@@ -449,11 +470,9 @@ fn parse_line(
                 kind(item)
             ));
         };
-        let x = x as f32;
-        if !x.is_finite() {
-            return Err(format!("value {i} ({item}) does not fit in a 32-bit float"));
-        }
-        out.push(x);
+        // A value beyond f32's range becomes an infinity, which the stream's guard refuses
+        // (`reason="non_finite"`); JSON itself cannot carry NaN or Inf.
+        out.push(x as f32);
     }
     let ts_us = match map.get("ts") {
         None => now(),
@@ -482,6 +501,7 @@ fn kind(v: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::schema::Schema;
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpStream, UnixStream};
 
@@ -504,12 +524,22 @@ mod tests {
 
     impl Harness {
         fn start(listener: Listener, capacity: usize) -> Harness {
+            Harness::start_with(listener, capacity, None)
+        }
+
+        /// With a schema: `None` tolerates anything (fixes the width by the first sample).
+        fn start_with(listener: Listener, capacity: usize, schema: Option<Schema>) -> Harness {
             let (tx, rx) = mpsc::channel(capacity);
             let metrics = Arc::new(Metrics::default());
             let shutdown = CancellationToken::new();
+            let guard = match schema {
+                Some(schema) => Guard::new("imu".into(), schema, metrics.clone()),
+                None => Guard::open(&metrics),
+            };
             let task = tokio::spawn(serve(
                 listener,
                 "imu".into(),
+                guard,
                 tx,
                 metrics.clone(),
                 shutdown.clone(),
@@ -619,10 +649,6 @@ mod tests {
                 "{\"values\":[1,null]}".into(),
                 "field values must be an array of numbers (item 1 is null)",
             ),
-            (
-                "{\"values\":[1,1e39]}".into(),
-                "value 1 (1e+39) does not fit in a 32-bit float",
-            ),
             ("{\"values\":[1e400]}".into(), "not valid JSON"),
             ("{\"values\":[NaN]}".into(), "not valid JSON"),
             (
@@ -727,25 +753,27 @@ mod tests {
         let mut h = Harness::start(listener, 64);
 
         let mut c = UnixStream::connect(&path).await.expect("connect");
-        c.write_all(b"{\"values\":[1,2,3],\"ts\":1000}\n{\"values\":[4.5],\"stream\":\"imu\"}\n")
-            .await
-            .expect("write");
+        c.write_all(
+            b"{\"values\":[1,2,3],\"ts\":1000}\n{\"values\":[4.5,0,0],\"stream\":\"imu\"}\n",
+        )
+        .await
+        .expect("write");
         let a = h.recv().await;
         let b = h.recv().await;
         assert_eq!(
             (a.values, a.ts_us, &*a.stream),
             (vec![1.0, 2.0, 3.0], 1000, "imu")
         );
-        assert_eq!(b.values, vec![4.5]);
+        assert_eq!(b.values, vec![4.5, 0.0, 0.0]);
         assert!(
             b.ts_us.abs_diff(now_us()) < 60_000_000,
             "default ts is the arrival time"
         );
 
         // The last line of a client that disconnects without a newline still counts.
-        c.write_all(b"{\"values\":[9]}").await.expect("write");
+        c.write_all(b"{\"values\":[9,0,0]}").await.expect("write");
         drop(c);
-        assert_eq!(h.recv().await.values, vec![9.0]);
+        assert_eq!(h.recv().await.values, vec![9.0, 0.0, 0.0]);
 
         let metrics = h.stop().await;
         assert_eq!(metrics.captured.load(Relaxed), 3);
@@ -796,6 +824,82 @@ mod tests {
         let metrics = h.stop().await;
         assert_eq!(metrics.captured.load(Relaxed), 1);
         assert_eq!(metrics.rejected.load(Relaxed), 5);
+    }
+
+    /// Good and misfit samples interleaved on a 3-channel stream: every good one passes, in
+    /// order; each misfit is answered with what was expected and counted under its reason.
+    #[tokio::test(flavor = "current_thread")]
+    async fn misfit_samples_are_refused_by_reason_and_answered_with_the_schema() {
+        let listener = Listener::bind(&SocketEndpoint::Tcp(loopback()))
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("tcp address");
+        let schema = Schema {
+            channels: Some(3),
+            max_backwards_us: 1_000,
+        };
+        let mut h = Harness::start_with(listener, 256, Some(schema));
+        let c = TcpStream::connect(addr).await.expect("connect");
+        let (rd, mut wr) = c.into_split();
+        let mut rd = tokio::io::BufReader::new(rd);
+        let sixty_five = vec!["1"; 65].join(",");
+        let misfits = [
+            (
+                r#"{"values":[1,2],"ts":TS}"#.to_string(),
+                "the sample has 2 values but stream \"imu\" has 3 channels",
+            ),
+            (
+                format!(r#"{{"values":[{sixty_five}],"ts":TS}}"#),
+                "the sample has 65 values but stream \"imu\" has 3 channels",
+            ),
+            (
+                r#"{"values":[1,1e39,3],"ts":TS}"#.to_string(),
+                "value 1 is inf: every value must be a finite number",
+            ),
+            (
+                r#"{"values":[1,2,3],"ts":BACK}"#.to_string(),
+                "goes back 999900 µs",
+            ),
+        ];
+        let mut good = Vec::new();
+        let mut line = 0;
+        for k in 0..40u64 {
+            let ts = 10_000_000 + k * 100;
+            line += 1;
+            if k % 3 == 2 {
+                let (text, want) = &misfits[(k as usize / 3) % misfits.len()];
+                let text = text
+                    .replace("TS", &ts.to_string())
+                    .replace("BACK", &(ts - 1_000_000).to_string());
+                wr.write_all(format!("{text}\n").as_bytes())
+                    .await
+                    .expect("write");
+                let reply = read_reply(&mut rd).await;
+                let msg = reply["error"].as_str().expect("error reply");
+                assert!(
+                    msg.starts_with(&format!("line {line}: ")) && msg.contains(want),
+                    "reply {msg:?} for {text:?}"
+                );
+            } else {
+                wr.write_all(format!("{{\"values\":[{k},0,1],\"ts\":{ts}}}\n").as_bytes())
+                    .await
+                    .expect("write");
+                good.push((ts, vec![k as f32, 0.0, 1.0]));
+            }
+        }
+        let mut got = Vec::new();
+        for _ in 0..good.len() {
+            let s = h.recv().await;
+            got.push((s.ts_us, s.values));
+        }
+        assert_eq!(got, good);
+        let metrics = h.stop().await;
+        assert_eq!(metrics.captured.load(Relaxed), 27);
+        assert_eq!(metrics.rejected_channels.load(Relaxed), 7);
+        assert_eq!(metrics.rejected_non_finite.load(Relaxed), 3);
+        assert_eq!(metrics.rejected_backwards.load(Relaxed), 3);
+        assert_eq!(metrics.rejected_malformed.load(Relaxed), 0);
+        assert_eq!(metrics.rejected.load(Relaxed), 13);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -971,6 +1075,7 @@ mod tests {
         let task = tokio::spawn(run(
             "imu".into(),
             SocketEndpoint::Unix(path.clone()),
+            Guard::open(&metrics),
             tx,
             metrics.clone(),
             shutdown.clone(),

@@ -59,6 +59,7 @@ pub(crate) fn browser_script(name: &str, cfg: &serde_json::Value) -> Command {
 fn stream_status(stream: &str, last_seq: u64) -> StreamStatus {
     StreamStatus {
         head: None,
+        channels: None,
         stream: stream.into(),
         last_seq,
         queued: 0,

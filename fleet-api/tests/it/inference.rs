@@ -86,6 +86,7 @@ fn inference_results_are_stored_once_and_covered_by_the_ledger(kind: Kind) {
                 let mut s = status("inf-dev", "imu.activity", 3, 0, &[]);
                 s.streams.push(ember_proto::StreamStatus {
                     head: None,
+                    channels: None,
                     stream: "imu.anomaly".into(),
                     last_seq: 5,
                     queued: 0,

@@ -329,6 +329,12 @@ pub struct StreamStatus {
     /// watermark may pass it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head: Option<u64>,
+    /// The stream's schema: its channel count, fixed by the source's configuration or by the
+    /// stream's first sample (absent for inference streams, for a stream with no sample yet,
+    /// and from agents that predate stream schemas). Every record of the stream has exactly
+    /// this many values; the fleet refuses telemetry that disagrees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<u32>,
 }
 
 /// Retained on `ember/v1/{device}/status`; the Last Will publishes the `offline` form.

@@ -412,6 +412,7 @@ mod tests {
         st.ts = 5;
         st.streams.push(StreamStatus {
             head: None,
+            channels: None,
             stream: "imu".into(),
             last_seq: 10,
             queued: 0,

@@ -119,6 +119,7 @@ pub fn status(
     s.agent_version = Some("test".into());
     s.streams.push(ember_proto::StreamStatus {
         head: None,
+        channels: None,
         stream: stream.into(),
         last_seq,
         queued,
