@@ -40,6 +40,15 @@ pub fn csv_row(i: u64, channels: usize) -> Vec<f32> {
     (0..channels).map(|c| i as f32 + c as f32 * 0.25).collect()
 }
 
+/// `input_rejected_total` over every reason.
+pub fn rejected_total(metrics: &ember_testkit::Metrics) -> f64 {
+    metrics
+        .iter()
+        .filter(|(k, _)| k.starts_with("input_rejected_total{"))
+        .map(|(_, v)| v)
+        .sum()
+}
+
 /// Sends SIGTERM and waits for a clean exit (status 0).
 pub fn stop_gracefully(agent: &TestAgent, timeout: Duration) -> ExitStatus {
     agent.sigterm();

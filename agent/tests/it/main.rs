@@ -16,5 +16,6 @@ mod eviction;
 mod inference;
 mod layers;
 mod ota;
+mod schema;
 mod socket;
 mod tls;

@@ -105,6 +105,13 @@ impl TestAgentBuilder {
         self
     }
 
+    /// A `[[source]]` table written as given (keys and values in TOML, one per line), for
+    /// settings the other helpers do not cover (`channels`, `max_backwards_ms`, ...).
+    pub fn source(mut self, toml: &str) -> Self {
+        self.sources.push(format!("{}\n", toml.trim_end()));
+        self
+    }
+
     /// A socket source listening on `127.0.0.1:port`.
     pub fn socket_tcp(mut self, stream: &str, port: u16) -> Self {
         self.sources.push(format!(
