@@ -33,7 +33,8 @@ pub struct StreamView {
     /// Capture time of the oldest and newest record stored (device clock).
     pub first_ts: Option<i64>,
     pub last_ts: Option<i64>,
-    /// Values per record, as last seen.
+    /// The stream's schema: values per record (from the agent's status, else from the first
+    /// records stored). Telemetry that disagrees is rejected with reason `schema`.
     pub channels: Option<i64>,
     pub last_received_at: Option<i64>,
 }

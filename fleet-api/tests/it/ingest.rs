@@ -13,6 +13,7 @@ on_both_backends!(
     agents_stream_every_record_exactly_once,
     injected_gap_is_lost_until_explained,
     rejects_are_counted_and_valid_records_stored_once,
+    telemetry_that_disagrees_with_the_streams_schema_is_rejected,
     retention_prunes_old_rows_and_keeps_the_ledger,
     fleet_restart_loses_nothing,
     replicas_share_telemetry_and_store_it_once,
@@ -333,6 +334,89 @@ fn rejects_are_counted_and_valid_records_stored_once(kind: Kind) {
     // The device exists (valid messages), the someone-else device does not (its message was
     // rejected, and rejects never register devices).
     assert_eq!(fleet.get("/api/v1/devices/someone-else").status, 404);
+}
+
+/// A stream's schema is its channel count: reported in the agent's status (`imu`: 2) or set
+/// by the first records stored (`gps`: 3). A telemetry batch whose records disagree with it,
+/// or with each other, is rejected with reason `schema` (table, API, metrics) and stores
+/// nothing; the batches that fit are stored exactly once; the device API shows the schema.
+fn telemetry_that_disagrees_with_the_streams_schema_is_rejected(kind: Kind) {
+    let broker = TestBroker::start();
+    let store = Store::new(kind);
+    let fleet = TestFleet::start(&store, broker.port());
+    let ts = now_us();
+    let dev = "sc-dev";
+    let mut st = status(dev, "imu", 0, 0, &[]);
+    st.streams[0].channels = Some(2);
+    publish(broker.port(), vec![Msg::status(&st)]);
+    assert!(
+        wait_until(WAIT, || fleet.get("/api/v1/devices/sc-dev").status == 200),
+        "the status registers the device"
+    );
+    let wide = |stream: &str, seqs: std::ops::RangeInclusive<u64>, n: usize| {
+        let mut b = ember_proto::TelemetryBatch::new(dev, stream);
+        for seq in seqs {
+            b.push(seq, ts + seq * 1000, vec![seq as f32; n]);
+        }
+        b
+    };
+    let mut mixed = ember_proto::TelemetryBatch::new(dev, "imu");
+    for (seq, n) in [(4, 2), (5, 3), (6, 2)] {
+        mixed.push(seq, ts + seq * 1000, vec![0.5; n]);
+    }
+    publish(
+        broker.port(),
+        vec![
+            Msg::telemetry(&batch(dev, "imu", 1..=3, ts)),
+            // 3 values on the 2-channel stream; then one record of 3 among records of 2.
+            Msg::telemetry(&wide("imu", 4..=5, 3)),
+            Msg::telemetry(&mixed),
+            Msg::telemetry(&batch(dev, "imu", 4..=6, ts)),
+            // No status for gps: its first records fix 3 channels, then 2 are refused.
+            Msg::telemetry(&wide("gps", 1..=2, 3)),
+            Msg::telemetry(&batch(dev, "gps", 3..=3, ts)),
+            Msg::telemetry(&wide("gps", 3..=4, 3)),
+        ],
+    );
+    let l = fleet.wait_ledger(dev, "gps", |l| l["received"] == 4);
+    assert_eq!(l["duplicates"], 0, "{l}");
+    fleet.wait_ledger(dev, "imu", |l| l["received"] == 6);
+    assert_exactly_once(&fleet, dev, "imu", 6);
+    assert_exactly_once(&fleet, dev, "gps", 4);
+    let mut last = Value::Null;
+    let counted = wait_until(WAIT, || {
+        last = fleet.get_json("/api/v1/rejects?reason=schema");
+        last["items"][0]["count"] == 3
+    });
+    assert!(counted, "three schema rejects expected: {last}");
+    let detail = last["items"][0]["last_detail"].as_str().unwrap_or("");
+    assert!(
+        detail.contains("record 3 of stream \"gps\" has 2 values but the stream has 3 channels"),
+        "{detail}"
+    );
+    assert_eq!(
+        fleet
+            .metrics()
+            .get("rejects_total{reason=\"schema\"}")
+            .copied(),
+        Some(3.0)
+    );
+    let streams = fleet.get_json("/api/v1/devices/sc-dev/streams");
+    let channels: Vec<(String, i64)> = streams["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|s| {
+            (
+                s["stream"].as_str().unwrap_or("").to_string(),
+                s["channels"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert_eq!(
+        channels,
+        vec![("gps".to_string(), 3), ("imu".to_string(), 2)]
+    );
 }
 
 /// Retention deletes telemetry older than `telemetry_days` as a prefix of sequence numbers and

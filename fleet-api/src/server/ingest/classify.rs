@@ -72,10 +72,14 @@ pub enum RejectReason {
     BadTopic,
     /// Valid, but the database refused it repeatedly (see the service log).
     Storage,
+    /// A telemetry batch whose records disagree with the stream's known channel count (its
+    /// schema: from the agent's status, else from the first records stored), or with each
+    /// other. Decided by the writer, which knows the stream.
+    Schema,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::TooLarge,
         RejectReason::Malformed,
         RejectReason::UnsupportedVersion,
@@ -85,6 +89,7 @@ impl RejectReason {
         RejectReason::OutOfRange,
         RejectReason::BadTopic,
         RejectReason::Storage,
+        RejectReason::Schema,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -98,6 +103,7 @@ impl RejectReason {
             RejectReason::OutOfRange => "out_of_range",
             RejectReason::BadTopic => "bad_topic",
             RejectReason::Storage => "storage",
+            RejectReason::Schema => "schema",
         }
     }
 

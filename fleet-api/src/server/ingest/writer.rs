@@ -337,6 +337,13 @@ impl Writer {
                 m.inc("rejects_total", &[("reason", r.reason.as_str())], 1);
             }
         }
+        if o.schema_rejects > 0 {
+            m.inc(
+                "rejects_total",
+                &[("reason", RejectReason::Schema.as_str())],
+                o.schema_rejects,
+            );
+        }
     }
 }
 
@@ -407,6 +414,8 @@ pub struct Outcome {
     /// Capture times (agent clock, µs) of the records the batch inserted, for the
     /// sensor-to-database latency measured at commit.
     pub captured_at: Vec<i64>,
+    /// Telemetry messages refused because their records disagree with the stream's schema.
+    pub schema_rejects: u64,
 }
 
 /// A record as stored: capture time, values, receive time.
@@ -502,10 +511,13 @@ async fn write_batch(
     batch: &[Inbound],
 ) -> Result<Outcome, sqlx::Error> {
     let mut outcome = Outcome::default();
-    let g = group(batch, &mut outcome);
     let sqlite = matches!(db.backend(), Backend::Sqlite);
 
     let mut tx = db.pool().begin().await?;
+    // The schemas of the batch's telemetry streams, so that `group` can refuse a message whose
+    // records do not fit (reason `schema`) before any row is written.
+    let schemas = known_channels(&mut tx, batch).await?;
+    let g = group(batch, &schemas, &mut outcome);
     // One statement per kind of row for the whole batch, not one per device or stream: on
     // PostgreSQL each statement is a round trip, and with 100-record messages a batch spans
     // ~10 devices, so per-stream statements cost more than the rows (see docs/benchmarks.md).
@@ -579,10 +591,97 @@ async fn write_batch(
     Ok(outcome)
 }
 
-/// Groups a batch by kind of row; counts its records into `outcome`.
-fn group<'a>(batch: &'a [Inbound], outcome: &mut Outcome) -> Grouped<'a> {
+/// The channel count each telemetry stream of the batch is known to have (`streams.channels`:
+/// from the agent's status, else from its first stored records); streams not listed have none
+/// yet.
+async fn known_channels<'a>(
+    tx: &mut Tx,
+    batch: &'a [Inbound],
+) -> Result<BTreeMap<Key<'a>, i64>, sqlx::Error> {
+    let keys: BTreeSet<Key<'a>> = batch
+        .iter()
+        .filter_map(|m| match &m.item {
+            Ok(Item::Telemetry(b)) => Some((b.device.as_str(), b.stream.as_str())),
+            _ => None,
+        })
+        .collect();
+    let keys: Vec<Key<'a>> = keys.into_iter().collect();
+    let mut known = BTreeMap::new();
+    for chunk in keys.chunks(KEY_ROWS_PER_STATEMENT) {
+        let mut q = Sql::new(
+            "SELECT device_id, stream, channels FROM streams WHERE channels IS NOT NULL AND (",
+        );
+        for (i, (device, stream)) in chunk.iter().enumerate() {
+            if i > 0 {
+                q.push(" OR ");
+            }
+            q.push("(device_id = ")
+                .bind(*device)
+                .push(" AND stream = ")
+                .bind(*stream)
+                .push(")");
+        }
+        q.push(")");
+        for row in q.query().fetch_all(&mut **tx).await? {
+            let device: String = row.try_get("device_id")?;
+            let stream: String = row.try_get("stream")?;
+            let channels: i64 = row.try_get("channels")?;
+            if let Some(key) = chunk
+                .iter()
+                .find(|(d, s)| *d == device.as_str() && *s == stream.as_str())
+            {
+                known.insert(*key, channels);
+            }
+        }
+    }
+    Ok(known)
+}
+
+/// Why a telemetry batch does not fit its stream's schema (`known`, else the first record's
+/// width, which then becomes the schema for the rest of the write batch).
+fn misfit(b: &TelemetryBatch, known: Option<i64>) -> Option<String> {
+    let expected = known.or_else(|| b.records.first().map(|r| r.values.len() as i64))?;
+    let r = b
+        .records
+        .iter()
+        .find(|r| r.values.len() as i64 != expected)?;
+    Some(format!(
+        "record {} of stream {:?} has {} values but the stream has {expected} channels: a stream's channel count does not change; send it as a new stream",
+        r.seq,
+        b.stream,
+        r.values.len()
+    ))
+}
+
+/// Groups a batch by kind of row; counts its records into `outcome`. A telemetry message
+/// whose records do not fit the stream's schema (`schemas`) is turned into a `schema` reject.
+fn group<'a>(
+    batch: &'a [Inbound],
+    schemas: &BTreeMap<Key<'a>, i64>,
+    outcome: &mut Outcome,
+) -> Grouped<'a> {
     let mut g = Grouped::default();
+    let mut schemas = schemas.clone();
     for m in batch {
+        if let Ok(Item::Telemetry(b)) = &m.item {
+            let key = (b.device.as_str(), b.stream.as_str());
+            if let Some(detail) = misfit(b, schemas.get(&key).copied()) {
+                outcome.schema_rejects += 1;
+                let topic = format!("ember/v1/{}/telemetry", b.device);
+                add_reject(
+                    &mut g,
+                    key.0,
+                    RejectReason::Schema,
+                    topic,
+                    detail,
+                    m.received_at,
+                );
+                continue;
+            }
+            if let Some(r) = b.records.first() {
+                schemas.entry(key).or_insert(r.values.len() as i64);
+            }
+        }
         match &m.item {
             Ok(item) => {
                 let is_will = matches!(item, Item::Status(s) if is_last_will(s));
@@ -603,25 +702,41 @@ fn group<'a>(batch: &'a [Inbound], outcome: &mut Outcome) -> Grouped<'a> {
                     Item::Heartbeat(h) => g.heartbeats.push((h, m.received_at)),
                 }
             }
-            Err(r) => {
-                let agg = g
-                    .rejects
-                    .entry((r.device.as_str(), r.reason.as_str()))
-                    .or_insert(RejectAgg {
-                        count: 0,
-                        first_at: m.received_at,
-                        last_at: m.received_at,
-                        topic: String::new(),
-                        detail: String::new(),
-                    });
-                agg.count += 1;
-                agg.last_at = m.received_at;
-                agg.topic = r.topic.clone();
-                agg.detail = r.detail.clone();
-            }
+            Err(r) => add_reject(
+                &mut g,
+                r.device.as_str(),
+                r.reason,
+                r.topic.clone(),
+                r.detail.clone(),
+                m.received_at,
+            ),
         }
     }
     g
+}
+
+fn add_reject<'a>(
+    g: &mut Grouped<'a>,
+    device: &'a str,
+    reason: RejectReason,
+    topic: String,
+    detail: String,
+    at: i64,
+) {
+    let agg = g
+        .rejects
+        .entry((device, reason.as_str()))
+        .or_insert(RejectAgg {
+            count: 0,
+            first_at: at,
+            last_at: at,
+            topic: String::new(),
+            detail: String::new(),
+        });
+    agg.count += 1;
+    agg.last_at = at;
+    agg.topic = topic;
+    agg.detail = detail;
 }
 
 /// Registers every device the batch heard from (first and last seen), and the devices whose
@@ -1180,7 +1295,7 @@ async fn upsert_stream_counters(
                              THEN excluded.first_ts ELSE streams.first_ts END, \
              last_ts = CASE WHEN excluded.last_ts IS NOT NULL AND (streams.last_ts IS NULL OR excluded.last_ts > streams.last_ts) \
                             THEN excluded.last_ts ELSE streams.last_ts END, \
-             channels = COALESCE(excluded.channels, streams.channels), \
+             channels = COALESCE(streams.channels, excluded.channels), \
              last_received_at = COALESCE(excluded.last_received_at, streams.last_received_at), \
              committed_through = CASE WHEN excluded.committed_through > streams.committed_through \
                                       THEN excluded.committed_through ELSE streams.committed_through END",
@@ -1496,14 +1611,21 @@ async fn apply_status(tx: &mut Tx, status: &Status, received_at: i64) -> Result<
     q.query().execute(&mut **tx).await?;
 
     for s in &status.streams {
-        let mut q = Sql::new("INSERT INTO streams (device_id, stream, last_seq, queued) VALUES (");
+        let mut q = Sql::new(
+            "INSERT INTO streams (device_id, stream, last_seq, queued, channels) VALUES (",
+        );
         q.bind(device).push(", ").bind(s.stream.as_str()).push(", ");
         q.bind(to_i64(s.last_seq))
             .push(", ")
             .bind(to_i64(s.queued))
+            .push(", ")
+            .bind(s.channels.map(i64::from))
             .push(")");
+        // The schema the agent reports is the stream's from then on (an earlier one stays:
+        // a stream's channel count does not change).
         q.push(
             " ON CONFLICT (device_id, stream) DO UPDATE SET \
+             channels = COALESCE(streams.channels, excluded.channels), \
              queued = CASE WHEN excluded.last_seq >= streams.last_seq THEN excluded.queued ELSE streams.queued END, \
              last_seq = CASE WHEN excluded.last_seq > streams.last_seq THEN excluded.last_seq ELSE streams.last_seq END",
         );
