@@ -37,6 +37,12 @@
 //!   have been compared.
 //! * Windows are `window` samples long, one every `hop` samples, per the manifest; a window
 //!   is laid out `[channel][sample]` as [`LoadedModel::infer`] expects.
+//! * **A misfit never silences a stream.** Sources refuse samples that do not fit their
+//!   stream's schema (`source::schema`), so a model normally never sees one. As a second line
+//!   of defence a sample of another channel count, or with NaN/Inf, is left out here: the
+//!   windows that would hold it are skipped and counted in
+//!   `inference_windows_skipped_total{reason="misfit"}` (a thread that fell behind counts
+//!   under `reason="behind"`), and the next `window` good samples make the next window.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -558,6 +564,17 @@ struct Windower {
     misfit: bool,
 }
 
+/// What offering one sample to a [`Windower`] did.
+#[derive(Default)]
+struct Offer {
+    /// Why the sample was left out, if it does not fit the model.
+    misfit: Option<String>,
+    /// Windows skipped before it because the thread was behind, or because of a misfit.
+    behind: u64,
+    misfits: u64,
+    window: Option<Window>,
+}
+
 struct Window {
     slot: usize,
     data: Vec<f32>,
@@ -578,6 +595,45 @@ impl Windower {
             expected: 0,
             next_end: 0,
             misfit: false,
+        }
+    }
+
+    /// Offers a sample. Second line of defence behind the sources' schema check: a sample the
+    /// model cannot take (another channel count, NaN/Inf) is left out, so the windows that
+    /// would hold it are skipped (`reason="misfit"`, counted when the next sample arrives) and
+    /// windowing restarts after it: the next `window` good samples make the next window.
+    fn offer(&mut self, t: &Tap, slot: usize) -> Offer {
+        let misfit = if t.values.len() != self.channels {
+            Some(format!(
+                "has {} values, the model takes {}",
+                t.values.len(),
+                self.channels
+            ))
+        } else {
+            t.values
+                .iter()
+                .position(|v| !v.is_finite())
+                .map(|c| format!("has a non-finite value in channel {c}"))
+        };
+        if misfit.is_some() {
+            self.misfit = true;
+            return Offer {
+                misfit,
+                ..Offer::default()
+            };
+        }
+        let was_misfit = std::mem::take(&mut self.misfit);
+        let (skipped, window) = self.push(t, slot);
+        let (behind, misfits) = if was_misfit {
+            (0, skipped)
+        } else {
+            (skipped, 0)
+        };
+        Offer {
+            misfit: None,
+            behind,
+            misfits,
+            window,
         }
     }
 
@@ -784,40 +840,21 @@ impl Engine {
             return;
         };
         for i in idx {
-            // Second line of defence behind the sources' schema check: a sample the model
-            // cannot take is left out, so the windows that would hold it are skipped
-            // (`reason="misfit"`) and windowing restarts after it; the next window runs.
-            let channels = self.windowers[i].channels;
-            let misfit = if t.values.len() != channels {
-                Some(format!(
-                    "has {} values, the model takes {channels}",
-                    t.values.len()
-                ))
-            } else {
-                t.values
-                    .iter()
-                    .position(|v| !v.is_finite())
-                    .map(|c| format!("has a non-finite value in channel {c}"))
-            };
-            if let Some(why) = misfit {
-                self.windowers[i].misfit = true;
+            let offer = self.windowers[i].offer(&t, i);
+            if let Some(why) = &offer.misfit {
                 let msg = format!(
                     "sample {} of {} {why}: the windows holding it are skipped (model {})",
                     t.seq, t.stream, self.slots[i].name,
                 );
                 self.log_misfit(&msg);
-                continue;
             }
-            let was_misfit = std::mem::take(&mut self.windowers[i].misfit);
-            let (skipped, window) = self.windowers[i].push(&t, i);
-            if skipped > 0 {
-                let counter = if was_misfit {
-                    &self.metrics.inference_windows_misfit
-                } else {
-                    &self.metrics.inference_windows_skipped
-                };
-                counter.fetch_add(skipped, Relaxed);
-            }
+            self.metrics
+                .inference_windows_skipped
+                .fetch_add(offer.behind, Relaxed);
+            self.metrics
+                .inference_windows_misfit
+                .fetch_add(offer.misfits, Relaxed);
+            let window = offer.window;
             if let Some(window) = window {
                 self.oldest.get_or_insert_with(Instant::now);
                 self.pending.push(window);
@@ -1104,6 +1141,7 @@ fn argmax(values: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn bundles_dir() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/bundles")
@@ -1179,5 +1217,106 @@ mod tests {
             }
         }
         assert_eq!(ends, vec![16, 18]);
+    }
+
+    fn tap_of(seq: u64, values: Vec<f32>) -> Tap {
+        Tap {
+            stream: "imu".into(),
+            seq,
+            ts_us: seq * 1000,
+            values,
+        }
+    }
+
+    /// A sample of kind `k` that does not fit a 3-channel model.
+    fn misfit_values(k: u8) -> Vec<f32> {
+        match k % 4 {
+            0 => vec![1.0; 2],
+            1 => vec![1.0; 65],
+            2 => vec![1.0, f32::NAN, 1.0],
+            _ => vec![f32::INFINITY, 1.0, 1.0],
+        }
+    }
+
+    /// The windows (first and last seq) of a run of good samples: `window` long, every `hop`.
+    fn windows_of_run(first: u64, len: u64, window: u64, hop: u64) -> Vec<(u64, u64)> {
+        if len < window {
+            return Vec::new();
+        }
+        (0..=(len - window) / hop)
+            .map(|k| (first + k * hop, first + k * hop + window - 1))
+            .collect()
+    }
+
+    proptest! {
+        /// Any interleaving of good and misfit samples reaching the model thread: every window
+        /// it forms holds only good samples, in order; each run of good samples between misfits
+        /// yields exactly the windows it would yield alone (a misfit costs only the windows
+        /// that would hold it, never the stream); skipped windows are counted as misfits.
+        #[test]
+        fn misfits_cost_only_the_windows_that_would_hold_them(
+            plan in proptest::collection::vec(proptest::option::of(any::<u8>()), 1..400),
+            window in 1u64..20,
+            hop in 1u64..10,
+        ) {
+            let mut w = Windower::new(3, window as usize, hop as usize);
+            let mut produced = Vec::new();
+            let mut expected = Vec::new();
+            let mut run_start = 1u64;
+            let mut misfit_windows = 0;
+            let mut behind = 0;
+            for (i, step) in plan.iter().enumerate() {
+                let seq = i as u64 + 1;
+                let values = match step {
+                    None => vec![seq as f32, 0.0, 1.0],
+                    Some(k) => misfit_values(*k),
+                };
+                let offer = w.offer(&tap_of(seq, values), 0);
+                prop_assert_eq!(offer.misfit.is_some(), step.is_some());
+                misfit_windows += offer.misfits;
+                behind += offer.behind;
+                if let Some(win) = offer.window {
+                    // [channel][sample]: channel 0 holds the seqs of the samples.
+                    let seqs: Vec<u64> = win.data[..window as usize].iter().map(|v| *v as u64).collect();
+                    prop_assert_eq!(seqs, (win.first_seq..=win.last_seq).collect::<Vec<_>>());
+                    produced.push((win.first_seq, win.last_seq));
+                }
+                if step.is_some() {
+                    expected.extend(windows_of_run(run_start, seq - run_start, window, hop));
+                    run_start = seq + 1;
+                }
+            }
+            let end = plan.len() as u64 + 1;
+            expected.extend(windows_of_run(run_start, end - run_start, window, hop));
+            prop_assert_eq!(produced, expected);
+            prop_assert_eq!(behind, 0);
+            if plan.iter().all(Option::is_none) {
+                prop_assert_eq!(misfit_windows, 0);
+            }
+        }
+    }
+
+    /// A misfit in the middle of a stream: the windows that would hold it are counted as
+    /// skipped for a misfit, and the next window forms as soon as enough good samples follow.
+    #[test]
+    fn a_misfit_skips_its_windows_and_the_next_window_runs() {
+        let mut w = Windower::new(3, 4, 2);
+        let mut windows = Vec::new();
+        let mut misfits = 0;
+        for seq in 1..=20u64 {
+            let values = if seq == 7 {
+                vec![0.0; 65]
+            } else {
+                vec![seq as f32, 0.0, 0.0]
+            };
+            let offer = w.offer(&tap_of(seq, values), 0);
+            misfits += offer.misfits;
+            if let Some(win) = offer.window {
+                windows.push(win.last_seq);
+            }
+        }
+        // Ends 4, 6 before; 8 and 10 would hold seq 7; after it the grid restarts at 8.
+        assert_eq!(windows, vec![4, 6, 11, 13, 15, 17, 19]);
+        assert_eq!(misfits, 2);
     }
 }

@@ -59,7 +59,7 @@ pub struct Metrics {
     /// Model calls (batches) and the time spent in them.
     pub inference_batches: AtomicU64,
     pub inference_latency_us_sum: AtomicU64,
-    /// Windows that could not be evaluated (model error, sample of the wrong width).
+    /// Windows that could not be evaluated (the model failed on them).
     pub inference_errors: AtomicU64,
     /// Windows never formed because the inference thread was behind.
     pub inference_windows_skipped: AtomicU64,
@@ -285,7 +285,7 @@ impl Metrics {
             (
                 "inference_errors_total",
                 "counter",
-                "Windows that could not be evaluated (model error, wrong sample width).",
+                "Windows that could not be evaluated (the model failed on them).",
                 "",
                 &self.inference_errors,
             ),
