@@ -19,7 +19,7 @@
 //! * **Invariant: capture never waits on inference.** The writer hands samples to the thread
 //!   with `try_send` on a bounded channel (`inference.queue_samples`). When the thread falls
 //!   behind, samples bypass inference: the windows they belonged to are skipped and counted in
-//!   `inference_windows_skipped_total`, and windowing restarts after the gap. Raw forwarding
+//!   `inference_windows_skipped_total{reason="behind"}`, and windowing restarts after the gap. Raw forwarding
 //!   and the queue are unaffected (with `forward_raw = "all"`).
 //! * A stream's windows are evaluated in capture order; each result goes to the queue as one
 //!   record of the inference stream `{source}.{model}`, which gets its own contiguous sequence

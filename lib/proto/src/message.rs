@@ -724,6 +724,27 @@ mod tests {
         );
     }
 
+    /// `StreamStatus.channels` (stream schemas) is an added field: absent when unknown, so a
+    /// status from an older agent decodes to `None` and a new one round-trips in both encodings.
+    #[test]
+    fn stream_status_channels_is_optional_and_round_trips() {
+        let old = br#"{"v":1,"device":"d","state":"online","ts":5,"models":{},"streams":[{"stream":"imu","last_seq":3,"queued":1}]}"#;
+        let st: Status = decode(old).unwrap().0;
+        assert_eq!(st.streams[0].channels, None);
+        let mut st = st;
+        st.streams[0].channels = Some(6);
+        for enc in [Encoding::Json, Encoding::Cbor] {
+            let bytes = encode(&st, enc).unwrap();
+            let back: Status = decode(&bytes).unwrap().0;
+            assert_eq!(back, st);
+        }
+        let json = String::from_utf8(encode(&st, Encoding::Json).unwrap()).unwrap();
+        assert!(json.contains(r#""evicted":[],"channels":6}"#), "{json}");
+        st.streams[0].channels = None;
+        let json = String::from_utf8(encode(&st, Encoding::Json).unwrap()).unwrap();
+        assert!(!json.contains("channels"), "{json}");
+    }
+
     #[test]
     fn rejects_bad_payloads_with_reasons() {
         assert_eq!(decode_telemetry(b""), Err(ProtoError::Empty));
