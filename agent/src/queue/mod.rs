@@ -45,6 +45,10 @@
 //!   restarts, compactions and database resets (resets jump to the persisted reservation in
 //!   `queue.seq`, leaving a gap that is reported as an evicted range with reason `reset`).
 //! * One `append` is one atomic sled batch, together with the stream metadata it changes.
+//! * A sample stream's schema (`StreamMeta.channels`, its channel count) MUST be written in the
+//!   same batch as its first sample and is never changed afterwards (not by trimming,
+//!   eviction or compaction); only a database reset forgets it. Sources refuse samples of
+//!   another width before they reach the queue (`source::schema`); the queue only records.
 //! * A database that comes back shorter than it was (a damaged or truncated file that sled
 //!   recovers to an earlier state without an error) MUST NOT make numbers repeat: `open`
 //!   compares each stream with `queue.mark`, reports the missing records as an evicted range
