@@ -367,7 +367,7 @@ mod tests {
             "rec".into(),
             Replay {
                 path: f.path().to_path_buf(),
-                format: format,
+                format,
                 rate_hz: 20_000.0,
                 looped: false,
             },
