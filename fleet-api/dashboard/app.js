@@ -456,6 +456,8 @@ async function showDevice(id) {
     api(`/api/v1/devices/${enc}/ledger`),
   ]);
   const kinds = Object.fromEntries(ledger.streams.map((s) => [s.stream, s.kind]));
+  // Each stream's schema (its channel count), shown beside its kind in the ledger.
+  const schemas = Object.fromEntries(streams.items.map((s) => [s.stream, s.channels]));
   const inferenceStreams = streams.items.filter((s) => kinds[s.stream] === "inference").map((s) => s.stream);
   const telemetryStreams = streams.items.filter((s) => kinds[s.stream] !== "inference").map((s) => s.stream);
   const since = Date.now() * 1000 - 3600e6;
@@ -482,7 +484,7 @@ async function showDevice(id) {
       <section class="panel"><h2>Durability ledger</h2>
         <table id="ledger"><thead><tr><th>Stream</th><th>Kind</th><th class="num">Captured</th><th class="num">Received</th>
         <th class="num">Duplicates</th><th class="num">Evicted</th><th class="num">Pending</th><th class="num">Lost</th></tr></thead>
-        <tbody>${ledgerRows(ledger)}</tbody></table>
+        <tbody>${ledgerRows(ledger, schemas)}</tbody></table>
         ${ledger.streams.length ? "" : '<div class="empty">No streams yet.</div>'}</section>
     </div>
     <div id="inference-panels"></div>
@@ -518,7 +520,7 @@ async function showDevice(id) {
       try {
         const l = await api(`/api/v1/devices/${enc}/ledger`);
         const body = document.querySelector("#ledger tbody");
-        if (body) body.innerHTML = ledgerRows(l);
+        if (body) body.innerHTML = ledgerRows(l, schemas);
       } catch (e) {
         // The next event tries again.
       }
@@ -548,8 +550,13 @@ async function showDevice(id) {
   };
 }
 
-function ledgerRows(ledger) {
-  return ledger.streams.map((s) => `<tr><td class="mono">${esc(s.stream)}</td><td>${esc(s.kind)}</td>
+function schemaText(channels) {
+  if (channels === null || channels === undefined) return "";
+  return ` · ${fmtNum(channels)} ${channels === 1 ? "channel" : "channels"}`;
+}
+
+function ledgerRows(ledger, schemas) {
+  return ledger.streams.map((s) => `<tr><td class="mono">${esc(s.stream)}</td><td>${esc(s.kind)}${esc(schemaText((schemas || {})[s.stream]))}</td>
     <td class="num">${fmtNum(s.captured)}</td><td class="num">${fmtNum(s.received)}</td><td class="num">${fmtNum(s.duplicates)}</td>
     <td class="num">${fmtNum(s.evicted_count)}</td><td class="num">${fmtNum(s.pending_count)}</td>
     <td class="num ${s.lost_count ? "lost" : ""}">${fmtNum(s.lost_count)}</td></tr>`).join("");

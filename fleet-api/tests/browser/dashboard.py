@@ -113,6 +113,11 @@ def main(problems):
             "() => [...document.querySelectorAll('#ledger tbody tr')].some("
             "(r) => r.cells[0].textContent === 'imu' && r.cells[3].textContent === '241')"
         )
+        # Beside its kind, each sample stream shows its schema (channel count).
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#ledger tbody tr')].some("
+            "(r) => r.cells[0].textContent === 'imu' && / · \\d+ channels?$/.test(r.cells[1].textContent))"
+        )
         check(page.evaluate("() => window.__sameDocument === true"), "the page reloaded")
         page.wait_for_timeout(1600)  # let the row highlight fade before the screenshot
         page.screenshot(path=os.path.join(cfg["screenshots"], "device.png"), full_page=True)
