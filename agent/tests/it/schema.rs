@@ -234,6 +234,99 @@ fn misfit_samples_never_reach_the_queue_or_the_model() {
     assert_no_panic(&agent);
 }
 
+/// The same split replayed from a CSV file into the activity model, a misfit row (3 or 65
+/// columns, `nan`, `inf`) after every 6th good one: the misfit rows are left out and counted
+/// by reason, the raw stream holds exactly the good rows, and the model produces the windows
+/// of the good rows alone.
+#[test]
+fn replayed_misfit_rows_never_reach_the_queue_or_the_model() {
+    let text = std::fs::read_to_string(repo().join("models/data/BasicMotions_TEST.ts"))
+        .expect("read TEST split");
+    let ds = ember_ts::parse_ts(&text).expect("parse TEST split");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = dir.path().join("motion.csv");
+    let mut rows = String::from("ax,ay,az,gx,gy,gz\n");
+    let mut good = 0u64;
+    let (mut channels, mut non_finite) = (0u64, 0u64);
+    for series in &ds.series {
+        for t in 0..series.len() {
+            let values: Vec<String> = series
+                .sample(t)
+                .expect("sample")
+                .iter()
+                .map(|v| format!("{v:?}"))
+                .collect();
+            rows.push_str(&values.join(","));
+            rows.push('\n');
+            good += 1;
+            if good.is_multiple_of(6) {
+                match (good / 6) % 4 {
+                    0 => rows.push_str("0.5,0.5,0.5\n"),
+                    1 => rows.push_str(&format!("{}\n", vec!["0.5"; 65].join(","))),
+                    2 => rows.push_str("0.5,nan,0.5,0.5,0.5,0.5\n"),
+                    _ => rows.push_str("0.5,0.5,0.5,0.5,0.5,-inf\n"),
+                }
+                if (good / 6) % 4 < 2 {
+                    channels += 1;
+                } else {
+                    non_finite += 1;
+                }
+            }
+        }
+    }
+    std::fs::write(&csv, rows).expect("write csv");
+    let broker = TestBroker::start();
+    let sub = Subscriber::start(broker.port(), ALL_TOPICS);
+    let dev = "schema-replay";
+    let agent = agent(dev, broker.port())
+        .replay_csv("motion", &csv, 4000.0)
+        .model(
+            &repo().join("models/bundles/activity-int8.bundle"),
+            "motion",
+        )
+        .set(
+            "inference",
+            "trusted_keys",
+            &format!("[\"{}\"]", repo().join("models/keys/dev/dev.pub").display()),
+        )
+        .start();
+    let expected = (good - 100) / 50 + 1;
+    assert!(
+        sub.wait_for(
+            |v| v
+                .inference(dev, "motion.activity")
+                .is_some_and(|l| l.unique() >= expected),
+            LONG
+        ),
+        "expected {expected} results, got {:?}",
+        sub.with_view(|v| v.inference(dev, "motion.activity").map(|l| l.unique()))
+    );
+    wait_all_delivered(&sub, dev, "motion", good, LONG);
+    eprintln!(
+        "schema replay: {good} good rows, {} misfit rows ({channels} channels, {non_finite} non_finite); windows expected {expected}, produced {}",
+        channels + non_finite,
+        sub.with_view(|v| v
+            .inference(dev, "motion.activity")
+            .map_or(0, |l| l.unique()))
+    );
+    assert_eq!(rejected(&agent, "channels"), channels as f64);
+    assert_eq!(rejected(&agent, "non_finite"), non_finite as f64);
+    assert_eq!(agent.metric("records_captured_total"), good as f64);
+    assert_eq!(agent.metric("inference_errors_total"), 0.0);
+    stop_gracefully(&agent, SHORT);
+    let view = sub.snapshot();
+    assert_clean_delivery(&view);
+    assert!(view.stream(dev, "motion").expect("raw").is_exactly(good));
+    let log = view.inference(dev, "motion.activity").expect("results");
+    assert_eq!(log.unique(), expected);
+    let ends: Vec<u64> = log.records.values().map(|r| r.source_seq).collect();
+    assert_eq!(
+        ends,
+        (0..expected).map(|w| 100 + w * 50).collect::<Vec<_>>()
+    );
+    assert_no_panic(&agent);
+}
+
 /// A socket stream's schema is fixed by its first sample and recorded in the queue: after a
 /// restart a sample of another width is still refused (the reply names the recorded count),
 /// and a configuration that declares another count refuses to start (exit 2), naming the key
