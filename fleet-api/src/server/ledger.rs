@@ -35,7 +35,8 @@ pub const MAX_LISTED_RANGES: usize = 1000;
 pub struct EvictedSpan {
     pub from: u64,
     pub to: u64,
-    /// `bytes`, `age`, `disk`, `corrupt` or `reset` (see docs/protocol.md).
+    /// `bytes`, `age`, `disk`, `corrupt` or `reset` (see docs/protocol.md), or `rejected`: the
+    /// fleet refused the message that carried them (see the device's rejects).
     pub reasons: Vec<String>,
 }
 
@@ -55,6 +56,10 @@ pub struct StreamLedger {
     pub expired: u64,
     /// Records the agent's last status said were still queued on the device.
     pub queued: u64,
+    /// The commit watermark the fleet publishes to the device (end-to-end acknowledgement):
+    /// every record `1..=committed` is stored, refused (`rejected`), below retention, or below
+    /// what the agent still queues.
+    pub committed: u64,
     pub missing_count: u64,
     pub evicted_count: u64,
     pub pending_count: u64,
@@ -104,7 +109,8 @@ fn u(v: i64) -> u64 {
 /// The ledger of every stream of `device`, in stream order.
 pub async fn device_ledger(db: &Db, device: &str) -> Result<Vec<StreamLedger>, sqlx::Error> {
     let mut q = Sql::new(
-        "SELECT stream, kind, last_seq, queued, received, duplicates, expired, pruned_through \
+        "SELECT stream, kind, last_seq, queued, received, duplicates, expired, pruned_through, \
+         committed_through \
          FROM streams WHERE device_id = ",
     );
     q.bind(device).push(" ORDER BY stream");
@@ -134,6 +140,7 @@ pub async fn device_ledger(db: &Db, device: &str) -> Result<Vec<StreamLedger>, s
             duplicates: u(row.try_get("duplicates")?),
             expired: u(row.try_get("expired")?),
             queued: u(queued),
+            committed: u(row.try_get("committed_through")?),
             missing_count: missing.count(),
             evicted_count: evicted_set.count(),
             pending_count: missing.intersect(&pending_set).count(),

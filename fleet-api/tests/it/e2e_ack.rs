@@ -120,6 +120,41 @@ fn broker_restarts_and_crashes_lose_no_record() {
     );
 }
 
+crate::on_both_backends!(refused_records_are_settled_and_the_watermark_passes_them);
+
+/// A message the fleet refuses (here: a record's CRC does not match) would be refused again if
+/// sent again: its records are settled as `rejected` (explained in the ledger, not lost) and
+/// the commit watermark passes them, so the agent does not re-send them forever.
+fn refused_records_are_settled_and_the_watermark_passes_them(kind: Kind) {
+    use crate::support::mqtt::{Msg, batch, publish, status};
+    let broker = TestBroker::start();
+    let store = Store::new(kind);
+    let fleet = TestFleet::start(&store, broker.port());
+    let ts = crate::support::now_us();
+    let mut bad = batch("rej-dev", "imu", 11..=20, ts);
+    bad.records[4].crc ^= 1;
+    let mut st = status("rej-dev", "imu", 30, 20, &[]);
+    st.delivery = Some(ember_proto::Delivery::Commit);
+    st.streams[0].head = Some(11);
+    publish(
+        broker.port(),
+        vec![
+            Msg::telemetry(&batch("rej-dev", "imu", 1..=10, ts)),
+            Msg::telemetry(&bad),
+            Msg::telemetry(&batch("rej-dev", "imu", 21..=30, ts)),
+            Msg::status(&st),
+        ],
+    );
+    let l = fleet.wait_ledger("rej-dev", "imu", |l| l["committed"] == 30);
+    assert_eq!(l["lost_count"], 0, "{l}");
+    assert_eq!(l["missing_count"], 10, "{l}");
+    assert_eq!(
+        l["evicted"],
+        serde_json::json!([{"from": 11, "to": 20, "reasons": ["rejected"]}]),
+        "{l}"
+    );
+}
+
 /// The fleet's binary, for the SIGKILL test.
 struct FleetProcess {
     config: PathBuf,

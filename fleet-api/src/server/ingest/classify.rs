@@ -121,6 +121,54 @@ pub struct Reject {
     pub topic: String,
     /// A sentence for operators (no payload bytes).
     pub detail: String,
+    /// The records a refused telemetry or inference message carried, when they can be told
+    /// (the payload decodes, names a valid stream and the topic's device): the fleet settles
+    /// them as `rejected`, so its commit watermark passes them and the agent stops re-sending
+    /// a message that would be refused again (see `commits`).
+    pub refused: Option<Refused>,
+}
+
+/// A range of records the fleet refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub stream: String,
+    /// `telemetry` or `inference`.
+    pub kind: &'static str,
+    pub first: u64,
+    pub last: u64,
+}
+
+/// The records of a telemetry or inference payload that failed validation, read without
+/// validating (names and the device checked, seqs in range), or `None`.
+fn refused_range(device: &str, channel: Channel, payload: &[u8]) -> Option<Refused> {
+    #[derive(serde::Deserialize)]
+    struct Seq {
+        seq: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Loose {
+        device: String,
+        stream: String,
+        #[serde(default)]
+        records: Vec<Seq>,
+    }
+    let kind = match channel {
+        Channel::Telemetry => "telemetry",
+        Channel::Inference => "inference",
+        _ => return None,
+    };
+    let (b, _) = decode::<Loose>(payload).ok()?;
+    if b.device != device || ember_proto::check_name(&b.stream).is_err() {
+        return None;
+    }
+    let first = b.records.iter().map(|r| r.seq).min()?;
+    let last = b.records.iter().map(|r| r.seq).max()?;
+    (first >= 1 && last <= I64_MAX).then_some(Refused {
+        stream: b.stream,
+        kind,
+        first,
+        last,
+    })
 }
 
 /// The device a reject is filed under when the topic has no valid device id.
@@ -165,6 +213,7 @@ pub fn classify(topic: &str, payload: &[u8], max_bytes: usize) -> Result<Item, R
         reason,
         topic: clip(topic),
         detail: clip(&detail),
+        refused: None,
     };
     if payload.len() > max_bytes {
         return Err(reject(
@@ -176,7 +225,19 @@ pub fn classify(topic: &str, payload: &[u8], max_bytes: usize) -> Result<Item, R
         ));
     }
     let topic_parsed = parsed.map_err(|e| reject(RejectReason::BadTopic, e.to_string()))?;
-    let from_proto = |e: ProtoError| reject(reason_for(&e), e.to_string());
+    // A data message that decodes but fails validation (a record's CRC, non-increasing seqs,
+    // another schema version) would fail again if sent again: say which records it carried.
+    let from_proto = |e: ProtoError| Reject {
+        refused: match e {
+            ProtoError::RecordCrc { .. }
+            | ProtoError::Malformed { .. }
+            | ProtoError::UnsupportedVersion { .. } => {
+                refused_range(&topic_parsed.device_id, topic_parsed.channel, payload)
+            }
+            _ => None,
+        },
+        ..reject(reason_for(&e), e.to_string())
+    };
     let mismatch = |claimed: &str| {
         reject(
             RejectReason::DeviceMismatch,

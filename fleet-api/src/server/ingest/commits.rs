@@ -14,6 +14,11 @@
 //!   retention floor (`pruned_through`: retention passed it), or lies below the lowest
 //!   sequence number the agent still queues (`StreamStatus::head`: the agent can never send it
 //!   again, whether it was delivered, evicted or lost). It is only ever raised.
+//! * A range of records the fleet refused (a message that failed validation and would fail
+//!   again: a record's CRC, non-increasing seqs, a schema misfit) is settled: stored as an
+//!   evicted range with reason `rejected` (the ledger explains it instead of calling it lost),
+//!   and the watermark passes it, so the agent stops re-sending it. A message the database
+//!   refused (`storage`) is not settled: the agent keeps it and sends it again.
 //! * A watermark is published only after the transaction that raised it committed; a crash in
 //!   between costs a re-send at worst (the agent keeps the records; stored rows are never
 //!   inserted twice).
@@ -41,11 +46,53 @@ const DEVICES_PER_QUERY: usize = 200;
 
 type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
-/// The highest `c' >= from` such that every seq in `from+1..=c'` is stored: first through the
-/// batch's own sequence numbers (`batch`, ascending, all stored now), then, if rows stored
-/// earlier lie above (`stored_max`, the stream's highest stored seq), through the table,
-/// with one query that stops at the first gap.
+/// The highest `c' >= from` such that every seq in `from+1..=c'` is stored or refused: first
+/// through the batch's own sequence numbers (`batch`, ascending, all stored now), then, if rows
+/// stored earlier lie above (`stored_max`, the stream's highest stored seq), through the table
+/// with one query that stops at the first gap; a gap that is a refused range is passed and the
+/// walk goes on. Refused ranges are looked up only where the walk stops below stored rows, or
+/// everywhere with `refused_at_top` (the status and refusal paths; the ingest path skips the
+/// query when nothing is stored above, so a batch costs no extra statement).
 pub(crate) async fn advance(
+    tx: &mut Tx,
+    table: RecordsTable,
+    key: (&str, &str),
+    from: i64,
+    batch: &[i64],
+    stored_max: i64,
+    refused_at_top: bool,
+) -> Result<i64, sqlx::Error> {
+    let mut c = from;
+    loop {
+        let reached = advance_stored(tx, table, key, c, batch, stored_max).await?;
+        if reached >= stored_max && !refused_at_top {
+            return Ok(reached);
+        }
+        match refused_through(tx, key, reached + 1).await? {
+            Some(to) if to > reached => c = to,
+            _ => return Ok(reached),
+        }
+    }
+}
+
+/// The end of the refused range holding `seq`, if one does.
+async fn refused_through(
+    tx: &mut Tx,
+    (device, stream): (&str, &str),
+    seq: i64,
+) -> Result<Option<i64>, sqlx::Error> {
+    let mut q = Sql::new("SELECT MAX(to_seq) AS upto FROM evicted_ranges WHERE device_id = ");
+    q.bind(device).push(" AND stream = ").bind(stream);
+    q.push(" AND reason = 'rejected' AND from_seq <= ")
+        .bind(seq)
+        .push(" AND to_seq >= ")
+        .bind(seq);
+    let row = q.query().fetch_one(&mut **tx).await?;
+    row.try_get::<Option<i64>, _>("upto")
+}
+
+/// [`advance`] through stored rows only.
+async fn advance_stored(
     tx: &mut Tx,
     table: RecordsTable,
     (device, stream): (&str, &str),
@@ -106,38 +153,76 @@ pub(crate) async fn advance_from_status(
             None => continue,
         };
         let floor = i64::try_from(floor).unwrap_or(i64::MAX);
-        let mut q = Sql::new(
-            "SELECT kind, committed_through, pruned_through, max_seq FROM streams WHERE device_id = ",
-        );
-        q.bind(status.device.as_str())
-            .push(" AND stream = ")
-            .bind(s.stream.as_str());
-        let Some(row) = q.query().fetch_optional(&mut **tx).await? else {
-            continue;
-        };
-        let kind: String = row.try_get("kind")?;
-        let committed: i64 = row.try_get("committed_through")?;
-        let pruned: i64 = row.try_get("pruned_through")?;
-        let max_seq: i64 = row.try_get("max_seq")?;
-        let from = committed.max(pruned).max(floor);
-        let c = advance(
-            tx,
-            crate::server::ledger::records_table(&kind),
-            (&status.device, &s.stream),
-            from,
-            &[],
-            max_seq,
-        )
-        .await?;
-        if c > committed {
-            let mut q = Sql::new("UPDATE streams SET committed_through = ");
-            q.bind(c)
-                .push(" WHERE device_id = ")
-                .bind(status.device.as_str());
-            q.push(" AND stream = ").bind(s.stream.as_str());
-            q.push(" AND committed_through < ").bind(c);
-            q.query().execute(&mut **tx).await?;
-        }
+        advance_stream(tx, &status.device, &s.stream, floor).await?;
+    }
+    Ok(())
+}
+
+/// Settles records the fleet refused (see the module docs): an evicted range with reason
+/// `rejected`, then the stream's watermark walks on past it.
+pub(crate) async fn settle_refused(
+    tx: &mut Tx,
+    device: &str,
+    r: &super::classify::Refused,
+    at: i64,
+) -> Result<(), sqlx::Error> {
+    let (first, last) = (
+        i64::try_from(r.first).unwrap_or(i64::MAX),
+        i64::try_from(r.last).unwrap_or(i64::MAX),
+    );
+    let mut q = Sql::new("INSERT INTO streams (device_id, stream, kind) VALUES (");
+    q.bind(device).push(", ").bind(r.stream.as_str());
+    q.push(&format!(
+        ", '{}') ON CONFLICT (device_id, stream) DO NOTHING",
+        r.kind
+    ));
+    q.query().execute(&mut **tx).await?;
+    let mut q = Sql::new(
+        "INSERT INTO evicted_ranges (device_id, stream, from_seq, to_seq, reason, reported_at) VALUES (",
+    );
+    q.bind(device).push(", ").bind(r.stream.as_str()).push(", ");
+    q.bind(first).push(", ").bind(last).push(", 'rejected', ");
+    q.bind(at)
+        .push(") ON CONFLICT (device_id, stream, from_seq, to_seq, reason) DO NOTHING");
+    q.query().execute(&mut **tx).await?;
+    advance_stream(tx, device, &r.stream, 0).await
+}
+
+/// Walks a stream's watermark from where it stands (at least `floor`) and stores it if it rose.
+async fn advance_stream(
+    tx: &mut Tx,
+    device: &str,
+    stream: &str,
+    floor: i64,
+) -> Result<(), sqlx::Error> {
+    let mut q = Sql::new(
+        "SELECT kind, committed_through, pruned_through, max_seq FROM streams WHERE device_id = ",
+    );
+    q.bind(device).push(" AND stream = ").bind(stream);
+    let Some(row) = q.query().fetch_optional(&mut **tx).await? else {
+        return Ok(());
+    };
+    let kind: String = row.try_get("kind")?;
+    let committed: i64 = row.try_get("committed_through")?;
+    let pruned: i64 = row.try_get("pruned_through")?;
+    let max_seq: i64 = row.try_get("max_seq")?;
+    let from = committed.max(pruned).max(floor);
+    let c = advance(
+        tx,
+        crate::server::ledger::records_table(&kind),
+        (device, stream),
+        from,
+        &[],
+        max_seq,
+        true,
+    )
+    .await?;
+    if c > committed {
+        let mut q = Sql::new("UPDATE streams SET committed_through = ");
+        q.bind(c).push(" WHERE device_id = ").bind(device);
+        q.push(" AND stream = ").bind(stream);
+        q.push(" AND committed_through < ").bind(c);
+        q.query().execute(&mut **tx).await?;
     }
     Ok(())
 }

@@ -44,7 +44,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::classify::{Item, Reject, RejectReason};
+use super::classify::{Item, Refused, Reject, RejectReason};
 use crate::config::{Backend, IngestSettings};
 use crate::db::{Db, Sql, timed};
 use crate::metrics::Metrics;
@@ -264,6 +264,9 @@ impl Writer {
                                 topic: String::new(),
                                 detail: "the database refused this message (see the service log)"
                                     .into(),
+                                // Not settled: the agent keeps the records and sends them
+                                // again, in case the database takes them later.
+                                refused: None,
                             }),
                         };
                         let stored = [reject];
@@ -498,6 +501,8 @@ struct Grouped<'a> {
     statuses: Vec<(&'a Status, i64)>,
     heartbeats: Vec<(&'a Heartbeat, i64)>,
     rejects: BTreeMap<(&'a str, &'static str), RejectAgg>,
+    /// Records of refused messages, per device (see `classify::Refused`).
+    refused: Vec<(&'a str, Refused)>,
 }
 
 /// Writes one batch in one transaction: the batch is grouped first, so that the transaction
@@ -560,9 +565,16 @@ async fn write_batch(
         if seqs.binary_search(&(from + 1)).is_err() {
             continue;
         }
-        let c =
-            super::commits::advance(&mut tx, table, key, from, &seqs, watermarks.max_seq(&key)?)
-                .await?;
+        let c = super::commits::advance(
+            &mut tx,
+            table,
+            key,
+            from,
+            &seqs,
+            watermarks.max_seq(&key)?,
+            false,
+        )
+        .await?;
         if let Some(u) = counters.get_mut(&key) {
             u.committed = u.committed.max(c);
         }
@@ -586,6 +598,10 @@ async fn write_batch(
     }
     write_heartbeats(&mut tx, &g.heartbeats).await?;
     write_rejects(&mut tx, &g.rejects, &mut outcome).await?;
+    for (device, r) in &g.refused {
+        super::commits::settle_refused(&mut tx, device, r, received_at_of(batch)).await?;
+        outcome.devices.insert(device.to_string());
+    }
 
     tx.commit().await?;
     Ok(outcome)
@@ -653,6 +669,12 @@ fn misfit(b: &TelemetryBatch, known: Option<i64>) -> Option<String> {
     ))
 }
 
+/// When the batch's last message arrived (fleet clock): the time its refused ranges are
+/// reported at.
+fn received_at_of(batch: &[Inbound]) -> i64 {
+    batch.iter().map(|m| m.received_at).max().unwrap_or(0)
+}
+
 /// Groups a batch by kind of row; counts its records into `outcome`. A telemetry message
 /// whose records do not fit the stream's schema (`schemas`) is turned into a `schema` reject.
 fn group<'a>(
@@ -667,6 +689,17 @@ fn group<'a>(
             let key = (b.device.as_str(), b.stream.as_str());
             if let Some(detail) = misfit(b, schemas.get(&key).copied()) {
                 outcome.schema_rejects += 1;
+                if let (Some(first), Some(last)) = (b.records.first(), b.records.last()) {
+                    g.refused.push((
+                        key.0,
+                        Refused {
+                            stream: b.stream.clone(),
+                            kind: "telemetry",
+                            first: first.seq.min(last.seq),
+                            last: first.seq.max(last.seq),
+                        },
+                    ));
+                }
                 let topic = format!("ember/v1/{}/telemetry", b.device);
                 add_reject(
                     &mut g,
@@ -702,14 +735,19 @@ fn group<'a>(
                     Item::Heartbeat(h) => g.heartbeats.push((h, m.received_at)),
                 }
             }
-            Err(r) => add_reject(
-                &mut g,
-                r.device.as_str(),
-                r.reason,
-                r.topic.clone(),
-                r.detail.clone(),
-                m.received_at,
-            ),
+            Err(r) => {
+                if let Some(refused) = &r.refused {
+                    g.refused.push((r.device.as_str(), refused.clone()));
+                }
+                add_reject(
+                    &mut g,
+                    r.device.as_str(),
+                    r.reason,
+                    r.topic.clone(),
+                    r.detail.clone(),
+                    m.received_at,
+                )
+            }
         }
     }
     g
