@@ -125,7 +125,7 @@ pub struct Reject {
     /// (the payload decodes, names a valid stream and the topic's device): the fleet settles
     /// them as `rejected`, so its commit watermark passes them and the agent stops re-sending
     /// a message that would be refused again (see `commits`).
-    pub refused: Option<Refused>,
+    pub refused: Option<Box<Refused>>,
 }
 
 /// A range of records the fleet refused.
@@ -140,7 +140,7 @@ pub struct Refused {
 
 /// The records of a telemetry or inference payload that failed validation, read without
 /// validating (names and the device checked, seqs in range), or `None`.
-fn refused_range(device: &str, channel: Channel, payload: &[u8]) -> Option<Refused> {
+fn refused_range(device: &str, channel: Channel, payload: &[u8]) -> Option<Box<Refused>> {
     #[derive(serde::Deserialize)]
     struct Seq {
         seq: u64,
@@ -163,11 +163,13 @@ fn refused_range(device: &str, channel: Channel, payload: &[u8]) -> Option<Refus
     }
     let first = b.records.iter().map(|r| r.seq).min()?;
     let last = b.records.iter().map(|r| r.seq).max()?;
-    (first >= 1 && last <= I64_MAX).then_some(Refused {
-        stream: b.stream,
-        kind,
-        first,
-        last,
+    (first >= 1 && last <= I64_MAX).then(|| {
+        Box::new(Refused {
+            stream: b.stream,
+            kind,
+            first,
+            last,
+        })
     })
 }
 

@@ -737,7 +737,7 @@ fn group<'a>(
             }
             Err(r) => {
                 if let Some(refused) = &r.refused {
-                    g.refused.push((r.device.as_str(), refused.clone()));
+                    g.refused.push((r.device.as_str(), (**refused).clone()));
                 }
                 add_reject(
                     &mut g,
