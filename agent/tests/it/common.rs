@@ -8,6 +8,23 @@ use std::time::Duration;
 use ember_proto::{Status, StreamStatus};
 use ember_testkit::{StreamLog, Subscriber, SubscriberView, TestAgent, TestAgentBuilder};
 
+/// Connects to the agent's TCP socket source on `port`, waiting for it to listen; replies are
+/// read with a [`SHORT`] timeout.
+pub fn connect(port: u16) -> std::net::TcpStream {
+    let mut conn = None;
+    let connected = ember_testkit::wait_until(SHORT, || {
+        conn = std::net::TcpStream::connect(ember_testkit::localhost(port)).ok();
+        conn.is_some()
+    });
+    assert!(
+        connected,
+        "the socket source does not listen on 127.0.0.1:{port}"
+    );
+    let conn = conn.expect("connected");
+    conn.set_read_timeout(Some(SHORT)).expect("timeout");
+    conn
+}
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_ember-agent");
 

@@ -3,13 +3,10 @@
 //! survives restarts and a contradicting declaration refuses the start.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 
 use ember_proto::InferenceOutput;
-use ember_testkit::{
-    ALL_TOPICS, Subscriber, TestAgent, TestBroker, free_port, localhost, wait_until,
-};
+use ember_testkit::{ALL_TOPICS, Subscriber, TestAgent, TestBroker, free_port};
 
 use crate::common::*;
 
@@ -21,19 +18,17 @@ fn rejected(agent: &TestAgent, reason: &str) -> f64 {
     agent.metric(&format!("input_rejected_total{{reason=\"{reason}\"}}"))
 }
 
-fn connect(port: u16) -> TcpStream {
-    let mut conn = None;
-    let connected = wait_until(SHORT, || {
-        conn = TcpStream::connect(localhost(port)).ok();
-        conn.is_some()
-    });
-    assert!(
-        connected,
-        "the socket source does not listen on 127.0.0.1:{port}"
-    );
-    let conn = conn.expect("connected");
-    conn.set_read_timeout(Some(SHORT)).expect("timeout");
-    conn
+/// `b` with the committed int8 activity model on the `motion` stream, trusting the dev key.
+fn with_activity_model(b: ember_testkit::TestAgentBuilder) -> ember_testkit::TestAgentBuilder {
+    b.model(
+        &repo().join("models/bundles/activity-int8.bundle"),
+        "motion",
+    )
+    .set(
+        "inference",
+        "trusted_keys",
+        &format!("[\"{}\"]", repo().join("models/keys/dev/dev.pub").display()),
+    )
 }
 
 /// A misfit line of kind `k` for a 6-channel stream at time `ts`, and what its reply must say.
@@ -83,18 +78,7 @@ fn misfit_samples_never_reach_the_queue_or_the_model() {
     let sub = Subscriber::start_keeping_values(broker.port(), ALL_TOPICS);
     let dev = "schema-sock";
     let port = free_port();
-    let agent = agent(dev, broker.port())
-        .socket_tcp("motion", port)
-        .model(
-            &repo().join("models/bundles/activity-int8.bundle"),
-            "motion",
-        )
-        .set(
-            "inference",
-            "trusted_keys",
-            &format!("[\"{}\"]", repo().join("models/keys/dev/dev.pub").display()),
-        )
-        .start();
+    let agent = with_activity_model(agent(dev, broker.port()).socket_tcp("motion", port)).start();
     let mut conn = connect(port);
 
     let ts0 = 1_700_000_000_000_000u64;
@@ -278,18 +262,8 @@ fn replayed_misfit_rows_never_reach_the_queue_or_the_model() {
     let broker = TestBroker::start();
     let sub = Subscriber::start(broker.port(), ALL_TOPICS);
     let dev = "schema-replay";
-    let agent = agent(dev, broker.port())
-        .replay_csv("motion", &csv, 4000.0)
-        .model(
-            &repo().join("models/bundles/activity-int8.bundle"),
-            "motion",
-        )
-        .set(
-            "inference",
-            "trusted_keys",
-            &format!("[\"{}\"]", repo().join("models/keys/dev/dev.pub").display()),
-        )
-        .start();
+    let agent =
+        with_activity_model(agent(dev, broker.port()).replay_csv("motion", &csv, 4000.0)).start();
     let expected = (good - 100) / 50 + 1;
     assert!(
         sub.wait_for(

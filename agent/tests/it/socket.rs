@@ -1,10 +1,9 @@
 //! The socket source end to end: JSON lines over loopback TCP to the subscriber.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
-use ember_testkit::{ALL_TOPICS, Subscriber, TestBroker, free_port, localhost, wait_until};
+use ember_testkit::{ALL_TOPICS, Subscriber, TestBroker, free_port, wait_until};
 
 use crate::common::*;
 
@@ -28,16 +27,7 @@ fn socket_source_end_to_end() {
         ))
         .start();
 
-    let mut conn = None;
-    let connected = wait_until(SHORT, || {
-        conn = TcpStream::connect(localhost(port)).ok();
-        conn.is_some()
-    });
-    assert!(
-        connected,
-        "the socket source does not listen on 127.0.0.1:{port}"
-    );
-    let mut conn = conn.expect("connected");
+    let mut conn = connect(port);
     conn.set_read_timeout(Some(SHORT)).expect("timeout");
 
     let bad = [
