@@ -61,10 +61,12 @@ function tagsText(tags) {
   return e.length ? e.map(([k, v]) => `<span class="tag">${esc(k)}=${esc(v)}</span>`).join("") : "";
 }
 
+// One rendering for a result, whether it came from the REST API or a live event (both carry
+// the same fields), so a row reads the same either way.
 function outputText(r) {
   if (r.output_kind === "class") {
     const p = r.probabilities && r.class !== null && r.class !== undefined ? r.probabilities[r.class] : null;
-    return `${esc(r.label)}${p !== null && p !== undefined ? ` <span class="muted">(${fmtNum(p * 100, 1)}%)</span>` : ""}`;
+    return `${esc(r.label)} <span class="muted">(${p !== null && p !== undefined ? fmtNum(p * 100, 1) + "%" : "—"})</span>`;
   }
   const cls = r.anomalous ? "anomaly" : "normal";
   return `score ${fmtNum(r.score, 3)} / ${fmtNum(r.threshold, 3)} <span class="badge ${cls}">${r.anomalous ? "anomaly" : "normal"}</span>`;
@@ -254,13 +256,18 @@ function drawChart(canvas, series, opts) {
   const Y = (y) => h - pad.b - ((y - y0) / (y1 - y0)) * (h - pad.t - pad.b);
   g.strokeStyle = "#eaeef2";
   g.lineWidth = 1;
-  for (let i = 0; i <= 4; i++) {
+  // Categorical charts label their categories; numeric ones get five gridlines.
+  const ticks = opts.yTicks || [0, 1, 2, 3, 4].map((i) => {
     const y = y0 + ((y1 - y0) * i) / 4;
+    return [y, fmtNum(y, 2)];
+  });
+  for (const [y, label] of ticks) {
     g.beginPath();
     g.moveTo(pad.l, Y(y));
     g.lineTo(w - pad.r, Y(y));
     g.stroke();
-    g.fillText(fmtNum(y, 2), 4, Y(y) + 4);
+    const text = String(label);
+    g.fillText(text.length > 9 ? text.slice(0, 8) + "…" : text, 4, Y(y) + 4);
   }
   const t0 = new Date(x0 / 1000).toISOString().slice(11, 19);
   const t1 = new Date(x1 / 1000).toISOString().slice(11, 19);
@@ -286,8 +293,13 @@ function drawChart(canvas, series, opts) {
         g.fill();
       }
     } else {
+      // A gap (no point for longer than opts.gapUs) breaks the line instead of bridging it.
       g.beginPath();
-      s.points.forEach(([x, y], i) => (i ? g.lineTo(X(x), Y(y)) : g.moveTo(X(x), Y(y))));
+      s.points.forEach(([x, y], i) => {
+        const gap = i > 0 && opts.gapUs && x - s.points[i - 1][0] > opts.gapUs;
+        if (i === 0 || gap) g.moveTo(X(x), Y(y));
+        else g.lineTo(X(x), Y(y));
+      });
       g.stroke();
     }
     g.fillStyle = "#cf222e";
@@ -301,8 +313,89 @@ function drawChart(canvas, series, opts) {
 
 // ---- overview ----------------------------------------------------------------------------
 
+// What an anomaly model calls normal, from its registered manifest: "model version" -> labels.
+const normalLabels = {};
+
+async function loadNormalLabels(models) {
+  await Promise.all(models.map(async (m) => {
+    const key = `${m.model} ${m.version}`;
+    if (key in normalLabels) return;
+    try {
+      const d = await api(`/api/v1/models/${encodeURIComponent(m.model)}/${encodeURIComponent(m.version)}`);
+      const out = (d.manifest && d.manifest.output) || {};
+      normalLabels[key] = out.kind === "anomaly_score" ? out.normal_labels || [] : null;
+    } catch (e) {
+      if (e instanceof Unauthorized) throw e;
+      normalLabels[key] = null; // not registered: nothing to say about it
+    }
+  }));
+}
+
+function anomalyModelsText(models) {
+  const lines = models
+    .filter((m) => normalLabels[`${m.model} ${m.version}`])
+    .map((m) => {
+      const labels = normalLabels[`${m.model} ${m.version}`];
+      return `<b>${esc(m.model)} ${esc(m.version)}</b> learned what ${labels.map(esc).join(" and ")} look like;
+        a window that does not look like them scores above its threshold and is anomalous`;
+    });
+  return lines.length
+    ? `<p class="muted note" id="anomaly-note">${lines.join(". ")}. Consecutive anomalous windows of a device form one incident.</p>`
+    : `<p class="muted note" id="anomaly-note">Consecutive anomalous windows of a device form one incident.</p>`;
+}
+
+function fmtDuration(us) {
+  const s = Math.max(0, Math.round(Number(us) / 1e6));
+  if (s < 60) return s + " s";
+  if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
+  return Math.floor(s / 3600) + " h " + Math.round((s % 3600) / 60) + " min";
+}
+
+function incidentRow(i) {
+  const dev = encodeURIComponent(i.device_id);
+  const seen = i.labels.length
+    ? i.labels.map((l) => `${esc(l.label)} <span class="muted">×${fmtNum(l.windows)}</span>`).join(", ")
+    : '<span class="muted">—</span>';
+  return `<tr data-incident="${esc(i.device_id)}|${esc(i.stream)}|${i.first_seq}">
+    <td><a href="#/device/${dev}">${esc(i.device_id)}</a></td>
+    <td>${esc(i.model)} <span class="muted">${esc(i.version)}</span></td>
+    <td title="${fmtTime(i.start)}">${fmtTime(i.start).slice(11, 19)}</td>
+    <td>${i.ongoing ? '<span class="badge anomaly">ongoing</span> ' : ""}${fmtDuration(i.end - i.start)}</td>
+    <td class="num">${fmtNum(i.windows)}</td>
+    <td class="num">${fmtNum(i.peak_score, 3)} <span class="muted">/ ${fmtNum(i.threshold, 3)}</span></td>
+    <td>${seen}</td></tr>`;
+}
+
+function rateRow(r) {
+  const pct = r.rate * 100;
+  return `<tr><td><a href="#/device/${encodeURIComponent(r.device_id)}">${esc(r.device_id)}</a></td>
+    <td><span class="bar"><span style="width:${pct.toFixed(1)}%"></span></span></td>
+    <td class="num" title="${fmtNum(r.anomalies)} of ${fmtNum(r.windows)} windows">${fmtNum(pct, 1)}%</td></tr>`;
+}
+
+function incidentsHtml(incidents) {
+  return incidents.items.length
+    ? `<table id="incidents"><thead><tr><th>Device</th><th>Model</th><th>Start</th><th>Duration</th>
+        <th class="num" title="Anomalous windows in a row">Windows</th><th class="num" title="Highest score / the model's threshold">Peak score</th>
+        <th title="What the device's activity classifier said about the same windows">Activity seen</th></tr></thead>
+        <tbody>${incidents.items.map(incidentRow).join("")}</tbody></table>`
+    : '<div class="empty" id="no-anomalies">No anomalies in the last hour.</div>';
+}
+
+function ratesHtml(rates) {
+  return rates.items.length
+    ? `<table id="rates"><thead><tr><th>Device</th><th></th><th class="num">Anomalous</th></tr></thead>
+        <tbody>${rates.items.map(rateRow).join("")}</tbody></table>`
+    : '<div class="empty">No anomaly model results in the last hour.</div>';
+}
+
 async function showOverview() {
-  const [ov, anomalies] = await Promise.all([api("/api/v1/overview"), api("/api/v1/anomalies?limit=20")]);
+  const [ov, incidents, rates] = await Promise.all([
+    api("/api/v1/overview"),
+    api("/api/v1/anomalies/incidents?limit=20"),
+    api("/api/v1/anomalies/rates"),
+  ]);
+  await loadNormalLabels(ov.models);
   const rejects = ov.rejects.reduce((n, r) => n + r.count, 0);
   main().innerHTML = `
     <h1>Fleet overview</h1>
@@ -320,11 +413,12 @@ async function showOverview() {
         <div class="value ${rejects ? "bad" : ""}" id="ov-rejects">${fmtNum(rejects)}</div>
         <div class="sub">since the counters' retention</div></div>
     </div>
-    <div class="grid two">
-      <section class="panel wide"><h2>Recent anomalies</h2>
-        <div class="scroll"><table id="anomalies"><thead><tr><th>Time</th><th>Device</th><th>Stream</th><th>Model</th><th>Score</th></tr></thead>
-        <tbody>${anomalies.items.map(anomalyRow).join("")}</tbody></table>
-        ${anomalies.items.length ? "" : '<div class="empty" id="no-anomalies">No anomalies.</div>'}</div></section>
+    <div class="grid three">
+      <section class="panel span2"><h2>Anomaly incidents <span class="muted">(last hour)</span></h2>
+        ${anomalyModelsText(ov.models)}
+        <div class="scroll" id="incidents-box">${incidentsHtml(incidents)}</div></section>
+      <section class="panel"><h2>Anomaly rate per device <span class="muted">(last hour)</span></h2>
+        <div id="rates-box">${ratesHtml(rates)}</div></section>
       <section class="panel"><h2>Model versions in use</h2>
         <table><thead><tr><th>Model</th><th>Version</th><th class="num">Devices</th></tr></thead><tbody>
         ${ov.models.map((m) => `<tr><td>${esc(m.model)}</td><td class="mono">${esc(m.version)}</td><td class="num">${m.devices}</td></tr>`).join("")}
@@ -340,17 +434,20 @@ async function showOverview() {
     </div>`;
   let rejectTotal = rejects;
   let refreshPending = false;
-  state.view = {
+  let anomaliesPending = false;
+  const view = {
     onEvent(type, d) {
+      if (state.view !== view) return;
       if (type === "ingest") {
         document.getElementById("ov-rate").textContent = fmtNum(d.records_per_s, 1);
         document.getElementById("ov-stored").textContent = fmtNum(d.records_stored);
-      } else if (type === "inference" && d.anomalous) {
-        const body = document.querySelector("#anomalies tbody");
-        body.insertAdjacentHTML("afterbegin", anomalyRow(d).replace("<tr>", '<tr class="flash">'));
-        while (body.rows.length > MAX_ROWS) body.deleteRow(-1);
-        const none = document.getElementById("no-anomalies");
-        if (none) none.remove();
+      } else if (type === "inference" && d.output_kind === "anomaly" && !anomaliesPending) {
+        // Incidents and rates follow the results: re-read them at most every 3 s.
+        anomaliesPending = true;
+        setTimeout(() => {
+          anomaliesPending = false;
+          refreshAnomalies(view);
+        }, 3000);
       } else if (type === "reject") {
         rejectTotal += d.count;
         const el = document.getElementById("ov-rejects");
@@ -366,6 +463,21 @@ async function showOverview() {
       }
     },
   };
+  state.view = view;
+}
+
+async function refreshAnomalies(view) {
+  try {
+    const [incidents, rates] = await Promise.all([
+      api("/api/v1/anomalies/incidents?limit=20"),
+      api("/api/v1/anomalies/rates"),
+    ]);
+    if (state.view !== view) return;
+    document.getElementById("incidents-box").innerHTML = incidentsHtml(incidents);
+    document.getElementById("rates-box").innerHTML = ratesHtml(rates);
+  } catch (e) {
+    // The next event tries again.
+  }
 }
 
 async function refreshCounts() {
@@ -378,12 +490,6 @@ async function refreshCounts() {
   } catch (e) {
     // The next event or a reload will try again.
   }
-}
-
-function anomalyRow(r) {
-  const dev = encodeURIComponent(r.device_id);
-  return `<tr><td title="${fmtTime(r.ts)}">${fmtTime(r.ts).slice(11, 19)}</td><td><a href="#/device/${dev}">${esc(r.device_id)}</a></td><td class="mono">${esc(r.stream)}</td>
-    <td>${esc(r.model)} <span class="muted">${esc(r.version)}</span></td><td class="num">${fmtNum(r.score, 3)}</td></tr>`;
 }
 
 // ---- device list -------------------------------------------------------------------------
@@ -460,17 +566,13 @@ async function showDevice(id) {
   const schemas = Object.fromEntries(streams.items.map((s) => [s.stream, s.channels]));
   const inferenceStreams = streams.items.filter((s) => kinds[s.stream] === "inference").map((s) => s.stream);
   const telemetryStreams = streams.items.filter((s) => kinds[s.stream] !== "inference").map((s) => s.stream);
-  const since = Date.now() * 1000 - 3600e6;
+  // The charts show the recent past (results read oldest first, so a short look-back keeps
+  // the first page current); telemetry is read by fetchTelemetry below.
+  const since = Date.now() * 1000 - 300e6;
   const results = {};
-  const telemetry = {};
-  await Promise.all([
-    ...inferenceStreams.map(async (s) => {
-      results[s] = (await api(`/api/v1/devices/${enc}/streams/${encodeURIComponent(s)}/inference?from=${since}&limit=1000`)).items;
-    }),
-    ...telemetryStreams.map(async (s) => {
-      telemetry[s] = (await api(`/api/v1/devices/${enc}/streams/${encodeURIComponent(s)}/telemetry?from=${since}&limit=1000`)).items;
-    }),
-  ]);
+  await Promise.all(inferenceStreams.map(async (s) => {
+    results[s] = (await api(`/api/v1/devices/${enc}/streams/${encodeURIComponent(s)}/inference?from=${since}&limit=1000`)).items;
+  }));
   main().innerHTML = `
     <h1>${esc(d.device_id)} <span id="dev-state">${badge(d.online)}</span></h1>
     <div class="grid two">
@@ -482,10 +584,13 @@ async function showDevice(id) {
         <dt>Queue</dt><dd>${fmtNum(d.queue.records)} records, ${fmtNum(d.queue.bytes)} bytes</dd>
         <dt>Tags</dt><dd>${tagsText(d.tags) || '<span class="muted">none</span>'}</dd></dl></section>
       <section class="panel"><h2>Durability ledger</h2>
-        <table id="ledger"><thead><tr><th>Stream</th><th>Kind</th><th class="num">Captured</th><th class="num">Received</th>
-        <th class="num">Duplicates</th><th class="num">Evicted</th><th class="num">Pending</th><th class="num">Lost</th></tr></thead>
+        <table id="ledger"><thead><tr><th>Stream</th><th>Kind</th>
+        <th class="num" title="${esc(LEDGER_HELP.captured)}">Captured</th><th class="num" title="${esc(LEDGER_HELP.received)}">Received</th>
+        <th class="num" title="${esc(LEDGER_HELP.duplicates)}">Duplicates</th><th class="num" title="${esc(LEDGER_HELP.evicted)}">Evicted</th>
+        <th class="num" title="${esc(LEDGER_HELP.pending)}">Pending</th><th class="num" title="${esc(LEDGER_HELP.lost)}">Lost</th></tr></thead>
         <tbody>${ledgerRows(ledger, schemas)}</tbody></table>
-        ${ledger.streams.length ? "" : '<div class="empty">No streams yet.</div>'}</section>
+        ${ledger.streams.length ? "" : '<div class="empty">No streams yet.</div>'}
+        <p class="muted note" id="ledger-note">${ledgerNote(ledger)}</p></section>
     </div>
     <div id="inference-panels"></div>
     <div id="telemetry-panels"></div>`;
@@ -508,7 +613,9 @@ async function showDevice(id) {
         <canvas class="chart" id="chart-t${i}"></canvas><div class="legend" id="legend-t${i}"></div>
         <table class="recent"><thead><tr><th>Time</th><th class="num">Seq</th><th>Values</th></tr></thead><tbody></tbody></table></section>`);
     const panel = document.querySelector(`[data-telemetry="${CSS.escape(s)}"]`);
-    views["t:" + s] = { kind: "telemetry", rows: (telemetry[s] || []).slice(-MAX_POINTS), panel, canvas: document.getElementById(`chart-t${i}`), legend: document.getElementById(`legend-t${i}`) };
+    const v = { kind: "telemetry", rows: [], panel, canvas: document.getElementById(`chart-t${i}`), legend: document.getElementById(`legend-t${i}`) };
+    views["t:" + s] = v;
+    fetchTelemetry(v, enc, s);
   };
   // The ledger follows the records: re-read it at most every 3 s while events arrive.
   let ledgerPending = false;
@@ -521,6 +628,8 @@ async function showDevice(id) {
         const l = await api(`/api/v1/devices/${enc}/ledger`);
         const body = document.querySelector("#ledger tbody");
         if (body) body.innerHTML = ledgerRows(l, schemas);
+        const note = document.getElementById("ledger-note");
+        if (note) note.innerHTML = ledgerNote(l);
       } catch (e) {
         // The next event tries again.
       }
@@ -540,14 +649,38 @@ async function showDevice(id) {
       const key = (type === "inference" ? "i:" : "t:") + e.stream;
       if (!views[key]) (type === "inference" ? addInference : addTelemetry)(e.stream);
       const v = views[key];
+      document.getElementById("dev-seen").textContent = fmtTime(Date.now() * 1000);
+      refreshLedger();
+      if (type === "telemetry") {
+        // A telemetry event carries only the newest record of a stored batch: read the
+        // records since the newest shown from the API, so the chart and table miss none.
+        fetchTelemetry(v, enc, e.stream);
+        return;
+      }
+      if (v.rows.some((r) => r.seq === e.seq)) return;
       v.rows.push(e);
+      v.rows.sort((a, b) => a.seq - b.seq);
       if (v.rows.length > MAX_POINTS) v.rows.shift();
       v.fresh = true;
-      document.getElementById("dev-seen").textContent = fmtTime(Date.now() * 1000);
       render(v);
-      refreshLedger();
     },
   };
+}
+
+const LEDGER_HELP = {
+  captured: "Records the agent captured on this stream (its last sequence number), as of its last status message.",
+  received: "Distinct records the fleet has stored, counted now. Records sent after the last status make it run ahead of Captured until the next status.",
+  duplicates: "Copies of already stored records that arrived again (re-sent after a reconnect) and were ignored.",
+  evicted: "Records the agent deleted on purpose before sending them (queue full, too old, disk full, corrupt) or that the fleet refused, as the agent reported.",
+  pending: "Records still queued on the device at its last status: not delivered yet, not lost.",
+  lost: "Captured records that are neither stored, evicted nor pending: unexplained gaps. 0 on a healthy fleet.",
+};
+
+function ledgerNote(ledger) {
+  const at = ledger.status_ts
+    ? `the agent's last status, ${esc(fmtTime(ledger.status_ts))} (${esc(fmtAgo(ledger.status_ts))})`
+    : "the agent's first status (none yet)";
+  return `Captured and Pending are as of ${at}; Received counts what is stored now, so it can run ahead of Captured between two statuses. Hover a column for its meaning.`;
 }
 
 function schemaText(channels) {
@@ -562,6 +695,55 @@ function ledgerRows(ledger, schemas) {
     <td class="num ${s.lost_count ? "lost" : ""}">${fmtNum(s.lost_count)}</td></tr>`).join("");
 }
 
+// New records of a telemetry stream, at most one request in flight per stream.
+async function fetchTelemetry(v, enc, stream) {
+  if (v.fetching) {
+    v.again = true;
+    return;
+  }
+  v.fetching = true;
+  try {
+    do {
+      v.again = false;
+      // From the newest record shown (or the last 30 s), page by page up to now.
+      const from = v.rows.length ? v.rows[v.rows.length - 1].ts + 1 : Date.now() * 1000 - 30e6;
+      let cursor = null;
+      for (let pages = 0; pages < 20; pages++) {
+        const more = cursor ? `&cursor=${encodeURIComponent(cursor)}` : "";
+        const page = await api(`/api/v1/devices/${enc}/streams/${encodeURIComponent(stream)}/telemetry?from=${from}&limit=1000${more}`);
+        const seen = new Set(v.rows.map((r) => r.seq));
+        const fresh = page.items.filter((r) => !seen.has(r.seq));
+        if (fresh.length) {
+          v.rows = v.rows.concat(fresh).sort((a, b) => a.ts - b.ts || a.seq - b.seq).slice(-MAX_POINTS);
+          v.fresh = true;
+        }
+        cursor = page.next_cursor;
+        if (!cursor) break;
+      }
+      if (v.panel.isConnected) render(v);
+    } while (v.again && v.panel.isConnected);
+  } catch (e) {
+    // The next event tries again.
+  } finally {
+    v.fetching = false;
+  }
+}
+
+// Three times the typical spacing of consecutive points: a longer silence is a gap, and the
+// chart breaks its line there rather than drawing straight across it.
+function gapOf(rows) {
+  const d = [];
+  for (let i = 1; i < rows.length; i++) d.push(rows[i].ts - rows[i - 1].ts);
+  if (!d.length) return 0;
+  d.sort((a, b) => a - b);
+  return Math.max(3 * d[Math.floor(d.length / 2)], 1000);
+}
+
+function hasGaps(rows, gap) {
+  for (let i = 1; i < rows.length; i++) if (rows[i].ts - rows[i - 1].ts > gap) return true;
+  return false;
+}
+
 function render(v) {
   const rows = v.rows;
   const body = v.panel.querySelector("tbody");
@@ -572,16 +754,19 @@ function render(v) {
     const scored = rows.filter((r) => r.output_kind === "anomaly");
     if (scored.length) {
       const thr = scored[scored.length - 1].threshold;
+      const gap = gapOf(scored);
       drawChart(v.canvas, [{
         points: scored.map((r) => [r.ts, r.score]), color: COLORS[0],
         marks: scored.filter((r) => r.anomalous).map((r) => [r.ts, r.score]),
-      }], { hline: thr, ymin: 0 });
-      v.legend.innerHTML = '<span class="sw sw-0"></span>anomaly score<span class="sw sw-thr"></span>threshold<span class="sw sw-bad"></span>anomalous';
+      }], { hline: thr, ymin: 0, gapUs: gap });
+      v.legend.innerHTML = '<span class="sw sw-0"></span>anomaly score<span class="sw sw-thr"></span>threshold<span class="sw sw-bad"></span>anomalous'
+        + (hasGaps(scored, gap) ? '<br>The line breaks where no result was stored for a while (device offline, or results not sent).' : "");
     } else {
+      // One row per label, named on the axis: the y position is a category, not a number.
       const labels = [...new Set(rows.map((r) => r.label))].sort();
       drawChart(v.canvas, labels.map((l, i) => ({
         points: rows.filter((r) => r.label === l).map((r) => [r.ts, labels.length - i]), color: COLORS[i % COLORS.length], dots: true,
-      })), { ymin: 0, ymax: labels.length + 1 });
+      })), { ymin: 0.5, ymax: labels.length + 0.5, yTicks: labels.map((l, i) => [labels.length - i, l]) });
       v.legend.innerHTML = labels.map((l, i) => `<span class="sw sw-${i % COLORS.length}"></span>${esc(l)}`).join("");
     }
   } else {
@@ -592,8 +777,14 @@ function render(v) {
     for (let c = 0; c < channels; c++) {
       series.push({ points: rows.filter((r) => r.values && r.values[c] !== null && r.values[c] !== undefined).map((r) => [r.ts, r.values[c]]), color: COLORS[c] });
     }
-    drawChart(v.canvas, series, {});
-    v.legend.innerHTML = series.map((_, c) => `<span class="sw sw-${c}"></span>channel ${c}`).join("");
+    const gap = gapOf(rows);
+    drawChart(v.canvas, series, { gapUs: gap });
+    v.legend.innerHTML = series.map((_, c) => `<span class="sw sw-${c}"></span>channel ${c}`).join("")
+      + (hasGaps(rows, gap)
+        ? `<br><span class="gap-note">Lines break where no sample was stored for more than ${fmtNum(gap / 1000)} ms: a device with
+           <code>inference.forward_raw = "anomalies"</code> sends raw samples only around anomalous windows, so its telemetry
+           has time gaps between them (sequence numbers stay contiguous; the ledger shows none missing).</span>`
+        : "");
   }
 }
 

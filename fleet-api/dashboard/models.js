@@ -77,7 +77,7 @@ async function showModels() {
     const file = document.getElementById("bundle-file").files[0];
     if (!file) return;
     try {
-      const e = await apiSend("POST", "/api/v1/models", file, "application/octet-stream");
+      const e = await apiSend("POST", "/api/v1/models", file, "application/vnd.ember.bundle");
       await showModels();
       say(`Registered ${e.name} ${e.version}.`, false);
     } catch (err) {

@@ -9,9 +9,20 @@
 //!    recordings (its own rotation of the 40 series) through the committed, signed int8
 //!    `activity` and `anomaly` bundles, written with their trusted development key into
 //!    `<data_dir>/assets` from copies embedded in this binary;
-//! 4. once every agent reports itself online, the dashboard URL is printed;
-//! 5. SIGINT/SIGTERM stops the agents (SIGTERM, so they drain), then the fleet; the broker
+//! 4. the demo registers its signed bundles in the fleet's model registry through the REST API
+//!    (`activity` 1.0.0 and `anomaly` 1.0.0, what the agents start with, and `activity` 1.1.0:
+//!    the same training run's full-precision weights, re-signed with the development key);
+//! 5. once every agent reports itself online, the dashboard URL is printed;
+//! 6. unless `--no-rollout`, [`ROLLOUT_DELAY`] later the demo starts a staged rollout of
+//!    `activity` 1.1.0 to every agent with shadow evaluation (canary → 50 % → 100 %, a short
+//!    soak per wave) and prints how to pause, resume or roll it back with `ember-fleet rollout`
+//!    (the admin token is in `<data_dir>/admin.token`); a restarted demo whose fleet already
+//!    has a rollout of that model starts none;
+//! 7. SIGINT/SIGTERM stops the agents (SIGTERM, so they drain), then the fleet; the broker
 //!    goes with the process.
+//!
+//! The agents start with an empty environment (and only `PATH`), so unrelated `EMBER_*`
+//! variables of the user's shell never reach their configuration overlay.
 //!
 //! The demo's state lives in `data_dir` and survives a restart (agents keep their queues, the
 //! fleet its database), so stopping and starting it again shows the durability ledger at work.
@@ -35,6 +46,22 @@ const ACTIVITY_BUNDLE: &[u8] = include_bytes!("../../models/bundles/activity-int
 const ANOMALY_BUNDLE: &[u8] = include_bytes!("../../models/bundles/anomaly-int8.bundle");
 const DEV_PUBLIC_KEY: &[u8] = include_bytes!("../../models/keys/dev/dev.pub");
 const BASIC_MOTIONS_TEST: &str = include_str!("../../models/data/BasicMotions_TEST.ts");
+/// The source of the demo's second `activity` version: full-precision weights.
+const ACTIVITY_F32_BUNDLE: &[u8] = include_bytes!("../../models/bundles/activity-f32.bundle");
+/// The development signing key, committed on purpose (`models/keys/dev/README.md`): it signs
+/// the demo's 1.1.0 at run time. Never trusted outside demos and tests.
+const DEV_SIGNING_KEY: &str = include_str!("../../models/keys/dev/dev.key");
+
+/// The model the demo rolls out, from the version the agents start with to the new one.
+pub const ROLLOUT_MODEL: &str = "activity";
+pub const ROLLOUT_FROM: &str = "1.0.0";
+pub const ROLLOUT_TO: &str = "1.1.0";
+/// How long after every agent is online the demo starts its rollout.
+pub const ROLLOUT_DELAY: Duration = Duration::from_secs(10);
+/// Each wave's soak before the next starts.
+const ROLLOUT_SOAK_S: u64 = 10;
+/// Windows each device evaluates 1.1.0 on, beside 1.0.0, before switching.
+const SHADOW_WINDOWS: u32 = 5;
 
 /// How long the agents may take to come online before the demo gives up.
 const ONLINE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -55,6 +82,23 @@ pub struct DemoOptions {
     /// Replay speed: 1.0 is the recordings' real 10 Hz; the default 5.0 shows a new window
     /// every two seconds per agent.
     pub speed: f64,
+    /// Start the staged rollout of `activity` 1.1.0 once the agents are online.
+    pub rollout: bool,
+}
+
+/// What the demo tells its caller, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DemoEvent {
+    /// Every agent is online: the dashboard URL (with a read token in its fragment).
+    Ready { url: String },
+    /// The rollout started (`id`), or one of the model already existed.
+    Rollout {
+        id: String,
+        started: bool,
+        /// The fleet's base URL and the admin token file, for `ember-fleet rollout`.
+        fleet_url: String,
+        token_file: PathBuf,
+    },
 }
 
 /// Why the demo could not run.
@@ -99,6 +143,8 @@ pub enum DemoError {
     Fleet(#[from] crate::FleetError),
     #[error("options: {0}")]
     Options(String),
+    #[error("the demo could not {what} through the fleet's API: {message}")]
+    Api { what: String, message: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DemoError + '_ {
@@ -108,15 +154,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DemoError + '_ {
     }
 }
 
-/// Runs the demo until `shutdown` fires. `ready` receives the dashboard URL once every agent
-/// is online.
+/// Runs the demo until `shutdown` fires. `on_event` hears when every agent is online (the
+/// dashboard URL) and when the rollout starts.
 pub async fn run(
     opts: DemoOptions,
     shutdown: CancellationToken,
     force: CancellationToken,
-    ready: impl FnOnce(&str),
+    on_event: impl Fn(DemoEvent) + Send + Sync + 'static,
 ) -> Result<(), DemoError> {
-    // `ready` gets the URL once, with a fresh read-only API token for the dashboard.
     if opts.agents == 0 || opts.agents > 100 {
         return Err(DemoError::Options(format!(
             "--agents must be between 1 and 100, not {}",
@@ -148,9 +193,10 @@ pub async fn run(
         "Embedded MQTT broker (rumqttd) is up on 127.0.0.1."
     );
 
-    let settings = fleet_settings(&data_dir, opts.listen, broker_port)?;
+    let settings = fleet_settings(&data_dir, opts.listen, broker_port, &assets.key)?;
     let listener = crate::bind(&settings).await?;
     let http = listener.local_addr().map_err(crate::FleetError::Serve)?;
+    let fleet_url = format!("http://{http}");
     let db_settings = settings.database.clone();
     let fleet_shutdown = CancellationToken::new();
     let fleet = tokio::spawn(crate::run(
@@ -160,19 +206,60 @@ pub async fn run(
         force.clone(),
     ));
 
+    let on_event = std::sync::Arc::new(on_event);
     let mut agents = Agents::default();
+    let mut rollout_task = None;
     let started = async {
+        let db = wait_schema(&db_settings, &shutdown).await?;
+        let tokens = Tokens::prepare(&db, &data_dir, opts.agents).await;
+        db.close().await;
+        let tokens = tokens?;
+        let admin = tokens.admin.clone();
+        let url = fleet_url.clone();
+        blocking(move || register_bundles(&url, &admin)).await?;
         for i in 0..opts.agents {
-            agents.spawn(&agent_bin, &data_dir, &assets, i, broker_port, opts.speed)?;
+            let ota = AgentOta {
+                fleet_url: &fleet_url,
+                token_file: &tokens.devices[i],
+            };
+            agents.spawn(&agent_bin, &data_dir, &assets, i, broker_port, opts.speed, &ota)?;
         }
-        wait_online(&db_settings, &mut agents, &data_dir, &shutdown).await
+        wait_online(&db_settings, &mut agents, &data_dir, &shutdown).await?;
+        Ok::<_, DemoError>(tokens)
     };
     let outcome = started.await;
-    if let (Ok(token), false) = (&outcome, shutdown.is_cancelled()) {
+    if let (Ok(tokens), false) = (&outcome, shutdown.is_cancelled()) {
         // The token rides in the URL's fragment, which browsers never send to the server.
-        let url = format!("http://{http}/dashboard/#token={token}");
-        ready(&url);
+        let url = format!("{fleet_url}/dashboard/#token={}", tokens.read);
+        on_event(DemoEvent::Ready { url });
+        if opts.rollout {
+            let (url, admin, file) = (
+                fleet_url.clone(),
+                tokens.admin.clone(),
+                tokens.admin_file.clone(),
+            );
+            let (on_event, stop) = (on_event.clone(), shutdown.clone());
+            rollout_task = Some(tokio::spawn(async move {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(ROLLOUT_DELAY) => {}
+                }
+                let fleet_url = url.clone();
+                match blocking(move || start_rollout(&url, &admin)).await {
+                    Ok((id, started)) => on_event(DemoEvent::Rollout {
+                        id,
+                        started,
+                        fleet_url,
+                        token_file: file,
+                    }),
+                    Err(e) => tracing::warn!(error = %e, "The demo's rollout did not start."),
+                }
+            }));
+        }
         shutdown.cancelled().await;
+    }
+    if let Some(t) = rollout_task {
+        t.abort();
     }
     tracing::info!("Stopping the demo: agents first (they drain their queues), then the fleet.");
     agents.stop_all().await;
@@ -182,6 +269,215 @@ pub async fn run(
         Err(e) => return Err(crate::FleetError::Task(e.to_string()).into()),
     }
     outcome.map(|_| ())
+}
+
+/// Runs blocking HTTP calls (the CLI's client) off the runtime's worker threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DemoError> + Send + 'static,
+) -> Result<T, DemoError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| DemoError::Api {
+            what: "run a request".into(),
+            message: e.to_string(),
+        })?
+}
+
+/// Waits until the fleet has created its schema (it migrates as it starts).
+async fn wait_schema(
+    db_settings: &crate::config::DatabaseSettings,
+    shutdown: &CancellationToken,
+) -> Result<Db, DemoError> {
+    let db = Db::connect(db_settings).await?;
+    let deadline = Instant::now() + ONLINE_TIMEOUT;
+    loop {
+        let ready: Result<(i64,), sqlx::Error> = sqlx::query_as("SELECT COUNT(*) FROM api_tokens")
+            .fetch_one(db.pool())
+            .await;
+        if ready.is_ok() || shutdown.is_cancelled() {
+            return Ok(db);
+        }
+        if Instant::now() >= deadline {
+            db.close().await;
+            return Err(DemoError::Options(format!(
+                "the fleet did not create its database schema within {ONLINE_TIMEOUT:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The demo's API tokens, each kept in a file of its own (mode 0600) under `data_dir` and
+/// reused by the next run while the fleet's database still accepts it.
+struct Tokens {
+    /// Read-only: the dashboard URL's.
+    read: String,
+    /// Admin: registers bundles, starts the rollout; `ember-fleet rollout` uses its file.
+    admin: String,
+    admin_file: PathBuf,
+    /// One `device:<id>` token file per agent: OTA downloads.
+    devices: Vec<PathBuf>,
+}
+
+impl Tokens {
+    async fn prepare(db: &Db, data_dir: &Path, agents: usize) -> Result<Tokens, DemoError> {
+        use crate::auth::Scope;
+        let read = token_file(db, &data_dir.join("read.token"), Scope::Read, "demo dashboard").await?;
+        let admin_file = data_dir.join("admin.token");
+        let admin = token_file(db, &admin_file, Scope::Admin, "demo admin").await?;
+        let mut devices = Vec::with_capacity(agents);
+        for i in 0..agents {
+            let device = device_id(i);
+            let dir = data_dir.join("agents").join(&device);
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            let path = dir.join("device.token");
+            let name = format!("demo agent {device}");
+            token_file(db, &path, Scope::Device(device), &name).await?;
+            devices.push(path);
+        }
+        Ok(Tokens {
+            read,
+            admin,
+            admin_file,
+            devices,
+        })
+    }
+}
+
+/// The token in `path` when the fleet still accepts it with `scope`; otherwise a new one,
+/// stored in the fleet and written to `path` (mode 0600: agents refuse readable token files).
+async fn token_file(
+    db: &Db,
+    path: &Path,
+    scope: crate::auth::Scope,
+    name: &str,
+) -> Result<String, DemoError> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let token = text.trim().to_string();
+        if crate::auth::lookup(db, &token).await.map_err(crate::FleetError::from)? == Some(scope.clone()) {
+            return Ok(token);
+        }
+    }
+    let (_, token) = crate::auth::create(db, &scope, name).await?;
+    ember_host::fs::Durable::new()
+        .mode(0o600)
+        .write(path, format!("{token}\n").as_bytes())
+        .map_err(io(path))?;
+    Ok(token)
+}
+
+fn device_id(index: usize) -> String {
+    format!("demo-{:02}", index + 1)
+}
+
+/// `activity` 1.1.0: the full-precision bundle of the same training run, re-signed under the
+/// new version with the development key.
+fn activity_1_1_0() -> Result<Vec<u8>, DemoError> {
+    let api = |message: String| DemoError::Api {
+        what: "build activity 1.1.0".into(),
+        message,
+    };
+    let key = ember_bundle::keys::parse_signing_key(DEV_SIGNING_KEY, "the development key")
+        .map_err(|e| api(e.to_string()))?;
+    ember_bundle::rebundle(
+        ACTIVITY_F32_BUNDLE,
+        &key,
+        |m| m["version"] = ROLLOUT_TO.into(),
+        |_| {},
+    )
+    .map_err(|e| api(e.to_string()))
+}
+
+/// Uploads the demo's bundles (POST /api/v1/models); one already registered (a restarted
+/// demo) is fine.
+fn register_bundles(fleet_url: &str, admin: &str) -> Result<(), DemoError> {
+    let client = client(fleet_url, admin)?;
+    for (what, bytes) in [
+        ("activity 1.0.0", ACTIVITY_BUNDLE.to_vec()),
+        ("anomaly 1.0.0", ANOMALY_BUNDLE.to_vec()),
+        ("activity 1.1.0", activity_1_1_0()?),
+    ] {
+        let resp = client
+            .send(
+                "POST",
+                "/api/v1/models",
+                &[("Content-Type", crate::api::BUNDLE_MEDIA_TYPE)],
+                Some(ember_host::client::Body::Bytes(&bytes)),
+            )
+            .map_err(|e| DemoError::Api {
+                what: format!("register {what}"),
+                message: e.to_string(),
+            })?;
+        match resp.status {
+            201 => tracing::info!(model = what, "Registered a demo bundle."),
+            409 => {}
+            _ => {
+                return Err(DemoError::Api {
+                    what: format!("register {what}"),
+                    message: resp.error_message(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The staged rollout of `activity` 1.1.0 to every agent; the id of the one that already
+/// exists when a restarted demo finds it (then `false`).
+fn start_rollout(fleet_url: &str, admin: &str) -> Result<(String, bool), DemoError> {
+    let client = client(fleet_url, admin)?;
+    let fail = |message: String| DemoError::Api {
+        what: "start the rollout".into(),
+        message,
+    };
+    let list = client
+        .send("GET", "/api/v1/rollouts?limit=100", &[], None)
+        .map_err(|e| fail(e.to_string()))?;
+    let existing = list.json().and_then(|v| {
+        v["items"].as_array().and_then(|items| {
+            items
+                .iter()
+                .find(|r| r["model"] == ROLLOUT_MODEL)
+                .and_then(|r| r["id"].as_str().map(str::to_string))
+        })
+    });
+    if let Some(id) = existing {
+        return Ok((id, false));
+    }
+    let body = serde_json::json!({
+        "model": ROLLOUT_MODEL,
+        "version": ROLLOUT_TO,
+        "targets": {"all": true},
+        "waves": ["canary", "50%", "100%"],
+        "min_soak_s": ROLLOUT_SOAK_S,
+        "shadow": {"windows": SHADOW_WINDOWS, "min_agreement": 0.8, "max_latency_ratio": 10.0},
+    });
+    let resp = client
+        .send(
+            "POST",
+            "/api/v1/rollouts",
+            &[],
+            Some(ember_host::client::Body::Json(&body)),
+        )
+        .map_err(|e| fail(e.to_string()))?;
+    if resp.status != 201 {
+        return Err(fail(resp.error_message()));
+    }
+    let id = resp
+        .json()
+        .and_then(|v| v["id"].as_str().map(str::to_string))
+        .ok_or_else(|| fail("the answer names no rollout id".into()))?;
+    tracing::info!(rollout = %id, "Started the demo's rollout.");
+    Ok((id, true))
+}
+
+fn client(fleet_url: &str, token: &str) -> Result<ember_host::client::FleetClient, DemoError> {
+    ember_host::client::FleetClient::new(fleet_url, None)
+        .map(|c| c.with_token(token))
+        .map_err(|e| DemoError::Api {
+            what: "reach the fleet".into(),
+            message: e.to_string(),
+        })
 }
 
 /// Files every agent needs, written once into `<data_dir>/assets`.
@@ -350,6 +646,7 @@ fn fleet_settings(
     data_dir: &Path,
     listen: SocketAddr,
     broker_port: u16,
+    trusted_key: &Path,
 ) -> Result<Settings, DemoError> {
     let fleet_dir = data_dir.join("fleet");
     let text = format!(
@@ -363,10 +660,19 @@ client_id = "ember-fleet-demo"
 share_group = ""
 [shutdown]
 grace_ms = 5000
+[models]
+trusted_keys = [{key:?}]
 "#,
         dir = fleet_dir.display().to_string(),
+        key = trusted_key.display().to_string(),
     );
     Ok(Settings::from_toml(&text, "<demo>", std::iter::empty())?)
+}
+
+/// Where an agent downloads new model versions from, and with which token.
+struct AgentOta<'a> {
+    fleet_url: &'a str,
+    token_file: &'a Path,
 }
 
 fn agent_config(
@@ -376,6 +682,7 @@ fn agent_config(
     assets: &Assets,
     broker_port: u16,
     speed: f64,
+    ota: &AgentOta<'_>,
 ) -> String {
     // Paths are written as TOML strings through Debug, which escapes them correctly.
     format!(
@@ -417,7 +724,14 @@ source = "motion"
 [[model]]
 bundle = {anomaly:?}
 source = "motion"
+
+[ota]
+enabled = true
+fleet_url = {fleet_url:?}
+token_file = {token_file:?}
 "#,
+        fleet_url = ota.fleet_url,
+        token_file = ota.token_file.display().to_string(),
         data = dir.join("queue").display().to_string(),
         recordings = recordings.display().to_string(),
         rate = 10.0 * speed,
@@ -442,18 +756,26 @@ impl Agents {
         index: usize,
         broker_port: u16,
         speed: f64,
+        ota: &AgentOta<'_>,
     ) -> Result<(), DemoError> {
-        let device = format!("demo-{:02}", index + 1);
+        let device = device_id(index);
         let dir = data_dir.join("agents").join(&device);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let recordings = assets.data.join(format!("basicmotions-{device}.ts"));
         std::fs::write(&recordings, rotated_recordings(index * 7)).map_err(io(&recordings))?;
         let config = dir.join("agent.toml");
-        let text = agent_config(&device, &dir, &recordings, assets, broker_port, speed);
+        let text = agent_config(&device, &dir, &recordings, assets, broker_port, speed, ota);
         std::fs::write(&config, text).map_err(io(&config))?;
         let log = dir.join("agent.log");
         let log_file = std::fs::File::create(&log).map_err(io(&log))?;
-        let child = Command::new(bin)
+        // A clean environment: the user's unrelated `EMBER_*` variables (EMBER_REPO, ...)
+        // would reach the agent's configuration overlay, which refuses unknown keys.
+        let mut cmd = Command::new(bin);
+        cmd.env_clear();
+        if let Some(path) = std::env::var_os("PATH") {
+            cmd.env("PATH", path);
+        }
+        let child = cmd
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())
@@ -511,21 +833,20 @@ impl Agents {
     }
 }
 
-/// Waits until the registry shows every demo agent online, then stores and returns a new
-/// read-only API token for the dashboard.
+/// Waits until the registry shows every demo agent online.
 async fn wait_online(
     db_settings: &crate::config::DatabaseSettings,
     agents: &mut Agents,
     data_dir: &Path,
     shutdown: &CancellationToken,
-) -> Result<String, DemoError> {
+) -> Result<(), DemoError> {
     let wanted = agents.children.len();
     let db = Db::connect(db_settings).await?;
     let deadline = Instant::now() + ONLINE_TIMEOUT;
     let mut online = 0;
     let result = loop {
         if shutdown.is_cancelled() {
-            break Ok(String::new());
+            break Ok(());
         }
         if let Some(e) = agents.exited() {
             break Err(e);
@@ -539,11 +860,7 @@ async fn wait_online(
         if let Ok((n,)) = row {
             online = usize::try_from(n).unwrap_or(0);
             if online >= wanted {
-                let token = crate::auth::generate()?;
-                crate::auth::store(&db, &token, &crate::auth::Scope::Read, "demo dashboard")
-                    .await
-                    .map_err(crate::FleetError::from)?;
-                break Ok(token);
+                break Ok(());
             }
         }
         if Instant::now() >= deadline {
@@ -589,9 +906,27 @@ mod tests {
     }
 
     #[test]
+    fn the_second_activity_version_is_signed_by_the_development_key() {
+        let bytes = activity_1_1_0().unwrap();
+        let raw = ember_bundle::RawBundle::read(&bytes).unwrap();
+        let key = ember_bundle::keys::parse_public_key(
+            std::str::from_utf8(DEV_PUBLIC_KEY).unwrap(),
+            "dev.pub",
+        )
+        .unwrap();
+        let head = raw
+            .verify(&ember_bundle::TrustedKeys::new().with(key))
+            .unwrap();
+        assert_eq!((head.name.as_str(), head.version.as_str()), (ROLLOUT_MODEL, ROLLOUT_TO));
+        let from = ember_bundle::RawBundle::read(ACTIVITY_BUNDLE).unwrap().head().unwrap();
+        assert_eq!(from.version, ROLLOUT_FROM);
+    }
+
+    #[test]
     fn generated_fleet_settings_are_valid() {
         let dir = tempfile::tempdir().unwrap();
-        let s = fleet_settings(dir.path(), "127.0.0.1:0".parse().unwrap(), 1883).unwrap();
+        let key = dir.path().join("dev.pub");
+        let s = fleet_settings(dir.path(), "127.0.0.1:0".parse().unwrap(), 1883, &key).unwrap();
         assert_eq!(s.mqtt.port, 1883);
     }
 }

@@ -84,6 +84,10 @@ pub struct AggregatePage {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeviceLedger {
     pub device_id: String,
+    /// `ts` (device clock) of the last status applied: `captured`, `queued` and `pending` are
+    /// as of that status, while `received` counts what is stored now, so between two statuses
+    /// `received` can run ahead of `captured`. Null before the first status.
+    pub status_ts: Option<i64>,
     /// Sum of the streams' `lost_count`: 0 means every record is stored or explained.
     pub lost_count: u64,
     pub streams: Vec<StreamLedger>,
@@ -398,6 +402,7 @@ pub async fn ledger(
     );
     Ok(Json(DeviceLedger {
         device_id: d.device_id,
+        status_ts: d.status_ts,
         lost_count: streams.iter().map(|s| s.lost_count).sum(),
         streams,
     }))

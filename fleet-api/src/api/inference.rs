@@ -346,3 +346,263 @@ pub async fn anomalies(
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     Ok(Json(AnomalyList { items }))
 }
+
+/// Most incidents per request.
+const MAX_INCIDENTS: u32 = 200;
+/// The default look-back of incidents and anomaly rates: one hour.
+const DEFAULT_WINDOW_S: i64 = 3_600;
+/// The longest look-back: seven days.
+const MAX_WINDOW_S: i64 = 7 * 86_400;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct IncidentQuery {
+    /// Look back this many seconds from now (default 3600, at most 604800), by capture time.
+    #[param(minimum = 1, maximum = 604800)]
+    pub window_s: Option<i64>,
+    /// How many incidents (most recent end first; default 20, at most 200).
+    #[param(minimum = 1, maximum = 200)]
+    pub limit: Option<u32>,
+}
+
+/// What the classifiers of the same source said during an incident.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IncidentLabel {
+    pub label: String,
+    /// Windows of the incident the label was given to.
+    pub windows: i64,
+}
+
+/// A run of consecutive anomalous windows of one anomaly stream of one device: every result
+/// with a sequence number from `first_seq` to `last_seq` was anomalous.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AnomalyIncident {
+    pub device_id: String,
+    /// The anomaly model's inference stream (`{source}.{model}`).
+    pub stream: String,
+    pub model: String,
+    pub version: String,
+    /// Capture time of the first anomalous window's last sample.
+    pub start: i64,
+    /// Capture time of the last anomalous window's last sample.
+    pub end: i64,
+    pub first_seq: i64,
+    pub last_seq: i64,
+    /// Anomalous windows in the run (`last_seq - first_seq + 1`).
+    pub windows: i64,
+    pub peak_score: f64,
+    pub threshold: f64,
+    /// True while the stream's newest stored result is this incident's last window.
+    pub ongoing: bool,
+    /// Labels the source's classifiers gave the same windows, most frequent first (empty when
+    /// the device runs no classifier on that source).
+    pub labels: Vec<IncidentLabel>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IncidentList {
+    /// Start of the look-back (capture time, µs).
+    pub from: i64,
+    /// Most recent `end` first.
+    pub items: Vec<AnomalyIncident>,
+}
+
+fn window_from(window_s: Option<i64>) -> Result<i64, AppError> {
+    let w = window_s.unwrap_or(DEFAULT_WINDOW_S);
+    if !(1..=MAX_WINDOW_S).contains(&w) {
+        return Err(AppError::invalid(format!(
+            "window_s {w} is out of range: use 1-{MAX_WINDOW_S} seconds"
+        )));
+    }
+    Ok(crate::db::now_us() - w * 1_000_000)
+}
+
+/// The source stream of an inference stream `{source}.{model}`.
+fn source_of(stream: &str) -> &str {
+    stream.rsplit_once('.').map_or(stream, |(s, _)| s)
+}
+
+/// Anomaly incidents: consecutive anomalous windows grouped
+///
+/// Consecutive anomalous results of one device's anomaly stream form one incident (a normal
+/// result, or a result never stored, ends it), with its start, end, peak score, window count
+/// and the labels the device's classifiers of the same source gave those windows.
+#[utoipa::path(
+    get,
+    path = "/api/v1/anomalies/incidents",
+    tag = "inference",
+    params(IncidentQuery),
+    responses(
+        (status = 200, description = "Incidents, most recent end first", body = IncidentList),
+        (status = 400, description = "Invalid window or limit", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+    )
+)]
+pub async fn incidents(
+    State(state): State<AppState>,
+    ApiQuery(a): ApiQuery<IncidentQuery>,
+) -> Result<Json<IncidentList>, AppError> {
+    let limit = match a.limit {
+        None => 20,
+        Some(l) if (1..=MAX_INCIDENTS).contains(&l) => i64::from(l),
+        Some(l) => {
+            return Err(AppError::invalid(format!(
+                "limit {l} is out of range: use 1-{MAX_INCIDENTS}"
+            )));
+        }
+    };
+    let from = window_from(a.window_s)?;
+    // Gaps and islands: among the anomalous rows, `seq - row_number` is constant along a run
+    // of consecutive sequence numbers. The (anomalous, ts) index bounds the scan.
+    let mut q = Sql::new(
+        "SELECT i.device_id, i.stream, MIN(i.model) AS model, MAX(i.version) AS version, \
+         MIN(i.ts) AS start_ts, MAX(i.ts) AS end_ts, MIN(i.seq) AS first_seq, MAX(i.seq) AS last_seq, \
+         CAST(COUNT(*) AS BIGINT) AS windows, MAX(i.score) AS peak, MAX(i.threshold) AS threshold, \
+         MAX(s.max_seq) AS stream_max \
+         FROM (SELECT device_id, stream, model, version, ts, seq, score, threshold, \
+               seq - ROW_NUMBER() OVER (PARTITION BY device_id, stream ORDER BY seq) AS island \
+               FROM inference WHERE anomalous = TRUE AND ts >= ",
+    );
+    q.bind(from);
+    q.push(
+        ") i LEFT JOIN streams s ON s.device_id = i.device_id AND s.stream = i.stream \
+         GROUP BY i.device_id, i.stream, i.island \
+         ORDER BY end_ts DESC, i.device_id, i.stream LIMIT ",
+    );
+    q.bind(limit);
+    let rows = q.query().fetch_all(state.db.pool()).await?;
+    let mut items = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let last_seq: i64 = row.try_get("last_seq")?;
+        let stream_max: Option<i64> = row.try_get("stream_max")?;
+        items.push(AnomalyIncident {
+            device_id: row.try_get("device_id")?,
+            stream: row.try_get("stream")?,
+            model: row.try_get("model")?,
+            version: row.try_get("version")?,
+            start: row.try_get("start_ts")?,
+            end: row.try_get("end_ts")?,
+            first_seq: row.try_get("first_seq")?,
+            last_seq,
+            windows: row.try_get("windows")?,
+            peak_score: row.try_get::<Option<f64>, _>("peak")?.unwrap_or(0.0),
+            threshold: row.try_get::<Option<f64>, _>("threshold")?.unwrap_or(0.0),
+            ongoing: stream_max == Some(last_seq),
+            labels: Vec::new(),
+        });
+    }
+    // What the classifiers of the same source said about those windows: one small indexed
+    // query per incident (at most `limit`).
+    for inc in &mut items {
+        let source = source_of(&inc.stream).to_string();
+        let mut q = Sql::new(
+            "SELECT c.label AS label, CAST(COUNT(*) AS BIGINT) AS n FROM inference a \
+             JOIN inference c ON c.device_id = a.device_id AND c.output_kind = 'class' \
+             AND c.source_seq = a.source_seq AND c.window_start = a.window_start \
+             AND c.stream > ",
+        );
+        // `{source}.` < every `{source}.{model}` < `{source}/` ('/' follows '.').
+        q.bind(format!("{source}."))
+            .push(" AND c.stream < ")
+            .bind(format!("{source}/"))
+            .push(" WHERE a.device_id = ")
+            .bind(inc.device_id.as_str())
+            .push(" AND a.stream = ")
+            .bind(inc.stream.as_str())
+            .push(" AND a.seq >= ")
+            .bind(inc.first_seq)
+            .push(" AND a.seq <= ")
+            .bind(inc.last_seq)
+            .push(" GROUP BY c.label ORDER BY n DESC, c.label");
+        let rows = q.query().fetch_all(state.db.pool()).await?;
+        inc.labels = rows
+            .iter()
+            .map(|r| {
+                Ok(IncidentLabel {
+                    label: r.try_get::<Option<String>, _>("label")?.unwrap_or_default(),
+                    windows: r.try_get("n")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+    }
+    Ok(Json(IncidentList { from, items }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RateQuery {
+    /// Look back this many seconds from now (default 3600, at most 604800), by capture time,
+    /// in whole minutes (the stored resolution).
+    #[param(minimum = 1, maximum = 604800)]
+    pub window_s: Option<i64>,
+}
+
+/// The share of anomalous windows of one anomaly stream of one device.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AnomalyRate {
+    pub device_id: String,
+    pub stream: String,
+    /// Anomaly results in the look-back.
+    pub windows: i64,
+    pub anomalies: i64,
+    /// `anomalies / windows`, 0 to 1.
+    pub rate: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AnomalyRateList {
+    /// Start of the look-back: the minute bucket it falls in (capture time, µs).
+    pub from: i64,
+    /// Highest rate first.
+    pub items: Vec<AnomalyRate>,
+}
+
+/// Anomaly rate per device and anomaly stream
+///
+/// From the per-minute aggregates: anomalous windows over all anomaly results in the look-back.
+#[utoipa::path(
+    get,
+    path = "/api/v1/anomalies/rates",
+    tag = "inference",
+    params(RateQuery),
+    responses(
+        (status = 200, description = "Rates, highest first", body = AnomalyRateList),
+        (status = 400, description = "Invalid window", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+    )
+)]
+pub async fn rates(
+    State(state): State<AppState>,
+    ApiQuery(a): ApiQuery<RateQuery>,
+) -> Result<Json<AnomalyRateList>, AppError> {
+    let from = window_from(a.window_s)?;
+    let from = from - from.rem_euclid(BUCKET_US);
+    let mut q = Sql::new(
+        "SELECT device_id, stream, CAST(SUM(scored) AS BIGINT) AS n, \
+         CAST(SUM(anomalies) AS BIGINT) AS anomalies FROM inference_1m WHERE bucket >= ",
+    );
+    q.bind(from).push(
+        " AND scored > 0 GROUP BY device_id, stream ORDER BY device_id, stream",
+    );
+    let rows = q.query().fetch_all(state.db.pool()).await?;
+    let mut items = rows
+        .iter()
+        .map(|r| {
+            let windows: i64 = r.try_get("n")?;
+            let anomalies: i64 = r.try_get("anomalies")?;
+            Ok(AnomalyRate {
+                device_id: r.try_get("device_id")?,
+                stream: r.try_get("stream")?,
+                windows,
+                anomalies,
+                rate: if windows > 0 {
+                    anomalies as f64 / windows as f64
+                } else {
+                    0.0
+                },
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    items.sort_by(|a, b| b.rate.total_cmp(&a.rate));
+    Ok(Json(AnomalyRateList { from, items }))
+}

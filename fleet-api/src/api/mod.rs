@@ -9,6 +9,10 @@
 //! opaque `cursor` (keyset pagination: a page is never shifted by rows written meanwhile), and
 //! return `{"items": [...], "next_cursor": "..." | null}`.
 
+/// The media type of a signed model bundle (`POST /api/v1/models`); the upload also accepts
+/// `application/octet-stream`.
+pub const BUNDLE_MEDIA_TYPE: &str = "application/vnd.ember.bundle";
+
 mod dashboard;
 mod data;
 mod devices;
@@ -77,6 +81,8 @@ pub struct AppState {
         inference::results,
         inference::aggregates,
         inference::anomalies,
+        inference::incidents,
+        inference::rates,
         ops::list_rejects,
         live::overview,
         rollouts::create,
@@ -92,7 +98,7 @@ pub struct AppState {
         models::deprecate,
         models::download,
     ),
-    components(schemas(ErrorBody)),
+    components(schemas(ErrorBody, ops::Reason)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
     tags(
@@ -129,6 +135,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/devices/{device_id}/tags", put(devices::set_tags))
         .route("/api/v1/rejects", get(ops::list_rejects))
         .route("/api/v1/anomalies", get(inference::anomalies))
+        .route("/api/v1/anomalies/incidents", get(inference::incidents))
+        .route("/api/v1/anomalies/rates", get(inference::rates))
         .route("/api/v1/overview", get(live::overview))
         .route("/api/v1/events", get(live::events))
         .route(

@@ -129,17 +129,39 @@ async fn find(state: &AppState, p: &VersionPath) -> Result<ModelEntry, AppError>
         })
 }
 
+/// A signed bundle file in a request body: bytes (`format: binary`) of at least the bundle
+/// header's size.
+pub struct BundleFile;
+
+impl utoipa::PartialSchema for BundleFile {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .min_length(Some(1))
+            .description(Some(
+                "A model bundle signed with a key the fleet trusts (see docs/model-bundle.md)",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for BundleFile {}
+
 /// Upload a model bundle
 ///
-/// The body is the bundle file (`application/octet-stream`), signed with a key among the
-/// fleet's `models.trusted_keys`. It is verified (structure, manifest, signature, weights
-/// digest) and stored; a name and version are registered once.
+/// The body is the bundle file (`application/vnd.ember.bundle`; `application/octet-stream`
+/// is accepted too), signed with a key among the fleet's `models.trusted_keys`. It is verified
+/// (structure, manifest, signature, weights digest) and stored; a name and version are
+/// registered once. No JSON Schema can describe a signed bundle, so the document names it by
+/// its own media type.
 #[utoipa::path(
     post,
     path = "/api/v1/models",
     tag = "models",
-    request_body(content = String, content_type = "application/octet-stream",
-        description = "The bundle file's bytes"),
+    request_body(content = inline(BundleFile), content_type = "application/vnd.ember.bundle",
+        description = "The bundle file's bytes (`ember-models sign` writes it)"),
     responses(
         (status = 201, description = "Registered", body = ModelEntry),
         (status = 400, description = "Not a valid bundle, unsigned, untrusted key, or tampered; the message says which", body = ErrorBody),

@@ -44,6 +44,7 @@ pub const MAX_WAVES: usize = 32;
 /// Which devices a rollout targets: exactly one of the three.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(schema_with = targets_schema)]
 pub struct Targets {
     /// Every registered device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -100,6 +101,14 @@ fn windows<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
         })
 }
 
+/// One wave size, exactly as [`parse_wave`] accepts it: `canary`, a percentage in (0, 100]
+/// (`10%`, `12.5%`, `100%`) or a device count of 1 to 999,999,999, without leading zeros.
+pub const WAVE_PATTERN: &str = "^(canary|(100([.]0+)?|[1-9][0-9]?([.][0-9]+)?|0[.][0-9]*[1-9][0-9]*)%|[1-9][0-9]{0,8})$";
+/// A device id or tag key ([`ember_proto::check_name`]).
+const NAME_PATTERN: &str = "^[A-Za-z0-9._-]{1,64}$";
+/// A tag filter: `key` or `key=value` (any value).
+const TAG_PATTERN: &str = "^[A-Za-z0-9._-]{1,64}(=[\\s\\S]*)?$";
+
 /// Wave sizes: `canary`, `N%` or a device count `N`, at most [`MAX_WAVES`].
 fn waves_schema() -> utoipa::openapi::Array {
     use utoipa::openapi::{ArrayBuilder, ObjectBuilder, Type};
@@ -107,9 +116,51 @@ fn waves_schema() -> utoipa::openapi::Array {
         .items(
             ObjectBuilder::new()
                 .schema_type(Type::String)
-                .pattern(Some("^(canary|[0-9]{1,3}([.][0-9]+)?%|[0-9]{1,9})$")),
+                .pattern(Some(WAVE_PATTERN)),
         )
+        .min_items(Some(1))
         .max_items(Some(MAX_WAVES))
+        .build()
+}
+
+/// Exactly one of `all: true`, `tags` or `devices`, as the rollout service checks it.
+fn targets_schema() -> utoipa::openapi::schema::OneOf {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+    let list = |pattern: &str, what: &str| {
+        ArrayBuilder::new()
+            .items(ObjectBuilder::new().schema_type(Type::String).pattern(Some(pattern)))
+            .min_items(Some(1))
+            .max_items(Some(crate::ota::rollout::service::MAX_LISTED))
+            .description(Some(what))
+    };
+    let one = |name: &str, schema: utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>| {
+        ObjectBuilder::new()
+            .property(name, schema)
+            .required(name)
+            .additional_properties(Some(utoipa::openapi::schema::AdditionalProperties::FreeForm(false)))
+    };
+    OneOfBuilder::new()
+        .item(one(
+            "all",
+            ObjectBuilder::new()
+                .schema_type(Type::Boolean)
+                .enum_values(Some([true]))
+                .description(Some("Every registered device."))
+                .into(),
+        ))
+        .item(one(
+            "tags",
+            list(
+                TAG_PATTERN,
+                "Devices carrying every one of these tags (`key=value`, or `key` for any value).",
+            )
+            .into(),
+        ))
+        .item(one(
+            "devices",
+            list(NAME_PATTERN, "These devices (each must be registered).").into(),
+        ))
+        .description(Some("Which devices a rollout targets: exactly one of the three."))
         .build()
 }
 
@@ -196,6 +247,14 @@ impl CreateRollout {
                 names.len()
             )));
         }
+        if names.is_empty() {
+            return Err(invalid("waves must list at least one wave".into()));
+        }
+        let mut names = names;
+        // Every target is covered: a plan that stops short gets a last `100%` wave.
+        if parse_wave(names.last().map_or("", String::as_str))? != WaveSize::Percent(100.0) {
+            names.push("100%".into());
+        }
         let waves = names
             .iter()
             .map(|name| {
@@ -246,8 +305,19 @@ pub fn parse_wave(s: &str) -> Result<WaveSize, RolloutError> {
     if s == "canary" {
         return Ok(WaveSize::Count(1));
     }
+    // The same grammar as the OpenAPI document's `WAVE_PATTERN`: no signs, spaces, exponents
+    // or leading zeros, so every size the document allows is accepted and no other.
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    let plain = |t: &str| digits(t) && (t == "0" || !t.starts_with('0'));
     if let Some(p) = s.strip_suffix('%') {
-        let p: f64 = p.trim().parse().map_err(|_| bad())?;
+        let well_formed = match p.split_once('.') {
+            Some((int, frac)) => plain(int) && digits(frac),
+            None => plain(p),
+        };
+        if !well_formed {
+            return Err(bad());
+        }
+        let p: f64 = p.parse().map_err(|_| bad())?;
         if !(p > 0.0 && p <= 100.0) {
             return Err(RolloutError::Invalid(format!(
                 "wave {s:?}: a percentage must be more than 0 and at most 100"
@@ -255,7 +325,10 @@ pub fn parse_wave(s: &str) -> Result<WaveSize, RolloutError> {
         }
         return Ok(WaveSize::Percent(p));
     }
-    match s.trim().parse::<u32>() {
+    if !plain(s) || s.len() > 9 {
+        return Err(bad());
+    }
+    match s.parse::<u32>() {
         Ok(0) => Err(RolloutError::Invalid(format!(
             "wave {s:?}: a count must be at least 1"
         ))),
@@ -735,8 +808,22 @@ mod tests {
         assert_eq!(parse_wave("canary").unwrap(), WaveSize::Count(1));
         assert_eq!(parse_wave("10%").unwrap(), WaveSize::Percent(10.0));
         assert_eq!(parse_wave("5").unwrap(), WaveSize::Count(5));
-        for bad in ["0", "0%", "101%", "x", "NaN%", "-1", ""] {
+        assert_eq!(parse_wave("12.5%").unwrap(), WaveSize::Percent(12.5));
+        assert_eq!(parse_wave("0.5%").unwrap(), WaveSize::Percent(0.5));
+        assert_eq!(parse_wave("100.0%").unwrap(), WaveSize::Percent(100.0));
+        for bad in [
+            "0", "0%", "101%", "148%", "x", "NaN%", "-1", "", " 5", "05", "5.%", "1e2%", "+5",
+            "1000000000", "inf%",
+        ] {
             assert!(parse_wave(bad).is_err(), "{bad}");
+        }
+        // The document's pattern says the same of every one of them.
+        let re = regex_lite::Regex::new(WAVE_PATTERN).unwrap();
+        for s in [
+            "canary", "10%", "12.5%", "0.5%", "100.0%", "5", "999999999", "0", "0%", "101%",
+            "148%", " 5", "05", "5.%", "1e2%", "+5", "1000000000", "0.0%", "100.5%", "99.99%",
+        ] {
+            assert_eq!(re.is_match(s), parse_wave(s).is_ok(), "{s}");
         }
     }
 
@@ -765,8 +852,15 @@ mod tests {
                 .contains("min_soak_s")
         );
         req.min_soak_s = None;
+        // A plan that stops short of everyone gets a last `100%` wave.
         req.waves = Some(vec!["canary".into(), "50%".into()]);
-        assert!(req.to_spec().unwrap_err().to_string().contains("100"));
+        let spec = req.to_spec().unwrap();
+        assert_eq!(spec.waves.len(), 3);
+        assert_eq!(spec.waves[2].size, WaveSize::Percent(100.0));
+        req.waves = Some(vec!["148%".into()]);
+        assert!(req.to_spec().unwrap_err().to_string().contains("148%"));
+        req.waves = Some(vec![]);
+        assert!(req.to_spec().unwrap_err().to_string().contains("at least one"));
         req.waves = None;
         req.shadow = Some(Shadow {
             windows: 0,

@@ -115,6 +115,9 @@ pub struct DemoArgs {
     /// Replay speed relative to the recordings' real 10 Hz.
     #[arg(long, default_value_t = 5.0)]
     pub speed: f64,
+    /// Do not start the staged rollout of activity 1.1.0 once the agents are online.
+    #[arg(long)]
+    pub no_rollout: bool,
 }
 
 /// Runs one parsed command line; the binary's exit status.
@@ -225,6 +228,7 @@ fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         agent_bin: args.agent_bin,
         speed: args.speed,
+        rollout: !args.no_rollout,
     };
     let agents = opts.agents;
     runtime()?.block_on(async move {
@@ -232,8 +236,30 @@ fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         let force = CancellationToken::new();
         ember_host::signals::spawn_two_stage(shutdown.clone(), force.clone(), SIGNALS)
             .context("cannot install the SIGTERM/SIGINT handlers")?;
-        crate::demo::run(opts, shutdown, force, |url| {
-            println!("Ember demo: {agents} agents online. Dashboard: {url}  (Ctrl-C stops)");
+        crate::demo::run(opts, shutdown, force, move |event| match event {
+            crate::demo::DemoEvent::Ready { url } => {
+                println!("Ember demo: {agents} agents online. Dashboard: {url}  (Ctrl-C stops)");
+            }
+            crate::demo::DemoEvent::Rollout {
+                id,
+                started,
+                fleet_url,
+                token_file,
+            } => {
+                let what = if started { "started" } else { "already exists" };
+                let (model, from, to) = (
+                    crate::demo::ROLLOUT_MODEL,
+                    crate::demo::ROLLOUT_FROM,
+                    crate::demo::ROLLOUT_TO,
+                );
+                let tf = token_file.display();
+                println!(
+                    "Ember demo: rollout {id} {what}: {model} {from} -> {to}, canary -> 50% -> 100% \
+                     with shadow evaluation (dashboard: {fleet_url}/dashboard/#/rollout/{id}).\n\
+                     \x20 Control it: ember-fleet rollout pause|resume|rollback|show {id} \
+                     --url {fleet_url} --token-file {tf}"
+                );
+            }
         })
         .await?;
         println!("Ember demo stopped.");

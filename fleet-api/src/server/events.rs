@@ -40,6 +40,10 @@ pub enum LiveEvent {
         /// `class` or `anomaly`.
         output_kind: String,
         label: Option<String>,
+        /// The winning class's index and every class's probability (class results), as the
+        /// REST API returns them, so a live row reads like a loaded one.
+        class: Option<i64>,
+        probabilities: Option<Vec<f32>>,
         score: Option<f64>,
         threshold: Option<f64>,
         anomalous: bool,

@@ -41,10 +41,10 @@ def main(problems):
         page.wait_for_function("() => document.getElementById('ov-rate').textContent !== '—'")
         page.evaluate("() => (window.__sameDocument = true)")
 
-        # A new anomaly appears on the open overview without a reload.
+        # A new anomaly shows up in the open overview's incidents without a reload.
         ready("overview")
         page.wait_for_function(
-            "(t) => document.querySelector('#anomalies tbody').textContent.includes(t)",
+            "(t) => document.querySelector('#incidents tbody')?.textContent.includes(t)",
             arg=cfg["anomaly_text"],
         )
         # The records published with it show up in the ingest rate of the next tick.

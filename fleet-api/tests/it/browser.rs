@@ -6,8 +6,8 @@
 //! The script signs in, checks the overview, the device list's filters and a device page,
 //! fails on any console error, page error, failed request or HTTP error, and asks this test
 //! (`READY <step>` on its stdout) to publish records that must then appear on the open page
-//! without a reload. Screenshots go to a temp dir, or to `docs/screenshots/` with
-//! `EMBER_UPDATE_SCREENSHOTS=1`.
+//! without a reload. Screenshots go to a temp dir (the documentation's come from the demo:
+//! `tests/it/demo.rs`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -269,15 +269,9 @@ fn dashboard_pages_load_and_update_live_in_chromium() {
     fleet.wait_healthy();
     populate(&fleet, broker.port());
 
-    let shots = if std::env::var_os("EMBER_UPDATE_SCREENSHOTS").is_some() {
-        None
-    } else {
-        Some(tempfile::tempdir().expect("temp dir"))
-    };
-    let shot_dir = match &shots {
-        Some(d) => d.path().to_path_buf(),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/screenshots")),
-    };
+    // docs/screenshots/ comes from the demo itself (demo.rs); these stay in a temp dir.
+    let shots = tempfile::tempdir().expect("temp dir");
+    let shot_dir = shots.path().to_path_buf();
     let cfg = json!({
         "base": format!("http://127.0.0.1:{}", fleet.port),
         "token": ADMIN,

@@ -1,5 +1,8 @@
 //! `ember-fleet demo`, the README's first command: embedded broker, the service on SQLite and
-//! real agents running the committed models; online within 30 s; a clean stop on SIGINT.
+//! real agents running the committed models; online within 30 s; the demo's registered models
+//! and its staged rollout, walked page by page in Chromium until the rollout completes (the
+//! screenshots in `docs/screenshots/` come from this run with `EMBER_UPDATE_SCREENSHOTS=1`);
+//! the rollout CLI with the demo's admin token; a clean stop on SIGINT.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -8,12 +11,16 @@ use std::time::{Duration, Instant};
 
 use ember_testkit::free_port;
 
+use crate::browser::{browser_script, require_browser};
 use crate::support::{agent_bin, fleet_bin, http};
 
 const AGENTS: usize = 3;
+/// The browser walk, the rollout included (it waits for the rollout to complete).
+const WALK_TIMEOUT: Duration = Duration::from_secs(240);
 
 #[test]
-fn demo_brings_agents_online_with_models_and_stops_cleanly_on_sigint() {
+fn demo_brings_agents_online_rolls_out_a_model_and_stops_cleanly_on_sigint() {
+    require_browser();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let started = Instant::now();
@@ -26,6 +33,9 @@ fn demo_brings_agents_online_with_models_and_stops_cleanly_on_sigint() {
         .arg("--agent-bin")
         .arg(agent_bin())
         .env("NO_COLOR", "1")
+        // Unrelated variables of the user's shell never reach the agents' config overlay.
+        .env("EMBER_REPO", "/home/someone/ember")
+        .env("EMBER_MQTT__PORT", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -111,6 +121,95 @@ fn demo_brings_agents_online_with_models_and_stops_cleanly_on_sigint() {
             }
         }
     }
+    // The demo registered its bundles: the two the agents run and activity 1.1.0.
+    let models = http::request(port, "GET", "/api/v1/models", Some(&token), None);
+    assert_eq!(models.status, 200, "{}", models.body);
+    let versions: Vec<String> = models.json()["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|m| format!("{} {}", m["name"].as_str().unwrap_or(""), m["version"].as_str().unwrap_or("")))
+        .collect();
+    for v in ["activity 1.0.0", "activity 1.1.0", "anomaly 1.0.0"] {
+        assert!(versions.iter().any(|x| x == v), "{v} is not registered: {versions:?}");
+    }
+
+    // A little after the banner the rollout starts; the demo says how to control it.
+    let rollout_line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("no rollout line; logs:\n{}", log.lock().unwrap().as_str()));
+    assert!(rollout_line.contains("rollout r-"), "{rollout_line}");
+    let id = rollout_line
+        .split_whitespace()
+        .find(|w| w.starts_with("r-"))
+        .map(|w| w.trim_end_matches(':').to_string())
+        .expect("the rollout id");
+    let control = rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+    let token_file = dir.path().join("admin.token");
+    assert!(
+        control.contains(&format!("--token-file {}", token_file.display())),
+        "{control}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the admin token file is readable by others");
+    }
+
+    // Every page of the running demo in Chromium, until the rollout completes.
+    let shots = if std::env::var_os("EMBER_UPDATE_SCREENSHOTS").is_some() {
+        std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/screenshots"))
+    } else {
+        dir.path().join("screenshots")
+    };
+    let cfg = serde_json::json!({
+        "url": url, "agents": AGENTS, "rollout": id, "screenshots": shots,
+    });
+    let mut walk = browser_script("demo_walk.py", &cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run python3");
+    let walk_started = Instant::now();
+    let walk_out = loop {
+        if walk.try_wait().unwrap().is_some() {
+            break walk.wait_with_output().unwrap();
+        }
+        if walk_started.elapsed() > WALK_TIMEOUT {
+            let _ = walk.kill();
+            break walk.wait_with_output().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        walk_out.status.success(),
+        "the demo walk failed:\n{}\n{}\ndemo logs:\n{}",
+        String::from_utf8_lossy(&walk_out.stdout),
+        String::from_utf8_lossy(&walk_out.stderr),
+        log.lock().unwrap().as_str()
+    );
+    eprintln!("demo walk: {}", String::from_utf8_lossy(&walk_out.stdout).trim());
+    for name in ["overview.png", "device.png", "models.png", "rollouts.png", "rollout.png"] {
+        let bytes = std::fs::read(shots.join(name)).unwrap_or_default();
+        assert!(
+            bytes.len() > 10_000 && bytes.starts_with(b"\x89PNG"),
+            "{name} was not written as a PNG"
+        );
+    }
+
+    // The CLI the README shows, with the demo's admin token file.
+    let show = Command::new(fleet_bin())
+        .args(["rollout", "show", &id, "--url", &format!("http://127.0.0.1:{port}")])
+        .arg("--token-file")
+        .arg(&token_file)
+        .env_remove("EMBER_FLEET_TOKEN")
+        .output()
+        .expect("run ember-fleet rollout show");
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(show.status.success(), "{text}\n{}", String::from_utf8_lossy(&show.stderr));
+    assert!(text.contains("completed"), "{text}");
+
     // The read token cannot change anything.
     let denied = http::request(
         port,

@@ -8,7 +8,7 @@ use ember_testkit::{TestBroker, wait_until};
 use serde_json::Value;
 
 use crate::support::mqtt::{Msg, batch, publish, status};
-use crate::support::{ADMIN, Kind, Store, TestFleet, WAIT, client_id, now_us};
+use crate::support::{ADMIN, Kind, Store, TestFleet, WAIT, client_id, config, now_us};
 
 fn python_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python"))
@@ -17,13 +17,13 @@ fn python_dir() -> PathBuf {
 /// Fails (never skips) when python3 or the packages are missing, saying how to install them.
 fn require_python() {
     let ok = Command::new("python3")
-        .args(["-c", "import paho.mqtt, schemathesis"])
+        .args(["-c", "import paho.mqtt, schemathesis, openapi_spec_validator"])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
     assert!(
         ok,
-        "these tests need python3 with paho-mqtt and schemathesis: run \
+        "these tests need python3 with paho-mqtt, schemathesis and openapi-spec-validator: run \
          `python3 -m pip install -r fleet-api/tests/python/requirements.txt`"
     );
 }
@@ -89,23 +89,107 @@ fn paho_client_edge_cases() {
     assert!(counted, "rejects {last} != {}", expect["rejects"]);
 }
 
-/// schemathesis, every check including the stateful phase, finds nothing wrong with the API
-/// described by `/api/openapi.json` (on a fleet holding a little data).
-#[test]
-fn schemathesis_finds_no_failures() {
-    require_python();
+/// A fleet trusting the development key, holding a little data, a registered model that
+/// devices run (so rollouts can be created) and a directory of further signed bundles for
+/// schemathesis' hooks (`tests/python/hooks.py`).
+struct ApiFixture {
+    _broker: TestBroker,
+    _store: Store,
+    _data: tempfile::TempDir,
+    bundles: tempfile::TempDir,
+    fleet: TestFleet,
+}
+
+fn api_fixture() -> ApiFixture {
     let broker = TestBroker::start();
     let store = Store::new(Kind::Sqlite);
-    let fleet = TestFleet::start(&store, broker.port());
+    let data = tempfile::tempdir().expect("temp dir");
+    let fleet = TestFleet::spawn(&format!(
+        "data_dir = \"{}\"\n{}",
+        data.path().display(),
+        config(
+            &store.url(),
+            broker.port(),
+            &client_id(),
+            &format!(
+                "[models]\ntrusted_keys = [\"{}\"]",
+                ember_testkit::bundles::dev_public_key_path().display()
+            ),
+        )
+    ));
+    fleet.wait_healthy();
+    let mut running = status("0", "0", 25, 2, &[(21, 22, "age")]);
+    running.models = [("activity".to_string(), "1.0.0".to_string())].into();
     publish(
         broker.port(),
         vec![
             Msg::telemetry(&batch("0", "0", 1..=20, now_us())),
-            Msg::status(&status("0", "0", 25, 2, &[(21, 22, "age")])),
+            Msg::status(&running),
             Msg::raw("ember/v1/0/telemetry", "not json"),
         ],
     );
     fleet.wait_ledger("0", "0", |l| l["captured"] == 25);
+    let up = crate::models::upload(
+        &fleet,
+        ADMIN,
+        &ember_testkit::bundles::committed("activity-int8"),
+    );
+    assert_eq!(up.status, 201, "{}", up.text());
+    let bundles = tempfile::tempdir().expect("temp dir");
+    for minor in 0..16 {
+        for name in ["activity-int8", "anomaly-int8"] {
+            let v = format!("2.{minor}.0");
+            let bytes = ember_testkit::bundles::with_version(name, &v);
+            std::fs::write(bundles.path().join(format!("{name}-{v}.bundle")), bytes)
+                .expect("write a bundle");
+        }
+    }
+    ApiFixture {
+        _broker: broker,
+        _store: store,
+        _data: data,
+        bundles,
+        fleet,
+    }
+}
+
+/// The served document is a valid OpenAPI 3.1 document (openapi-spec-validator: structure,
+/// schemas, and every `$ref` resolves).
+#[test]
+fn the_served_document_is_valid_openapi_3_1() {
+    require_python();
+    let f = api_fixture();
+    let doc = f.fleet.get_json("/api/openapi.json");
+    assert_eq!(doc["openapi"].as_str().map(|v| &v[..4]), Some("3.1."), "{}", doc["openapi"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("openapi.json");
+    std::fs::write(&path, doc.to_string()).expect("write the document");
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys\n\
+             from openapi_spec_validator import OpenAPIV31SpecValidator, validate\n\
+             validate(json.load(open(sys.argv[1])), cls=OpenAPIV31SpecValidator)\n\
+             print('valid')",
+        ])
+        .arg(&path)
+        .output()
+        .expect("cannot run python3");
+    assert!(
+        out.status.success(),
+        "the served document is not valid OpenAPI 3.1:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// schemathesis, every check including the stateful phase and with no exemption, finds nothing
+/// wrong with the API described by `/api/openapi.json` (on a fleet holding a little data and a
+/// registered model its device runs).
+#[test]
+fn schemathesis_finds_no_failures() {
+    require_python();
+    let f = api_fixture();
+    let fleet = &f.fleet;
     // A crash inside the tool (not a finding about the API) is retried, at most twice, and
     // only for the signatures below; failures (the FAILURES section) and every other error
     // fail the test at once.
@@ -118,6 +202,7 @@ fn schemathesis_finds_no_failures() {
             .arg(format!("http://127.0.0.1:{}", fleet.port))
             .arg(ADMIN)
             .arg("25")
+            .env("EMBER_SCHEMATHESIS_BUNDLES", f.bundles.path())
             .current_dir(scratch.path())
             .output()
             .expect("cannot run schemathesis.sh");

@@ -117,7 +117,8 @@ impl RolloutSpec {
                 last.name
             )));
         }
-        let mut last_percent = 0.0;
+        // Sizes are cumulative and planning clamps each to the one before, so a wave smaller
+        // than an earlier one is valid: it adds no device (and still soaks).
         for (i, w) in self.waves.iter().enumerate() {
             let at = |what: &str| SpecError(format!("wave {} ({}): {what}", i + 1, w.name));
             match w.size {
@@ -127,10 +128,6 @@ impl RolloutSpec {
                     if !(p > 0.0 && p <= 100.0) {
                         return Err(at("percent must be more than 0 and at most 100"));
                     }
-                    if p < last_percent {
-                        return Err(at("sizes are cumulative, so percentages must not decrease"));
-                    }
-                    last_percent = p;
                 }
             }
             if !(w.success_threshold > 0.0 && w.success_threshold <= 1.0) {
@@ -744,9 +741,13 @@ mod tests {
                 .contains("must be percent 100"),
             "{spec:?}"
         );
+        // A wave smaller than an earlier one adds no device; the plan stays valid.
         let mut spec = RolloutSpec::canary_then_percentages("a", "1", 0);
         spec.waves[2].size = WaveSize::Percent(5.0);
-        assert!(spec.validate().unwrap_err().0.contains("must not decrease"));
+        assert!(spec.validate().is_ok());
+        let mut spec = RolloutSpec::canary_then_percentages("a", "1", 0);
+        spec.waves[1].size = WaveSize::Percent(0.0);
+        assert!(spec.validate().unwrap_err().0.contains("more than 0"));
         let spec = RolloutSpec::canary_then_percentages("a", "1", 0);
         assert!(
             Rollout::start(spec, BTreeMap::new(), 0)

@@ -308,7 +308,10 @@ impl Service {
             out
         };
         if selected.is_empty() {
-            return Err(invalid("the target selection matches no registered device"));
+            // Well-formed, but nothing to roll out to: like an unknown device, not found.
+            return Err(RolloutError::NotFound(
+                "the target selection matches no registered device".into(),
+            ));
         }
         Ok(selected)
     }

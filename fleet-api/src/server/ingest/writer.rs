@@ -1253,22 +1253,35 @@ fn inference_effects<'a>(
         }
         let skip = new.len().saturating_sub(MAX_RESULTS_PER_STREAM);
         for (seq, r) in new.iter().skip(skip) {
-            let (output_kind, label, score, threshold, anomalous) = match &r.output {
-                InferenceOutput::Class { label, .. } => {
-                    ("class", Some(text(label)), None, None, false)
-                }
-                InferenceOutput::Anomaly {
-                    score,
-                    threshold,
-                    anomalous,
-                } => (
-                    "anomaly",
-                    None,
-                    Some(f64::from(*score)),
-                    Some(f64::from(*threshold)),
-                    *anomalous,
-                ),
-            };
+            let (output_kind, label, class, probabilities, score, threshold, anomalous) =
+                match &r.output {
+                    InferenceOutput::Class {
+                        label,
+                        class,
+                        probabilities,
+                    } => (
+                        "class",
+                        Some(text(label)),
+                        Some(i64::from(*class)),
+                        Some(probabilities.clone()),
+                        None,
+                        None,
+                        false,
+                    ),
+                    InferenceOutput::Anomaly {
+                        score,
+                        threshold,
+                        anomalous,
+                    } => (
+                        "anomaly",
+                        None,
+                        None,
+                        None,
+                        Some(f64::from(*score)),
+                        Some(f64::from(*threshold)),
+                        *anomalous,
+                    ),
+                };
             outcome.events.push(LiveEvent::Inference {
                 device_id: device.to_string(),
                 stream: stream.to_string(),
@@ -1279,6 +1292,8 @@ fn inference_effects<'a>(
                 latency_us: i64::from(r.latency_us),
                 output_kind: output_kind.into(),
                 label,
+                class,
+                probabilities,
                 score,
                 threshold,
                 anomalous,
