@@ -196,7 +196,18 @@ pub async fn run(
     let settings = fleet_settings(&data_dir, opts.listen, broker_port, &assets.key)?;
     let listener = crate::bind(&settings).await?;
     let http = listener.local_addr().map_err(crate::FleetError::Serve)?;
-    let fleet_url = format!("http://{http}");
+    // The agents, the demo's own requests and the printed URL reach the fleet on loopback
+    // when it listens on every address (agents send tokens over plain HTTP only to loopback).
+    let reach = match http.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], http.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, http.port()))
+        }
+        _ => http,
+    };
+    let fleet_url = format!("http://{reach}");
     let db_settings = settings.database.clone();
     let fleet_shutdown = CancellationToken::new();
     let fleet = tokio::spawn(crate::run(
@@ -238,6 +249,7 @@ pub async fn run(
                 tokens.admin.clone(),
                 tokens.admin_file.clone(),
             );
+            let devices: Vec<String> = (0..opts.agents).map(device_id).collect();
             let (on_event, stop) = (on_event.clone(), shutdown.clone());
             rollout_task = Some(tokio::spawn(async move {
                 tokio::select! {
@@ -245,7 +257,7 @@ pub async fn run(
                     () = tokio::time::sleep(ROLLOUT_DELAY) => {}
                 }
                 let fleet_url = url.clone();
-                match blocking(move || start_rollout(&url, &admin)).await {
+                match blocking(move || start_rollout(&url, &admin, &devices)).await {
                     Ok((id, started)) => on_event(DemoEvent::Rollout {
                         id,
                         started,
@@ -422,9 +434,13 @@ fn register_bundles(fleet_url: &str, admin: &str) -> Result<(), DemoError> {
     Ok(())
 }
 
-/// The staged rollout of `activity` 1.1.0 to every agent; the id of the one that already
-/// exists when a restarted demo finds it (then `false`).
-fn start_rollout(fleet_url: &str, admin: &str) -> Result<(String, bool), DemoError> {
+/// The staged rollout of `activity` 1.1.0 to this run's agents; the id of the one that
+/// already exists when a restarted demo finds it (then `false`).
+fn start_rollout(
+    fleet_url: &str,
+    admin: &str,
+    devices: &[String],
+) -> Result<(String, bool), DemoError> {
     let client = client(fleet_url, admin)?;
     let fail = |message: String| DemoError::Api {
         what: "start the rollout".into(),
@@ -447,7 +463,7 @@ fn start_rollout(fleet_url: &str, admin: &str) -> Result<(String, bool), DemoErr
     let body = serde_json::json!({
         "model": ROLLOUT_MODEL,
         "version": ROLLOUT_TO,
-        "targets": {"all": true},
+        "targets": {"devices": devices},
         "waves": ["canary", "50%", "100%"],
         "min_soak_s": ROLLOUT_SOAK_S,
         "shadow": {"windows": SHADOW_WINDOWS, "min_agreement": 0.8, "max_latency_ratio": 10.0},
@@ -926,6 +942,7 @@ mod tests {
     fn generated_fleet_settings_are_valid() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("dev.pub");
+        std::fs::write(&key, DEV_PUBLIC_KEY).unwrap();
         let s = fleet_settings(dir.path(), "127.0.0.1:0".parse().unwrap(), 1883, &key).unwrap();
         assert_eq!(s.mqtt.port, 1883);
     }

@@ -272,6 +272,7 @@ pub async fn telemetry(
 #[utoipa::path(
     get,
     path = "/api/v1/devices/{device_id}/streams/{stream}/aggregates",
+    operation_id = "telemetry_aggregates",
     tag = "data",
     params(StreamPath, AggregateQuery),
     responses(

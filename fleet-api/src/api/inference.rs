@@ -210,6 +210,7 @@ fn parse_label_cursor(c: &str) -> Result<(i64, String), AppError> {
 #[utoipa::path(
     get,
     path = "/api/v1/devices/{device_id}/streams/{stream}/inference/aggregates",
+    operation_id = "inference_aggregates",
     tag = "inference",
     params(StreamPath, InferenceAggregateQuery),
     responses(

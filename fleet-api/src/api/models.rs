@@ -270,6 +270,7 @@ fn sort_key(name: &str, version: &str) -> (String, Option<ember_bundle::Version>
 #[utoipa::path(
     get,
     path = "/api/v1/models",
+    operation_id = "list_models",
     tag = "models",
     params(ModelListQuery),
     responses(

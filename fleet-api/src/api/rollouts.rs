@@ -42,9 +42,8 @@ pub const MAX_WAVES: usize = 32;
 // Requests.
 
 /// Which devices a rollout targets: exactly one of the three.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[schema(schema_with = targets_schema)]
 pub struct Targets {
     /// Every registered device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -123,6 +122,14 @@ fn waves_schema() -> utoipa::openapi::Array {
         .build()
 }
 
+impl utoipa::PartialSchema for Targets {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::OneOf(targets_schema()))
+    }
+}
+
+impl ToSchema for Targets {}
+
 /// Exactly one of `all: true`, `tags` or `devices`, as the rollout service checks it.
 fn targets_schema() -> utoipa::openapi::schema::OneOf {
     use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
@@ -184,6 +191,7 @@ pub struct CreateRollout {
     /// Registered, not deprecated version.
     #[schema(pattern = "^[^/\\x00-\\x1f\\x7f-\\x9f]{1,64}$")]
     pub version: String,
+    #[schema(inline)]
     pub targets: Targets,
     /// Cumulative wave sizes: `canary` (one device), `N%` or a device count `N`; the last one
     /// must be `100%`. Default `canary, 10%, 50%, 100%`.
@@ -585,6 +593,7 @@ pub async fn create(
 #[utoipa::path(
     get,
     path = "/api/v1/rollouts",
+    operation_id = "list_rollouts",
     tag = "rollouts",
     params(ListQuery),
     responses(

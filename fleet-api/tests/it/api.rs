@@ -65,6 +65,8 @@ fn tokens_and_scopes_guard_every_route(kind: Kind) {
         ("GET", "/api/v1/devices/d1/streams/s.m/inference"),
         ("GET", "/api/v1/devices/d1/streams/s.m/inference/aggregates"),
         ("GET", "/api/v1/anomalies"),
+        ("GET", "/api/v1/anomalies/incidents"),
+        ("GET", "/api/v1/anomalies/rates"),
         ("GET", "/api/v1/overview"),
         ("GET", "/api/v1/events"),
         ("POST", "/api/v1/devices"),

@@ -13,6 +13,7 @@ on_both_backends!(
     inference_rejects_are_counted_per_device_and_reason,
     inference_retention_prunes_results_and_keeps_the_ledger,
     many_inference_streams_span_several_statements_exactly_once,
+    anomaly_incidents_group_consecutive_windows_and_rates_count_them,
 );
 
 const MINUTE: u64 = 60_000_000;
@@ -375,4 +376,140 @@ fn many_inference_streams_span_several_statements_exactly_once(kind: Kind) {
             assert_eq!(results, 120, "{aggs}");
         }
     }
+}
+
+/// Consecutive anomalous windows of a device form one incident (a normal window, or a result
+/// never stored, ends it), with its peak score, window count and the labels the activity
+/// classifier gave the same windows; the rate per device counts anomalous windows over all.
+fn anomaly_incidents_group_consecutive_windows_and_rates_count_them(kind: Kind) {
+    let broker = TestBroker::start();
+    let store = Store::new(kind);
+    let fleet = TestFleet::start(&store, broker.port());
+    let t0 = now_us() - 5 * MINUTE;
+    let at = |seq: u64| t0 + seq * 1_000_000;
+    // Windows 1-12 of inc-a: 2-4 anomalous (peak 3.5), 5 normal, 6-7 anomalous, 8 never
+    // arrives, 9 anomalous, 10-11 normal, 12 anomalous (the newest: ongoing).
+    let anomalous = [2, 3, 4, 6, 7, 9, 12];
+    let scores: Vec<(u64, u64, Out<'_>)> = (1..=12u64)
+        .filter(|s| *s != 8)
+        .map(|s| {
+            let score = match s {
+                3 => 3.5,
+                _ if anomalous.contains(&s) => 1.5,
+                _ => 0.2,
+            };
+            (s, at(s), Out::Anomaly(score, 0.9))
+        })
+        .collect();
+    let probs = [0.9f32, 0.1];
+    let labels: Vec<(u64, u64, Out<'_>)> = (1..=12u64)
+        .map(|s| {
+            let label = if s == 4 { "Walking" } else { "Running" };
+            (s, at(s), Out::Class(label, u32::from(s == 4), &probs))
+        })
+        .collect();
+    publish(
+        broker.port(),
+        vec![
+            inference_batch("inc-a", "motion", "anomaly", "1.0.0", &scores),
+            inference_batch("inc-a", "motion", "activity", "1.0.0", &labels),
+            // inc-b: four windows, one anomalous, no classifier.
+            inference_batch(
+                "inc-b",
+                "motion",
+                "anomaly",
+                "1.0.0",
+                &[
+                    (1, at(1), Out::Anomaly(0.1, 0.9)),
+                    (2, at(2), Out::Anomaly(2.0, 0.9)),
+                    (3, at(3), Out::Anomaly(0.1, 0.9)),
+                    (4, at(4), Out::Anomaly(0.1, 0.9)),
+                ],
+            ),
+        ],
+    );
+    fleet.wait_ledger("inc-a", "motion.anomaly", |l| l["received"] == 11);
+    fleet.wait_ledger("inc-a", "motion.activity", |l| l["received"] == 12);
+    fleet.wait_ledger("inc-b", "motion.anomaly", |l| l["received"] == 4);
+
+    let inc = fleet.get_json("/api/v1/anomalies/incidents");
+    let runs: Vec<(String, u64, u64, u64, bool)> = inc["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| {
+            (
+                i["device_id"].as_str().unwrap_or("").to_string(),
+                i["first_seq"].as_u64().unwrap_or(0),
+                i["last_seq"].as_u64().unwrap_or(0),
+                i["windows"].as_u64().unwrap_or(0),
+                i["ongoing"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    let a = |f, l, w, o| ("inc-a".to_string(), f, l, w, o);
+    // Most recent end first.
+    assert_eq!(
+        runs,
+        vec![
+            a(12, 12, 1, true),
+            a(9, 9, 1, false),
+            a(6, 7, 2, false),
+            a(2, 4, 3, false),
+            ("inc-b".to_string(), 2, 2, 1, false),
+        ],
+        "{inc}"
+    );
+    let first = &inc["items"][3];
+    assert_eq!(first["peak_score"], json!(3.5), "{first}");
+    assert_eq!(first["threshold"].as_f64().map(|t| (t * 10.0).round()), Some(9.0), "{first}");
+    assert_eq!(first["start"], json!(at(2)), "{first}");
+    assert_eq!(first["end"], json!(at(4)), "{first}");
+    assert_eq!(
+        first["labels"],
+        json!([{"label": "Running", "windows": 2}, {"label": "Walking", "windows": 1}]),
+        "{first}"
+    );
+    assert_eq!(inc["items"][4]["labels"], json!([]), "{inc}");
+    let limited = fleet.get_json("/api/v1/anomalies/incidents?limit=2");
+    assert_eq!(limited["items"].as_array().map(Vec::len), Some(2), "{limited}");
+    // A look-back shorter than the data's age finds none.
+    let none = fleet.get_json("/api/v1/anomalies/incidents?window_s=60");
+    assert_eq!(none["items"], json!([]), "{none}");
+    for bad in ["limit=0", "limit=201", "window_s=0", "window_s=604801"] {
+        let r = fleet.request(
+            "GET",
+            &format!("/api/v1/anomalies/incidents?{bad}"),
+            Some(crate::support::ADMIN),
+            None,
+        );
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+
+    let rates = fleet.get_json("/api/v1/anomalies/rates");
+    let got: Vec<(String, i64, i64)> = rates["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|r| {
+            (
+                r["device_id"].as_str().unwrap_or("").to_string(),
+                r["anomalies"].as_i64().unwrap_or(-1),
+                r["windows"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![("inc-a".to_string(), 7, 11), ("inc-b".to_string(), 1, 4)],
+        "{rates}"
+    );
+    assert!((rates["items"][0]["rate"].as_f64().unwrap_or(0.0) - 7.0 / 11.0).abs() < 1e-9);
+    let r = fleet.request(
+        "GET",
+        "/api/v1/anomalies/rates?window_s=0",
+        Some(crate::support::ADMIN),
+        None,
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
 }
