@@ -42,9 +42,15 @@ function fmtAgo(us) {
   return Math.round(s / 86400) + " d ago";
 }
 
+// One formatter per precision: creating one per call (toLocaleString) dominated the device
+// page's time at demo rates.
+const NUMBER_FORMATS = {};
+
 function fmtNum(v, digits) {
   if (v === null || v === undefined) return "—";
-  return Number(v).toLocaleString("en-US", { maximumFractionDigits: digits ?? 0 });
+  const d = digits ?? 0;
+  const f = NUMBER_FORMATS[d] || (NUMBER_FORMATS[d] = new Intl.NumberFormat("en-US", { maximumFractionDigits: d }));
+  return f.format(Number(v));
 }
 
 function badge(online) {
@@ -317,17 +323,18 @@ function drawChart(canvas, series, opts) {
 const normalLabels = {};
 
 async function loadNormalLabels(models) {
-  await Promise.all(models.map(async (m) => {
+  const wanted = models.filter((m) => !(`${m.model} ${m.version}` in normalLabels));
+  if (!wanted.length) return;
+  // Only registered anomaly models have a manifest to read; the rest have nothing to say.
+  const registered = new Set((await apiAll("/api/v1/models?limit=1000", 10000))
+    .filter((e) => e.kind === "anomaly").map((e) => `${e.name} ${e.version}`));
+  await Promise.all(wanted.map(async (m) => {
     const key = `${m.model} ${m.version}`;
-    if (key in normalLabels) return;
-    try {
-      const d = await api(`/api/v1/models/${encodeURIComponent(m.model)}/${encodeURIComponent(m.version)}`);
-      const out = (d.manifest && d.manifest.output) || {};
-      normalLabels[key] = out.kind === "anomaly_score" ? out.normal_labels || [] : null;
-    } catch (e) {
-      if (e instanceof Unauthorized) throw e;
-      normalLabels[key] = null; // not registered: nothing to say about it
-    }
+    normalLabels[key] = null;
+    if (!registered.has(key)) return;
+    const d = await api(`/api/v1/models/${encodeURIComponent(m.model)}/${encodeURIComponent(m.version)}`);
+    const out = (d.manifest && d.manifest.output) || {};
+    if (out.kind === "anomaly_score") normalLabels[key] = out.normal_labels || [];
   }));
 }
 
@@ -369,7 +376,7 @@ function incidentRow(i) {
 function rateRow(r) {
   const pct = r.rate * 100;
   return `<tr><td><a href="#/device/${encodeURIComponent(r.device_id)}">${esc(r.device_id)}</a></td>
-    <td><span class="bar"><span style="width:${pct.toFixed(1)}%"></span></span></td>
+    <td><meter class="rate" min="0" max="1" low="0.2" high="0.5" optimum="0" value="${r.rate}"></meter></td>
     <td class="num" title="${fmtNum(r.anomalies)} of ${fmtNum(r.windows)} windows">${fmtNum(pct, 1)}%</td></tr>`;
 }
 
@@ -442,12 +449,9 @@ async function showOverview() {
         document.getElementById("ov-rate").textContent = fmtNum(d.records_per_s, 1);
         document.getElementById("ov-stored").textContent = fmtNum(d.records_stored);
       } else if (type === "inference" && d.output_kind === "anomaly" && !anomaliesPending) {
-        // Incidents and rates follow the results: re-read them at most every 3 s.
+        // Incidents and rates follow the results: re-read them at once, then at most every 3 s.
         anomaliesPending = true;
-        setTimeout(() => {
-          anomaliesPending = false;
-          refreshAnomalies(view);
-        }, 3000);
+        refreshAnomalies(view).finally(() => setTimeout(() => (anomaliesPending = false), 3000));
       } else if (type === "reject") {
         rejectTotal += d.count;
         const el = document.getElementById("ov-rejects");
@@ -662,7 +666,7 @@ async function showDevice(id) {
       v.rows.sort((a, b) => a.seq - b.seq);
       if (v.rows.length > MAX_POINTS) v.rows.shift();
       v.fresh = true;
-      render(v);
+      scheduleRender(v);
     },
   };
 }
@@ -720,13 +724,25 @@ async function fetchTelemetry(v, enc, stream) {
         cursor = page.next_cursor;
         if (!cursor) break;
       }
-      if (v.panel.isConnected) render(v);
+      if (v.panel.isConnected) scheduleRender(v);
+      // Batches keep coming: read again at most twice a second.
+      if (v.again) await new Promise((r) => setTimeout(r, 500));
     } while (v.again && v.panel.isConnected);
   } catch (e) {
     // The next event tries again.
   } finally {
     v.fetching = false;
   }
+}
+
+// Events can arrive many times a second per stream: draw a view at most every 250 ms.
+function scheduleRender(v) {
+  if (v.renderPending) return;
+  v.renderPending = true;
+  setTimeout(() => {
+    v.renderPending = false;
+    if (v.panel.isConnected) render(v);
+  }, 250);
 }
 
 // Three times the typical spacing of consecutive points: a longer silence is a gap, and the

@@ -74,15 +74,15 @@ pub enum Command {
 #[derive(clap::Args)]
 pub struct FleetArgs {
     /// The fleet's base URL.
-    #[arg(long, env = "EMBER_FLEET_URL", default_value = ember_host::client::DEFAULT_URL)]
+    #[arg(long, global = true, env = "EMBER_FLEET_URL", default_value = ember_host::client::DEFAULT_URL)]
     pub url: String,
     /// PEM CA certificate that signed the fleet's HTTPS certificate (`ember-fleet pki`);
     /// without it an https:// fleet must have a publicly trusted certificate.
-    #[arg(long, env = "EMBER_FLEET_CA_FILE")]
+    #[arg(long, global = true, env = "EMBER_FLEET_CA_FILE")]
     pub ca_file: Option<PathBuf>,
     /// A file holding an API token (admin for writes, read for the rest); default: the
     /// EMBER_FLEET_TOKEN environment variable.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub token_file: Option<PathBuf>,
 }
 
