@@ -2,7 +2,8 @@
 # Installs what Ember's tests need on Debian 12 (run as root, or with sudo available):
 # the Mosquitto broker and what its ember_identity plugin is built with, PostgreSQL 15, Mesa
 # lavapipe (software Vulkan), the fleet's Python test peers, Chromium and Python's playwright,
-# qemu-user and the gcc cross linkers, and the Rust cross targets.
+# promtool and PyYAML for the monitoring checks, qemu-user and the gcc cross linkers, and the
+# Rust cross targets.
 set -euo pipefail
 
 need_apt=()
@@ -22,6 +23,10 @@ command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-g
 # Chromium for the fleet dashboard's browser tests (fleet-api/tests/it/browser.rs), driven by
 # Python's playwright (below); no Node.js or npm.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+# promtool (Debian ships it in the prometheus package): checks and unit-tests the alert rules in
+# deploy/prometheus/ (scripts/lint-monitoring.py). Where an init system runs, the package also
+# starts a Prometheus server on 9090; nothing in the tests uses it.
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 # Mesa's lavapipe (software Vulkan) and the Vulkan loader: the models' wgpu golden test runs on it.
 compgen -G '/usr/share/vulkan/icd.d/lvp_icd.*.json' >/dev/null || need_apt+=(mesa-vulkan-drivers libvulkan1)
 
@@ -43,6 +48,8 @@ fi
 # the browser tests; its wheel carries its own driver: never `playwright install`),
 # at the pinned versions (a quick no-op when they are already installed).
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r fleet-api/tests/python/requirements.txt
+# PyYAML for scripts/lint-monitoring.py (reads the alert rules and Grafana provisioning files).
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r scripts/requirements.txt
 
 
 installed=$(rustup target list --installed)

@@ -4,7 +4,8 @@
 # (unit, property and system tests against real Mosquitto brokers, PostgreSQL clusters, the
 # fleet's Python peers, an S3-compatible server and headless Chromium), the agent's and proto's
 # unit tests for aarch64 under qemu-aarch64, an armv7 check of the agent, and a no_std build of
-# ember-proto for Cortex-M4F. It ends with a plain "N passed, N failed" line.
+# ember-proto for Cortex-M4F, and the monitoring artefacts (alert rules with promtool, Grafana
+# dashboards). It ends with a plain "N passed, N failed" line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -43,16 +44,20 @@ step aarch64-tests cargo test -p ember-proto -p ember-ts -p ember-agent --lib --
 # armv7: a full check (build scripts, incl. ring's C, run with the cross compiler); aarch64 above
 # proves linking and running under qemu, and a release armv7 build is in docs/benchmarks.md.
 step armv7-check cargo check -p ember-agent --bins --target armv7-unknown-linux-gnueabihf
+# Alert rules (promtool check and unit tests), Grafana dashboards and provisioning, and every
+# metric they name against the docs' generated metric tables (which host-tests keep equal to
+# the code); it prints a cargo-style "test result:" line, counted below.
+step monitoring python3 scripts/lint-monitoring.py
 
 passed=0; failed=0
-for f in "$LOGS"/host-tests.log "$LOGS"/aarch64-tests.log; do
+for f in "$LOGS"/host-tests.log "$LOGS"/aarch64-tests.log "$LOGS"/monitoring.log; do
   [ -f "$f" ] || continue
   while read -r p q; do passed=$((passed + p)); failed=$((failed + q)); done < <(
     sed -nE 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' "$f")
 done
 # A failed build or check step counts as a failure too.
 for s in "${failed_steps[@]}"; do
-  case "$s" in host-tests|aarch64-tests) grep -q '^test result:' "$LOGS/$s.log" || failed=$((failed + 1)) ;; *) failed=$((failed + 1)) ;; esac
+  case "$s" in host-tests|aarch64-tests|monitoring) grep -q '^test result:' "$LOGS/$s.log" || failed=$((failed + 1)) ;; *) failed=$((failed + 1)) ;; esac
 done
 [ ${#failed_steps[@]} -gt 0 ] && echo "Failed steps: ${failed_steps[*]}"
 echo "$passed passed, $failed failed"

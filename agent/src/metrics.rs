@@ -533,3 +533,134 @@ pub async fn serve(
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// Labels whose values are data (the device id, model names and versions), listed by name
+    /// only; every other label's values are fixed by the code and listed.
+    const DATA_LABELS: [&str; 3] = ["device", "model", "version"];
+
+    /// One family as `render` writes it.
+    #[derive(Default)]
+    struct Family {
+        kind: String,
+        help: String,
+        /// Label name -> values seen, in order of appearance.
+        labels: Vec<(String, Vec<String>)>,
+    }
+
+    /// Every family `render` can produce (a certificate and a model present, so the optional
+    /// ones are there too), in the order it writes them.
+    fn families() -> Vec<(String, Family)> {
+        let m = Metrics::default();
+        m.tls_cert_not_after.store(2_000_000_000, Relaxed);
+        m.models
+            .lock()
+            .unwrap()
+            .insert("activity".into(), "1.0.0".into());
+        let text = m.render("dev-1");
+        let mut order = Vec::new();
+        let mut by_name: BTreeMap<String, Family> = BTreeMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest.split_once(' ').unwrap();
+                order.push(name.to_string());
+                by_name.entry(name.into()).or_default().help = help.into();
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                by_name.entry(name.into()).or_default().kind = kind.into();
+            } else {
+                let (name, rest) = line.split_once('{').expect("every series has labels");
+                let labels = rest.rsplit_once('}').unwrap().0;
+                let family = by_name
+                    .get_mut(name)
+                    .unwrap_or_else(|| panic!("{name} has no HELP before its first series"));
+                for pair in labels.split(',') {
+                    let (k, v) = pair.split_once('=').unwrap();
+                    let v = v.trim_matches('"').to_string();
+                    match family.labels.iter_mut().find(|(n, _)| n == k) {
+                        Some((_, values)) if !values.contains(&v) => values.push(v),
+                        Some(_) => {}
+                        None => family.labels.push((k.into(), vec![v])),
+                    }
+                }
+            }
+        }
+        order
+            .into_iter()
+            .map(|n| {
+                let f = by_name.remove(&n).unwrap();
+                (n, f)
+            })
+            .collect()
+    }
+
+    /// The Markdown table of every metric the agent exports; `docs/operations.md` carries it
+    /// between its `ember-agent metrics` markers.
+    fn docs_table() -> String {
+        let mut out = String::from("| metric | type | labels | meaning |\n|---|---|---|---|\n");
+        for (name, f) in families() {
+            let labels: Vec<String> = f
+                .labels
+                .iter()
+                .map(|(k, values)| {
+                    if DATA_LABELS.contains(&k.as_str()) {
+                        format!("`{k}`")
+                    } else {
+                        let v: Vec<String> = values.iter().map(|v| format!("`{v}`")).collect();
+                        format!("`{k}` ({})", v.join(", "))
+                    }
+                })
+                .collect();
+            out.push_str(&format!(
+                "| `{name}` | {} | {} | {} |\n",
+                f.kind,
+                labels.join(", "),
+                f.help.replace('|', "\\|")
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn every_family_has_one_help_one_type_and_a_device_label() {
+        let families = families();
+        let mut names: Vec<_> = families.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "a family's HELP is written twice");
+        for (name, f) in &families {
+            assert!(name.starts_with("ember_agent_"), "{name}");
+            assert!(
+                ["counter", "gauge"].contains(&f.kind.as_str()),
+                "{name}: {}",
+                f.kind
+            );
+            assert_eq!(f.labels.first().map(|(k, _)| k.as_str()), Some("device"));
+        }
+        // Every reject and eviction reason is a label value.
+        let text = Metrics::default().render("d");
+        for r in RejectReason::ALL {
+            assert!(
+                text.contains(&format!("reason=\"{}\"", r.as_str())),
+                "{text}"
+            );
+        }
+    }
+
+    /// `docs/operations.md` lists exactly what `render` exports; on a difference this fails
+    /// with the table to paste, and `EMBER_UPDATE_DOCS=1 cargo test -p ember-agent --lib
+    /// metrics::` rewrites it.
+    #[test]
+    fn the_docs_list_every_metric_as_exported() {
+        ember_testkit::docs::check_generated(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md"),
+            "ember-agent metrics",
+            &docs_table(),
+        );
+    }
+}

@@ -54,13 +54,13 @@ use crate::ota::registry::Registry;
 use crate::ota::rollout::service::Service as Rollouts;
 use crate::server::events::Events;
 use crate::server::ingest::{self, IngestState};
-use crate::server::retention;
+use crate::server::{gauges, retention};
 
 /// Runs the service on `listener` until `shutdown` fires and the drain completes (or
 /// `shutdown.grace_ms` passes, or `force` fires).
 ///
 /// Order on the way up: database (migrated), bootstrap token, ingestion, retention, the
-/// rollout driver and desired-state publisher, HTTP.
+/// rollout driver and desired-state publisher, the database-derived gauges, HTTP.
 /// On the way down: HTTP stops accepting, ingestion stops taking messages and stores and
 /// acknowledges what it took, then the pool closes.
 pub async fn run(
@@ -102,6 +102,8 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     ));
+    let gauges = tokio::spawn(gauges::run(db.clone(), metrics.clone(), shutdown.clone()));
+    tls::record_cert_expiry(&settings, &metrics);
     let app = api::router(api::AppState {
         db: db.clone(),
         settings: settings.clone(),
@@ -166,6 +168,7 @@ pub async fn run(
         server.abort();
     }
     retention.abort();
+    gauges.abort();
     driver.abort();
     // The publisher stops on `shutdown`; what it had not got acknowledged stays in the outbox.
     let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;

@@ -2,8 +2,10 @@
 //! as the text exposition format at `/metrics`.
 //!
 //! A small registry instead of a metrics crate: every family is declared once in [`FAMILIES`]
-//! (name, kind, help), label sets are few and bounded (reasons, channels, operations, routes),
-//! and one mutex per update is far below the cost of the database write it accompanies.
+//! (name, kind, label names, help), label sets are few and bounded (reasons, channels,
+//! operations, routes), and one mutex per update is far below the cost of the database write
+//! it accompanies. The metric table of `docs/fleet.md` is generated from [`FAMILIES`]
+//! ([`docs_table`]; a unit test compares them), so the docs list exactly what is exported.
 //!
 //! Device ids are deliberately *not* labels: a fleet has many devices and Prometheus
 //! cardinality would grow with it. Per-device numbers (rejects, ledger) live in the database and
@@ -18,6 +20,16 @@ enum Kind {
     Counter,
     Gauge,
     Histogram(&'static [f64]),
+}
+
+impl Kind {
+    fn type_name(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram(_) => "histogram",
+        }
+    }
 }
 
 const BATCH_BUCKETS: &[f64] = &[
@@ -35,123 +47,199 @@ const BYTES_BUCKETS: &[f64] = &[
     256.0, 1024.0, 4096.0, 16384.0, 65536.0, 131072.0, 262144.0, 1048576.0,
 ];
 
-/// Every metric family: name (without the `ember_fleet_` prefix), kind, help.
-const FAMILIES: &[(&str, Kind, &str)] = &[
-    (
-        "desired_published_total",
-        Kind::Counter,
-        "Desired-state messages published (retained) and acknowledged by the broker.",
-    ),
-    (
-        "ota_reports_total",
-        Kind::Counter,
-        "OTA reports from device statuses, by outcome: applied (to an unfinished rollout), ignored.",
-    ),
-    (
-        "rollout_steps_total",
-        Kind::Counter,
-        "Rollout steps stored, by cause: create, command, report, tick.",
-    ),
-    (
-        "model_uploads_total",
-        Kind::Counter,
-        "Model bundle uploads, by outcome (registered, invalid, duplicate, too_large).",
-    ),
-    (
-        "model_download_bytes_total",
-        Kind::Counter,
-        "Bundle bytes served by the model download route (full and partial responses).",
-    ),
-    (
-        "messages_total",
-        Kind::Counter,
-        "MQTT messages received, by channel and outcome (accepted, rejected, dropped).",
-    ),
-    (
-        "rejects_total",
-        Kind::Counter,
-        "Messages rejected, by reason (too_large, malformed, unsupported_version, crc, device_mismatch, invalid_name, out_of_range, bad_topic, storage).",
-    ),
-    (
-        "records_total",
-        Kind::Counter,
-        "Telemetry records, by outcome: stored (new), duplicate (already stored), expired (below the retention watermark).",
-    ),
-    (
-        "payload_bytes",
-        Kind::Histogram(BYTES_BUCKETS),
-        "Size of MQTT payloads received.",
-    ),
-    (
-        "batch_records",
-        Kind::Histogram(BATCH_BUCKETS),
-        "Telemetry records per database write batch.",
-    ),
-    (
-        "batch_messages",
-        Kind::Histogram(BATCH_BUCKETS),
-        "MQTT messages per database write batch.",
-    ),
-    (
-        "db_seconds",
-        Kind::Histogram(SECONDS_BUCKETS),
-        "Database latency, by operation (flush, query, retention).",
-    ),
-    (
-        "db_errors_total",
-        Kind::Counter,
-        "Database operations that failed, by operation.",
-    ),
-    (
-        "ingest_pending",
-        Kind::Gauge,
-        "Messages waiting between the MQTT reader and the database writer.",
-    ),
-    (
-        "mqtt_connected",
-        Kind::Gauge,
-        "1 while connected to the broker.",
-    ),
-    (
-        "mqtt_connections_total",
-        Kind::Counter,
-        "Successful connections to the broker.",
-    ),
-    (
-        "acks_skipped_total",
-        Kind::Counter,
-        "Stored messages not acknowledged because the connection they came on was gone (the broker sends them again; they are deduplicated).",
-    ),
-    (
-        "record_commit_latency_seconds",
-        Kind::Histogram(LATENCY_BUCKETS),
-        "From a record's capture (the agent's clock) to the commit of the transaction that stored it, per stored record: the sensor-to-database latency (meaningful when the clocks agree).",
-    ),
-    (
-        "record_commit_latency_max_seconds",
-        Kind::Gauge,
-        "The highest record_commit_latency_seconds observed since the service started.",
-    ),
-    (
-        "commit_watermarks_total",
-        Kind::Counter,
-        "Commit watermark messages to devices (end-to-end acknowledgement), by outcome: sent, or retried because the connection could not take them.",
-    ),
-    (
-        "retention_deleted_total",
-        Kind::Counter,
-        "Rows deleted by retention, by table.",
-    ),
-    (
-        "http_requests_total",
-        Kind::Counter,
-        "HTTP requests, by method, route and status.",
-    ),
-    (
-        "http_request_seconds",
-        Kind::Histogram(SECONDS_BUCKETS),
-        "HTTP request latency, by route.",
-    ),
+/// One metric family: its name (without [`PREFIX`]), kind, label names (in the order every
+/// update passes them; debug builds assert it) and help text. The docs' metric tables are
+/// generated from this list (`docs_table`), so a family is documented exactly as declared.
+#[derive(Debug)]
+struct Family {
+    name: &'static str,
+    kind: Kind,
+    labels: &'static [&'static str],
+    help: &'static str,
+}
+
+/// Every metric family.
+const FAMILIES: &[Family] = &[
+    Family {
+        name: "desired_published_total",
+        kind: Kind::Counter,
+        labels: &[],
+        help: "Desired-state messages published (retained) and acknowledged by the broker.",
+    },
+    Family {
+        name: "ota_reports_total",
+        kind: Kind::Counter,
+        labels: &["outcome"],
+        help: "OTA reports from device statuses, by outcome: applied (to an unfinished rollout), ignored.",
+    },
+    Family {
+        name: "rollout_steps_total",
+        kind: Kind::Counter,
+        labels: &["cause"],
+        help: "Rollout steps stored, by cause: create, command, report, tick.",
+    },
+    Family {
+        name: "model_uploads_total",
+        kind: Kind::Counter,
+        labels: &["outcome"],
+        help: "Model bundle uploads, by outcome (registered, invalid, duplicate, too_large).",
+    },
+    Family {
+        name: "model_download_bytes_total",
+        kind: Kind::Counter,
+        labels: &[],
+        help: "Bundle bytes served by the model download route (full and partial responses).",
+    },
+    Family {
+        name: "messages_total",
+        kind: Kind::Counter,
+        labels: &["channel", "outcome"],
+        help: "MQTT messages received, by channel and outcome (accepted, rejected, dropped).",
+    },
+    Family {
+        name: "rejects_total",
+        kind: Kind::Counter,
+        labels: &["reason"],
+        help: "Messages rejected, by reason (too_large, malformed, unsupported_version, crc, device_mismatch, invalid_name, out_of_range, bad_topic, storage, schema).",
+    },
+    Family {
+        name: "records_total",
+        kind: Kind::Counter,
+        labels: &["outcome"],
+        help: "Telemetry records, by outcome: stored (new), duplicate (already stored), expired (below the retention watermark).",
+    },
+    Family {
+        name: "payload_bytes",
+        kind: Kind::Histogram(BYTES_BUCKETS),
+        labels: &[],
+        help: "Size of MQTT payloads received.",
+    },
+    Family {
+        name: "batch_records",
+        kind: Kind::Histogram(BATCH_BUCKETS),
+        labels: &[],
+        help: "Telemetry records per database write batch.",
+    },
+    Family {
+        name: "batch_messages",
+        kind: Kind::Histogram(BATCH_BUCKETS),
+        labels: &[],
+        help: "MQTT messages per database write batch.",
+    },
+    Family {
+        name: "db_seconds",
+        kind: Kind::Histogram(SECONDS_BUCKETS),
+        labels: &["op"],
+        help: "Database latency, by operation (flush: a write batch, ledger: a device ledger for the API, retention: a pass).",
+    },
+    Family {
+        name: "db_errors_total",
+        kind: Kind::Counter,
+        labels: &["op"],
+        help: "Database operations that failed, by operation (flush, retention).",
+    },
+    Family {
+        name: "ingest_pending",
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "Messages waiting between the MQTT reader and the database writer.",
+    },
+    Family {
+        name: "mqtt_connected",
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "1 while connected to the broker.",
+    },
+    Family {
+        name: "mqtt_connections_total",
+        kind: Kind::Counter,
+        labels: &[],
+        help: "Successful connections to the broker.",
+    },
+    Family {
+        name: "acks_skipped_total",
+        kind: Kind::Counter,
+        labels: &[],
+        help: "Stored messages not acknowledged because the connection they came on was gone (the broker sends them again; they are deduplicated).",
+    },
+    Family {
+        name: "record_commit_latency_seconds",
+        kind: Kind::Histogram(LATENCY_BUCKETS),
+        labels: &[],
+        help: "From a record's capture (the agent's clock) to the commit of the transaction that stored it, per stored record: the sensor-to-database latency (meaningful when the clocks agree).",
+    },
+    Family {
+        name: "record_commit_latency_max_seconds",
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "The highest record_commit_latency_seconds observed since the service started.",
+    },
+    Family {
+        name: "commit_watermarks_total",
+        kind: Kind::Counter,
+        labels: &["outcome"],
+        help: "Commit watermark messages to devices (end-to-end acknowledgement), by outcome: sent, or retried because the connection could not take them.",
+    },
+    Family {
+        name: "retention_deleted_total",
+        kind: Kind::Counter,
+        labels: &["table"],
+        help: "Rows deleted by retention, by table.",
+    },
+    Family {
+        name: "devices",
+        kind: Kind::Gauge,
+        labels: &["state"],
+        help: "Registered devices, by state (online, offline: its Last Will or an offline status), as of the last gauge refresh.",
+    },
+    Family {
+        name: "ledger_lost_records",
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "Records the durability ledger cannot account for (missing, not evicted, not pending), summed over every device and stream, as of the last gauge refresh.",
+    },
+    Family {
+        name: "ledger_devices_with_losses",
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "Devices whose ledger has lost records, as of the last gauge refresh.",
+    },
+    Family {
+        name: "gauge_refresh_timestamp_seconds",
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "When the database-derived gauges (devices, ledger_*) were last refreshed (Unix time).",
+    },
+    Family {
+        name: "rollouts_running",
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "Rollouts in the running state.",
+    },
+    Family {
+        name: "rollouts_paused",
+        kind: Kind::Gauge,
+        labels: &["by"],
+        help: "Paused rollouts, by who paused them (operator, failure_threshold: a wave's failures exceeded its threshold).",
+    },
+    Family {
+        name: "tls_cert_expiry_timestamp_seconds",
+        kind: Kind::Gauge,
+        labels: &["cert"],
+        help: "notAfter (Unix time) of a certificate the service presents, by use (http: the API's server certificate, mqtt: the client certificate to the broker); absent without TLS.",
+    },
+    Family {
+        name: "http_requests_total",
+        kind: Kind::Counter,
+        labels: &["method", "route", "status"],
+        help: "HTTP requests, by method, route and status.",
+    },
+    Family {
+        name: "http_request_seconds",
+        kind: Kind::Histogram(SECONDS_BUCKETS),
+        labels: &["route"],
+        help: "HTTP request latency, by route.",
+    },
 ];
 
 pub const PREFIX: &str = "ember_fleet_";
@@ -176,11 +264,20 @@ pub struct Metrics {
     inner: Mutex<Families>,
 }
 
-fn family(name: &str) -> Option<(&'static str, Kind)> {
-    FAMILIES
-        .iter()
-        .find(|(n, _, _)| *n == name)
-        .map(|(n, k, _)| (*n, *k))
+fn family(name: &str) -> Option<&'static Family> {
+    FAMILIES.iter().find(|f| f.name == name)
+}
+
+/// Debug builds refuse an update whose label names differ from the family's declaration, so
+/// the generated docs can never list other labels than the ones exported.
+fn check_labels(f: &Family, labels: &[(&str, &str)]) {
+    debug_assert!(
+        labels.iter().map(|(k, _)| *k).eq(f.labels.iter().copied()),
+        "metric {} takes the labels {:?}, got {:?}",
+        f.name,
+        f.labels,
+        labels
+    );
 }
 
 fn render_labels(labels: &[(&str, &str)]) -> String {
@@ -219,15 +316,16 @@ impl Metrics {
     /// Adds `by` to a counter. Unknown names are a programming error and are ignored (debug
     /// builds assert).
     pub fn inc(&self, name: &str, labels: &[(&str, &str)], by: u64) {
-        let Some((name, kind)) = family(name) else {
+        let Some(f) = family(name) else {
             debug_assert!(false, "unknown metric {name}");
             return;
         };
-        debug_assert_eq!(kind, Kind::Counter, "{name}");
+        debug_assert_eq!(f.kind, Kind::Counter, "{name}");
+        check_labels(f, labels);
         *self
             .lock()
             .scalars
-            .entry(name)
+            .entry(f.name)
             .or_default()
             .entry(render_labels(labels))
             .or_default() += by as f64;
@@ -235,14 +333,15 @@ impl Metrics {
 
     /// Sets a gauge.
     pub fn set(&self, name: &str, labels: &[(&str, &str)], value: f64) {
-        let Some((name, kind)) = family(name) else {
+        let Some(f) = family(name) else {
             debug_assert!(false, "unknown metric {name}");
             return;
         };
-        debug_assert_eq!(kind, Kind::Gauge, "{name}");
+        debug_assert_eq!(f.kind, Kind::Gauge, "{name}");
+        check_labels(f, labels);
         self.lock()
             .scalars
-            .entry(name)
+            .entry(f.name)
             .or_default()
             .insert(render_labels(labels), value);
     }
@@ -254,14 +353,19 @@ impl Metrics {
 
     /// Records several observations in a histogram, taking the lock once.
     pub fn observe_many(&self, name: &str, labels: &[(&str, &str)], values: &[f64]) {
-        let Some((name, Kind::Histogram(buckets))) = family(name) else {
+        let Some(f) = family(name) else {
             debug_assert!(false, "unknown histogram {name}");
             return;
         };
+        let Kind::Histogram(buckets) = f.kind else {
+            debug_assert!(false, "{name} is not a histogram");
+            return;
+        };
+        check_labels(f, labels);
         let mut inner = self.lock();
         let h = inner
             .histograms
-            .entry(name)
+            .entry(f.name)
             .or_default()
             .entry(render_labels(labels))
             .or_insert_with(|| Histogram {
@@ -281,15 +385,16 @@ impl Metrics {
 
     /// Raises a gauge to `value` if it is higher.
     pub fn raise(&self, name: &str, labels: &[(&str, &str)], value: f64) {
-        let Some((name, kind)) = family(name) else {
+        let Some(f) = family(name) else {
             debug_assert!(false, "unknown metric {name}");
             return;
         };
-        debug_assert_eq!(kind, Kind::Gauge, "{name}");
+        debug_assert_eq!(f.kind, Kind::Gauge, "{name}");
+        check_labels(f, labels);
         let mut inner = self.lock();
         let v = inner
             .scalars
-            .entry(name)
+            .entry(f.name)
             .or_default()
             .entry(render_labels(labels))
             .or_insert(value);
@@ -312,15 +417,13 @@ impl Metrics {
     pub fn render(&self) -> String {
         let inner = self.lock();
         let mut out = String::new();
-        for (name, kind, help) in FAMILIES {
+        for Family {
+            name, kind, help, ..
+        } in FAMILIES
+        {
             let full = format!("{PREFIX}{name}");
-            let type_name = match kind {
-                Kind::Counter => "counter",
-                Kind::Gauge => "gauge",
-                Kind::Histogram(_) => "histogram",
-            };
             let _ = writeln!(out, "# HELP {full} {help}");
-            let _ = writeln!(out, "# TYPE {full} {type_name}");
+            let _ = writeln!(out, "# TYPE {full} {}", kind.type_name());
             match kind {
                 Kind::Counter | Kind::Gauge => {
                     if let Some(series) = inner.scalars.get(name) {
@@ -357,6 +460,32 @@ impl Metrics {
     }
 }
 
+/// The Markdown table of every family (name, type, labels, help) that `docs/fleet.md`
+/// carries between `<!-- BEGIN generated: ember-fleet metrics -->` and its END marker; a unit
+/// test keeps the two equal (`EMBER_UPDATE_DOCS=1` rewrites the docs).
+pub fn docs_table() -> String {
+    let mut out = String::from("| metric | type | labels | meaning |\n|---|---|---|---|\n");
+    for f in FAMILIES {
+        let labels = if f.labels.is_empty() {
+            "-".to_string()
+        } else {
+            f.labels
+                .iter()
+                .map(|l| format!("`{l}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "| `{PREFIX}{}` | {} | {labels} | {} |",
+            f.name,
+            f.kind.type_name(),
+            f.help.replace('|', "\\|")
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,5 +516,39 @@ mod tests {
         );
         assert!(text.contains("ember_fleet_mqtt_connected 1"), "{text}");
         assert_eq!(m.value("rejects_total", &[("reason", "crc")]), 3.0);
+    }
+
+    #[test]
+    fn every_family_renders_its_help_and_type_once() {
+        let text = Metrics::new().render();
+        for f in FAMILIES {
+            let help = format!("# HELP {PREFIX}{} {}\n", f.name, f.help);
+            let kind = format!("# TYPE {PREFIX}{} {}\n", f.name, f.kind.type_name());
+            assert_eq!(text.matches(&help).count(), 1, "{help}");
+            assert_eq!(text.matches(&kind).count(), 1, "{kind}");
+        }
+        let mut names: Vec<_> = FAMILIES.iter().map(|f| f.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), FAMILIES.len(), "a family is declared twice");
+    }
+
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "takes the labels")]
+    fn an_update_with_undeclared_labels_is_refused_in_debug_builds() {
+        Metrics::new().inc("rejects_total", &[("cause", "crc")], 1);
+    }
+
+    /// `docs/fleet.md` lists exactly the families above; on a difference this fails with the
+    /// table to paste, and `EMBER_UPDATE_DOCS=1 cargo test -p ember-fleet --lib metrics::`
+    /// rewrites it.
+    #[test]
+    fn the_docs_list_every_metric_as_declared() {
+        ember_testkit::docs::check_generated(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/fleet.md"),
+            "ember-fleet metrics",
+            &docs_table(),
+        );
     }
 }

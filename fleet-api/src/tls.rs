@@ -190,6 +190,33 @@ pub fn apply_mqtt(
     Ok(())
 }
 
+/// Exports the notAfter of the certificates this process presents
+/// (`ember_fleet_tls_cert_expiry_timestamp_seconds{cert="http"|"mqtt"}`), read once at start
+/// like the certificates themselves (a rotated file takes effect at the next start, and so
+/// does its gauge). A certificate that cannot be read here was already refused by the
+/// configuration check, so a failure only leaves the gauge out.
+pub fn record_cert_expiry(settings: &crate::config::Settings, metrics: &crate::metrics::Metrics) {
+    let http = settings.http.tls.as_ref().map(|t| t.cert_file.as_path());
+    let mqtt = settings.mqtt.tls.as_ref().map(|t| t.cert_file.as_path());
+    for (cert, file) in [("http", http), ("mqtt", mqtt)] {
+        if let Some(not_after) = file.and_then(cert_not_after) {
+            metrics.set(
+                "tls_cert_expiry_timestamp_seconds",
+                &[("cert", cert)],
+                not_after as f64,
+            );
+        }
+    }
+}
+
+/// The notAfter (Unix seconds) of the first certificate in a PEM file: the leaf of a chain.
+fn cert_not_after(file: &std::path::Path) -> Option<i64> {
+    read_certs(file)
+        .ok()?
+        .first()
+        .and_then(ember_host::tls::not_after)
+}
+
 /// A listener that yields TLS streams: accepts TCP, completes each handshake in its own task.
 pub struct TlsListener {
     rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
@@ -307,6 +334,19 @@ mod tests {
                 .is_some_and(|t| t.ca_file.is_some() && t.key_file.is_some())
         );
         assert!(raw.mqtt.insecure.is_none());
+    }
+
+    #[test]
+    fn a_certificates_not_after_is_read_from_the_leaf() {
+        let d = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["fleet".into()]).unwrap();
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(2_000_000_000).unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        let file = d.path().join("c.pem");
+        std::fs::write(&file, pem).unwrap();
+        assert_eq!(cert_not_after(&file), Some(2_000_000_000));
+        assert_eq!(cert_not_after(&d.path().join("absent.pem")), None);
     }
 
     #[test]

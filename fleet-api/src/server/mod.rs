@@ -5,11 +5,14 @@
 //!   [`ingest::writer`] (batched, idempotent database writes; PUBACK only after commit).
 //! * [`events`]: what ingestion and the rollout service committed, fanned out to the live
 //!   event streams.
+//! * [`gauges`]: devices by state and the ledger's lost records as metrics, refreshed from
+//!   the database.
 //! * [`ledger`]: per device and stream: captured, received, missing, evicted, pending, lost.
 //! * [`retention`]: deletes old telemetry and results (as a prefix of sequence numbers,
 //!   archiving the gaps), aggregates and rejects.
 
 pub mod events;
+pub mod gauges;
 pub mod ingest;
 pub mod ledger;
 pub mod retention;

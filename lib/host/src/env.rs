@@ -87,6 +87,11 @@ pub const RESERVED: &[Reserved] = &[
         meaning: "rewrite docs/screenshots/",
     },
     Reserved {
+        name: "EMBER_UPDATE_DOCS",
+        read_by: "the metric-table tests (ember_testkit::docs)",
+        meaning: "rewrite the generated sections of docs/operations.md and docs/fleet.md",
+    },
+    Reserved {
         name: "EMBER_MQTTS_PORT",
         read_by: "scripts/secure-broker.sh",
         meaning: "the TLS listener's port",

@@ -7,6 +7,8 @@
 //! * [`tls`]: a throwaway PKI per test ([`tls::TestPki`]), a mutual-TLS Mosquitto with the
 //!   Ember per-device ACL ([`TestBroker::start_tls`]) and TLS test clients.
 //! * [`TestS3`]: a private S3-compatible server (`moto`) on an ephemeral 127.0.0.1 port.
+//! * [`docs`]: sections of the Markdown docs generated from the code (metric tables), checked
+//!   by a test that prints the fix.
 //! * [`bundles`]: signed variants of the committed model bundles (development key).
 //! * [`TestAgent`]: the `ember-agent` binary as a child process, with a generated config, its
 //!   own data dir, metrics endpoint and captured stderr.
@@ -29,6 +31,7 @@
 mod agent;
 mod broker;
 pub mod bundles;
+pub mod docs;
 mod postgres;
 mod s3;
 mod subscriber;

@@ -36,7 +36,9 @@ use sqlx::Row;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::machine::{Command, DeviceState, Effect, Rollout, RolloutSpec, RolloutState};
+use super::machine::{
+    Command, DeviceState, Effect, PauseReason, Rollout, RolloutSpec, RolloutState,
+};
 use super::store::{self as rollout_store, StoreError, Stored};
 use crate::db::{Db, Sql, now_us};
 use crate::metrics::Metrics;
@@ -447,10 +449,13 @@ impl Service {
         }
     }
 
-    /// Ticks every unfinished rollout once (soak periods end).
+    /// Ticks every unfinished rollout once (soak periods end), and sets the rollout gauges
+    /// from the states it loaded (one tick stale at most).
     pub async fn tick_all(&self) -> Result<(), RolloutError> {
         let t = now();
-        for stored in rollout_store::list_unfinished(&self.db).await? {
+        let unfinished = rollout_store::list_unfinished(&self.db).await?;
+        self.set_gauges(unfinished.iter().map(|s| &s.rollout.state));
+        for stored in unfinished {
             let mut probe = stored.rollout.clone();
             if probe.tick(t).is_empty() && probe == stored.rollout {
                 continue;
@@ -459,6 +464,32 @@ impl Service {
                 .await?;
         }
         Ok(())
+    }
+
+    /// `rollouts_running` and `rollouts_paused{by}` (every `by` set, 0 included, so an alert
+    /// on the failure threshold has a series to watch from the start).
+    fn set_gauges<'a>(&self, states: impl Iterator<Item = &'a RolloutState>) {
+        let (mut running, mut by_operator, mut by_failures) = (0u32, 0u32, 0u32);
+        for state in states {
+            match state {
+                RolloutState::Running => running += 1,
+                RolloutState::Paused {
+                    reason: PauseReason::Operator,
+                } => by_operator += 1,
+                RolloutState::Paused {
+                    reason: PauseReason::FailureThreshold { .. },
+                } => by_failures += 1,
+                RolloutState::Completed | RolloutState::Aborted | RolloutState::RolledBack => {}
+            }
+        }
+        self.metrics.set("rollouts_running", &[], running.into());
+        self.metrics
+            .set("rollouts_paused", &[("by", "operator")], by_operator.into());
+        self.metrics.set(
+            "rollouts_paused",
+            &[("by", "failure_threshold")],
+            by_failures.into(),
+        );
     }
 
     /// The driver: ticks unfinished rollouts every [`DRIVER_TICK`] until `shutdown`.
@@ -508,5 +539,52 @@ mod tests {
             }
         );
         assert!(stage(&DeviceState::Downloading) < stage(&DeviceState::Active));
+    }
+
+    #[tokio::test]
+    async fn the_rollout_gauges_count_running_and_paused_by_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&crate::config::DatabaseSettings {
+            url: format!("sqlite://{}", dir.path().join("t.db").display()),
+            backend: crate::config::Backend::Sqlite,
+            max_connections: 2,
+        })
+        .await
+        .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let service = Service::new(db, Arc::new(Events::new()), metrics.clone());
+        // No rollout yet: the series exist, at 0.
+        service.tick_all().await.unwrap();
+        let text = metrics.render();
+        assert!(
+            text.contains("ember_fleet_rollouts_paused{by=\"failure_threshold\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("ember_fleet_rollouts_running 0\n"), "{text}");
+
+        let threshold = RolloutState::Paused {
+            reason: PauseReason::FailureThreshold {
+                wave: 0,
+                failed: 1,
+                size: 1,
+            },
+        };
+        let operator = RolloutState::Paused {
+            reason: PauseReason::Operator,
+        };
+        let states = [
+            RolloutState::Running,
+            threshold.clone(),
+            threshold,
+            operator,
+            RolloutState::Completed,
+        ];
+        service.set_gauges(states.iter());
+        assert_eq!(metrics.value("rollouts_running", &[]), 1.0);
+        assert_eq!(metrics.value("rollouts_paused", &[("by", "operator")]), 1.0);
+        assert_eq!(
+            metrics.value("rollouts_paused", &[("by", "failure_threshold")]),
+            2.0
+        );
     }
 }
