@@ -38,7 +38,7 @@ step fmt cargo fmt --all -- --check
 WGPU=(--features ember-models/wgpu,ember-agent/wgpu,ember-agent/fault-injection,ember-fleet/demo,ember-fleet/fault-injection)
 step clippy cargo clippy --workspace --all-targets "${WGPU[@]}" -- -D warnings
 step host-tests cargo test --workspace --no-fail-fast "${WGPU[@]}"
-step thumbv7em-proto cargo build -p ember-proto --no-default-features --target thumbv7em-none-eabihf
+step thumbv7em-proto cargo build -p ember-proto --no-default-features --features node --target thumbv7em-none-eabihf
 step aarch64-tests cargo test -p ember-proto -p ember-ts -p ember-agent --lib --no-fail-fast --target aarch64-unknown-linux-gnu
 # armv7: a full check (build scripts, incl. ring's C, run with the cross compiler); aarch64 above
 # proves linking and running under qemu, and a release armv7 build is in docs/benchmarks.md.

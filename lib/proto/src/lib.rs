@@ -7,6 +7,8 @@
 //! * [`commit`]: the fleet's commit watermark (end-to-end acknowledgement) and the delivery
 //!   modes.
 //! * [`ota`]: the desired-model state the fleet sends and the OTA reports agents return.
+//! * `node` (feature `node`): the serial link between a sensor node (`firmware/`) and the
+//!   agent's `serial` source: postcard + COBS + CRC-32C frames, no allocation.
 //! * [`message`]: versioned messages (telemetry and inference batches, status, heartbeat) and their
 //!   JSON / CBOR encodings.
 //!
@@ -18,6 +20,8 @@ extern crate alloc;
 pub mod acl;
 pub mod commit;
 pub mod message;
+#[cfg(feature = "node")]
+pub mod node;
 pub mod ota;
 pub mod record;
 pub mod topic;
