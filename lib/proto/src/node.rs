@@ -80,6 +80,8 @@ pub struct NodeStatus {
     pub commands: u32,
     pub bad_commands: u32,
     pub uptime_us: u64,
+    /// Sensor reads that failed (no sample taken, so no `seq` used).
+    pub sensor_errors: u32,
 }
 
 /// A command from the host to the node.
@@ -378,6 +380,7 @@ mod tests {
                 commands: u32::MAX,
                 bad_commands: u32::MAX,
                 uptime_us: u64::MAX,
+                sensor_errors: u32::MAX,
             }),
         ];
         for m in msgs {
