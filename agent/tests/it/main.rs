@@ -13,6 +13,7 @@ mod delivery;
 mod disk;
 mod disk_full;
 mod eviction;
+mod hil;
 mod inference;
 mod layers;
 mod ota;
