@@ -1717,6 +1717,64 @@ mod tests {
         d
     }
 
+    /// The serial source's keys: defaults, both kinds of device, and each bad value refused
+    /// naming its key.
+    #[test]
+    fn serial_sources_resolve_and_bad_keys_are_named() {
+        let base = "device_id = \"d1\"\n[[source]]\ntype = \"serial\"\nstream = \"imu\"\n";
+        let s = load(&format!("{base}device = \"/dev/ttyACM0\"")).unwrap();
+        assert_eq!(
+            s.sources,
+            vec![SourceSettings::Serial {
+                stream: "imu".into(),
+                device: SerialDevice::Tty("/dev/ttyACM0".into()),
+                baud: DEFAULT_SERIAL_BAUD,
+                timestamps: SerialTimestamps::Node,
+                rate_hz: None,
+                channels: None,
+                max_backwards_ms: DEFAULT_MAX_BACKWARDS_MS,
+            }]
+        );
+        let s = load(&format!(
+            "{base}device = \"tcp:127.0.0.1:5555\"\nbaud = 921600\ntimestamps = \"agent\"\nrate_hz = 250\nchannels = 6"
+        ))
+        .unwrap();
+        assert!(matches!(
+            &s.sources[0],
+            SourceSettings::Serial { device: SerialDevice::Tcp(a), baud: 921_600, timestamps: SerialTimestamps::Agent, rate_hz: Some(250), channels: Some(6), .. } if a == "127.0.0.1:5555"
+        ));
+        for (extra, key) in [
+            ("", "source[0].device"),
+            ("device = \"tcp:nohost\"", "source[0].device"),
+            ("device = \"tcp:127.0.0.1:0\"", "source[0].device"),
+            ("device = \"/dev/ttyS0\"\nbaud = 10", "source[0].baud"),
+            (
+                "device = \"/dev/ttyS0\"\ntimestamps = \"gps\"",
+                "source[0].timestamps",
+            ),
+            (
+                "device = \"/dev/ttyS0\"\nrate_hz = 0.5",
+                "source[0].rate_hz",
+            ),
+            (
+                "device = \"/dev/ttyS0\"\nrate_hz = 20000",
+                "source[0].rate_hz",
+            ),
+            (
+                "device = \"/dev/ttyS0\"\ntcp = \"127.0.0.1:1\"",
+                "source[0].tcp",
+            ),
+        ] {
+            let e = err(&format!("{base}{extra}"));
+            assert!(e.contains(key), "{extra:?}: {e}");
+        }
+        let e = err(&format!("{MIN}device = \"/dev/ttyS0\""));
+        assert!(
+            e.contains("source[0].device") && e.contains("does not apply"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn invalid_configs_name_the_key() {
         let cases: &[(&str, &str)] = &[
