@@ -15,6 +15,8 @@ command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
 [ -f /usr/include/mosquitto.h ] || need_apt+=(libmosquitto-dev)
 [ -f /usr/include/openssl/x509.h ] || need_apt+=(libssl-dev)
 command -v qemu-aarch64 >/dev/null 2>&1 || need_apt+=(qemu-user)
+# The systemd unit's hardening check (systemd-analyze security --offline).
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # The firmware's on-target tests and the HIL tests boot it in qemu-system-arm's mps2-an386.
 command -v qemu-system-arm >/dev/null 2>&1 || need_apt+=(qemu-system-arm)
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need_apt+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)

@@ -44,6 +44,8 @@ step aarch64-tests cargo test -p ember-proto -p ember-ts -p ember-agent --lib --
 # armv7: a full check (build scripts, incl. ring's C, run with the cross compiler); aarch64 above
 # proves linking and running under qemu, and a release armv7 build is in docs/benchmarks.md.
 step armv7-check cargo check -p ember-agent --bins --target armv7-unknown-linux-gnueabihf
+# The packaged systemd unit's hardening: exposure at most 2.0 (it scores 1.6).
+step systemd-unit systemd-analyze security --offline=true --threshold=20 agent/debian/ember-agent.service
 # The sensor-node firmware (firmware/, its own workspace): format and lint, the core's unit tests
 # on the host, then the on-target tests on a Cortex-M4F in qemu-system-arm's mps2-an386 (one boot
 # per test, through firmware/qemu-run.py).

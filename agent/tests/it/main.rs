@@ -19,4 +19,5 @@ mod layers;
 mod ota;
 mod schema;
 mod socket;
+mod systemd;
 mod tls;
