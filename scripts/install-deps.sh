@@ -2,8 +2,8 @@
 # Installs what Ember's tests need on Debian 12 (run as root, or with sudo available):
 # the Mosquitto broker and what its ember_identity plugin is built with, PostgreSQL 15, Mesa
 # lavapipe (software Vulkan), the fleet's Python test peers, Chromium and Python's playwright,
-# promtool and PyYAML for the monitoring checks, qemu-user and the gcc cross linkers, and the
-# Rust cross targets.
+# promtool and PyYAML for the monitoring checks, qemu-user, qemu-system-arm (the firmware's
+# tests) and the gcc cross linkers, and the Rust cross targets.
 set -euo pipefail
 
 need_apt=()
@@ -16,6 +16,10 @@ command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
 [ -f /usr/include/mosquitto.h ] || need_apt+=(libmosquitto-dev)
 [ -f /usr/include/openssl/x509.h ] || need_apt+=(libssl-dev)
 command -v qemu-aarch64 >/dev/null 2>&1 || need_apt+=(qemu-user)
+# The systemd unit's hardening check (systemd-analyze security --offline).
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+# The firmware's on-target tests and the HIL tests boot it in qemu-system-arm's mps2-an386.
+command -v qemu-system-arm >/dev/null 2>&1 || need_apt+=(qemu-system-arm)
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need_apt+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
 # PostgreSQL 15 server programs for the fleet's throwaway test clusters (initdb, pg_ctl).

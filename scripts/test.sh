@@ -4,8 +4,9 @@
 # (unit, property and system tests against real Mosquitto brokers, PostgreSQL clusters, the
 # fleet's Python peers, an S3-compatible server and headless Chromium), the agent's and proto's
 # unit tests for aarch64 under qemu-aarch64, an armv7 check of the agent, and a no_std build of
-# ember-proto for Cortex-M4F, and the monitoring artefacts (alert rules with promtool, Grafana
-# dashboards). It ends with a plain "N passed, N failed" line.
+# ember-proto for Cortex-M4F, the monitoring artefacts (alert rules with promtool, Grafana
+# dashboards), and the sensor-node firmware's tests (host and on-target in qemu-system-arm). It
+# ends with a plain "N passed, N failed" line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -39,7 +40,7 @@ step fmt cargo fmt --all -- --check
 WGPU=(--features ember-models/wgpu,ember-agent/wgpu,ember-agent/fault-injection,ember-fleet/demo,ember-fleet/fault-injection)
 step clippy cargo clippy --workspace --all-targets "${WGPU[@]}" -- -D warnings
 step host-tests cargo test --workspace --no-fail-fast "${WGPU[@]}"
-step thumbv7em-proto cargo build -p ember-proto --no-default-features --target thumbv7em-none-eabihf
+step thumbv7em-proto cargo build -p ember-proto --no-default-features --features alloc,node --target thumbv7em-none-eabihf
 step aarch64-tests cargo test -p ember-proto -p ember-ts -p ember-agent --lib --no-fail-fast --target aarch64-unknown-linux-gnu
 # armv7: a full check (build scripts, incl. ring's C, run with the cross compiler); aarch64 above
 # proves linking and running under qemu, and a release armv7 build is in docs/benchmarks.md.
@@ -48,16 +49,25 @@ step armv7-check cargo check -p ember-agent --bins --target armv7-unknown-linux-
 # metric they name against the docs' generated metric tables (which host-tests keep equal to
 # the code); it prints a cargo-style "test result:" line, counted below.
 step monitoring python3 scripts/lint-monitoring.py
+# The packaged systemd unit's hardening: exposure at most 2.0 (it scores 1.6).
+step systemd-unit systemd-analyze security --offline=true --threshold=20 agent/debian/ember-agent.service
+# The sensor-node firmware (firmware/, its own workspace): format and lint, the core's unit tests
+# on the host, then the on-target tests on a Cortex-M4F in qemu-system-arm's mps2-an386 (one boot
+# per test, through firmware/qemu-run.py).
+HOST_TRIPLE=$(rustc -vV | sed -n 's/^host: //p')
+step firmware-fmt bash -c 'cd firmware && cargo fmt --all -- --check'
+step firmware-clippy bash -c 'cd firmware && cargo clippy -p ember-node-mps2-an386 --lib --bins --test on_target -- -D warnings && cargo clippy -p ember-node --all-targets --target "$1" -- -D warnings' _ "$HOST_TRIPLE"
+step firmware-tests bash -c 'cd firmware; rc=0; cargo test -p ember-node --target "$1" || rc=1; cargo test -p ember-node-mps2-an386 || rc=1; exit $rc' _ "$HOST_TRIPLE"
 
 passed=0; failed=0
-for f in "$LOGS"/host-tests.log "$LOGS"/aarch64-tests.log "$LOGS"/monitoring.log; do
+for f in "$LOGS"/host-tests.log "$LOGS"/aarch64-tests.log "$LOGS"/monitoring.log "$LOGS"/firmware-tests.log; do
   [ -f "$f" ] || continue
   while read -r p q; do passed=$((passed + p)); failed=$((failed + q)); done < <(
     sed -nE 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' "$f")
 done
 # A failed build or check step counts as a failure too.
 for s in "${failed_steps[@]}"; do
-  case "$s" in host-tests|aarch64-tests|monitoring) grep -q '^test result:' "$LOGS/$s.log" || failed=$((failed + 1)) ;; *) failed=$((failed + 1)) ;; esac
+  case "$s" in host-tests|aarch64-tests|monitoring|firmware-tests) grep -q '^test result:' "$LOGS/$s.log" || failed=$((failed + 1)) ;; *) failed=$((failed + 1)) ;; esac
 done
 [ ${#failed_steps[@]} -gt 0 ] && echo "Failed steps: ${failed_steps[*]}"
 echo "$passed passed, $failed failed"

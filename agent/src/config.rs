@@ -237,6 +237,12 @@ pub struct RawSource {
     // socket
     pub unix: Option<PathBuf>,
     pub tcp: Option<String>,
+    // serial
+    /// A tty (`/dev/ttyACM0`) or `tcp:HOST:PORT` (a raw serial server: QEMU, ser2net).
+    pub device: Option<String>,
+    pub baud: Option<u32>,
+    /// `node` (the node's clock, anchored at its first frame each boot) or `agent`.
+    pub timestamps: Option<String>,
 }
 
 // ---- the resolved layer -------------------------------------------------------------------
@@ -470,14 +476,51 @@ pub enum SourceSettings {
         channels: Option<usize>,
         max_backwards_ms: u64,
     },
+    /// A sensor node on a serial line (`source::serial`).
+    Serial {
+        stream: String,
+        device: SerialDevice,
+        baud: u32,
+        timestamps: SerialTimestamps,
+        /// Sent to the node (`SetRate`) each time the line opens; `None`: the node's own rate.
+        rate_hz: Option<u16>,
+        /// The declared channel count; `None`: the recorded one, or the first sample's.
+        channels: Option<usize>,
+        max_backwards_ms: u64,
+    },
 }
+
+/// Where a serial node is attached.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialDevice {
+    /// A serial device (`/dev/ttyACM0`, `/dev/ttyUSB0`, a pty).
+    Tty(PathBuf),
+    /// A raw TCP serial server (`host:port`): QEMU's `-serial tcp:...`, ser2net.
+    Tcp(String),
+}
+
+/// Whose clock stamps a serial node's samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialTimestamps {
+    /// The node's own capture times (µs since its boot), placed on the agent's clock at the
+    /// first frame of each boot: the node's spacing is kept exactly.
+    Node,
+    /// The agent's clock when the frame arrived.
+    Agent,
+}
+
+/// The serial source's defaults.
+pub const DEFAULT_SERIAL_BAUD: u32 = 115_200;
 
 impl SourceSettings {
     pub fn stream(&self) -> &str {
         match self {
             SourceSettings::Sim { stream, .. }
             | SourceSettings::Replay { stream, .. }
-            | SourceSettings::Socket { stream, .. } => stream,
+            | SourceSettings::Socket { stream, .. }
+            | SourceSettings::Serial { stream, .. } => stream,
         }
     }
 
@@ -485,9 +528,9 @@ impl SourceSettings {
     pub fn declared_channels(&self) -> Option<usize> {
         match self {
             SourceSettings::Sim { channels, .. } => Some(*channels),
-            SourceSettings::Replay { channels, .. } | SourceSettings::Socket { channels, .. } => {
-                *channels
-            }
+            SourceSettings::Replay { channels, .. }
+            | SourceSettings::Socket { channels, .. }
+            | SourceSettings::Serial { channels, .. } => *channels,
         }
     }
 
@@ -501,6 +544,9 @@ impl SourceSettings {
                 max_backwards_ms, ..
             }
             | SourceSettings::Socket {
+                max_backwards_ms, ..
+            }
+            | SourceSettings::Serial {
                 max_backwards_ms, ..
             } => *max_backwards_ms,
         }
@@ -1133,7 +1179,7 @@ fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError>
     let kind = s.kind.ok_or_else(|| {
         invalid(
             key("type"),
-            "missing: use \"sim\", \"replay\" or \"socket\"",
+            "missing: use \"sim\", \"replay\", \"socket\" or \"serial\"",
         )
     })?;
     let stream = s.stream.ok_or_else(|| {
@@ -1180,6 +1226,11 @@ fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError>
         }
         c => c,
     };
+    if kind != "serial" {
+        reject("device", s.device.is_some())?;
+        reject("baud", s.baud.is_some())?;
+        reject("timestamps", s.timestamps.is_some())?;
+    }
     match kind.as_str() {
         "sim" => {
             reject("path", s.path.is_some())?;
@@ -1281,9 +1332,88 @@ fn resolve_source(i: usize, s: RawSource) -> Result<SourceSettings, ConfigError>
                 max_backwards_ms,
             })
         }
+        "serial" => {
+            reject("seed", s.seed.is_some())?;
+            reject("path", s.path.is_some())?;
+            reject("format", s.format.is_some())?;
+            reject("loop", s.looped.is_some())?;
+            reject("unix", s.unix.is_some())?;
+            reject("tcp", s.tcp.is_some())?;
+            let device = match s.device.as_deref() {
+                None | Some("") => {
+                    return Err(invalid(
+                        key("device"),
+                        "missing: set device = \"/dev/ttyACM0\" (a serial device) or \"tcp:127.0.0.1:5555\" (a raw TCP serial server)",
+                    ));
+                }
+                Some(d) => match d.strip_prefix("tcp:") {
+                    Some(addr) => {
+                        let ok = addr.rsplit_once(':').is_some_and(|(h, p)| {
+                            !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)
+                        });
+                        if !ok {
+                            return Err(invalid(
+                                key("device"),
+                                format!(
+                                    "{d:?} is not tcp:HOST:PORT: use e.g. \"tcp:127.0.0.1:5555\""
+                                ),
+                            ));
+                        }
+                        SerialDevice::Tcp(addr.to_string())
+                    }
+                    None => SerialDevice::Tty(PathBuf::from(d)),
+                },
+            };
+            let baud = s.baud.unwrap_or(DEFAULT_SERIAL_BAUD);
+            if !(300..=4_000_000).contains(&baud) {
+                return Err(invalid(
+                    key("baud"),
+                    format!("{baud} is out of range: use 300-4000000, e.g. 115200"),
+                ));
+            }
+            let timestamps = match s.timestamps.as_deref() {
+                None | Some("node") => SerialTimestamps::Node,
+                Some("agent") => SerialTimestamps::Agent,
+                Some(other) => {
+                    return Err(invalid(
+                        key("timestamps"),
+                        format!("{other:?} is not a clock: use \"node\" or \"agent\""),
+                    ));
+                }
+            };
+            let rate_hz = match s.rate_hz {
+                None => None,
+                Some(r)
+                    if r.fract() == 0.0
+                        && (1.0..=f64::from(ember_proto::node::MAX_RATE_HZ)).contains(&r) =>
+                {
+                    Some(r as u16)
+                }
+                Some(r) => {
+                    return Err(invalid(
+                        key("rate_hz"),
+                        format!(
+                            "{r} is not a node rate: use a whole number of Hz in 1-{}",
+                            ember_proto::node::MAX_RATE_HZ
+                        ),
+                    ));
+                }
+            };
+            Ok(SourceSettings::Serial {
+                stream,
+                device,
+                baud,
+                timestamps,
+                rate_hz,
+                channels: declared,
+                max_backwards_ms,
+            })
+        }
         other => Err(invalid(
             key("type"),
-            format!("{other:?} is not a source type: use \"sim\", \"replay\" or \"socket\""),
+            format!(
+                "{other:?} is not a source type: use \"sim\", \"replay\", \"socket\" or \"serial\""
+            ),
         )),
     }
 }
@@ -1585,6 +1715,64 @@ mod tests {
         ));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    /// The serial source's keys: defaults, both kinds of device, and each bad value refused
+    /// naming its key.
+    #[test]
+    fn serial_sources_resolve_and_bad_keys_are_named() {
+        let base = "device_id = \"d1\"\n[[source]]\ntype = \"serial\"\nstream = \"imu\"\n";
+        let s = load(&format!("{base}device = \"/dev/ttyACM0\"")).unwrap();
+        assert_eq!(
+            s.sources,
+            vec![SourceSettings::Serial {
+                stream: "imu".into(),
+                device: SerialDevice::Tty("/dev/ttyACM0".into()),
+                baud: DEFAULT_SERIAL_BAUD,
+                timestamps: SerialTimestamps::Node,
+                rate_hz: None,
+                channels: None,
+                max_backwards_ms: DEFAULT_MAX_BACKWARDS_MS,
+            }]
+        );
+        let s = load(&format!(
+            "{base}device = \"tcp:127.0.0.1:5555\"\nbaud = 921600\ntimestamps = \"agent\"\nrate_hz = 250\nchannels = 6"
+        ))
+        .unwrap();
+        assert!(matches!(
+            &s.sources[0],
+            SourceSettings::Serial { device: SerialDevice::Tcp(a), baud: 921_600, timestamps: SerialTimestamps::Agent, rate_hz: Some(250), channels: Some(6), .. } if a == "127.0.0.1:5555"
+        ));
+        for (extra, key) in [
+            ("", "source[0].device"),
+            ("device = \"tcp:nohost\"", "source[0].device"),
+            ("device = \"tcp:127.0.0.1:0\"", "source[0].device"),
+            ("device = \"/dev/ttyS0\"\nbaud = 10", "source[0].baud"),
+            (
+                "device = \"/dev/ttyS0\"\ntimestamps = \"gps\"",
+                "source[0].timestamps",
+            ),
+            (
+                "device = \"/dev/ttyS0\"\nrate_hz = 0.5",
+                "source[0].rate_hz",
+            ),
+            (
+                "device = \"/dev/ttyS0\"\nrate_hz = 20000",
+                "source[0].rate_hz",
+            ),
+            (
+                "device = \"/dev/ttyS0\"\ntcp = \"127.0.0.1:1\"",
+                "source[0].tcp",
+            ),
+        ] {
+            let e = err(&format!("{base}{extra}"));
+            assert!(e.contains(key), "{extra:?}: {e}");
+        }
+        let e = err(&format!("{MIN}device = \"/dev/ttyS0\""));
+        assert!(
+            e.contains("source[0].device") && e.contains("does not apply"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -16,14 +16,15 @@
 //! 5  inference         model loading and the model thread
 //! 4  tls               rustls client config, certificate reload, SIGHUP
 //! 3  queue             the durable queue (generic over its storage `Engine`)
-//! 2  source            samples in: sim, replay, socket
+//! 2  source            samples in: sim, replay, socket, serial
 //! 1  metrics, config   counters; raw file -> validated `Settings` (every Raw*/…Settings)
-//! 0  tls_files         host TLS files: loopback, key permissions, PEM, expiry
+//! 0  tls_files, notify host TLS files: loopback, key permissions, PEM, expiry; sd_notify
 //! ```
 
 pub mod config;
 pub mod inference;
 pub mod metrics;
+pub mod notify;
 pub mod ota;
 pub mod queue;
 pub mod runtime;

@@ -36,6 +36,18 @@ pub struct Metrics {
     pub rejected_non_finite: AtomicU64,
     /// Samples whose timestamp goes back further than the source's tolerance.
     pub rejected_backwards: AtomicU64,
+    /// Serial source: samples a node numbered that arrived damaged (bad CRC or COBS).
+    pub rejected_corrupt: AtomicU64,
+    /// Serial source: samples a node numbered that never arrived (the node's buffer overran,
+    /// the line dropped them, the node reset with them buffered).
+    pub rejected_gap: AtomicU64,
+    /// Serial source: frames refused whole (bad CRC or COBS, too long, undecodable), whatever
+    /// they carried; the samples among them are `rejected_corrupt`.
+    pub serial_frames_refused: AtomicU64,
+    /// Serial source: node reboots seen (a new boot number, or numbering that restarted).
+    pub serial_node_reboots: AtomicU64,
+    /// Serial source: times the line was (re)opened after the first.
+    pub serial_reopens: AtomicU64,
     pub reconnects: AtomicU64,
     pub in_flight: AtomicU64,
     pub queue_resets: AtomicU64,
@@ -87,14 +99,18 @@ pub enum RejectReason {
     Channels,
     NonFinite,
     Backwards,
+    Corrupt,
+    Gap,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 4] = [
+    pub const ALL: [RejectReason; 6] = [
         RejectReason::Malformed,
         RejectReason::Channels,
         RejectReason::NonFinite,
         RejectReason::Backwards,
+        RejectReason::Corrupt,
+        RejectReason::Gap,
     ];
 
     /// The label value.
@@ -104,6 +120,8 @@ impl RejectReason {
             RejectReason::Channels => "channels",
             RejectReason::NonFinite => "non_finite",
             RejectReason::Backwards => "backwards",
+            RejectReason::Corrupt => "corrupt",
+            RejectReason::Gap => "gap",
         }
     }
 }
@@ -121,6 +139,8 @@ impl Metrics {
             RejectReason::Channels => &self.rejected_channels,
             RejectReason::NonFinite => &self.rejected_non_finite,
             RejectReason::Backwards => &self.rejected_backwards,
+            RejectReason::Corrupt => &self.rejected_corrupt,
+            RejectReason::Gap => &self.rejected_gap,
         }
     }
 
@@ -148,7 +168,7 @@ impl Metrics {
 
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render(&self, device_id: &str) -> String {
-        let counters: [(&str, &str, &str, &str, &AtomicU64); 38] = [
+        let counters: [(&str, &str, &str, &str, &AtomicU64); 43] = [
             (
                 "records_captured_total",
                 "counter",
@@ -215,7 +235,7 @@ impl Metrics {
             (
                 "input_rejected_total",
                 "counter",
-                "Input refused by sources before it was queued, by reason (malformed, channels, non_finite, backwards).",
+                "Input refused by sources before it was queued, by reason (malformed, channels, non_finite, backwards; corrupt and gap: samples of a serial node that arrived damaged or never arrived).",
                 "reason=\"malformed\"",
                 &self.rejected_malformed,
             ),
@@ -239,6 +259,41 @@ impl Metrics {
                 "",
                 "reason=\"backwards\"",
                 &self.rejected_backwards,
+            ),
+            (
+                "input_rejected_total",
+                "counter",
+                "",
+                "reason=\"corrupt\"",
+                &self.rejected_corrupt,
+            ),
+            (
+                "input_rejected_total",
+                "counter",
+                "",
+                "reason=\"gap\"",
+                &self.rejected_gap,
+            ),
+            (
+                "serial_frames_refused_total",
+                "counter",
+                "Frames from serial nodes refused whole (bad CRC or COBS, too long, undecodable).",
+                "",
+                &self.serial_frames_refused,
+            ),
+            (
+                "serial_node_reboots_total",
+                "counter",
+                "Reboots of serial nodes seen by the agent.",
+                "",
+                &self.serial_node_reboots,
+            ),
+            (
+                "serial_reopens_total",
+                "counter",
+                "Times a serial line was reopened after it failed or disappeared.",
+                "",
+                &self.serial_reopens,
             ),
             (
                 "reconnects_total",

@@ -240,6 +240,42 @@ pub async fn run(
         shutdown.clone(),
         force.clone(),
     ));
+    // Serving: tell systemd (Type=notify), feed its watchdog from this runtime, and say when
+    // the drain starts (crate::notify; nothing happens outside systemd).
+    let notify_task = match crate::notify::Notifier::from_env() {
+        Ok(Some(n)) => {
+            if let Err(e) = n.send("READY=1") {
+                tracing::warn!(error = %e, "Could not notify systemd that the agent is ready.");
+            }
+            let (stop, interval) = (shutdown.clone(), crate::notify::watchdog_interval());
+            Some(tokio::spawn(async move {
+                // The watchdog is fed through the drain too: it ends when the process does.
+                let mut stopping = false;
+                loop {
+                    let tick = async {
+                        match interval {
+                            Some(i) => tokio::time::sleep(i).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = stop.cancelled(), if !stopping => {
+                            stopping = true;
+                            let _ = n.send("STOPPING=1");
+                        }
+                        _ = tick => {
+                            let _ = n.send("WATCHDOG=1");
+                        }
+                    }
+                }
+            }))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "NOTIFY_SOCKET is set but unusable; not notifying systemd.");
+            None
+        }
+    };
     let uplink = Uplink::new(settings.clone(), queue.clone(), metrics.clone())
         .with_tls(tls)
         .with_ota(ota_shared.clone());
@@ -261,6 +297,9 @@ pub async fn run(
     }
     force.cancel();
     if let Some(t) = metrics_task {
+        t.abort();
+    }
+    if let Some(t) = notify_task {
         t.abort();
     }
     if let Some(t) = inference_thread

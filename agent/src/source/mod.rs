@@ -3,6 +3,8 @@
 //! * `sim`: a deterministic multichannel signal generator (e.g. a 6-axis IMU at 10-1000 Hz).
 //! * `replay`: CSV or UEA `.ts` files, looped or once, at a fixed rate.
 //! * `socket`: newline-delimited JSON from local processes over a Unix socket or loopback TCP.
+//! * `serial`: a sensor node (`firmware/`) on a serial line or a raw TCP serial server:
+//!   postcard + COBS + CRC-32C frames (`ember_proto::node`), with a ledger of what the line lost.
 //!
 //! Every source passes each sample through its stream's [`schema::Guard`] before sending it:
 //! a sample of the wrong channel count, with NaN/Inf, or stamped too far back is refused there,
@@ -24,6 +26,7 @@ use schema::{Guard, Schema};
 
 pub mod replay;
 pub mod schema;
+pub mod serial;
 pub mod sim;
 pub mod socket;
 pub mod ts;
@@ -104,6 +107,22 @@ pub async fn run(
         SourceSettings::Socket {
             stream, endpoint, ..
         } => socket::run(stream.into(), endpoint, guard, tx, metrics, shutdown).await,
+        SourceSettings::Serial {
+            stream,
+            device,
+            baud,
+            timestamps,
+            rate_hz,
+            ..
+        } => {
+            let serial = serial::Serial {
+                device,
+                baud,
+                timestamps,
+                rate_hz,
+            };
+            serial::run(stream.into(), serial, guard, tx, metrics, shutdown).await
+        }
     }
 }
 

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 /// Lowest layer first. The one authoritative copy of the table.
 const LAYERS: &[&[&str]] = &[
-    // Host TLS files (loopback, key permissions, PEM, expiry): no crate imports at all.
-    &["tls_files"],
+    // Host TLS files (loopback, key permissions, PEM, expiry) and systemd notifications: no
+    // crate imports at all.
+    &["tls_files", "notify"],
     // Counters; the raw config file and every validated `*Settings` (TLS included).
     &["metrics", "config"],
     &["source"],

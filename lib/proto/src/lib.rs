@@ -7,31 +7,50 @@
 //! * [`commit`]: the fleet's commit watermark (end-to-end acknowledgement) and the delivery
 //!   modes.
 //! * [`ota`]: the desired-model state the fleet sends and the OTA reports agents return.
+//! * `node` (feature `node`): the serial link between a sensor node (`firmware/`) and the
+//!   agent's `serial` source: postcard + COBS + CRC-32C frames, no allocation.
 //! * [`message`]: versioned messages (telemetry and inference batches, status, heartbeat) and their
 //!   JSON / CBOR encodings.
 //!
-//! The crate is `no_std` + `alloc` without the `std` feature so firmware can share it.
+//! The crate is `no_std` without the `std` feature so firmware can share it: everything but
+//! `node` needs `alloc` (feature `alloc`); `node` alone needs no allocator, so a sensor node
+//! links none.
 #![cfg_attr(not(feature = "std"), no_std)]
 
+#[cfg(feature = "alloc")]
 extern crate alloc;
 
+#[cfg(feature = "alloc")]
 pub mod acl;
+#[cfg(feature = "alloc")]
 pub mod commit;
+#[cfg(feature = "alloc")]
 pub mod message;
+#[cfg(feature = "node")]
+pub mod node;
+#[cfg(feature = "alloc")]
 pub mod ota;
+#[cfg(feature = "alloc")]
 pub mod record;
+#[cfg(feature = "alloc")]
 pub mod topic;
 
+#[cfg(feature = "alloc")]
 pub use commit::{Committed, CommittedStream, Delivery};
+#[cfg(feature = "alloc")]
 pub use message::{
     AgentCounters, DeviceState, Encoding, EvictedRange, Heartbeat, InferenceBatch, InferenceOutput,
     InferenceRecord, Message, QueueGauge, SCHEMA_VERSION, Status, StreamStatus, TelemetryBatch,
     WireRecord,
 };
+#[cfg(feature = "alloc")]
 pub use ota::{DesiredModel, DesiredState, OtaReport, OtaState, ShadowPolicy};
+#[cfg(feature = "alloc")]
 pub use record::{Record, StoredRecord};
+#[cfg(feature = "alloc")]
 pub use topic::{Channel, Topic};
 
+#[cfg(feature = "alloc")]
 /// Everything that can go wrong decoding or validating Ember data.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ProtoError {
@@ -78,6 +97,7 @@ pub enum ProtoError {
     EncodingUnavailable(&'static str),
 }
 
+#[cfg(feature = "alloc")]
 /// Validates a name used as a device id or stream name: 1-64 bytes of `[A-Za-z0-9._-]`.
 ///
 /// Keeping names out of MQTT's special characters (`/ + #`) is what makes the per-device

@@ -1,0 +1,444 @@
+//! The sensor node: takes a sample on every tick of the board's clock, buffers it, and hands the
+//! board the next frame to write; applies the host's commands.
+//!
+//! Lifecycle: `Node::new(boot)` at reset → a [`NodeFrame::Hello`] is the first frame → on every
+//! tick one sample gets the next `seq` (from 0 each boot) and enters the [`Ring`] → the board's
+//! UART loop takes frames with [`Node::next_frame`]: a status when one is due or asked for,
+//! else the oldest sample.
+//!
+//! Guarantees (what the host's ledger relies on):
+//! - `seq` MUST count every sample taken this boot, written or dropped: the samples the host
+//!   never sees are exactly the gaps in `seq`, and the drops the node made are `overruns`.
+//! - A command the node cannot decode or accept is counted in `bad_commands` and changes nothing.
+//! - No call blocks or allocates; [`Node::tick`] is short enough for an interrupt handler.
+
+use ember_proto::node::{
+    self as link, FrameError, Hello, HostCommand, LINK_VERSION, MAX_CHANNELS, MAX_FRAME_BYTES,
+    NodeFrame, NodeStatus, SampleFrame, Values,
+};
+
+use crate::ring::Ring;
+use crate::sensor::Sensor;
+
+/// What a command asks the board to change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Effect {
+    #[default]
+    None,
+    /// Reprogram the sample clock to tick at this rate.
+    Rate(u16),
+}
+
+/// Board limits and defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    pub rate_hz: u16,
+    pub min_rate_hz: u16,
+    pub max_rate_hz: u16,
+    /// A status frame follows every this many samples (0: only when asked).
+    pub status_every: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            rate_hz: 100,
+            min_rate_hz: 1,
+            max_rate_hz: link::MAX_RATE_HZ,
+            status_every: 1000,
+        }
+    }
+}
+
+/// The node; `N` is the ring's capacity in samples.
+pub struct Node<S: Sensor, const N: usize> {
+    sensor: S,
+    config: Config,
+    boot: u32,
+    next_seq: u32,
+    rate_hz: u16,
+    /// Time since boot, advanced by one period per tick.
+    now_us: u64,
+    /// Sub-microsecond remainder of the period, so that rates like 3 Hz keep exact time.
+    now_frac: u64,
+    ring: Ring<SampleFrame, N>,
+    frames: u32,
+    commands: u32,
+    bad_commands: u32,
+    sensor_errors: u32,
+    hello_pending: bool,
+    status_pending: bool,
+    since_status: u32,
+}
+
+impl<S: Sensor, const N: usize> Node<S, N> {
+    pub fn new(sensor: S, boot: u32, config: Config) -> Self {
+        let rate_hz = config
+            .rate_hz
+            .clamp(config.min_rate_hz.max(1), config.max_rate_hz);
+        Node {
+            sensor,
+            config,
+            boot,
+            next_seq: 0,
+            rate_hz,
+            now_us: 0,
+            now_frac: 0,
+            ring: Ring::new(),
+            frames: 0,
+            commands: 0,
+            bad_commands: 0,
+            sensor_errors: 0,
+            hello_pending: true,
+            status_pending: false,
+            since_status: 0,
+        }
+    }
+
+    pub fn boot(&self) -> u32 {
+        self.boot
+    }
+
+    pub fn rate_hz(&self) -> u16 {
+        self.rate_hz
+    }
+
+    /// Samples waiting for the line.
+    pub fn buffered(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// One tick of the sample clock: time moves on by one period and one sample is taken.
+    pub fn tick(&mut self) {
+        self.now_frac += 1_000_000;
+        let whole = self.now_frac / self.rate_hz as u64;
+        self.now_frac %= self.rate_hz as u64;
+        self.now_us += whole;
+        let mut buf = [0.0f32; MAX_CHANNELS];
+        if self.sensor.read(&mut buf).is_err() {
+            // No sample was taken, so no seq is used: nothing is missing at the host.
+            self.sensor_errors = self.sensor_errors.wrapping_add(1);
+            return;
+        }
+        let channels = self.sensor.channels().min(MAX_CHANNELS);
+        let Some(values) = Values::from_slice(&buf[..channels]) else {
+            return; // unreachable: `channels` is capped at MAX_CHANNELS above
+        };
+        self.ring.push(SampleFrame {
+            boot: self.boot,
+            seq: self.next_seq,
+            ts_us: self.now_us,
+            values,
+        });
+        self.next_seq = self.next_seq.wrapping_add(1);
+        if self.config.status_every > 0 {
+            self.since_status += 1;
+            if self.since_status >= self.config.status_every {
+                self.since_status = 0;
+                self.status_pending = true;
+            }
+        }
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        NodeStatus {
+            boot: self.boot,
+            next_seq: self.next_seq,
+            rate_hz: self.rate_hz,
+            overruns: self.ring.overruns(),
+            frames: self.frames,
+            commands: self.commands,
+            bad_commands: self.bad_commands,
+            uptime_us: self.now_us,
+            sensor_errors: self.sensor_errors,
+        }
+    }
+
+    /// The next frame to write, encoded (delimiter included) into `buf`; `None` when there is
+    /// nothing to send.
+    pub fn next_frame<'b>(&mut self, buf: &'b mut [u8; MAX_FRAME_BYTES]) -> Option<&'b [u8]> {
+        let frame = if self.hello_pending {
+            self.hello_pending = false;
+            NodeFrame::Hello(Hello {
+                version: LINK_VERSION,
+                boot: self.boot,
+                rate_hz: self.rate_hz,
+                channels: self.sensor.channels() as u8,
+            })
+        } else if self.status_pending {
+            self.status_pending = false;
+            NodeFrame::Status(self.status())
+        } else {
+            NodeFrame::Sample(self.ring.pop()?)
+        };
+        self.frames = self.frames.wrapping_add(1);
+        // MAX_FRAME_BYTES bounds every NodeFrame (ember-proto's tests hold it to that).
+        match link::encode(&frame, buf) {
+            Ok(bytes) => Some(bytes),
+            Err(_) => None,
+        }
+    }
+
+    /// Applies one decoded command.
+    pub fn command(&mut self, cmd: HostCommand) -> Effect {
+        match cmd {
+            HostCommand::SetRate { hz }
+                if (self.config.min_rate_hz..=self.config.max_rate_hz).contains(&hz) && hz > 0 =>
+            {
+                self.commands = self.commands.wrapping_add(1);
+                self.rate_hz = hz;
+                self.now_frac = 0;
+                self.status_pending = true;
+                Effect::Rate(hz)
+            }
+            HostCommand::SetRate { .. } => {
+                self.bad_commands = self.bad_commands.wrapping_add(1);
+                Effect::None
+            }
+            HostCommand::RequestStatus => {
+                self.commands = self.commands.wrapping_add(1);
+                self.status_pending = true;
+                Effect::None
+            }
+            HostCommand::ResetCounters => {
+                self.commands = 0;
+                self.bad_commands = 0;
+                self.frames = 0;
+                self.sensor_errors = 0;
+                self.ring.reset_overruns();
+                self.status_pending = true;
+                Effect::None
+            }
+        }
+    }
+
+    /// Decodes and applies one command frame body (as [`link::FrameReader`] yields it).
+    pub fn command_frame(&mut self, body: &mut [u8]) -> Result<Effect, FrameError> {
+        match link::decode::<HostCommand>(body) {
+            Ok(cmd) => Ok(self.command(cmd)),
+            Err(e) => {
+                self.bad_commands = self.bad_commands.wrapping_add(1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts a command frame that was refused before decoding (too long for the reader).
+    pub fn bad_command(&mut self) {
+        self.bad_commands = self.bad_commands.wrapping_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use crate::sensor::{ReplayImu, SensorError};
+    use link::{FrameReader, Pushed};
+    use std::vec::Vec;
+
+    type TestNode = Node<ReplayImu, 8>;
+
+    fn node() -> TestNode {
+        Node::new(
+            ReplayImu::new(),
+            5,
+            Config {
+                rate_hz: 100,
+                status_every: 0,
+                ..Config::default()
+            },
+        )
+    }
+
+    /// Drains every frame the node has, decoding them as the host would.
+    fn drain<S: Sensor, const N: usize>(n: &mut Node<S, N>) -> Vec<NodeFrame> {
+        let mut line = Vec::new();
+        let mut buf = [0u8; MAX_FRAME_BYTES];
+        while let Some(f) = n.next_frame(&mut buf) {
+            line.extend_from_slice(f);
+        }
+        let mut reader = FrameReader::<MAX_FRAME_BYTES>::new();
+        let mut out = Vec::new();
+        for b in line {
+            if let Pushed::Frame(body) = reader.push(b) {
+                out.push(link::decode::<NodeFrame>(body).expect("a good frame"));
+            }
+        }
+        out
+    }
+
+    fn seqs(frames: &[NodeFrame]) -> Vec<u32> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                NodeFrame::Sample(s) => Some(s.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hello_first_then_samples_in_order_with_node_time() {
+        let mut n = node();
+        for _ in 0..3 {
+            n.tick();
+        }
+        let frames = drain(&mut n);
+        assert!(matches!(
+            frames[0],
+            NodeFrame::Hello(Hello {
+                version: LINK_VERSION,
+                boot: 5,
+                rate_hz: 100,
+                channels: 6
+            })
+        ));
+        let samples: Vec<(u32, u64)> = frames[1..]
+            .iter()
+            .map(|f| match f {
+                NodeFrame::Sample(s) => (s.seq, s.ts_us),
+                other => panic!("expected a sample, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(samples, [(0, 10_000), (1, 20_000), (2, 30_000)]);
+        assert_eq!(n.status().frames, 4);
+    }
+
+    #[test]
+    fn a_slow_line_shows_as_gaps_that_equal_the_overruns() {
+        let mut n = node();
+        for _ in 0..20 {
+            n.tick();
+        }
+        let frames = drain(&mut n);
+        // 20 taken, 8 kept: seq 12..20 arrive, 0..12 are the overruns.
+        assert_eq!(seqs(&frames), (12..20).collect::<Vec<_>>());
+        assert_eq!(n.status().overruns, 12);
+        assert_eq!(n.status().next_seq, 20);
+    }
+
+    #[test]
+    fn rates_keep_exact_time_and_bad_rates_are_refused() {
+        let mut n: Node<ReplayImu, 8> = Node::new(
+            ReplayImu::new(),
+            1,
+            Config {
+                rate_hz: 3,
+                status_every: 0,
+                ..Config::default()
+            },
+        );
+        for _ in 0..3 {
+            n.tick();
+        }
+        assert_eq!(
+            n.status().uptime_us,
+            1_000_000,
+            "3 ticks at 3 Hz are one second"
+        );
+        assert_eq!(n.command(HostCommand::SetRate { hz: 0 }), Effect::None);
+        assert_eq!(
+            n.command(HostCommand::SetRate {
+                hz: link::MAX_RATE_HZ + 1
+            }),
+            Effect::None
+        );
+        assert_eq!(n.status().bad_commands, 2);
+        assert_eq!(
+            n.command(HostCommand::SetRate { hz: 250 }),
+            Effect::Rate(250)
+        );
+        n.tick();
+        assert_eq!(n.status().uptime_us, 1_004_000);
+        assert_eq!((n.status().rate_hz, n.status().commands), (250, 1));
+    }
+
+    #[test]
+    fn commands_arrive_as_frames_and_damaged_ones_are_counted() {
+        let mut n = node();
+        drain(&mut n);
+        let mut buf = [0u8; 16];
+        let cmd = link::encode(&HostCommand::RequestStatus, &mut buf)
+            .expect("fits")
+            .to_vec();
+        let mut damaged = cmd.clone();
+        damaged[1] ^= 0x10;
+        let mut reader = FrameReader::<16>::new();
+        let mut results = Vec::new();
+        for b in damaged.into_iter().chain(cmd) {
+            if let Pushed::Frame(body) = reader.push(b) {
+                results.push(n.command_frame(body));
+            }
+        }
+        assert!(results[0].is_err());
+        assert_eq!(results[1], Ok(Effect::None));
+        let frames = drain(&mut n);
+        let NodeFrame::Status(s) = frames[0] else {
+            panic!("expected a status, got {frames:?}")
+        };
+        assert_eq!((s.commands, s.bad_commands, s.boot), (1, 1, 5));
+    }
+
+    #[test]
+    fn periodic_status_and_reset_counters() {
+        let mut n: Node<ReplayImu, 64> = Node::new(
+            ReplayImu::new(),
+            2,
+            Config {
+                status_every: 10,
+                ..Config::default()
+            },
+        );
+        for _ in 0..25 {
+            n.tick();
+        }
+        let frames = drain(&mut n);
+        let statuses = frames
+            .iter()
+            .filter(|f| matches!(f, NodeFrame::Status(_)))
+            .count();
+        assert_eq!(
+            statuses, 1,
+            "the pending status is sent once, before the buffered samples: {frames:?}"
+        );
+        assert_eq!(seqs(&frames), (0..25).collect::<Vec<_>>());
+        for _ in 0..70 {
+            n.tick();
+        }
+        n.command(HostCommand::ResetCounters);
+        let s = n.status();
+        assert_eq!(
+            (s.overruns, s.frames, s.next_seq),
+            (0, 0, 95),
+            "seq is never reset"
+        );
+    }
+
+    struct Flaky(u32);
+    impl Sensor for Flaky {
+        fn channels(&self) -> usize {
+            2
+        }
+        fn read(&mut self, out: &mut [f32; MAX_CHANNELS]) -> Result<(), SensorError> {
+            self.0 += 1;
+            out[0] = self.0 as f32;
+            if self.0.is_multiple_of(3) {
+                Err(SensorError)
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_read_takes_no_sequence_number() {
+        let mut n: Node<Flaky, 16> = Node::new(Flaky(0), 1, Config::default());
+        for _ in 0..9 {
+            n.tick();
+        }
+        let frames = drain(&mut n);
+        assert_eq!(seqs(&frames), (0..6).collect::<Vec<_>>());
+        assert_eq!(n.status().sensor_errors, 3);
+    }
+}
