@@ -4,7 +4,8 @@
 # (unit, property and system tests against real Mosquitto brokers, PostgreSQL clusters, the
 # fleet's Python peers, an S3-compatible server and headless Chromium), the agent's and proto's
 # unit tests for aarch64 under qemu-aarch64, an armv7 check of the agent, and a no_std build of
-# ember-proto for Cortex-M4F. It ends with a plain "N passed, N failed" line.
+# ember-proto for Cortex-M4F, the deployment files validated offline and the container images and
+# local stack tested on the Docker Engine (deploy/tests/). It ends with a plain "N passed, N failed" line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -43,9 +44,14 @@ step aarch64-tests cargo test -p ember-proto -p ember-ts -p ember-agent --lib --
 # armv7: a full check (build scripts, incl. ring's C, run with the cross compiler); aarch64 above
 # proves linking and running under qemu, and a release armv7 build is in docs/benchmarks.md.
 step armv7-check cargo check -p ember-agent --bins --target armv7-unknown-linux-gnueabihf
+# The container path (docs/deploy.md): offline validation of the Kubernetes manifests,
+# Terraform and Dockerfiles, then the images built and the local stack tested on the real
+# Docker Engine (terraform apply/destroy, outages, refused identities, up.sh/down.sh).
+step deploy-validate bash deploy/tests/validate.sh
+step deploy-stack bash deploy/tests/stack-test.sh
 
 passed=0; failed=0
-for f in "$LOGS"/host-tests.log "$LOGS"/aarch64-tests.log; do
+for f in "$LOGS"/host-tests.log "$LOGS"/aarch64-tests.log "$LOGS"/deploy-validate.log "$LOGS"/deploy-stack.log; do
   [ -f "$f" ] || continue
   while read -r p q; do passed=$((passed + p)); failed=$((failed + q)); done < <(
     sed -nE 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' "$f")
