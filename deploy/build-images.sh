@@ -58,7 +58,7 @@ build() { # name context dockerfile [build args...]
   local name=$1 context=$2 file=$3; shift 3
   say "docker build $name"
   docker build -q -f "$file" -t "$name" \
-    --build-arg "REVISION=$REVISION" "$@" "$context" >/dev/null
+    --build-arg "REVISION=$REVISION" "$@" "$context" >/dev/null 2>"$ctx/docker-build.err" || { cat "$ctx/docker-build.err" >&2; die "docker build $name failed"; }
 }
 want fleet && build "ember-fleet:$VERSION" "$ctx/fleet" deploy/fleet/Dockerfile --build-arg "VERSION=$VERSION"
 want agent && build "ember-agent:$VERSION" "$ctx/agent" deploy/agent/Dockerfile --build-arg "VERSION=$VERSION"

@@ -268,7 +268,8 @@ cmd_clean() {
   # Files owned by the containers' uids: removed by root in a container, then the directory.
   as_root 'find /state -mindepth 1 -delete'
   rmdir "$STATE"
-  rmdir "$(dirname "$STATE")" 2>/dev/null || true
+  # The default's parent (deploy/.state) too, when nothing else is in it.
+  [[ $STATE != "$ROOT/deploy/.state/local" ]] || rmdir "$ROOT/deploy/.state" 2>/dev/null || true
   say "removed the generated secrets ($STATE)"
 }
 
