@@ -3,7 +3,8 @@
 # the Mosquitto broker and what its ember_identity plugin is built with, PostgreSQL 15, Mesa
 # lavapipe (software Vulkan), the fleet's Python test peers, Chromium and Python's playwright,
 # promtool and PyYAML for the monitoring checks, qemu-user, qemu-system-arm (the firmware's
-# tests) and the gcc cross linkers, and the Rust cross targets.
+# tests) and the gcc cross linkers, the Rust cross targets, and for the container path Docker
+# Engine, compose, debootstrap, musl-tools and the deployment validators.
 set -euo pipefail
 
 need_apt=()
@@ -33,6 +34,15 @@ command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-g
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 # Mesa's lavapipe (software Vulkan) and the Vulkan loader: the models' wgpu golden test runs on it.
 compgen -G '/usr/share/vulkan/icd.d/lvp_icd.*.json' >/dev/null || need_apt+=(mesa-vulkan-drivers libvulkan1)
+# The container path (deploy/, docs/deploy.md): Docker Engine and compose, debootstrap for the
+# Debian base image, musl-gcc for the static binaries, curl and jq for the stack tests.
+command -v docker >/dev/null 2>&1 || need_apt+=(docker.io)
+docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
+command -v musl-gcc >/dev/null 2>&1 || need_apt+=(musl-tools)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v jq >/dev/null 2>&1 || need_apt+=(jq)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: installing ${need_apt[*]}"
@@ -55,8 +65,20 @@ python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 
 # PyYAML for scripts/lint-monitoring.py (reads the alert rules and Grafana provisioning files).
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r scripts/requirements.txt
 
+# The deployment validators (checkov, kubernetes-validate, yamllint), pinned, in their own
+# virtual environment: checkov's pins would fight the fleet test peers' (deploy/tests/validate.sh).
+DEPLOY_VENV=${EMBER_DEPLOY_VENV:-$HOME/.cache/ember/deploy-venv}
+if ! cmp -s deploy/tests/requirements.txt "$DEPLOY_VENV/requirements.txt"; then
+  python3 -m venv "$DEPLOY_VENV"
+  "$DEPLOY_VENV/bin/pip" install -q --disable-pip-version-check -r deploy/tests/requirements.txt
+  cp deploy/tests/requirements.txt "$DEPLOY_VENV/requirements.txt"
+fi
+# Terraform and kubectl come with the machine image (neither is a Debian package): say so early.
+command -v terraform >/dev/null 2>&1 || echo "install-deps: terraform is missing (the deploy tests need it; https://developer.hashicorp.com/terraform/install)" >&2
+command -v kubectl >/dev/null 2>&1 || echo "install-deps: kubectl is missing (the deploy validation renders kustomize with it; https://kubernetes.io/docs/tasks/tools/)" >&2
 
 installed=$(rustup target list --installed)
-for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf thumbv7em-none-eabihf; do
+# x86_64-unknown-linux-musl: the static ember-fleet and ember-agent of the container images.
+for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf thumbv7em-none-eabihf x86_64-unknown-linux-musl; do
   grep -qx "$t" <<<"$installed" || rustup target add "$t"
 done

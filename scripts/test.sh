@@ -5,8 +5,9 @@
 # fleet's Python peers, an S3-compatible server and headless Chromium), the agent's and proto's
 # unit tests for aarch64 under qemu-aarch64, an armv7 check of the agent, and a no_std build of
 # ember-proto for Cortex-M4F, the monitoring artefacts (alert rules with promtool, Grafana
-# dashboards), and the sensor-node firmware's tests (host and on-target in qemu-system-arm). It
-# ends with a plain "N passed, N failed" line.
+# dashboards), the sensor-node firmware's tests (host and on-target in qemu-system-arm), the
+# deployment files validated offline and the container images and local stack tested on the
+# Docker Engine (deploy/tests/). It ends with a plain "N passed, N failed" line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -59,15 +60,22 @@ step firmware-fmt bash -c 'cd firmware && cargo fmt --all -- --check'
 step firmware-clippy bash -c 'cd firmware && cargo clippy -p ember-node-mps2-an386 --lib --bins --test on_target -- -D warnings && cargo clippy -p ember-node --all-targets --target "$1" -- -D warnings' _ "$HOST_TRIPLE"
 step firmware-tests bash -c 'cd firmware; rc=0; cargo test -p ember-node --target "$1" || rc=1; cargo test -p ember-node-mps2-an386 || rc=1; exit $rc' _ "$HOST_TRIPLE"
 
+# The container path (docs/deploy.md): offline validation of the Kubernetes manifests,
+# Terraform and Dockerfiles, then the images built and the local stack tested on the real
+# Docker Engine (terraform apply/destroy, outages, refused identities, up.sh/down.sh).
+step deploy-validate bash deploy/tests/validate.sh
+step deploy-stack bash deploy/tests/stack-test.sh
+
+
 passed=0; failed=0
-for f in "$LOGS"/host-tests.log "$LOGS"/aarch64-tests.log "$LOGS"/monitoring.log "$LOGS"/firmware-tests.log; do
+for f in "$LOGS"/host-tests.log "$LOGS"/aarch64-tests.log "$LOGS"/monitoring.log "$LOGS"/firmware-tests.log "$LOGS"/deploy-validate.log "$LOGS"/deploy-stack.log; do
   [ -f "$f" ] || continue
   while read -r p q; do passed=$((passed + p)); failed=$((failed + q)); done < <(
     sed -nE 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' "$f")
 done
 # A failed build or check step counts as a failure too.
 for s in "${failed_steps[@]}"; do
-  case "$s" in host-tests|aarch64-tests|monitoring|firmware-tests) grep -q '^test result:' "$LOGS/$s.log" || failed=$((failed + 1)) ;; *) failed=$((failed + 1)) ;; esac
+  case "$s" in host-tests|aarch64-tests|monitoring|firmware-tests|deploy-validate|deploy-stack) grep -q '^test result:' "$LOGS/$s.log" || failed=$((failed + 1)) ;; *) failed=$((failed + 1)) ;; esac
 done
 [ ${#failed_steps[@]} -gt 0 ] && echo "Failed steps: ${failed_steps[*]}"
 echo "$passed passed, $failed failed"

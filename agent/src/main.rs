@@ -45,6 +45,13 @@ enum Command {
         #[arg(long)]
         key: PathBuf,
     },
+    /// Ask a running agent's metrics endpoint: exits 0 when it answers (the container
+    /// image's health check).
+    Health {
+        /// The agent's `metrics.listen` address.
+        #[arg(long, default_value = "127.0.0.1:9898")]
+        addr: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +63,12 @@ fn main() -> ExitCode {
                 ember_agent::tls::keygen(out).map(|()| {
                     eprintln!("Wrote a new private key to {} (mode 0600).", out.display())
                 }),
+            );
+        }
+        Some(Command::Health { addr }) => {
+            return report(
+                ember_agent::metrics::probe(*addr, std::time::Duration::from_secs(3))
+                    .map_err(anyhow::Error::msg),
             );
         }
         Some(Command::Csr { device_id, key }) => {
@@ -76,7 +89,7 @@ fn main() -> ExitCode {
             print!("{}", settings.to_toml());
             ExitCode::SUCCESS
         }
-        Command::Keygen { .. } | Command::Csr { .. } => ExitCode::SUCCESS,
+        Command::Keygen { .. } | Command::Csr { .. } | Command::Health { .. } => ExitCode::SUCCESS,
         Command::Run => match run(settings) {
             Ok(()) => ExitCode::SUCCESS,
             // A model that cannot be trusted or does not fit, or a schema that contradicts the

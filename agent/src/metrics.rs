@@ -529,6 +529,38 @@ fn render_tls(metrics: &Metrics, device_id: &str) -> String {
     )
 }
 
+/// `ember-agent health`: one `GET /metrics` of a running agent at `addr` (its
+/// `metrics.listen`); Ok when it answers 200 within `timeout`. The container image's health
+/// check (the image has no shell or HTTP client).
+pub fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut sock = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| {
+        format!("cannot connect to the agent's metrics endpoint {addr}: {e} (is metrics.listen set, and the agent running?)")
+    })?;
+    let io = |e: std::io::Error| format!("the metrics endpoint {addr} did not answer: {e}");
+    sock.set_read_timeout(Some(timeout)).map_err(io)?;
+    sock.set_write_timeout(Some(timeout)).map_err(io)?;
+    sock.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .map_err(io)?;
+    let mut head = [0u8; 32];
+    let mut n = 0;
+    while n < head.len() {
+        match sock.read(&mut head[n..]).map_err(io)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    let head = String::from_utf8_lossy(&head[..n]);
+    let status = head.lines().next().unwrap_or_default();
+    if status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.0 200") {
+        Ok(())
+    } else {
+        Err(format!(
+            "the metrics endpoint {addr} answered {status:?}, not 200"
+        ))
+    }
+}
+
 /// Serves `GET /metrics` on `addr` until `shutdown` fires.
 pub async fn serve(
     listener: TcpListener,

@@ -67,6 +67,40 @@ pub enum Command {
     /// Staged model rollouts over the fleet's HTTP API: create, list, show, pause, resume,
     /// abort, rollback.
     Rollout(rollout::RolloutArgs),
+    /// Ask a running fleet's /api/v1/health (no token): exits 0 when it answers 200 (database
+    /// answers, broker subscribed), 1 otherwise. The container images' health check.
+    Health(HealthArgs),
+}
+
+/// Where `ember-fleet health` finds the fleet.
+#[derive(clap::Args)]
+pub struct HealthArgs {
+    /// The fleet's base URL.
+    #[arg(long, env = "EMBER_FLEET_URL", default_value = ember_host::client::DEFAULT_URL)]
+    pub url: String,
+    /// PEM CA certificate that signed the fleet's HTTPS certificate.
+    #[arg(long, env = "EMBER_FLEET_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `ember-fleet health`: one GET of /api/v1/health; what it answered, or why it failed.
+fn health(args: HealthArgs) -> anyhow::Result<String> {
+    let client = ember_host::client::FleetClient::new(&args.url, args.ca_file.as_deref())?;
+    let resp = client.send(
+        "GET",
+        "/api/v1/health",
+        &[("Accept", "application/json")],
+        None,
+    )?;
+    if resp.status != 200 {
+        anyhow::bail!(
+            "{}/api/v1/health answered {}: {}",
+            args.url,
+            resp.status,
+            resp.text().trim()
+        );
+    }
+    Ok(format!("{}\n", resp.text().trim()))
 }
 
 /// Where the fleet of an HTTP command (`model`, `rollout`) is and how to trust and
@@ -130,6 +164,9 @@ pub fn run(cli: Cli) -> ExitCode {
     if let Some(Command::Rollout(args)) = cli.command {
         return print_result(rollout::run(args));
     }
+    if let Some(Command::Health(args)) = cli.command {
+        return print_result(health(args));
+    }
     // The model commands talk to a running fleet over HTTP: no configuration needed either.
     if let Some(Command::Model(args)) = cli.command {
         return print_result(model::run(args));
@@ -154,7 +191,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Run => serve(settings),
         Command::Token(cmd) => token::run(settings, cmd),
-        Command::Pki(_) | Command::Rollout(_) | Command::Model(_) => Ok(()),
+        Command::Pki(_) | Command::Rollout(_) | Command::Model(_) | Command::Health(_) => Ok(()),
         Command::Demo(args) => demo(settings, args),
     };
     match result {

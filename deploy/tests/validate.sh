@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Offline validation of the deployment files (a step of scripts/test.sh; no cluster, no cloud):
+#   * every kustomize overlay renders and passes a strict schema check (kubernetes-validate
+#     --strict, Kubernetes 1.32 schemas bundled in the package: no download);
+#   * checkov (offline: --skip-download) over the Terraform, the Dockerfiles and the rendered manifests: zero failed checks
+#     (a check that does not apply is skipped inline where it would fail, with the reason);
+#   * yamllint over every YAML file of deploy/ and the rendered manifests;
+#   * terraform fmt -check and terraform validate (builtin provider only: no download);
+#   * a syntax check (bash -n, sh -n) of the deploy scripts.
+# Ends with a cargo-style "test result:" line that scripts/test.sh counts.
+set -uo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$ROOT"
+VENV=${EMBER_DEPLOY_VENV:-$HOME/.cache/ember/deploy-venv}
+K8S_VERSION=1.32.0
+OUT=$(mktemp -d /tmp/ember-validate.XXXXXX)
+trap 'rm -rf "$OUT"' EXIT
+passed=0 failed=0 failures=()
+
+check() { # name command...
+  local name=$1; shift
+  echo "--- check validate::$name"
+  if "$@" >"$OUT/$name.log" 2>&1; then
+    passed=$((passed + 1)); echo "test validate::$name ... ok"
+    tail -3 "$OUT/$name.log"
+  else
+    failed=$((failed + 1)); failures+=("$name"); echo "test validate::$name ... FAILED"
+    tail -60 "$OUT/$name.log"
+  fi
+}
+
+for t in "$VENV/bin/checkov" "$VENV/bin/kubernetes-validate" "$VENV/bin/yamllint"; do
+  [[ -x $t ]] || { echo "validate: $t is missing: run bash scripts/install-deps.sh" >&2; echo "test result: FAILED. 0 passed; 1 failed; 0 ignored"; exit 1; }
+done
+command -v kubectl >/dev/null || { echo "validate: kubectl is missing (its kustomize renders the overlays): apt-get install kubectl, or bash scripts/install-deps.sh" >&2; echo "test result: FAILED. 0 passed; 1 failed; 0 ignored"; exit 1; }
+command -v terraform >/dev/null || { echo "validate: terraform is missing (it ships with the machine image)" >&2; echo "test result: FAILED. 0 passed; 1 failed; 0 ignored"; exit 1; }
+
+mkdir -p "$OUT/rendered"
+for overlay in deploy/k8s/overlays/*/; do
+  env=$(basename "$overlay")
+  check "kustomize_$env" bash -c "kubectl kustomize '$overlay' >'$OUT/rendered/$env.yaml'"
+  check "schema_$env" "$VENV/bin/kubernetes-validate" --strict --kubernetes-version "$K8S_VERSION" "$OUT/rendered/$env.yaml"
+done
+check yamllint "$VENV/bin/yamllint" --strict -c deploy/.yamllint deploy "$OUT/rendered"
+check checkov_terraform "$VENV/bin/checkov" --quiet --compact --skip-download --framework terraform -d terraform
+check checkov_dockerfiles "$VENV/bin/checkov" --quiet --compact --skip-download --framework dockerfile -d deploy
+check checkov_kubernetes "$VENV/bin/checkov" --quiet --compact --skip-download --framework kubernetes -d "$OUT/rendered"
+check terraform_fmt terraform fmt -check -recursive terraform
+check terraform_validate bash -c "TF_DATA_DIR='$OUT/tf' terraform -chdir=terraform/local init -backend=false -input=false >/dev/null && TF_DATA_DIR='$OUT/tf' terraform -chdir=terraform/local validate"
+check shell_syntax bash -c 'for f in deploy/build-images.sh deploy/base/*.sh deploy/local/*.sh deploy/tests/*.sh scripts/up.sh scripts/down.sh; do bash -n "$f" || exit 1; done; sh -n deploy/postgres/entrypoint.sh'
+
+[[ $failed -eq 0 ]] || echo "failures: ${failures[*]}"
+if [[ $failed -eq 0 ]]; then
+  echo "test result: ok. $passed passed; 0 failed; 0 ignored"
+else
+  echo "test result: FAILED. $passed passed; $failed failed; 0 ignored"
+  exit 1
+fi
