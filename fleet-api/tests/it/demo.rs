@@ -40,6 +40,9 @@ fn demo_brings_agents_online_rolls_out_a_model_and_stops_cleanly_on_sigint() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start ember-fleet demo");
+    // A failing assertion must not leave the demo and its agents running: SIGINT makes the
+    // demo stop its agents first (a SIGKILL would orphan them).
+    let _stop = StopOnDrop(child.id());
 
     // Stdout carries the banner; stderr the logs (kept for the failure message).
     let (tx, rx) = mpsc::channel::<String>();
@@ -64,7 +67,7 @@ fn demo_brings_agents_online_rolls_out_a_model_and_stops_cleanly_on_sigint() {
     let banner = rx
         .recv_timeout(Duration::from_secs(30))
         .unwrap_or_else(|_| {
-            let _ = child.kill();
+            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
             panic!(
                 "no banner within 30 s; logs:\n{}",
                 log.lock().unwrap().as_str()
@@ -255,5 +258,24 @@ fn demo_brings_agents_online_rolls_out_a_model_and_stops_cleanly_on_sigint() {
             log.contains("Stopped") || log.contains("stopped"),
             "demo-{i:02}:\n{log}"
         );
+    }
+}
+
+/// Sends SIGINT to the demo when the test ends, however it ends, and waits (at most 30 s) for
+/// it to stop its agents; a demo already gone makes this a no-op.
+struct StopOnDrop(u32);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let pid = self.0.to_string();
+        let alive = || Command::new("kill").args(["-0", &pid]).status().is_ok_and(|s| s.success());
+        if !alive() {
+            return;
+        }
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
