@@ -38,6 +38,36 @@ const BYTES_BUCKETS: &[f64] = &[
 /// Every metric family: name (without the `ember_fleet_` prefix), kind, help.
 const FAMILIES: &[(&str, Kind, &str)] = &[
     (
+        "leader",
+        Kind::Gauge,
+        "1 while this replica is the leader (runs the rollout driver, retention and the desired-state publisher), else 0.",
+    ),
+    (
+        "leader_elections_total",
+        Kind::Counter,
+        "Times this replica became the leader.",
+    ),
+    (
+        "events_relayed_total",
+        Kind::Counter,
+        "Notifications sent to the other replicas (PostgreSQL NOTIFY), by channel: ember_events (live events), ember_desired (wake the publisher).",
+    ),
+    (
+        "events_relay_dropped_total",
+        Kind::Counter,
+        "Live events not relayed to the other replicas, by reason: too_large, database.",
+    ),
+    (
+        "events_received_from_replicas_total",
+        Kind::Counter,
+        "Live events committed by other replicas and delivered to this replica's event streams.",
+    ),
+    (
+        "mqtt_sessions_ended_total",
+        Kind::Counter,
+        "Times this replica left the shared subscription and ended its MQTT session at shutdown (other replicas were running).",
+    ),
+    (
         "desired_published_total",
         Kind::Counter,
         "Desired-state messages published (retained) and acknowledged by the broker.",
