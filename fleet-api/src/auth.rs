@@ -125,7 +125,10 @@ pub enum Bootstrap {
 /// restarts and replicas, even while `EMBER_FLEET_BOOTSTRAP_TOKEN` still names it.
 pub async fn store_bootstrap(db: &Db, token: &str) -> Result<Bootstrap, sqlx::Error> {
     let mut q = Sql::new("INSERT INTO api_tokens (token_hash, scope, name, created_at) VALUES (");
-    q.bind(hash(token)).push(", ").bind(Scope::Admin.name()).push(", ");
+    q.bind(hash(token))
+        .push(", ")
+        .bind(Scope::Admin.name())
+        .push(", ");
     q.bind("bootstrap").push(", ").bind(now_us()).push(")");
     q.push(" ON CONFLICT (token_hash) DO NOTHING");
     if q.query().execute(db.pool()).await?.rows_affected() == 1 {
@@ -133,7 +136,11 @@ pub async fn store_bootstrap(db: &Db, token: &str) -> Result<Bootstrap, sqlx::Er
     }
     let mut q = Sql::new("SELECT revoked_at FROM api_tokens WHERE token_hash = ");
     q.bind(hash(token));
-    let revoked: Option<i64> = q.query().fetch_one(db.pool()).await?.try_get("revoked_at")?;
+    let revoked: Option<i64> = q
+        .query()
+        .fetch_one(db.pool())
+        .await?
+        .try_get("revoked_at")?;
     Ok(if revoked.is_some() {
         Bootstrap::Revoked
     } else {

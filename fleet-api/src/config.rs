@@ -774,18 +774,21 @@ impl Settings {
 
 fn unstable_client_id(host: &str) -> ConfigError {
     invalid(
-            "mqtt.client_id",
-            format!(
-                "is not set, and the default would come from the host name {host:?}, which looks generated (a Kubernetes Deployment's pod or a container id) and changes when the process is replaced; with a persistent session (mqtt.clean_session = false) the old name's session keeps its share of the shared subscription and its messages are never received: give each replica a stable mqtt.client_id starting with \"ember-fleet\" (a StatefulSet with EMBER_FLEET_MQTT__CLIENT_ID=ember-fleet-$(POD_NAME)), see docs/scale-out.md"
-            ),
-        )
+        "mqtt.client_id",
+        format!(
+            "is not set, and the default would come from the host name {host:?}, which looks generated (a Kubernetes Deployment's pod or a container id) and changes when the process is replaced; with a persistent session (mqtt.clean_session = false) the old name's session keeps its share of the shared subscription and its messages are never received: give each replica a stable mqtt.client_id starting with \"ember-fleet\" (a StatefulSet with EMBER_FLEET_MQTT__CLIENT_ID=ember-fleet-$(POD_NAME)), see docs/scale-out.md"
+        ),
+    )
 }
 
 /// A host name that a container runtime or Kubernetes generated: a container id (12 or 64
 /// lowercase hex digits), or a pod name ending in Kubernetes' random 5-character suffix
 /// (Deployments, ReplicaSets, DaemonSets; a StatefulSet's `<name>-<ordinal>` is stable).
 pub fn host_looks_generated(host: &str) -> bool {
-    let hex = |s: &str| s.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+    let hex = |s: &str| {
+        s.chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    };
     if (host.len() == 12 || host.len() == 64) && hex(host) {
         return true;
     }
@@ -1039,17 +1042,30 @@ mod tests {
                     .unwrap();
             }
         }
-        for host in ["ember-fleet-0", "ember-fleet-12", "fleet1.example.com", "vm"] {
+        for host in [
+            "ember-fleet-0",
+            "ember-fleet-12",
+            "fleet1.example.com",
+            "vm",
+        ] {
             let s = Settings::from_toml("", "t", env(host)).unwrap();
             s.check_replica_identity().unwrap();
-            assert_eq!(s.mqtt.client_id, format!("ember-fleet-{}", host.replace('.', "-")));
+            assert_eq!(
+                s.mqtt.client_id,
+                format!("ember-fleet-{}", host.replace('.', "-"))
+            );
         }
         let unexpanded = vec![(
             "EMBER_FLEET_MQTT__CLIENT_ID".to_string(),
             "ember-fleet-$(POD_NAME)".to_string(),
         )];
-        let e = Settings::from_toml("", "t", unexpanded).unwrap_err().to_string();
-        assert!(e.contains("mqtt.client_id") && e.contains("POD_NAME"), "{e}");
+        let e = Settings::from_toml("", "t", unexpanded)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mqtt.client_id") && e.contains("POD_NAME"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -241,8 +241,12 @@ impl Db {
                 build: SCHEMA_VERSION,
             });
         }
-        tracing::info!(schema = found, build = SCHEMA_VERSION, min_reader,
-            "The database schema is newer than this build and compatible with it.");
+        tracing::info!(
+            schema = found,
+            build = SCHEMA_VERSION,
+            min_reader,
+            "The database schema is newer than this build and compatible with it."
+        );
         Ok(())
     }
 

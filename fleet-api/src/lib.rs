@@ -52,9 +52,9 @@ pub use crate::error::FleetError;
 use crate::metrics::Metrics;
 use crate::ota::registry::Registry;
 use crate::ota::rollout::service::Service as Rollouts;
+use crate::server::cluster::{Membership, spawn_singleton};
 use crate::server::events::Events;
 use crate::server::ingest::{self, IngestState};
-use crate::server::cluster::{Membership, spawn_singleton};
 use crate::server::retention;
 
 /// Runs the service on `listener` until `shutdown` fires and the drain completes (or
@@ -134,7 +134,14 @@ pub async fn run(
     });
     let retention = spawn_singleton("retention", leader, shutdown.clone(), {
         let (db, settings, metrics) = (db.clone(), settings.clone(), metrics.clone());
-        move |stop| retention::run(db.clone(), settings.retention.clone(), metrics.clone(), stop)
+        move |stop| {
+            retention::run(
+                db.clone(),
+                settings.retention.clone(),
+                metrics.clone(),
+                stop,
+            )
+        }
     });
     let app = api::router(api::AppState {
         db: db.clone(),

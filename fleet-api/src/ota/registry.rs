@@ -254,7 +254,11 @@ impl Registry {
             q.query().execute(registry.db.pool()).await?;
             let mut q = Sql::new("SELECT value FROM fleet_facts WHERE name = ");
             q.bind(FS_STORE_FACT);
-            let recorded: String = q.query().fetch_one(registry.db.pool()).await?.try_get("value")?;
+            let recorded: String = q
+                .query()
+                .fetch_one(registry.db.pool())
+                .await?
+                .try_get("value")?;
             if recorded != local {
                 return Err(RegistryError::Misconfigured(format!(
                     "models.store = \"fs\": {} is not the model store the other replicas of this database use \
@@ -363,7 +367,9 @@ impl Registry {
             // verified bundles of this name and version; the row names the winner's sha256).
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 let winner = lookup(&self.db, &entry.name, &entry.version).await?;
-                if winner.as_ref().is_some_and(|w| w.blob_key != entry.blob_key)
+                if winner
+                    .as_ref()
+                    .is_some_and(|w| w.blob_key != entry.blob_key)
                     && let Err(e) = self.store.delete(&entry.blob_key).await
                 {
                     tracing::warn!(error = %e, key = %entry.blob_key,
@@ -659,7 +665,8 @@ fn write_create_only(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
             .create_new(true)
             .open(&tmp)
             .map_err(|e| store_err("create", &tmp, e))?;
-        f.write_all(bytes).map_err(|e| store_err("write", &tmp, e))?;
+        f.write_all(bytes)
+            .map_err(|e| store_err("write", &tmp, e))?;
         f.sync_all().map_err(|e| store_err("sync", &tmp, e))?;
         match std::fs::hard_link(&tmp, path) {
             Ok(()) => {}

@@ -265,9 +265,13 @@ async fn maintain(
                     Ok(true) => conn = Some(c),
                     Ok(false) => tracing::error!(client_id = %client_id,
                         "Another replica took this replica's mqtt.client_id while its lock connection was down; retrying."),
-                    Err(e) => tracing::warn!(error = %e, "Cannot take the replica identity lock; retrying."),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Cannot take the replica identity lock; retrying.")
+                    }
                 },
-                Err(e) => tracing::warn!(error = %e, "Cannot reconnect the replica lock connection; retrying."),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot reconnect the replica lock connection; retrying.")
+                }
             },
         }
         tokio::select! {
@@ -317,7 +321,11 @@ where
                 }
             };
             token.cancel();
-            if !finished && tokio::time::timeout(CHECK_TIMEOUT, &mut handle).await.is_err() {
+            if !finished
+                && tokio::time::timeout(CHECK_TIMEOUT, &mut handle)
+                    .await
+                    .is_err()
+            {
                 handle.abort();
             }
             if shutdown.is_cancelled() {
@@ -332,7 +340,10 @@ where
                     }
                 }
             }
-            tracing::debug!(task = name, "Stopped a singleton task (no longer the leader).");
+            tracing::debug!(
+                task = name,
+                "Stopped a singleton task (no longer the leader)."
+            );
         }
     })
 }
@@ -406,7 +417,10 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(starts.load(Ordering::SeqCst), 0, "a follower runs nothing");
         tx.send_replace(true);
-        eventually("it starts when leading", || running.load(Ordering::SeqCst) == 1).await;
+        eventually("it starts when leading", || {
+            running.load(Ordering::SeqCst) == 1
+        })
+        .await;
         tx.send_replace(false);
         eventually("it stops when no longer leading", || {
             running.load(Ordering::SeqCst) == 0

@@ -107,7 +107,9 @@ async fn notify(
                 }
                 Relayed::Event(e) => e,
             };
-            let len = serde_json::to_string(&e).map(|t| t.len()).unwrap_or(usize::MAX);
+            let len = serde_json::to_string(&e)
+                .map(|t| t.len())
+                .unwrap_or(usize::MAX);
             if len > MAX_PAYLOAD - 64 {
                 metrics.inc("events_relay_dropped_total", &[("reason", "too_large")], 1);
                 continue;
@@ -173,10 +175,7 @@ async fn listen(
                 }
             }
         };
-        if let Err(e) = listener
-            .listen_all([CHANNEL_EVENTS, CHANNEL_DESIRED])
-            .await
-        {
+        if let Err(e) = listener.listen_all([CHANNEL_EVENTS, CHANNEL_DESIRED]).await {
             tracing::warn!(error = %e, "Cannot listen for other replicas' events; retrying.");
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -203,7 +202,11 @@ async fn listen(
             match n.channel() {
                 CHANNEL_EVENTS => match serde_json::from_str::<Envelope>(n.payload()) {
                     Ok(env) if env.o != origin => {
-                        metrics.inc("events_received_from_replicas_total", &[], env.e.len() as u64);
+                        metrics.inc(
+                            "events_received_from_replicas_total",
+                            &[],
+                            env.e.len() as u64,
+                        );
                         for e in env.e {
                             events.deliver_remote(e);
                         }

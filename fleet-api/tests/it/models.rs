@@ -207,7 +207,10 @@ fn registry_end_to_end(kind: Kind) {
     assert_eq!(r.header("location"), Some("/api/v1/models/activity/1.0.0"));
     assert!(
         data.path()
-            .join(format!("models/activity/1.0.0/{}.bundle", sha256(&original)))
+            .join(format!(
+                "models/activity/1.0.0/{}.bundle",
+                sha256(&original)
+            ))
             .is_file(),
         "the blob is under <data_dir>/models/<name>/<version>/<sha256>.bundle"
     );

@@ -205,8 +205,7 @@ impl Devices {
                     .build()
                     .expect("runtime");
                 rt.block_on(async move {
-                    let mut opts =
-                        MqttOptions::new(crate::support::client_id(), "127.0.0.1", port);
+                    let mut opts = MqttOptions::new(crate::support::client_id(), "127.0.0.1", port);
                     opts.set_keep_alive(Duration::from_secs(5));
                     let (client, mut el) = AsyncClient::new(opts, 4096);
                     loop {
@@ -224,7 +223,8 @@ impl Devices {
                                         status(d, model, "1.0.0", None),
                                     );
                                 }
-                                let _ = client.try_subscribe("ember/v1/+/desired", QoS::AtLeastOnce);
+                                let _ =
+                                    client.try_subscribe("ember/v1/+/desired", QoS::AtLeastOnce);
                             }
                             Ok(Event::Incoming(Packet::SubAck(_))) => {
                                 let _ = ready_tx.send(());
@@ -246,7 +246,11 @@ impl Devices {
                                         status(&device, model, v, report),
                                     );
                                 }
-                                seen.lock().expect("lock").entry(device).or_default().push(d);
+                                seen.lock()
+                                    .expect("lock")
+                                    .entry(device)
+                                    .or_default()
+                                    .push(d);
                             }
                             Ok(_) => {}
                             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -255,7 +259,9 @@ impl Devices {
                 });
             })
         };
-        ready_rx.recv_timeout(WAIT).expect("the devices did not subscribe");
+        ready_rx
+            .recv_timeout(WAIT)
+            .expect("the devices did not subscribe");
         Devices {
             seen,
             stop,
@@ -286,7 +292,11 @@ impl Drop for Devices {
 
 /// The retained desired version of `model` for each of `devices`, as a device connecting now
 /// would be told.
-fn retained(port: u16, devices: &[String], model: &'static str) -> BTreeMap<String, Option<String>> {
+fn retained(
+    port: u16,
+    devices: &[String],
+    model: &'static str,
+) -> BTreeMap<String, Option<String>> {
     let fresh = Devices::start(port, Vec::new(), model);
     wait_until(Duration::from_secs(5), || {
         devices.iter().all(|d| fresh.latest(d, model).is_some())

@@ -158,7 +158,13 @@ pub(crate) fn report(
 
 /// Registers `model` `version` in the registry table directly (the upload route is another
 /// part's; the rollout service only reads the table).
-pub(crate) fn register_model(store: &Store, kind: Kind, model: &str, version: &str, deprecated: bool) {
+pub(crate) fn register_model(
+    store: &Store,
+    kind: Kind,
+    model: &str,
+    version: &str,
+    deprecated: bool,
+) {
     let settings = DatabaseSettings {
         url: store.url(),
         backend: match kind {
@@ -220,7 +226,12 @@ pub(crate) fn rollout(fleet: &TestFleet, id: &str) -> Value {
 }
 
 /// Waits until the rollout satisfies `pred`; panics with the last view.
-pub(crate) fn wait_rollout(fleet: &TestFleet, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+pub(crate) fn wait_rollout(
+    fleet: &TestFleet,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let mut last = Value::Null;
     let ok = wait_until(WAIT, || {
         last = rollout(fleet, id);

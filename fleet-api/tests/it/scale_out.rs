@@ -71,7 +71,11 @@ fn a_revoked_bootstrap_token_stays_revoked(kind: Kind) {
             .iter()
             .find(|t| t.name == "bootstrap")
             .expect("the bootstrap token is stored");
-        assert!(ember_fleet::auth::revoke(&db, bootstrap.id).await.expect("revoke"));
+        assert!(
+            ember_fleet::auth::revoke(&db, bootstrap.id)
+                .await
+                .expect("revoke")
+        );
         db.close().await;
     });
     assert_eq!(fleet.get("/api/v1/devices").status, 401, "revoked at once");
@@ -150,7 +154,10 @@ fn a_rollback_is_never_overwritten_at_the_broker_by_a_stale_publish() {
     if a_sent {
         // A's held packets reached the broker and it answered them.
         let answered = wait_until(WAIT, || proxy.down_since_release() > 0);
-        assert!(answered, "the broker never answered replica A after the release");
+        assert!(
+            answered,
+            "the broker never answered replica A after the release"
+        );
     }
     wait_rollout(&b, &id, "rolled back and published", |v| {
         v["state"] == "rolled_back" && v["pending_publish"] == 0
@@ -336,9 +343,19 @@ fn a_replica_with_its_own_fs_model_store_is_refused() {
     let store = Store::new(Kind::Postgres);
     let shared = tempfile::tempdir().expect("temp dir");
     let own = tempfile::tempdir().expect("temp dir");
-    let a = TestFleet::spawn(&registry_text(&store, broker.port(), "ember-fleet-a", shared.path()));
+    let a = TestFleet::spawn(&registry_text(
+        &store,
+        broker.port(),
+        "ember-fleet-a",
+        shared.path(),
+    ));
     a.wait_healthy();
-    let b = TestFleet::spawn(&registry_text(&store, broker.port(), "ember-fleet-b", own.path()));
+    let b = TestFleet::spawn(&registry_text(
+        &store,
+        broker.port(),
+        "ember-fleet-b",
+        own.path(),
+    ));
     let e = b
         .stop()
         .expect_err("a replica with another fs store must not start")
@@ -347,7 +364,12 @@ fn a_replica_with_its_own_fs_model_store_is_refused() {
         e.contains("models.store") && e.contains("shared volume"),
         "the refusal says what to change: {e}"
     );
-    let c = TestFleet::spawn(&registry_text(&store, broker.port(), "ember-fleet-c", shared.path()));
+    let c = TestFleet::spawn(&registry_text(
+        &store,
+        broker.port(),
+        "ember-fleet-c",
+        shared.path(),
+    ));
     c.wait_healthy();
     drop((a, c));
 }
@@ -362,9 +384,19 @@ fn racing_uploads_of_one_version_never_disagree_with_their_row() {
     let broker = TestBroker::start();
     let store = Store::new(Kind::Postgres);
     let shared = tempfile::tempdir().expect("temp dir");
-    let a = TestFleet::spawn(&registry_text(&store, broker.port(), "ember-fleet-a", shared.path()));
+    let a = TestFleet::spawn(&registry_text(
+        &store,
+        broker.port(),
+        "ember-fleet-a",
+        shared.path(),
+    ));
     a.wait_healthy();
-    let b = TestFleet::spawn(&registry_text(&store, broker.port(), "ember-fleet-b", shared.path()));
+    let b = TestFleet::spawn(&registry_text(
+        &store,
+        broker.port(),
+        "ember-fleet-b",
+        shared.path(),
+    ));
     b.wait_healthy();
     for i in 0..10 {
         let version = format!("3.0.{i}");
@@ -392,8 +424,10 @@ fn racing_uploads_of_one_version_never_disagree_with_their_row() {
         );
         let row = a.get_json(&format!("/api/v1/models/activity/{version}"));
         for fleet in [&a, &b] {
-            let body =
-                crate::models::download_from(fleet.port, &format!("/api/v1/models/activity/{version}/bundle"));
+            let body = crate::models::download_from(
+                fleet.port,
+                &format!("/api/v1/models/activity/{version}/bundle"),
+            );
             assert_eq!(
                 Value::from(ember_bundle::hex::sha256(&body)),
                 row["sha256"],
@@ -492,7 +526,9 @@ fn an_older_build_starts_against_a_newer_compatible_schema() {
     // A newer release applied migration 999 (additive: min_reader unchanged).
     let future = ember_fleet::db::SCHEMA_VERSION + 993;
     block_on(async {
-        let db = Db::connect(&db_settings(&store, Kind::Postgres)).await.expect("db");
+        let db = Db::connect(&db_settings(&store, Kind::Postgres))
+            .await
+            .expect("db");
         sqlx::query("CREATE TABLE future_feature (id BIGINT PRIMARY KEY)")
             .execute(db.pool())
             .await
@@ -508,13 +544,17 @@ fn an_older_build_starts_against_a_newer_compatible_schema() {
         db.close().await;
     });
     let fleet = TestFleet::start_with(&store, broker.port(), "ember-fleet-old", "");
-    fleet.stop().expect("the older build runs against the newer schema");
+    fleet
+        .stop()
+        .expect("the older build runs against the newer schema");
     let newer = migrate(true);
     assert!(newer.contains("newer than this build"), "{newer}");
 
     // A later release made a change older builds cannot read.
     block_on(async {
-        let db = Db::connect(&db_settings(&store, Kind::Postgres)).await.expect("db");
+        let db = Db::connect(&db_settings(&store, Kind::Postgres))
+            .await
+            .expect("db");
         sqlx::query("UPDATE schema_compat SET min_reader = $1")
             .bind(future)
             .execute(db.pool())
@@ -523,7 +563,10 @@ fn an_older_build_starts_against_a_newer_compatible_schema() {
         db.close().await;
     });
     let refused = TestFleet::spawn(&config(&store.url(), broker.port(), "ember-fleet-old", ""));
-    let e = refused.stop().expect_err("an incompatible schema is refused").to_string();
+    let e = refused
+        .stop()
+        .expect_err("an incompatible schema is refused")
+        .to_string();
     assert!(e.contains("upgrade this replica"), "{e}");
     let text = migrate(false);
     assert!(text.contains("upgrade this replica"), "{text}");
@@ -537,12 +580,20 @@ fn a_second_process_on_one_sqlite_file_is_refused() {
     let broker = TestBroker::start();
     let store = Store::new(Kind::Sqlite);
     let a = TestFleet::start(&store, broker.port());
-    let b = TestFleet::spawn(&config(&store.url(), broker.port(), &crate::support::client_id(), ""));
+    let b = TestFleet::spawn(&config(
+        &store.url(),
+        broker.port(),
+        &crate::support::client_id(),
+        "",
+    ));
     let e = b
         .stop()
         .expect_err("a second process on one SQLite file must not start")
         .to_string();
-    assert!(e.contains("postgres://"), "the refusal says what to change: {e}");
+    assert!(
+        e.contains("postgres://"),
+        "the refusal says what to change: {e}"
+    );
     // Once the first one stopped, the file is free again.
     a.stop().expect("stops");
     let c = TestFleet::start(&store, broker.port());

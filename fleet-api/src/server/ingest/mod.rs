@@ -495,10 +495,8 @@ async fn end_session(m: &crate::config::MqttSettings) -> Result<(), String> {
                     let _ = client.try_disconnect();
                 }
                 Ok(_) => {}
-                Err(e) if acked => {
-                    let _ = e;
-                    return Ok(());
-                }
+                // The broker closed the connection after the DISCONNECT: done.
+                Err(_) if acked => return Ok(()),
                 Err(e) => return Err(e.to_string()),
             }
         }
