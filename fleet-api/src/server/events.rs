@@ -87,6 +87,9 @@ impl LiveEvent {
 }
 
 /// What goes to the other replicas.
+// Nearly every value is an `Event`: boxing it would allocate for the common case to save
+// space in the rare one.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Relayed {
     Event(LiveEvent),

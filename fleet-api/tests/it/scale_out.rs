@@ -476,7 +476,7 @@ fn one_leader_runs_the_singleton_work_and_another_takes_over() {
         "retention ran on several replicas: {passes:?}"
     );
     let leader = leaders(&all)[0];
-    let mut fleets = vec![Some(f0), Some(f1), Some(f2)];
+    let mut fleets = [Some(f0), Some(f1), Some(f2)];
     fleets[leader]
         .take()
         .expect("leader")
@@ -626,38 +626,56 @@ fn two_live_replicas_with_one_client_id_are_refused() {
 #[test]
 fn an_unstable_client_id_is_refused_at_start() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let run = |env: &[(&str, &str)], sub: &str| {
+    // A refused start exits at once; one that is not refused serves until stopped, so it is
+    // killed after the wait and counted as started.
+    let run = |env: &[(&str, &str)], sub: &str| -> (Option<i32>, String) {
         let mut cmd = Command::new(fleet_bin());
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("EMBER_FLEET_") {
                 cmd.env_remove(k);
             }
         }
-        cmd.arg(sub)
+        let mut child = cmd
+            .arg(sub)
             .env(
                 "EMBER_FLEET_DATABASE__URL",
                 format!("sqlite://{}", dir.path().join("f.db").display()),
             )
             .env("EMBER_FLEET_HTTP__LISTEN", "127.0.0.1:0")
             .envs(env.iter().copied())
-            .output()
-            .expect("run ember-fleet")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run ember-fleet");
+        let mut status = None;
+        let exited = wait_until(Duration::from_secs(20), || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        if !exited {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut stderr);
+        }
+        if !exited {
+            stderr.push_str("\n(it started and served: killed after 20 s)");
+        }
+        (status.and_then(|s| s.code()), stderr)
     };
     for env in [
         &[("HOSTNAME", "ember-fleet-7d9f8b6c5-x2kqz")][..],
         &[("EMBER_FLEET_MQTT__CLIENT_ID", "ember-fleet-$(POD_NAME)")][..],
     ] {
-        let out = run(env, "run");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{env:?}: {stderr}");
+        let (code, stderr) = run(env, "run");
+        assert_eq!(code, Some(2), "{env:?}: {stderr}");
         assert!(stderr.contains("mqtt.client_id"), "{env:?}: {stderr}");
     }
-    let out = run(&[("HOSTNAME", "ember-fleet-7d9f8b6c5-x2kqz")], "migrate");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, stderr) = run(&[("HOSTNAME", "ember-fleet-7d9f8b6c5-x2kqz")], "migrate");
+    assert_eq!(code, Some(0), "{stderr}");
     let s = Settings::from_toml("", "t", vec![("HOSTNAME".into(), "ember-fleet-0".into())])
         .expect("a StatefulSet name is fine");
     s.check_replica_identity().expect("stable");
