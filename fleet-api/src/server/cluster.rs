@@ -48,7 +48,7 @@ use crate::metrics::Metrics;
 /// How often the lock connection is checked, and how often a follower tries to lead.
 pub const LOCK_CHECK: Duration = Duration::from_secs(1);
 /// A check that takes longer than this counts as a lost connection.
-pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a (re)connection of the lock connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The advisory-lock namespace (upper 32 bits of the key) of replica identities ("EMBR").
