@@ -108,6 +108,11 @@ pub struct Args {
     /// Skip the baselines (broker delivery, database ceiling): for parameter sweeps only.
     #[arg(long)]
     no_baselines: bool,
+    /// Replica counts to run per database case, in order (`1,2,3`): that many `ember-fleet`
+    /// processes in one shared-subscription group on one database (PostgreSQL only; SQLite
+    /// runs one process), each with its own stable client id, on a fresh database each.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    replicas: Vec<usize>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -158,17 +163,20 @@ impl Store {
         }
     }
 
-    fn fleet_url(&self) -> String {
-        self.url(match self {
-            Store::Sqlite(_) => "fleet",
-            Store::Postgres(_) => "postgres",
-        })
+    /// The fleet's database for the run with `replicas` replicas (a fresh one per run).
+    fn fleet_url(&self, replicas: usize) -> String {
+        match (self, replicas) {
+            (Store::Sqlite(_), _) => self.url("fleet"),
+            (Store::Postgres(_), 1) => self.url("postgres"),
+            (Store::Postgres(_), n) => self.url(&format!("fleet_{n}_replicas")),
+        }
     }
 }
 
 /// One case's numbers.
 struct Outcome {
     case: DbCase,
+    replicas: usize,
     /// Mean of the ceiling measured before and after the fleet, and the two values.
     ceiling: f64,
     ceiling_range: (f64, f64),
@@ -252,7 +260,15 @@ pub async fn run(args: Args, measure: Duration) -> Result<()> {
             eprintln!("database ceiling before: {c:.0} records/s");
             c
         };
-        let mut o = fleet_case(&args, case, &store, &fleet_bin, measure).await?;
+        let mut runs = Vec::new();
+        for &replicas in &args.replicas {
+            if case == DbCase::Sqlite && replicas != 1 {
+                eprintln!("(SQLite runs one process: {replicas} replicas skipped)");
+                continue;
+            }
+            eprintln!("-- {replicas} replica(s)");
+            runs.push(fleet_case(&args, case, &store, &fleet_bin, measure, replicas).await?);
+        }
         let after = if args.no_baselines {
             f64::NAN
         } else {
@@ -260,24 +276,27 @@ pub async fn run(args: Args, measure: Duration) -> Result<()> {
             eprintln!("database ceiling after: {c:.0} records/s");
             c
         };
-        o.ceiling = (before + after) / 2.0;
-        o.ceiling_range = (before.min(after), before.max(after));
-        outcomes.push(o);
+        for mut o in runs {
+            o.ceiling = (before + after) / 2.0;
+            o.ceiling_range = (before.min(after), before.max(after));
+            outcomes.push(o);
+        }
     }
     println!("load at end: {}", loadavg());
 
     println!();
     println!(
-        "| case | offered rec/s | stored rec/s | of DB ceiling | DB ceiling rec/s (before-after) | device list p50 / p99 ms | device page p50 / p99 ms (device + ledger) | exactly once |"
+        "| case | replicas | offered rec/s | stored rec/s | of DB ceiling | DB ceiling rec/s (before-after) | device list p50 / p99 ms | device page p50 / p99 ms (device + ledger) | exactly once |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---|");
     println!(
-        "| Mosquitto plain delivery, one subscriber connection | | {delivery:.0} | | | | | baseline |"
+        "| Mosquitto plain delivery, one subscriber connection | | | {delivery:.0} | | | | | baseline |"
     );
     for o in &outcomes {
         println!(
-            "| {} | {:.0} | **{:.0}** | **{:.2}** | {:.0} ({:.0}-{:.0}) | {} | {} | {} |",
+            "| {} | {} | {:.0} | **{:.0}** | **{:.2}** | {:.0} ({:.0}-{:.0}) | {} | {} | {} |",
             o.case.label(),
+            o.replicas,
             o.offered,
             o.stored,
             o.stored / o.ceiling,
@@ -292,8 +311,9 @@ pub async fn run(args: Args, measure: Duration) -> Result<()> {
     println!();
     for o in &outcomes {
         println!(
-            "{}: stored/broker delivery {:.2}; publishers held back {:.0}% of the window; GET device p50/p99 {} ms, ledger {} ms, {} list + {} page samples, {} HTTP errors; fleet CPU {:.0}% of one core, machine CPU busy {:.0}%; mean flush {:.1} ms for {:.0} records",
+            "{} x{}: stored/broker delivery {:.2}; publishers held back {:.0}% of the window; GET device p50/p99 {} ms, ledger {} ms, {} list + {} page samples, {} HTTP errors; fleet CPU {:.0}% of one core, machine CPU busy {:.0}%; mean flush {:.1} ms for {:.0} records",
             o.case.label(),
+            o.replicas,
             o.stored / delivery,
             o.held_back * 100.0,
             o.device.show(),
@@ -728,7 +748,14 @@ fn machine_jiffies() -> (f64, f64) {
     (total - idle, total)
 }
 
-fn fleet_config(args: &Args, url: &str, broker: u16, http: u16, dir: &Path) -> String {
+fn fleet_config(
+    args: &Args,
+    url: &str,
+    broker: u16,
+    http: u16,
+    dir: &Path,
+    client_id: &str,
+) -> String {
     let mut c = format!(
         "bootstrap_token = \"{TOKEN}\"\n\
          data_dir = \"{}\"\n\
@@ -741,7 +768,7 @@ fn fleet_config(args: &Args, url: &str, broker: u16, http: u16, dir: &Path) -> S
         c.push_str(&format!("max_connections = {n}\n"));
     }
     c.push_str(&format!(
-        "[mqtt]\nhost = \"127.0.0.1\"\nport = {broker}\nclient_id = \"ember-fleet-bench\"\n[ingest]\n"
+        "[mqtt]\nhost = \"127.0.0.1\"\nport = {broker}\nclient_id = \"{client_id}\"\n[ingest]\n"
     ));
     if let Some(n) = args.batch_max_records {
         c.push_str(&format!("batch_max_records = {n}\n"));
@@ -772,6 +799,17 @@ pub(crate) fn metrics(port: u16) -> std::collections::BTreeMap<String, f64> {
         .collect()
 }
 
+/// Every metric summed over the replicas on `ports`.
+fn metrics_sum(ports: &[u16]) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for p in ports {
+        for (k, v) in metrics(*p) {
+            *out.entry(k).or_insert(0.0) += v;
+        }
+    }
+    out
+}
+
 const STORED: &str = "records_total{outcome=\"stored\"}";
 const DUPLICATES: &str = "records_total{outcome=\"duplicate\"}";
 
@@ -781,24 +819,43 @@ async fn fleet_case(
     store: &Store,
     bin: &Path,
     measure: Duration,
+    replicas: usize,
 ) -> Result<Outcome> {
     let broker = TestBroker::start();
     let dir = tempfile::Builder::new()
         .prefix("ember-bench-fleet-run-")
         .tempdir()?;
-    let url = store.fleet_url();
-    let http = free_port();
-    let config = fleet_config(args, &url, broker.port(), http, dir.path());
-    let fleet = FleetProcess::start(bin, dir.path(), &config, http)?;
+    let url = store.fleet_url(replicas);
+    // One data dir for all replicas (their `fs` model store, a shared volume); each process
+    // its own config and logs.
+    let data = dir.path().join("data");
+    let mut fleets = Vec::new();
+    let mut ports = Vec::new();
+    for i in 0..replicas.max(1) {
+        let http = free_port();
+        let own = dir.path().join(format!("replica-{i}"));
+        std::fs::create_dir_all(&own)?;
+        let config = fleet_config(
+            args,
+            &url,
+            broker.port(),
+            http,
+            &data,
+            &format!("ember-fleet-bench-{i}"),
+        );
+        fleets.push(FleetProcess::start(bin, &own, &config, http)?);
+        ports.push(http);
+    }
+    let http = ports[0];
     let load = Arc::new(Load::default());
 
     // The fleet's stored counter, scraped five times a second, feeds the publishers' lag cap.
     let scraping = Arc::new(AtomicBool::new(true));
     let scraper = {
-        let (load, scraping) = (load.clone(), scraping.clone());
+        let (load, scraping, ports) = (load.clone(), scraping.clone(), ports.clone());
         std::thread::spawn(move || {
             while scraping.load(Ordering::Relaxed) {
-                if let Some(v) = metrics(http).get(STORED) {
+                if let Some(v) = metrics_sum(&ports).get(STORED) {
                     load.downstream.store(*v as u64, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(200));
@@ -811,23 +868,27 @@ async fn fleet_case(
     let dash = Dashboard::start(http, args.devices, measuring.clone());
     tokio::time::sleep(WARMUP).await;
 
-    let snap = || async move {
-        tokio::task::spawn_blocking(move || metrics(http))
-            .await
-            .unwrap_or_default()
+    let snap = || {
+        let ports = ports.clone();
+        async move {
+            tokio::task::spawn_blocking(move || metrics_sum(&ports))
+                .await
+                .unwrap_or_default()
+        }
     };
+    let cpu = |fleets: &[FleetProcess]| fleets.iter().map(FleetProcess::cpu_seconds).sum::<f64>();
     let m0 = snap().await;
     let (r0, h0) = (
         load.records.load(Ordering::Relaxed),
         load.held_back_us.load(Ordering::Relaxed),
     );
-    let (cpu0, mach0, t0) = (fleet.cpu_seconds(), machine_jiffies(), Instant::now());
+    let (cpu0, mach0, t0) = (cpu(&fleets), machine_jiffies(), Instant::now());
     measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep(measure).await;
     measuring.store(false, Ordering::Relaxed);
     let m1 = snap().await;
     let secs = t0.elapsed().as_secs_f64();
-    let (cpu1, mach1) = (fleet.cpu_seconds(), machine_jiffies());
+    let (cpu1, mach1) = (cpu(&fleets), machine_jiffies());
     let r1 = load.records.load(Ordering::Relaxed);
     let h1 = load.held_back_us.load(Ordering::Relaxed);
     let delta = |k: &str| m1.get(k).copied().unwrap_or(0.0) - m0.get(k).copied().unwrap_or(0.0);
@@ -844,7 +905,7 @@ async fn fleet_case(
     let (lists, devices, ledgers, pages, errors) = dash.stop();
     let published: u64 = seqs.iter().map(|(_, s)| *s).sum();
     eprintln!("published {published} records; waiting for the fleet to store them all");
-    let check = verify(http, &url, &seqs, published).await;
+    let check = verify(&ports, &url, &seqs, published).await;
     scraping.store(false, Ordering::Relaxed);
     let _ = scraper.join();
     let check = match check {
@@ -854,16 +915,19 @@ async fn fleet_case(
             format!("FAILED: {e}")
         }
     };
-    let fleet_log = std::fs::read_to_string(&fleet.log).unwrap_or_default();
-    if !fleet_log.trim().is_empty() {
-        eprintln!(
-            "fleet log (warnings and errors):\n{}",
-            ember_testkit::tail(&fleet_log, 20)
-        );
+    for fleet in &fleets {
+        let fleet_log = std::fs::read_to_string(&fleet.log).unwrap_or_default();
+        if !fleet_log.trim().is_empty() {
+            eprintln!(
+                "fleet log (warnings and errors):\n{}",
+                ember_testkit::tail(&fleet_log, 20)
+            );
+        }
     }
-    drop(fleet);
+    drop(fleets);
     Ok(Outcome {
         case,
+        replicas,
         ceiling: f64::NAN,
         ceiling_range: (f64::NAN, f64::NAN),
         offered,
@@ -884,11 +948,18 @@ async fn fleet_case(
 
 /// Waits until everything published is stored, then checks it is stored exactly once: the
 /// fleet's stored counter, `COUNT(*)` of the table and every device's ledger.
-async fn verify(http: u16, url: &str, seqs: &[(String, u64)], published: u64) -> Result<String> {
+async fn verify(
+    ports: &[u16],
+    url: &str,
+    seqs: &[(String, u64)],
+    published: u64,
+) -> Result<String> {
+    let http = ports[0];
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     let mut stored = 0.0;
     while Instant::now() < deadline {
-        stored = tokio::task::spawn_blocking(move || metrics(http).get(STORED).copied())
+        let p = ports.to_vec();
+        stored = tokio::task::spawn_blocking(move || metrics_sum(&p).get(STORED).copied())
             .await?
             .unwrap_or(0.0);
         if stored as u64 >= published {
@@ -899,7 +970,8 @@ async fn verify(http: u16, url: &str, seqs: &[(String, u64)], published: u64) ->
     if (stored as u64) < published {
         bail!("after {DRAIN_TIMEOUT:?} the fleet had stored {stored} of {published} records");
     }
-    let duplicates = tokio::task::spawn_blocking(move || metrics(http).get(DUPLICATES).copied())
+    let p = ports.to_vec();
+    let duplicates = tokio::task::spawn_blocking(move || metrics_sum(&p).get(DUPLICATES).copied())
         .await?
         .unwrap_or(0.0);
 

@@ -5,7 +5,9 @@
 //! and a lookup by hash leaks nothing about the token through timing. Scopes: `read` (every
 //! GET) and `admin` (also the write routes). `ember-fleet token create --scope read|admin`
 //! prints a new token once; `EMBER_FLEET_BOOTSTRAP_TOKEN` (config `bootstrap_token`) is stored
-//! as an admin token at start, so a fresh deployment can be administered without the CLI.
+//! as an admin token at start if it is not stored yet, so a fresh deployment can be
+//! administered without the CLI. **Invariant:** a revoked token is never valid again; no
+//! start, restart or replica un-revokes it ([`store_bootstrap`]).
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -95,16 +97,55 @@ pub struct TokenInfo {
 }
 
 /// Stores `token` (hashed) with `scope`; storing the same token again only updates its scope
-/// and name. Returns its id.
+/// and name, and never brings a revoked token back. Returns its id.
 pub async fn store(db: &Db, token: &str, scope: &Scope, name: &str) -> Result<i64, sqlx::Error> {
     let mut q = Sql::new("INSERT INTO api_tokens (token_hash, scope, name, created_at) VALUES (");
     q.bind(hash(token)).push(", ").bind(scope.name()).push(", ");
     q.bind(name).push(", ").bind(now_us()).push(")");
     q.push(
-        " ON CONFLICT (token_hash) DO UPDATE SET scope = excluded.scope, name = excluded.name, \
-         revoked_at = NULL RETURNING id",
+        " ON CONFLICT (token_hash) DO UPDATE SET scope = excluded.scope, name = excluded.name \
+         RETURNING id",
     );
     q.query().fetch_one(db.pool()).await?.try_get("id")
+}
+
+/// What [`store_bootstrap`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// The token was not stored yet: it is now, as an admin token.
+    Stored,
+    /// It was stored by an earlier start (or another replica) and is still valid: untouched.
+    Present,
+    /// It was revoked: it stays revoked, whatever the environment says.
+    Revoked,
+}
+
+/// Stores the bootstrap admin token (`bootstrap_token`) only if it is absent. A token that is
+/// already stored is left exactly as it is: a revoked bootstrap token MUST stay revoked across
+/// restarts and replicas, even while `EMBER_FLEET_BOOTSTRAP_TOKEN` still names it.
+pub async fn store_bootstrap(db: &Db, token: &str) -> Result<Bootstrap, sqlx::Error> {
+    let mut q = Sql::new("INSERT INTO api_tokens (token_hash, scope, name, created_at) VALUES (");
+    q.bind(hash(token))
+        .push(", ")
+        .bind(Scope::Admin.name())
+        .push(", ");
+    q.bind("bootstrap").push(", ").bind(now_us()).push(")");
+    q.push(" ON CONFLICT (token_hash) DO NOTHING");
+    if q.query().execute(db.pool()).await?.rows_affected() == 1 {
+        return Ok(Bootstrap::Stored);
+    }
+    let mut q = Sql::new("SELECT revoked_at FROM api_tokens WHERE token_hash = ");
+    q.bind(hash(token));
+    let revoked: Option<i64> = q
+        .query()
+        .fetch_one(db.pool())
+        .await?
+        .try_get("revoked_at")?;
+    Ok(if revoked.is_some() {
+        Bootstrap::Revoked
+    } else {
+        Bootstrap::Present
+    })
 }
 
 /// Creates and stores a new token; the caller shows it once.

@@ -321,6 +321,10 @@ pub struct MqttSettings {
     pub insecure: bool,
     /// Mutual TLS to the broker; `None` is plaintext (loopback, or `insecure`).
     pub tls: Option<crate::tls::MqttTlsSettings>,
+    /// The environment's `HOSTNAME` when `client_id` was not set and came from it (checked by
+    /// [`Settings::check_replica_identity`]).
+    #[serde(skip)]
+    pub default_from_host: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -377,7 +381,9 @@ impl Settings {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        Settings::resolve(ENV.load(path, env)?)
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let host = host_from_env(&env);
+        Settings::resolve_on(ENV.load(path, env)?, host)
     }
 
     /// [`Settings::load`] on text already read (`name` is what errors call it).
@@ -386,10 +392,19 @@ impl Settings {
         name: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        Settings::resolve(ENV.parse(text, name, env)?)
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let host = host_from_env(&env);
+        Settings::resolve_on(ENV.parse(text, name, env)?, host)
     }
 
     pub fn resolve(raw: RawConfig) -> Result<Settings, ConfigError> {
+        Settings::resolve_on(raw, None)
+    }
+
+    /// [`Settings::resolve`] on a host whose name the environment gave (`HOSTNAME`, which
+    /// container runtimes and Kubernetes set): it names the default `mqtt.client_id`, and a
+    /// generated one (a Deployment's pod, a container id) is refused for a persistent session.
+    pub fn resolve_on(raw: RawConfig, host_name: Option<String>) -> Result<Settings, ConfigError> {
         let data_dir = raw
             .data_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
@@ -502,7 +517,10 @@ impl Settings {
         let mqtt = MqttSettings {
             host: m.host.unwrap_or_else(|| DEFAULT_MQTT_HOST.into()),
             port: m.port.unwrap_or(DEFAULT_MQTT_PORT),
-            client_id: m.client_id.unwrap_or_else(default_client_id),
+            client_id: m
+                .client_id
+                .clone()
+                .unwrap_or_else(|| default_client_id(host_name.as_deref())),
             username: m.username,
             password: m.password,
             keep_alive_s: m.keep_alive_s.unwrap_or(DEFAULT_KEEP_ALIVE_S),
@@ -512,6 +530,11 @@ impl Settings {
             reconnect_max_ms: m.reconnect_max_ms.unwrap_or(DEFAULT_RECONNECT_MAX_MS),
             insecure: m.insecure.unwrap_or(false),
             tls,
+            default_from_host: if m.client_id.is_none() {
+                host_name.clone()
+            } else {
+                None
+            },
         };
         if mqtt.host.is_empty() {
             return Err(invalid(
@@ -528,6 +551,7 @@ impl Settings {
                 "must be 1-128 characters, unique per replica",
             ));
         }
+        check_client_id(&mqtt.client_id)?;
         if mqtt.password.is_some() && mqtt.username.is_none() {
             return Err(invalid(
                 "mqtt.password",
@@ -707,12 +731,88 @@ fn parse_model_store(text: &str) -> Result<ModelStore, ConfigError> {
     })
 }
 
+/// `HOSTNAME` from the environment, if set.
+fn host_from_env(env: &[(String, String)]) -> Option<String> {
+    env.iter()
+        .find(|(k, _)| k == "HOSTNAME")
+        .map(|(_, v)| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// Refuses client ids that cannot be a replica's stable identity while the broker keeps a
+/// persistent session for it: an unexpanded variable, or a default derived from a generated
+/// host name. A replica replaced under a new id leaves its old session subscribed to the
+/// shared subscription, and the broker keeps handing that session its share of the telemetry,
+/// which no one ever receives (docs/scale-out.md).
+fn check_client_id(client_id: &str) -> Result<(), ConfigError> {
+    if client_id.contains("$(") || client_id.contains("${") {
+        return Err(invalid(
+            "mqtt.client_id",
+            format!(
+                "{client_id:?} holds an unexpanded variable: in Kubernetes declare POD_NAME (fieldRef metadata.name) before EMBER_FLEET_MQTT__CLIENT_ID=ember-fleet-$(POD_NAME)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Settings {
+    /// What `run` (and `check-config`) refuse besides invalid values: a persistent MQTT
+    /// session under a client id that changes when the process is replaced, the default taken
+    /// from a generated host name. The commands that never connect to the broker (`token`,
+    /// `migrate`) do not ask.
+    pub fn check_replica_identity(&self) -> Result<(), ConfigError> {
+        let m = &self.mqtt;
+        match &m.default_from_host {
+            Some(host) if !m.clean_session && host_looks_generated(host) => {
+                Err(unstable_client_id(host))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn unstable_client_id(host: &str) -> ConfigError {
+    invalid(
+        "mqtt.client_id",
+        format!(
+            "is not set, and the default would come from the host name {host:?}, which looks generated (a Kubernetes Deployment's pod or a container id) and changes when the process is replaced; with a persistent session (mqtt.clean_session = false) the old name's session keeps its share of the shared subscription and its messages are never received: give each replica a stable mqtt.client_id starting with \"ember-fleet\" (a StatefulSet with EMBER_FLEET_MQTT__CLIENT_ID=ember-fleet-$(POD_NAME)), see docs/scale-out.md"
+        ),
+    )
+}
+
+/// A host name that a container runtime or Kubernetes generated: a container id (12 or 64
+/// lowercase hex digits), or a pod name ending in Kubernetes' random 5-character suffix
+/// (Deployments, ReplicaSets, DaemonSets; a StatefulSet's `<name>-<ordinal>` is stable).
+pub fn host_looks_generated(host: &str) -> bool {
+    let hex = |s: &str| {
+        s.chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    };
+    if (host.len() == 12 || host.len() == 64) && hex(host) {
+        return true;
+    }
+    // k8s.io/apimachinery's rand.String alphabet: no vowels, no 0, 1, 3.
+    const ALPHABET: &str = "bcdfghjklmnpqrstvwxz2456789";
+    let Some((rest, suffix)) = host.rsplit_once('-') else {
+        return false;
+    };
+    !rest.is_empty()
+        && suffix.len() == 5
+        && suffix.chars().all(|c| ALPHABET.contains(c))
+        && !suffix.chars().all(|c| c.is_ascii_digit())
+}
+
 /// `ember-fleet-<hostname>`: unique per machine, stable across restarts (the broker keeps a
-/// persistent session under it).
-fn default_client_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
+/// persistent session under it). `host` is the environment's `HOSTNAME`, if any.
+fn default_client_id(host: Option<&str>) -> String {
+    let host = host
+        .map(str::to_string)
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "local".into());
     let host: String = host
@@ -909,6 +1009,63 @@ mod tests {
                 "`{key}` holds text: add it to STRING_KEYS"
             );
         }
+    }
+
+    /// Finding 8 of issue 16: a persistent session under an id that changes when the process
+    /// is replaced (the default from a generated host name, an unexpanded variable) is refused
+    /// at start, naming the key and the fix; a StatefulSet's stable name is accepted.
+    #[test]
+    fn an_unstable_client_id_with_a_persistent_session_is_refused() {
+        let env = |host: &str| vec![("HOSTNAME".to_string(), host.to_string())];
+        for host in [
+            "ember-fleet-7d9f8b6c5-x2kqz",
+            "ember-fleet-x2kqz",
+            "3f4e5d6c7b8a",
+        ] {
+            let e = Settings::from_toml("", "t", env(host))
+                .unwrap()
+                .check_replica_identity()
+                .expect_err(host)
+                .to_string();
+            assert!(
+                e.contains("mqtt.client_id") && e.contains("StatefulSet"),
+                "{host}: {e}"
+            );
+            // A clean session, or an explicit id, is fine.
+            for ok in [
+                "[mqtt]\nclean_session = true\n",
+                "[mqtt]\nclient_id = \"ember-fleet-a\"\n",
+            ] {
+                Settings::from_toml(ok, "t", env(host))
+                    .unwrap()
+                    .check_replica_identity()
+                    .unwrap();
+            }
+        }
+        for host in [
+            "ember-fleet-0",
+            "ember-fleet-12",
+            "fleet1.example.com",
+            "vm",
+        ] {
+            let s = Settings::from_toml("", "t", env(host)).unwrap();
+            s.check_replica_identity().unwrap();
+            assert_eq!(
+                s.mqtt.client_id,
+                format!("ember-fleet-{}", host.replace('.', "-"))
+            );
+        }
+        let unexpanded = vec![(
+            "EMBER_FLEET_MQTT__CLIENT_ID".to_string(),
+            "ember-fleet-$(POD_NAME)".to_string(),
+        )];
+        let e = Settings::from_toml("", "t", unexpanded)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mqtt.client_id") && e.contains("POD_NAME"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -10,6 +10,15 @@
 //! engine has its own migration folder (`migrations/sqlite`, `migrations/postgres`) with the same
 //! tables, columns and keys; both are compiled into the binary.
 //!
+//! **Schema versions and rolling upgrades.** The schema version is the highest migration
+//! applied. A build applies the migrations it knows that are missing (`ember-fleet migrate`,
+//! or at start), and MUST start against a *newer* schema as long as that schema's
+//! `schema_compat.min_reader` is at most [`SCHEMA_VERSION`]: the migrations it does not know
+//! are ignored, never an error. A newer schema that older builds cannot read (a migration that
+//! raised `min_reader`) refuses the start with [`FleetError::SchemaTooNew`]. PostgreSQL
+//! migrations run under sqlx's advisory lock, so replicas and a migration Job starting together
+//! apply each migration once.
+//!
 //! SQLite runs in WAL mode with `synchronous = FULL`: ingestion acknowledges a message to the
 //! broker only after its batch is committed, so the commit must be on disk, not just in the OS
 //! cache. Batching keeps that to one fsync per batch.
@@ -49,6 +58,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "commits",
         include_str!("../migrations/sqlite/0005_commits.sql"),
     ),
+    (
+        6,
+        "scale out",
+        include_str!("../migrations/sqlite/0006_scale_out.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -76,7 +90,15 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         "commits",
         include_str!("../migrations/postgres/0005_commits.sql"),
     ),
+    (
+        6,
+        "scale out",
+        include_str!("../migrations/postgres/0006_scale_out.sql"),
+    ),
 ];
+
+/// The schema version of this build: its highest migration (the same for both engines).
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// How long a caller waits for a pooled connection before the request fails.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -147,22 +169,84 @@ impl Db {
         Ok(Db { pool, backend })
     }
 
-    /// Connects and brings the schema up to date.
+    /// Connects and brings the schema up to date (or checks that a newer one is compatible).
     pub async fn open(settings: &DatabaseSettings) -> Result<Db, FleetError> {
         let db = Db::connect(settings).await?;
         db.migrate().await?;
         Ok(db)
     }
 
-    /// Applies the migrations this build knows (idempotent; Postgres takes an advisory lock, so
-    /// replicas starting together migrate once).
-    pub async fn migrate(&self) -> Result<(), FleetError> {
+    /// Applies the migrations this build knows that are missing (idempotent; Postgres takes an
+    /// advisory lock, so replicas starting together migrate once). Against a newer schema it
+    /// applies nothing and checks that this build may run on it ([`Db::check_compat`]).
+    pub async fn migrate(&self) -> Result<Migrated, FleetError> {
+        let before = self.schema_version().await?;
+        if before > SCHEMA_VERSION {
+            self.check_compat(before).await?;
+        }
         let source = match self.backend {
             Backend::Sqlite => Embedded(SQLITE_MIGRATIONS),
             Backend::Postgres => Embedded(POSTGRES_MIGRATIONS),
         };
-        let migrator = Migrator::new(source).await?;
+        let mut migrator = Migrator::new(source).await?;
+        // Migrations of a newer release are not an error (rolling upgrades).
+        migrator.set_ignore_missing(true);
         migrator.run(&self.pool).await?;
+        let after = self.schema_version().await?;
+        Ok(Migrated {
+            before,
+            after,
+            build: SCHEMA_VERSION,
+        })
+    }
+
+    /// The highest applied migration (0 on an empty database).
+    pub async fn schema_version(&self) -> Result<i64, FleetError> {
+        let exists = match self.backend {
+            Backend::Sqlite => {
+                "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'"
+            }
+            Backend::Postgres => {
+                "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = '_sqlx_migrations'"
+            }
+        };
+        let n: i64 = sqlx::query(exists)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(MAX(version), 0) AS BIGINT) AS v FROM _sqlx_migrations WHERE success",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("v")?)
+    }
+
+    /// Refuses a schema (at version `found`) that this build cannot run on: one whose
+    /// `schema_compat.min_reader` is above [`SCHEMA_VERSION`].
+    async fn check_compat(&self, found: i64) -> Result<(), FleetError> {
+        let min_reader: i64 = sqlx::query("SELECT min_reader FROM schema_compat WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.try_get("min_reader"))
+            .transpose()?
+            .unwrap_or(found);
+        if min_reader > SCHEMA_VERSION {
+            return Err(FleetError::SchemaTooNew {
+                found,
+                min_reader,
+                build: SCHEMA_VERSION,
+            });
+        }
+        tracing::info!(
+            schema = found,
+            build = SCHEMA_VERSION,
+            min_reader,
+            "The database schema is newer than this build and compatible with it."
+        );
         Ok(())
     }
 
@@ -185,6 +269,29 @@ impl Db {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// What [`Db::migrate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migrated {
+    /// The schema version before.
+    pub before: i64,
+    /// The schema version after.
+    pub after: i64,
+    /// This build's schema version ([`SCHEMA_VERSION`]).
+    pub build: i64,
+}
+
+/// The file of a SQLite URL (`None` for an in-memory database or another engine).
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split_once('?').map_or(rest, |(p, _)| p);
+    if path.is_empty() || path == ":memory:" || rest.contains("mode=memory") {
+        return None;
+    }
+    Some(std::path::PathBuf::from(path))
 }
 
 /// Creates the SQLite file's directory and asks sqlx to create the file (`mode=rwc`).

@@ -39,4 +39,15 @@ pub enum FleetError {
     Task(String),
     #[error("cannot open the model store (models.store): {0}")]
     ModelStore(String),
+    #[error(
+        "the database schema (version {found}) needs ember-fleet with schema version {min_reader} or later; this build has {build}: upgrade this replica (a newer release migrated the database in a way older ones cannot read)"
+    )]
+    SchemaTooNew {
+        found: i64,
+        min_reader: i64,
+        build: i64,
+    },
+    /// A deployment this service refuses to run in, with what to change.
+    #[error("{0}")]
+    Misconfigured(String),
 }

@@ -52,6 +52,7 @@ pub use crate::error::FleetError;
 use crate::metrics::Metrics;
 use crate::ota::registry::Registry;
 use crate::ota::rollout::service::Service as Rollouts;
+use crate::server::cluster::{Membership, spawn_singleton};
 use crate::server::events::Events;
 use crate::server::ingest::{self, IngestState};
 use crate::server::{gauges, retention};
@@ -59,30 +60,56 @@ use crate::server::{gauges, retention};
 /// Runs the service on `listener` until `shutdown` fires and the drain completes (or
 /// `shutdown.grace_ms` passes, or `force` fires).
 ///
-/// Order on the way up: database (migrated), bootstrap token, ingestion, retention, the
-/// rollout driver and desired-state publisher, the database-derived gauges, HTTP.
-/// On the way down: HTTP stops accepting, ingestion stops taking messages and stores and
-/// acknowledges what it took, then the pool closes.
+/// Order on the way up: database (migrated, or a newer compatible schema checked), bootstrap
+/// token (stored only if absent), membership among the replicas (SQLite's one-process lock, or
+/// PostgreSQL's identity lock and leader election), the model store, the event relay between
+/// replicas (PostgreSQL), ingestion, the singleton work on the leader (rollout driver,
+/// desired-state publisher, retention), the database-derived gauges (every replica), HTTP.
+/// On the way down: HTTP stops accepting, ingestion stops taking messages (leaving the shared
+/// subscription first when other replicas run) and stores and acknowledges what it took, the
+/// singleton tasks stop, the replica's locks are released, then the pool closes.
 pub async fn run(
     settings: Settings,
     listener: TcpListener,
     shutdown: CancellationToken,
     force: CancellationToken,
 ) -> Result<(), FleetError> {
+    settings.check_replica_identity()?;
     let settings = Arc::new(settings);
     let db = Db::open(&settings.database).await?;
     tracing::info!(backend = settings.database.backend.as_str(),
         url = %config::mask_password(&settings.database.url), "Database ready.");
     if let Some(token) = &settings.bootstrap_token {
-        auth::store(&db, token, &auth::Scope::Admin, "bootstrap").await?;
-        tracing::info!("Stored the bootstrap admin token.");
+        match auth::store_bootstrap(&db, token).await? {
+            auth::Bootstrap::Stored => tracing::info!("Stored the bootstrap admin token."),
+            auth::Bootstrap::Present => {}
+            auth::Bootstrap::Revoked => tracing::warn!(
+                "The bootstrap admin token (bootstrap_token) was revoked and stays revoked; unset EMBER_FLEET_BOOTSTRAP_TOKEN."
+            ),
+        }
     }
-    let registry = Registry::new(db.clone(), &settings.data_dir, &settings.models)
-        .map_err(|e| FleetError::ModelStore(e.to_string()))?;
     let metrics = Arc::new(Metrics::new());
+    let membership = Arc::new(Membership::join(&settings, &db, metrics.clone()).await?);
+    let registry = Registry::open(db.clone(), &settings.data_dir, &settings.models)
+        .await
+        .map_err(|e| match e {
+            ota::registry::RegistryError::Misconfigured(m) => FleetError::Misconfigured(m),
+            e => FleetError::ModelStore(e.to_string()),
+        })?;
     let ingest_state = Arc::new(IngestState::default());
     let events = Arc::new(Events::new());
     let rollouts = Arc::new(Rollouts::new(db.clone(), events.clone(), metrics.clone()));
+    let relay = match settings.database.backend {
+        config::Backend::Postgres => server::relay::spawn(
+            settings.database.url.clone(),
+            db.clone(),
+            events.clone(),
+            rollouts.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ),
+        config::Backend::Sqlite => Vec::new(),
+    };
 
     let mut ingest = tokio::spawn(ingest::run(
         settings.clone(),
@@ -91,17 +118,31 @@ pub async fn run(
         ingest_state.clone(),
         events.clone(),
         rollouts.clone(),
+        membership.clone(),
         shutdown.clone(),
         force.clone(),
     ));
-    let driver = tokio::spawn(rollouts.clone().drive(shutdown.clone()));
-    let publisher = tokio::spawn(rollouts.clone().publish(settings.clone(), shutdown.clone()));
-    let retention = tokio::spawn(retention::run(
-        db.clone(),
-        settings.retention.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    // Singleton work: on the leader replica only (always this one on SQLite).
+    let leader = membership.leader();
+    let driver = spawn_singleton("rollout_driver", leader.clone(), shutdown.clone(), {
+        let rollouts = rollouts.clone();
+        move |stop| rollouts.clone().drive(stop)
+    });
+    let publisher = spawn_singleton("desired_publisher", leader.clone(), shutdown.clone(), {
+        let (rollouts, settings) = (rollouts.clone(), settings.clone());
+        move |stop| rollouts.clone().publish(settings.clone(), stop)
+    });
+    let retention = spawn_singleton("retention", leader, shutdown.clone(), {
+        let (db, settings, metrics) = (db.clone(), settings.clone(), metrics.clone());
+        move |stop| {
+            retention::run(
+                db.clone(),
+                settings.retention.clone(),
+                metrics.clone(),
+                stop,
+            )
+        }
+    });
     let gauges = tokio::spawn(gauges::run(db.clone(), metrics.clone(), shutdown.clone()));
     tls::record_cert_expiry(&settings, &metrics);
     let app = api::router(api::AppState {
@@ -167,11 +208,24 @@ pub async fn run(
     if !server_done {
         server.abort();
     }
-    retention.abort();
     gauges.abort();
-    driver.abort();
-    // The publisher stops on `shutdown`; what it had not got acknowledged stays in the outbox.
-    let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;
+    // The singleton tasks stop on `shutdown`; what the publisher had not got acknowledged
+    // stays in the outbox.
+    for mut task in [publisher, driver, retention] {
+        if tokio::time::timeout(Duration::from_secs(2), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
+    for task in relay {
+        task.abort();
+    }
+    // Another replica takes over the singleton work at once.
+    if let Ok(m) = Arc::try_unwrap(membership) {
+        m.leave().await;
+    }
     db.close().await;
     tracing::info!("Stopped.");
     result

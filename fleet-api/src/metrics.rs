@@ -61,6 +61,42 @@ struct Family {
 /// Every metric family.
 const FAMILIES: &[Family] = &[
     Family {
+        name: "leader",
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "1 while this replica is the leader (runs the rollout driver, retention and the desired-state publisher), else 0.",
+    },
+    Family {
+        name: "leader_elections_total",
+        kind: Kind::Counter,
+        labels: &[],
+        help: "Times this replica became the leader.",
+    },
+    Family {
+        name: "events_relayed_total",
+        kind: Kind::Counter,
+        labels: &["channel"],
+        help: "Notifications sent to the other replicas (PostgreSQL NOTIFY), by channel: ember_events (live events), ember_desired (wake the publisher).",
+    },
+    Family {
+        name: "events_relay_dropped_total",
+        kind: Kind::Counter,
+        labels: &["reason"],
+        help: "Live events not relayed to the other replicas, by reason: too_large, database.",
+    },
+    Family {
+        name: "events_received_from_replicas_total",
+        kind: Kind::Counter,
+        labels: &[],
+        help: "Live events committed by other replicas and delivered to this replica's event streams.",
+    },
+    Family {
+        name: "mqtt_sessions_ended_total",
+        kind: Kind::Counter,
+        labels: &[],
+        help: "Times this replica left the shared subscription and ended its MQTT session at shutdown (other replicas were running).",
+    },
+    Family {
         name: "desired_published_total",
         kind: Kind::Counter,
         labels: &[],

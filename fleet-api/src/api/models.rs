@@ -60,7 +60,9 @@ impl From<RegistryError> for AppError {
             },
             RegistryError::Duplicate { .. } => AppError::Conflict(e.to_string()),
             RegistryError::Database(e) => AppError::Internal(Box::new(e)),
-            RegistryError::Store(m) => AppError::Internal(m.into()),
+            RegistryError::Store(m) | RegistryError::Misconfigured(m) => {
+                AppError::Internal(m.into())
+            }
         }
     }
 }
@@ -222,7 +224,9 @@ pub async fn upload(
             match &e {
                 RegistryError::Bundle(_) | RegistryError::NoTrustedKeys(_) => count("invalid"),
                 RegistryError::Duplicate { .. } => count("duplicate"),
-                RegistryError::Database(_) | RegistryError::Store(_) => {}
+                RegistryError::Database(_)
+                | RegistryError::Store(_)
+                | RegistryError::Misconfigured(_) => {}
             }
             return Err(e.into());
         }

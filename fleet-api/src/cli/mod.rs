@@ -2,7 +2,7 @@
 //!
 //! `main.rs` parses [`Cli`] and calls [`run`]. Commands that talk to a running fleet over
 //! HTTP (`model`, `rollout`) or work on files only (`pki`) need no configuration; the others
-//! (`run`, `check-config`, `token`, `demo`) load it first, and an invalid configuration exits
+//! (`run`, `check-config`, `migrate`, `token`, `demo`) load it first, and an invalid configuration exits
 //! with status 2 before anything is bound or written.
 //!
 //! * [`token`]: API tokens in the database.
@@ -51,6 +51,10 @@ pub enum Command {
     Run,
     /// Validate the configuration and print it fully resolved (secrets masked).
     CheckConfig,
+    /// Apply the database migrations this build knows, then exit: run it once per upgrade
+    /// (e.g. as a Kubernetes Job) before the new replicas start. Against a newer schema it
+    /// applies nothing and checks that this build can run on it.
+    Migrate,
     /// Manage API tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -184,12 +188,20 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = match cli.command.unwrap_or(Command::Run) {
+    let command = cli.command.unwrap_or(Command::Run);
+    if matches!(command, Command::Run | Command::CheckConfig)
+        && let Err(e) = settings.check_replica_identity()
+    {
+        eprintln!("ember-fleet: invalid configuration: {e}");
+        return ExitCode::from(2);
+    }
+    let result = match command {
         Command::CheckConfig => {
             print!("{}", settings.to_toml());
             Ok(())
         }
         Command::Run => serve(settings),
+        Command::Migrate => migrate(settings),
         Command::Token(cmd) => token::run(settings, cmd),
         Command::Pki(_) | Command::Rollout(_) | Command::Model(_) | Command::Health(_) => Ok(()),
         Command::Demo(args) => demo(settings, args),
@@ -242,6 +254,31 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         ember_host::signals::spawn_two_stage(shutdown.clone(), force.clone(), SIGNALS)
             .context("cannot install the SIGTERM/SIGINT handlers")?;
         crate::run(settings, listener, shutdown, force).await?;
+        Ok(())
+    })
+}
+
+/// `ember-fleet migrate`: the schema brought to this build's version, once.
+fn migrate(settings: Settings) -> anyhow::Result<()> {
+    init_logging(&settings);
+    runtime()?.block_on(async move {
+        let db = crate::db::Db::connect(&settings.database).await?;
+        let m = db.migrate().await;
+        db.close().await;
+        let m = m?;
+        if m.before > m.build {
+            println!(
+                "The database schema is at version {}, newer than this build's {} and compatible with it; nothing to apply.",
+                m.before, m.build
+            );
+        } else if m.before == m.after {
+            println!("The database schema is up to date (version {}).", m.after);
+        } else {
+            println!(
+                "Migrated the database schema from version {} to {}.",
+                m.before, m.after
+            );
+        }
         Ok(())
     })
 }

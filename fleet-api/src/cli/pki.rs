@@ -74,7 +74,8 @@ pub const DEFAULT_AVERAGE_MESSAGE_BYTES: u32 = 4096;
 /// Seconds between the broker's saves of its in-memory state (see [`mosquitto_conf`]).
 pub const DEFAULT_AUTOSAVE_INTERVAL_S: u32 = 60;
 /// The fleet's MQTT client ids start with this (its default client id is
-/// `ember-fleet-<hostname>`, its desired-state publisher adds `-desired`).
+/// `ember-fleet-<hostname>`; the desired-state publisher, one for the whole fleet, is
+/// `ember-fleet-desired`).
 pub const DEFAULT_FLEET_CLIENT_ID_PREFIX: &str = "ember-fleet";
 /// The identity plugin's file name in a PKI directory.
 pub const IDENTITY_PLUGIN_FILE: &str = "ember_identity.so";

@@ -3,14 +3,24 @@
 //! Table `models` (migration `0004_models.sql`), one row per (name, version); the bundle bytes
 //! live in the blob store under `blob_key`.
 //!
-//! **Blob store.** `models.store = "fs"` (the default): a bundle is the file
-//! `<data_dir>/models/<name>/<version>.bundle`. An upload writes a temporary file in that
-//! directory, fsyncs it, renames it into place and fsyncs the directory, and only then commits
-//! the row. A crash between the two leaves a file without a row, which the next upload of that
-//! (name, version) replaces; a row never points at a missing or partial file.
+//! **Blob store.** Blob keys are content-addressed: `<name>/<version>/<sha256>.bundle` (rows
+//! written before issue 16 name `<name>/<version>.bundle`, still served). Two uploads of one
+//! version with different bytes therefore never write the same object, and whichever row wins
+//! the insert names its own object: the row's sha256 and the bytes served can never disagree,
+//! whatever the replicas race. Writing one key twice writes the same bytes.
+//!
+//! `models.store = "fs"` (the default): a bundle is a file under `<data_dir>/models/`. An
+//! upload writes a temporary file with a unique name in the target directory, fsyncs it, links
+//! it to its final name only if that name is free (create-only: `link(2)`), removes the
+//! temporary name and fsyncs the directory, and only then commits the row. A crash between the
+//! two leaves a file without a row (harmless, the next upload of the same bytes reuses it); a
+//! row never points at a missing or partial file. With several replicas the directory MUST be
+//! one shared volume: the first replica writes a random id into `<data_dir>/models/.store-id`
+//! and records it in the database (`fleet_facts`, `models.fs_store`); a replica whose
+//! directory holds another id (its own local disk) refuses to start ([`Registry::open`]).
 //!
 //! `models.store = "s3://bucket/prefix"` (or `gs://`, `az://`): a bundle is the object
-//! `<prefix>/<name>/<version>.bundle`, written with one PUT (atomic in object stores: readers
+//! `<prefix>/<key>`, written with one PUT (atomic in object stores: readers
 //! see the old object or the whole new one) that MUST succeed before the row is committed;
 //! downloads are ranged GETs. Credentials, region and endpoint come from the provider's
 //! standard environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`, including
@@ -62,7 +72,15 @@ pub enum RegistryError {
     },
     #[error("blob store: {0}")]
     Store(String),
+    /// A deployment the registry refuses (several replicas on different `fs` directories).
+    #[error("{0}")]
+    Misconfigured(String),
 }
+
+/// The `fleet_facts` row naming the volume of an `fs` store.
+const FS_STORE_FACT: &str = "models.fs_store";
+/// The file in an `fs` store's root that names its volume.
+const STORE_ID_FILE: &str = ".store-id";
 
 /// A registered model version.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
@@ -213,8 +231,49 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Opens the configured blob store (no I/O: an object store is first reached by the
-    /// first upload or download).
+    /// Opens the configured blob store: an object store is first reached by the first upload
+    /// or download; an `fs` store is checked to be the volume every other replica on this
+    /// database uses ([`RegistryError::Misconfigured`] otherwise).
+    pub async fn open(
+        db: Db,
+        data_dir: &Path,
+        settings: &ModelSettings,
+    ) -> Result<Registry, RegistryError> {
+        let registry = Registry::new(db, data_dir, settings)?;
+        // SQLite runs one process (server::cluster): nobody else can use another directory.
+        if let BlobStore::Fs(fs) = &registry.store
+            && registry.db.backend() == crate::config::Backend::Postgres
+        {
+            let root = fs.root.clone();
+            let local = tokio::task::spawn_blocking(move || fs_store_id(&root))
+                .await
+                .map_err(|e| RegistryError::Store(e.to_string()))??;
+            let mut q = Sql::new("INSERT INTO fleet_facts (name, value) VALUES (");
+            q.bind(FS_STORE_FACT).push(", ").bind(local.as_str());
+            q.push(") ON CONFLICT (name) DO NOTHING");
+            q.query().execute(registry.db.pool()).await?;
+            let mut q = Sql::new("SELECT value FROM fleet_facts WHERE name = ");
+            q.bind(FS_STORE_FACT);
+            let recorded: String = q
+                .query()
+                .fetch_one(registry.db.pool())
+                .await?
+                .try_get("value")?;
+            if recorded != local {
+                return Err(RegistryError::Misconfigured(format!(
+                    "models.store = \"fs\": {} is not the model store the other replicas of this database use \
+                     (its {STORE_ID_FILE} says {local}, the database says {recorded}); a replica's local disk cannot \
+                     serve the bundles another replica stored: set models.store to object storage \
+                     (\"s3://bucket/prefix\", \"gs://...\", \"az://...\") or mount one shared volume at every replica's \
+                     <data_dir>/models (moving the directory? keep its {STORE_ID_FILE})",
+                    fs.root.display()
+                )));
+            }
+        }
+        Ok(registry)
+    }
+
+    /// Opens the configured blob store without checking it against the database (no I/O).
     pub fn new(
         db: Db,
         data_dir: &Path,
@@ -260,7 +319,7 @@ impl Registry {
                 sha256: existing.sha256,
             });
         }
-        let blob_key = format!("{}/{}.bundle", head.name, head.version);
+        let blob_key = blob_key(&head.name, &head.version, &sha256);
         let size = i64::try_from(bytes.len())
             .map_err(|_| RegistryError::Store("bundle too large".into()))?;
         self.store.put(&blob_key, bytes).await?;
@@ -307,10 +366,16 @@ impl Registry {
             // Another replica registered it meanwhile (its blob write raced ours: both were
             // verified bundles of this name and version; the row names the winner's sha256).
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                let sha256 = lookup(&self.db, &entry.name, &entry.version)
-                    .await?
-                    .map(|e| e.sha256)
-                    .unwrap_or_default();
+                let winner = lookup(&self.db, &entry.name, &entry.version).await?;
+                if winner
+                    .as_ref()
+                    .is_some_and(|w| w.blob_key != entry.blob_key)
+                    && let Err(e) = self.store.delete(&entry.blob_key).await
+                {
+                    tracing::warn!(error = %e, key = %entry.blob_key,
+                        "Could not remove the object of an upload that lost the race for its version (unreferenced, harmless).");
+                }
+                let sha256 = winner.map(|e| e.sha256).unwrap_or_default();
                 return Err(RegistryError::Duplicate {
                     name: entry.name,
                     version: entry.version,
@@ -333,6 +398,35 @@ impl Registry {
     ) -> Result<Vec<u8>, RegistryError> {
         self.store.read_range(&entry.blob_key, start, end).await
     }
+}
+
+/// The content-addressed key of a bundle: `<name>/<version>/<sha256>.bundle`.
+pub fn blob_key(name: &str, version: &str, sha256: &str) -> String {
+    format!("{name}/{version}/{sha256}.bundle")
+}
+
+/// The id of the volume an `fs` store lives on: read from `<root>/.store-id`, or created
+/// there (create-only, so replicas starting together on one shared volume agree).
+fn fs_store_id(root: &Path) -> Result<String, RegistryError> {
+    let path = root.join(STORE_ID_FILE);
+    let read = |path: &Path| -> Result<Option<String>, RegistryError> {
+        match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_string())),
+            Ok(_) => Err(RegistryError::Store(format!("{} is empty", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(store_err("read", path, e)),
+        }
+    };
+    if let Some(id) = read(&path)? {
+        return Ok(id);
+    }
+    std::fs::create_dir_all(root).map_err(|e| store_err("create", root, e))?;
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| RegistryError::Store(e.to_string()))?;
+    let id: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    write_create_only(&path, format!("{id}\n").as_bytes())?;
+    // Whoever created it first decides.
+    read(&path)?.ok_or_else(|| RegistryError::Store(format!("{} vanished", path.display())))
 }
 
 /// Where bundle bytes live.
@@ -358,6 +452,30 @@ impl BlobStore {
                     .await
                     .map_err(|e| o.err("write", &path, e))?;
                 Ok(())
+            }
+        }
+    }
+
+    /// Removes the blob `key` (absent is fine).
+    pub async fn delete(&self, key: &str) -> Result<(), RegistryError> {
+        match self {
+            BlobStore::Fs(fs) => {
+                let path = fs.path(key)?;
+                match tokio::fs::remove_file(&path).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(store_err("remove", &path, e)),
+                }
+            }
+            BlobStore::Object(o) => {
+                use futures_util::StreamExt;
+                let path = o.path(key)?;
+                // `delete_stream` (the trait's boxed, Send stream) with one location.
+                let one = futures_util::stream::once(std::future::ready(Ok(path.clone()))).boxed();
+                match o.store.delete_stream(one).next().await {
+                    None | Some(Ok(_)) | Some(Err(object_store::Error::NotFound { .. })) => Ok(()),
+                    Some(Err(e)) => Err(o.err("delete", &path, e)),
+                }
             }
         }
     }
@@ -520,7 +638,48 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
         .parent()
         .ok_or_else(|| RegistryError::Store(format!("{} has no directory", path.display())))?;
     std::fs::create_dir_all(dir).map_err(|e| store_err("create", dir, e))?;
-    ember_host::fs::replace(path, bytes).map_err(|e| store_err("write", path, e))
+    write_create_only(path, bytes)
+}
+
+/// Writes `bytes` to `path` only if `path` does not exist yet, durably: a temporary file with
+/// a unique name (several replicas may write into one shared directory), fsynced, then
+/// hard-linked to `path` (atomic and create-only), the temporary name removed, the directory
+/// fsynced. An existing `path` is left alone (keys are content-addressed: it holds the same
+/// bytes).
+fn write_create_only(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .ok_or_else(|| RegistryError::Store(format!("{} has no directory", path.display())))?;
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| RegistryError::Store(e.to_string()))?;
+    let unique: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{unique}.tmp"));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| store_err("create", &tmp, e))?;
+        f.write_all(bytes)
+            .map_err(|e| store_err("write", &tmp, e))?;
+        f.sync_all().map_err(|e| store_err("sync", &tmp, e))?;
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(store_err("link", path, e)),
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| store_err("sync", dir, e))
 }
 
 fn read_range(path: &Path, start: u64, end: u64) -> Result<Vec<u8>, RegistryError> {

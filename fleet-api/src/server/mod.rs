@@ -10,9 +10,15 @@
 //! * [`ledger`]: per device and stream: captured, received, missing, evicted, pending, lost.
 //! * [`retention`]: deletes old telemetry and results (as a prefix of sequence numbers,
 //!   archiving the gaps), aggregates and rejects.
+//! * [`cluster`]: replicas on one database: a replica's identity, the leader that runs the
+//!   singleton work (rollout driver, retention, desired-state publisher), SQLite's
+//!   one-process lock.
+//! * [`relay`]: live events between replicas over PostgreSQL `LISTEN/NOTIFY`.
 
+pub mod cluster;
 pub mod events;
 pub mod gauges;
 pub mod ingest;
 pub mod ledger;
+pub mod relay;
 pub mod retention;

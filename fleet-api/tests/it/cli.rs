@@ -19,6 +19,9 @@ fn fleet_cmd() -> Command {
         }
     }
     cmd.env("NO_COLOR", "1");
+    // The default client id comes from HOSTNAME; a generated one (a container's) is refused
+    // for `run` and `check-config` (scale_out::an_unstable_client_id_is_refused_at_start).
+    cmd.env("HOSTNAME", "ember-fleet-test");
     cmd
 }
 

@@ -16,8 +16,14 @@ on_both_backends!(
     telemetry_that_disagrees_with_the_streams_schema_is_rejected,
     retention_prunes_old_rows_and_keeps_the_ledger,
     fleet_restart_loses_nothing,
-    replicas_share_telemetry_and_store_it_once,
 );
+
+/// Several replicas need PostgreSQL (a second process on one SQLite file is refused, see
+/// `scale_out::a_second_process_on_one_sqlite_file_is_refused`).
+#[test]
+fn replicas_share_telemetry_and_store_it_once_on_postgres() {
+    replicas_share_telemetry_and_store_it_once(Kind::Postgres)
+}
 
 fn ranges(v: &Value) -> Vec<(u64, u64)> {
     v.as_array()
@@ -35,7 +41,7 @@ fn ranges(v: &Value) -> Vec<(u64, u64)> {
 }
 
 /// Checks that the telemetry API returns exactly `1..=last` once each, in (ts, seq) order.
-fn assert_exactly_once(fleet: &TestFleet, device: &str, stream: &str, last: u64) {
+pub(crate) fn assert_exactly_once(fleet: &TestFleet, device: &str, stream: &str, last: u64) {
     let records = fleet.all_records(device, stream, 700);
     let seqs: Vec<u64> = records
         .iter()

@@ -10,7 +10,7 @@ use crate::support::mqtt::{Msg, Out, batch, inference_batch, publish, status};
 use crate::support::{ADMIN, Kind, Store, TestFleet, WAIT, now_us};
 
 /// Reads from `s` until `pred` holds for everything read so far; panics with it otherwise.
-fn read_until(s: &mut TcpStream, seen: &mut String, pred: impl Fn(&str) -> bool) {
+pub(crate) fn read_until(s: &mut TcpStream, seen: &mut String, pred: impl Fn(&str) -> bool) {
     let deadline = Instant::now() + WAIT;
     let mut buf = [0u8; 4096];
     while !pred(seen) {

@@ -20,6 +20,8 @@ mod live;
 mod models;
 mod ota;
 mod python;
+mod replicas;
 mod rollout_service;
 mod rollouts;
+mod scale_out;
 mod security;

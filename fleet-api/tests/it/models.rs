@@ -129,6 +129,26 @@ pub(crate) fn upload(fleet: &TestFleet, token: &str, bytes: &[u8]) -> Bin {
     )
 }
 
+/// Uploads `bytes` to the fleet on `port` with the admin token; the status.
+pub(crate) fn upload_to(port: u16, bytes: &[u8]) -> u16 {
+    http(
+        port,
+        "POST",
+        "/api/v1/models",
+        Some(ADMIN),
+        &[("Content-Type", "application/octet-stream")],
+        Some(bytes),
+    )
+    .status
+}
+
+/// Downloads `path` from the fleet on `port` with the admin token; panics unless 200.
+pub(crate) fn download_from(port: u16, path: &str) -> Vec<u8> {
+    let r = http(port, "GET", path, Some(ADMIN), &[], None);
+    assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+    r.body
+}
+
 fn download(fleet: &TestFleet, token: &str, path: &str, range: Option<&str>) -> Bin {
     let headers: Vec<(&str, &str)> = range.map(|r| ("Range", r)).into_iter().collect();
     http(fleet.port, "GET", path, Some(token), &headers, None)
@@ -186,8 +206,13 @@ fn registry_end_to_end(kind: Kind) {
     assert_eq!(e["deprecated"], false);
     assert_eq!(r.header("location"), Some("/api/v1/models/activity/1.0.0"));
     assert!(
-        data.path().join("models/activity/1.0.0.bundle").is_file(),
-        "the blob is under <data_dir>/models/<name>/<version>.bundle"
+        data.path()
+            .join(format!(
+                "models/activity/1.0.0/{}.bundle",
+                sha256(&original)
+            ))
+            .is_file(),
+        "the blob is under <data_dir>/models/<name>/<version>/<sha256>.bundle"
     );
 
     // Download: byte-identical, ETag = sha256.
@@ -315,7 +340,7 @@ fn registry_end_to_end(kind: Kind) {
         .status,
         404
     );
-    assert!(!data.path().join("models/activity/9.9.9.bundle").exists());
+    assert!(!data.path().join("models/activity/9.9.9").exists());
 
     // Scopes: a read token reads but cannot upload or deprecate.
     let read = token_cli(&fleet.db_url, &["create", "--scope", "read"]);
@@ -601,7 +626,10 @@ fn registry_in_s3() {
     let r = upload(&fleet, ADMIN, &original);
     assert_eq!(r.status, 201, "{}\nmoto: {}", r.text(), s3.log_text());
     assert_eq!(r.json()["sha256"], sha256(&original));
-    let direct = s3.get("ember-models", "registry/activity/1.0.0.bundle");
+    let direct = s3.get(
+        "ember-models",
+        &format!("registry/activity/1.0.0/{}.bundle", sha256(&original)),
+    );
     assert_eq!(direct.status, 200, "the object is not in the bucket");
     assert!(
         direct.body == original,

@@ -459,13 +459,15 @@ fn tampered_artifact_is_refused_by_every_agent_and_reported() {
     ota.spawn_agents(10, &url, &[]);
     let all = devices(10);
     ota.wait_versions(&all, "1.0.0");
-    ota.upload(&version("1.4.0"));
+    let bundle = version("1.4.0");
+    ota.upload(&bundle);
     let blob = ota
         .fleet_dir
         .path()
         .join("models")
         .join(MODEL)
-        .join("1.4.0.bundle");
+        .join("1.4.0")
+        .join(format!("{}.bundle", ember_bundle::hex::sha256(&bundle)));
     let mut bytes = std::fs::read(&blob).expect("the stored blob");
     let at = bytes.len() / 2;
     bytes[at] ^= 0x01;

@@ -24,7 +24,7 @@ use crate::support::{ADMIN, Kind, Store, TestFleet, WAIT, client_id, now_us};
 on_both_backends!(a_rollout_goes_from_canary_to_completed);
 
 /// Every desired state received, per device, in order (retained ones included).
-struct Watcher {
+pub(crate) struct Watcher {
     seen: Arc<Mutex<BTreeMap<String, Vec<DesiredState>>>>,
     stop: CancellationToken,
     thread: Option<JoinHandle<()>>,
@@ -32,7 +32,7 @@ struct Watcher {
 
 impl Watcher {
     /// Subscribes to every device's desired topic; returns once the broker confirmed.
-    fn start(port: u16) -> Watcher {
+    pub(crate) fn start(port: u16) -> Watcher {
         let seen: Arc<Mutex<BTreeMap<String, Vec<DesiredState>>>> = Arc::default();
         let stop = CancellationToken::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -93,7 +93,7 @@ impl Watcher {
         self.seen.lock().expect("lock").keys().cloned().collect()
     }
 
-    fn latest(&self, device: &str) -> Option<DesiredState> {
+    pub(crate) fn latest(&self, device: &str) -> Option<DesiredState> {
         self.seen
             .lock()
             .expect("lock")
@@ -102,7 +102,7 @@ impl Watcher {
     }
 
     /// Waits until the latest desired state of `device` names `version` of `model`.
-    fn wait_version(&self, device: &str, model: &str, version: &str) -> DesiredState {
+    pub(crate) fn wait_version(&self, device: &str, model: &str, version: &str) -> DesiredState {
         let ok = wait_until(WAIT, || {
             self.latest(device).is_some_and(|d| {
                 d.models
@@ -129,7 +129,7 @@ impl Drop for Watcher {
 }
 
 /// A retained online status of `device` running `model` `running`, with one OTA report.
-fn report(
+pub(crate) fn report(
     port: u16,
     device: &str,
     model: &str,
@@ -158,7 +158,13 @@ fn report(
 
 /// Registers `model` `version` in the registry table directly (the upload route is another
 /// part's; the rollout service only reads the table).
-fn register_model(store: &Store, kind: Kind, model: &str, version: &str, deprecated: bool) {
+pub(crate) fn register_model(
+    store: &Store,
+    kind: Kind,
+    model: &str,
+    version: &str,
+    deprecated: bool,
+) {
     let settings = DatabaseSettings {
         url: store.url(),
         backend: match kind {
@@ -196,7 +202,7 @@ fn register_model(store: &Store, kind: Kind, model: &str, version: &str, depreca
 }
 
 /// Devices announce themselves running `model` 1.0.0 and the fleet has registered them.
-fn bring_up(fleet: &TestFleet, port: u16, devices: &[&str], model: &str) {
+pub(crate) fn bring_up(fleet: &TestFleet, port: u16, devices: &[&str], model: &str) {
     for d in devices {
         report(port, d, model, "1.0.0", None);
     }
@@ -209,18 +215,23 @@ fn bring_up(fleet: &TestFleet, port: u16, devices: &[&str], model: &str) {
     }
 }
 
-fn create(fleet: &TestFleet, body: Value) -> Value {
+pub(crate) fn create(fleet: &TestFleet, body: Value) -> Value {
     let r = fleet.request("POST", "/api/v1/rollouts", Some(ADMIN), Some(&body));
     assert_eq!(r.status, 201, "create: {}", r.body);
     r.json()
 }
 
-fn rollout(fleet: &TestFleet, id: &str) -> Value {
+pub(crate) fn rollout(fleet: &TestFleet, id: &str) -> Value {
     fleet.get_json(&format!("/api/v1/rollouts/{id}"))
 }
 
 /// Waits until the rollout satisfies `pred`; panics with the last view.
-fn wait_rollout(fleet: &TestFleet, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+pub(crate) fn wait_rollout(
+    fleet: &TestFleet,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let mut last = Value::Null;
     let ok = wait_until(WAIT, || {
         last = rollout(fleet, id);

@@ -9,6 +9,13 @@
 //! ```
 //!
 //! Guarantees:
+//! * One publisher for the whole fleet: it runs only on the leader replica
+//!   (`server::cluster::spawn_singleton`), and every replica's publisher connects under the
+//!   same client id ([`publisher_client_id`]), so a new leader's connection evicts the old
+//!   leader's at the broker. Everything the old one sent was processed before the new one's
+//!   CONNACK, and the new one reads the outbox only after it: a revision can never reach the
+//!   broker after a newer one (the stale desired state after a rollback that several
+//!   concurrent publishers caused, issue 16).
 //! * A desired row MUST be marked published only after the broker acknowledged (PUBACK) the
 //!   retained message that carried it; a crash before that republishes it (retained messages
 //!   are idempotent on the device side: it compares versions).
@@ -89,14 +96,14 @@ impl Service {
     }
 
     /// The publisher: keeps every device's retained desired state in step with the outbox
-    /// until `shutdown`. Its own MQTT connection (`<client_id>-desired`, clean session) with
-    /// the fleet's broker settings and TLS.
+    /// until `shutdown`. Its own MQTT connection ([`publisher_client_id`], clean session) with
+    /// the fleet's broker settings and TLS. Run it on the leader only.
     pub async fn publish(self: Arc<Self>, settings: Arc<Settings>, shutdown: CancellationToken) {
         let m = &settings.mqtt;
         let min_backoff = Duration::from_millis(m.reconnect_min_ms);
         let mut backoff = min_backoff;
         'connection: while !shutdown.is_cancelled() {
-            let mut opts = MqttOptions::new(format!("{}-desired", m.client_id), &m.host, m.port);
+            let mut opts = MqttOptions::new(publisher_client_id(m), &m.host, m.port);
             opts.set_keep_alive(Duration::from_secs(m.keep_alive_s));
             opts.set_clean_session(true);
             if let Some(user) = &m.username {
@@ -220,6 +227,20 @@ impl Service {
                     "Could not record a published desired state; it is published again.");
             }
         }
+    }
+}
+
+/// The desired-state publisher's client id, the same on every replica that shares the
+/// subscription group (the broker lets one connection hold it: a new leader evicts the old):
+/// `ember-fleet-desired`, `ember-fleet-desired-<share group>` for another group, or
+/// `<client_id>-desired` without a group (one replica).
+pub fn publisher_client_id(m: &crate::config::MqttSettings) -> String {
+    if m.share_group.is_empty() {
+        format!("{}-desired", m.client_id)
+    } else if m.share_group == crate::config::DEFAULT_SHARE_GROUP {
+        "ember-fleet-desired".to_string()
+    } else {
+        format!("ember-fleet-desired-{}", m.share_group)
     }
 }
 

@@ -165,6 +165,11 @@ impl Service {
         &self.db
     }
 
+    /// Wakes the desired-state publisher (another replica wrote desired rows).
+    pub fn wake_publisher(&self) {
+        self.wake.notify_one();
+    }
+
     /// Starts a rollout; returns it as stored.
     pub async fn create(&self, req: NewRollout<'_>) -> Result<Stored, RolloutError> {
         // The version must exist before anything else about the plan matters.
@@ -373,7 +378,9 @@ impl Service {
             .iter()
             .any(|e| matches!(e, Effect::Assign { .. } | Effect::Revert { .. }))
         {
+            // The publisher runs on the leader, which may be another replica.
             self.wake.notify_one();
+            self.events.desired_changed();
         }
         let counts = r.counts(None);
         self.events.publish(LiveEvent::Rollout {

@@ -28,6 +28,16 @@
 //!   unacknowledged at the broker), closes the channel, keeps the connection up while the
 //!   writer stores and acknowledges everything already taken, then disconnects cleanly.
 //!   `force` abandons the drain; nothing unstored was acknowledged, so nothing is lost.
+//! * Leaving (a replica that stops while other replicas run, [`Membership::should_leave`]):
+//!   before the drain, the reader unsubscribes, keeps storing and acknowledging what the broker
+//!   still delivers (what it had queued for this session) until every UNSUBACK is in and
+//!   nothing arrived for [`LEAVE_QUIET`] with nothing pending, then drains, disconnects and
+//!   ends its persistent session (a clean-session connection under the same client id). The
+//!   broker then neither routes a share of the telemetry to this session nor keeps any for it:
+//!   a replica removed for good (a scale-down) strands nothing. The last replica, and one that
+//!   cannot finish leaving within half of `shutdown.grace_ms` or had to leave a message
+//!   unacknowledged, keeps its session, so the broker queues for it until it returns under
+//!   the same stable client id.
 
 pub mod classify;
 pub mod commits;
@@ -45,6 +55,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::db::{Db, now_us};
 use crate::metrics::Metrics;
+use crate::server::cluster::Membership;
 use crate::server::events::Events;
 use classify::{Reject, RejectReason, classify};
 use writer::{AckToken, Acker, Inbound, Writer};
@@ -57,6 +68,10 @@ const MAX_MQTT_PACKET: usize = 268_435_455;
 const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a clean disconnect may take at shutdown.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Leaving: how long nothing may arrive (with nothing pending) before the session is drained.
+pub const LEAVE_QUIET: Duration = Duration::from_millis(750);
+/// How often a leaving reader looks whether it is done.
+const LEAVE_CHECK: Duration = Duration::from_millis(50);
 
 /// What the API's health check reads.
 #[derive(Debug, Default)]
@@ -117,6 +132,7 @@ pub async fn run(
     state: Arc<IngestState>,
     events: Arc<Events>,
     rollouts: Arc<crate::ota::rollout::service::Service>,
+    membership: Arc<Membership>,
     shutdown: CancellationToken,
     force: CancellationToken,
 ) {
@@ -184,6 +200,11 @@ pub async fn run(
     let max_backoff = Duration::from_millis(m.reconnect_max_ms);
     let mut was_connected = false;
     let mut writer_done = false;
+    // Leaving the shared subscription (see the module header).
+    let mut leave: Option<Leave> = None;
+    let mut shutdown_seen = false;
+    let leave_max = Duration::from_millis(settings.shutdown.grace_ms / 2);
+    let mut leave_check = tokio::time::interval(LEAVE_CHECK);
 
     loop {
         if let Some(tx) = &tx {
@@ -196,7 +217,42 @@ pub async fn run(
         let step = tokio::select! {
             biased;
             _ = force.cancelled() => Step::Stop,
-            _ = shutdown.cancelled(), if tx.is_some() => Step::Drain,
+            _ = shutdown.cancelled(), if tx.is_some() && !shutdown_seen => {
+                shutdown_seen = true;
+                if state.connected.load(Ordering::Acquire) && membership.should_leave().await {
+                    let mut unsubscribing = 0;
+                    for f in &filters {
+                        if client.try_unsubscribe(f.path.clone()).is_ok() {
+                            unsubscribing += 1;
+                        }
+                    }
+                    tracing::info!(client_id = %m.client_id,
+                        "Other replicas run: leaving the shared subscription (storing what the broker still delivers to this session, then ending it).");
+                    leave = Some(Leave {
+                        started: Instant::now(),
+                        last_message: Instant::now(),
+                        unsubacks_due: unsubscribing,
+                        unacknowledged: false,
+                    });
+                    Step::Continue
+                } else {
+                    Step::Drain
+                }
+            }
+            _ = leave_check.tick(), if leave.is_some() && tx.is_some() => {
+                let idle = tx.as_ref().is_some_and(|t| t.capacity() == t.max_capacity()) && backlog.is_empty();
+                match &leave {
+                    Some(l) if l.unsubacks_due == 0 && idle && l.last_message.elapsed() >= LEAVE_QUIET => Step::Drain,
+                    Some(l) if l.started.elapsed() >= leave_max => {
+                        tracing::warn!("Could not finish leaving the shared subscription within half of shutdown.grace_ms; keeping the MQTT session.");
+                        if let Some(l) = leave.as_mut() {
+                            l.unacknowledged = true;
+                        }
+                        Step::Drain
+                    }
+                    _ => Step::Continue,
+                }
+            }
             permit = reserve(&tx), if !backlog.is_empty() => {
                 match (permit, backlog.pop_front()) {
                     (Some(permit), Some(m)) => {
@@ -264,9 +320,21 @@ pub async fn run(
                     tracing::info!("Subscribed.");
                 }
             }
+            Ok(Event::Incoming(Packet::UnsubAck(_))) => {
+                if let Some(l) = leave.as_mut() {
+                    l.unsubacks_due = l.unsubacks_due.saturating_sub(1);
+                }
+            }
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                if let Some(l) = leave.as_mut() {
+                    l.last_message = Instant::now();
+                }
                 let Some(sender) = &tx else {
-                    // Draining: leave it unacknowledged; the broker delivers it again.
+                    // Draining: leave it unacknowledged; the broker delivers it again (to
+                    // this session, which therefore must not be ended).
+                    if let Some(l) = leave.as_mut() {
+                        l.unacknowledged = true;
+                    }
                     continue;
                 };
                 let received_at = now_us();
@@ -327,6 +395,10 @@ pub async fn run(
             }
             Ok(_) => {}
             Err(e) => {
+                if let Some(l) = leave.as_mut() {
+                    // A new connection resubscribes: this one cannot leave cleanly any more.
+                    l.unacknowledged = true;
+                }
                 state.connected.store(false, Ordering::Release);
                 state.subscribed.store(false, Ordering::Release);
                 metrics.set("mqtt_connected", &[], 0.0);
@@ -357,7 +429,8 @@ pub async fn run(
     commits_stop.cancel();
     let _ = commit_publisher.await;
     // Leave cleanly: the acknowledgements queued before this go out first (one channel).
-    if state.connected.load(Ordering::Acquire) && !force.is_cancelled() {
+    let connected = state.connected.load(Ordering::Acquire);
+    if connected && !force.is_cancelled() {
         let _ = client.try_disconnect();
         let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, async {
             loop {
@@ -369,10 +442,70 @@ pub async fn run(
         })
         .await;
     }
+    if let Some(l) = &leave
+        && connected
+        && !l.unacknowledged
+        && !force.is_cancelled()
+    {
+        match end_session(m).await {
+            Ok(()) => {
+                metrics.inc("mqtt_sessions_ended_total", &[], 1);
+                tracing::info!(client_id = %m.client_id, "Left the shared subscription and ended this replica's MQTT session.");
+            }
+            Err(e) => tracing::warn!(error = %e, client_id = %m.client_id,
+                "Could not end this replica's MQTT session; the broker keeps it until it expires or this client id connects again."),
+        }
+    }
     state.connected.store(false, Ordering::Release);
     state.subscribed.store(false, Ordering::Release);
     metrics.set("mqtt_connected", &[], 0.0);
     tracing::info!("Ingestion stopped.");
+}
+
+/// A reader leaving the shared subscription.
+struct Leave {
+    started: Instant,
+    last_message: Instant,
+    unsubacks_due: usize,
+    /// Something was (or may have been) left unacknowledged: keep the session.
+    unacknowledged: bool,
+}
+
+/// Ends the persistent session of `m.client_id` at the broker: a clean-session connection
+/// under the same id makes the broker discard the old session and its subscriptions (MQTT
+/// 3.1.1, 3.1.2.4), then disconnects.
+async fn end_session(m: &crate::config::MqttSettings) -> Result<(), String> {
+    let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
+    opts.set_keep_alive(Duration::from_secs(m.keep_alive_s));
+    opts.set_clean_session(true);
+    if let Some(user) = &m.username {
+        opts.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
+    }
+    crate::tls::apply_mqtt(&mut opts, m).map_err(|e| e.to_string())?;
+    let (client, mut el) = AsyncClient::new(opts, 4);
+    let done = tokio::time::timeout(DISCONNECT_TIMEOUT * 2, async {
+        let mut acked = false;
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    if ack.code != ConnectReturnCode::Success {
+                        return Err(format!("the broker refused the connection: {:?}", ack.code));
+                    }
+                    acked = true;
+                    let _ = client.try_disconnect();
+                }
+                Ok(_) => {}
+                // The broker closed the connection after the DISCONNECT: done.
+                Err(_) if acked => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    match done {
+        Ok(r) => r,
+        Err(_) => Err("the broker did not answer in time".into()),
+    }
 }
 
 /// What one turn of the reader's loop does next.

@@ -4,6 +4,8 @@
 
 pub mod http;
 pub mod mqtt;
+pub mod proxy;
+pub mod replicas;
 
 use std::path::PathBuf;
 use std::sync::Once;
@@ -81,6 +83,18 @@ pub struct TestFleet {
 
 static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
 
+/// The data dir of test fleets whose config names none: in the temp dir, one per database URL.
+pub fn default_data_dir(db_url: &str) -> PathBuf {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in db_url.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    std::env::temp_dir()
+        .join("ember-fleet-it-data")
+        .join(format!("{h:016x}"))
+}
+
 /// A unique MQTT client id for a fleet replica.
 pub fn client_id() -> String {
     format!(
@@ -134,8 +148,13 @@ impl TestFleet {
 
     /// Starts a fleet from resolved settings (for what a config file cannot say, such as
     /// `models.store_options`), without waiting.
-    pub fn spawn_settings(settings: Settings, port: u16) -> TestFleet {
+    pub fn spawn_settings(mut settings: Settings, port: u16) -> TestFleet {
         init_logging();
+        if settings.data_dir == std::path::Path::new(ember_fleet::config::DEFAULT_DATA_DIR) {
+            // Not under the source tree; one directory per database, so the replicas of one
+            // test share their `fs` model store like replicas on one shared volume.
+            settings.data_dir = default_data_dir(&settings.database.url);
+        }
         let listener = std::net::TcpListener::bind(("127.0.0.1", port))
             .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:{port}: {e}"));
         let port = listener.local_addr().expect("bound").port();
