@@ -233,7 +233,15 @@ pub async fn run(
                 fleet_url: &fleet_url,
                 token_file: &tokens.devices[i],
             };
-            agents.spawn(&agent_bin, &data_dir, &assets, i, broker_port, opts.speed, &ota)?;
+            agents.spawn(
+                &agent_bin,
+                &data_dir,
+                &assets,
+                i,
+                broker_port,
+                opts.speed,
+                &ota,
+            )?;
         }
         wait_online(&db_settings, &mut agents, &data_dir, &shutdown).await?;
         Ok::<_, DemoError>(tokens)
@@ -334,7 +342,13 @@ struct Tokens {
 impl Tokens {
     async fn prepare(db: &Db, data_dir: &Path, agents: usize) -> Result<Tokens, DemoError> {
         use crate::auth::Scope;
-        let read = token_file(db, &data_dir.join("read.token"), Scope::Read, "demo dashboard").await?;
+        let read = token_file(
+            db,
+            &data_dir.join("read.token"),
+            Scope::Read,
+            "demo dashboard",
+        )
+        .await?;
         let admin_file = data_dir.join("admin.token");
         let admin = token_file(db, &admin_file, Scope::Admin, "demo admin").await?;
         let mut devices = Vec::with_capacity(agents);
@@ -366,7 +380,11 @@ async fn token_file(
 ) -> Result<String, DemoError> {
     if let Ok(text) = std::fs::read_to_string(path) {
         let token = text.trim().to_string();
-        if crate::auth::lookup(db, &token).await.map_err(crate::FleetError::from)? == Some(scope.clone()) {
+        if crate::auth::lookup(db, &token)
+            .await
+            .map_err(crate::FleetError::from)?
+            == Some(scope.clone())
+        {
             return Ok(token);
         }
     }
@@ -933,8 +951,14 @@ mod tests {
         let head = raw
             .verify(&ember_bundle::TrustedKeys::new().with(key))
             .unwrap();
-        assert_eq!((head.name.as_str(), head.version.as_str()), (ROLLOUT_MODEL, ROLLOUT_TO));
-        let from = ember_bundle::RawBundle::read(ACTIVITY_BUNDLE).unwrap().head().unwrap();
+        assert_eq!(
+            (head.name.as_str(), head.version.as_str()),
+            (ROLLOUT_MODEL, ROLLOUT_TO)
+        );
+        let from = ember_bundle::RawBundle::read(ACTIVITY_BUNDLE)
+            .unwrap()
+            .head()
+            .unwrap();
         assert_eq!(from.version, ROLLOUT_FROM);
     }
 

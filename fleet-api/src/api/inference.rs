@@ -582,9 +582,8 @@ pub async fn rates(
         "SELECT device_id, stream, CAST(SUM(scored) AS BIGINT) AS n, \
          CAST(SUM(anomalies) AS BIGINT) AS anomalies FROM inference_1m WHERE bucket >= ",
     );
-    q.bind(from).push(
-        " AND scored > 0 GROUP BY device_id, stream ORDER BY device_id, stream",
-    );
+    q.bind(from)
+        .push(" AND scored > 0 GROUP BY device_id, stream ORDER BY device_id, stream");
     let rows = q.query().fetch_all(state.db.pool()).await?;
     let mut items = rows
         .iter()

@@ -102,7 +102,8 @@ fn windows<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 
 /// One wave size, exactly as [`parse_wave`] accepts it: `canary`, a percentage in (0, 100]
 /// (`10%`, `12.5%`, `100%`) or a device count of 1 to 999,999,999, without leading zeros.
-pub const WAVE_PATTERN: &str = "^(canary|(100([.]0+)?|[1-9][0-9]?([.][0-9]+)?|0[.][0-9]*[1-9][0-9]*)%|[1-9][0-9]{0,8})$";
+pub const WAVE_PATTERN: &str =
+    "^(canary|(100([.]0+)?|[1-9][0-9]?([.][0-9]+)?|0[.][0-9]*[1-9][0-9]*)%|[1-9][0-9]{0,8})$";
 /// A device id or tag key ([`ember_proto::check_name`]).
 const NAME_PATTERN: &str = "^[A-Za-z0-9._-]{1,64}$";
 /// A tag filter: `key` or `key=value` (any value).
@@ -135,7 +136,11 @@ fn targets_schema() -> utoipa::openapi::schema::OneOf {
     use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
     let list = |pattern: &str, what: &str| {
         ArrayBuilder::new()
-            .items(ObjectBuilder::new().schema_type(Type::String).pattern(Some(pattern)))
+            .items(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(pattern)),
+            )
             .min_items(Some(1))
             .max_items(Some(crate::ota::rollout::service::MAX_LISTED))
             .description(Some(what))
@@ -144,7 +149,9 @@ fn targets_schema() -> utoipa::openapi::schema::OneOf {
         ObjectBuilder::new()
             .property(name, schema)
             .required(name)
-            .additional_properties(Some(utoipa::openapi::schema::AdditionalProperties::FreeForm(false)))
+            .additional_properties(Some(
+                utoipa::openapi::schema::AdditionalProperties::FreeForm(false),
+            ))
     };
     OneOfBuilder::new()
         .item(one(
@@ -167,7 +174,9 @@ fn targets_schema() -> utoipa::openapi::schema::OneOf {
             "devices",
             list(NAME_PATTERN, "These devices (each must be registered).").into(),
         ))
-        .description(Some("Which devices a rollout targets: exactly one of the three."))
+        .description(Some(
+            "Which devices a rollout targets: exactly one of the three.",
+        ))
         .build()
 }
 
@@ -821,16 +830,47 @@ mod tests {
         assert_eq!(parse_wave("0.5%").unwrap(), WaveSize::Percent(0.5));
         assert_eq!(parse_wave("100.0%").unwrap(), WaveSize::Percent(100.0));
         for bad in [
-            "0", "0%", "101%", "148%", "x", "NaN%", "-1", "", " 5", "05", "5.%", "1e2%", "+5",
-            "1000000000", "inf%",
+            "0",
+            "0%",
+            "101%",
+            "148%",
+            "x",
+            "NaN%",
+            "-1",
+            "",
+            " 5",
+            "05",
+            "5.%",
+            "1e2%",
+            "+5",
+            "1000000000",
+            "inf%",
         ] {
             assert!(parse_wave(bad).is_err(), "{bad}");
         }
         // The document's pattern says the same of every one of them.
         let re = regex_lite::Regex::new(WAVE_PATTERN).unwrap();
         for s in [
-            "canary", "10%", "12.5%", "0.5%", "100.0%", "5", "999999999", "0", "0%", "101%",
-            "148%", " 5", "05", "5.%", "1e2%", "+5", "1000000000", "0.0%", "100.5%", "99.99%",
+            "canary",
+            "10%",
+            "12.5%",
+            "0.5%",
+            "100.0%",
+            "5",
+            "999999999",
+            "0",
+            "0%",
+            "101%",
+            "148%",
+            " 5",
+            "05",
+            "5.%",
+            "1e2%",
+            "+5",
+            "1000000000",
+            "0.0%",
+            "100.5%",
+            "99.99%",
         ] {
             assert_eq!(re.is_match(s), parse_wave(s).is_ok(), "{s}");
         }
@@ -869,7 +909,12 @@ mod tests {
         req.waves = Some(vec!["148%".into()]);
         assert!(req.to_spec().unwrap_err().to_string().contains("148%"));
         req.waves = Some(vec![]);
-        assert!(req.to_spec().unwrap_err().to_string().contains("at least one"));
+        assert!(
+            req.to_spec()
+                .unwrap_err()
+                .to_string()
+                .contains("at least one")
+        );
         req.waves = None;
         req.shadow = Some(Shadow {
             windows: 0,

@@ -67,7 +67,9 @@ fn demo_brings_agents_online_rolls_out_a_model_and_stops_cleanly_on_sigint() {
     let banner = rx
         .recv_timeout(Duration::from_secs(30))
         .unwrap_or_else(|_| {
-            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
             panic!(
                 "no banner within 30 s; logs:\n{}",
                 log.lock().unwrap().as_str()
@@ -131,10 +133,19 @@ fn demo_brings_agents_online_rolls_out_a_model_and_stops_cleanly_on_sigint() {
         .as_array()
         .expect("items")
         .iter()
-        .map(|m| format!("{} {}", m["name"].as_str().unwrap_or(""), m["version"].as_str().unwrap_or("")))
+        .map(|m| {
+            format!(
+                "{} {}",
+                m["name"].as_str().unwrap_or(""),
+                m["version"].as_str().unwrap_or("")
+            )
+        })
         .collect();
     for v in ["activity 1.0.0", "activity 1.1.0", "anomaly 1.0.0"] {
-        assert!(versions.iter().any(|x| x == v), "{v} is not registered: {versions:?}");
+        assert!(
+            versions.iter().any(|x| x == v),
+            "{v} is not registered: {versions:?}"
+        );
     }
 
     // A little after the banner the rollout starts; the demo says how to control it.
@@ -157,7 +168,11 @@ fn demo_brings_agents_online_rolls_out_a_model_and_stops_cleanly_on_sigint() {
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600, "the admin token file is readable by others");
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "the admin token file is readable by others"
+        );
     }
 
     // Every page of the running demo in Chromium, until the rollout completes.
@@ -192,8 +207,17 @@ fn demo_brings_agents_online_rolls_out_a_model_and_stops_cleanly_on_sigint() {
         String::from_utf8_lossy(&walk_out.stderr),
         log.lock().unwrap().as_str()
     );
-    eprintln!("demo walk: {}", String::from_utf8_lossy(&walk_out.stdout).trim());
-    for name in ["overview.png", "device.png", "models.png", "rollouts.png", "rollout.png"] {
+    eprintln!(
+        "demo walk: {}",
+        String::from_utf8_lossy(&walk_out.stdout).trim()
+    );
+    for name in [
+        "overview.png",
+        "device.png",
+        "models.png",
+        "rollouts.png",
+        "rollout.png",
+    ] {
         let bytes = std::fs::read(shots.join(name)).unwrap_or_default();
         assert!(
             bytes.len() > 10_000 && bytes.starts_with(b"\x89PNG"),
@@ -203,14 +227,24 @@ fn demo_brings_agents_online_rolls_out_a_model_and_stops_cleanly_on_sigint() {
 
     // The CLI the README shows, with the demo's admin token file.
     let show = Command::new(fleet_bin())
-        .args(["rollout", "show", &id, "--url", &format!("http://127.0.0.1:{port}")])
+        .args([
+            "rollout",
+            "show",
+            &id,
+            "--url",
+            &format!("http://127.0.0.1:{port}"),
+        ])
         .arg("--token-file")
         .arg(&token_file)
         .env_remove("EMBER_FLEET_TOKEN")
         .output()
         .expect("run ember-fleet rollout show");
     let text = String::from_utf8_lossy(&show.stdout);
-    assert!(show.status.success(), "{text}\n{}", String::from_utf8_lossy(&show.stderr));
+    assert!(
+        show.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
     assert!(text.contains("completed"), "{text}");
 
     // The read token cannot change anything.
@@ -268,7 +302,12 @@ struct StopOnDrop(u32);
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
         let pid = self.0.to_string();
-        let alive = || Command::new("kill").args(["-0", &pid]).status().is_ok_and(|s| s.success());
+        let alive = || {
+            Command::new("kill")
+                .args(["-0", &pid])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
         if !alive() {
             return;
         }

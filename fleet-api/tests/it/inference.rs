@@ -462,7 +462,11 @@ fn anomaly_incidents_group_consecutive_windows_and_rates_count_them(kind: Kind) 
     );
     let first = &inc["items"][3];
     assert_eq!(first["peak_score"], json!(3.5), "{first}");
-    assert_eq!(first["threshold"].as_f64().map(|t| (t * 10.0).round()), Some(9.0), "{first}");
+    assert_eq!(
+        first["threshold"].as_f64().map(|t| (t * 10.0).round()),
+        Some(9.0),
+        "{first}"
+    );
     assert_eq!(first["start"], json!(at(2)), "{first}");
     assert_eq!(first["end"], json!(at(4)), "{first}");
     assert_eq!(
@@ -472,7 +476,11 @@ fn anomaly_incidents_group_consecutive_windows_and_rates_count_them(kind: Kind) 
     );
     assert_eq!(inc["items"][4]["labels"], json!([]), "{inc}");
     let limited = fleet.get_json("/api/v1/anomalies/incidents?limit=2");
-    assert_eq!(limited["items"].as_array().map(Vec::len), Some(2), "{limited}");
+    assert_eq!(
+        limited["items"].as_array().map(Vec::len),
+        Some(2),
+        "{limited}"
+    );
     // A look-back shorter than the data's age finds none.
     let none = fleet.get_json("/api/v1/anomalies/incidents?window_s=60");
     assert_eq!(none["items"], json!([]), "{none}");

@@ -17,7 +17,10 @@ fn python_dir() -> PathBuf {
 /// Fails (never skips) when python3 or the packages are missing, saying how to install them.
 fn require_python() {
     let ok = Command::new("python3")
-        .args(["-c", "import paho.mqtt, schemathesis, openapi_spec_validator"])
+        .args([
+            "-c",
+            "import paho.mqtt, schemathesis, openapi_spec_validator",
+        ])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
@@ -160,7 +163,12 @@ fn the_served_document_is_valid_openapi_3_1() {
     require_python();
     let f = api_fixture();
     let doc = f.fleet.get_json("/api/openapi.json");
-    assert_eq!(doc["openapi"].as_str().map(|v| &v[..4]), Some("3.1."), "{}", doc["openapi"]);
+    assert_eq!(
+        doc["openapi"].as_str().map(|v| &v[..4]),
+        Some("3.1."),
+        "{}",
+        doc["openapi"]
+    );
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("openapi.json");
     std::fs::write(&path, doc.to_string()).expect("write the document");
