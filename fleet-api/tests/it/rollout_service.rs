@@ -542,15 +542,18 @@ fn rollout_requests_are_checked() {
             404,
             "nope",
         ),
+        // Well-formed but nothing to roll out to: not found, like an unknown device.
         (
             json!({"model": "activity", "version": "2.0.0", "targets": {"tags": ["none=here"]}}),
-            400,
+            404,
             "matches no",
         ),
+        // Sizes outside the document's pattern (a plan that stops short of 100% is completed
+        // with a last 100% wave instead: see the API tests).
         (
-            json!({"model": "activity", "version": "2.0.0", "targets": all, "waves": ["canary", "50%"]}),
+            json!({"model": "activity", "version": "2.0.0", "targets": all, "waves": ["canary", "148%"]}),
             400,
-            "100",
+            "148%",
         ),
         (
             json!({"model": "activity", "version": "2.0.0", "targets": all, "waves": ["lots"]}),
