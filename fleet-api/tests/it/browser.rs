@@ -20,7 +20,7 @@ use ember_testkit::TestBroker;
 use serde_json::json;
 
 use crate::support::mqtt::{Msg, Out, inference_batch, publish, status};
-use crate::support::{ADMIN, Kind, Store, TestFleet, client_id, config, now_us};
+use crate::support::{ADMIN, Kind, Store, TestFleet, now_us};
 
 /// The whole browser run (launch, three pages, two live steps, screenshots).
 const BROWSER_TIMEOUT: Duration = Duration::from_secs(180);
@@ -253,20 +253,7 @@ fn dashboard_pages_load_and_update_live_in_chromium() {
     // A data dir for the model registry and the development key trusted (the Models page
     // uploads a committed bundle).
     let data = tempfile::tempdir().expect("temp dir");
-    let fleet = TestFleet::spawn(&format!(
-        "data_dir = \"{}\"\n{}",
-        data.path().display(),
-        config(
-            &store.url(),
-            broker.port(),
-            &client_id(),
-            &format!(
-                "[models]\ntrusted_keys = [\"{}\"]",
-                ember_testkit::bundles::dev_public_key_path().display()
-            ),
-        )
-    ));
-    fleet.wait_healthy();
+    let fleet = TestFleet::with_dev_registry(&store, broker.port(), data.path());
     populate(&fleet, broker.port());
 
     // docs/screenshots/ comes from the demo itself (demo.rs); these stay in a temp dir.

@@ -8,7 +8,7 @@ use ember_testkit::{TestBroker, wait_until};
 use serde_json::Value;
 
 use crate::support::mqtt::{Msg, batch, publish, status};
-use crate::support::{ADMIN, Kind, Store, TestFleet, WAIT, client_id, config, now_us};
+use crate::support::{ADMIN, Kind, Store, TestFleet, WAIT, client_id, now_us};
 
 fn python_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python"))
@@ -107,20 +107,7 @@ fn api_fixture() -> ApiFixture {
     let broker = TestBroker::start();
     let store = Store::new(Kind::Sqlite);
     let data = tempfile::tempdir().expect("temp dir");
-    let fleet = TestFleet::spawn(&format!(
-        "data_dir = \"{}\"\n{}",
-        data.path().display(),
-        config(
-            &store.url(),
-            broker.port(),
-            &client_id(),
-            &format!(
-                "[models]\ntrusted_keys = [\"{}\"]",
-                ember_testkit::bundles::dev_public_key_path().display()
-            ),
-        )
-    ));
-    fleet.wait_healthy();
+    let fleet = TestFleet::with_dev_registry(&store, broker.port(), data.path());
     let mut running = status("0", "0", 25, 2, &[(21, 22, "age")]);
     running.models = [("activity".to_string(), "1.0.0".to_string())].into();
     publish(

@@ -7,7 +7,7 @@ pub mod mqtt;
 pub mod proxy;
 pub mod replicas;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -129,6 +129,23 @@ impl TestFleet {
     pub fn start_with(store: &Store, broker_port: u16, client_id: &str, extra: &str) -> TestFleet {
         let text = config(&store.url(), broker_port, client_id, extra);
         let fleet = Self::spawn(&text);
+        fleet.wait_healthy();
+        fleet
+    }
+
+    /// A fleet on `store` with its data (the model registry's blobs) in `data_dir`, trusting
+    /// the development key, so committed and re-signed bundles can be uploaded; healthy when
+    /// this returns.
+    pub fn with_dev_registry(store: &Store, broker_port: u16, data_dir: &Path) -> TestFleet {
+        let extra = format!(
+            "[models]\ntrusted_keys = [\"{}\"]",
+            ember_testkit::bundles::dev_public_key_path().display()
+        );
+        let fleet = Self::spawn(&format!(
+            "data_dir = \"{}\"\n{}",
+            data_dir.display(),
+            config(&store.url(), broker_port, &client_id(), &extra)
+        ));
         fleet.wait_healthy();
         fleet
     }
