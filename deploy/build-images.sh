@@ -7,7 +7,19 @@
 #   ember-mosquitto:VERSION  Mosquitto, mutual TLS, ACL, identity plugin   (deploy/mosquitto/)
 #   ember-postgres:15        PostgreSQL 15                                 (deploy/postgres/)
 #
-#   deploy/build-images.sh [--only fleet,agent,mosquitto,postgres]
+#   ember-agent:VERSION-arm64, ember-agent:VERSION-armv7
+#                            the agent for ARM devices, FROM scratch around the static
+#                            cross-compiled binary (--arch), platform linux/arm64, linux/arm/v7
+#
+#   deploy/build-images.sh [--only fleet,agent,mosquitto,postgres] [--arch amd64,arm64,armv7]
+#
+# --arch (default amd64, or $EMBER_IMAGE_ARCHS) chooses the agent's architectures: amd64 is
+# `ember-agent:VERSION` (the host's; musl), arm64 and armv7 are built from
+# aarch64-unknown-linux-gnu / armv7-unknown-linux-gnueabihf binaries that .cargo/config.toml
+# links statically (glibc, crt-static; Debian's cross gcc), tagged `-arm64` / `-armv7`. The
+# classic builder keeps one platform per tag; a registry joins them into one multi-arch name
+# (`docker manifest create ember-agent:VERSION ...-amd64 ...-arm64 ...-armv7`, docs/deploy.md).
+# Running them here needs qemu-user-static's binfmt handlers (scripts/install-deps.sh).
 #
 # The binaries are compiled on the host (cargo, target x86_64-unknown-linux-musl, release);
 # images contain no toolchain and no secret. Uses the classic builder (DOCKER_BUILDKIT=0): it
@@ -23,12 +35,27 @@ TARGET=x86_64-unknown-linux-musl
 VERSION=$(sed -nE 's/^version = "([^"]+)"/\1/p' Cargo.toml | head -1)
 REVISION=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 only=fleet,agent,mosquitto,postgres
-[[ ${1:-} == --only ]] && only=${2:?--only needs a list, e.g. fleet,agent}
+archs=${EMBER_IMAGE_ARCHS:-amd64}
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --only) only=${2:?--only needs a list, e.g. fleet,agent}; shift 2 ;;
+    --arch) archs=${2:?--arch needs a list, e.g. amd64,arm64,armv7}; shift 2 ;;
+    *) echo "build-images: unknown argument $1 (use --only LIST, --arch LIST)" >&2; exit 2 ;;
+  esac
+done
 
 die() { echo "build-images: $*" >&2; exit 1; }
 command -v docker >/dev/null 2>&1 || die "docker is missing: install Docker Engine (Debian: apt-get install docker.io)"
 docker info >/dev/null 2>&1 || die "cannot reach the Docker Engine: is dockerd running, and may this user use it?"
 want() { [[ ",$only," == *",$1,"* ]]; }
+want_arch() { [[ ",$archs," == *",$1,"* ]]; }
+for a in ${archs//,/ }; do
+  case $a in amd64 | arm64 | armv7) ;; *) die "--arch $a: the agent's image architectures are amd64, arm64 and armv7" ;; esac
+done
+# The Rust target, docker platform and cross linker of each ARM architecture.
+declare -A ARM_TARGET=([arm64]=aarch64-unknown-linux-gnu [armv7]=armv7-unknown-linux-gnueabihf)
+declare -A ARM_PLATFORM=([arm64]=linux/arm64 [armv7]=linux/arm/v7)
+declare -A ARM_GCC=([arm64]=aarch64-linux-gnu-gcc [armv7]=arm-linux-gnueabihf-gcc)
 t0=$SECONDS
 say() { echo "build-images: [$((SECONDS - t0)) s] $*"; }
 
@@ -54,6 +81,23 @@ if want fleet || want agent || want mosquitto; then
   done
 fi
 
+# The agent for ARM devices: one release build per architecture, static (.cargo/config.toml).
+if want agent; then
+  for a in arm64 armv7; do
+    want_arch "$a" || continue
+    t=${ARM_TARGET[$a]}
+    command -v "${ARM_GCC[$a]}" >/dev/null 2>&1 || die "${ARM_GCC[$a]} is missing: apt-get install gcc-${ARM_GCC[$a]%-gcc} (or bash scripts/install-deps.sh)"
+    rustup target list --installed 2>/dev/null | grep -qx "$t" || die "the Rust target $t is missing: rustup target add $t"
+    say "cargo build --release --target $t -p ember-agent"
+    cargo build --release --locked --target "$t" -p ember-agent
+    b=${CARGO_TARGET_DIR:-$root/target}/$t/release/ember-agent
+    if readelf -l "$b" | grep -q 'program interpreter'; then die "$b is not static (see .cargo/config.toml)"; fi
+    mkdir -p "$ctx/agent-$a/state"
+    cp -f "$b" "$ctx/agent-$a/ember-agent"
+    touch "$ctx/agent-$a/state/.keep"
+  done
+fi
+
 build() { # name context dockerfile [build args...]
   local name=$1 context=$2 file=$3; shift 3
   say "docker build $name"
@@ -61,7 +105,12 @@ build() { # name context dockerfile [build args...]
     --build-arg "REVISION=$REVISION" "$@" "$context" >/dev/null 2>"$ctx/docker-build.err" || { cat "$ctx/docker-build.err" >&2; die "docker build $name failed"; }
 }
 want fleet && build "ember-fleet:$VERSION" "$ctx/fleet" deploy/fleet/Dockerfile --build-arg "VERSION=$VERSION"
-want agent && build "ember-agent:$VERSION" "$ctx/agent" deploy/agent/Dockerfile --build-arg "VERSION=$VERSION"
+want agent && want_arch amd64 && build "ember-agent:$VERSION" "$ctx/agent" deploy/agent/Dockerfile --build-arg "VERSION=$VERSION"
+for a in arm64 armv7; do
+  want agent && want_arch "$a" || continue
+  build "ember-agent:$VERSION-$a" "$ctx/agent-$a" deploy/agent/Dockerfile --build-arg "VERSION=$VERSION" \
+    --platform "${ARM_PLATFORM[$a]}"
+done
 want mosquitto && build "ember-mosquitto:$VERSION" deploy/mosquitto deploy/mosquitto/Dockerfile \
   --build-arg "VERSION=$VERSION" --build-arg "FLEET_IMAGE=ember-fleet:$VERSION"
 want postgres && build "ember-postgres:15" deploy/postgres deploy/postgres/Dockerfile

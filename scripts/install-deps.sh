@@ -17,6 +17,9 @@ command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
 [ -f /usr/include/mosquitto.h ] || need_apt+=(libmosquitto-dev)
 [ -f /usr/include/openssl/x509.h ] || need_apt+=(libssl-dev)
 command -v qemu-aarch64 >/dev/null 2>&1 || need_apt+=(qemu-user)
+# The ARM agent images run in the local stack's tests under qemu-user-static, through binfmt
+# handlers registered below.
+[ -x /usr/libexec/qemu-binfmt/aarch64-binfmt-P ] || need_apt+=(qemu-user-static)
 # The systemd unit's hardening check (systemd-analyze security --offline).
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # The firmware's on-target tests and the HIL tests boot it in qemu-system-arm's mps2-an386.
@@ -54,6 +57,15 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
+# binfmt_misc handlers for ARM binaries with flag F (the interpreter is opened now, so it also
+# runs inside FROM-scratch containers): what systemd-binfmt does at boot where systemd runs.
+for h in aarch64 arm; do
+  [ -e "/proc/sys/fs/binfmt_misc/qemu-$h" ] && continue
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  [ -e /proc/sys/fs/binfmt_misc/register ] || $SUDO mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc ||
+    { echo "install-deps: cannot mount binfmt_misc: the ARM agent images cannot run on this host" >&2; exit 1; }
+  $SUDO sh -c "cat /usr/lib/binfmt.d/qemu-$h.conf > /proc/sys/fs/binfmt_misc/register"
+done
 # Debian starts a system-wide broker on 1883 when it installs mosquitto where an init system
 # runs; the tests never use it (each starts its own on an ephemeral port).
 

@@ -23,7 +23,12 @@ export EMBER_STATE_DIR=$WORK/state
 export EMBER_COMPOSE_PROJECT=ember-stacktest-$$
 export EMBER_HTTPS_PORT=$(free_port)
 export EMBER_MQTT_PORT=$(free_port)
-export EMBER_AGENTS=2
+# Three agents, one per architecture the agent ships for: edge-1 amd64 (the host's),
+# edge-2 arm64 and edge-3 armv7, each in its own image, the ARM ones under qemu-user-static.
+export EMBER_AGENTS=3
+export EMBER_AGENT_PLATFORMS=amd64,arm64,armv7
+export EMBER_IMAGE_ARCHS=$EMBER_AGENT_PLATFORMS
+DEVICES=(edge-1 edge-2 edge-3)
 export EMBER_WAIT_S=240
 export TF_DATA_DIR=$WORK/tf-data
 export TF_IN_AUTOMATION=1
@@ -32,6 +37,7 @@ NET=${PROJECT}_default
 STACK=(bash "$ROOT/deploy/local/stack.sh")
 TF=(terraform -chdir="$ROOT/terraform/local")
 TFVARS=(-var "state_dir=$EMBER_STATE_DIR" -var "project=$PROJECT" -var "agents=$EMBER_AGENTS"
+  -var 'agent_platforms=["amd64","arm64","armv7"]'
   -var "https_port=$EMBER_HTTPS_PORT" -var "mqtt_port=$EMBER_MQTT_PORT" -state="$WORK/terraform.tfstate")
 API=https://localhost:$EMBER_HTTPS_PORT/api/v1
 TIMINGS=$ROOT/target/test-logs/deploy-timings.txt
@@ -83,8 +89,33 @@ test_images_build() {
     echo "image-size $img $(docker image inspect -f '{{.Size}}' "$img")" >>"$TIMINGS"
   done
   # The binaries images are FROM scratch: one layer, nothing but the binary and an empty dir.
-  for img in "ember-fleet:$v" "ember-agent:$v"; do
+  for img in "ember-fleet:$v" "ember-agent:$v" "ember-agent:$v-arm64" "ember-agent:$v-armv7"; do
     [[ $(docker image inspect -f '{{len .RootFS.Layers}}' "$img") -le 2 ]] || fail "$img is not FROM scratch" || return 1
+  done
+  # The ARM agent images: their platform, a static binary of their architecture, the same
+  # user, health check and labels as the amd64 one; and they run (under qemu-user-static).
+  local a platform dplat machine c out
+  for a in arm64 armv7; do
+    img=ember-agent:$v-$a
+    case $a in
+      arm64) platform="linux arm64 " dplat=linux/arm64 machine="ARM aarch64" ;;
+      armv7) platform="linux arm v7" dplat=linux/arm/v7 machine="ARM, EABI5" ;;
+    esac
+    [[ $(docker image inspect -f '{{.Os}} {{.Architecture}} {{.Variant}}' "$img") == "$platform" ]] ||
+      fail "$img has platform '$(docker image inspect -f '{{.Os}} {{.Architecture}} {{.Variant}}' "$img")', not '$platform'" || return 1
+    [[ $(docker image inspect -f '{{.Config.User}}' "$img") == 10002:10002 ]] || fail "$img does not run as 10002" || return 1
+    [[ -n $(docker image inspect -f '{{if .Config.Healthcheck}}yes{{end}}' "$img") ]] || fail "$img has no health check" || return 1
+    [[ $(docker image inspect -f '{{index .Config.Labels "org.opencontainers.image.title"}}' "$img") == ember-agent ]] ||
+      fail "$img lacks its OCI title label" || return 1
+    c=$(docker create --platform "$dplat" "$img") || return 1
+    c=${c%%$'\n'*}
+    rm -rf "$WORK/bin-$a"; mkdir -p "$WORK/bin-$a"
+    docker cp "$c:/usr/local/bin/ember-agent" "$WORK/bin-$a/ember-agent" >/dev/null; docker rm "$c" >/dev/null
+    out=$(file -b "$WORK/bin-$a/ember-agent")
+    [[ $out == *"$machine"* && $out == *static* ]] || fail "$img carries '$out', not a static $machine binary" || return 1
+    out=$(docker run --rm --network none --platform "$dplat" "$img" --version 2>&1) || fail "$img does not run: $out" || return 1
+    echo "image $img: $(docker image inspect -f '{{.Size}}' "$img") bytes, runs as '$out', $(cut -d, -f1-2 <<<"$(file -b "$WORK/bin-$a/ember-agent")")"
+    echo "image-size $img $(docker image inspect -f '{{.Size}}' "$img")" >>"$TIMINGS"
   done
 }
 
@@ -109,7 +140,7 @@ test_terraform_apply_brings_the_stack_up() {
 
 test_records_reach_postgres_through_mutual_tls() {
   local d
-  for d in edge-1 edge-2; do
+  for d in "${DEVICES[@]}"; do
     wait_for 120 "telemetry of $d in PostgreSQL" rows_at_least "$d" 50 || return 1
     echo "$d: $(telemetry_rows "$d") telemetry rows, $(psql_q "SELECT count(*) FROM inference WHERE device_id = '$d'") inference results in PostgreSQL"
   done
@@ -129,8 +160,8 @@ test_dashboard_answers_over_https() {
   code=$(curl -sS -o /dev/null -w '%{http_code}' --cacert "$EMBER_STATE_DIR/fleet/ca.pem" "https://localhost:$EMBER_HTTPS_PORT/dashboard/") || return 1
   [[ $code == 200 ]] || fail "the dashboard answered $code" || return 1
   api /health | jq -e '.status == "ok" and .database == "ok" and .mqtt == "subscribed"' >/dev/null || fail "health is not ok: $(api /health)" || return 1
-  api /devices | jq -e '[.items[].device_id] | index("edge-1") and index("edge-2")' >/dev/null ||
-    fail "the fleet does not list edge-1 and edge-2: $(api /devices)" || return 1
+  api /devices | jq -e '[.items[].device_id] | index("edge-1") and index("edge-2") and index("edge-3")' >/dev/null ||
+    fail "the fleet does not list edge-1, edge-2 and edge-3: $(api /devices)" || return 1
   ! curl -fsS --max-time 5 "http://localhost:$EMBER_HTTPS_PORT/api/v1/health" >/dev/null 2>&1 || fail "the API answers plain HTTP" || return 1
 }
 
@@ -138,7 +169,7 @@ test_fleet_killed_for_20s_loses_nothing() {
   local fleet before d
   fleet=$(cid fleet)
   declare -A captured
-  for d in edge-1 edge-2; do captured[$d]=$(ledger "$d" | cut -f2); done
+  for d in "${DEVICES[@]}"; do captured[$d]=$(ledger "$d" | cut -f2); done
   docker kill "$fleet" >/dev/null || return 1
   [[ $(docker inspect -f '{{.State.Running}}' "$fleet") == false ]] || fail "the fleet still runs after docker kill" || return 1
   before=$(telemetry_rows edge-1)
@@ -148,7 +179,7 @@ test_fleet_killed_for_20s_loses_nothing() {
   wait_for 120 "the fleet healthy again" is_healthy "$fleet" || return 1
   # Everything captured up to the end of the outage arrives (20 s at 20 Hz is 400 samples per
   # device, plus their inference results), and the ledger explains every sequence number.
-  for d in edge-1 edge-2; do
+  for d in "${DEVICES[@]}"; do
     wait_for 180 "$d's records of the outage stored, 0 lost" received_at_least "$d" $((captured[$d] + 400)) || { echo "ledger $d: $(ledger "$d")"; return 1; }
     echo "ledger $d (received captured lost pending): $(ledger "$d")"
   done

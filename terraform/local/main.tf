@@ -22,6 +22,7 @@ locals {
   env = {
     EMBER_STATE_DIR       = local.state
     EMBER_AGENTS          = tostring(var.agents)
+    EMBER_AGENT_PLATFORMS = join(",", var.agent_platforms)
     EMBER_HTTPS_PORT      = tostring(var.https_port)
     EMBER_MQTT_PORT       = tostring(var.mqtt_port)
     EMBER_COMPOSE_PROJECT = var.project

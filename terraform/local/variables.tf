@@ -14,6 +14,16 @@ variable "agents" {
   }
 }
 
+variable "agent_platforms" {
+  description = "The agents' architectures, given in turn to edge-1, edge-2, ...: amd64 (the host's), arm64, armv7 (ARM agents run under qemu-user-static's binfmt handlers)."
+  type        = list(string)
+  default     = ["amd64"]
+  validation {
+    condition     = length(var.agent_platforms) >= 1 && alltrue([for p in var.agent_platforms : contains(["amd64", "arm64", "armv7"], p)])
+    error_message = "agent_platforms must list one or more of amd64, arm64, armv7."
+  }
+}
+
 variable "https_port" {
   description = "Port on 127.0.0.1 of the fleet's API and dashboard (HTTPS)."
   type        = number
