@@ -2,6 +2,8 @@
 # One command down: `scripts/down.sh local` removes the local stack's containers, networks and
 # volumes and its generated secrets, then checks that nothing of it is left. Safe to run when
 # the stack is (partly) down already.
+# `scripts/down.sh gcp|azure`: deploy/cloud/<cloud>.sh down: empties the buckets Terraform would
+# refuse to delete, terraform destroy, removes the local state; a no-op when nothing is up.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 case ${1:-} in
@@ -12,10 +14,15 @@ case ${1:-} in
     bash "$root/deploy/local/stack.sh" check-clean
     echo "down.sh: the local stack is gone ($((SECONDS - t0)) s)" >&2
     ;;
-  aws | gcp | azure)
-    echo "down.sh: the $1 environment is not implemented yet (its issue adds it); 'local' is" >&2
+  gcp | azure)
+    t0=$SECONDS
+    bash "$root/deploy/cloud/$1.sh" down
+    echo "down.sh: $1 finished ($((SECONDS - t0)) s)" >&2
+    ;;
+  aws)
+    echo "down.sh: the $1 environment is not implemented yet (its issue adds it); 'local', 'gcp' and 'azure' are" >&2
     exit 2 ;;
   *)
-    echo "usage: scripts/down.sh local    (environments: local; aws, gcp, azure to come)" >&2
+    echo "usage: scripts/down.sh local|gcp|azure    (aws to come)" >&2
     exit 2 ;;
 esac

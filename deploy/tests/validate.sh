@@ -5,7 +5,13 @@
 #   * checkov (offline: --skip-download) over the Terraform, the Dockerfiles and the rendered manifests: zero failed checks
 #     (a check that does not apply is skipped inline where it would fail, with the reason);
 #   * yamllint over every YAML file of deploy/ and the rendered manifests;
-#   * terraform fmt -check and terraform validate (builtin provider only: no download);
+#   * terraform fmt -check and terraform validate (terraform/local: builtin provider only, no
+#     download);
+#   * structure tests of terraform/gcp and terraform/azure (test_cloud_structure.py: their
+#     providers cannot be downloaded here, so validate/plan cannot run; it parses the HCL and
+#     asserts the security properties, each against a mutant that must fail it);
+#   * scripts/up.sh and down.sh for gcp and azure: their prerequisite checks (test_cloud_scripts.sh,
+#     fake gcloud/az/terraform on PATH: no cloud account);
 #   * a syntax check (bash -n, sh -n) of the deploy scripts.
 # Ends with a cargo-style "test result:" line that scripts/test.sh counts.
 set -uo pipefail
@@ -47,7 +53,9 @@ check checkov_dockerfiles "$VENV/bin/checkov" --quiet --compact --skip-download 
 check checkov_kubernetes "$VENV/bin/checkov" --quiet --compact --skip-download --framework kubernetes -d "$OUT/rendered"
 check terraform_fmt terraform fmt -check -recursive terraform
 check terraform_validate bash -c "TF_DATA_DIR='$OUT/tf' terraform -chdir=terraform/local init -backend=false -input=false >/dev/null && TF_DATA_DIR='$OUT/tf' terraform -chdir=terraform/local validate"
-check shell_syntax bash -c 'for f in deploy/build-images.sh deploy/base/*.sh deploy/local/*.sh deploy/tests/*.sh scripts/up.sh scripts/down.sh; do bash -n "$f" || exit 1; done; sh -n deploy/postgres/entrypoint.sh'
+check cloud_structure "$VENV/bin/python" deploy/tests/test_cloud_structure.py
+check cloud_scripts bash deploy/tests/test_cloud_scripts.sh
+check shell_syntax bash -c 'for f in deploy/build-images.sh deploy/base/*.sh deploy/local/*.sh deploy/cloud/*.sh deploy/tests/*.sh scripts/up.sh scripts/down.sh; do bash -n "$f" || exit 1; done; sh -n deploy/postgres/entrypoint.sh'
 
 [[ $failed -eq 0 ]] || echo "failures: ${failures[*]}"
 if [[ $failed -eq 0 ]]; then

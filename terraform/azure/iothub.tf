@@ -1,4 +1,5 @@
-# Azure IoT Hub S1 and the Device Provisioning Service.
+# Azure IoT Hub (S1 by default: var.iothub_sku, var.iothub_units) and the Device Provisioning
+# Service.
 #
 # Devices (the agent's azure-iot-hub profile, issue 19) connect over MQTT with TLS 1.2 and X.509
 # (or SAS) from the internet, so the hub's public network access stays enabled, narrowed by
@@ -30,7 +31,7 @@ resource "azurerm_iothub" "ember" {
   local_authentication_enabled  = true # device SAS and the ServiceConnect policy above
 
   sku {
-    name     = "S1"
+    name     = var.iothub_sku
     capacity = var.iothub_units
   }
 

@@ -33,13 +33,23 @@ variable "namespace" {
   default     = "ember"
 }
 
+variable "iothub_sku" {
+  description = "IoT Hub tier: S1 (400,000 messages a day per unit), S2 (6 million), S3 (300 million); messages are metered in 4 KB blocks. docs/deploy-azure.md shows which is cheapest for 1,000 and 10,000 devices."
+  type        = string
+  default     = "S1"
+  validation {
+    condition     = contains(["S1", "S2", "S3"], var.iothub_sku)
+    error_message = "iothub_sku must be S1, S2 or S3 (the free and basic tiers have no device twin or cloud-to-device path)."
+  }
+}
+
 variable "iothub_units" {
-  description = "IoT Hub S1 units: each allows 400,000 messages a day, metered in 4 KB blocks (docs/deploy-azure.md shows the arithmetic for 1,000 and 10,000 devices)."
+  description = "IoT Hub units of var.iothub_sku (S1, S2: up to 200; S3: up to 10)."
   type        = number
   default     = 1
   validation {
     condition     = var.iothub_units >= 1 && var.iothub_units <= 200 && floor(var.iothub_units) == var.iothub_units
-    error_message = "iothub_units must be a whole number from 1 to 200 (S1's limit)."
+    error_message = "iothub_units must be a whole number from 1 to 200 (S1 and S2's limit; S3's is 10)."
   }
 }
 

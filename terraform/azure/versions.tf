@@ -18,8 +18,10 @@ provider "azurerm" {
   # (Entra ID) and Azure Resource Manager, never with an account key.
   storage_use_azuread = true
   features {
+    # The group is Ember's own: AKS monitoring adds data collection rules to it that Terraform
+    # does not manage, and destroy must remove them with the group.
     resource_group {
-      prevent_deletion_if_contains_resources = true
+      prevent_deletion_if_contains_resources = false
     }
   }
 }
