@@ -18,7 +18,7 @@ source "$(dirname "$0")/lib.sh"
 TF_DIR="$ROOT/terraform/gcp"
 STATE=${EMBER_STATE_DIR:-$ROOT/deploy/.state/gcp}
 REGION=${EMBER_GCP_REGION:-europe-west1}
-APIS=(artifactregistry bigquery compute container iam pubsub servicenetworking sqladmin storage cloudresourcemanager)
+APIS=(artifactregistry bigquery binaryauthorization compute container iam pubsub servicenetworking sqladmin storage cloudresourcemanager)
 
 check() {
   need gcloud "install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install)"

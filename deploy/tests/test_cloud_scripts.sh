@@ -38,7 +38,7 @@ case "$*" in
   "auth application-default print-access-token") [[ ${FAKE_ADC:-ok} == ok ]] && echo token || exit 1 ;;
   "config get-value project") echo "${FAKE_PROJECT-ember-test-1}" ;;
   "projects describe"*) exit 0 ;;
-  "services list"*) printf "%s\n" ${FAKE_ENABLED-artifactregistry.googleapis.com bigquery.googleapis.com compute.googleapis.com container.googleapis.com iam.googleapis.com pubsub.googleapis.com servicenetworking.googleapis.com sqladmin.googleapis.com storage.googleapis.com cloudresourcemanager.googleapis.com} ;;
+  "services list"*) printf "%s\n" ${FAKE_ENABLED-artifactregistry.googleapis.com bigquery.googleapis.com binaryauthorization.googleapis.com compute.googleapis.com container.googleapis.com iam.googleapis.com pubsub.googleapis.com servicenetworking.googleapis.com sqladmin.googleapis.com storage.googleapis.com cloudresourcemanager.googleapis.com} ;;
   "services enable"*) exit 0 ;;
   *) echo "fake gcloud: unexpected: $*" >&2; exit 3 ;;
 esac'
