@@ -54,6 +54,8 @@ case "$*" in
   *) echo "fake az: unexpected: $*" >&2; exit 3 ;;
 esac'
 ok_tool='exit 0'
+# terraform that records its arguments and fails at apply (the case stops there).
+fake_terraform='echo "terraform $*" >>"$FAKE_LOG"; case "$*" in *" apply "*) echo "Error: fake apply" >&2; exit 1 ;; esac; exit 0'
 
 # case NAME EXPECTED-RC EXPECTED-MESSAGE FAKES -- COMMAND...: runs the command on the fake PATH.
 case_() {
@@ -66,13 +68,14 @@ case_() {
     case $1 in
       gcloud) fake gcloud "$fake_gcloud" ;;
       az) fake az "$fake_az" ;;
+      terraform-recording) fake terraform "$fake_terraform" ;;
       *) fake "$1" "$ok_tool" ;;
     esac
     shift
   done
   shift
   local out rc
-  out=$(cd "$REPO" && PATH="$BIN:$BASE" EMBER_CLOUD_PREFLIGHT_ONLY=1 "$@" 2>&1)
+  out=$(cd "$REPO" && PATH="$BIN:$BASE" EMBER_CLOUD_PREFLIGHT_ONLY=${PREFLIGHT:-1} "$@" 2>&1)
   rc=$?
   if [[ $rc == "$want_rc" && $out == *"$want_msg"* ]]; then
     passed=$((passed + 1)); echo "test cloud_scripts::$name ... ok"
@@ -105,6 +108,10 @@ FAKE_ENABLED="compute.googleapis.com iam.googleapis.com" case_ gcp_enables_apis 
 must_have_called gcp_enables_apis '^gcloud services enable .*container\.googleapis\.com.*pubsub\.googleapis\.com.*sqladmin\.googleapis\.com.*--project ember-test-1'
 case_ gcp_prerequisites_ok 0 "prerequisites ok (project ember-test-1" gcloud "${TOOLS[@]}" -- bash scripts/up.sh gcp
 EMBER_GCP_PROJECT=other-project-2 case_ gcp_project_from_env 0 "prerequisites ok (project other-project-2" gcloud "${TOOLS[@]}" -- bash scripts/up.sh gcp
+# Past the checks: the variables terraform apply gets (the fake fails at apply, so nothing follows).
+PREFLIGHT=0 EMBER_GCP_ADMIN_CIDRS=203.0.113.7/32,198.51.100.0/24 EMBER_GCP_REGION=us-central1 \
+  case_ gcp_apply_vars 1 "terraform apply failed" gcloud terraform-recording kubectl docker openssl -- bash scripts/up.sh gcp
+must_have_called gcp_apply_vars '^terraform -chdir=.*/terraform/gcp apply -input=false -auto-approve -var project_id=ember-test-1 -var region=us-central1 -var state_dir=.*/deploy/\.state/gcp -var master_authorized_cidrs=\["203\.0\.113\.7/32","198\.51\.100\.0/24"\]$'
 case_ gcp_down_nothing 0 "nothing to destroy" "${TOOLS[@]}" -- bash scripts/down.sh gcp
 # --- azure
 case_ azure_no_az 1 "az is not installed: install the Azure CLI" "${TOOLS[@]}" kubelogin -- bash scripts/up.sh azure
@@ -115,6 +122,9 @@ FAKE_FEATURE=NotRegistered case_ azure_host_encryption_feature 1 "Microsoft.Comp
 FAKE_UNREGISTERED=Microsoft.Devices case_ azure_registers_provider 0 "registering resource provider Microsoft.Devices" az "${TOOLS[@]}" kubelogin -- bash scripts/up.sh azure
 must_have_called azure_registers_provider '^az provider register --namespace Microsoft.Devices --wait'
 case_ azure_prerequisites_ok 0 "prerequisites ok (subscription 0b7e6c2a-1111-2222-3333-444455556666" az "${TOOLS[@]}" kubelogin -- bash scripts/up.sh azure
+PREFLIGHT=0 EMBER_AZURE_ADMIN_CIDRS=203.0.113.7/32 \
+  case_ azure_apply_vars 1 "terraform apply failed" az terraform-recording kubectl docker openssl kubelogin -- bash scripts/up.sh azure
+must_have_called azure_apply_vars '^terraform -chdir=.*/terraform/azure apply -input=false -auto-approve -var subscription_id=0b7e6c2a-1111-2222-3333-444455556666 -var location=westeurope -var state_dir=.*/deploy/\.state/azure -var api_authorized_cidrs=\["203\.0\.113\.7/32"\]$'
 case_ azure_down_nothing 0 "nothing to destroy" "${TOOLS[@]}" -- bash scripts/down.sh azure
 # --- both
 case_ usage 2 "usage: scripts/up.sh local|gcp|azure" -- bash scripts/up.sh mars
