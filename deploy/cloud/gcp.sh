@@ -70,7 +70,9 @@ up() {
   [[ -n ${EMBER_GCP_BROKER_DNS:-} ]] && names+=("$EMBER_GCP_BROKER_DNS")
   make_pki "${names[@]}"
 
-  # The database user's password: generated here, set with gcloud, never in Terraform's state.
+  # The database user's password: generated here, set with gcloud, never in Terraform's state
+  # (gcloud takes it as an argument: it is visible to this machine's process list for the
+  # second the call lasts).
   secret_file "$STATE/db-password" openssl rand -hex 24
   if gcloud sql users list --instance "$instance" --project "$PROJECT" --format='value(name)' | grep -qx ember; then
     gcloud sql users set-password ember --instance "$instance" --project "$PROJECT" --password "$(cat "$STATE/db-password")" >/dev/null

@@ -65,6 +65,9 @@ resource "google_service_networking_connection" "private_services" {
   network                 = google_compute_network.vpc.id
   service                 = "servicenetworking.googleapis.com"
   reserved_peering_ranges = [google_compute_global_address.private_services.name]
+  # Deleting the peering right after the Cloud SQL instance fails while Google still holds the
+  # instance's producer resources; the peering goes with the VPC instead.
+  deletion_policy = "ABANDON"
 }
 
 # The broker's public address: reserved, so that it survives re-creating the Service and can
