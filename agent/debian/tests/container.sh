@@ -3,6 +3,7 @@
 #
 #   agent/debian/tests/container.sh OLD.deb NEW.deb
 #   agent/debian/tests/container.sh            (builds both from the static musl release binary)
+#   EMBER_DEB_PROFILE=dev agent/debian/tests/container.sh   (from target/debug/ember-agent)
 #
 # OLD and NEW are the same architecture as this machine, NEW the higher version. Without
 # arguments the script packages ${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-musl/release/
@@ -27,7 +28,12 @@ if [[ $# -eq 0 ]]; then
   command -v cargo-deb >/dev/null 2>&1 || { echo "deb-container: cargo-deb is missing: cargo install --locked cargo-deb (or bash scripts/install-deps.sh)" >&2; echo "test result: FAILED. 0 passed; 1 failed; 0 ignored"; exit 1; }
   T=x86_64-unknown-linux-musl
   bin=${CARGO_TARGET_DIR:-$root/target}/$T/release/ember-agent
-  if [[ ! -x $bin ]]; then
+  # EMBER_DEB_PROFILE=dev packages the test build's target/debug/ember-agent instead (glibc,
+  # stripped by cargo-deb): a quick local run that needs no release build.
+  deb_args=(--target $T)
+  if [[ ${EMBER_DEB_PROFILE:-} == dev ]]; then
+    deb_args=(--profile dev --strip --fast)
+  elif [[ ! -x $bin ]]; then
     (cd "$root" && CC_x86_64_unknown_linux_musl=musl-gcc cargo build --release --locked --target $T -p ember-agent) ||
       { echo "test result: FAILED. 0 passed; 1 failed; 0 ignored"; exit 1; }
   fi
@@ -36,7 +42,7 @@ if [[ $# -eq 0 ]]; then
   rm -rf "$out"; mkdir -p "$out/old" "$out/new"
   for n in 1 2; do
     d=$out/old; [[ $n == 2 ]] && d=$out/new
-    (cd "$root" && cargo deb -p ember-agent --target $T --no-build --deb-version "$v-$n" -o "$d/" >/dev/null) ||
+    (cd "$root" && cargo deb -p ember-agent "${deb_args[@]}" --no-build --deb-version "$v-$n" -o "$d/" >/dev/null) ||
       { echo "test result: FAILED. 0 passed; 1 failed; 0 ignored"; exit 1; }
   done
   set -- "$out"/old/*.deb "$out"/new/*.deb
