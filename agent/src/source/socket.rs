@@ -612,7 +612,7 @@ mod tests {
             Sample {
                 stream: "imu".into(),
                 ts_us: 42,
-                values: vec![1.5, -2.0, 300.0]
+                values: vec![1.5, -2.0, 300.0],
                 origin: None,
             }
         );

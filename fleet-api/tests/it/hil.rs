@@ -214,7 +214,7 @@ fn an_agent_killed_while_the_node_streams_loses_nothing_it_acknowledged() {
     let counters = fleet.get_json(&format!("/api/v1/devices/{dev}"))["counters"].clone();
     assert_eq!(counters["rejected"].as_u64(), Some(0), "{counters}");
     eprintln!(
-        "hil: the node numbered {numbered} samples, sent {} sample frames (resent after each SIGKILL); the fleet stored {numbered} once each",
-        truth.sample_frames
+        "hil: the node numbered {numbered} samples, sent {} sample frames (resent after each SIGKILL); the fleet stored {} once each",
+        truth.sample_frames, imu["received"]
     );
 }
