@@ -183,6 +183,22 @@ fn an_agent_killed_while_the_node_streams_loses_nothing_it_acknowledged() {
     }
     agent.expect_metric("records_captured_total", |v| v >= 1500.0, LONG);
     qemu.execute("stop");
+    // What the line carried may still be in the proxy's socket when QEMU stops: the truth is
+    // read again on every poll.
+    let exact = wait_until(WAIT, || {
+        fleet.stream_ledger(dev, "imu").is_some_and(|l| {
+            complete(&l) && l["received"].as_u64() == Some(proxy.truth().numbered())
+        })
+    });
+    let imu = fleet.stream_ledger(dev, "imu").unwrap_or_default();
+    let truth = proxy.truth();
+    assert!(
+        exact,
+        "the fleet's ledger is not exact: the node numbered {} ({truth:?}); ledger {imu}; device counters {}; agent log:\n{}",
+        truth.numbered(),
+        fleet.get_json(&format!("/api/v1/devices/{dev}"))["counters"],
+        tail(&agent.stderr_text(), 60)
+    );
     agent.sigterm();
     let status = agent.wait_exit(LONG);
     assert!(
@@ -197,12 +213,6 @@ fn an_agent_killed_while_the_node_streams_loses_nothing_it_acknowledged() {
         "each restart resumes from the queue:\n{}",
         tail(&log, 40)
     );
-    // What the line carried may still be in the proxy's socket when QEMU stops: the truth is
-    // read again on every poll.
-    let imu = fleet.wait_ledger(dev, "imu", |l| {
-        complete(l) && l["received"].as_u64() == Some(proxy.truth().numbered())
-    });
-    let truth = proxy.truth();
     let numbered = truth.numbered();
     assert_eq!(truth.boots.len(), 1, "no reset in this test: {truth:?}");
     assert!(
