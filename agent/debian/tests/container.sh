@@ -112,7 +112,7 @@ watchdog_restarts() {
   until_ok 'systemctl is-active ember-agent' || return 1
   local pid; pid=$(ct systemctl show -p MainPID --value ember-agent)
   [[ $pid =~ ^[1-9][0-9]*$ ]] || return 1
-  ct kill -STOP "$pid" || return 1
+  ct bash -c "kill -STOP $pid" || return 1
   until_ok "p=\$(systemctl show -p MainPID --value ember-agent); [ \"\$p\" != $pid ] && [ \"\$p\" != 0 ] && systemctl is-active ember-agent" || return 1
   ct journalctl -u ember-agent --no-pager | grep -q 'Watchdog timeout'
 }
@@ -146,7 +146,7 @@ EOF'
   ct sed -i 's/^type = "sim"/type = "serial"\ndevice = "\/dev\/ttyACM9"/; /^rate_hz/d' /etc/ember/agent.toml
   ct systemctl restart ember-agent || return 1
   until_ok 'systemctl is-active ember-agent' || return 1
-  local before; before=$(metric queue_records)
+  local before; before=$(metric queue_records); echo "    queue_records before the upgrade: ${before:-none}"
   [[ -n $before ]] && (( ${before%.*} >= 1000 )) || return 1
   ct dpkg -i --force-confold /debs/new.deb >/dev/null || return 1
   [[ $(ct dpkg-query -W -f '${Version}' ember-agent) == "$(dpkg-deb -f "$new" Version)" ]] || return 1
