@@ -114,7 +114,8 @@ watchdog_restarts() {
   [[ $pid =~ ^[1-9][0-9]*$ ]] || return 1
   ct bash -c "kill -STOP $pid" || return 1
   until_ok "p=\$(systemctl show -p MainPID --value ember-agent); [ \"\$p\" != $pid ] && [ \"\$p\" != 0 ] && systemctl is-active ember-agent" || return 1
-  ct journalctl -u ember-agent --no-pager | grep -q 'Watchdog timeout'
+  # (not `| grep -q`: under pipefail, journalctl's SIGPIPE would fail the check)
+  [[ $(ct journalctl -u ember-agent --no-pager) == *'Watchdog timeout'* ]]
 }
 check the_watchdog_restarts_a_frozen_agent watchdog_restarts
 
