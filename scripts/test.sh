@@ -7,7 +7,8 @@
 # ember-proto for Cortex-M4F, the monitoring artefacts (alert rules with promtool, Grafana
 # dashboards), the sensor-node firmware's tests (host and on-target in qemu-system-arm), the
 # deployment files validated offline and the container images and local stack tested on the
-# Docker Engine (deploy/tests/). It ends with a plain "N passed, N failed" line.
+# Docker Engine (deploy/tests/), and the agent's .deb in a systemd container. It ends with a
+# plain "N passed, N failed" line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -65,17 +66,21 @@ step firmware-tests bash -c 'cd firmware; rc=0; cargo test -p ember-node --targe
 # Docker Engine (terraform apply/destroy, outages, refused identities, up.sh/down.sh).
 step deploy-validate bash deploy/tests/validate.sh
 step deploy-stack bash deploy/tests/stack-test.sh
+# The agent's .deb (cargo-deb, from the static release binary deploy-stack built) installed in a
+# container with systemd as PID 1: the unit reaches active, the watchdog restarts a frozen
+# agent, an upgrade keeps the queue, purge removes it (agent/debian/tests/container.sh).
+step deb-packaging bash agent/debian/tests/container.sh
 
 
 passed=0; failed=0
-for f in "$LOGS"/host-tests.log "$LOGS"/aarch64-tests.log "$LOGS"/monitoring.log "$LOGS"/firmware-tests.log "$LOGS"/deploy-validate.log "$LOGS"/deploy-stack.log; do
+for f in "$LOGS"/host-tests.log "$LOGS"/aarch64-tests.log "$LOGS"/monitoring.log "$LOGS"/firmware-tests.log "$LOGS"/deploy-validate.log "$LOGS"/deploy-stack.log "$LOGS"/deb-packaging.log; do
   [ -f "$f" ] || continue
   while read -r p q; do passed=$((passed + p)); failed=$((failed + q)); done < <(
     sed -nE 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' "$f")
 done
 # A failed build or check step counts as a failure too.
 for s in "${failed_steps[@]}"; do
-  case "$s" in host-tests|aarch64-tests|monitoring|firmware-tests|deploy-validate|deploy-stack) grep -q '^test result:' "$LOGS/$s.log" || failed=$((failed + 1)) ;; *) failed=$((failed + 1)) ;; esac
+  case "$s" in host-tests|aarch64-tests|monitoring|firmware-tests|deploy-validate|deploy-stack|deb-packaging) grep -q '^test result:' "$LOGS/$s.log" || failed=$((failed + 1)) ;; *) failed=$((failed + 1)) ;; esac
 done
 [ ${#failed_steps[@]} -gt 0 ] && echo "Failed steps: ${failed_steps[*]}"
 echo "$passed passed, $failed failed"

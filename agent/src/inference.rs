@@ -876,6 +876,7 @@ impl Engine {
                 stream: t.stream.clone(),
                 ts_us: t.ts_us,
                 values: t.values.clone(),
+                origin: None,
             };
             let _ = self.out.blocking_send(Produced::Raw(s));
         }
@@ -899,6 +900,7 @@ impl Engine {
                     stream: t.stream.clone(),
                     ts_us: t.ts_us,
                     values: t.values.clone(),
+                    origin: None,
                 };
                 let _ = self.out.blocking_send(Produced::Raw(s));
             }

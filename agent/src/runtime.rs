@@ -184,9 +184,10 @@ pub async fn run(
     let mut sources = Vec::new();
     for (s, recorded) in settings.sources.clone().into_iter().zip(recorded) {
         let (tx, m, stop) = (tx.clone(), metrics.clone(), shutdown.clone());
+        let durable: Arc<dyn source::DurableOrigin> = queue.clone();
         let name = s.stream().to_string();
         sources.push(tokio::spawn(async move {
-            match source::run(s, recorded, tx, m, stop).await {
+            match source::run(s, recorded, durable, tx, m, stop).await {
                 Ok(()) => tracing::info!(stream = %name, "Source finished."),
                 Err(e) => tracing::error!(stream = %name, error = %e, "Source failed; the other sources carry on."),
             }

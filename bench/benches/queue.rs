@@ -33,6 +33,7 @@ fn batch(n: usize, base: u32) -> Vec<Sample> {
             stream: stream.clone(),
             ts_us: u64::from(base) + i as u64,
             values: vec![0.25; 6],
+            origin: None,
         })
         .collect()
 }

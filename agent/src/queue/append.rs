@@ -112,6 +112,10 @@ impl<E: Engine> Queue<E> {
                 st.channels = s.channels().map(|c| c as u32);
             }
             let seq = st.next_seq;
+            if let Some(o) = s.origin() {
+                st.origin = Some(o);
+                st.pending_origins.push_back((seq, o));
+            }
             if let Some(seqs) = seqs.as_mut() {
                 seqs.push(seq);
             }
@@ -211,6 +215,13 @@ impl<E: Engine> Queue<E> {
         for (sid, seq) in upto {
             if let Some(st) = g.streams.get_mut(*sid as usize) {
                 st.durable_upto = st.durable_upto.max(*seq);
+                while let Some(&(s, o)) = st.pending_origins.front() {
+                    if s > st.durable_upto {
+                        break;
+                    }
+                    st.durable_origin = Some(o);
+                    st.pending_origins.pop_front();
+                }
             }
         }
         drop(g);
@@ -232,6 +243,9 @@ impl<E: Engine> Queue<E> {
             bytes: 0,
             evicted: Vec::new(),
             channels: None,
+            origin: None,
+            durable_origin: None,
+            pending_origins: Default::default(),
             meta_dirty: true,
         });
         sid

@@ -49,6 +49,10 @@ pub(super) struct StreamMeta {
     /// streams and for metadata written before schemas existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) channels: Option<u32>,
+    /// The source's position of the stream's latest record ([`Enqueue::origin`]), written in
+    /// the same batch as that record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) origin: Option<u64>,
 }
 
 pub(super) fn meta_json(m: &StreamMeta) -> Vec<u8> {
@@ -96,6 +100,11 @@ pub trait Enqueue {
     fn channels(&self) -> Option<usize> {
         None
     }
+    /// Where the record came from in its source's own numbering (the serial source: the node's
+    /// boot and seq), so the source can resume after a crash from what is durably queued.
+    fn origin(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl Enqueue for Sample {
@@ -110,6 +119,9 @@ impl Enqueue for Sample {
     }
     fn channels(&self) -> Option<usize> {
         Some(self.values.len())
+    }
+    fn origin(&self) -> Option<u64> {
+        self.origin
     }
 }
 

@@ -81,6 +81,9 @@ pub(super) fn apply_marks<E: Engine>(
                     bytes: 0,
                     evicted: Vec::new(),
                     channels: None,
+                    origin: None,
+                    durable_origin: None,
+                    pending_origins: Default::default(),
                     meta_dirty: true,
                 });
                 sid

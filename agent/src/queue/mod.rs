@@ -6,7 +6,8 @@
 //! ```text
 //! <data_dir>/queue/                 the live sled database (one tree)
 //!     'r' stream_id:u32be seq:u64be  -> a stored record, one of two versions (below)
-//!     'm' stream_id:u32be            -> StreamMeta JSON {name, next_seq, evicted ranges, channels}
+//!     'm' stream_id:u32be            -> StreamMeta JSON {name, next_seq, evicted ranges, channels,
+//!                                       origin}
 //! <data_dir>/queue.seq              sequence reservations per stream (JSON, replaced atomically)
 //! <data_dir>/queue.mark             highest durable seq per stream, as last seen (JSON, replaced
 //!                                   atomically; written by `maintain` when it moved, and at `close`)
@@ -49,6 +50,10 @@
 //!   same batch as its first sample and is never changed afterwards (not by trimming,
 //!   eviction or compaction); only a database reset forgets it. Sources refuse samples of
 //!   another width before they reach the queue (`source::schema`); the queue only records.
+//! * A sample's source position (`Sample::origin`, e.g. a sensor node's boot and seq) MUST be
+//!   written into its stream's metadata in the same batch as the sample, and
+//!   [`Queue::durable_origin`] MUST only return the position of a durable record: a source
+//!   acknowledges to its producer, and resumes after a crash from, exactly what is stored.
 //! * A database that comes back shorter than it was (a damaged or truncated file that sled
 //!   recovers to an earlier state without an error) MUST NOT make numbers repeat: `open`
 //!   compares each stream with `queue.mark`, reports the missing records as an evicted range
@@ -159,6 +164,12 @@ struct StreamState {
     evicted: Vec<EvictedRange>,
     /// The schema (channel count) recorded by the stream's first sample.
     channels: Option<u32>,
+    /// The latest record's source position (persisted in the stream's metadata).
+    origin: Option<u64>,
+    /// The source position of the latest durable record; and positions of records appended
+    /// but not durable yet, as (seq, origin), oldest first.
+    durable_origin: Option<u64>,
+    pending_origins: std::collections::VecDeque<(u64, u64)>,
     meta_dirty: bool,
 }
 
@@ -169,6 +180,7 @@ impl StreamState {
             next_seq: self.next_seq,
             evicted: self.evicted.clone(),
             channels: self.channels,
+            origin: self.origin,
         }
     }
 
@@ -238,6 +250,12 @@ impl<E> Inner<E> {
             return Err(QueueError::Unavailable);
         }
         self.engine.clone().ok_or(QueueError::Closed)
+    }
+}
+
+impl crate::source::DurableOrigin for Queue {
+    fn durable_origin(&self, stream: &str) -> Option<u64> {
+        Queue::durable_origin(self, stream)
     }
 }
 
@@ -336,6 +354,14 @@ impl<E: Engine> Queue<E> {
             .streams
             .get(sid as usize)
             .map_or(0, |s| s.durable_upto)
+    }
+
+    /// The source position ([`Enqueue::origin`]) of `stream`'s latest durable record: what a
+    /// source may acknowledge to its producer, and resume from after a restart.
+    pub fn durable_origin(&self, stream: &str) -> Option<u64> {
+        let g = self.lock();
+        let sid = *g.by_name.get(stream)?;
+        g.streams.get(sid as usize)?.durable_origin
     }
 
     /// The last sequence number assigned in `sid` (0 when none).

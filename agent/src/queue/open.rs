@@ -250,6 +250,7 @@ fn load_state<E: Engine>(
             next_seq: 1,
             evicted: Vec::new(),
             channels: None,
+            origin: None,
         });
         let (records, bytes) = per_stream.remove(&sid).unwrap_or((0, 0));
         let next_seq = meta.next_seq.max(last_seq.get(&sid).map_or(1, |s| s + 1));
@@ -266,6 +267,9 @@ fn load_state<E: Engine>(
             bytes,
             evicted: meta.evicted,
             channels: meta.channels,
+            origin: meta.origin,
+            durable_origin: meta.origin,
+            pending_origins: Default::default(),
             meta_dirty: false,
         });
     }
@@ -297,6 +301,9 @@ fn load_state<E: Engine>(
                 bytes: 0,
                 evicted: Vec::new(),
                 channels: None,
+                origin: None,
+                durable_origin: None,
+                pending_origins: Default::default(),
                 meta_dirty: true,
             };
             st.evicted.push(EvictedRange {

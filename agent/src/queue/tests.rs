@@ -25,6 +25,7 @@ fn sample(stream: &str, i: u32) -> Sample {
         stream: stream.into(),
         ts_us: 1_000_000 + u64::from(i),
         values: vec![i as f32, 0.5, -1.0],
+        origin: None,
     }
 }
 
@@ -541,6 +542,7 @@ fn queue_matches_model_on<E: Engine>(ops: Vec<Op>) -> Result<(), TestCaseError> 
                                 stream: names[st as usize].into(),
                                 ts_us: u64::from(counter),
                                 values: vec![counter as f32, 1.0, 2.0],
+                                origin: None,
                             });
                         }
                     }

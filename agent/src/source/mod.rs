@@ -38,6 +38,16 @@ pub struct Sample {
     /// Capture time, microseconds since the Unix epoch.
     pub ts_us: u64,
     pub values: Vec<f32>,
+    /// The sample's position in its source's own numbering, when the source resumes from what
+    /// is durably queued (the serial source: `boot << 32 | seq` of the node); the queue keeps
+    /// the latest one with the stream ([`crate::queue::Queue::durable_origin`]).
+    pub origin: Option<u64>,
+}
+
+/// What a source may ask of the durable queue: the [`Sample::origin`] of its stream's latest
+/// durable record. Implemented by the queue (a layer above sources, so a trait here).
+pub trait DurableOrigin: Send + Sync {
+    fn durable_origin(&self, stream: &str) -> Option<u64>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +69,7 @@ pub enum SourceError {
 pub async fn run(
     settings: SourceSettings,
     recorded: Option<usize>,
+    durable: Arc<dyn DurableOrigin>,
     tx: mpsc::Sender<Sample>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -121,7 +132,7 @@ pub async fn run(
                 timestamps,
                 rate_hz,
             };
-            serial::run(stream.into(), serial, guard, tx, metrics, shutdown).await
+            serial::run(stream.into(), serial, guard, durable, tx, metrics, shutdown).await
         }
     }
 }

@@ -90,6 +90,7 @@ pub async fn run(
                     stream: stream.clone(),
                     ts_us: pacer.ts_us(pacer.next),
                     values,
+                    origin: None,
                 };
                 pacer.next += 1;
                 if guard.admit(&sample).is_err() {

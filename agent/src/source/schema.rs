@@ -169,6 +169,7 @@ mod tests {
             stream: "imu".into(),
             ts_us,
             values,
+            origin: None,
         }
     }
 

@@ -28,6 +28,17 @@
 //! `serial_node_reboots_total` and logged. Nothing of the old boot is counted twice: its tail is
 //! settled from its last status before the new numbering starts.
 //!
+//! # Acknowledgements: nothing acknowledged is lost
+//! Each sample carries its node position (`boot << 32 | seq`) as [`Sample::origin`]; the queue
+//! stores the latest one with the stream in the same atomic batch as the record
+//! ([`DurableOrigin`]). Every [`ACK_EVERY`] the source sends the node `Ack` for what is durable,
+//! and the node (link version 2) keeps every sample it sent until then. When the line opens the
+//! source sends `Resume` with its position (at start: the queue's durable one, so after a crash
+//! or SIGKILL it is exactly what was stored); the node answers `Resumed` and sends again what
+//! it kept. Until the answer comes, samples are not passed on (they come again); a `Resume`
+//! that stays unanswered is sent again every [`RESUME_RETRY`]. So the ledger stays exact
+//! across agent restarts: a sample is stored once, or the node no longer had it (a gap).
+//!
 //! # Timestamps
 //! `timestamps = "node"` (default): the node's capture time (µs since its boot) placed on the
 //! agent's clock at the first frame of each boot, so the node's spacing is exact (the two
@@ -44,7 +55,7 @@ use std::time::Duration;
 
 use ember_proto::node::{
     self as link, FrameError, FrameReader, HostCommand, LINK_VERSION, MAX_FRAME_BYTES, NodeFrame,
-    Pushed, SampleFrame,
+    Pushed, Resumed, SampleFrame,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -54,13 +65,20 @@ use tracing::Instrument;
 
 use super::schema::Guard;
 use super::sim::{send, should_warn};
-use super::{Sample, SourceError, now_us};
+use super::{DurableOrigin, Sample, SourceError, now_us};
 use crate::config::{SerialDevice, SerialTimestamps};
 use crate::metrics::Metrics;
 
 /// The first wait before reopening a failed line; doubled up to [`MAX_REOPEN_BACKOFF`].
 pub const REOPEN_BACKOFF: Duration = Duration::from_millis(100);
 pub const MAX_REOPEN_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the source tells the node what is durably queued.
+pub const ACK_EVERY: Duration = Duration::from_millis(50);
+/// A `Resume` the node has not answered within this long is sent again (lost on the line).
+pub const RESUME_RETRY: Duration = Duration::from_secs(1);
+/// After this many unanswered `Resume`s the node is taken for one that does not resume (link
+/// version 1): samples flow again, and what was held back counts as gaps.
+pub const RESUME_TRIES: u32 = 3;
 /// How long a blocking tty read waits before it looks at shutdown again.
 const TTY_POLL: Duration = Duration::from_millis(100);
 
@@ -92,6 +110,26 @@ pub struct Link {
     /// The latest timestamp handed out: a new boot's clock is anchored no earlier, so the
     /// stream's time never goes back at a reboot.
     last_ts: u64,
+    /// A `Resume` is unanswered: samples are held back (the node sends them again).
+    resuming: bool,
+    /// After a repeated `Resume`, the node resends samples already passed on: those of this
+    /// boot below this seq are duplicates and are dropped.
+    skip_below: Option<(u32, u32)>,
+}
+
+/// A sample's node position as a [`Sample::origin`].
+pub fn origin(boot: u32, seq: u32) -> u64 {
+    (u64::from(boot) << 32) | u64::from(seq)
+}
+
+/// (boot, seq) of a [`Sample::origin`].
+pub fn position(origin: u64) -> (u32, u32) {
+    ((origin >> 32) as u32, origin as u32)
+}
+
+/// `a` comes before `b` in one boot's numbering (serial-number order).
+fn seq_before(a: u32, b: u32) -> bool {
+    (b.wrapping_sub(a) as i32) > 0
 }
 
 impl Link {
@@ -106,6 +144,46 @@ impl Link {
             refused: 0,
             version_warned: false,
             last_ts: 0,
+            resuming: false,
+            skip_below: None,
+        }
+    }
+
+    /// Starts from a durably queued position (`origin` of the stream's latest stored sample):
+    /// the next sample expected is the one after it.
+    pub fn restore(&mut self, origin: u64) {
+        let (id, seq) = position(origin);
+        tracing::info!(stream = %self.stream, boot = id, seq, "Resuming the serial node's stream after its last stored sample.");
+        self.boot = Some(Boot {
+            id,
+            expected: Some(seq.wrapping_add(1)),
+            numbered: None,
+            anchor: None,
+        });
+    }
+
+    /// The `Resume` to send when the line opens (none before the first sample ever seen); from
+    /// then on samples wait for the node's `Resumed`.
+    pub fn resume(&mut self) -> Option<HostCommand> {
+        let b = self.boot?;
+        let next_seq = b.expected?;
+        self.resuming = true;
+        Some(HostCommand::Resume {
+            boot: b.id,
+            next_seq,
+        })
+    }
+
+    /// Whether a `Resume` is still unanswered.
+    pub fn is_resuming(&self) -> bool {
+        self.resuming
+    }
+
+    /// Stops waiting for `Resumed` (a node that does not resume).
+    pub fn give_up_resume(&mut self) {
+        if self.resuming {
+            self.resuming = false;
+            tracing::warn!(stream = %self.stream, "The serial node does not answer Resume (link version 1 firmware?): taking its samples as they come; what it does not send again counts as gaps.");
         }
     }
 
@@ -158,7 +236,33 @@ impl Link {
                 }
             }
             NodeFrame::Sample(s) => self.sample(s, now_us, out),
+            NodeFrame::Resumed(r) => self.resumed(r, now_us),
         }
+    }
+
+    /// The node's answer to `Resume`: it sends again from `from_seq` of `boot`.
+    fn resumed(&mut self, r: Resumed, now_us: u64) {
+        self.resuming = false;
+        match self.boot {
+            Some(b) if b.id == r.boot => {
+                if let Some(e) = b.expected
+                    && seq_before(r.from_seq, e)
+                {
+                    // An answer to a repeated Resume: what comes until `e` was passed on.
+                    self.skip_below = Some((r.boot, e));
+                }
+                // from_seq after `e`: the node no longer holds e..from_seq; the next sample
+                // counts them as gaps.
+            }
+            _ => {
+                // The node reset since the position resumed from: a new numbering from 0.
+                self.enter_boot(r.boot, now_us, Some(0), 0);
+                if let Some(b) = self.boot.as_mut() {
+                    b.anchor = None;
+                }
+            }
+        }
+        tracing::info!(stream = %self.stream, boot = r.boot, from_seq = r.from_seq, "The serial node resumed its stream.");
     }
 
     /// Makes `id` the current boot. `start`: the seq its numbering is known to start at (a
@@ -212,6 +316,16 @@ impl Link {
     }
 
     fn sample(&mut self, s: SampleFrame, now_us: u64, out: &mut Vec<Sample>) {
+        if self.resuming {
+            return;
+        }
+        if let Some((boot, below)) = self.skip_below {
+            if boot == s.boot && seq_before(s.seq, below) {
+                tracing::debug!(stream = %self.stream, seq = s.seq, "Dropped a sample the serial node sent again.");
+                return;
+            }
+            self.skip_below = None;
+        }
         // A seq behind the expected one in the same boot: the node restarted its numbering
         // without a new boot number (its RAM was lost).
         let restarted =
@@ -248,6 +362,7 @@ impl Link {
             stream: self.stream.clone(),
             ts_us,
             values: s.values.as_slice().to_vec(),
+            origin: Some(origin(s.boot, s.seq)),
         });
     }
 }
@@ -401,6 +516,7 @@ pub async fn run(
     stream: Arc<str>,
     serial: Serial,
     mut guard: Guard,
+    durable: Arc<dyn DurableOrigin>,
     tx: mpsc::Sender<Sample>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -409,6 +525,10 @@ pub async fn run(
     let span = tracing::info_span!("source", kind = "serial", stream = %stream, device = %device);
     async move {
         let mut link = Link::new(stream.clone(), serial.timestamps, metrics.clone());
+        if let Some(o) = durable.durable_origin(&stream) {
+            link.restore(o);
+        }
+        let mut acked = None;
         let mut backoff = REOPEN_BACKOFF;
         let mut opened_before = false;
         let mut failures = 0u64;
@@ -442,15 +562,25 @@ pub async fn run(
             opened_before = true;
             link.reopened();
             tracing::info!("Serial line open.");
-            if let Err(e) = greet(&mut line, serial.rate_hz).await {
+            let resume = link.resume();
+            if let Err(e) = greet(&mut line, serial.rate_hz, resume).await {
                 tracing::warn!(error = %e, "Could not send the serial node its commands; reopening.");
                 continue;
             }
+            let mut resume_sent = (tokio::time::Instant::now(), 1u32);
+            let mut tick = tokio::time::interval(ACK_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // Read until the line fails; a good read resets the backoff.
             let ended = loop {
                 let read = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break None,
+                    _ = tick.tick() => {
+                        match acknowledge(&mut line, &mut link, &*durable, &stream, &mut acked, &mut resume_sent).await {
+                            Ok(()) => continue,
+                            Err(e) => break Some(e.to_string()),
+                        }
+                    }
                     r = line.read(&mut buf) => r,
                 };
                 match read {
@@ -487,9 +617,13 @@ pub async fn run(
     .await
 }
 
-/// On every open: the configured rate, then a status request (its answer tells the link how
-/// far the node's numbering has gone).
-async fn greet(line: &mut Line, rate_hz: Option<u16>) -> io::Result<()> {
+/// On every open: the configured rate, the position to resume from (if any), then a status
+/// request (its answer tells the link how far the node's numbering has gone).
+async fn greet(
+    line: &mut Line,
+    rate_hz: Option<u16>,
+    resume: Option<HostCommand>,
+) -> io::Result<()> {
     let mut buf = [0u8; 32];
     // A delimiter first ends whatever partial frame the node's reader holds.
     line.write_all(&[0]).await?;
@@ -497,8 +631,50 @@ async fn greet(line: &mut Line, rate_hz: Option<u16>) -> io::Result<()> {
         line.write_all(encode_command(HostCommand::SetRate { hz }, &mut buf)?)
             .await?;
     }
+    if let Some(cmd) = resume {
+        line.write_all(encode_command(cmd, &mut buf)?).await?;
+    }
     line.write_all(encode_command(HostCommand::RequestStatus, &mut buf)?)
         .await
+}
+
+/// On every [`ACK_EVERY`]: `Ack` what became durable since the last one; `Resume` again if the
+/// node has not answered the last one within [`RESUME_RETRY`] (up to [`RESUME_TRIES`] times).
+async fn acknowledge(
+    line: &mut Line,
+    link: &mut Link,
+    durable: &dyn DurableOrigin,
+    stream: &str,
+    acked: &mut Option<u64>,
+    resume_sent: &mut (tokio::time::Instant, u32),
+) -> io::Result<()> {
+    let mut buf = [0u8; 32];
+    if let Some(o) = durable.durable_origin(stream)
+        && *acked != Some(o)
+    {
+        let (boot, seq) = position(o);
+        let cmd = HostCommand::Ack {
+            boot,
+            next_seq: seq.wrapping_add(1),
+        };
+        line.write_all(encode_command(cmd, &mut buf)?).await?;
+        *acked = Some(o);
+    }
+    if link.is_resuming() && resume_sent.0.elapsed() >= RESUME_RETRY {
+        if resume_sent.1 >= RESUME_TRIES {
+            link.give_up_resume();
+        } else if let Some(b) = link.boot
+            && let Some(next_seq) = b.expected
+        {
+            let cmd = HostCommand::Resume {
+                boot: b.id,
+                next_seq,
+            };
+            line.write_all(encode_command(cmd, &mut buf)?).await?;
+        }
+        *resume_sent = (tokio::time::Instant::now(), resume_sent.1 + 1);
+    }
+    Ok(())
 }
 
 fn encode_command(cmd: HostCommand, buf: &mut [u8; 32]) -> io::Result<&[u8]> {
@@ -689,6 +865,77 @@ mod tests {
         assert_eq!(m.serial_node_reboots.load(Relaxed), 1);
     }
 
+    /// No durable position: a source that starts fresh.
+    struct NoOrigin;
+    impl DurableOrigin for NoOrigin {
+        fn durable_origin(&self, _: &str) -> Option<u64> {
+            None
+        }
+    }
+
+    fn resumed(boot: u32, from_seq: u32) -> NodeFrame {
+        NodeFrame::Resumed(Resumed { boot, from_seq })
+    }
+
+    #[test]
+    fn after_a_restart_it_resumes_from_the_stored_position_exactly() {
+        let m = metrics();
+        let mut l = link(&m, SerialTimestamps::Node);
+        assert_eq!(l.resume(), None, "nothing to resume before any sample");
+        // The queue durably holds boot 3 up to seq 9.
+        l.restore(origin(3, 9));
+        assert_eq!(
+            l.resume(),
+            Some(HostCommand::Resume {
+                boot: 3,
+                next_seq: 10
+            })
+        );
+        let mut out = Vec::new();
+        // Before the answer the node still sends from where it was (14, 15): held back.
+        l.push(
+            &bytes(&[sample(3, 14), sample(3, 15), status(3, 16), resumed(3, 10)]),
+            1,
+            &mut out,
+        );
+        assert!(out.is_empty());
+        l.push(
+            &bytes(&(10..16).map(|i| sample(3, i)).collect::<Vec<_>>()),
+            2,
+            &mut out,
+        );
+        assert_eq!(seqs(&out), (10..16).collect::<Vec<_>>());
+        assert_eq!(rejected(&m), (0, 0, 0));
+        assert_eq!(out[0].origin, Some(origin(3, 10)));
+        // A repeated Resume's answer rewinds the node: what was passed on is not again.
+        l.push(
+            &bytes(&[resumed(3, 12), sample(3, 12), sample(3, 15), sample(3, 16)]),
+            3,
+            &mut out,
+        );
+        assert_eq!(seqs(&out[6..]), [16]);
+        assert_eq!(rejected(&m), (0, 0, 0));
+    }
+
+    #[test]
+    fn what_the_node_no_longer_holds_is_a_gap_and_a_reset_node_starts_over() {
+        let m = metrics();
+        let mut l = link(&m, SerialTimestamps::Node);
+        l.restore(origin(3, 9));
+        l.resume();
+        let mut out = Vec::new();
+        // The node's ring overran while the agent was down: it holds 13.. only.
+        l.push(&bytes(&[resumed(3, 13), sample(3, 13)]), 1, &mut out);
+        assert_eq!(seqs(&out), [13]);
+        assert_eq!(rejected(&m), (0, 3, 3));
+        // The node reset while the line was down: its new boot's kept samples start at 2.
+        l.resume();
+        l.push(&bytes(&[resumed(4, 2), sample(4, 2)]), 2, &mut out);
+        assert_eq!(seqs(&out), [13, 2]);
+        assert_eq!(rejected(&m), (0, 5, 5), "4/0 and 4/1 are gone");
+        assert_eq!(m.serial_node_reboots.load(Relaxed), 1);
+    }
+
     #[test]
     fn a_partial_frame_at_reopen_is_refused_and_the_next_frame_decodes() {
         let m = metrics();
@@ -727,6 +974,7 @@ mod tests {
             "imu".into(),
             serial,
             Guard::open(&m),
+            Arc::new(NoOrigin),
             tx,
             m.clone(),
             shutdown.clone(),
@@ -763,7 +1011,8 @@ mod tests {
                 .expect("open");
             assert_eq!(s.values[0] as u32, i);
         }
-        // The node's end goes away mid-frame; the source reopens, sample 5 died with the line.
+        // The node's end goes away mid-frame (sample 5 cut short); the source reopens and
+        // resumes at 5, which the node (keeping what is not acknowledged) sends again.
         let partial = bytes(&[sample(2, 5)]);
         conn.write_all(&partial[..4]).await.expect("write");
         drop(conn);
@@ -771,19 +1020,53 @@ mod tests {
             .await
             .expect("reconnects")
             .expect("accept");
-        conn.write_all(&bytes(&[sample(2, 6), sample(2, 7)]))
-            .await
-            .expect("write");
-        for i in [6, 7] {
+        let mut commands = Vec::new();
+        let mut reader = FrameReader::<32>::new();
+        while commands.len() < 3 {
+            let b = tokio::time::timeout(wait, conn.read_u8())
+                .await
+                .expect("greeting")
+                .expect("read");
+            if let Pushed::Frame(body) = reader.push(b) {
+                commands.push(link::decode::<HostCommand>(body).expect("a command"));
+            }
+        }
+        assert_eq!(
+            commands,
+            [
+                HostCommand::SetRate { hz: 250 },
+                HostCommand::Resume {
+                    boot: 2,
+                    next_seq: 5
+                },
+                HostCommand::RequestStatus
+            ]
+        );
+        // Still sending 8 when the Resume arrived: held back, then the answer and 5.. again.
+        conn.write_all(&bytes(&[
+            sample(2, 8),
+            resumed(2, 5),
+            sample(2, 5),
+            sample(2, 6),
+            sample(2, 7),
+        ]))
+        .await
+        .expect("write");
+        for i in [5, 6, 7] {
             let s = tokio::time::timeout(wait, rx.recv())
                 .await
                 .expect("sample")
                 .expect("open");
             assert_eq!(s.values[0] as u32, i);
         }
-        assert_eq!(rejected(&m), (1, 0, 1));
+        assert_eq!(
+            rejected(&m),
+            (0, 0, 0),
+            "the cut frame came again: nothing missing"
+        );
+        assert_eq!(m.serial_frames_refused.load(Relaxed), 1);
         assert_eq!(m.serial_reopens.load(Relaxed), 1);
-        assert_eq!(m.captured.load(Relaxed), 7);
+        assert_eq!(m.captured.load(Relaxed), 8);
         shutdown.cancel();
         tokio::time::timeout(wait, task)
             .await
@@ -819,6 +1102,7 @@ mod tests {
             "imu".into(),
             serial,
             Guard::open(&m),
+            Arc::new(NoOrigin),
             tx,
             m.clone(),
             shutdown.clone(),

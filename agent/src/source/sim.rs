@@ -71,6 +71,7 @@ pub async fn run(
                     stream: stream.clone(),
                     ts_us: pacer.ts_us(k),
                     values: signal.sample(k),
+                    origin: None,
                 };
                 pacer.next += 1;
                 if guard.admit(&sample).is_err() {

@@ -484,6 +484,7 @@ fn parse_line(
         stream: stream.into(),
         ts_us,
         values: out,
+        origin: None,
     }))
 }
 
@@ -611,7 +612,8 @@ mod tests {
             Sample {
                 stream: "imu".into(),
                 ts_us: 42,
-                values: vec![1.5, -2.0, 300.0]
+                values: vec![1.5, -2.0, 300.0],
+                origin: None,
             }
         );
         let s = parse(r#" {"values":[0],"ts":1718000000000000,"stream":"imu"} "#)

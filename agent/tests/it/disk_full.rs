@@ -68,6 +68,7 @@ fn batch(base: u64, n: u64) -> Vec<Sample> {
             stream: stream.clone(),
             ts_us: base + i,
             values: vec![(base + i) as f32; 6],
+            origin: None,
         })
         .collect()
 }

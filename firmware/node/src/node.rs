@@ -6,15 +6,23 @@
 //! UART loop takes frames with [`Node::next_frame`]: a status when one is due or asked for,
 //! else the oldest sample.
 //!
+//! Acknowledgements (`ember_proto::node`, link version 2): once the host sent an `Ack` or a
+//! `Resume` this boot, a sample written to the line stays in the ring until the host
+//! acknowledges it; `Resume` makes every kept sample from the host's position on go out again,
+//! after a `Resumed` frame that says where the node starts. A host that never acknowledges gets
+//! version 1's behaviour: a written sample leaves the ring.
+//!
 //! Guarantees (what the host's ledger relies on):
 //! - `seq` MUST count every sample taken this boot, written or dropped: the samples the host
 //!   never sees are exactly the gaps in `seq`, and the drops the node made are `overruns`.
+//! - A sample the host has not acknowledged MUST NOT leave the ring in acknowledged mode other
+//!   than by an overrun (the ring full): what a crashed host had not stored comes again.
 //! - A command the node cannot decode or accept is counted in `bad_commands` and changes nothing.
 //! - No call blocks or allocates; [`Node::tick`] is short enough for an interrupt handler.
 
 use ember_proto::node::{
     self as link, FrameError, Hello, HostCommand, LINK_VERSION, MAX_CHANNELS, MAX_FRAME_BYTES,
-    NodeFrame, NodeStatus, SampleFrame, Values,
+    NodeFrame, NodeStatus, Resumed, SampleFrame, Values,
 };
 
 use crate::ring::Ring;
@@ -68,7 +76,17 @@ pub struct Node<S: Sensor, const N: usize> {
     sensor_errors: u32,
     hello_pending: bool,
     status_pending: bool,
+    /// A `Resumed` answer waits to be sent (before any sample).
+    resumed_pending: Option<Resumed>,
+    /// The host acknowledges this boot's samples: written samples stay until acknowledged.
+    acked_mode: bool,
     since_status: u32,
+}
+
+/// `a` comes before `b` in a boot's numbering (which starts at 0 and does not wrap in practice:
+/// 2^32 samples at 10 kHz are 5 days; a wrap compares as serial numbers do).
+fn seq_before(a: u32, b: u32) -> bool {
+    (b.wrapping_sub(a) as i32) > 0
 }
 
 impl<S: Sensor, const N: usize> Node<S, N> {
@@ -91,6 +109,8 @@ impl<S: Sensor, const N: usize> Node<S, N> {
             sensor_errors: 0,
             hello_pending: true,
             status_pending: false,
+            resumed_pending: None,
+            acked_mode: false,
             since_status: 0,
         }
     }
@@ -103,7 +123,7 @@ impl<S: Sensor, const N: usize> Node<S, N> {
         self.rate_hz
     }
 
-    /// Samples waiting for the line.
+    /// Samples in the ring: waiting for the line, or sent and not acknowledged yet.
     pub fn buffered(&self) -> usize {
         self.ring.len()
     }
@@ -165,9 +185,13 @@ impl<S: Sensor, const N: usize> Node<S, N> {
                 rate_hz: self.rate_hz,
                 channels: self.sensor.channels() as u8,
             })
+        } else if let Some(r) = self.resumed_pending.take() {
+            NodeFrame::Resumed(r)
         } else if self.status_pending {
             self.status_pending = false;
             NodeFrame::Status(self.status())
+        } else if self.acked_mode {
+            NodeFrame::Sample(self.ring.next_unsent()?)
         } else {
             NodeFrame::Sample(self.ring.pop()?)
         };
@@ -209,6 +233,32 @@ impl<S: Sensor, const N: usize> Node<S, N> {
                 self.status_pending = true;
                 Effect::None
             }
+            HostCommand::Ack { boot, next_seq } => {
+                self.commands = self.commands.wrapping_add(1);
+                self.acked_mode = true;
+                self.release(boot, next_seq);
+                Effect::None
+            }
+            HostCommand::Resume { boot, next_seq } => {
+                self.commands = self.commands.wrapping_add(1);
+                self.acked_mode = true;
+                // Another boot's position (the node reset since): this boot is all unacknowledged.
+                self.release(boot, next_seq);
+                self.ring.rewind();
+                let from_seq = self.ring.front().map_or(self.next_seq, |s| s.seq);
+                self.resumed_pending = Some(Resumed {
+                    boot: self.boot,
+                    from_seq,
+                });
+                Effect::None
+            }
+        }
+    }
+
+    /// Forgets this boot's samples below `next_seq` (the host holds them).
+    fn release(&mut self, boot: u32, next_seq: u32) {
+        if boot == self.boot {
+            self.ring.release_while(|s| seq_before(s.seq, next_seq));
         }
     }
 
@@ -412,6 +462,121 @@ mod tests {
             (s.overruns, s.frames, s.next_seq),
             (0, 0, 95),
             "seq is never reset"
+        );
+    }
+
+    fn ack(n: &mut TestNode, cmd: HostCommand) {
+        assert_eq!(n.command(cmd), Effect::None);
+    }
+
+    #[test]
+    fn acknowledged_mode_keeps_written_samples_until_acked_and_resends_on_resume() {
+        let mut n = node();
+        ack(
+            &mut n,
+            HostCommand::Ack {
+                boot: 5,
+                next_seq: 0,
+            },
+        );
+        for _ in 0..6 {
+            n.tick();
+        }
+        assert_eq!(seqs(&drain(&mut n)), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(n.buffered(), 6, "written, not acknowledged: kept");
+        ack(
+            &mut n,
+            HostCommand::Ack {
+                boot: 5,
+                next_seq: 2,
+            },
+        );
+        assert_eq!(n.buffered(), 4);
+        // Another boot's ack changes nothing.
+        ack(
+            &mut n,
+            HostCommand::Ack {
+                boot: 4,
+                next_seq: 6,
+            },
+        );
+        assert_eq!(n.buffered(), 4);
+        // The host crashed having stored 0..=3: it resumes at 4.
+        ack(
+            &mut n,
+            HostCommand::Resume {
+                boot: 5,
+                next_seq: 4,
+            },
+        );
+        n.tick();
+        let frames = drain(&mut n);
+        assert_eq!(
+            frames[0],
+            NodeFrame::Resumed(Resumed {
+                boot: 5,
+                from_seq: 4
+            }),
+            "{frames:?}"
+        );
+        assert_eq!(seqs(&frames), [4, 5, 6]);
+        // Overrun while kept: the ring (8) holds 4..=6 sent and 7.. new; the oldest sent go
+        // first (not overruns), then unsent ones (overruns).
+        for _ in 0..10 {
+            n.tick();
+        }
+        assert_eq!(
+            n.status().overruns,
+            2,
+            "5 free slots, then 3 sent ones made room without an overrun, then 2 unsent went"
+        );
+        assert_eq!(seqs(&drain(&mut n)), (9..17).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_resume_for_another_boot_resends_everything_kept() {
+        let mut n = node();
+        for _ in 0..3 {
+            n.tick();
+        }
+        ack(
+            &mut n,
+            HostCommand::Resume {
+                boot: 4,
+                next_seq: 100,
+            },
+        );
+        let frames = drain(&mut n);
+        assert!(matches!(frames[0], NodeFrame::Hello(_)));
+        assert_eq!(
+            frames[1],
+            NodeFrame::Resumed(Resumed {
+                boot: 5,
+                from_seq: 0
+            })
+        );
+        assert_eq!(seqs(&frames), [0, 1, 2]);
+        // Nothing kept and nothing new: resumes at the next seq.
+        ack(
+            &mut n,
+            HostCommand::Ack {
+                boot: 5,
+                next_seq: 3,
+            },
+        );
+        ack(
+            &mut n,
+            HostCommand::Resume {
+                boot: 5,
+                next_seq: 3,
+            },
+        );
+        assert_eq!(
+            drain(&mut n),
+            [NodeFrame::Resumed(Resumed {
+                boot: 5,
+                from_seq: 3
+            })]
         );
     }
 

@@ -21,6 +21,17 @@
 //!   treats a new `boot` as a new numbering of `seq`.
 //! - A [`NodeStatus`] reports the node's own counters, so the host can tell the node's drops
 //!   (`overruns`) from the line's.
+//!
+//! # Acknowledgements (link version 2)
+//! A host that stores samples durably acknowledges them: [`HostCommand::Ack`] says it holds
+//! every sample of `boot` numbered below `next_seq`. From the first `Ack` or `Resume` of a
+//! boot on, the node MUST keep every sample it sent until one acknowledges it (in its ring
+//! buffer; when the ring is full the oldest is dropped and, if it was never sent, counted in
+//! `overruns`). When a host (re)opens the line it sends [`HostCommand::Resume`] with the
+//! position it durably holds; the node forgets what lies below it, answers
+//! [`NodeFrame::Resumed`] with the seq it sends next, and sends its kept samples from there
+//! again. So a host that crashed loses nothing it acknowledged, and gets again what it had not:
+//! every sample between `next_seq` and `from_seq` that the node no longer holds is a gap.
 
 use serde::de::{Error as _, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -28,7 +39,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// The most channels one sample frame carries.
 pub const MAX_CHANNELS: usize = 16;
 /// The version the node announces in [`Hello`]; the host refuses a node with another.
-pub const LINK_VERSION: u8 = 1;
+pub const LINK_VERSION: u8 = 2;
 /// An upper bound of one encoded frame, delimiter included: postcard's worst case for the
 /// largest message, its CRC, COBS's overhead (one byte per 254) and the delimiter.
 pub const MAX_FRAME_BYTES: usize = 128;
@@ -45,6 +56,16 @@ pub enum NodeFrame {
     Sample(SampleFrame),
     /// The node's counters: sent periodically and when the host asks.
     Status(NodeStatus),
+    /// The answer to [`HostCommand::Resume`], before any sample it makes the node send again.
+    Resumed(Resumed),
+}
+
+/// Where a node resumes: the next sample it sends is `from_seq` of `boot` (or a later one of
+/// that boot, if the ring overran in between: a gap the host counts).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Resumed {
+    pub boot: u32,
+    pub from_seq: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -94,6 +115,11 @@ pub enum HostCommand {
     /// Zero the node's counters (`overruns`, `frames`, `commands`, `bad_commands`); `seq` and
     /// `boot` are never reset.
     ResetCounters,
+    /// The host durably holds every sample of `boot` below `next_seq`: the node may forget them.
+    Ack { boot: u32, next_seq: u32 },
+    /// The host (re)opened the line holding every sample of `boot` below `next_seq`: the node
+    /// forgets those, answers [`NodeFrame::Resumed`] and sends what it kept from there on.
+    Resume { boot: u32, next_seq: u32 },
 }
 
 /// The highest sample rate a node accepts.
@@ -371,6 +397,10 @@ mod tests {
             sample(0, &[]),
             sample(1, &[1.5, -2.0, 0.0, f32::MAX, f32::MIN_POSITIVE, 9.81]),
             sample(u32::MAX, &[0.0; MAX_CHANNELS]),
+            NodeFrame::Resumed(Resumed {
+                boot: u32::MAX,
+                from_seq: u32::MAX,
+            }),
             NodeFrame::Status(NodeStatus {
                 boot: u32::MAX,
                 next_seq: u32::MAX,
@@ -395,6 +425,14 @@ mod tests {
             HostCommand::SetRate { hz: 250 },
             HostCommand::RequestStatus,
             HostCommand::ResetCounters,
+            HostCommand::Ack {
+                boot: u32::MAX,
+                next_seq: u32::MAX,
+            },
+            HostCommand::Resume {
+                boot: 1,
+                next_seq: 0,
+            },
         ] {
             let mut buf = [0u8; 32];
             let n = encode(&c, &mut buf).expect("fits").len();

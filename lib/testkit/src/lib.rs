@@ -12,6 +12,8 @@
 //! * [`bundles`]: signed variants of the committed model bundles (development key).
 //! * [`TestAgent`]: the `ember-agent` binary as a child process, with a generated config, its
 //!   own data dir, metrics endpoint and captured stderr.
+//! * [`node`]: the sensor-node firmware in `qemu-system-arm` ([`node::QemuNode`]) and a TCP
+//!   line to the agent that decodes the ground truth and flips bits ([`node::LineProxy`]).
 //!
 //! Rules the harness follows, and tests built on it should too:
 //! * Every service gets its own free port (bind `127.0.0.1:0`, read the port, pass it on); no
@@ -32,6 +34,7 @@ mod agent;
 mod broker;
 pub mod bundles;
 pub mod docs;
+pub mod node;
 mod postgres;
 mod s3;
 mod subscriber;

@@ -13,8 +13,9 @@ use ember_node::node::{Config, Effect, Node};
 use ember_node::sensor::ReplayImu;
 use ember_node_mps2_an386::{MAX_RATE_HZ, MIN_RATE_HZ, boot, clock, uart::Uart0};
 
-/// Samples the node buffers while the line is busy (≈ 84 bytes each).
-const RING: usize = 512;
+/// Samples the node buffers while the line is busy or until the host acknowledges them (≈ 88
+/// bytes each: 352 KiB, 4 s at 1 kHz).
+const RING: usize = 4096;
 const BAUD: u32 = 115_200;
 
 static NODE: Mutex<RefCell<Option<Node<ReplayImu, RING>>>> = Mutex::new(RefCell::new(None));

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Release artefacts of the edge agent, for amd64, arm64 and armhf:
+#
+#   scripts/release.sh [--out DIR] [--targets "TRIPLE ..."] [--deb-version V]
+#
+# Writes to DIR (default target/release-artefacts/VERSION):
+#   ember-agent-VERSION-<arch>              stripped release binary (profile.release strips)
+#   ember-agent_VERSION-1_<arch>.deb        the package (cargo-deb; agent/Cargo.toml's metadata)
+#   ember-agent-VERSION.cdx.json            CycloneDX SBOM of ember-agent's dependency tree
+#                                           (cargo-cyclonedx, for every target's features)
+#   SHA256SUMS                              sha256 of every file above
+#   SHA256SUMS.sig                          ed25519 signature of SHA256SUMS (OpenSSL), when a
+#                                           key is given (below); without one the script says
+#                                           so and exits 1 after writing everything else
+#
+# The signing key is an ed25519 private key in PEM (`openssl genpkey -algorithm ed25519`): a
+# file named by EMBER_RELEASE_KEY_FILE, or the PEM text itself in EMBER_RELEASE_KEY (for CI
+# secrets). It is never written anywhere by this script and never committed. Verify with
+#   openssl pkeyutl -verify -pubin -inkey release.pub.pem -rawin -in SHA256SUMS -sigfile SHA256SUMS.sig
+#   sha256sum -c SHA256SUMS
+#
+# Cross builds use Debian's cross gcc (gcc-aarch64-linux-gnu, gcc-arm-linux-gnueabihf, set up
+# in .cargo/config.toml; scripts/install-deps.sh installs them), not `cross`: Cross.toml's
+# images live in a container registry that CI machines cannot reach. Tools from crates.io:
+# cargo-deb and cargo-cyclonedx (scripts/install-deps.sh installs both).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+VERSION=$(sed -nE 's/^version = "([^"]+)"/\1/p' Cargo.toml | head -1)
+targets="x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf"
+out=""
+deb_version=""
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --out) out=$2; shift 2 ;;
+    --targets) targets=$2; shift 2 ;;
+    --deb-version) deb_version=$2; shift 2 ;;
+    *) echo "release: unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
+  esac
+done
+tgt=${CARGO_TARGET_DIR:-$root/target}
+out=${out:-$tgt/release-artefacts/$VERSION}
+die() { echo "release: $*" >&2; exit 1; }
+for tool in cargo-deb cargo-cyclonedx; do
+  command -v "$tool" >/dev/null 2>&1 || die "$tool is missing: cargo install --locked $tool (or bash scripts/install-deps.sh)"
+done
+command -v openssl >/dev/null 2>&1 || die "openssl is missing: apt-get install openssl"
+t0=$SECONDS
+say() { echo "release: [$((SECONDS - t0)) s] $*"; }
+
+arch_of() {
+  case $1 in
+    x86_64-unknown-linux-gnu) echo amd64 ;;
+    aarch64-unknown-linux-gnu) echo arm64 ;;
+    armv7-unknown-linux-gnueabihf) echo armhf ;;
+    *) die "no Debian architecture for $1 (supported: x86_64/aarch64/armv7 linux-gnu)" ;;
+  esac
+}
+
+rm -rf "$out"
+mkdir -p "$out"
+for t in $targets; do
+  arch=$(arch_of "$t")
+  rustup target list --installed 2>/dev/null | grep -qx "$t" || die "the Rust target $t is missing: rustup target add $t"
+  say "cargo build --release --locked -p ember-agent --target $t"
+  cargo build --release --locked -p ember-agent --target "$t"
+  bin=$tgt/$t/release/ember-agent
+  # profile.release strips at link time: refuse a binary that still has a symbol table.
+  if readelf -S "$bin" | grep -q '\.symtab'; then die "$bin is not stripped"; fi
+  cp "$bin" "$out/ember-agent-$VERSION-$arch"
+  say "cargo deb --target $t ($arch)"
+  cargo deb -p ember-agent --target "$t" --no-build --no-strip ${deb_version:+--deb-version "$deb_version"} \
+    -o "$out/" >/dev/null
+  # The cross .deb's dependency line names the architecture (libc6:arm64): it must be the
+  # package's own.
+  deb=$(ls "$out"/ember-agent_*_"$arch".deb)
+  [[ $(dpkg-deb -f "$deb" Architecture) == "$arch" ]] || die "$deb is not $arch"
+done
+
+say "cargo cyclonedx (SBOM)"
+sbom_dir=$(mktemp -d)
+trap 'rm -rf "$sbom_dir"' EXIT
+# cargo-cyclonedx writes next to each manifest: generate, then move the agent's into $out.
+cargo cyclonedx --manifest-path agent/Cargo.toml --format json \
+  --override-filename "ember-agent-$VERSION.cdx" >/dev/null
+mv "agent/ember-agent-$VERSION.cdx.json" "$out/"
+
+say "SHA256SUMS"
+(cd "$out" && sha256sum -- * >SHA256SUMS)
+key_file=${EMBER_RELEASE_KEY_FILE:-}
+if [[ -z $key_file && -n ${EMBER_RELEASE_KEY:-} ]]; then
+  key_file=$sbom_dir/release.key
+  (umask 077 && printf '%s\n' "$EMBER_RELEASE_KEY" >"$key_file")
+fi
+if [[ -z $key_file ]]; then
+  ls -l "$out"
+  die "no signing key: set EMBER_RELEASE_KEY_FILE (a PEM ed25519 key file) or EMBER_RELEASE_KEY (its text); SHA256SUMS is unsigned"
+fi
+openssl pkeyutl -sign -inkey "$key_file" -rawin -in "$out/SHA256SUMS" -out "$out/SHA256SUMS.sig"
+openssl pkey -in "$key_file" -pubout -out "$out/release.pub.pem"
+openssl pkeyutl -verify -pubin -inkey "$out/release.pub.pem" -rawin -in "$out/SHA256SUMS" \
+  -sigfile "$out/SHA256SUMS.sig" >/dev/null || die "the signature does not verify"
+say "done: $out"
+ls -l "$out"
