@@ -6,6 +6,10 @@
 #     (a check that does not apply is skipped inline where it would fail, with the reason);
 #   * yamllint over every YAML file of deploy/ and the rendered manifests;
 #   * terraform fmt -check and terraform validate (builtin provider only: no download);
+#   * terraform/aws: init against the machine image's local provider mirror (no download),
+#     validate, and terraform test (tests/*.tftest.hcl with mock_provider "aws": device policy
+#     confined to its own thing, private encrypted buckets, private RDS, least-privilege IRSA,
+#     the agent profile's shape);
 #   * a syntax check (bash -n, sh -n) of the deploy scripts.
 # Ends with a cargo-style "test result:" line that scripts/test.sh counts.
 set -uo pipefail
@@ -47,6 +51,15 @@ check checkov_dockerfiles "$VENV/bin/checkov" --quiet --compact --skip-download 
 check checkov_kubernetes "$VENV/bin/checkov" --quiet --compact --skip-download --framework kubernetes -d "$OUT/rendered"
 check terraform_fmt terraform fmt -check -recursive terraform
 check terraform_validate bash -c "TF_DATA_DIR='$OUT/tf' terraform -chdir=terraform/local init -backend=false -input=false >/dev/null && TF_DATA_DIR='$OUT/tf' terraform -chdir=terraform/local validate"
+# terraform/aws needs hashicorp/aws: a filesystem mirror (EMBER_TF_MIRROR, default the machine
+# image's /opt/tf-plugins) stands in for the registry; the lock file it writes is not kept.
+TF_MIRROR=${EMBER_TF_MIRROR:-/opt/tf-plugins}
+printf 'provider_installation {\n  filesystem_mirror {\n    path    = "%s"\n    include = ["registry.terraform.io/hashicorp/aws"]\n  }\n  direct {\n    exclude = ["registry.terraform.io/hashicorp/aws"]\n  }\n}\n' "$TF_MIRROR" >"$OUT/aws.tfrc"
+AWS_TF="TF_CLI_CONFIG_FILE='$OUT/aws.tfrc' TF_DATA_DIR='$OUT/tf-aws' terraform -chdir=terraform/aws"
+check terraform_aws_mirror test -d "$TF_MIRROR/registry.terraform.io/hashicorp/aws"
+check terraform_aws_validate bash -c "$AWS_TF init -backend=false -input=false >/dev/null && $AWS_TF validate -no-color"
+check terraform_aws_test bash -c "$AWS_TF test -no-color"
+rm -f terraform/aws/.terraform.lock.hcl
 check shell_syntax bash -c 'for f in deploy/build-images.sh deploy/base/*.sh deploy/local/*.sh deploy/tests/*.sh scripts/up.sh scripts/down.sh; do bash -n "$f" || exit 1; done; sh -n deploy/postgres/entrypoint.sh'
 
 [[ $failed -eq 0 ]] || echo "failures: ${failures[*]}"
