@@ -12,10 +12,15 @@ case ${1:-} in
     bash "$root/deploy/local/stack.sh" check-clean
     echo "down.sh: the local stack is gone ($((SECONDS - t0)) s)" >&2
     ;;
-  aws | gcp | azure)
-    echo "down.sh: the $1 environment is not implemented yet (its issue adds it); 'local' is" >&2
+  aws)
+    t0=$SECONDS
+    bash "$root/deploy/aws/stack.sh" down
+    echo "down.sh: aws is down ($((SECONDS - t0)) s)" >&2
+    ;;
+  gcp | azure)
+    echo "down.sh: the $1 environment is not implemented yet (its issue adds it); 'local' and 'aws' are" >&2
     exit 2 ;;
   *)
-    echo "usage: scripts/down.sh local    (environments: local; aws, gcp, azure to come)" >&2
+    echo "usage: scripts/down.sh local    (environments: local, aws; gcp, azure to come)" >&2
     exit 2 ;;
 esac

@@ -11,10 +11,15 @@ case ${1:-} in
     bash "$root/deploy/local/stack.sh" up
     echo "up.sh: the local stack is up ($((SECONDS - t0)) s)" >&2
     ;;
-  aws | gcp | azure)
-    echo "up.sh: the $1 environment is not implemented yet (its issue adds it); 'local' is" >&2
+  aws)
+    t0=$SECONDS
+    bash "$root/deploy/aws/stack.sh" up
+    echo "up.sh: aws is up ($((SECONDS - t0)) s)" >&2
+    ;;
+  gcp | azure)
+    echo "up.sh: the $1 environment is not implemented yet (its issue adds it); 'local' and 'aws' are" >&2
     exit 2 ;;
   *)
-    echo "usage: scripts/up.sh local    (environments: local; aws, gcp, azure to come)" >&2
+    echo "usage: scripts/up.sh local    (environments: local, aws; gcp, azure to come)" >&2
     exit 2 ;;
 esac

@@ -60,7 +60,7 @@ check terraform_aws_mirror test -d "$TF_MIRROR/registry.terraform.io/hashicorp/a
 check terraform_aws_validate bash -c "$AWS_TF init -backend=false -input=false >/dev/null && $AWS_TF validate -no-color"
 check terraform_aws_test bash -c "$AWS_TF test -no-color"
 rm -f terraform/aws/.terraform.lock.hcl
-check shell_syntax bash -c 'for f in deploy/build-images.sh deploy/base/*.sh deploy/local/*.sh deploy/tests/*.sh scripts/up.sh scripts/down.sh; do bash -n "$f" || exit 1; done; sh -n deploy/postgres/entrypoint.sh'
+check shell_syntax bash -c 'for f in deploy/build-images.sh deploy/base/*.sh deploy/local/*.sh deploy/aws/*.sh deploy/tests/*.sh scripts/up.sh scripts/down.sh; do bash -n "$f" || exit 1; done; sh -n deploy/postgres/entrypoint.sh'
 
 [[ $failed -eq 0 ]] || echo "failures: ${failures[*]}"
 if [[ $failed -eq 0 ]]; then
