@@ -16,6 +16,7 @@ mod demo;
 mod e2e_ack;
 mod inference;
 mod ingest;
+mod kinesis;
 mod live;
 mod models;
 mod ota;
