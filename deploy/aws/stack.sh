@@ -80,10 +80,10 @@ agents() { # per-device agent configs from the agent profile and the issued cert
 device_id = "$id"
 
 [mqtt]
-profile = "aws-iot-core"     # IoT Core's rules checked at start (docs/deploy-aws.md)
 host = "$endpoint"
 port = $port
 message_max_bytes = 131072   # IoT Core's payload limit
+keep_alive_s = 30            # IoT Core allows 30-1200
 # The fleet reads Kinesis, which has no way back to the device for commit watermarks: a
 # record leaves the queue on IoT Core's PUBACK (the topic rule then delivers it to Kinesis,
 # failures land in the rule's error log).
