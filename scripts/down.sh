@@ -14,15 +14,17 @@ case ${1:-} in
     bash "$root/deploy/local/stack.sh" check-clean
     echo "down.sh: the local stack is gone ($((SECONDS - t0)) s)" >&2
     ;;
+  aws)
+    t0=$SECONDS
+    bash "$root/deploy/aws/stack.sh" down
+    echo "down.sh: aws is down ($((SECONDS - t0)) s)" >&2
+    ;;
   gcp | azure)
     t0=$SECONDS
     bash "$root/deploy/cloud/$1.sh" down
     echo "down.sh: $1 finished ($((SECONDS - t0)) s)" >&2
     ;;
-  aws)
-    echo "down.sh: the $1 environment is not implemented yet (its issue adds it); 'local', 'gcp' and 'azure' are" >&2
-    exit 2 ;;
   *)
-    echo "usage: scripts/down.sh local|gcp|azure    (aws to come)" >&2
+    echo "usage: scripts/down.sh local|aws|gcp|azure" >&2
     exit 2 ;;
 esac

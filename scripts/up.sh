@@ -15,15 +15,17 @@ case ${1:-} in
     bash "$root/deploy/local/stack.sh" up
     echo "up.sh: the local stack is up ($((SECONDS - t0)) s)" >&2
     ;;
+  aws)
+    t0=$SECONDS
+    bash "$root/deploy/aws/stack.sh" up
+    echo "up.sh: aws is up ($((SECONDS - t0)) s)" >&2
+    ;;
   gcp | azure)
     t0=$SECONDS
     bash "$root/deploy/cloud/$1.sh" up
     echo "up.sh: $1 finished ($((SECONDS - t0)) s)" >&2
     ;;
-  aws)
-    echo "up.sh: the $1 environment is not implemented yet (its issue adds it); 'local', 'gcp' and 'azure' are" >&2
-    exit 2 ;;
   *)
-    echo "usage: scripts/up.sh local|gcp|azure    (aws to come)" >&2
+    echo "usage: scripts/up.sh local|aws|gcp|azure" >&2
     exit 2 ;;
 esac

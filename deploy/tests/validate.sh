@@ -12,6 +12,10 @@
 #     asserts the security properties, each against a mutant that must fail it);
 #   * scripts/up.sh and down.sh for gcp and azure: their prerequisite checks (test_cloud_scripts.sh,
 #     fake gcloud/az/terraform on PATH: no cloud account);
+#   * terraform/aws: init against the machine image's local provider mirror (no download),
+#     validate, and terraform test (tests/*.tftest.hcl with mock_provider "aws": device policy
+#     confined to its own thing, private encrypted buckets, private RDS, least-privilege IRSA,
+#     the agent profile's shape);
 #   * a syntax check (bash -n, sh -n) of the deploy scripts.
 # Ends with a cargo-style "test result:" line that scripts/test.sh counts.
 set -uo pipefail
@@ -55,7 +59,16 @@ check terraform_fmt terraform fmt -check -recursive terraform
 check terraform_validate bash -c "TF_DATA_DIR='$OUT/tf' terraform -chdir=terraform/local init -backend=false -input=false >/dev/null && TF_DATA_DIR='$OUT/tf' terraform -chdir=terraform/local validate"
 check cloud_structure "$VENV/bin/python" deploy/tests/test_cloud_structure.py
 check cloud_scripts bash deploy/tests/test_cloud_scripts.sh
-check shell_syntax bash -c 'for f in deploy/build-images.sh deploy/base/*.sh deploy/local/*.sh deploy/cloud/*.sh deploy/tests/*.sh scripts/up.sh scripts/down.sh; do bash -n "$f" || exit 1; done; sh -n deploy/postgres/entrypoint.sh'
+# terraform/aws needs hashicorp/aws: a filesystem mirror (EMBER_TF_MIRROR, default the machine
+# image's /opt/tf-plugins) stands in for the registry; the lock file it writes is not kept.
+TF_MIRROR=${EMBER_TF_MIRROR:-/opt/tf-plugins}
+printf 'provider_installation {\n  filesystem_mirror {\n    path    = "%s"\n    include = ["registry.terraform.io/hashicorp/aws"]\n  }\n  direct {\n    exclude = ["registry.terraform.io/hashicorp/aws"]\n  }\n}\n' "$TF_MIRROR" >"$OUT/aws.tfrc"
+AWS_TF="TF_CLI_CONFIG_FILE='$OUT/aws.tfrc' TF_DATA_DIR='$OUT/tf-aws' terraform -chdir=terraform/aws"
+check terraform_aws_mirror test -d "$TF_MIRROR/registry.terraform.io/hashicorp/aws"
+check terraform_aws_validate bash -c "$AWS_TF init -backend=false -input=false >/dev/null && $AWS_TF validate -no-color"
+check terraform_aws_test bash -c "$AWS_TF test -no-color"
+rm -f terraform/aws/.terraform.lock.hcl
+check shell_syntax bash -c 'for f in deploy/build-images.sh deploy/base/*.sh deploy/local/*.sh deploy/aws/*.sh deploy/cloud/*.sh deploy/tests/*.sh scripts/up.sh scripts/down.sh; do bash -n "$f" || exit 1; done; sh -n deploy/postgres/entrypoint.sh'
 
 [[ $failed -eq 0 ]] || echo "failures: ${failures[*]}"
 if [[ $failed -eq 0 ]]; then

@@ -81,6 +81,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub ingest: RawIngest,
     #[serde(default)]
+    pub desired: RawDesired,
+    #[serde(default)]
     pub retention: RawRetention,
     #[serde(default)]
     pub shutdown: RawShutdown,
@@ -174,6 +176,55 @@ pub struct RawIngest {
     pub batch_max_delay_ms: Option<u64>,
     pub channel_capacity: Option<usize>,
     pub aggregate_channels: Option<usize>,
+    /// `"mqtt"` (default) or `"kinesis"`.
+    pub source: Option<String>,
+    pub kinesis: Option<RawKinesis>,
+}
+
+/// `[desired]`: where desired states go.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDesired {
+    /// `"mqtt"` (default: retained on the broker of `[mqtt]`) or `"aws-iot-data"`.
+    pub sink: Option<String>,
+    pub aws_iot_data: Option<RawIotData>,
+}
+
+/// `[desired.aws_iot_data]`: AWS IoT Core's data plane.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIotData {
+    /// The ATS endpoint host (terraform output agent_profile.endpoint) or an http(s) URL.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+}
+
+/// Where desired states go ([`crate::ota::rollout::sink`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct DesiredSettings {
+    pub sink: DesiredSink,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DesiredSink {
+    /// Retained QoS 1 on the broker of `[mqtt]` (AWS IoT Core with the fleet's certificate too).
+    Mqtt,
+    /// AWS IoT Core's data-plane HTTPS API with the fleet's IAM role.
+    AwsIotData { endpoint: String, region: String },
+}
+
+/// `[ingest.kinesis]`: the stream an AWS IoT topic rule fills (terraform/aws).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKinesis {
+    pub stream: Option<String>,
+    pub region: Option<String>,
+    /// Another endpoint than `https://kinesis.<region>.amazonaws.com` (a VPC endpoint, a
+    /// local emulator).
+    pub endpoint: Option<String>,
+    pub lease_s: Option<u64>,
+    pub poll_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -204,6 +255,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub mqtt: MqttSettings,
     pub ingest: IngestSettings,
+    pub desired: DesiredSettings,
     pub retention: RetentionSettings,
     pub shutdown: ShutdownSettings,
     pub models: ModelSettings,
@@ -334,6 +386,30 @@ pub struct IngestSettings {
     pub batch_max_delay_ms: u64,
     pub channel_capacity: usize,
     pub aggregate_channels: usize,
+    /// Where device messages come from (`ingest.source`).
+    pub source: IngestSource,
+}
+
+/// Where device messages come from; each is a [`crate::server::ingest::source::IngestSource`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum IngestSource {
+    /// The broker of `[mqtt]` (shared subscription, PUBACK after commit).
+    Mqtt,
+    /// An AWS Kinesis Data Stream (shard leases in the database, checkpoint in the batch's
+    /// transaction).
+    Kinesis(KinesisSettings),
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct KinesisSettings {
+    pub stream: String,
+    pub region: String,
+    pub endpoint: String,
+    /// A shard lease not renewed for this long may be taken by another replica.
+    pub lease_s: u64,
+    /// Pause after an empty GetRecords (Kinesis allows 5 calls per second per shard).
+    pub poll_ms: u64,
 }
 
 /// Days to keep rows; 0 keeps them forever.
@@ -579,7 +655,9 @@ impl Settings {
         }
 
         let i = raw.ingest;
+        let source = resolve_ingest_source(i.source.as_deref(), i.kinesis)?;
         let ingest = IngestSettings {
+            source,
             max_payload_bytes: i.max_payload_bytes.unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES),
             batch_max_records: i.batch_max_records.unwrap_or(DEFAULT_BATCH_MAX_RECORDS),
             batch_max_delay_ms: i.batch_max_delay_ms.unwrap_or(DEFAULT_BATCH_MAX_DELAY_MS),
@@ -604,6 +682,10 @@ impl Settings {
         if ingest.aggregate_channels > 1024 {
             return Err(invalid("ingest.aggregate_channels", "must be 0-1024"));
         }
+
+        let desired = DesiredSettings {
+            sink: resolve_desired(raw.desired)?,
+        };
 
         let r = raw.retention;
         let retention = RetentionSettings {
@@ -642,6 +724,7 @@ impl Settings {
             database,
             mqtt,
             ingest,
+            desired,
             retention,
             shutdown,
             models,
@@ -651,6 +734,110 @@ impl Settings {
     /// The resolved settings as TOML (secrets masked), for `check-config`.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render settings: {e}"))
+    }
+}
+
+/// Default `ingest.kinesis.lease_s`.
+pub const DEFAULT_KINESIS_LEASE_S: u64 = 30;
+/// Default `ingest.kinesis.poll_ms`: at most 4 of the 5 GetRecords per second a shard allows.
+pub const DEFAULT_KINESIS_POLL_MS: u64 = 250;
+
+fn resolve_desired(raw: RawDesired) -> Result<DesiredSink, ConfigError> {
+    match raw.sink.as_deref().unwrap_or("mqtt") {
+        "mqtt" => {
+            if raw.aws_iot_data.is_some() {
+                return Err(invalid(
+                    "desired.aws_iot_data",
+                    "is set but desired.sink is not \"aws-iot-data\"",
+                ));
+            }
+            Ok(DesiredSink::Mqtt)
+        }
+        "aws-iot-data" => {
+            let d = raw.aws_iot_data.unwrap_or_default();
+            let region = d.region.filter(|r| !r.is_empty()).ok_or_else(|| {
+                invalid(
+                    "desired.aws_iot_data.region",
+                    "is required with desired.sink = \"aws-iot-data\"",
+                )
+            })?;
+            let endpoint = d.endpoint.filter(|e| !e.is_empty()).ok_or_else(|| {
+                invalid(
+                    "desired.aws_iot_data.endpoint",
+                    "is required: the ATS endpoint (terraform output agent_profile.endpoint)",
+                )
+            })?;
+            let endpoint = if endpoint.contains("://") {
+                endpoint
+            } else {
+                format!("https://{endpoint}")
+            };
+            Ok(DesiredSink::AwsIotData { endpoint, region })
+        }
+        _ => Err(invalid(
+            "desired.sink",
+            "must be \"mqtt\" or \"aws-iot-data\"",
+        )),
+    }
+}
+
+fn resolve_ingest_source(
+    source: Option<&str>,
+    kinesis: Option<RawKinesis>,
+) -> Result<IngestSource, ConfigError> {
+    match source.unwrap_or("mqtt") {
+        "mqtt" => {
+            if kinesis.is_some() {
+                return Err(invalid(
+                    "ingest.kinesis",
+                    "is set but ingest.source is not \"kinesis\"",
+                ));
+            }
+            Ok(IngestSource::Mqtt)
+        }
+        "kinesis" => {
+            let k = kinesis.unwrap_or_default();
+            let stream = k.stream.filter(|s| !s.is_empty()).ok_or_else(|| {
+                invalid(
+                    "ingest.kinesis.stream",
+                    "is required with ingest.source = \"kinesis\"",
+                )
+            })?;
+            let region = k.region.filter(|r| !r.is_empty()).ok_or_else(|| {
+                invalid(
+                    "ingest.kinesis.region",
+                    "is required with ingest.source = \"kinesis\"",
+                )
+            })?;
+            let endpoint = k
+                .endpoint
+                .unwrap_or_else(|| format!("https://kinesis.{region}.amazonaws.com"));
+            if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+                return Err(invalid(
+                    "ingest.kinesis.endpoint",
+                    "must be an http(s):// URL",
+                ));
+            }
+            let lease_s = k.lease_s.unwrap_or(DEFAULT_KINESIS_LEASE_S);
+            if !(3..=600).contains(&lease_s) {
+                return Err(invalid("ingest.kinesis.lease_s", "must be 3-600"));
+            }
+            let poll_ms = k.poll_ms.unwrap_or(DEFAULT_KINESIS_POLL_MS);
+            if !(200..=60_000).contains(&poll_ms) {
+                return Err(invalid(
+                    "ingest.kinesis.poll_ms",
+                    "must be 200-60000 (Kinesis allows 5 GetRecords per second per shard)",
+                ));
+            }
+            Ok(IngestSource::Kinesis(KinesisSettings {
+                stream,
+                region,
+                endpoint,
+                lease_s,
+                poll_ms,
+            }))
+        }
+        _ => Err(invalid("ingest.source", "must be \"mqtt\" or \"kinesis\"")),
     }
 }
 
@@ -839,6 +1026,8 @@ const STRING_KEYS: &[&str] = &[
     "database.url",
     "mqtt.host",
     "mqtt.client_id",
+    "ingest.source",
+    "desired.sink",
     "mqtt.username",
     "mqtt.password",
     "mqtt.share_group",
@@ -910,6 +1099,8 @@ mod tests {
             "batch_max_delay_ms",
             "channel_capacity",
             "aggregate_channels",
+            "source",
+            "sink",
             "telemetry_days",
             "aggregates_days",
             "rejects_days",

@@ -63,6 +63,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "scale out",
         include_str!("../migrations/sqlite/0006_scale_out.sql"),
     ),
+    (
+        7,
+        "ingest sources",
+        include_str!("../migrations/sqlite/0007_ingest_sources.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -95,10 +100,15 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         "scale out",
         include_str!("../migrations/postgres/0006_scale_out.sql"),
     ),
+    (
+        7,
+        "ingest sources",
+        include_str!("../migrations/postgres/0007_ingest_sources.sql"),
+    ),
 ];
 
 /// The schema version of this build: its highest migration (the same for both engines).
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// How long a caller waits for a pooled connection before the request fails.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -29,6 +29,7 @@
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod cloud;
 pub mod config;
 pub mod db;
 #[cfg(feature = "demo")]

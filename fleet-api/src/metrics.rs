@@ -193,6 +193,30 @@ const FAMILIES: &[Family] = &[
         help: "Successful connections to the broker.",
     },
     Family {
+        name: "kinesis_records_total",
+        kind: Kind::Counter,
+        labels: &["outcome"],
+        help: "Kinesis records read (ingest.source = \"kinesis\"): handed to the writer (`message`), a presence event (`presence`), or an envelope the topic rule did not write (`malformed`, stored as a reject).",
+    },
+    Family {
+        name: "kinesis_shards_leased",
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "Kinesis shards this replica holds the lease of and reads.",
+    },
+    Family {
+        name: "kinesis_millis_behind_latest",
+        kind: Kind::Gauge,
+        labels: &["shard"],
+        help: "How far this replica's reader of a shard is behind the stream's tip (Kinesis's MillisBehindLatest).",
+    },
+    Family {
+        name: "kinesis_errors_total",
+        kind: Kind::Counter,
+        labels: &["kind"],
+        help: "Failed Kinesis calls, by AWS error type (throttling is retried with backoff).",
+    },
+    Family {
         name: "acks_skipped_total",
         kind: Kind::Counter,
         labels: &[],

@@ -17,6 +17,7 @@ mod e2e_ack;
 mod hil;
 mod inference;
 mod ingest;
+mod kinesis;
 mod live;
 mod models;
 mod ota;

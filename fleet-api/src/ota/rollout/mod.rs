@@ -16,4 +16,5 @@
 pub mod machine;
 pub mod publisher;
 pub mod service;
+pub mod sink;
 pub mod store;

@@ -99,6 +99,9 @@ impl Service {
     /// until `shutdown`. Its own MQTT connection ([`publisher_client_id`], clean session) with
     /// the fleet's broker settings and TLS. Run it on the leader only.
     pub async fn publish(self: Arc<Self>, settings: Arc<Settings>, shutdown: CancellationToken) {
+        if let Some(sink) = super::sink::from_settings(&settings) {
+            return self.publish_to(sink, shutdown).await;
+        }
         let m = &settings.mqtt;
         let min_backoff = Duration::from_millis(m.reconnect_min_ms);
         let mut backoff = min_backoff;
@@ -195,7 +198,10 @@ impl Service {
         tracing::info!("The desired-state publisher stopped.");
     }
 
-    async fn load_outbox(&self, busy: &HashSet<String>) -> Result<Vec<OutMsg>, RolloutError> {
+    pub(super) async fn load_outbox(
+        &self,
+        busy: &HashSet<String>,
+    ) -> Result<Vec<OutMsg>, RolloutError> {
         let rows = store::unpublished(&self.db, PUBLISH_BATCH).await?;
         let mut devices: Vec<String> = Vec::new();
         let mut seen = HashSet::new();
@@ -219,7 +225,7 @@ impl Service {
         Ok(out)
     }
 
-    async fn published(&self, msg: &OutMsg) {
+    pub(super) async fn published(&self, msg: &OutMsg) {
         self.metrics.inc("desired_published_total", &[], 1);
         for (model, revision) in &msg.revisions {
             if let Err(e) = store::mark_published(&self.db, &msg.device, model, *revision).await {
@@ -245,9 +251,9 @@ pub fn publisher_client_id(m: &crate::config::MqttSettings) -> String {
 }
 
 /// One retained message on its way.
-struct OutMsg {
-    device: String,
-    payload: Vec<u8>,
+pub(super) struct OutMsg {
+    pub(super) device: String,
+    pub(super) payload: Vec<u8>,
     /// (model, revision) of each desired row it carries.
     revisions: Vec<(String, i64)>,
 }

@@ -41,6 +41,8 @@
 
 pub mod classify;
 pub mod commits;
+pub mod kinesis;
+pub mod source;
 pub mod writer;
 
 use std::collections::{HashMap, VecDeque};
@@ -99,6 +101,48 @@ pub fn subscriptions(share_group: &str) -> Vec<SubscribeFilter> {
     ]
 }
 
+/// Runs a [`source::IngestSource`] other than the broker into a writer until `shutdown`, then
+/// lets the writer store everything the source handed over (or stops at `force`). The MQTT
+/// reader ([`run`]) keeps its own loop: its connection also carries the writer's PUBACKs and
+/// the leave protocol of scale-out, but it keeps the same contract.
+#[allow(clippy::too_many_arguments)]
+pub async fn drive(
+    source: Box<dyn source::IngestSource>,
+    settings: Arc<Settings>,
+    db: Db,
+    metrics: Arc<Metrics>,
+    state: Arc<IngestState>,
+    events: Arc<Events>,
+    rollouts: Arc<crate::ota::rollout::service::Service>,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) {
+    let name = source.name();
+    let (tx, rx) = mpsc::channel::<Inbound>(settings.ingest.channel_capacity);
+    let writer = tokio::spawn(writer::run(
+        rx,
+        Writer {
+            db,
+            metrics,
+            settings: settings.ingest.clone(),
+            acker: source.acknowledger(),
+            events,
+            rollouts,
+            // Commit watermarks need a way back to the device (MQTT today): agents behind
+            // this source settle by their commit timeout instead.
+            commits: Arc::new(commits::Commits::default()),
+        },
+        force,
+    ));
+    let intake = source::Intake::new(tx, settings.ingest.max_payload_bytes);
+    source.run(intake, state.clone(), shutdown).await;
+    // Every Intake clone is gone with the source's tasks: the channel closes and the writer
+    // returns once all is stored.
+    let _ = writer.await;
+    state.connected.store(false, Ordering::Release);
+    tracing::info!(source = name, "Ingestion stopped.");
+}
+
 struct RejectLog {
     last: HashMap<RejectReason, (Instant, u64)>,
 }
@@ -136,6 +180,13 @@ pub async fn run(
     shutdown: CancellationToken,
     force: CancellationToken,
 ) {
+    if let crate::config::IngestSource::Kinesis(k) = &settings.ingest.source {
+        let k = k.clone();
+        return kinesis::run(
+            settings, k, db, metrics, state, events, rollouts, shutdown, force,
+        )
+        .await;
+    }
     let m = &settings.mqtt;
     let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
     opts.set_keep_alive(Duration::from_secs(m.keep_alive_s));
@@ -173,11 +224,11 @@ pub async fn run(
             db,
             metrics: metrics.clone(),
             settings: settings.ingest.clone(),
-            acker: Acker {
+            acker: Arc::new(Acker {
                 client: client.clone(),
                 epoch: epoch.clone(),
                 state: state.clone(),
-            },
+            }),
             events,
             rollouts,
             commits,
@@ -366,6 +417,7 @@ pub async fn run(
                 });
                 let inbound = Inbound {
                     ack,
+                    checkpoint: None,
                     received_at,
                     item,
                 };

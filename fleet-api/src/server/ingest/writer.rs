@@ -88,6 +88,8 @@ pub struct AckToken {
 #[derive(Debug)]
 pub struct Inbound {
     pub ack: Option<AckToken>,
+    /// Stored in the batch's transaction ([`super::source::Checkpoint`]).
+    pub checkpoint: Option<super::source::Checkpoint>,
     /// Fleet clock, microseconds.
     pub received_at: i64,
     pub item: Result<Item, Reject>,
@@ -102,8 +104,18 @@ pub struct Acker {
     pub state: Arc<super::IngestState>,
 }
 
+impl super::source::Acknowledge for Acker {
+    fn ack<'a>(
+        &'a self,
+        token: AckToken,
+        metrics: &'a Metrics,
+    ) -> super::source::BoxFuture<'a, ()> {
+        Box::pin(self.puback(token, metrics))
+    }
+}
+
 impl Acker {
-    async fn ack(&self, token: AckToken, metrics: &Metrics) {
+    async fn puback(&self, token: AckToken, metrics: &Metrics) {
         if token.epoch != self.epoch.load(Ordering::Acquire)
             || !self.state.connected.load(Ordering::Acquire)
         {
@@ -125,7 +137,8 @@ pub struct Writer {
     pub db: Db,
     pub metrics: Arc<Metrics>,
     pub settings: IngestSettings,
-    pub acker: Acker,
+    /// The source's post-commit acknowledgements (MQTT: [`Acker`]).
+    pub acker: Arc<dyn super::source::Acknowledge>,
     pub events: Arc<Events>,
     /// Where the OTA reports of stored statuses go (after commit, before the PUBACK).
     pub rollouts: Arc<crate::ota::rollout::service::Service>,
@@ -257,6 +270,8 @@ impl Writer {
                             "The database refused a message; it is counted as a storage reject and acknowledged.");
                         let reject = Inbound {
                             ack: None,
+                            // The reject is stored in its place: the position moves on.
+                            checkpoint: one[0].checkpoint.clone(),
                             received_at: one[0].received_at,
                             item: Err(Reject {
                                 device,
@@ -602,6 +617,7 @@ async fn write_batch(
         super::commits::settle_refused(&mut tx, device, r, received_at_of(batch)).await?;
         outcome.devices.insert(device.to_string());
     }
+    super::source::save_checkpoints(&mut tx, batch).await?;
 
     tx.commit().await?;
     Ok(outcome)

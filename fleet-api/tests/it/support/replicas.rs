@@ -21,6 +21,8 @@ pub struct FleetProcess {
     dir: tempfile::TempDir,
     child: Option<Child>,
     starts: u32,
+    /// Extra environment of the process (e.g. AWS credentials for a local emulator).
+    env: Vec<(String, String)>,
 }
 
 impl FleetProcess {
@@ -34,6 +36,18 @@ impl FleetProcess {
         client_id: &str,
         data_dir: &std::path::Path,
         extra: &str,
+    ) -> FleetProcess {
+        FleetProcess::start_env(db_url, broker_port, client_id, data_dir, extra, &[])
+    }
+
+    /// [`FleetProcess::start`] with extra environment variables.
+    pub fn start_env(
+        db_url: &str,
+        broker_port: u16,
+        client_id: &str,
+        data_dir: &std::path::Path,
+        extra: &str,
+        env: &[(&str, &str)],
     ) -> FleetProcess {
         let dir = tempfile::Builder::new()
             .prefix("ember-replica-")
@@ -57,6 +71,10 @@ impl FleetProcess {
             dir,
             child: None,
             starts: 0,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         p.spawn();
         p.wait_healthy();
@@ -82,6 +100,7 @@ impl FleetProcess {
             .arg("run")
             .env("EMBER_FLEET_LOG", "info,sqlx=warn")
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
