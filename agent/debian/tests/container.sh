@@ -79,9 +79,10 @@ until_ok() {
     sleep 0.2
   done
 }
-metric() { # name -> value from the agent's metrics endpoint (bash's /dev/tcp: no curl needed)
+metric() { # name (without ember_agent_) -> value from the agent's metrics endpoint (bash's /dev/tcp: no curl needed)
+  # Lines are `ember_agent_NAME{device="..."} VALUE`.
   ct bash -c 'exec 3<>/dev/tcp/127.0.0.1/9898 && printf "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n" >&3 && cat <&3' 2>/dev/null |
-    awk -v m="$1" '$1 == m { print $2 }'
+    awk -v m="ember_agent_$1" '$1 == m || index($1, m "{") == 1 { print $2; exit }'
 }
 passed=0; failed=0
 check() { # name, then a command that must succeed
