@@ -158,7 +158,8 @@ fn sigkill_a_replica_mid_ingest_loses_nothing() {
 /// broker removes the dead session and its subscriptions, and the live replicas get all of
 /// the telemetry. Shown with a probe that publishes batches at QoS 1 once and never again
 /// (a device in `"puback"` delivery): after the expiry every probe batch is stored. Ten real
-/// agents stream throughout: every ledger complete, 0 lost, 0 duplicates.
+/// agents on end-to-end acknowledgement stream throughout (what went to the dead session
+/// before it expired, they send again): every ledger complete, 0 lost, 0 duplicates.
 #[test]
 fn a_dead_replicas_session_expires_and_its_share_goes_to_the_live_replicas() {
     const EXPIRY_S: u64 = 2;
@@ -184,6 +185,10 @@ fn a_dead_replicas_session_expires_and_its_share_goes_to_the_live_replicas() {
                 .broker_port(broker.port())
                 .sim("imu", 40.0, 2)
                 .mqtt("message_max_records", "5")
+                // End-to-end acknowledgement (the agent's default; the testkit's is "puback"):
+                // what the broker routed to the dead session before it expired is sent again.
+                .delivery("commit")
+                .mqtt("commit_timeout_s", "3")
                 .start()
         })
         .collect();
