@@ -186,7 +186,17 @@ pub async fn run(args: Args) -> Result<()> {
         );
         for &n in &args.replicas {
             println!("-- {n} replica(s)");
-            outcomes.push(case(&args, Setup::Replicas { n, pg: &pg, bin: &bin }).await?);
+            outcomes.push(
+                case(
+                    &args,
+                    Setup::Replicas {
+                        n,
+                        pg: &pg,
+                        bin: &bin,
+                    },
+                )
+                .await?,
+            );
         }
     }
     if outcomes.len() > 1 {
@@ -407,9 +417,11 @@ async fn case(args: &Args, setup: Setup<'_>) -> Result<Outcome> {
         total,
         waves: waves
             .iter()
-            .map(|w| w.split(": ").next().unwrap_or("?").to_string()
-                + " "
-                + w.rsplit("done ").next().unwrap_or("?"))
+            .map(|w| {
+                w.split(": ").next().unwrap_or("?").to_string()
+                    + " "
+                    + w.rsplit("done ").next().unwrap_or("?")
+            })
             .collect(),
         baseline,
     })

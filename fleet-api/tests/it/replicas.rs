@@ -20,8 +20,8 @@ use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
 use crate::rollout_service::register_model;
-use crate::support::replicas::{FleetProcess, wait_for};
 use crate::support::mqtt::{Msg, batch, publish};
+use crate::support::replicas::{FleetProcess, wait_for};
 use crate::support::{ADMIN, Kind, Store, WAIT, agent_bin, complete, http, now_us, stream_ledger};
 
 const REPLICAS: usize = 3;
