@@ -1,7 +1,10 @@
-//! `ember-bench rollout`: a staged rollout over 1,000 simulated devices.
+//! `ember-bench rollout`: a staged rollout over 1,000 (or `--devices`) simulated devices,
+//! through the fleet in this process or through 1..N replica processes (`--replicas 1,3`).
 //!
-//! Declared case: the real fleet (in this process, SQLite in a temp dir), a real Mosquitto, N
-//! simulated devices over C MQTT connections. Each device publishes a retained status
+//! Declared case: the real fleet (in this process, SQLite in a temp dir; or with `--replicas`
+//! that many `ember-fleet` processes on one PostgreSQL, one shared-subscription group, the
+//! rollout created and polled through the first, downloads spread over all), a real
+//! Mosquitto, N simulated devices over C MQTT connections. Each device publishes a retained status
 //! (`activity 1.0.0`), subscribes to its own `ember/v1/{device}/desired`, and when told to
 //! install `2.0.0` answers with three retained statuses (`downloading`, `verified`, `active`).
 //! The rollout targets every device in waves (default `1%, 10%, 100%`) with zero soak.
@@ -30,11 +33,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use ember_agent::ota::download::{Downloader, Request, TlsFiles};
 use ember_fleet::auth::Scope;
-use ember_fleet::config::Settings;
+use ember_fleet::config::{Backend, Settings};
 use ember_host::client::{Body, FleetClient};
 use ember_proto::ota::{OtaReport, OtaState};
 use ember_proto::{DeviceState, Encoding, Status};
-use ember_testkit::TestBroker;
+use ember_testkit::{TestBroker, TestPostgres};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -66,6 +69,55 @@ pub struct Args {
     /// Downloads in flight at once, across all devices (with --include-downloads).
     #[arg(long, default_value_t = 32)]
     download_concurrency: usize,
+    /// Replica counts to run, in order (`1,3`): that many `ember-fleet` processes (the binary
+    /// next to this one; one shared-subscription group, each with its own stable client id)
+    /// on one PostgreSQL (fsync and synchronous_commit on), a fresh database and broker per
+    /// count; devices download from the replicas in turn. Without it: the fleet in this
+    /// process on SQLite.
+    #[arg(long, value_delimiter = ',')]
+    replicas: Vec<usize>,
+}
+
+/// Where the fleet runs for one case.
+enum Setup<'a> {
+    /// In this process, on SQLite in a temp dir.
+    InProcess,
+    /// `n` `ember-fleet` processes on a fresh database of `pg`.
+    Replicas {
+        n: usize,
+        pg: &'a TestPostgres,
+        bin: &'a Path,
+    },
+}
+
+/// The running fleet of one case; stopped by [`Fleet::stop`] (or when dropped).
+enum Fleet {
+    InProcess {
+        stop: CancellationToken,
+        thread: std::thread::JoinHandle<()>,
+    },
+    Replicas(Vec<crate::fleet::FleetProcess>),
+}
+
+impl Fleet {
+    fn stop(self) {
+        match self {
+            Fleet::InProcess { stop, thread } => {
+                stop.cancel();
+                let _ = thread.join();
+            }
+            // SIGTERM and the drain, one after another.
+            Fleet::Replicas(procs) => drop(procs),
+        }
+    }
+}
+
+/// One case's numbers.
+struct Outcome {
+    replicas: usize,
+    total: f64,
+    waves: Vec<String>,
+    baseline: f64,
 }
 
 #[derive(Default)]
@@ -84,7 +136,8 @@ struct Bytes {
 
 /// What a simulated device needs to download its bundle.
 struct Downloads {
-    http: u16,
+    /// The replicas' HTTP ports: device `dev-<i>` downloads from `ports[i % len]`.
+    ports: Vec<u16>,
     dir: PathBuf,
     tokens: HashMap<String, String>,
     permits: Semaphore,
@@ -98,12 +151,20 @@ pub async fn run(args: Args) -> Result<()> {
     if args.download_concurrency == 0 {
         bail!("--download-concurrency must be at least 1");
     }
+    if args.replicas.contains(&0) {
+        bail!("--replicas takes counts of at least 1 (for example 1,3)");
+    }
     println!("machine: {}", super::machine());
     println!(
-        "case: {} devices over {} MQTT connections, waves {:?}, zero soak, fleet in-process on SQLite, Mosquitto, {}",
+        "case: {} devices over {} MQTT connections, waves {:?}, zero soak, {}, Mosquitto, {}",
         args.devices,
         args.connections,
         args.waves.join(","),
+        if args.replicas.is_empty() {
+            "fleet in-process on SQLite"
+        } else {
+            "fleet replicas on PostgreSQL"
+        },
         if args.include_downloads {
             format!(
                 "bundle downloads over HTTP (device tokens, sha256 checked, at most {} at once)",
@@ -113,10 +174,90 @@ pub async fn run(args: Args) -> Result<()> {
             "no bundle downloads".to_string()
         }
     );
+    let mut outcomes = Vec::new();
+    if args.replicas.is_empty() {
+        outcomes.push(case(&args, Setup::InProcess).await?);
+    } else {
+        let bin = crate::fleet::sibling_binary("ember-fleet")?;
+        let pg = TestPostgres::start_durable();
+        println!(
+            "fleet: {:?} replicas as `ember-fleet` processes on PostgreSQL (fsync on, synchronous_commit on), a fresh database and broker each",
+            args.replicas
+        );
+        for &n in &args.replicas {
+            println!("-- {n} replica(s)");
+            outcomes.push(
+                case(
+                    &args,
+                    Setup::Replicas {
+                        n,
+                        pg: &pg,
+                        bin: &bin,
+                    },
+                )
+                .await?,
+            );
+        }
+    }
+    if outcomes.len() > 1 {
+        let first = outcomes[0].total;
+        println!();
+        println!(
+            "| replicas | devices | create -> completed | vs {} replica(s) | waves done | baseline | rollout / baseline |",
+            outcomes[0].replicas
+        );
+        println!("|---:|---:|---:|---:|---|---:|---:|");
+        for o in &outcomes {
+            println!(
+                "| {} | {} | {:.2} s | {:.2}x | {} | {:.2} s | {:.1}x |",
+                o.replicas,
+                args.devices,
+                o.total,
+                o.total / first,
+                o.waves.join("; "),
+                o.baseline,
+                o.total / o.baseline
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One rollout over `args.devices` devices with the fleet of `setup`.
+async fn case(args: &Args, setup: Setup<'_>) -> Result<Outcome> {
     let broker = TestBroker::start();
     let dir = tempfile::tempdir()?;
-    let db_url = format!("sqlite://{}", dir.path().join("fleet.db").display());
-    let (http, fleet_stop, fleet_thread) = start_fleet(&db_url, dir.path(), broker.port())?;
+    let (db_url, backend, ports, fleet) = match setup {
+        Setup::InProcess => {
+            let url = format!("sqlite://{}", dir.path().join("fleet.db").display());
+            let (http, stop, thread) = start_fleet(&url, dir.path(), broker.port())?;
+            (
+                url,
+                Backend::Sqlite,
+                vec![http],
+                Fleet::InProcess { stop, thread },
+            )
+        }
+        Setup::Replicas { n, pg, bin } => {
+            let url = pg.create_database(&format!("rollout_{n}_replicas"));
+            // One data dir for all replicas: their `fs` model store is one shared volume.
+            let data = dir.path().join("data");
+            std::fs::create_dir_all(&data)?;
+            let mut procs = Vec::new();
+            let mut ports = Vec::new();
+            for i in 0..n {
+                let http = ember_testkit::free_port();
+                let own = dir.path().join(format!("replica-{i}"));
+                std::fs::create_dir_all(&own)?;
+                let config = replica_config(&url, broker.port(), http, &data, i);
+                procs.push(crate::fleet::FleetProcess::start(bin, &own, &config, http)?);
+                ports.push(http);
+            }
+            (url, Backend::Postgres, ports, Fleet::Replicas(procs))
+        }
+    };
+    let replicas = ports.len();
+    let http = ports[0];
     let uploaded = upload(http)?;
     println!(
         "uploaded {MODEL} {NEW} ({BUNDLE} re-signed): {} bytes, sha256 {}",
@@ -126,7 +267,7 @@ pub async fn run(args: Args) -> Result<()> {
     let ids: Vec<String> = (0..args.devices).map(|i| format!("dev-{i:05}")).collect();
     let downloads = if args.include_downloads {
         let t = Instant::now();
-        let tokens = device_tokens(&db_url, &ids).await?;
+        let tokens = device_tokens(&db_url, backend, &ids).await?;
         println!(
             "{} device tokens created in {:.1} s (setup, not timed)",
             tokens.len(),
@@ -135,7 +276,7 @@ pub async fn run(args: Args) -> Result<()> {
         let dl_dir = dir.path().join("downloads");
         std::fs::create_dir_all(&dl_dir)?;
         Some(Arc::new(Downloads {
-            http,
+            ports: ports.clone(),
             dir: dl_dir,
             tokens,
             permits: Semaphore::new(args.download_concurrency),
@@ -245,12 +386,11 @@ pub async fn run(args: Args) -> Result<()> {
         ));
     }
     let avg_desired = down.checked_div(downm).unwrap_or(300) as usize;
-    fleet_stop.cancel();
-    let _ = fleet_thread.join();
+    fleet.stop();
 
     let baseline = baseline(broker.port(), args.devices, avg_desired).await?;
-    println!("rollout {id}: created -> completed in {total:.2} s");
-    for w in waves {
+    println!("rollout {id} through {replicas} replica(s): created -> completed in {total:.2} s");
+    for w in &waves {
         println!("  wave {w}");
     }
     println!(
@@ -272,7 +412,31 @@ pub async fn run(args: Args) -> Result<()> {
         "ratio rollout / baseline: {:.1}x (target: rollout < 60 s)",
         total / baseline
     );
-    Ok(())
+    Ok(Outcome {
+        replicas,
+        total,
+        waves: waves
+            .iter()
+            .map(|w| {
+                w.split(": ").next().unwrap_or("?").to_string()
+                    + " "
+                    + w.rsplit("done ").next().unwrap_or("?")
+            })
+            .collect(),
+        baseline,
+    })
+}
+
+/// The configuration of replica `i` of a [`Setup::Replicas`] case.
+fn replica_config(db_url: &str, broker: u16, http: u16, data_dir: &Path, i: usize) -> String {
+    format!(
+        "bootstrap_token = \"{TOKEN}\"\ndata_dir = \"{}\"\n[log]\nlevel = \"warn\"\n\
+         [http]\nlisten = \"127.0.0.1:{http}\"\n[database]\nurl = \"{db_url}\"\n\
+         [mqtt]\nhost = \"127.0.0.1\"\nport = {broker}\nclient_id = \"ember-fleet-bench-rollout-{i}\"\n\
+         [models]\ntrusted_keys = [\"{}\"]\n",
+        data_dir.display(),
+        ember_testkit::bundles::dev_public_key_path().display()
+    )
 }
 
 fn start_fleet(
@@ -365,10 +529,14 @@ fn file_sha256(bytes: &[u8]) -> String {
 }
 
 /// One device-scoped token per device (what a provisioned agent holds), stored directly.
-async fn device_tokens(db_url: &str, ids: &[String]) -> Result<HashMap<String, String>> {
+async fn device_tokens(
+    db_url: &str,
+    backend: Backend,
+    ids: &[String],
+) -> Result<HashMap<String, String>> {
     let settings = ember_fleet::config::DatabaseSettings {
         url: db_url.into(),
-        backend: ember_fleet::config::Backend::Sqlite,
+        backend,
         max_connections: 1,
     };
     let db = ember_fleet::db::Db::open(&settings).await?;
@@ -398,7 +566,9 @@ async fn download(
     tokio::task::spawn_blocking(move || {
         let token = dl2.tokens.get(&device).ok_or("no token for the device")?;
         let dest = dl2.dir.join(format!("{device}.bundle"));
-        let full = format!("http://127.0.0.1:{}{url}", dl2.http);
+        let index: usize = device.trim_start_matches("dev-").parse().unwrap_or(0);
+        let port = dl2.ports[index % dl2.ports.len()];
+        let full = format!("http://127.0.0.1:{port}{url}");
         let got = dl2
             .client
             .fetch(&Request {

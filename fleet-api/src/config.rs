@@ -39,6 +39,11 @@ pub const DEFAULT_RECONNECT_MIN_MS: u64 = 250;
 pub const DEFAULT_RECONNECT_MAX_MS: u64 = 30_000;
 /// The shared-subscription group for telemetry: replicas in one group split the load.
 pub const DEFAULT_SHARE_GROUP: &str = "ember-fleet";
+/// How long the broker keeps a replica's persistent MQTT session after its connection
+/// dropped (MQTT 5 Session Expiry Interval): an hour, longer than a restart or a rolling
+/// upgrade, short enough that a replica that never returns stops taking a share of the
+/// telemetry within the hour (docs/scale-out.md).
+pub const DEFAULT_SESSION_EXPIRY_S: u32 = 3600;
 /// Twice the agent's default message cap (128 KiB) and Azure IoT Hub's limit.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 pub const DEFAULT_BATCH_MAX_RECORDS: usize = 1000;
@@ -159,6 +164,7 @@ pub struct RawMqtt {
     pub password: Option<String>,
     pub keep_alive_s: Option<u64>,
     pub clean_session: Option<bool>,
+    pub session_expiry_s: Option<u32>,
     pub share_group: Option<String>,
     pub reconnect_min_ms: Option<u64>,
     pub reconnect_max_ms: Option<u64>,
@@ -365,6 +371,9 @@ pub struct MqttSettings {
     /// `false` (default): the broker keeps this client's subscriptions and unacknowledged
     /// messages while the service is down.
     pub clean_session: bool,
+    /// Seconds the broker keeps the persistent session after the connection dropped (MQTT 5
+    /// Session Expiry Interval); unused with `clean_session`.
+    pub session_expiry_s: u32,
     /// Shared-subscription group for telemetry; empty for a plain subscription.
     pub share_group: String,
     pub reconnect_min_ms: u64,
@@ -601,6 +610,7 @@ impl Settings {
             password: m.password,
             keep_alive_s: m.keep_alive_s.unwrap_or(DEFAULT_KEEP_ALIVE_S),
             clean_session: m.clean_session.unwrap_or(false),
+            session_expiry_s: m.session_expiry_s.unwrap_or(DEFAULT_SESSION_EXPIRY_S),
             share_group: m.share_group.unwrap_or_else(|| DEFAULT_SHARE_GROUP.into()),
             reconnect_min_ms: m.reconnect_min_ms.unwrap_or(DEFAULT_RECONNECT_MIN_MS),
             reconnect_max_ms: m.reconnect_max_ms.unwrap_or(DEFAULT_RECONNECT_MAX_MS),
@@ -636,6 +646,12 @@ impl Settings {
         }
         if !(5..=3600).contains(&mqtt.keep_alive_s) {
             return Err(invalid("mqtt.keep_alive_s", "must be 5-3600 seconds"));
+        }
+        if mqtt.session_expiry_s == 0 || mqtt.session_expiry_s == u32::MAX {
+            return Err(invalid(
+                "mqtt.session_expiry_s",
+                "must be 1-4294967294 seconds: 0 ends the session with every disconnect (use mqtt.clean_session = true for that), and a session that never expires keeps taking a share of the telemetry after its replica is gone",
+            ));
         }
         if mqtt
             .share_group
@@ -1091,6 +1107,7 @@ mod tests {
             "password",
             "keep_alive_s",
             "clean_session",
+            "session_expiry_s",
             "share_group",
             "reconnect_min_ms",
             "reconnect_max_ms",
@@ -1265,6 +1282,11 @@ mod tests {
             ("nope = 1", "nope"),
             ("[mqtt]\nprot = 1", "prot"),
             ("[mqtt]\nport = 0", "mqtt.port"),
+            ("[mqtt]\nsession_expiry_s = 0", "mqtt.session_expiry_s"),
+            (
+                "[mqtt]\nsession_expiry_s = 4294967295",
+                "mqtt.session_expiry_s",
+            ),
             ("[mqtt]\nshare_group = \"a/b\"", "mqtt.share_group"),
             ("[mqtt]\npassword = \"p\"", "mqtt.password"),
             ("[database]\nurl = \"mysql://x\"", "database.url"),

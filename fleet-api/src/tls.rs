@@ -190,6 +190,20 @@ pub fn apply_mqtt(
     Ok(())
 }
 
+/// [`apply_mqtt`] for an MQTT 5 client (the ingestion reader).
+pub fn apply_mqtt_v5(
+    opts: &mut rumqttc::v5::MqttOptions,
+    s: &crate::config::MqttSettings,
+) -> Result<(), FleetError> {
+    if let Some(t) = &s.tls {
+        let config = mqtt_client_config(t)?;
+        opts.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+            config,
+        )));
+    }
+    Ok(())
+}
+
 /// Exports the notAfter of the certificates this process presents
 /// (`ember_fleet_tls_cert_expiry_timestamp_seconds{cert="http"|"mqtt"}`), read once at start
 /// like the certificates themselves (a rotated file takes effect at the next start, and so

@@ -477,6 +477,12 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 /// certificate's common name becomes the user name, a device's client id must be its device
 /// id) and applies `acl`; with `insecure_dev_port`, also a plaintext, anonymous listener on
 /// 127.0.0.1 for development. Every number is explained in the generated comments.
+/// Mosquitto's `persistent_client_expiration` for an offline window: whole hours (its
+/// smallest unit), at least one.
+pub fn persistent_client_expiration(offline_window_s: u32) -> String {
+    format!("{}h", offline_window_s.div_ceil(3600).max(1))
+}
+
 pub fn mosquitto_conf(c: &BrokerConf<'_>) -> String {
     let q = &c.queue;
     let messages_from = if q.explicit_messages {
@@ -522,6 +528,13 @@ pub fn mosquitto_conf(c: &BrokerConf<'_>) -> String {
          max_queued_messages {messages}\n\
          max_queued_bytes {bytes}\n\
          \n\
+         # Sessions of clients that never come back: a fleet replica asks for its session's\n\
+         # lifetime itself (MQTT 5 Session Expiry Interval, mqtt.session_expiry_s); this bounds\n\
+         # the persistent sessions that do not (MQTT 3.1.1 clients, and MQTT 5 clients asking\n\
+         # for a session that never expires): {expiry} = the offline window ({window} s), rounded\n\
+         # up to hours. A removed session stops taking a share of $share/... subscriptions.\n\
+         persistent_client_expiration {expiry}\n\
+         \n\
          # Largest packet a client may send: the agents' mqtt.message_max_bytes ({agent}) + {room}\n\
          # bytes for the header, topic and properties (an agent never sends more than\n\
          # message_max_bytes + 1024). A larger packet closes the sender's connection without a\n\
@@ -550,6 +563,8 @@ pub fn mosquitto_conf(c: &BrokerConf<'_>) -> String {
         autosave = c.autosave_interval_s,
         messages = q.max_queued_messages,
         bytes = q.max_queued_bytes,
+        window = q.offline_window_s,
+        expiry = persistent_client_expiration(q.offline_window_s),
         agent = c.agent_message_max_bytes,
         room = c.max_packet_size.saturating_sub(c.agent_message_max_bytes),
         packet = c.max_packet_size,
@@ -892,6 +907,10 @@ mod tests {
         assert!(!conf.contains("persistence false"));
         // 3600 s x 20 messages/s, x 4096 bytes.
         assert!(conf.contains("max_queued_messages 72000\nmax_queued_bytes 294912000\n"));
+        assert!(conf.contains("\npersistent_client_expiration 1h\n"));
+        assert_eq!(persistent_client_expiration(60), "1h");
+        assert_eq!(persistent_client_expiration(3601), "2h");
+        assert_eq!(persistent_client_expiration(30 * 86_400), "720h");
         assert!(conf.contains(
             "max_queued_messages 72000 = offline window 3600 s x expected rate 20 messages/s;"
         ));

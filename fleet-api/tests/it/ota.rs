@@ -25,18 +25,18 @@ const MODEL: &str = "activity";
 /// The inference stream the activity model's results go to (`{source}.{model}`).
 const RESULTS: &str = "motion.activity";
 
-fn repo() -> PathBuf {
+pub(crate) fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// The committed bundle every agent starts with (activity 1.0.0, int8).
 const BUNDLE: &str = "activity-int8";
 
-fn bundle_path() -> PathBuf {
+pub(crate) fn bundle_path() -> PathBuf {
     ember_testkit::bundles::committed_path(BUNDLE)
 }
 
-fn dev_pub() -> PathBuf {
+pub(crate) fn dev_pub() -> PathBuf {
     repo().join("models/keys/dev/dev.pub")
 }
 
@@ -314,7 +314,7 @@ fn tail(s: &str, n: usize) -> &str {
     &s[at..]
 }
 
-fn write_private(path: &Path, text: &str) {
+pub(crate) fn write_private(path: &Path, text: &str) {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -327,7 +327,7 @@ fn write_private(path: &Path, text: &str) {
 }
 
 /// The committed int8 activity bundle re-signed (development key) as `v`.
-fn version(v: &str) -> Vec<u8> {
+pub(crate) fn version(v: &str) -> Vec<u8> {
     ember_testkit::bundles::with_version(BUNDLE, v)
 }
 

@@ -20,6 +20,7 @@ use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
 use crate::rollout_service::register_model;
+use crate::support::mqtt::{Msg, batch, publish};
 use crate::support::replicas::{FleetProcess, wait_for};
 use crate::support::{ADMIN, Kind, Store, WAIT, agent_bin, complete, http, now_us, stream_ledger};
 
@@ -147,6 +148,245 @@ fn sigkill_a_replica_mid_ingest_loses_nothing() {
     });
     rs[leader].restart();
     stop_and_check(&store.url(), &rs, &agents);
+}
+
+/// Finding 2 (session expiry): a replica that dies without leaving (SIGKILL) and never comes
+/// back under its client id used to keep its persistent session at the broker for ever, and
+/// the broker kept handing that session its share of the shared subscription: whatever an
+/// agent had deleted on PUBACK was never stored. The reader now connects with MQTT 5 and a
+/// Session Expiry Interval (`mqtt.session_expiry_s`, 2 s here): once it has passed, the
+/// broker removes the dead session and its subscriptions, and the live replicas get all of
+/// the telemetry. Shown with a probe that publishes batches at QoS 1 once and never again
+/// (a device in `"puback"` delivery): after the expiry every probe batch is stored. Ten real
+/// agents on end-to-end acknowledgement stream throughout (what went to the dead session
+/// before it expired, they send again): every ledger complete, 0 lost, 0 duplicates.
+#[test]
+fn a_dead_replicas_session_expires_and_its_share_goes_to_the_live_replicas() {
+    const EXPIRY_S: u64 = 2;
+    let broker = TestBroker::start();
+    let store = Store::new(Kind::Postgres);
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut rs: Vec<FleetProcess> = (0..REPLICAS)
+        .map(|i| {
+            FleetProcess::start_with_mqtt(
+                &store.url(),
+                broker.port(),
+                &format!("ember-fleet-expiry-{i}"),
+                data.path(),
+                &format!("session_expiry_s = {EXPIRY_S}"),
+                "",
+            )
+        })
+        .collect();
+    let agents: Vec<TestAgent> = (0..10)
+        .map(|i| {
+            TestAgent::builder(agent_bin())
+                .device_id(&format!("expiry-{i}"))
+                .broker_port(broker.port())
+                .sim("imu", 40.0, 2)
+                .mqtt("message_max_records", "5")
+                // End-to-end acknowledgement (the agent's default; the testkit's is "puback"):
+                // what the broker routed to the dead session before it expired is sent again.
+                .delivery("commit")
+                .mqtt("commit_timeout_s", "3")
+                .start()
+        })
+        .collect();
+    wait_for("every replica stores some telemetry", WAIT, || {
+        rs.iter().all(|r| stored(r) >= 20.0)
+    });
+    // Gone for good: a node lost, a pod replaced under another name.
+    rs[2].sigkill();
+    let killed = std::time::Instant::now();
+    let deadline = killed + Duration::from_secs(EXPIRY_S) + WAIT;
+    // Probe rounds: 12 one-record batches, each published once. While the dead session is a
+    // member of the share group, some of them go to it and are never stored.
+    let base = now_us();
+    let mut seq = 0u64;
+    let mut rounds = 0;
+    loop {
+        let before = rows(&store.url(), "probe").1;
+        let msgs: Vec<Msg> = (seq + 1..=seq + 12)
+            .map(|s| Msg::telemetry(&batch("probe", "imu", s..=s, base)))
+            .collect();
+        seq += 12;
+        publish(broker.port(), msgs);
+        rounds += 1;
+        if wait_until(Duration::from_secs(3), || {
+            rows(&store.url(), "probe").1 - before == 12
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{EXPIRY_S} s after the replica died, the broker still hands its session a share \
+             of the telemetry (round {rounds}: {} of 12 stored)",
+            rows(&store.url(), "probe").1 - before
+        );
+    }
+    // Another full round, so the first one's success was no accident of the round-robin.
+    let before = rows(&store.url(), "probe").1;
+    publish(
+        broker.port(),
+        (seq + 1..=seq + 12)
+            .map(|s| Msg::telemetry(&batch("probe", "imu", s..=s, base)))
+            .collect(),
+    );
+    wait_for("every probe batch after the expiry is stored", WAIT, || {
+        rows(&store.url(), "probe").1 - before == 12
+    });
+    let live: Vec<FleetProcess> = rs.drain(..2).collect();
+    stop_and_check(&store.url(), &live, &agents);
+}
+
+/// GET requests for model bundles a replica answered (200 or 206).
+fn bundle_gets(r: &FleetProcess) -> f64 {
+    r.metrics()
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("http_requests_total{")
+                && k.contains("method=\"GET\"")
+                && k.contains("bundle")
+                && (k.contains("status=\"200\"") || k.contains("status=\"206\""))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Model download through any replica: a bundle uploaded through replica 0 is served by
+/// replicas 1 and 2 with the sha256 its row names (one shared store), and real agents whose
+/// `ota.fleet_url` is replica 1 or 2 install it in a rollout created through replica 0;
+/// replica 0 serves no bundle at all.
+#[test]
+fn a_model_uploaded_through_one_replica_downloads_and_installs_through_the_others() {
+    use crate::ota::{bundle_path, dev_pub, repo, version, write_private};
+    let broker = TestBroker::start();
+    let store = Store::new(Kind::Postgres);
+    let data = tempfile::tempdir().expect("temp dir");
+    let models = format!("[models]\ntrusted_keys = [\"{}\"]\n", dev_pub().display());
+    let rs: Vec<FleetProcess> = (0..REPLICAS)
+        .map(|i| {
+            FleetProcess::start(
+                &store.url(),
+                broker.port(),
+                &format!("ember-fleet-ota-{i}"),
+                data.path(),
+                &models,
+            )
+        })
+        .collect();
+    let ids: Vec<String> = (0..4).map(|i| format!("any-{i}")).collect();
+    let agents: Vec<TestAgent> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let token = crate::api::token_cli(
+                &store.url(),
+                &["create", "--scope", &format!("device:{id}")],
+            );
+            let token_file = data.path().join(format!("{id}.token"));
+            write_private(&token_file, &token);
+            // Devices 0 and 1 download through replica 1, devices 2 and 3 through replica 2.
+            let via = &rs[1 + i / 2];
+            TestAgent::builder(agent_bin())
+                .device_id(id)
+                .broker_port(broker.port())
+                .replay_ts(
+                    "motion",
+                    &repo().join("models/data/BasicMotions_TEST.ts"),
+                    100.0,
+                    true,
+                )
+                .model(&bundle_path(), "motion")
+                .set(
+                    "inference",
+                    "trusted_keys",
+                    &format!("[\"{}\"]", dev_pub().display()),
+                )
+                .set(
+                    "ota",
+                    "fleet_url",
+                    &format!("\"http://127.0.0.1:{}\"", via.port),
+                )
+                .set(
+                    "ota",
+                    "token_file",
+                    &format!("\"{}\"", token_file.display()),
+                )
+                .start()
+        })
+        .collect();
+    let bytes = version("1.1.0");
+    assert_eq!(crate::models::upload_to(rs[0].port, &bytes), 201);
+    let sha = ember_bundle::hex::sha256(&bytes);
+    let row = rs[0]
+        .try_get_json("/api/v1/models/activity/1.1.0")
+        .expect("the registered version");
+    assert_eq!(row["sha256"], sha.as_str(), "{row}");
+    for r in &rs[1..] {
+        let body = crate::models::download_from(r.port, "/api/v1/models/activity/1.1.0/bundle");
+        assert_eq!(
+            ember_bundle::hex::sha256(&body),
+            sha,
+            "{} serves other bytes than replica 0 stored",
+            r.client_id
+        );
+    }
+    wait_for("every agent runs 1.0.0", WAIT, || {
+        ids.iter().all(|d| {
+            rs[0]
+                .try_get_json(&format!("/api/v1/devices/{d}"))
+                .is_some_and(|v| v["models"]["activity"] == "1.0.0")
+        })
+    });
+    let body = json!({"model": "activity", "version": "1.1.0", "targets": {"all": true},
+                      "waves": ["50%", "100%"]});
+    let r = http::request(
+        rs[0].port,
+        "POST",
+        "/api/v1/rollouts",
+        Some(ADMIN),
+        Some(&body.to_string()),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["id"].as_str().expect("id").to_string();
+    let mut last = None;
+    let done = wait_until(WAIT * 2, || {
+        last = rollout(&rs, &id);
+        last.as_ref().is_some_and(|v| v["state"] == "completed")
+    });
+    assert!(
+        done,
+        "the rollout did not complete: {last:?}\n{}",
+        agents
+            .iter()
+            .map(|a| a.last_run_stderr())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    wait_for("every agent runs 1.1.0", WAIT, || {
+        ids.iter().all(|d| {
+            rs[0]
+                .try_get_json(&format!("/api/v1/devices/{d}"))
+                .is_some_and(|v| v["models"]["activity"] == "1.1.0")
+        })
+    });
+    assert_eq!(bundle_gets(&rs[0]), 0.0, "replica 0 served no bundle");
+    for r in &rs[1..] {
+        // The check above, and at least one agent each.
+        assert!(
+            bundle_gets(r) >= 2.0,
+            "{} served {} bundle downloads",
+            r.client_id,
+            bundle_gets(r)
+        );
+    }
+    for a in &agents {
+        a.sigterm();
+    }
+    for a in &agents {
+        assert!(a.wait_exit(WAIT).success(), "{}", a.last_run_stderr());
+    }
 }
 
 /// The index of the one replica that leads.
@@ -316,7 +556,8 @@ fn rollout(rs: &[FleetProcess], id: &str) -> Option<serde_json::Value> {
 /// rollout, then every replica is restarted one after another (SIGTERM, start) while an
 /// operator rolls the rollout back in the middle. The rollback wins everywhere: every
 /// device's retained desired state is the version it had before, and no replica publishes
-/// the rolled-back version afterwards.
+/// the rolled-back version afterwards. Ten real agents stream telemetry throughout: every
+/// ledger complete, 0 lost, 0 duplicates.
 #[test]
 fn leader_killed_and_rolling_restart_during_a_rollout_with_a_rollback() {
     let broker = TestBroker::start();
@@ -326,6 +567,17 @@ fn leader_killed_and_rolling_restart_during_a_rollout_with_a_rollback() {
     register_model(&store, Kind::Postgres, "activity", "2.0.0", false);
     let ids: Vec<String> = (0..12).map(|i| format!("sim-{i}")).collect();
     let devices = Devices::start(broker.port(), ids.clone(), "activity");
+    // Ten real agents stream through all of it: their ledgers are checked at the end.
+    let agents: Vec<TestAgent> = (0..10)
+        .map(|i| {
+            TestAgent::builder(agent_bin())
+                .device_id(&format!("roll-{i}"))
+                .broker_port(broker.port())
+                .sim("imu", 40.0, 2)
+                .mqtt("message_max_records", "5")
+                .start()
+        })
+        .collect();
     wait_for("every simulated device registered", WAIT, || {
         ids.iter().all(|d| {
             rs[0]
@@ -387,4 +639,5 @@ fn leader_killed_and_rolling_restart_during_a_rollout_with_a_rollback() {
         ok,
         "a device is still told the rolled-back version: {last:?}"
     );
+    stop_and_check(&store.url(), &rs, &agents);
 }

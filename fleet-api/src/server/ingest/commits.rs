@@ -31,7 +31,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_proto::{Committed, CommittedStream, Encoding};
-use rumqttc::{AsyncClient, QoS};
+use rumqttc::v5::AsyncClient;
+use rumqttc::v5::mqttbytes::QoS;
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 

@@ -12,15 +12,23 @@
 //! subscribes plainly), `ember/v1/+/status`
 //! (every replica sees every status; applying one is idempotent) and `ember/v1/+/heartbeat`.
 //!
+//! The reader speaks MQTT 5 (rumqttc's v5 client; Mosquitto 2, EMQX, HiveMQ, VerneMQ and the
+//! cloud brokers do), for the Session Expiry Interval: see [`session_options`].
+//!
 //! Lifecycle and guarantees:
 //! * Acknowledgements are manual (`set_manual_acks`): a message is acknowledged by the writer
 //!   after it is committed, never on receipt. With the default persistent session
 //!   (`mqtt.clean_session = false`) the broker keeps whatever is unacknowledged, and what
-//!   arrives while the service is down, for the next connection.
+//!   arrives while the service is down, for the next connection, for at most
+//!   `mqtt.session_expiry_s` after the connection dropped. A replica that dies and never
+//!   returns under its client id (SIGKILL, a node lost, a replaced pod) has its session
+//!   expire then: the broker removes its subscriptions, so its share of the shared
+//!   subscription goes to the live members from then on.
 //! * The channel is bounded. When it is full the reader keeps the connection serviced (it
 //!   carries the writer's PUBACKs) and holds what still arrives in a backlog, which the broker's
 //!   in-flight window bounds: nothing is acknowledged before it is stored, so the broker stops
-//!   sending when its window (`max_inflight_messages`) is full and queues the rest. QoS 0
+//!   sending when its window (the Receive Maximum this reader announces,
+//!   `ingest.channel_capacity`) is full and queues the rest. QoS 0
 //!   heartbeats never wait: they are dropped when the pipeline is full (counted as `dropped`).
 //! * A malformed message is a reject, stored and acknowledged like any other message: it can
 //!   neither crash the service nor be redelivered forever.
@@ -50,7 +58,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS, SubscribeFilter};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Filter, Packet, SubscribeReasonCode};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -63,9 +73,11 @@ use classify::{Reject, RejectReason, classify};
 use writer::{AckToken, Acker, Inbound, Writer};
 
 /// MQTT's largest packet: the reader must accept anything the broker sends, or an oversized
-/// message would break the connection and be redelivered forever. Size is enforced by
-/// `ingest.max_payload_bytes` after reading (cap it at the broker too: `message_size_limit`).
-const MAX_MQTT_PACKET: usize = 268_435_455;
+/// message would break the connection and be redelivered forever (and an MQTT 5 broker
+/// silently discards what exceeds the Maximum Packet Size a client announces). Size is
+/// enforced by `ingest.max_payload_bytes` after reading (cap it at the broker too:
+/// `message_size_limit`).
+const MAX_MQTT_PACKET: u32 = 268_435_455;
 /// At most one reject log line per reason in this interval; the rest are counted.
 const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a clean disconnect may take at shutdown.
@@ -85,7 +97,7 @@ pub struct IngestState {
 }
 
 /// The subscription filters for `share_group`.
-pub fn subscriptions(share_group: &str) -> Vec<SubscribeFilter> {
+pub fn subscriptions(share_group: &str) -> Vec<Filter> {
     let shared = |channel: &str| {
         if share_group.is_empty() {
             format!("ember/v1/+/{channel}")
@@ -94,10 +106,10 @@ pub fn subscriptions(share_group: &str) -> Vec<SubscribeFilter> {
         }
     };
     vec![
-        SubscribeFilter::new(shared("telemetry"), QoS::AtLeastOnce),
-        SubscribeFilter::new(shared("inference"), QoS::AtLeastOnce),
-        SubscribeFilter::new("ember/v1/+/status".into(), QoS::AtLeastOnce),
-        SubscribeFilter::new("ember/v1/+/heartbeat".into(), QoS::AtLeastOnce),
+        Filter::new(shared("telemetry"), QoS::AtLeastOnce),
+        Filter::new(shared("inference"), QoS::AtLeastOnce),
+        Filter::new("ember/v1/+/status", QoS::AtLeastOnce),
+        Filter::new("ember/v1/+/heartbeat", QoS::AtLeastOnce),
     ]
 }
 
@@ -188,15 +200,15 @@ pub async fn run(
         .await;
     }
     let m = &settings.mqtt;
-    let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
-    opts.set_keep_alive(Duration::from_secs(m.keep_alive_s));
-    opts.set_clean_session(m.clean_session);
+    let mut opts = session_options(m);
     opts.set_manual_acks(true);
-    if let Some(user) = &m.username {
-        opts.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
-    }
-    opts.set_max_packet_size(MAX_MQTT_PACKET, 64 * 1024);
-    if let Err(e) = crate::tls::apply_mqtt(&mut opts, m) {
+    opts.set_max_packet_size(Some(MAX_MQTT_PACKET));
+    // The broker's in-flight window towards this reader (MQTT 5 Receive Maximum): it bounds
+    // the backlog below, since nothing is acknowledged before it is stored.
+    opts.set_receive_maximum(Some(
+        u16::try_from(settings.ingest.channel_capacity.max(1)).unwrap_or(u16::MAX),
+    ));
+    if let Err(e) = crate::tls::apply_mqtt_v5(&mut opts, m) {
         tracing::error!(error = %e, "Cannot set up TLS to the broker; ingestion does not start.");
         return;
     }
@@ -352,7 +364,9 @@ pub async fn run(
                 backoff = Duration::from_millis(m.reconnect_min_ms);
                 was_connected = true;
                 tracing::info!(host = %m.host, port = m.port, client_id = %m.client_id,
-                    session_present = ack.session_present, "Connected to the broker.");
+                    session_present = ack.session_present,
+                    session_expiry_s = session_expiry(m).unwrap_or(0),
+                    "Connected to the broker (MQTT 5).");
                 if let Err(e) = client.try_subscribe_many(filters.clone()) {
                     tracing::error!(error = %e, "Could not subscribe.");
                 }
@@ -361,7 +375,7 @@ pub async fn run(
                 if ack
                     .return_codes
                     .iter()
-                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    .any(|c| !matches!(c, SubscribeReasonCode::Success(_)))
                 {
                     state.subscribed.store(false, Ordering::Release);
                     tracing::error!(codes = ?ack.return_codes,
@@ -390,10 +404,13 @@ pub async fn run(
                 };
                 let received_at = now_us();
                 metrics.observe("payload_bytes", &[], p.payload.len() as f64);
-                let item = classify(&p.topic, &p.payload, max_payload);
+                // MQTT 5 topics are UTF-8 (the broker checks); a stray byte only makes the
+                // topic unmatchable, which `classify` rejects like any unknown topic.
+                let topic = String::from_utf8_lossy(&p.topic);
+                let item = classify(&topic, &p.payload, max_payload);
                 let channel = match &item {
                     Ok(i) => i.channel(),
-                    Err(_) => channel_of(&p.topic),
+                    Err(_) => channel_of(&topic),
                 };
                 match &item {
                     Ok(_) => metrics.inc(
@@ -523,17 +540,41 @@ struct Leave {
     unacknowledged: bool,
 }
 
-/// Ends the persistent session of `m.client_id` at the broker: a clean-session connection
-/// under the same id makes the broker discard the old session and its subscriptions (MQTT
-/// 3.1.1, 3.1.2.4), then disconnects.
-async fn end_session(m: &crate::config::MqttSettings) -> Result<(), String> {
+/// The Session Expiry Interval this reader asks for: `mqtt.session_expiry_s` with a
+/// persistent session, none (the session ends with the connection) with a clean one.
+pub fn session_expiry(m: &crate::config::MqttSettings) -> Option<u32> {
+    (!m.clean_session).then_some(m.session_expiry_s)
+}
+
+/// MQTT 5 options for the reader's session: client id, credentials, keep-alive, and the
+/// session's lifetime. A persistent session (`mqtt.clean_session = false`) resumes what the
+/// broker kept (Clean Start 0) and lives on for `mqtt.session_expiry_s` after the connection
+/// drops (Session Expiry Interval): a replica that dies and never comes back under its id
+/// has its session, its subscriptions and its share of the shared subscription removed by
+/// the broker when that interval ends.
+fn session_options(m: &crate::config::MqttSettings) -> MqttOptions {
     let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
     opts.set_keep_alive(Duration::from_secs(m.keep_alive_s));
-    opts.set_clean_session(true);
+    opts.set_clean_start(m.clean_session);
+    opts.set_session_expiry_interval(session_expiry(m));
     if let Some(user) = &m.username {
         opts.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
     }
-    crate::tls::apply_mqtt(&mut opts, m).map_err(|e| e.to_string())?;
+    opts
+}
+
+/// Ends the persistent session of `m.client_id` at the broker: a Clean Start connection
+/// under the same id, with no Session Expiry Interval, makes the broker discard the old
+/// session and its subscriptions and keep nothing after this connection (MQTT 5, 3.1.2.4
+/// and 3.1.2.11.2), then disconnects.
+async fn end_session(m: &crate::config::MqttSettings) -> Result<(), String> {
+    let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
+    opts.set_keep_alive(Duration::from_secs(m.keep_alive_s));
+    opts.set_clean_start(true);
+    if let Some(user) = &m.username {
+        opts.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
+    }
+    crate::tls::apply_mqtt_v5(&mut opts, m).map_err(|e| e.to_string())?;
     let (client, mut el) = AsyncClient::new(opts, 4);
     let done = tokio::time::timeout(DISCONNECT_TIMEOUT * 2, async {
         let mut acked = false;
@@ -565,7 +606,7 @@ enum Step {
     Stop,
     Continue,
     Drain,
-    Event(Result<Event, rumqttc::ConnectionError>),
+    Event(Result<Event, ConnectionError>),
 }
 
 /// A permit to send on the channel; pending forever once the channel is gone (draining).

@@ -38,7 +38,9 @@ use ember_proto::{
     DeviceState, Heartbeat, InferenceBatch, InferenceOutput, InferenceRecord, Status,
     TelemetryBatch,
 };
-use rumqttc::{AsyncClient, Publish, QoS};
+use rumqttc::v5::AsyncClient;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Publish;
 use sqlx::Row;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -122,7 +124,7 @@ impl Acker {
             metrics.inc("acks_skipped_total", &[], 1);
             return;
         }
-        let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
+        let mut p = Publish::new("", QoS::AtLeastOnce, Vec::<u8>::new(), None);
         p.pkid = token.pkid;
         // Waits for room in the request channel: the reader polls the event loop at all times,
         // so it drains. An error means the event loop is gone; the broker redelivers.

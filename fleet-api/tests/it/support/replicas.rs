@@ -37,7 +37,7 @@ impl FleetProcess {
         data_dir: &std::path::Path,
         extra: &str,
     ) -> FleetProcess {
-        FleetProcess::start_env(db_url, broker_port, client_id, data_dir, extra, &[])
+        Self::start_full(db_url, broker_port, client_id, data_dir, "", extra, &[])
     }
 
     /// [`FleetProcess::start`] with extra environment variables.
@@ -46,6 +46,31 @@ impl FleetProcess {
         broker_port: u16,
         client_id: &str,
         data_dir: &std::path::Path,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> FleetProcess {
+        Self::start_full(db_url, broker_port, client_id, data_dir, "", extra, env)
+    }
+
+    /// [`FleetProcess::start`] with more `[mqtt]` keys (`mqtt`, lines such as
+    /// `"session_expiry_s = 2"`).
+    pub fn start_with_mqtt(
+        db_url: &str,
+        broker_port: u16,
+        client_id: &str,
+        data_dir: &std::path::Path,
+        mqtt: &str,
+        extra: &str,
+    ) -> FleetProcess {
+        Self::start_full(db_url, broker_port, client_id, data_dir, mqtt, extra, &[])
+    }
+
+    fn start_full(
+        db_url: &str,
+        broker_port: u16,
+        client_id: &str,
+        data_dir: &std::path::Path,
+        mqtt: &str,
         extra: &str,
         env: &[(&str, &str)],
     ) -> FleetProcess {
@@ -61,7 +86,7 @@ impl FleetProcess {
                 db_url,
                 broker_port,
                 client_id,
-                &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n{extra}"),
+                &format!("{mqtt}\n[http]\nlisten = \"127.0.0.1:{port}\"\n{extra}"),
             )
         );
         std::fs::write(dir.path().join("fleet.toml"), text).expect("write the config");
