@@ -165,6 +165,7 @@ pub struct RawMqtt {
     pub keep_alive_s: Option<u64>,
     pub clean_session: Option<bool>,
     pub session_expiry_s: Option<u32>,
+    pub ingest_port: Option<u16>,
     pub share_group: Option<String>,
     pub reconnect_min_ms: Option<u64>,
     pub reconnect_max_ms: Option<u64>,
@@ -374,6 +375,9 @@ pub struct MqttSettings {
     /// Seconds the broker keeps the persistent session after the connection dropped (MQTT 5
     /// Session Expiry Interval); unused with `clean_session`.
     pub session_expiry_s: u32,
+    /// The port of the broker's MQTT 5 listener, which the ingest subscriber uses; `port`
+    /// unless the broker serves MQTT 5 on a listener of its own (rumqttd, the demo's broker).
+    pub ingest_port: u16,
     /// Shared-subscription group for telemetry; empty for a plain subscription.
     pub share_group: String,
     pub reconnect_min_ms: u64,
@@ -611,6 +615,7 @@ impl Settings {
             keep_alive_s: m.keep_alive_s.unwrap_or(DEFAULT_KEEP_ALIVE_S),
             clean_session: m.clean_session.unwrap_or(false),
             session_expiry_s: m.session_expiry_s.unwrap_or(DEFAULT_SESSION_EXPIRY_S),
+            ingest_port: m.ingest_port.or(m.port).unwrap_or(DEFAULT_MQTT_PORT),
             share_group: m.share_group.unwrap_or_else(|| DEFAULT_SHARE_GROUP.into()),
             reconnect_min_ms: m.reconnect_min_ms.unwrap_or(DEFAULT_RECONNECT_MIN_MS),
             reconnect_max_ms: m.reconnect_max_ms.unwrap_or(DEFAULT_RECONNECT_MAX_MS),

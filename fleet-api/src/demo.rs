@@ -187,13 +187,14 @@ pub async fn run(
     let data_dir = data_dir.canonicalize().map_err(io(data_dir))?;
     let assets = write_assets(&data_dir)?;
 
-    let broker_port = start_broker().await?;
+    let (broker_port, v5_port) = start_broker().await?;
     tracing::info!(
         port = broker_port,
+        mqtt5_port = v5_port,
         "Embedded MQTT broker (rumqttd) is up on 127.0.0.1."
     );
 
-    let settings = fleet_settings(&data_dir, opts.listen, broker_port, &assets.key)?;
+    let settings = fleet_settings(&data_dir, opts.listen, broker_port, v5_port, &assets.key)?;
     let listener = crate::bind(&settings).await?;
     let http = listener.local_addr().map_err(crate::FleetError::Serve)?;
     // The agents, the demo's own requests and the printed URL reach the fleet on loopback
@@ -600,16 +601,24 @@ fn find_or_build_agent() -> Result<PathBuf, DemoError> {
     }
 }
 
-/// Starts rumqttd on a free 127.0.0.1 port and waits until it accepts connections.
-async fn start_broker() -> Result<u16, DemoError> {
+/// Starts rumqttd on two free 127.0.0.1 ports, MQTT 3.1.1 (the agents, the desired-state
+/// publisher) and MQTT 5 (the fleet's ingest subscriber: rumqttd serves each protocol on a
+/// listener of its own), and waits until both accept connections.
+async fn start_broker() -> Result<(u16, u16), DemoError> {
     // rumqttd binds by itself, so pick a free port and retry if another process takes it first.
     let mut last = String::new();
     for _ in 0..5 {
-        let port = StdListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .map_err(|e| DemoError::Broker(e.to_string()))?;
-        let config = broker_config(port);
+        let free = || {
+            StdListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .map_err(|e| DemoError::Broker(e.to_string()))
+        };
+        let (port, v5_port) = (free()?, free()?);
+        if port == v5_port {
+            continue;
+        }
+        let config = broker_config(port, v5_port);
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         std::thread::Builder::new()
             .name("rumqttd".into())
@@ -626,9 +635,12 @@ async fn start_broker() -> Result<u16, DemoError> {
                 last = msg;
                 break;
             }
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(port);
+            let up = |p: u16| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], p));
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            };
+            if up(port) && up(v5_port) {
+                return Ok((port, v5_port));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -639,7 +651,7 @@ async fn start_broker() -> Result<u16, DemoError> {
     Err(DemoError::Broker(last))
 }
 
-fn broker_config(port: u16) -> rumqttd::Config {
+fn broker_config(port: u16, v5_port: u16) -> rumqttd::Config {
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 10_000,
         // Above the agents' message_max_bytes (128 KiB) and the fleet's ingest limit.
@@ -649,12 +661,12 @@ fn broker_config(port: u16) -> rumqttd::Config {
         external_auth: None,
         dynamic_filters: true,
     };
-    let server = rumqttd::ServerSettings {
-        name: "demo".into(),
+    let server = |name: &str, port: u16| rumqttd::ServerSettings {
+        name: name.into(),
         listen: SocketAddr::from(([127, 0, 0, 1], port)),
         tls: None,
         next_connection_delay_ms: 1,
-        connections,
+        connections: connections.clone(),
     };
     rumqttd::Config {
         id: 0,
@@ -665,7 +677,11 @@ fn broker_config(port: u16) -> rumqttd::Config {
             max_segment_count: 4,
             ..Default::default()
         },
-        v4: Some(HashMap::from([("1".to_string(), server)])),
+        v4: Some(HashMap::from([("1".to_string(), server("demo", port))])),
+        v5: Some(HashMap::from([(
+            "1".to_string(),
+            server("demo-v5", v5_port),
+        )])),
         ..Default::default()
     }
 }
@@ -674,6 +690,7 @@ fn fleet_settings(
     data_dir: &Path,
     listen: SocketAddr,
     broker_port: u16,
+    v5_port: u16,
     trusted_key: &Path,
 ) -> Result<Settings, DemoError> {
     let fleet_dir = data_dir.join("fleet");
@@ -684,6 +701,7 @@ listen = "{listen}"
 [mqtt]
 host = "127.0.0.1"
 port = {broker_port}
+ingest_port = {v5_port}
 client_id = "ember-fleet-demo"
 share_group = ""
 [shutdown]
@@ -961,7 +979,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("dev.pub");
         std::fs::write(&key, DEV_PUBLIC_KEY).unwrap();
-        let s = fleet_settings(dir.path(), "127.0.0.1:0".parse().unwrap(), 1883, &key).unwrap();
+        let s =
+            fleet_settings(dir.path(), "127.0.0.1:0".parse().unwrap(), 1883, 1884, &key).unwrap();
         assert_eq!(s.mqtt.port, 1883);
     }
 }

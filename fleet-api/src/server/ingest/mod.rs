@@ -553,7 +553,7 @@ pub fn session_expiry(m: &crate::config::MqttSettings) -> Option<u32> {
 /// has its session, its subscriptions and its share of the shared subscription removed by
 /// the broker when that interval ends.
 fn session_options(m: &crate::config::MqttSettings) -> MqttOptions {
-    let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
+    let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.ingest_port);
     opts.set_keep_alive(Duration::from_secs(m.keep_alive_s));
     opts.set_clean_start(m.clean_session);
     opts.set_session_expiry_interval(session_expiry(m));
@@ -568,7 +568,7 @@ fn session_options(m: &crate::config::MqttSettings) -> MqttOptions {
 /// session and its subscriptions and keep nothing after this connection (MQTT 5, 3.1.2.4
 /// and 3.1.2.11.2), then disconnects.
 async fn end_session(m: &crate::config::MqttSettings) -> Result<(), String> {
-    let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
+    let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.ingest_port);
     opts.set_keep_alive(Duration::from_secs(m.keep_alive_s));
     opts.set_clean_start(true);
     if let Some(user) = &m.username {
