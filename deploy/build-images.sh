@@ -15,8 +15,11 @@
 #
 # --arch (default amd64, or $EMBER_IMAGE_ARCHS) chooses the agent's architectures: amd64 is
 # `ember-agent:VERSION` (the host's; musl), arm64 and armv7 are built from
-# aarch64-unknown-linux-gnu / armv7-unknown-linux-gnueabihf binaries that .cargo/config.toml
-# links statically (glibc, crt-static; Debian's cross gcc), tagged `-arm64` / `-armv7`. The
+# aarch64-unknown-linux-gnu / armv7-unknown-linux-gnueabihf binaries linked statically here
+# (glibc, crt-static; Debian's cross gcc), tagged `-arm64` / `-armv7`. rustup ships no musl
+# standard library for armv7, and glibc's allocator is the faster one for the models; glibc
+# 2.36 resolves host names without NSS modules (no nsswitch.conf in the image: DNS, then
+# /etc/hosts), which is all the agent needs. The
 # classic builder keeps one platform per tag; a registry joins them into one multi-arch name
 # (`docker manifest create ember-agent:VERSION ...-amd64 ...-arm64 ...-armv7`, docs/deploy.md).
 # Running them here needs qemu-user-static's binfmt handlers (scripts/install-deps.sh).
@@ -81,7 +84,7 @@ if want fleet || want agent || want mosquitto; then
   done
 fi
 
-# The agent for ARM devices: one release build per architecture, static (.cargo/config.toml).
+# The agent for ARM devices: one release build per architecture, static.
 if want agent; then
   for a in arm64 armv7; do
     want_arch "$a" || continue
@@ -89,9 +92,11 @@ if want agent; then
     command -v "${ARM_GCC[$a]}" >/dev/null 2>&1 || die "${ARM_GCC[$a]} is missing: apt-get install gcc-${ARM_GCC[$a]%-gcc} (or bash scripts/install-deps.sh)"
     rustup target list --installed 2>/dev/null | grep -qx "$t" || die "the Rust target $t is missing: rustup target add $t"
     say "cargo build --release --target $t -p ember-agent"
-    cargo build --release --locked --target "$t" -p ember-agent
+    tv=${t//-/_}
+    env "CARGO_TARGET_${tv^^}_RUSTFLAGS=-C target-feature=+crt-static" \
+      cargo build --release --locked --target "$t" -p ember-agent
     b=${CARGO_TARGET_DIR:-$root/target}/$t/release/ember-agent
-    if readelf -l "$b" | grep -q 'program interpreter'; then die "$b is not static (see .cargo/config.toml)"; fi
+    if readelf -l "$b" | grep -q 'program interpreter'; then die "$b is not static"; fi
     mkdir -p "$ctx/agent-$a/state"
     cp -f "$b" "$ctx/agent-$a/ember-agent"
     touch "$ctx/agent-$a/state/.keep"
