@@ -127,7 +127,7 @@ PREFLIGHT=0 EMBER_AZURE_ADMIN_CIDRS=203.0.113.7/32 \
 must_have_called azure_apply_vars '^terraform -chdir=.*/terraform/azure apply -input=false -auto-approve -var subscription_id=0b7e6c2a-1111-2222-3333-444455556666 -var location=westeurope -var state_dir=.*/deploy/\.state/azure -var api_authorized_cidrs=\["203\.0\.113\.7/32"\]$'
 case_ azure_down_nothing 0 "nothing to destroy" "${TOOLS[@]}" -- bash scripts/down.sh azure
 # --- both
-case_ usage 2 "usage: scripts/up.sh local|gcp|azure" -- bash scripts/up.sh mars
+case_ usage 2 "usage: scripts/up.sh local|aws|gcp|azure" -- bash scripts/up.sh mars
 
 [[ $failed -eq 0 ]] || echo "failures: ${failures[*]}"
 if [[ $failed -eq 0 ]]; then
