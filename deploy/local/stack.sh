@@ -88,7 +88,8 @@ cmd_images() {
   for i in "${IMAGES[@]}"; do docker image inspect "$i" >/dev/null 2>&1 || missing+=("$i"); done
   if [[ ${#missing[@]} -eq 0 ]]; then say "images present: ${IMAGES[*]}"; return; fi
   say "building missing images: ${missing[*]}"
-  bash "$ROOT/deploy/build-images.sh" --arch "$PLATFORMS"
+  # amd64 always: IMAGES names the host's agent image whatever the platforms are.
+  bash "$ROOT/deploy/build-images.sh" --arch "amd64,$PLATFORMS"
 }
 
 # ARM agents run under qemu-user through the kernel's binfmt_misc, with the interpreter opened

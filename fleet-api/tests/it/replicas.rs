@@ -13,7 +13,7 @@ use ember_fleet::config::{Backend, DatabaseSettings};
 use ember_fleet::db::Db;
 use ember_proto::ota::{OtaReport, OtaState};
 use ember_proto::{DeviceState, Status};
-use ember_testkit::{TestAgent, TestBroker, wait_until};
+use ember_testkit::{TestAgent, TestAgentBuilder, TestBroker, wait_until};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 use sqlx::Row;
@@ -39,6 +39,16 @@ fn replicas(store: &Store, broker: u16, data: &tempfile::TempDir) -> Vec<FleetPr
             )
         })
         .collect()
+}
+
+/// An agent streaming a 2-channel simulated IMU at 40 Hz in batches of 5 records: what the
+/// tests below run 10 of while replicas die, leave and restart.
+fn streaming_agent(device: &str, broker_port: u16) -> TestAgentBuilder {
+    TestAgent::builder(agent_bin())
+        .device_id(device)
+        .broker_port(broker_port)
+        .sim("imu", 40.0, 2)
+        .mqtt("message_max_records", "5")
 }
 
 fn stored(r: &FleetProcess) -> f64 {
@@ -116,14 +126,7 @@ fn sigkill_a_replica_mid_ingest_loses_nothing() {
     let data = tempfile::tempdir().expect("temp dir");
     let mut rs = replicas(&store, broker.port(), &data);
     let agents: Vec<TestAgent> = (0..10)
-        .map(|i| {
-            TestAgent::builder(agent_bin())
-                .device_id(&format!("kill-{i}"))
-                .broker_port(broker.port())
-                .sim("imu", 40.0, 2)
-                .mqtt("message_max_records", "5")
-                .start()
-        })
+        .map(|i| streaming_agent(&format!("kill-{i}"), broker.port()).start())
         .collect();
     wait_for("every replica stores some telemetry", WAIT, || {
         rs.iter().all(|r| stored(r) >= 20.0)
@@ -180,11 +183,7 @@ fn a_dead_replicas_session_expires_and_its_share_goes_to_the_live_replicas() {
         .collect();
     let agents: Vec<TestAgent> = (0..10)
         .map(|i| {
-            TestAgent::builder(agent_bin())
-                .device_id(&format!("expiry-{i}"))
-                .broker_port(broker.port())
-                .sim("imu", 40.0, 2)
-                .mqtt("message_max_records", "5")
+            streaming_agent(&format!("expiry-{i}"), broker.port())
                 // End-to-end acknowledgement (the agent's default; the testkit's is "puback"):
                 // what the broker routed to the dead session before it expired is sent again.
                 .delivery("commit")
@@ -569,14 +568,7 @@ fn leader_killed_and_rolling_restart_during_a_rollout_with_a_rollback() {
     let devices = Devices::start(broker.port(), ids.clone(), "activity");
     // Ten real agents stream through all of it: their ledgers are checked at the end.
     let agents: Vec<TestAgent> = (0..10)
-        .map(|i| {
-            TestAgent::builder(agent_bin())
-                .device_id(&format!("roll-{i}"))
-                .broker_port(broker.port())
-                .sim("imu", 40.0, 2)
-                .mqtt("message_max_records", "5")
-                .start()
-        })
+        .map(|i| streaming_agent(&format!("roll-{i}"), broker.port()).start())
         .collect();
     wait_for("every simulated device registered", WAIT, || {
         ids.iter().all(|d| {
