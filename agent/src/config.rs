@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use ember_proto::Encoding;
 
+use crate::profile::{self, Limits, Profile};
 use crate::tls_files::{self, check_key_permissions, is_loopback};
 
 // ---- named defaults -----------------------------------------------------------------------
@@ -173,6 +174,12 @@ pub struct RawMqtt {
     pub commit_fallback_s: Option<u64>,
     /// Plaintext to a broker that is not on this machine (development only; see `tls`).
     pub insecure: Option<bool>,
+    /// `generic` (default) or `aws-iot-core`: the broker's rules (`crate::profile`).
+    pub profile: Option<String>,
+    /// An agent profile file (JSON, from `terraform/aws`'s output `agent_profile`).
+    pub profile_file: Option<PathBuf>,
+    /// Publishes per second per connection the uplink allows itself (0: no limit).
+    pub max_publish_rate: Option<u32>,
     /// `[mqtt.tls]`: see `crate::tls`.
     pub tls: Option<RawTls>,
 }
@@ -182,6 +189,8 @@ pub struct RawMqtt {
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
     pub ca_file: Option<PathBuf>,
+    /// Trust the operating system's CA store instead of `ca_file`.
+    pub system_roots: Option<bool>,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     pub alpn: Option<Vec<String>>,
@@ -361,6 +370,10 @@ pub struct MqttSettings {
     pub commit_fallback_s: u64,
     /// Plaintext MQTT allowed to a non-loopback broker (no `[mqtt.tls]`).
     pub insecure: bool,
+    /// The broker's rules applied at config time (`crate::profile`).
+    pub profile: Profile,
+    /// Publishes per sliding second the uplink allows itself for records (0: no limit).
+    pub max_publish_rate: u32,
     /// TLS to the broker; `None` is plaintext (loopback, or `insecure`).
     pub tls: Option<TlsSettings>,
 }
@@ -382,8 +395,10 @@ pub enum DeliveryMode {
 /// `[mqtt.tls]` resolved.
 #[derive(Debug, Clone, Serialize)]
 pub struct TlsSettings {
-    /// The only CA the broker's certificate may chain to (PEM).
-    pub ca_file: PathBuf,
+    /// The only CA the broker's certificate may chain to (PEM); `None` with `system_roots`.
+    pub ca_file: Option<PathBuf>,
+    /// The operating system's CA store is trusted instead of `ca_file`.
+    pub system_roots: bool,
     /// The client certificate (PEM, leaf first) for mutual TLS.
     pub cert_file: Option<PathBuf>,
     /// Its private key (PEM: PKCS#8, SEC1 or PKCS#1), mode 0600 or stricter.
@@ -621,12 +636,73 @@ impl Settings {
             ));
         }
 
-        let m = raw.mqtt;
+        let mut m = raw.mqtt;
+        let profile_file = match &m.profile_file {
+            Some(p) => {
+                Some(profile::read_profile_file(p).map_err(|e| invalid("mqtt.profile_file", e))?)
+            }
+            None => None,
+        };
+        let file_profile = match &profile_file {
+            Some(f) => Some(Profile::parse(&f.profile).map_err(|e| invalid("mqtt.profile_file", e))?),
+            None => None,
+        };
+        let profile = match (m.profile.as_deref(), file_profile) {
+            (Some(p), fp) => {
+                let p = Profile::parse(p).map_err(|e| invalid("mqtt.profile", e))?;
+                if fp.is_some_and(|fp| fp != p) {
+                    return Err(invalid(
+                        "mqtt.profile",
+                        "differs from the profile in mqtt.profile_file: remove one of them",
+                    ));
+                }
+                p
+            }
+            (None, Some(fp)) => fp,
+            (None, None) => Profile::Generic,
+        };
+        let aws = profile == Profile::AwsIotCore;
+        let limits = profile_file
+            .as_ref()
+            .and_then(|f| f.limits.clone())
+            .unwrap_or(Limits::AWS);
+        if m.host.is_none() {
+            m.host = profile_file.as_ref().map(|f| f.endpoint.clone());
+        }
+        if m.port.is_none() {
+            m.port = profile_file.as_ref().map(|f| f.port);
+        }
+        let port = m
+            .port
+            .unwrap_or(if aws { 8883 } else { DEFAULT_MQTT_PORT });
+        if aws {
+            // IoT Core takes MQTT on 443 only from clients that offer its ALPN protocol.
+            let alpn = profile_file
+                .as_ref()
+                .and_then(|f| f.alpn.clone())
+                .unwrap_or_else(|| profile::AWS_ALPN.into());
+            match m.tls.as_mut() {
+                None => {
+                    return Err(invalid(
+                        "mqtt.tls",
+                        "missing: AWS IoT Core (mqtt.profile = \"aws-iot-core\") accepts only mutual TLS; add [mqtt.tls] with cert_file and key_file (the thing's certificate) and ca_file (AmazonRootCA1.pem) or system_roots = true",
+                    ));
+                }
+                Some(t) if port == 443 && t.alpn.is_none() => t.alpn = Some(vec![alpn]),
+                Some(_) => {}
+            }
+            if m.insecure == Some(true) {
+                return Err(invalid(
+                    "mqtt.insecure",
+                    "AWS IoT Core accepts only TLS: remove mqtt.insecure",
+                ));
+            }
+        }
         let host = m.host.as_deref().unwrap_or(DEFAULT_MQTT_HOST);
         let tls = resolve_tls(m.tls, m.insecure, host)?;
         let mqtt = MqttSettings {
             host: m.host.unwrap_or_else(|| DEFAULT_MQTT_HOST.into()),
-            port: m.port.unwrap_or(DEFAULT_MQTT_PORT),
+            port,
             client_id: m.client_id.unwrap_or_else(|| device_id.clone()),
             keep_alive_s: m.keep_alive_s.unwrap_or(DEFAULT_KEEP_ALIVE_S),
             encoding: match m.encoding.as_deref() {
@@ -640,12 +716,20 @@ impl Settings {
                 }
             },
             message_max_records: m.message_max_records.unwrap_or(DEFAULT_MESSAGE_MAX_RECORDS),
-            message_max_bytes: m.message_max_bytes.unwrap_or(DEFAULT_MESSAGE_MAX_BYTES),
+            message_max_bytes: m.message_max_bytes.unwrap_or(if aws {
+                DEFAULT_MESSAGE_MAX_BYTES.min(limits.max_payload_bytes)
+            } else {
+                DEFAULT_MESSAGE_MAX_BYTES
+            }),
             message_max_delay_ms: m
                 .message_max_delay_ms
                 .unwrap_or(DEFAULT_MESSAGE_MAX_DELAY_MS),
             max_in_flight: m.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
-            reconnect_min_ms: m.reconnect_min_ms.unwrap_or(DEFAULT_RECONNECT_MIN_MS),
+            reconnect_min_ms: m.reconnect_min_ms.unwrap_or(if aws {
+                profile::AWS_MIN_RECONNECT_MS
+            } else {
+                DEFAULT_RECONNECT_MIN_MS
+            }),
             reconnect_max_ms: m.reconnect_max_ms.unwrap_or(DEFAULT_RECONNECT_MAX_MS),
             heartbeat_s: m.heartbeat_s.unwrap_or(DEFAULT_HEARTBEAT_S),
             status_interval_s: m.status_interval_s.unwrap_or(DEFAULT_STATUS_INTERVAL_S),
@@ -665,6 +749,12 @@ impl Settings {
             commit_timeout_s: m.commit_timeout_s.unwrap_or(DEFAULT_COMMIT_TIMEOUT_S),
             commit_fallback_s: m.commit_fallback_s.unwrap_or(DEFAULT_COMMIT_FALLBACK_S),
             insecure: m.insecure.unwrap_or(false),
+            profile,
+            max_publish_rate: m.max_publish_rate.unwrap_or(if aws {
+                profile::AWS_DEFAULT_PUBLISH_RATE.min(limits.publish_per_second * 9 / 10).max(1)
+            } else {
+                0
+            }),
             tls,
         };
         if mqtt.host.trim().is_empty() {
@@ -747,6 +837,18 @@ impl Settings {
                     mqtt.commit_fallback_s
                 ),
             ));
+        }
+        if mqtt.max_publish_rate > 100_000 {
+            return Err(invalid(
+                "mqtt.max_publish_rate",
+                format!(
+                    "{} is out of range: use 0 (no limit) to 100000 messages per second",
+                    mqtt.max_publish_rate
+                ),
+            ));
+        }
+        if aws {
+            check_aws(&mqtt, &device_id, &limits)?;
         }
 
         let q = raw.queue;
@@ -1022,6 +1124,96 @@ pub fn url_origin(url: &str) -> Option<(&'static str, String)> {
     Some((scheme, host))
 }
 
+/// AWS IoT Core's rules (`crate::profile`), on settings otherwise valid.
+fn check_aws(mqtt: &MqttSettings, device_id: &str, limits: &Limits) -> Result<(), ConfigError> {
+    let aws = "with mqtt.profile = \"aws-iot-core\"";
+    profile::check_thing_name(device_id).map_err(|e| {
+        invalid(
+            "device_id",
+            format!("{e}; {aws} the device id is the thing name and the MQTT client id"),
+        )
+    })?;
+    if device_id.len() > limits.thing_name_max_bytes {
+        return Err(invalid(
+            "device_id",
+            format!(
+                "{device_id:?} is longer than the profile's {} bytes for a thing name",
+                limits.thing_name_max_bytes
+            ),
+        ));
+    }
+    if mqtt.client_id != device_id {
+        return Err(invalid(
+            "mqtt.client_id",
+            format!(
+                "{:?} differs from the device id {device_id:?}: {aws} the client id must be the thing name, which the device policy checks (iot:Connection.Thing.ThingName); remove mqtt.client_id",
+                mqtt.client_id
+            ),
+        ));
+    }
+    if !(limits.keep_alive_min_s..=limits.keep_alive_max_s).contains(&mqtt.keep_alive_s) {
+        return Err(invalid(
+            "mqtt.keep_alive_s",
+            format!(
+                "{} is out of range {aws}: IoT Core allows {}-{} seconds",
+                mqtt.keep_alive_s, limits.keep_alive_min_s, limits.keep_alive_max_s
+            ),
+        ));
+    }
+    if mqtt.message_max_bytes > limits.max_payload_bytes {
+        return Err(invalid(
+            "mqtt.message_max_bytes",
+            format!(
+                "{} is above IoT Core's payload limit of {} bytes: use at most that",
+                mqtt.message_max_bytes, limits.max_payload_bytes
+            ),
+        ));
+    }
+    if mqtt.max_publish_rate == 0 || mqtt.max_publish_rate > limits.publish_per_second {
+        return Err(invalid(
+            "mqtt.max_publish_rate",
+            format!(
+                "{} is out of range {aws}: IoT Core allows {} publishes per second per connection; use 1-{} (the default, {}, leaves room for status and heartbeat)",
+                mqtt.max_publish_rate,
+                limits.publish_per_second,
+                limits.publish_per_second,
+                profile::AWS_DEFAULT_PUBLISH_RATE
+            ),
+        ));
+    }
+    if mqtt.reconnect_min_ms < profile::AWS_MIN_RECONNECT_MS {
+        return Err(invalid(
+            "mqtt.reconnect_min_ms",
+            format!(
+                "{} is too short {aws}: IoT Core accepts one connect per second per client id; use at least {}",
+                mqtt.reconnect_min_ms,
+                profile::AWS_MIN_RECONNECT_MS
+            ),
+        ));
+    }
+    let Some(tls) = &mqtt.tls else {
+        return Err(invalid("mqtt.tls", format!("missing: {aws} TLS is required")));
+    };
+    if tls.cert_file.is_none() {
+        return Err(invalid(
+            "mqtt.tls.cert_file",
+            format!(
+                "missing: {aws} the agent authenticates with the thing's X.509 certificate; set cert_file and key_file"
+            ),
+        ));
+    }
+    if mqtt.port == 443 && !tls.alpn.iter().any(|p| p == profile::AWS_ALPN) {
+        return Err(invalid(
+            "mqtt.tls.alpn",
+            format!(
+                "IoT Core takes MQTT on port 443 only with the ALPN protocol {:?}: remove mqtt.tls.alpn (it is offered by default) or add it",
+                profile::AWS_ALPN
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Resolves `[mqtt.tls]` and `mqtt.insecure` for a broker on `host`, checking the files: they
 /// must be readable PEM, and the key must not be readable by group or others.
 pub fn resolve_tls(
@@ -1035,13 +1227,30 @@ pub fn resolve_tls(
     let Some(raw) = raw else {
         return Ok(None);
     };
-    let (ca_file, ca) = tls_files::mqtt_ca_file(raw.ca_file).map_err(|(k, m)| invalid(k, m))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in ca {
-        roots
-            .add(c)
-            .map_err(|e| invalid("mqtt.tls.ca_file", format!("not a usable CA: {e}")))?;
-    }
+    let system_roots = raw.system_roots.unwrap_or(false);
+    let ca_file = match (raw.ca_file, system_roots) {
+        (Some(_), true) => {
+            return Err(invalid(
+                "mqtt.tls.system_roots",
+                "is true and ca_file is set: trust either the one CA in ca_file or the system's store, not both",
+            ));
+        }
+        (None, true) => {
+            crate::tls_files::system_roots().map_err(|m| invalid("mqtt.tls.system_roots", m))?;
+            None
+        }
+        (ca_file, false) => {
+            let (ca_file, ca) =
+                tls_files::mqtt_ca_file(ca_file).map_err(|(k, m)| invalid(k, m))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in ca {
+                roots
+                    .add(c)
+                    .map_err(|e| invalid("mqtt.tls.ca_file", format!("not a usable CA: {e}")))?;
+            }
+            Some(ca_file)
+        }
+    };
     match (&raw.cert_file, &raw.key_file) {
         (Some(cert), Some(key)) => {
             check_key_permissions(key).map_err(|m| invalid("mqtt.tls.key_file", m))?;
@@ -1082,6 +1291,7 @@ pub fn resolve_tls(
     }
     Ok(Some(TlsSettings {
         ca_file,
+        system_roots,
         cert_file: raw.cert_file,
         key_file: raw.key_file,
         alpn,
@@ -1436,6 +1646,8 @@ const STRING_KEYS: &[&str] = &[
     "mqtt.client_id",
     "mqtt.encoding",
     "mqtt.delivery",
+    "mqtt.profile",
+    "mqtt.profile_file",
     "queue.full_policy",
     "queue.fsync",
     "metrics.listen",
@@ -1887,5 +2099,131 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("mqtt.insecure"), "{e}");
+    }
+
+    /// A CA, a thing certificate signed by it and its key (0600), for `[mqtt.tls]`.
+    fn aws_tls(dir: &Path) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "edge-1");
+        let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("device.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("device.key"), key.serialize_pem()).unwrap();
+        std::fs::set_permissions(dir.join("device.key"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        format!(
+            "[mqtt.tls]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+            dir.join("ca.pem"),
+            dir.join("device.pem"),
+            dir.join("device.key")
+        )
+    }
+
+    fn aws_config(id: &str, mqtt: &str, tls: &str) -> String {
+        format!(
+            "device_id = \"{id}\"\n[[source]]\ntype = \"sim\"\nstream = \"imu\"\n[mqtt]\nprofile = \"aws-iot-core\"\nhost = \"a1-ats.iot.eu-west-1.amazonaws.com\"\n{mqtt}\n{tls}"
+        )
+    }
+
+    #[test]
+    fn the_aws_profile_applies_iot_cores_limits_as_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = aws_tls(dir.path());
+        let s = load(&aws_config("edge-1", "", &tls)).unwrap();
+        assert_eq!(s.mqtt.profile, Profile::AwsIotCore);
+        assert_eq!(s.mqtt.port, 8883);
+        assert_eq!(s.mqtt.client_id, "edge-1");
+        assert_eq!(s.mqtt.message_max_bytes, 131_072);
+        assert_eq!(s.mqtt.max_publish_rate, 90);
+        assert_eq!(s.mqtt.reconnect_min_ms, 1000);
+        assert!(s.mqtt.tls.as_ref().unwrap().alpn.is_empty());
+        // Port 443 offers IoT Core's ALPN protocol by itself.
+        let s = load(&aws_config("edge-1", "port = 443", &tls)).unwrap();
+        assert_eq!(s.mqtt.tls.unwrap().alpn, vec!["x-amzn-mqtt-ca".to_string()]);
+        // The generic profile changes nothing.
+        let s = load(MIN).unwrap();
+        assert_eq!((s.mqtt.profile, s.mqtt.max_publish_rate), (Profile::Generic, 0));
+    }
+
+    #[test]
+    fn the_aws_profile_refuses_what_iot_core_would_refuse_naming_the_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = aws_tls(dir.path());
+        let cases: &[(&str, &str, &str, &[&str])] = &[
+            ("edge.1", "", &tls, &["device_id", "thing name", "a-z A-Z 0-9 _ - :"]),
+            ("edge-1", "client_id = \"other\"", &tls, &["mqtt.client_id", "thing name"]),
+            ("edge-1", "keep_alive_s = 10", &tls, &["mqtt.keep_alive_s", "30-1200"]),
+            ("edge-1", "keep_alive_s = 1300", &tls, &["mqtt.keep_alive_s", "30-1200"]),
+            ("edge-1", "message_max_bytes = 200000", &tls, &["mqtt.message_max_bytes", "131072"]),
+            ("edge-1", "max_publish_rate = 150", &tls, &["mqtt.max_publish_rate", "100"]),
+            ("edge-1", "max_publish_rate = 0", &tls, &["mqtt.max_publish_rate", "100"]),
+            ("edge-1", "reconnect_min_ms = 250", &tls, &["mqtt.reconnect_min_ms", "one connect per second"]),
+            ("edge-1", "", "", &["mqtt.tls", "mutual TLS"]),
+            ("edge-1", "insecure = true", &tls, &["mqtt.insecure"]),
+            ("edge-1", "profile = \"aws\"", &tls, &["mqtt.profile", "aws-iot-core"]),
+        ];
+        for (id, mqtt, tls, want) in cases {
+            let text = aws_config(id, mqtt, tls).replace("profile = \"aws-iot-core\"\nhost", "host");
+            let text = if mqtt.starts_with("profile") {
+                text
+            } else {
+                text.replace("[mqtt]\n", "[mqtt]\nprofile = \"aws-iot-core\"\n")
+            };
+            let e = err(&text);
+            for w in *want {
+                assert!(e.contains(w), "{id} / {mqtt}: {e:?} should mention {w:?}");
+            }
+        }
+        // Without a client certificate, and on 443 without IoT Core's ALPN protocol.
+        let no_cert = tls
+            .lines()
+            .filter(|l| !l.starts_with("cert_file") && !l.starts_with("key_file"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(err(&aws_config("edge-1", "", &no_cert)).contains("mqtt.tls.cert_file"));
+        let h2 = format!("{tls}alpn = [\"h2\"]\n");
+        assert!(err(&aws_config("edge-1", "port = 443", &h2)).contains("x-amzn-mqtt-ca"));
+        let both = format!("{tls}system_roots = true\n");
+        assert!(err(&aws_config("edge-1", "", &both)).contains("mqtt.tls.system_roots"));
+    }
+
+    #[test]
+    fn a_profile_file_from_terraform_gives_the_endpoint_port_and_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = aws_tls(dir.path());
+        let file = dir.path().join("agent-profile.json");
+        std::fs::write(
+            &file,
+            r#"{"profile": "aws-iot-core", "endpoint": "x9-ats.iot.us-east-1.amazonaws.com",
+                "port": 443, "alpn": "x-amzn-mqtt-ca", "client_id": "{device_id}",
+                "limits": {"max_payload_bytes": 65536, "keep_alive_min_s": 30,
+                           "keep_alive_max_s": 1200, "publish_per_second": 50, "max_qos": 1,
+                           "thing_name_max_bytes": 128}}"#,
+        )
+        .unwrap();
+        let text = format!(
+            "{MIN}[mqtt]\nprofile_file = {:?}\n{tls}",
+            file
+        );
+        let s = load(&text).unwrap();
+        assert_eq!(s.mqtt.profile, Profile::AwsIotCore);
+        assert_eq!(s.mqtt.host, "x9-ats.iot.us-east-1.amazonaws.com");
+        assert_eq!(s.mqtt.port, 443);
+        assert_eq!(s.mqtt.tls.unwrap().alpn, vec!["x-amzn-mqtt-ca".to_string()]);
+        assert_eq!(s.mqtt.message_max_bytes, 65_536);
+        assert_eq!(s.mqtt.max_publish_rate, 45);
+        let e = err(&format!("{MIN}[mqtt]\nprofile_file = \"/nonexistent.json\"\n{tls}"));
+        assert!(e.contains("mqtt.profile_file") && e.contains("terraform"), "{e}");
+        let e = err(&format!(
+            "{MIN}[mqtt]\nprofile = \"generic\"\nprofile_file = {file:?}\n{tls}"
+        ));
+        assert!(e.contains("mqtt.profile"), "{e}");
     }
 }

@@ -19,6 +19,7 @@
 //! 2  source            samples in: sim, replay, socket, serial
 //! 1  metrics, config   counters; raw file -> validated `Settings` (every Raw*/…Settings)
 //! 0  tls_files, notify host TLS files: loopback, key permissions, PEM, expiry; sd_notify
+//!    profile           a managed broker's rules (AWS IoT Core): limits, thing names
 //! ```
 
 pub mod config;
@@ -26,6 +27,7 @@ pub mod inference;
 pub mod metrics;
 pub mod notify;
 pub mod ota;
+pub mod profile;
 pub mod queue;
 pub mod runtime;
 pub mod source;

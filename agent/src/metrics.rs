@@ -49,6 +49,10 @@ pub struct Metrics {
     /// Serial source: times the line was (re)opened after the first.
     pub serial_reopens: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Times the uplink held record messages back for `mqtt.max_publish_rate`.
+    pub publishes_paced: AtomicU64,
+    /// Status messages that carried only part of their streams to fit `message_max_bytes`.
+    pub status_trimmed: AtomicU64,
     pub in_flight: AtomicU64,
     pub queue_resets: AtomicU64,
     /// Records sent again because the fleet had not committed them in time.
@@ -301,6 +305,20 @@ impl Metrics {
                 "Reconnections to the broker after the first connection.",
                 "",
                 &self.reconnects,
+            ),
+            (
+                "publishes_paced_total",
+                "counter",
+                "Times the uplink held record messages back to stay within mqtt.max_publish_rate (a broker's per-connection publish quota).",
+                "",
+                &self.publishes_paced,
+            ),
+            (
+                "status_trimmed_total",
+                "counter",
+                "Status messages that listed only some streams (in turn) to stay within mqtt.message_max_bytes.",
+                "",
+                &self.status_trimmed,
             ),
             (
                 "queue_resets_total",

@@ -15,7 +15,10 @@
 //! * The private key file MUST NOT be readable by group or others: the configuration is
 //!   refused (exit status 2, naming `mqtt.tls.key_file`) before anything else starts.
 //! * The broker's certificate MUST chain to `ca_file` (only that CA is trusted; the system
-//!   roots are not) and name the broker (`host`, or `server_name` when set).
+//!   roots are not), or, with `system_roots = true` instead of `ca_file` (a public broker
+//!   such as AWS IoT Core's ATS endpoints), to the operating system's CA store; and it MUST
+//!   name the broker (`host`, or `server_name` when set). The server name sent (SNI) is
+//!   `host`.
 //! * The client certificate and key are read again, if their files changed, at every TLS
 //!   handshake, i.e. on every (re)connection. SIGHUP makes the uplink reconnect at once, so a
 //!   rotated certificate is in use within one reconnect, and nothing queued is lost (records
@@ -40,7 +43,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::config::{ConfigError, Settings, TlsSettings};
 use crate::metrics::Metrics;
-use crate::tls_files::{check_key_permissions, load_pair, provider, read_certs};
+use crate::tls_files::{check_key_permissions, load_pair, provider, read_certs, system_roots};
 
 use ember_host::env::invalid;
 
@@ -61,12 +64,18 @@ pub fn client_config(
     metrics: Arc<Metrics>,
 ) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
     let provider = provider();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in read_certs(&tls.ca_file).map_err(|m| invalid("mqtt.tls.ca_file", m))? {
-        roots
-            .add(c)
-            .map_err(|e| invalid("mqtt.tls.ca_file", format!("not a usable CA: {e}")))?;
-    }
+    let roots = match &tls.ca_file {
+        Some(ca_file) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in read_certs(ca_file).map_err(|m| invalid("mqtt.tls.ca_file", m))? {
+                roots
+                    .add(c)
+                    .map_err(|e| invalid("mqtt.tls.ca_file", format!("not a usable CA: {e}")))?;
+            }
+            roots
+        }
+        None => system_roots().map_err(|m| invalid("mqtt.tls.system_roots", m))?,
+    };
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| invalid("mqtt.tls.ca_file", format!("not a usable CA: {e}")))?;

@@ -52,6 +52,26 @@ pub fn load_pair(
     Ok((Arc::new(ck), not_after))
 }
 
+/// The operating system's CA store (`mqtt.tls.system_roots`; on Debian
+/// `/etc/ssl/certs`, from the `ca-certificates` package), through rustls-native-certs.
+/// `SSL_CERT_FILE` / `SSL_CERT_DIR` point it elsewhere, as for OpenSSL.
+pub fn system_roots() -> Result<rustls::RootCertStore, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
+        return Err(format!(
+            "the system's CA store holds no usable certificate{why}: install ca-certificates, or give the broker's CA in ca_file instead"
+        ));
+    }
+    Ok(roots)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -169,6 +169,11 @@ pub struct Uplink {
     /// When the uplink last asked for a watermark (with a status message).
     solicited_at: Option<Instant>,
     warned_ahead: bool,
+    /// `mqtt.max_publish_rate` (AWS IoT Core's per-connection quota, `crate::profile`).
+    pacer: Pacer,
+    /// Where the next status too large for one message starts its list of streams.
+    status_offset: usize,
+    warned_status_size: bool,
 }
 
 struct Topics {
@@ -220,6 +225,7 @@ impl Uplink {
             .delivery_commit
             .store(u64::from(mode != Mode::Puback), Relaxed);
         let backoff = Duration::from_millis(settings.mqtt.reconnect_min_ms);
+        let pacer = Pacer::new(settings.mqtt.max_publish_rate);
         Uplink {
             settings,
             queue,
@@ -244,6 +250,9 @@ impl Uplink {
             last_watermark_at: None,
             solicited_at: None,
             warned_ahead: false,
+            pacer,
+            status_offset: 0,
+            warned_status_size: false,
         }
     }
 
@@ -339,6 +348,14 @@ impl Uplink {
             } else {
                 None
             };
+            // The rate limit held a message back: wake when the window has room again.
+            let next_pace = if self.connected {
+                self.pacer
+                    .next_free(Instant::now())
+                    .map(tokio::time::Instant::from_std)
+            } else {
+                None
+            };
             tokio::select! {
                 biased;
                 _ = force.cancelled() => break DrainOutcome::GraceExpired,
@@ -373,6 +390,7 @@ impl Uplink {
                     writer_seen_done = true;
                 }
                 _ = async { tokio::time::sleep_until(next_linger.unwrap_or_else(far_future)).await }, if next_linger.is_some() => {}
+                _ = async { tokio::time::sleep_until(next_pace.unwrap_or_else(far_future)).await }, if next_pace.is_some() => {}
                 _ = heartbeat.tick() => {
                     if self.connected {
                         self.publish_heartbeat(&client);
@@ -775,6 +793,10 @@ impl Uplink {
         let mut backlog_messages = 0u64;
         let mut idle_rounds = 0;
         while self.in_flight_messages() < window && idle_rounds < streams.len() {
+            if !self.pacer.ready(Instant::now()) {
+                self.metrics.publishes_paced.fetch_add(1, Relaxed);
+                break;
+            }
             let i = self.rr % streams.len().max(1);
             self.rr = self.rr.wrapping_add(1);
             let Some((sid, _)) = streams.get(i).cloned() else {
@@ -923,6 +945,7 @@ impl Uplink {
                     .store(self.in_flight_records, Relaxed);
                 self.metrics.sent.fetch_add(take as u64, Relaxed);
                 self.metrics.messages_sent.fetch_add(1, Relaxed);
+                self.pacer.note(Instant::now());
                 true
             }
             Err(e) => {
@@ -963,16 +986,34 @@ impl Uplink {
 
     fn publish_status(&mut self, client: &AsyncClient, state: DeviceState) {
         let status = self.status(state);
-        match ember_proto::message::encode(&status, self.settings.mqtt.encoding) {
-            Ok(payload) => {
+        let limit = self.settings.mqtt.message_max_bytes;
+        match fit_status(status, self.settings.mqtt.encoding, limit, self.status_offset) {
+            Ok(fitted) => {
+                if fitted.streams_total > fitted.streams_sent {
+                    self.metrics.status_trimmed.fetch_add(1, Relaxed);
+                    self.status_offset = fitted.next_offset;
+                    if !self.warned_status_size {
+                        self.warned_status_size = true;
+                        tracing::warn!(
+                            limit, streams = fitted.streams_total, per_status = fitted.streams_sent,
+                            "The status message is larger than mqtt.message_max_bytes: each status carries the streams that fit, in turn (counted in status_trimmed_total)."
+                        );
+                    }
+                }
                 if client
-                    .try_publish(self.topics.status.clone(), QoS::AtLeastOnce, true, payload)
+                    .try_publish(
+                        self.topics.status.clone(),
+                        QoS::AtLeastOnce,
+                        true,
+                        fitted.payload,
+                    )
                     .is_ok()
                 {
                     self.awaiting_pkid.push_back(Pending::Control);
+                    self.pacer.note(Instant::now());
                 }
             }
-            Err(e) => tracing::error!(error = %e, "Cannot encode the status message."),
+            Err(e) => tracing::error!(error = %e, "Cannot send the status message."),
         }
     }
 
@@ -984,13 +1025,18 @@ impl Uplink {
             uptime_s: self.started.elapsed().as_secs(),
             queue_records: self.queue.len().0,
         };
-        if let Ok(payload) = ember_proto::message::encode(&hb, self.settings.mqtt.encoding) {
-            let _ = client.try_publish(
-                self.topics.heartbeat.clone(),
-                QoS::AtMostOnce,
-                false,
-                payload,
-            );
+        if let Ok(payload) = ember_proto::message::encode(&hb, self.settings.mqtt.encoding)
+            && payload.len() <= self.settings.mqtt.message_max_bytes
+            && client
+                .try_publish(
+                    self.topics.heartbeat.clone(),
+                    QoS::AtMostOnce,
+                    false,
+                    payload,
+                )
+                .is_ok()
+        {
+            self.pacer.note(Instant::now());
         }
     }
 
@@ -1022,4 +1068,243 @@ fn poll_owned(mut eventloop: EventLoop) -> PollFuture {
 
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// Paces publishes to at most `limit` in any sliding second (`mqtt.max_publish_rate`; AWS IoT
+/// Core allows 100 per connection and throttles beyond, see `crate::profile`). Record messages
+/// wait for room ([`Pacer::ready`]); status, heartbeat and commit requests are never held back
+/// but take their place in the window ([`Pacer::note`]), so with the default of 90 the total
+/// stays under the quota. The uplink is paced, not the service: catching up after an outage
+/// goes out at the limit instead of being throttled (or disconnected) by the broker.
+#[derive(Debug)]
+struct Pacer {
+    /// 0: no limit.
+    limit: usize,
+    /// When each publish of the last second went out, oldest first.
+    sent: VecDeque<Instant>,
+}
+
+/// The pacing window.
+const PACE_WINDOW: Duration = Duration::from_secs(1);
+
+impl Pacer {
+    fn new(limit: u32) -> Pacer {
+        Pacer {
+            limit: limit as usize,
+            sent: VecDeque::new(),
+        }
+    }
+
+    fn prune(&mut self, now: Instant) {
+        while self
+            .sent
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= PACE_WINDOW)
+        {
+            self.sent.pop_front();
+        }
+    }
+
+    /// Whether one more message may go out at `now`.
+    fn ready(&mut self, now: Instant) -> bool {
+        if self.limit == 0 {
+            return true;
+        }
+        self.prune(now);
+        self.sent.len() < self.limit
+    }
+
+    /// A publish went out at `now`.
+    fn note(&mut self, now: Instant) {
+        if self.limit > 0 {
+            self.sent.push_back(now);
+        }
+    }
+
+    /// When the window next has room, if it is full at `now`.
+    fn next_free(&mut self, now: Instant) -> Option<Instant> {
+        if self.ready(now) {
+            return None;
+        }
+        // Full: room comes when the publish that fills the window leaves it.
+        let i = self.sent.len() - self.limit;
+        self.sent.get(i).map(|t| *t + PACE_WINDOW)
+    }
+}
+
+/// A status message that fits the broker's payload limit.
+#[derive(Debug)]
+struct FittedStatus {
+    payload: Vec<u8>,
+    streams_total: usize,
+    streams_sent: usize,
+    /// Where the next status's list of streams starts.
+    next_offset: usize,
+}
+
+/// Encodes `status` within `limit` bytes. A status too large (many streams) carries as many
+/// streams as fit, starting at `offset` and wrapping around, so successive statuses report
+/// every stream in turn; if even no stream at all does not fit, the status is refused with
+/// the reason (the broker would refuse it, or drop the connection).
+fn fit_status(
+    mut status: Status,
+    encoding: ember_proto::Encoding,
+    limit: usize,
+    offset: usize,
+) -> Result<FittedStatus, String> {
+    let encode = |s: &Status| {
+        ember_proto::message::encode(s, encoding).map_err(|e| format!("cannot encode: {e}"))
+    };
+    let total = status.streams.len();
+    let payload = encode(&status)?;
+    if payload.len() <= limit {
+        return Ok(FittedStatus {
+            payload,
+            streams_total: total,
+            streams_sent: total,
+            next_offset: 0,
+        });
+    }
+    let start = if total == 0 { 0 } else { offset % total };
+    let mut all = std::mem::take(&mut status.streams);
+    all.rotate_left(start);
+    // The most streams that fit: binary search over the count.
+    let (mut lo, mut hi) = (0usize, total);
+    let mut best: Option<Vec<u8>> = None;
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        status.streams = all[..mid].to_vec();
+        let p = encode(&status)?;
+        if p.len() <= limit {
+            lo = mid;
+            best = Some(p);
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let payload = match best {
+        Some(p) => p,
+        None => {
+            status.streams = Vec::new();
+            let p = encode(&status)?;
+            if p.len() > limit {
+                return Err(format!(
+                    "the status is {} bytes even without its streams, above mqtt.message_max_bytes ({limit})",
+                    p.len()
+                ));
+            }
+            p
+        }
+    };
+    Ok(FittedStatus {
+        payload,
+        streams_total: total,
+        streams_sent: lo,
+        next_offset: if total == 0 { 0 } else { (start + lo) % total },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the pattern of attempts, no sliding second holds more than `limit`
+        /// publishes, and a message is held back only while the window is full.
+        #[test]
+        fn the_pacer_never_exceeds_its_limit_in_any_second(
+            limit in 1u32..20,
+            gaps_ms in proptest::collection::vec(0u64..300, 1..400),
+            control in proptest::collection::vec(any::<bool>(), 400),
+        ) {
+            let t0 = Instant::now();
+            let mut p = Pacer::new(limit);
+            let mut now = t0;
+            let mut sent: Vec<Instant> = Vec::new();
+            for (i, gap) in gaps_ms.iter().enumerate() {
+                now += Duration::from_millis(*gap);
+                if control[i] {
+                    // Control messages are never held back but use the window.
+                    if p.ready(now) {
+                        p.note(now);
+                        sent.push(now);
+                    }
+                    continue;
+                }
+                let in_window = sent.iter().filter(|t| now.duration_since(**t) < PACE_WINDOW).count();
+                let ready = p.ready(now);
+                prop_assert_eq!(ready, in_window < limit as usize);
+                if ready {
+                    p.note(now);
+                    sent.push(now);
+                } else {
+                    let free = p.next_free(now).expect("full window has a next free time");
+                    prop_assert!(free > now);
+                    prop_assert!(p.ready(free), "room at the promised time");
+                }
+            }
+            for (i, t) in sent.iter().enumerate() {
+                let n = sent[i..].iter().filter(|u| u.duration_since(*t) < PACE_WINDOW).count();
+                prop_assert!(n <= limit as usize, "{} publishes in the second from #{}", n, i);
+            }
+        }
+    }
+
+    #[test]
+    fn an_unlimited_pacer_never_waits() {
+        let mut p = Pacer::new(0);
+        let now = Instant::now();
+        for _ in 0..10_000 {
+            assert!(p.ready(now));
+            p.note(now);
+        }
+        assert_eq!(p.next_free(now), None);
+    }
+
+    fn status_with(streams: usize) -> Status {
+        let mut s = Status::offline("edge-1");
+        s.state = DeviceState::Online;
+        s.streams = (0..streams)
+            .map(|i| ember_proto::StreamStatus {
+                stream: format!("stream-{i:04}"),
+                ..Default::default()
+            })
+            .collect();
+        s
+    }
+
+    #[test]
+    fn a_status_that_fits_goes_whole() {
+        let f = fit_status(status_with(3), ember_proto::Encoding::Json, 128 * 1024, 0).unwrap();
+        assert_eq!((f.streams_sent, f.streams_total), (3, 3));
+    }
+
+    /// A device with more streams than one 128 KiB status can list reports them in turn, each
+    /// status within the limit, every stream within a few statuses.
+    #[test]
+    fn a_status_too_large_carries_the_streams_that_fit_in_turn() {
+        let limit = 128 * 1024;
+        for encoding in [ember_proto::Encoding::Json, ember_proto::Encoding::Cbor] {
+            let total = 4000;
+            let mut offset = 0;
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..20 {
+                let f = fit_status(status_with(total), encoding, limit, offset).unwrap();
+                assert!(f.payload.len() <= limit, "{} > {limit}", f.payload.len());
+                assert!(f.streams_sent > 0 && f.streams_sent < total);
+                let (back, _) = ember_proto::message::decode_status(&f.payload).unwrap();
+                assert_eq!(back.streams.len(), f.streams_sent);
+                seen.extend(back.streams.into_iter().map(|s| s.stream));
+                offset = f.next_offset;
+            }
+            assert_eq!(seen.len(), total, "every stream reported within 20 statuses");
+        }
+    }
+
+    #[test]
+    fn a_status_that_cannot_fit_at_all_is_refused_with_the_reason() {
+        let e = fit_status(status_with(1), ember_proto::Encoding::Json, 10, 0).unwrap_err();
+        assert!(e.contains("mqtt.message_max_bytes"), "{e}");
+    }
 }

@@ -68,22 +68,21 @@ agents() { # per-device agent configs from the agent profile and the issued cert
   $TF output -json agent_profile >"$STATE/agent-profile.json"
   $TF output -json device_certificates >"$STATE/device-certificates.json"
   [[ -f $STATE/AmazonRootCA1.pem ]] || curl -fsS -o "$STATE/AmazonRootCA1.pem" "$(jq -r .ca_url "$STATE/agent-profile.json")"
-  local endpoint port
-  endpoint=$(jq -r .endpoint "$STATE/agent-profile.json")
-  port=$(jq -r .port "$STATE/agent-profile.json")
   for id in $(jq -r 'keys[]' "$STATE/device-certificates.json"); do
     local d="$STATE/devices/$id"
     jq -r --arg id "$id" '.[$id]' "$STATE/device-certificates.json" >"$d/device.pem"
     cp "$STATE/AmazonRootCA1.pem" "$d/ca.pem"
+    cp "$STATE/agent-profile.json" "$d/agent-profile.json"
     cat >"$d/agent.toml" <<EOF
 # AWS IoT Core (terraform/aws, thing $id). Copy this directory to the device as /etc/ember/.
 device_id = "$id"
 
 [mqtt]
-host = "$endpoint"
-port = $port
-message_max_bytes = 131072   # IoT Core's payload limit
-keep_alive_s = 30            # IoT Core allows 30-1200
+# IoT Core's rules, checked by \`ember-agent check\`: client id = thing name, mutual TLS,
+# keep-alive 30-1200 s, 128 KiB payloads, publishes paced under 100/s per connection.
+profile = "aws-iot-core"
+# The endpoint, port and limits terraform/aws wrote (host/port here would override them).
+profile_file = "/etc/ember/agent-profile.json"
 # The fleet reads Kinesis, which has no way back to the device for commit watermarks: a
 # record leaves the queue on IoT Core's PUBACK (the topic rule then delivers it to Kinesis,
 # failures land in the rule's error log).

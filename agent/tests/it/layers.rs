@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     // Host TLS files (loopback, key permissions, PEM, expiry) and systemd notifications: no
     // crate imports at all.
-    &["tls_files", "notify"],
+    &["tls_files", "notify", "profile"],
     // Counters; the raw config file and every validated `*Settings` (TLS included).
     &["metrics", "config"],
     &["source"],

@@ -32,6 +32,8 @@ pub struct TestBroker {
     /// `persistence true` in the broker's temp dir (see [`TestBroker::start_persistent`]).
     persistent: bool,
     autosave: u32,
+    /// Appended to the generated configuration.
+    extra: String,
 }
 
 impl TestBroker {
@@ -61,6 +63,13 @@ impl TestBroker {
         b
     }
 
+    pub(crate) fn start_extra(extra: &str) -> TestBroker {
+        let mut b = TestBroker::new_unstarted(None);
+        b.extra = extra.to_string();
+        b.start_on_free_port();
+        b
+    }
+
     fn new_unstarted(tls: Option<crate::tls::BrokerTls>) -> TestBroker {
         let dir = tempfile::Builder::new()
             .prefix("ember-broker-")
@@ -74,6 +83,7 @@ impl TestBroker {
             tls,
             persistent: false,
             autosave: 0,
+            extra: String::new(),
         }
     }
 
@@ -166,6 +176,7 @@ impl TestBroker {
                 self.autosave
             ));
         }
+        text.push_str(&self.extra);
         fs::write(&conf, text).map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
         self.starts += 1;
         let mut child = Command::new(&bin)

@@ -12,6 +12,9 @@
 //! * [`bundles`]: signed variants of the committed model bundles (development key).
 //! * [`TestAgent`]: the `ember-agent` binary as a child process, with a generated config, its
 //!   own data dir, metrics endpoint and captured stderr.
+//! * [`iot_core`]: a stand-in for AWS IoT Core's front door (TLS, SNI, ALPN, client id = the
+//!   certificate's thing, payload and QoS limits, publish timing) relaying to a Mosquitto with
+//!   IoT Core's limits ([`TestBroker::start_with_conf`]).
 //! * [`node`]: the sensor-node firmware in `qemu-system-arm` ([`node::QemuNode`]) and a TCP
 //!   line to the agent that decodes the ground truth and flips bits ([`node::LineProxy`]).
 //!
@@ -34,6 +37,7 @@ mod agent;
 mod broker;
 pub mod bundles;
 pub mod docs;
+pub mod iot_core;
 pub mod node;
 mod postgres;
 mod s3;
