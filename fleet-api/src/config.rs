@@ -1332,6 +1332,12 @@ mod tests {
             "store",
             "trusted_keys",
             "max_bundle_bytes",
+            "connection_string_file",
+            "consumer_group",
+            "partitions",
+            "auth",
+            "prefetch",
+            "token_ttl_s",
         ] {
             assert!(
                 text.contains(&format!("{key} =")),
@@ -1488,6 +1494,30 @@ mod tests {
             ("nope = 1", "nope"),
             ("[mqtt]\nprot = 1", "prot"),
             ("[mqtt]\nport = 0", "mqtt.port"),
+            (
+                "[ingest]\nsource = \"eventhubs\"",
+                "ingest.eventhubs.connection_string_file",
+            ),
+            (
+                "[ingest]\nsource = \"eventhubs\"\n[ingest.eventhubs]\nconnection_string_file = \"/x\"\npartitions = 0",
+                "ingest.eventhubs.partitions",
+            ),
+            (
+                "[ingest]\nsource = \"eventhubs\"\n[ingest.eventhubs]\nconnection_string_file = \"/x\"\nauth = \"jwt\"",
+                "ingest.eventhubs.auth",
+            ),
+            (
+                "[ingest.eventhubs]\nconnection_string_file = \"/x\"",
+                "ingest.eventhubs",
+            ),
+            (
+                "[desired]\nsink = \"azure-twin\"",
+                "desired.azure_twin.connection_string_file",
+            ),
+            (
+                "[desired]\nsink = \"azure-twin\"\n[desired.azure_twin]\nconnection_string_file = \"/x\"\nendpoint = \"ftp://h\"",
+                "desired.azure_twin.endpoint",
+            ),
             ("[mqtt]\nsession_expiry_s = 0", "mqtt.session_expiry_s"),
             (
                 "[mqtt]\nsession_expiry_s = 4294967295",

@@ -50,6 +50,7 @@ use ember_proto::{Channel, DeviceState, Encoding, Status};
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::types::definitions::{ReceiverSettleMode, SenderSettleMode};
 use fe2o3_amqp::types::messaging::annotations::OwnedKey;
 use fe2o3_amqp::types::messaging::{Body, Message, Source};
 use fe2o3_amqp::types::primitives::{SimpleValue, Value};
@@ -465,6 +466,10 @@ impl EventHub for AmqpHub {
                 .source(source)
                 .target(self.container_id.clone())
                 .credit_mode(CreditMode::Auto(self.prefetch))
+                // Event Hubs sends events presettled (its SDKs ask for it too): the
+                // checkpoint, not a disposition, is what makes reading resumable.
+                .sender_settle_mode(SenderSettleMode::Settled)
+                .receiver_settle_mode(ReceiverSettleMode::First)
                 .auto_accept(false)
                 .attach(&mut session)
                 .await
@@ -494,9 +499,6 @@ impl PartitionReceiver for AmqpReceiver {
                     partition: self.partition.clone(),
                     detail: e.to_string(),
                 })?;
-            // Event Hubs ignores dispositions; a broker that waits for one gets it at once
-            // (the checkpoint, not the broker, is what makes reading resumable).
-            let _ = self.receiver.accept(&delivery).await;
             event_of(delivery.into_message()).ok_or_else(|| EventHubsError::Receive {
                 partition: self.partition.clone(),
                 detail: format!("an event without the {ANN_SEQUENCE} annotation"),
