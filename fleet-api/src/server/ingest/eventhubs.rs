@@ -1001,6 +1001,111 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+    use tokio::sync::mpsc;
+
+    /// A test double behind the [`EventHub`] trait: one partition of `events` telemetry events
+    /// (sequence numbers 0..events); each receiver fails after `fail_after` events, and the
+    /// `after` of every open is recorded.
+    struct MemoryHub {
+        events: i64,
+        fail_after: usize,
+        opens: Mutex<Vec<Option<i64>>>,
+    }
+
+    struct MemoryReceiver {
+        next: i64,
+        end: i64,
+        left: usize,
+    }
+
+    impl EventHub for MemoryHub {
+        fn open<'a>(
+            &'a self,
+            _: &'a str,
+            after: Option<i64>,
+        ) -> BoxFuture<'a, Result<Box<dyn PartitionReceiver>, EventHubsError>> {
+            self.opens.lock().expect("lock").push(after);
+            // Like Event Hubs' filter, but one event early: the reader must drop the repeat.
+            let next = after.map(|a| a.max(0)).unwrap_or(0);
+            Box::pin(async move {
+                Ok(Box::new(MemoryReceiver {
+                    next,
+                    end: self.events,
+                    left: self.fail_after,
+                }) as Box<dyn PartitionReceiver>)
+            })
+        }
+
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    impl PartitionReceiver for MemoryReceiver {
+        fn recv(&mut self) -> BoxFuture<'_, Result<Event, EventHubsError>> {
+            Box::pin(async move {
+                if self.left == 0 {
+                    return Err(EventHubsError::Receive {
+                        partition: "0".into(),
+                        detail: "connection lost".into(),
+                    });
+                }
+                if self.next >= self.end {
+                    std::future::pending::<()>().await;
+                }
+                self.left -= 1;
+                let seq = self.next;
+                self.next += 1;
+                let mut e = event(Some("d1"), Some("Telemetry"), &[(PROP_CHANNEL, "telemetry")]);
+                e.sequence = seq;
+                Ok(e)
+            })
+        }
+
+        fn close(self: Box<Self>) -> BoxFuture<'static, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    /// A reader resumes after its checkpoint, reopens after a failed receiver from the last
+    /// event it handed over, drops what the transport repeats, and checkpoints every event.
+    #[tokio::test]
+    async fn a_partition_reader_resumes_after_its_checkpoint_without_repeats() {
+        let hub = Arc::new(MemoryHub {
+            events: 40,
+            fail_after: 7,
+            opens: Mutex::new(Vec::new()),
+        });
+        let (tx, mut rx) = mpsc::channel(8);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(read_partition(
+            hub.clone(),
+            Intake::new(tx, 1 << 20),
+            Arc::new(Metrics::new()),
+            "eventhubs:memory".into(),
+            "me".into(),
+            "0".into(),
+            Some(9),
+            stop.clone(),
+        ));
+        let mut positions = Vec::new();
+        while positions.len() < 30 {
+            let m = rx.recv().await.expect("an event");
+            let c = m.checkpoint.expect("a checkpoint");
+            assert_eq!((c.partition.as_str(), c.owner.as_str()), ("0", "me"));
+            positions.push(c.position.parse::<i64>().expect("a sequence number"));
+        }
+        assert_eq!(positions, (10..40).collect::<Vec<_>>(), "none lost, none twice");
+        stop.cancel();
+        task.await.expect("reader");
+        let opens = hub.opens.lock().expect("lock").clone();
+        assert_eq!(opens[0], Some(9), "the first receiver starts after the checkpoint");
+        assert!(
+            opens.windows(2).all(|w| w[0] < w[1]),
+            "each reopen starts after the last event handed over: {opens:?}"
+        );
+    }
 
     fn event(device: Option<&str>, source: Option<&str>, props: &[(&str, &str)]) -> Event {
         Event {
