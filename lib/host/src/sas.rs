@@ -220,9 +220,11 @@ mod tests {
             let rest = t.strip_prefix("SharedAccessSignature ").expect("prefix");
             let fields: Vec<(&str, &str)> = rest.split('&')
                 .map(|f| f.split_once('=').expect("name=value")).collect();
-            prop_assert_eq!(fields[0], ("sr", url_encode(&uri).as_str()));
+            let sr = url_encode(&uri);
+            let se = expiry.to_string();
+            prop_assert_eq!(fields[0], ("sr", sr.as_str()));
             prop_assert_eq!(fields[1].0, "sig");
-            prop_assert_eq!(fields[2], ("se", expiry.to_string().as_str()));
+            prop_assert_eq!(fields[2], ("se", se.as_str()));
             match &policy {
                 Some(p) => prop_assert_eq!(fields[3], ("skn", p.as_str())),
                 None => prop_assert_eq!(fields.len(), 3),

@@ -499,6 +499,16 @@ impl PartitionReceiver for AmqpReceiver {
                     partition: self.partition.clone(),
                     detail: e.to_string(),
                 })?;
+            // Presettled (Event Hubs) or not (another broker), the disposition is what renews
+            // the link credit (fe2o3-amqp's auto credit): settle each event as it is taken.
+            // Resuming rests on the checkpoint, never on the broker's bookkeeping.
+            self.receiver
+                .accept(&delivery)
+                .await
+                .map_err(|e| EventHubsError::Receive {
+                    partition: self.partition.clone(),
+                    detail: format!("cannot settle: {e}"),
+                })?;
             event_of(delivery.into_message()).ok_or_else(|| EventHubsError::Receive {
                 partition: self.partition.clone(),
                 detail: format!("an event without the {ANN_SEQUENCE} annotation"),
