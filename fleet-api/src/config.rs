@@ -1054,7 +1054,10 @@ fn resolve_azure_twin(t: RawAzureTwin) -> Result<AzureTwinSettings, ConfigError>
     }
     let token_ttl_s = t.token_ttl_s.unwrap_or(DEFAULT_AZURE_TOKEN_TTL_S);
     if !(60..=86_400).contains(&token_ttl_s) {
-        return Err(invalid("desired.azure_twin.token_ttl_s", "must be 60-86400"));
+        return Err(invalid(
+            "desired.azure_twin.token_ttl_s",
+            "must be 60-86400",
+        ));
     }
     Ok(AzureTwinSettings {
         connection_string_file,

@@ -84,10 +84,17 @@ fn eventhubs_amqp_transport_reads_iot_hub_events_through_rabbitmq() {
             .expect("sender");
         for (i, e) in events.iter().enumerate() {
             let outcome = sender
-                .send(Sendable::builder().message(e.message(Some((i as i64, i as i64 * 1000)))).build())
+                .send(
+                    Sendable::builder()
+                        .message(e.message(Some((i as i64, i as i64 * 1000))))
+                        .build(),
+                )
                 .await
                 .expect("send");
-            assert!(outcome.is_accepted(), "RabbitMQ refused event {i}: {outcome:?}");
+            assert!(
+                outcome.is_accepted(),
+                "RabbitMQ refused event {i}: {outcome:?}"
+            );
         }
         let _ = sender.close().await;
         let _ = session.end().await;
@@ -109,22 +116,35 @@ fn eventhubs_amqp_transport_reads_iot_hub_events_through_rabbitmq() {
             address: "/queue/ember-p{partition}".into(),
         };
         assert_eq!(hub.address_of("0"), "/queue/ember-p0");
-        let mut rx = hub.open("0", None).await.expect("open a receiver on RabbitMQ");
+        let mut rx = hub
+            .open("0", None)
+            .await
+            .expect("open a receiver on RabbitMQ");
         for (i, sent) in events.iter().enumerate() {
             let got = tokio::time::timeout(Duration::from_secs(30), rx.recv())
                 .await
-                .unwrap_or_else(|_| panic!("event {i} did not arrive; RabbitMQ:\n{}", rabbit.log_text()))
+                .unwrap_or_else(|_| {
+                    panic!("event {i} did not arrive; RabbitMQ:\n{}", rabbit.log_text())
+                })
                 .expect("recv");
             assert_eq!(got.sequence, i as i64, "in order, sequence annotation kept");
-            assert_eq!(got.offset.as_deref(), Some((i as i64 * 1000).to_string().as_str()));
-            assert_eq!(got.device, sent.device, "the device-id annotation survives the broker");
+            assert_eq!(
+                got.offset.as_deref(),
+                Some((i as i64 * 1000).to_string().as_str())
+            );
+            assert_eq!(
+                got.device, sent.device,
+                "the device-id annotation survives the broker"
+            );
             assert_eq!(got.message_source, sent.message_source);
             for (k, v) in &sent.properties {
                 assert_eq!(got.properties.get(k), Some(v), "application property {k}");
             }
             assert_eq!(got.body, sent.body);
             match decode(&got) {
-                Decoded::Message { device, channel, .. } => {
+                Decoded::Message {
+                    device, channel, ..
+                } => {
                     assert_eq!(Some(device), sent.device);
                     assert_eq!(channel, Channel::Telemetry);
                 }
@@ -158,7 +178,10 @@ fn telemetry(phase: u64, base_ts: u64) -> Vec<(usize, HubEvent)> {
             let first = (phase * MESSAGES + m) * RECORDS + 1;
             let b = batch(&device(i), "imu", first..first + RECORDS, base_ts);
             let payload = ember_proto::message::encode(&b, Encoding::Cbor).expect("cbor");
-            out.push((i % PARTITIONS, HubEvent::telemetry(&device(i), "telemetry", payload)));
+            out.push((
+                i % PARTITIONS,
+                HubEvent::telemetry(&device(i), "telemetry", payload),
+            ));
         }
     }
     out
@@ -294,9 +317,8 @@ fn eventhubs_source_survives_sigkill_mid_stream_twice() {
     let url = store.url();
     let phase = (MESSAGES * RECORDS) as i64 * DEVICES as i64;
     let expected = 2 * phase;
-    let start = |name: &str| {
-        FleetProcess::start_env(&url, broker.port(), name, data.path(), &extra, &[])
-    };
+    let start =
+        |name: &str| FleetProcess::start_env(&url, broker.port(), name, data.path(), &extra, &[]);
 
     let mut a = start("ember-fleet-a");
     wait_for("a quarter of the first phase stored", WAIT, || {
@@ -308,11 +330,17 @@ fn eventhubs_source_survives_sigkill_mid_stream_twice() {
         total(&at_kill_1) < phase,
         "the fleet stored everything before it was killed: the test must kill it mid-stream"
     );
-    assert!(!at_kill_1.positions.is_empty(), "checkpoints are stored with the batches");
+    assert!(
+        !at_kill_1.positions.is_empty(),
+        "checkpoints are stored with the batches"
+    );
 
     // More events while no fleet runs; eh-9 disconnects at the end.
     let mut second = telemetry(1, base_ts);
-    second.push((9 % PARTITIONS, HubEvent::connection_state(&device(9), false)));
+    second.push((
+        9 % PARTITIONS,
+        HubEvent::connection_state(&device(9), false),
+    ));
     publish(second);
     let mut b = start("ember-fleet-b");
     wait_for("more stored after the first kill", WAIT, || {
@@ -348,7 +376,12 @@ fn eventhubs_source_survives_sigkill_mid_stream_twice() {
     );
     for i in 0..DEVICES {
         let (n, d) = end.rows.get(&device(i)).copied().unwrap_or_default();
-        assert_eq!(n, 2 * (MESSAGES * RECORDS) as i64, "{}: lost records", device(i));
+        assert_eq!(
+            n,
+            2 * (MESSAGES * RECORDS) as i64,
+            "{}: lost records",
+            device(i)
+        );
         assert_eq!(n, d, "{}: a record stored twice", device(i));
     }
     assert_eq!(total(&end), expected, "no record beyond the devices' own");
@@ -361,7 +394,10 @@ fn eventhubs_source_survives_sigkill_mid_stream_twice() {
             );
         }
     }
-    assert!(end.rejects >= 1, "the event naming another device is refused");
+    assert!(
+        end.rejects >= 1,
+        "the event naming another device is refused"
+    );
     for i in 0..DEVICES {
         assert_eq!(
             end.online.get(&device(i)).copied(),
@@ -417,7 +453,10 @@ fn azure_twin_sink_patches_desired_properties_with_sas_and_retries() {
     rt.block_on(s.deliver("dev 1", state)).expect("delivered");
     let patches = t.patches();
     assert_eq!(patches.len(), 1);
-    assert_eq!(patches[0].0, "dev%201", "the device id is percent-encoded in the path");
+    assert_eq!(
+        patches[0].0, "dev%201",
+        "the device id is percent-encoded in the path"
+    );
     assert_eq!(
         patches[0].1["properties"]["desired"]["ember"],
         serde_json::from_slice::<serde_json::Value>(state).expect("json")
@@ -425,7 +464,8 @@ fn azure_twin_sink_patches_desired_properties_with_sas_and_retries() {
 
     t.script(&[(429, Some(1)), (503, None)]);
     let before = Instant::now();
-    rt.block_on(s.deliver("dev-2", state)).expect("delivered after retries");
+    rt.block_on(s.deliver("dev-2", state))
+        .expect("delivered after retries");
     assert!(
         before.elapsed() >= Duration::from_secs(1),
         "Retry-After: 1 is honoured ({:?})",
@@ -440,11 +480,15 @@ fn azure_twin_sink_patches_desired_properties_with_sas_and_retries() {
     assert_eq!(statuses, [429, 503, 200]);
 
     t.script(&[(404, None)]);
-    let e = rt.block_on(s.deliver("dev-3", state)).expect_err("404 fails at once");
+    let e = rt
+        .block_on(s.deliver("dev-3", state))
+        .expect_err("404 fails at once");
     assert!(e.to_string().contains("404"), "{e}");
 
     let wrong = sink(&t, Some("d3Jvbmcta2V5"));
-    let e = rt.block_on(wrong.deliver("dev-4", state)).expect_err("a wrong key is refused");
+    let e = rt
+        .block_on(wrong.deliver("dev-4", state))
+        .expect_err("a wrong key is refused");
     assert!(e.to_string().contains("401"), "{e}");
     assert!(
         twin::check_sas("SharedAccessSignature sr=x&sig=y&se=1&skn=z").is_err(),

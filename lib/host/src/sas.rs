@@ -26,7 +26,9 @@ pub enum SasError {
     KeyNotBase64(String),
     #[error("the shared access key is empty: set the device's or the policy's primary key")]
     EmptyKey,
-    #[error("the resource URI is empty: name the hub, e.g. `myhub.azure-devices.net/devices/dev-1`")]
+    #[error(
+        "the resource URI is empty: name the hub, e.g. `myhub.azure-devices.net/devices/dev-1`"
+    )]
     EmptyResource,
 }
 
@@ -72,8 +74,8 @@ impl SasKey {
             return Err(SasError::EmptyResource);
         }
         let sr = url_encode(resource_uri);
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key)
-            .map_err(|_| SasError::EmptyKey)?;
+        let mut mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key).map_err(|_| SasError::EmptyKey)?;
         mac.update(format!("{sr}\n{expiry}").as_bytes());
         let sig = B64.encode(mac.finalize().into_bytes());
         let mut token = format!(
@@ -142,7 +144,8 @@ mod tests {
     fn the_policy_name_is_encoded_like_the_sdk_does() {
         let key = SasKey::from_base64(&b64(b"password")).expect("key");
         assert_eq!(
-            key.token("uri", 12345, Some("encode('Me')")).expect("token"),
+            key.token("uri", 12345, Some("encode('Me')"))
+                .expect("token"),
             "SharedAccessSignature sr=uri&sig=kcWxXAK2OAaAoq2oCkaGzX2NMqDB8nCyNuq2fPYCDhk%3D&se=12345&skn=encode%28%27Me%27%29"
         );
     }
@@ -159,7 +162,9 @@ mod tests {
         .expect("token");
         assert_eq!(se, 4600);
         assert!(
-            t.starts_with("SharedAccessSignature sr=myhub.azure-devices.net%2Fdevices%2Fdev%201&sig="),
+            t.starts_with(
+                "SharedAccessSignature sr=myhub.azure-devices.net%2Fdevices%2Fdev%201&sig="
+            ),
             "{t}"
         );
         // The signed string is the encoded URI: recompute it independently.
@@ -178,13 +183,20 @@ mod tests {
             SasKey::from_base64("  \n").expect_err("empty"),
             SasError::EmptyKey
         );
-        assert_eq!(SasKey::from_base64("").expect_err("empty"), SasError::EmptyKey);
+        assert_eq!(
+            SasKey::from_base64("").expect_err("empty"),
+            SasError::EmptyKey
+        );
         let key = SasKey::from_base64(&format!("{}\n", b64(b"k"))).expect("newline ignored");
         assert_eq!(
             key.token("", 1, None).expect_err("no resource"),
             SasError::EmptyResource
         );
-        assert_eq!(format!("{key:?}"), "SasKey(..)", "Debug never shows the key");
+        assert_eq!(
+            format!("{key:?}"),
+            "SasKey(..)",
+            "Debug never shows the key"
+        );
     }
 
     proptest! {

@@ -142,13 +142,24 @@ impl TestRabbitMq {
         }
     }
 
-    /// The node started an epmd of its own on `epmd_port`; it outlives the node unless told.
+    /// The node started an epmd of its own on `epmd_port`; it outlives the node unless told,
+    /// and refuses while the dying node is still registered: ask until it is gone.
     fn stop_epmd(&self) {
-        let _ = Command::new("epmd")
-            .args(["-port", &self.epmd_port.to_string(), "-kill"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let out = Command::new("epmd")
+                .args(["-port", &self.epmd_port.to_string(), "-kill"])
+                .stdin(Stdio::null())
+                .output();
+            let Ok(out) = out else { return };
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            // "Killed", or no epmd there any more ("Cannot connect to local epmd").
+            if text.contains("Killed") || text.contains("Cannot connect") {
+                return;
+            }
+            std::thread::sleep(POLL_INTERVAL * 5);
+        }
     }
 }
 

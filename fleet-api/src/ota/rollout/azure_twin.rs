@@ -87,7 +87,10 @@ impl IotHubConnection {
                 }
             }
         }
-        let need = |v: Option<String>, name| v.filter(|v| !v.is_empty()).ok_or(TwinSinkError::Field(name));
+        let need = |v: Option<String>, name| {
+            v.filter(|v| !v.is_empty())
+                .ok_or(TwinSinkError::Field(name))
+        };
         Ok(IotHubConnection {
             host: need(host, "HostName")?,
             key_name: need(key_name, "SharedAccessKeyName")?,
@@ -327,8 +330,7 @@ mod tests {
 
     #[test]
     fn the_desired_state_goes_under_the_ember_property() {
-        let body = AzureTwinSink::patch_body(br#"{"v":1,"device":"d","models":[]}"#)
-            .expect("body");
+        let body = AzureTwinSink::patch_body(br#"{"v":1,"device":"d","models":[]}"#).expect("body");
         let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
         assert_eq!(v["properties"]["desired"]["ember"]["device"], "d");
         assert!(AzureTwinSink::patch_body(b"\xa1").is_err());

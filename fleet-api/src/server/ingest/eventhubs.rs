@@ -110,7 +110,9 @@ pub enum EventHubsError {
     Key(#[from] ember_host::sas::SasError),
     #[error("cannot connect to {endpoint}: {detail}")]
     Connect { endpoint: String, detail: String },
-    #[error("the CBS put-token for {audience} was refused: {detail} (check the policy's key and its ServiceConnect right)")]
+    #[error(
+        "the CBS put-token for {audience} was refused: {detail} (check the policy's key and its ServiceConnect right)"
+    )]
     Cbs { audience: String, detail: String },
     #[error("cannot open a receiver on {address}: {detail}")]
     Attach { address: String, detail: String },
@@ -296,7 +298,9 @@ impl AmqpHub {
         format!("sb://{}/{}", self.namespace_host, self.entity)
     }
 
-    async fn connect(&self) -> Result<fe2o3_amqp::connection::ConnectionHandle<()>, EventHubsError> {
+    async fn connect(
+        &self,
+    ) -> Result<fe2o3_amqp::connection::ConnectionHandle<()>, EventHubsError> {
         let endpoint = format!("{}:{}", self.host, self.port);
         let err = |detail: String| EventHubsError::Connect {
             endpoint: endpoint.clone(),
@@ -408,12 +412,10 @@ fn parse_endpoint(ep: &str) -> Result<(bool, String, u16), EventHubsError> {
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) => (
             h.to_string(),
-            p.parse::<u16>().map_err(|_| bad("the port is not a number"))?,
+            p.parse::<u16>()
+                .map_err(|_| bad("the port is not a number"))?,
         ),
-        None => (
-            rest.to_string(),
-            if tls { AMQPS_PORT } else { AMQP_PORT },
-        ),
+        None => (rest.to_string(), if tls { AMQPS_PORT } else { AMQP_PORT }),
     };
     if host.is_empty() {
         return Err(bad("no host"));
@@ -484,21 +486,24 @@ impl EventHub for AmqpHub {
     }
 
     fn describe(&self) -> String {
-        format!("{}/{}/{}", self.namespace_host, self.entity, self.consumer_group)
+        format!(
+            "{}/{}/{}",
+            self.namespace_host, self.entity, self.consumer_group
+        )
     }
 }
 
 impl PartitionReceiver for AmqpReceiver {
     fn recv(&mut self) -> BoxFuture<'_, Result<Event, EventHubsError>> {
         Box::pin(async move {
-            let delivery = self
-                .receiver
-                .recv::<Body<Value>>()
-                .await
-                .map_err(|e| EventHubsError::Receive {
-                    partition: self.partition.clone(),
-                    detail: e.to_string(),
-                })?;
+            let delivery =
+                self.receiver
+                    .recv::<Body<Value>>()
+                    .await
+                    .map_err(|e| EventHubsError::Receive {
+                        partition: self.partition.clone(),
+                        detail: e.to_string(),
+                    })?;
             // Presettled (Event Hubs) or not (another broker), the disposition is what renews
             // the link credit (fe2o3-amqp's auto credit): settle each event as it is taken.
             // Resuming rests on the checkpoint, never on the broker's bookkeeping.
@@ -613,7 +618,10 @@ pub enum Decoded {
         online: bool,
     },
     /// Stored as a reject so that the checkpoint moves on.
-    Malformed { device: String, detail: String },
+    Malformed {
+        device: String,
+        detail: String,
+    },
     /// Not for Ember (twin change, lifecycle events).
     Skip(&'static str),
 }
@@ -1067,7 +1075,11 @@ mod tests {
                 self.left -= 1;
                 let seq = self.next;
                 self.next += 1;
-                let mut e = event(Some("d1"), Some("Telemetry"), &[(PROP_CHANNEL, "telemetry")]);
+                let mut e = event(
+                    Some("d1"),
+                    Some("Telemetry"),
+                    &[(PROP_CHANNEL, "telemetry")],
+                );
                 e.sequence = seq;
                 Ok(e)
             })
@@ -1106,11 +1118,19 @@ mod tests {
             assert_eq!((c.partition.as_str(), c.owner.as_str()), ("0", "me"));
             positions.push(c.position.parse::<i64>().expect("a sequence number"));
         }
-        assert_eq!(positions, (10..40).collect::<Vec<_>>(), "none lost, none twice");
+        assert_eq!(
+            positions,
+            (10..40).collect::<Vec<_>>(),
+            "none lost, none twice"
+        );
         stop.cancel();
         task.await.expect("reader");
         let opens = hub.opens.lock().expect("lock").clone();
-        assert_eq!(opens[0], Some(9), "the first receiver starts after the checkpoint");
+        assert_eq!(
+            opens[0],
+            Some(9),
+            "the first receiver starts after the checkpoint"
+        );
         assert!(
             opens.windows(2).all(|w| w[0] < w[1]),
             "each reopen starts after the last event handed over: {opens:?}"
@@ -1202,7 +1222,9 @@ mod tests {
         assert_eq!(c.key_name, "ember-fleet-service");
         assert_eq!(c.entity, "myhub");
         assert!(matches!(
-            EventHubsConnection::parse("Endpoint=sb://h/;SharedAccessKeyName=k;SharedAccessKey=a2V5"),
+            EventHubsConnection::parse(
+                "Endpoint=sb://h/;SharedAccessKeyName=k;SharedAccessKey=a2V5"
+            ),
             Err(EventHubsError::ConnectionString("EntityPath"))
         ));
         assert_eq!(

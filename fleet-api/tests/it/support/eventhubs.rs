@@ -291,12 +291,7 @@ fn first_of(hub: &Hub, partition: usize, filter: &str) -> i64 {
         .unwrap_or(parts[partition].len() as i64)
 }
 
-async fn serve(
-    hub: Arc<Hub>,
-    mut sender: fe2o3_amqp::Sender,
-    partition: usize,
-    filter: String,
-) {
+async fn serve(hub: Arc<Hub>, mut sender: fe2o3_amqp::Sender, partition: usize, filter: String) {
     let mut next = first_of(&hub, partition, &filter);
     loop {
         let grew = hub.grew.notified();

@@ -80,7 +80,12 @@ impl TestTwinService {
             .into_iter()
             .filter(|s| s.method == "PATCH" && s.status == 200)
             .filter_map(|s| {
-                let device = s.path.strip_prefix("/twins/")?.split('?').next()?.to_string();
+                let device = s
+                    .path
+                    .strip_prefix("/twins/")?
+                    .split('?')
+                    .next()?
+                    .to_string();
                 Some((device, serde_json::from_slice(&s.body).ok()?))
             })
             .collect()
@@ -182,7 +187,11 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
             } else if let Some((s, r)) = st.script.pop_front() {
                 (s, r, r#"{"Message":"scripted"}"#.to_string())
             } else {
-                (200, None, r#"{"properties":{"desired":{"$version":2}}}"#.to_string())
+                (
+                    200,
+                    None,
+                    r#"{"properties":{"desired":{"$version":2}}}"#.to_string(),
+                )
             };
             st.seen.push(Seen {
                 method: method.clone(),
