@@ -27,13 +27,15 @@ use ember_testkit::{RABBITMQ_PASSWORD, RABBITMQ_USER, TestBroker, TestRabbitMq, 
 use fe2o3_amqp::link::delivery::Sendable;
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::{Connection, Sender, Session};
+use serde_json::json;
 use sqlx::Row;
 
+use crate::rollout_service::{bring_up, create, register_model, wait_rollout};
 use crate::support::eventhubs::{HubEvent, TestEventHub};
 use crate::support::mqtt::batch;
 use crate::support::replicas::{FleetProcess, wait_for};
 use crate::support::twin::{self, TestTwinService};
-use crate::support::{Kind, Store, WAIT, now_us};
+use crate::support::{Kind, Store, TestFleet, WAIT, client_id, now_us};
 
 const DEVICES: usize = 10;
 const PARTITIONS: usize = 2;
@@ -493,5 +495,46 @@ fn azure_twin_sink_patches_desired_properties_with_sas_and_retries() {
     assert!(
         twin::check_sas("SharedAccessSignature sr=x&sig=y&se=1&skn=z").is_err(),
         "the double checks tokens"
+    );
+}
+
+/// The fleet with `desired.sink = "azure-twin"`: a rollout's canary gets its desired state as
+/// the twin's desired property `ember` through the twin double (one 429 first, waited out),
+/// and the outbox row counts as published only after IoT Hub's 2xx (`pending_publish` 0).
+#[test]
+fn a_rollout_reaches_the_device_twin_through_the_azure_sink() {
+    let twin = TestTwinService::start();
+    twin.script(&[(429, Some(1))]);
+    let broker = TestBroker::start();
+    let store = Store::new(Kind::Sqlite);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let conn = dir.path().join("service-connection-string");
+    std::fs::write(&conn, twin.connection_string()).expect("write the connection string");
+    let extra = format!(
+        "[desired]\nsink = \"azure-twin\"\n[desired.azure_twin]\nconnection_string_file = \"{}\"\nendpoint = \"{}\"\n",
+        conn.display(),
+        twin.base_url()
+    );
+    let fleet = TestFleet::start_with(&store, broker.port(), &client_id(), &extra);
+    bring_up(&fleet, broker.port(), &["tw-0", "tw-1"], "activity");
+    register_model(&store, Kind::Sqlite, "activity", "2.0.0", false);
+    let created = create(
+        &fleet,
+        json!({"model": "activity", "version": "2.0.0", "targets": {"devices": ["tw-0", "tw-1"]}}),
+    );
+    let id = created["id"].as_str().expect("id").to_string();
+    wait_rollout(&fleet, &id, "the canary's twin updated", |v| {
+        v["pending_publish"] == 0
+    });
+    let patches = twin.patches();
+    let (device, body) = patches.first().expect("a PATCH reached the twin service");
+    let desired = &body["properties"]["desired"]["ember"];
+    assert_eq!(desired["device"].as_str(), Some(device.as_str()));
+    assert_eq!(desired["models"][0]["name"], "activity");
+    assert_eq!(desired["models"][0]["version"], "2.0.0");
+    assert_eq!(desired["models"][0]["rollout"].as_str(), Some(id.as_str()));
+    assert!(
+        twin.seen().iter().any(|s| s.status == 429),
+        "the throttled first attempt was retried"
     );
 }
