@@ -158,6 +158,32 @@ fn eventhubs_amqp_transport_reads_iot_hub_events_through_rabbitmq() {
             }
         }
         rx.close().await;
+
+        // auth = "cbs" against a broker without a $cbs node: SASL ANONYMOUS gets through,
+        // the put-token is refused, and the error says so.
+        let cbs = AmqpHub {
+            auth: AmqpAuth::Cbs {
+                key_name: "ember-fleet-service".into(),
+                key: ember_host::sas::SasKey::from_base64("a2V5").expect("key"),
+            },
+            ..hub
+        };
+        let e = match cbs.open("0", None).await {
+            Ok(_) => panic!("RabbitMQ has no $cbs node, yet the CBS put-token succeeded"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(
+                e,
+                ember_fleet::server::ingest::eventhubs::EventHubsError::Cbs { .. }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("sb://localhost/ember-test-hub"),
+            "{e}"
+        );
+        eprintln!("eventhubs transport: auth = \"cbs\" on RabbitMQ: {e}");
     });
     eprintln!(
         "eventhubs transport: {EVENTS} IoT-Hub-shaped events through RabbitMQ's AMQP 1.0 plugin; \
