@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Ember's tests need on Debian 12 (run as root, or with sudo available):
-# the Mosquitto broker and what its ember_identity plugin is built with, PostgreSQL 15, Mesa
+# the Mosquitto broker and what its ember_identity plugin is built with, PostgreSQL 15,
+# RabbitMQ (its AMQP 1.0 plugin), Mesa
 # lavapipe (software Vulkan), the fleet's Python test peers, Chromium and Python's playwright,
 # promtool and PyYAML for the monitoring checks, qemu-user, qemu-system-arm (the firmware's
 # tests) and the gcc cross linkers, the Rust cross targets, and for the container path Docker
@@ -29,6 +30,11 @@ command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need_apt+=(gcc-aarch64-linux
 command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
 # PostgreSQL 15 server programs for the fleet's throwaway test clusters (initdb, pg_ctl).
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
+# RabbitMQ with its AMQP 1.0 plugin (rabbitmq_amqp1_0 ships in the package): the real AMQP 1.0
+# broker the Event Hubs source's transport is tested against (ember_testkit::TestRabbitMq runs
+# a private node per test; Debian also starts a system-wide one where an init system runs,
+# which the tests never use).
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_apt+=(rabbitmq-server)
 # Chromium for the fleet dashboard's browser tests (fleet-api/tests/it/browser.rs), driven by
 # Python's playwright (below); no Node.js or npm.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)

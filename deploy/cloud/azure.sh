@@ -112,11 +112,14 @@ up() {
   apply_secret ember-fleet-tls --from-file="$STATE/fleet/ca.pem" --from-file="$STATE/fleet/api.pem" \
     --from-file="$STATE/fleet/api.key" --from-file="$STATE/fleet/fleet.pem" --from-file="$STATE/fleet/fleet.key"
   apply_secret ember-iothub --from-file=eventhub-connection-string=<(az iot hub connection-string show --hub-name "$hub" -g "$rg" \
-    --policy-name ember-fleet-service --eh --query connectionString -o tsv)
-  # The fleet on AKS becomes ready once its Event Hubs source exists (issue 19): do not wait.
+    --policy-name ember-fleet-service --eh --query connectionString -o tsv) \
+    --from-file=service-connection-string=<(az iot hub connection-string show --hub-name "$hub" -g "$rg" \
+    --policy-name ember-fleet-service --query connectionString -o tsv)
+  # The fleet on AKS becomes ready once it can sign in to PostgreSQL with its Entra ID token
+  # (issue 19, in progress): do not wait.
   NO_WAIT=1 apply_k8s "ember-fleet=$fleet_ref"
   say "IoT Hub: $(out iothub_hostname); DPS ID scope: $(out dps_id_scope)"
-  say "the fleet's Event Hubs source and twin sink are in progress (issue 19): until they land the fleet pods run but are not ready"
+  say "the fleet's Entra ID sign-in to PostgreSQL is in progress (issue 19): until it lands the fleet pods run but are not ready"
   print_dashboard "$(out agent_profile_file)"
 }
 

@@ -183,18 +183,21 @@ pub struct RawIngest {
     pub batch_max_delay_ms: Option<u64>,
     pub channel_capacity: Option<usize>,
     pub aggregate_channels: Option<usize>,
-    /// `"mqtt"` (default) or `"kinesis"`.
+    /// `"mqtt"` (default), `"kinesis"` or `"eventhubs"`.
     pub source: Option<String>,
     pub kinesis: Option<RawKinesis>,
+    pub eventhubs: Option<RawEventHubs>,
 }
 
 /// `[desired]`: where desired states go.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDesired {
-    /// `"mqtt"` (default: retained on the broker of `[mqtt]`) or `"aws-iot-data"`.
+    /// `"mqtt"` (default: retained on the broker of `[mqtt]`), `"aws-iot-data"` or
+    /// `"azure-twin"`.
     pub sink: Option<String>,
     pub aws_iot_data: Option<RawIotData>,
+    pub azure_twin: Option<RawAzureTwin>,
 }
 
 /// `[desired.aws_iot_data]`: AWS IoT Core's data plane.
@@ -219,6 +222,8 @@ pub enum DesiredSink {
     Mqtt,
     /// AWS IoT Core's data-plane HTTPS API with the fleet's IAM role.
     AwsIotData { endpoint: String, region: String },
+    /// Azure IoT Hub's service REST API: a PATCH of the device twin's desired properties.
+    AzureTwin(AzureTwinSettings),
 }
 
 /// `[ingest.kinesis]`: the stream an AWS IoT topic rule fills (terraform/aws).
@@ -412,6 +417,9 @@ pub enum IngestSource {
     /// An AWS Kinesis Data Stream (shard leases in the database, checkpoint in the batch's
     /// transaction).
     Kinesis(KinesisSettings),
+    /// An Azure Event Hub over AMQP 1.0 (IoT Hub's built-in endpoint): partition leases in the
+    /// database, checkpoint (sequence number) in the batch's transaction.
+    EventHubs(EventHubsSettings),
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -676,7 +684,26 @@ impl Settings {
         }
 
         let i = raw.ingest;
-        let source = resolve_ingest_source(i.source.as_deref(), i.kinesis)?;
+        let source = match i.source.as_deref() {
+            Some("eventhubs") => {
+                if i.kinesis.is_some() {
+                    return Err(invalid(
+                        "ingest.kinesis",
+                        "is set but ingest.source is not \"kinesis\"",
+                    ));
+                }
+                IngestSource::EventHubs(resolve_eventhubs(i.eventhubs.unwrap_or_default())?)
+            }
+            other => {
+                if i.eventhubs.is_some() {
+                    return Err(invalid(
+                        "ingest.eventhubs",
+                        "is set but ingest.source is not \"eventhubs\"",
+                    ));
+                }
+                resolve_ingest_source(other, i.kinesis)?
+            }
+        };
         let ingest = IngestSettings {
             source,
             max_payload_bytes: i.max_payload_bytes.unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES),
@@ -764,7 +791,25 @@ pub const DEFAULT_KINESIS_LEASE_S: u64 = 30;
 pub const DEFAULT_KINESIS_POLL_MS: u64 = 250;
 
 fn resolve_desired(raw: RawDesired) -> Result<DesiredSink, ConfigError> {
-    match raw.sink.as_deref().unwrap_or("mqtt") {
+    let sink = raw.sink.as_deref().unwrap_or("mqtt");
+    if sink == "azure-twin" {
+        if raw.aws_iot_data.is_some() {
+            return Err(invalid(
+                "desired.aws_iot_data",
+                "is set but desired.sink is not \"aws-iot-data\"",
+            ));
+        }
+        return Ok(DesiredSink::AzureTwin(resolve_azure_twin(
+            raw.azure_twin.unwrap_or_default(),
+        )?));
+    }
+    if raw.azure_twin.is_some() {
+        return Err(invalid(
+            "desired.azure_twin",
+            "is set but desired.sink is not \"azure-twin\"",
+        ));
+    }
+    match sink {
         "mqtt" => {
             if raw.aws_iot_data.is_some() {
                 return Err(invalid(
@@ -797,7 +842,7 @@ fn resolve_desired(raw: RawDesired) -> Result<DesiredSink, ConfigError> {
         }
         _ => Err(invalid(
             "desired.sink",
-            "must be \"mqtt\" or \"aws-iot-data\"",
+            "must be \"mqtt\", \"aws-iot-data\" or \"azure-twin\"",
         )),
     }
 }
@@ -858,8 +903,167 @@ fn resolve_ingest_source(
                 poll_ms,
             }))
         }
-        _ => Err(invalid("ingest.source", "must be \"mqtt\" or \"kinesis\"")),
+        _ => Err(invalid(
+            "ingest.source",
+            "must be \"mqtt\", \"kinesis\" or \"eventhubs\"",
+        )),
     }
+}
+
+/// `[ingest.eventhubs]`: IoT Hub's built-in Event Hubs-compatible endpoint (terraform/azure).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEventHubs {
+    /// A file holding the Event Hubs-compatible connection string
+    /// (`Endpoint=sb://…/;SharedAccessKeyName=…;SharedAccessKey=…;EntityPath=…`): the Secret
+    /// `ember-iothub` that scripts/up.sh creates.
+    pub connection_string_file: Option<PathBuf>,
+    /// Another AMQP endpoint than the connection string's (`amqps://host:port`, or `amqp://`
+    /// on 127.0.0.1 for a local test double).
+    pub endpoint: Option<String>,
+    pub consumer_group: Option<String>,
+    /// The partition count of the endpoint (IoT Hub's `partition_count`; ids 0..n-1).
+    pub partitions: Option<u32>,
+    /// `"cbs"` (default: SASL ANONYMOUS and a SAS token put on `$cbs`, as Azure's SDKs do) or
+    /// `"plain"` (SASL PLAIN with the policy name and key).
+    pub auth: Option<String>,
+    pub lease_s: Option<u64>,
+    /// Link credit per partition receiver (events in flight).
+    pub prefetch: Option<u32>,
+}
+
+/// Where the Event Hubs source reads ([`crate::server::ingest::eventhubs`]).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EventHubsSettings {
+    pub connection_string_file: PathBuf,
+    pub endpoint: Option<String>,
+    pub consumer_group: String,
+    pub partitions: u32,
+    pub auth: EventHubsAuth,
+    pub lease_s: u64,
+    pub prefetch: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventHubsAuth {
+    Cbs,
+    Plain,
+}
+
+/// `[desired.azure_twin]`: IoT Hub's service REST API.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAzureTwin {
+    /// A file holding the hub's service connection string
+    /// (`HostName=….azure-devices.net;SharedAccessKeyName=…;SharedAccessKey=…`).
+    pub connection_string_file: Option<PathBuf>,
+    /// Another base URL than `https://<HostName>` (a local test double).
+    pub endpoint: Option<String>,
+    /// Lifetime of the SAS tokens the fleet signs (renewed before they expire).
+    pub token_ttl_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AzureTwinSettings {
+    pub connection_string_file: PathBuf,
+    pub endpoint: Option<String>,
+    pub token_ttl_s: u64,
+}
+
+/// Default `ingest.eventhubs.consumer_group`: the one terraform/azure creates.
+pub const DEFAULT_EVENTHUBS_CONSUMER_GROUP: &str = "ember-fleet";
+/// Default `ingest.eventhubs.partitions`: terraform/azure's `iothub_partitions`.
+pub const DEFAULT_EVENTHUBS_PARTITIONS: u32 = 4;
+/// Default `ingest.eventhubs.prefetch`.
+pub const DEFAULT_EVENTHUBS_PREFETCH: u32 = 300;
+/// Default `desired.azure_twin.token_ttl_s`.
+pub const DEFAULT_AZURE_TOKEN_TTL_S: u64 = 3600;
+
+fn resolve_eventhubs(e: RawEventHubs) -> Result<EventHubsSettings, ConfigError> {
+    let connection_string_file = e.connection_string_file.ok_or_else(|| {
+        invalid(
+            "ingest.eventhubs.connection_string_file",
+            "is required with ingest.source = \"eventhubs\" (the file of the Secret ember-iothub)",
+        )
+    })?;
+    if let Some(ep) = &e.endpoint
+        && !(ep.starts_with("amqps://") || ep.starts_with("amqp://"))
+    {
+        return Err(invalid(
+            "ingest.eventhubs.endpoint",
+            "must be an amqps:// (or, for a local test double, amqp://) URL",
+        ));
+    }
+    let consumer_group = e
+        .consumer_group
+        .unwrap_or_else(|| DEFAULT_EVENTHUBS_CONSUMER_GROUP.to_string());
+    if consumer_group.is_empty() || consumer_group.contains('/') {
+        return Err(invalid(
+            "ingest.eventhubs.consumer_group",
+            "must be a consumer group name (no '/')",
+        ));
+    }
+    let partitions = e.partitions.unwrap_or(DEFAULT_EVENTHUBS_PARTITIONS);
+    if !(1..=1024).contains(&partitions) {
+        return Err(invalid("ingest.eventhubs.partitions", "must be 1-1024"));
+    }
+    let auth = match e.auth.as_deref().unwrap_or("cbs") {
+        "cbs" => EventHubsAuth::Cbs,
+        "plain" => EventHubsAuth::Plain,
+        _ => {
+            return Err(invalid(
+                "ingest.eventhubs.auth",
+                "must be \"cbs\" or \"plain\"",
+            ));
+        }
+    };
+    let lease_s = e.lease_s.unwrap_or(DEFAULT_KINESIS_LEASE_S);
+    if !(3..=600).contains(&lease_s) {
+        return Err(invalid("ingest.eventhubs.lease_s", "must be 3-600"));
+    }
+    let prefetch = e.prefetch.unwrap_or(DEFAULT_EVENTHUBS_PREFETCH);
+    if !(1..=10_000).contains(&prefetch) {
+        return Err(invalid("ingest.eventhubs.prefetch", "must be 1-10000"));
+    }
+    Ok(EventHubsSettings {
+        connection_string_file,
+        endpoint: e.endpoint,
+        consumer_group,
+        partitions,
+        auth,
+        lease_s,
+        prefetch,
+    })
+}
+
+fn resolve_azure_twin(t: RawAzureTwin) -> Result<AzureTwinSettings, ConfigError> {
+    let connection_string_file = t.connection_string_file.ok_or_else(|| {
+        invalid(
+            "desired.azure_twin.connection_string_file",
+            "is required with desired.sink = \"azure-twin\" (the hub's service connection string)",
+        )
+    })?;
+    if let Some(ep) = &t.endpoint
+        && !(ep.starts_with("https://") || ep.starts_with("http://"))
+    {
+        return Err(invalid(
+            "desired.azure_twin.endpoint",
+            "must be an http(s):// URL",
+        ));
+    }
+    let token_ttl_s = t.token_ttl_s.unwrap_or(DEFAULT_AZURE_TOKEN_TTL_S);
+    if !(60..=86_400).contains(&token_ttl_s) {
+        return Err(invalid(
+            "desired.azure_twin.token_ttl_s",
+            "must be 60-86400",
+        ));
+    }
+    Ok(AzureTwinSettings {
+        connection_string_file,
+        endpoint: t.endpoint,
+        token_ttl_s,
+    })
 }
 
 fn resolve_models(raw: RawModels) -> Result<ModelSettings, ConfigError> {
@@ -1131,6 +1335,12 @@ mod tests {
             "store",
             "trusted_keys",
             "max_bundle_bytes",
+            "connection_string_file",
+            "consumer_group",
+            "partitions",
+            "auth",
+            "prefetch",
+            "token_ttl_s",
         ] {
             assert!(
                 text.contains(&format!("{key} =")),
@@ -1287,6 +1497,30 @@ mod tests {
             ("nope = 1", "nope"),
             ("[mqtt]\nprot = 1", "prot"),
             ("[mqtt]\nport = 0", "mqtt.port"),
+            (
+                "[ingest]\nsource = \"eventhubs\"",
+                "ingest.eventhubs.connection_string_file",
+            ),
+            (
+                "[ingest]\nsource = \"eventhubs\"\n[ingest.eventhubs]\nconnection_string_file = \"/x\"\npartitions = 0",
+                "ingest.eventhubs.partitions",
+            ),
+            (
+                "[ingest]\nsource = \"eventhubs\"\n[ingest.eventhubs]\nconnection_string_file = \"/x\"\nauth = \"jwt\"",
+                "ingest.eventhubs.auth",
+            ),
+            (
+                "[ingest.eventhubs]\nconnection_string_file = \"/x\"",
+                "ingest.eventhubs",
+            ),
+            (
+                "[desired]\nsink = \"azure-twin\"",
+                "desired.azure_twin.connection_string_file",
+            ),
+            (
+                "[desired]\nsink = \"azure-twin\"\n[desired.azure_twin]\nconnection_string_file = \"/x\"\nendpoint = \"ftp://h\"",
+                "desired.azure_twin.endpoint",
+            ),
             ("[mqtt]\nsession_expiry_s = 0", "mqtt.session_expiry_s"),
             (
                 "[mqtt]\nsession_expiry_s = 4294967295",

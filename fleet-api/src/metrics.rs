@@ -217,6 +217,30 @@ const FAMILIES: &[Family] = &[
         help: "Failed Kinesis calls, by AWS error type (throttling is retried with backoff).",
     },
     Family {
+        name: "eventhubs_events_total",
+        kind: Kind::Counter,
+        labels: &["outcome"],
+        help: "Event Hubs events read (ingest.source = \"eventhubs\"): handed to the writer (`message`), a connection-state event (`presence`), not an Ember message (`malformed`, stored as a reject), another IoT Hub source (`skipped`), or at or below the last sequence number handed over (`repeat`).",
+    },
+    Family {
+        name: "eventhubs_partitions_leased",
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "Event Hubs partitions this replica holds the lease of and reads.",
+    },
+    Family {
+        name: "eventhubs_errors_total",
+        kind: Kind::Counter,
+        labels: &["kind"],
+        help: "Event Hubs receivers that could not be opened (`open`) or failed (`receive`); each is reopened after the last event with backoff.",
+    },
+    Family {
+        name: "desired_twin_patches_total",
+        kind: Kind::Counter,
+        labels: &["outcome"],
+        help: "Twin desired-property PATCHes to IoT Hub (desired.sink = \"azure-twin\"): accepted (`ok`), throttled (`throttled`, 429, retried after Retry-After), failed and retried (`retry`) or refused (`error`).",
+    },
+    Family {
         name: "acks_skipped_total",
         kind: Kind::Counter,
         labels: &[],

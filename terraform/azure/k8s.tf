@@ -15,6 +15,7 @@ resource "local_file" "fleet_toml" {
   content = templatefile("${path.module}/templates/fleet.toml.tftpl", {
     hub            = azurerm_iothub.ember.hostname
     consumer_group = azurerm_iothub_consumer_group.fleet.name
+    partitions     = var.iothub_partitions
   })
 }
 

@@ -6,6 +6,7 @@
 //! - [`tls`]: PEM certificates and keys, the key-permission check, the rustls provider (ring),
 //!   certificate validity (x509-parser).
 //! - [`fs`]: durable file replace (temp, fsync, rename, fsync the directory), with a crash test.
+//! - [`sas`]: Azure shared access signatures (IoT Hub device and service tokens, Event Hubs CBS).
 //! - [`signals`]: the two-stage SIGTERM/SIGINT shutdown; [`logging`]: the tracing setup.
 //! - [`client`] (feature `client`): the fleet REST client of the CLIs, tests and bench.
 //!
@@ -15,6 +16,7 @@
 pub mod env;
 pub mod fs;
 pub mod logging;
+pub mod sas;
 pub mod signals;
 pub mod tls;
 

@@ -7,6 +7,8 @@
 //! * [`tls`]: a throwaway PKI per test ([`tls::TestPki`]), a mutual-TLS Mosquitto with the
 //!   Ember per-device ACL ([`TestBroker::start_tls`]) and TLS test clients.
 //! * [`TestS3`]: a private S3-compatible server (`moto`) on an ephemeral 127.0.0.1 port.
+//! * [`TestRabbitMq`]: a private RabbitMQ with its AMQP 1.0 plugin on an ephemeral 127.0.0.1
+//!   port (the Event Hubs source's transport test).
 //! * [`docs`]: sections of the Markdown docs generated from the code (metric tables), checked
 //!   by a test that prints the fix.
 //! * [`bundles`]: signed variants of the committed model bundles (development key).
@@ -40,6 +42,7 @@ pub mod docs;
 pub mod iot_core;
 pub mod node;
 mod postgres;
+mod rabbitmq;
 mod s3;
 mod subscriber;
 pub mod tls;
@@ -50,6 +53,7 @@ use std::time::{Duration, Instant};
 pub use agent::{Metrics, TestAgent, TestAgentBuilder, parse_prometheus, tail};
 pub use broker::TestBroker;
 pub use postgres::{PG_BIN_DIR, TestPostgres};
+pub use rabbitmq::{RABBITMQ_PASSWORD, RABBITMQ_USER, TestRabbitMq};
 pub use s3::{S3Answer, TestS3};
 pub use subscriber::{InferenceLog, RecordSeen, StreamLog, Subscriber, SubscriberView};
 

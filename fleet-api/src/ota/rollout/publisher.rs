@@ -99,7 +99,7 @@ impl Service {
     /// until `shutdown`. Its own MQTT connection ([`publisher_client_id`], clean session) with
     /// the fleet's broker settings and TLS. Run it on the leader only.
     pub async fn publish(self: Arc<Self>, settings: Arc<Settings>, shutdown: CancellationToken) {
-        if let Some(sink) = super::sink::from_settings(&settings) {
+        if let Some(sink) = super::sink::from_settings(&settings, &self.metrics) {
             return self.publish_to(sink, shutdown).await;
         }
         let m = &settings.mqtt;

@@ -156,9 +156,18 @@ impl DesiredStateSink for Unavailable {
 }
 
 /// The configured sink, or `None` for the built-in MQTT publisher.
-pub fn from_settings(settings: &crate::config::Settings) -> Option<Arc<dyn DesiredStateSink>> {
+pub fn from_settings(
+    settings: &crate::config::Settings,
+    metrics: &Arc<crate::metrics::Metrics>,
+) -> Option<Arc<dyn DesiredStateSink>> {
     match &settings.desired.sink {
         crate::config::DesiredSink::Mqtt => None,
+        crate::config::DesiredSink::AzureTwin(t) => Some(
+            match super::azure_twin::AzureTwinSink::from_settings(t, metrics.clone()) {
+                Ok(sink) => Arc::new(sink),
+                Err(e) => Arc::new(Unavailable(e.to_string())),
+            },
+        ),
         crate::config::DesiredSink::AwsIotData { endpoint, region } => Some(
             match AwsClient::from_env(region, endpoint.starts_with("http://")) {
                 Ok(client) => Arc::new(IotDataSink {

@@ -49,6 +49,7 @@
 
 pub mod classify;
 pub mod commits;
+pub mod eventhubs;
 pub mod kinesis;
 pub mod source;
 pub mod writer;
@@ -192,6 +193,13 @@ pub async fn run(
     shutdown: CancellationToken,
     force: CancellationToken,
 ) {
+    if let crate::config::IngestSource::EventHubs(e) = &settings.ingest.source {
+        let e = e.clone();
+        return eventhubs::run(
+            settings, e, db, metrics, state, events, rollouts, shutdown, force,
+        )
+        .await;
+    }
     if let crate::config::IngestSource::Kinesis(k) = &settings.ingest.source {
         let k = k.clone();
         return kinesis::run(

@@ -1640,6 +1640,18 @@ async fn apply_status(tx: &mut Tx, status: &Status, received_at: i64) -> Result<
         q.query().execute(&mut **tx).await?;
         return Ok(());
     }
+    if status.ts == 0 {
+        // Presence the transport reports (IoT Hub's deviceConnected event): the online flag
+        // only; the agent's own status (with its time) carries the rest.
+        let mut q = Sql::new(
+            "UPDATE devices SET online_changed_at = CASE WHEN online THEN online_changed_at ELSE ",
+        );
+        q.bind(received_at);
+        q.push(" END, online = TRUE WHERE device_id = ");
+        q.bind(device);
+        q.query().execute(&mut **tx).await?;
+        return Ok(());
+    }
     let online = status.state == DeviceState::Online;
     let models = serde_json::to_string(&status.models).unwrap_or_else(|_| "{}".into());
     let counters = status

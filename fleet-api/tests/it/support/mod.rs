@@ -2,10 +2,12 @@
 //! fleet service in-process on a free port, a tiny HTTP client, a one-shot MQTT publisher and
 //! the real `ember-agent` binary.
 
+pub mod eventhubs;
 pub mod http;
 pub mod mqtt;
 pub mod proxy;
 pub mod replicas;
+pub mod twin;
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
