@@ -2107,12 +2107,14 @@ mod tests {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = ca.self_signed(&ca_key).unwrap();
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
         let key = rcgen::KeyPair::generate().unwrap();
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name
             .push(rcgen::DnType::CommonName, "edge-1");
-        let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        let ca = ca_cert;
         std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
         std::fs::write(dir.join("device.pem"), cert.pem()).unwrap();
         std::fs::write(dir.join("device.key"), key.serialize_pem()).unwrap();

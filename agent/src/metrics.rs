@@ -172,7 +172,7 @@ impl Metrics {
 
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render(&self, device_id: &str) -> String {
-        let counters: [(&str, &str, &str, &str, &AtomicU64); 43] = [
+        let counters: [(&str, &str, &str, &str, &AtomicU64); 45] = [
             (
                 "records_captured_total",
                 "counter",
