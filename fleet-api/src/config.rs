@@ -93,6 +93,8 @@ pub struct RawConfig {
     pub shutdown: RawShutdown,
     #[serde(default)]
     pub models: RawModels,
+    /// `[bridge]`: `ember-fleet bridge` (MQTT to Google Pub/Sub); ignored by the service.
+    pub bridge: Option<RawBridge>,
 }
 
 /// `[models]`: the model registry.
@@ -183,9 +185,10 @@ pub struct RawIngest {
     pub batch_max_delay_ms: Option<u64>,
     pub channel_capacity: Option<usize>,
     pub aggregate_channels: Option<usize>,
-    /// `"mqtt"` (default) or `"kinesis"`.
+    /// `"mqtt"` (default), `"kinesis"` or `"pubsub"`.
     pub source: Option<String>,
     pub kinesis: Option<RawKinesis>,
+    pub pubsub: Option<RawPubSub>,
 }
 
 /// `[desired]`: where desired states go.
@@ -266,6 +269,8 @@ pub struct Settings {
     pub retention: RetentionSettings,
     pub shutdown: ShutdownSettings,
     pub models: ModelSettings,
+    /// `[bridge]`, for `ember-fleet bridge` only.
+    pub bridge: Option<BridgeSettings>,
 }
 
 /// Where the registry keeps bundle bytes.
@@ -412,6 +417,9 @@ pub enum IngestSource {
     /// An AWS Kinesis Data Stream (shard leases in the database, checkpoint in the batch's
     /// transaction).
     Kinesis(KinesisSettings),
+    /// A Google Pub/Sub subscription that `ember-fleet bridge` fills (acknowledged after the
+    /// batch's commit).
+    PubSub(PubSubSettings),
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -676,7 +684,24 @@ impl Settings {
         }
 
         let i = raw.ingest;
-        let source = resolve_ingest_source(i.source.as_deref(), i.kinesis)?;
+        let source = match i.source.as_deref() {
+            Some("pubsub") => {
+                if i.kinesis.is_some() {
+                    return Err(invalid(
+                        "ingest.kinesis",
+                        "is set but ingest.source is not \"kinesis\"",
+                    ));
+                }
+                IngestSource::PubSub(resolve_pubsub(i.pubsub)?)
+            }
+            _ if i.pubsub.is_some() => {
+                return Err(invalid(
+                    "ingest.pubsub",
+                    "is set but ingest.source is not \"pubsub\"",
+                ));
+            }
+            other => resolve_ingest_source(other, i.kinesis)?,
+        };
         let ingest = IngestSettings {
             source,
             max_payload_bytes: i.max_payload_bytes.unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES),
@@ -749,6 +774,7 @@ impl Settings {
             retention,
             shutdown,
             models,
+            bridge: raw.bridge.map(resolve_bridge).transpose()?,
         })
     }
 
@@ -858,8 +884,173 @@ fn resolve_ingest_source(
                 poll_ms,
             }))
         }
-        _ => Err(invalid("ingest.source", "must be \"mqtt\" or \"kinesis\"")),
+        _ => Err(invalid(
+            "ingest.source",
+            "must be \"mqtt\", \"kinesis\" or \"pubsub\"",
+        )),
     }
+}
+
+/// `[ingest.pubsub]`: the Google Pub/Sub subscription that `ember-fleet bridge` fills
+/// (terraform/gcp creates it with message ordering on).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPubSub {
+    /// The subscription: an id in `project`, or `projects/<project>/subscriptions/<id>`.
+    pub subscription: Option<String>,
+    /// The Google Cloud project (default: from a full name, the metadata server on GKE, or
+    /// the emulator's default).
+    pub project: Option<String>,
+    /// Where messages the fleet refuses go (an id in `project` or `projects/<p>/topics/<id>`),
+    /// published by the fleet itself before it acknowledges them; unset: they are only stored
+    /// as rejects.
+    pub dead_letter_topic: Option<String>,
+    /// Messages Pub/Sub may have outstanding at this replica (flow control).
+    pub max_outstanding: Option<i64>,
+    /// The ack deadline the streaming pull asks for, seconds (10-600).
+    pub ack_deadline_s: Option<i32>,
+}
+
+/// `[bridge]`: `ember-fleet bridge`, MQTT to Google Pub/Sub.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBridge {
+    /// The topic: an id in `project`, or `projects/<project>/topics/<id>`.
+    pub topic: Option<String>,
+    pub project: Option<String>,
+    /// The bridges' shared-subscription group (not the fleet's: they must not split messages
+    /// with a fleet that reads the same broker).
+    pub share_group: Option<String>,
+    /// Device messages taken from the broker and not yet acknowledged by Pub/Sub (the MQTT 5
+    /// Receive Maximum the bridge announces, 1-65535).
+    pub max_in_flight: Option<usize>,
+}
+
+/// Resolved `[ingest.pubsub]`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PubSubSettings {
+    pub subscription: String,
+    pub project: Option<String>,
+    pub dead_letter_topic: Option<String>,
+    pub max_outstanding: i64,
+    pub ack_deadline_s: i32,
+}
+
+/// Resolved `[bridge]`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BridgeSettings {
+    pub topic: String,
+    pub project: Option<String>,
+    pub share_group: String,
+    pub max_in_flight: usize,
+}
+
+/// Default `ingest.pubsub.max_outstanding`.
+pub const DEFAULT_PUBSUB_MAX_OUTSTANDING: i64 = 1000;
+/// Default `ingest.pubsub.ack_deadline_s`: far above a batch's commit time.
+pub const DEFAULT_PUBSUB_ACK_DEADLINE_S: i32 = 60;
+/// Default `bridge.share_group`.
+pub const DEFAULT_BRIDGE_SHARE_GROUP: &str = "ember-bridge";
+/// Default `bridge.max_in_flight`.
+pub const DEFAULT_BRIDGE_MAX_IN_FLIGHT: usize = 1000;
+
+/// Checks a Pub/Sub resource name: an id, or `projects/<project>/<kind>/<id>`.
+fn check_pubsub_name(key: &str, name: &str, kind: &str) -> Result<(), ConfigError> {
+    let id = match name.strip_prefix("projects/") {
+        Some(rest) => {
+            let mut parts = rest.split('/');
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some(p), Some(k), Some(id), None) if !p.is_empty() && k == kind => id,
+                _ => {
+                    return Err(invalid(
+                        key,
+                        &format!("must be an id or projects/<project>/{kind}/<id>"),
+                    ));
+                }
+            }
+        }
+        None => name,
+    };
+    let ok = (3..=255).contains(&id.len())
+        && id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.~+%".contains(c));
+    if !ok {
+        return Err(invalid(
+            key,
+            "must be 3-255 characters: a letter first, then letters, digits and - _ . ~ + %",
+        ));
+    }
+    Ok(())
+}
+
+fn resolve_pubsub(raw: Option<RawPubSub>) -> Result<PubSubSettings, ConfigError> {
+    let p = raw.unwrap_or_default();
+    let subscription = p.subscription.filter(|s| !s.is_empty()).ok_or_else(|| {
+        invalid(
+            "ingest.pubsub.subscription",
+            "is required with ingest.source = \"pubsub\" (terraform output pubsub.subscription)",
+        )
+    })?;
+    check_pubsub_name("ingest.pubsub.subscription", &subscription, "subscriptions")?;
+    if let Some(t) = &p.dead_letter_topic {
+        check_pubsub_name("ingest.pubsub.dead_letter_topic", t, "topics")?;
+    }
+    let max_outstanding = p.max_outstanding.unwrap_or(DEFAULT_PUBSUB_MAX_OUTSTANDING);
+    if !(1..=1_000_000).contains(&max_outstanding) {
+        return Err(invalid("ingest.pubsub.max_outstanding", "must be 1-1000000"));
+    }
+    let ack_deadline_s = p.ack_deadline_s.unwrap_or(DEFAULT_PUBSUB_ACK_DEADLINE_S);
+    if !(10..=600).contains(&ack_deadline_s) {
+        return Err(invalid(
+            "ingest.pubsub.ack_deadline_s",
+            "must be 10-600 (Pub/Sub's limits)",
+        ));
+    }
+    Ok(PubSubSettings {
+        subscription,
+        project: p.project.filter(|s| !s.is_empty()),
+        dead_letter_topic: p.dead_letter_topic,
+        max_outstanding,
+        ack_deadline_s,
+    })
+}
+
+fn resolve_bridge(raw: RawBridge) -> Result<BridgeSettings, ConfigError> {
+    let topic = raw.topic.filter(|s| !s.is_empty()).ok_or_else(|| {
+        invalid(
+            "bridge.topic",
+            "is required for ember-fleet bridge (terraform output pubsub.topic)",
+        )
+    })?;
+    check_pubsub_name("bridge.topic", &topic, "topics")?;
+    let share_group = raw
+        .share_group
+        .unwrap_or_else(|| DEFAULT_BRIDGE_SHARE_GROUP.to_string());
+    if share_group.is_empty()
+        || share_group
+            .chars()
+            .any(|c| matches!(c, '/' | '+' | '#') || c.is_whitespace())
+    {
+        return Err(invalid(
+            "bridge.share_group",
+            "must be non-empty, without '/', '+', '#' or spaces (several bridges split the messages)",
+        ));
+    }
+    let max_in_flight = raw.max_in_flight.unwrap_or(DEFAULT_BRIDGE_MAX_IN_FLIGHT);
+    if !(1..=65_535).contains(&max_in_flight) {
+        return Err(invalid(
+            "bridge.max_in_flight",
+            "must be 1-65535 (it is the MQTT 5 Receive Maximum)",
+        ));
+    }
+    Ok(BridgeSettings {
+        topic,
+        project: raw.project.filter(|s| !s.is_empty()),
+        share_group,
+        max_in_flight,
+    })
 }
 
 fn resolve_models(raw: RawModels) -> Result<ModelSettings, ConfigError> {

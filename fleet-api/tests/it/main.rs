@@ -21,6 +21,7 @@ mod kinesis;
 mod live;
 mod models;
 mod ota;
+mod pubsub;
 mod python;
 mod replicas;
 mod rollout_service;

@@ -7,6 +7,7 @@
 //! * [`tls`]: a throwaway PKI per test ([`tls::TestPki`]), a mutual-TLS Mosquitto with the
 //!   Ember per-device ACL ([`TestBroker::start_tls`]) and TLS test clients.
 //! * [`TestS3`]: a private S3-compatible server (`moto`) on an ephemeral 127.0.0.1 port.
+//! * [`TestPubSub`]: a private Google Pub/Sub emulator on an ephemeral 127.0.0.1 port.
 //! * [`docs`]: sections of the Markdown docs generated from the code (metric tables), checked
 //!   by a test that prints the fix.
 //! * [`bundles`]: signed variants of the committed model bundles (development key).
@@ -36,6 +37,7 @@ pub mod bundles;
 pub mod docs;
 pub mod node;
 mod postgres;
+mod pubsub;
 mod s3;
 mod subscriber;
 pub mod tls;
@@ -46,6 +48,7 @@ use std::time::{Duration, Instant};
 pub use agent::{Metrics, TestAgent, TestAgentBuilder, parse_prometheus, tail};
 pub use broker::TestBroker;
 pub use postgres::{PG_BIN_DIR, TestPostgres};
+pub use pubsub::{PUBSUB_PROJECT, Pulled, TestPubSub};
 pub use s3::{S3Answer, TestS3};
 pub use subscriber::{InferenceLog, RecordSeen, StreamLog, Subscriber, SubscriberView};
 
