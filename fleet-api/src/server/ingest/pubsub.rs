@@ -11,8 +11,8 @@
 //!
 //! Message format (written by the bridge, never by a device): `data` is the MQTT payload as
 //! the agent published it (JSON or CBOR); attributes `device` (from the MQTT topic, which the
-//! broker's ACL binds to the client certificate), `channel`, `topic`, `encoding`; the ordering
-//! key is the device id.
+//! broker's ACL binds to the client certificate), `channel`, `mqtt_topic`, `encoding`; the ordering
+//! key is the device id. (The BigQuery subscriptions of terraform/gcp read the same attributes.)
 //!
 //! Guarantees:
 //! * A message is acknowledged only after the transaction holding it committed
@@ -75,7 +75,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Attribute names the bridge sets.
 pub const ATTR_DEVICE: &str = "device";
 pub const ATTR_CHANNEL: &str = "channel";
-pub const ATTR_TOPIC: &str = "topic";
+pub const ATTR_TOPIC: &str = "mqtt_topic";
 pub const ATTR_ENCODING: &str = "encoding";
 /// Attributes the fleet adds to a dead-lettered copy.
 pub const ATTR_REJECT_REASON: &str = "ember_reject_reason";
