@@ -185,7 +185,7 @@ struct Http {
     ready: Arc<AtomicBool>,
 }
 
-async fn metrics(State(s): State<Http>) -> Response {
+async fn serve_metrics(State(s): State<Http>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),
@@ -193,7 +193,7 @@ async fn metrics(State(s): State<Http>) -> Response {
         .into_response()
 }
 
-async fn health(State(s): State<Http>) -> Response {
+async fn serve_health(State(s): State<Http>) -> Response {
     if s.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ok\n").into_response()
     } else {
@@ -252,8 +252,8 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
     let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/health", get(health))
+        .route("/metrics", get(serve_metrics))
+        .route("/health", get(serve_health))
         .with_state(Http {
             metrics: metrics.clone(),
             ready: ready.clone(),
