@@ -217,7 +217,6 @@ impl PubSubSource {
                     }
                 },
             };
-            backoff = BACKOFF_MIN;
             state.connected.store(true, Ordering::Release);
             state.subscribed.store(true, Ordering::Release);
             tracing::info!(subscription = %self.settings.subscription, "Reading the Pub/Sub subscription.");
@@ -228,6 +227,7 @@ impl PubSubSource {
                     m = stream.next() => m,
                 };
                 let Some(m) = m else { break };
+                backoff = BACKOFF_MIN;
                 if !self.handle(&intake, m, &shutdown).await {
                     break;
                 }
@@ -242,7 +242,14 @@ impl PubSubSource {
                 );
                 break 'connect;
             }
-            tracing::warn!("The Pub/Sub streaming pull ended; opening it again.");
+            self.metrics
+                .inc("pubsub_errors_total", &[("kind", "subscribe")], 1);
+            tracing::warn!(subscription = %self.settings.subscription, retry_in_ms = backoff.as_millis() as u64,
+                "The Pub/Sub streaming pull ended (does the subscription exist, and may this identity subscribe?); opening it again.");
+            if pause(&shutdown, backoff).await {
+                break 'connect;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
         state.subscribed.store(false, Ordering::Release);
     }
