@@ -1246,6 +1246,9 @@ const STRING_KEYS: &[&str] = &[
     "http.listen",
     "log.level",
     "log.format",
+    "bridge.topic",
+    "bridge.project",
+    "bridge.share_group",
 ];
 
 /// `EMBER_FLEET_<KEY>` / `EMBER_FLEET_<SECTION>__<KEY>` (names in `ember_host::env::RESERVED`,
@@ -1415,6 +1418,36 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_pubsub_source_and_the_bridge_resolve() {
+        let s = Settings::from_toml(
+            "[ingest]\nsource = \"pubsub\"\n[ingest.pubsub]\n\
+             subscription = \"projects/p1/subscriptions/ember-fleet\"\n\
+             dead_letter_topic = \"ember-dead\"\n\
+             [bridge]\ntopic = \"projects/p1/topics/ember-ingest\"\n",
+            "test",
+            Vec::new(),
+        )
+        .unwrap();
+        let IngestSource::PubSub(p) = &s.ingest.source else {
+            panic!("{:?}", s.ingest.source)
+        };
+        assert_eq!(p.subscription, "projects/p1/subscriptions/ember-fleet");
+        assert_eq!(p.dead_letter_topic.as_deref(), Some("ember-dead"));
+        assert_eq!(p.max_outstanding, DEFAULT_PUBSUB_MAX_OUTSTANDING);
+        assert_eq!(p.ack_deadline_s, DEFAULT_PUBSUB_ACK_DEADLINE_S);
+        let b = s.bridge.unwrap();
+        assert_eq!(b.topic, "projects/p1/topics/ember-ingest");
+        assert_eq!(b.share_group, DEFAULT_BRIDGE_SHARE_GROUP);
+        assert_eq!(b.max_in_flight, DEFAULT_BRIDGE_MAX_IN_FLIGHT);
+        let env = vec![(
+            "EMBER_FLEET_BRIDGE__TOPIC".to_string(),
+            "projects/p2/topics/other".to_string(),
+        )];
+        let s = Settings::from_toml("[bridge]\ntopic = \"abc\"\n", "test", env).unwrap();
+        assert_eq!(s.bridge.unwrap().topic, "projects/p2/topics/other");
+    }
+
     /// Finding 8 of issue 16: a persistent session under an id that changes when the process
     /// is replaced (the default from a generated host name, an unexpanded variable) is refused
     /// at start, naming the key and the fix; a StatefulSet's stable name is accepted.
@@ -1484,6 +1517,32 @@ mod tests {
                 "mqtt.session_expiry_s",
             ),
             ("[mqtt]\nshare_group = \"a/b\"", "mqtt.share_group"),
+            (
+                "[ingest]\nsource = \"pubsub\"",
+                "ingest.pubsub.subscription",
+            ),
+            (
+                "[ingest.pubsub]\nsubscription = \"sub1\"",
+                "ingest.pubsub",
+            ),
+            (
+                "[ingest]\nsource = \"pubsub\"\n[ingest.pubsub]\nsubscription = \"projects/p/topics/t12\"",
+                "ingest.pubsub.subscription",
+            ),
+            (
+                "[ingest]\nsource = \"pubsub\"\n[ingest.pubsub]\nsubscription = \"sub1\"\nack_deadline_s = 5",
+                "ingest.pubsub.ack_deadline_s",
+            ),
+            ("[bridge]\nmax_in_flight = 10", "bridge.topic"),
+            ("[bridge]\ntopic = \"t1\"", "bridge.topic"),
+            (
+                "[bridge]\ntopic = \"topic1\"\nmax_in_flight = 0",
+                "bridge.max_in_flight",
+            ),
+            (
+                "[bridge]\ntopic = \"topic1\"\nshare_group = \"\"",
+                "bridge.share_group",
+            ),
             ("[mqtt]\npassword = \"p\"", "mqtt.password"),
             ("[database]\nurl = \"mysql://x\"", "database.url"),
             (
