@@ -156,12 +156,9 @@ struct Flight {
 /// Pub/Sub said.
 type Published = (Option<u64>, PubsubMessage, Result<String, Status>, Duration);
 
-fn publish(
-    p: Publisher,
-    id: Option<u64>,
-    m: PubsubMessage,
-    delay: Duration,
-) -> Pin<Box<dyn Future<Output = Published> + Send>> {
+type PublishFuture = Pin<Box<dyn Future<Output = Published> + Send>>;
+
+fn publish(p: Publisher, id: Option<u64>, m: PubsubMessage, delay: Duration) -> PublishFuture {
     Box::pin(async move {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -304,7 +301,7 @@ async fn bridge(
     // QoS 1 messages in arrival order; `front_id` is the id of the first.
     let mut flights: VecDeque<Flight> = VecDeque::new();
     let mut front_id = 0u64;
-    let mut publishes = FuturesUnordered::new();
+    let mut publishes: FuturesUnordered<PublishFuture> = FuturesUnordered::new();
     let mut draining: Option<Instant> = None;
     let grace = Duration::from_millis(settings.shutdown.grace_ms);
 
