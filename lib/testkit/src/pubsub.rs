@@ -274,34 +274,78 @@ impl Drop for TestPubSub {
     }
 }
 
-/// One HTTP/1.0 request (no chunked answers) on its own connection: (status, JSON body or
-/// the text as a JSON string).
+/// One HTTP/1.1 request on its own connection, read up to its `Content-Length` (the emulator
+/// keeps connections open whatever the request says): (status, JSON body or the text as a
+/// JSON string).
 fn try_call(port: u16, method: &str, path: &str, body: &str) -> Result<(u16, Value), String> {
     let mut s = TcpStream::connect_timeout(&localhost(port), Duration::from_millis(500))
         .map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
     let req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| format!("no HTTP head in {:?}", String::from_utf8_lossy(&raw)))?;
-    let head = String::from_utf8_lossy(&raw[..end]);
-    let status = head
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status in {head:?}"))?;
-    let text = &raw[end + 4..];
-    let v = serde_json::from_slice(text)
-        .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(text).to_string()));
-    Ok((status, v))
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_string();
+            let status: u16 = head
+                .lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|c| c.parse().ok())
+                .ok_or_else(|| format!("no status in {head:?}"))?;
+            let length = head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())
+                    .flatten()
+            });
+            let chunked = head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked");
+            let body_start = end + 4;
+            let complete = match length {
+                Some(n) => raw.len() >= body_start + n,
+                None if chunked => raw.ends_with(b"0\r\n\r\n"),
+                None => false,
+            };
+            if complete {
+                let text = match length {
+                    Some(n) => raw[body_start..body_start + n].to_vec(),
+                    None => dechunk(&raw[body_start..]),
+                };
+                let v = serde_json::from_slice(&text)
+                    .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&text).to_string()));
+                return Ok((status, v));
+            }
+        }
+        let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!(
+                "the connection closed before a complete answer: {:?}",
+                String::from_utf8_lossy(&raw)
+            ));
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A chunked body's data.
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&body[..eol]).trim(), 16).unwrap_or(0);
+        if size == 0 || body.len() < eol + 2 + size {
+            break;
+        }
+        out.extend_from_slice(&body[eol + 2..eol + 2 + size]);
+        body = &body[(eol + 4 + size).min(body.len())..];
+    }
+    out
 }
