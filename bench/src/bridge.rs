@@ -90,7 +90,12 @@ fn start_bridge(
         .spawn()?;
     let bridge = Bridge { child, port };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while fleet::metrics(port).get("mqtt_connected").copied().unwrap_or(0.0) < 1.0 {
+    while fleet::metrics(port)
+        .get("mqtt_connected")
+        .copied()
+        .unwrap_or(0.0)
+        < 1.0
+    {
         if Instant::now() >= deadline {
             bail!(
                 "the bridge did not connect within 60 s; its log:\n{}",
@@ -140,7 +145,9 @@ pub async fn run(args: Args, measure: Duration) -> Result<()> {
     emulator.create_topic("bench-ingest");
     emulator.create_subscription("bench-fleet", "bench-ingest", true, 60);
     let broker = TestBroker::start();
-    let dir = tempfile::Builder::new().prefix("ember-bench-bridge-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("ember-bench-bridge-")
+        .tempdir()?;
     let bridge = start_bridge(&bin, dir.path(), broker.port(), &emulator, &args)?;
     let load = Arc::new(Load::default());
     let tasks = fleet::start_load(broker.port(), &load_args, &load);

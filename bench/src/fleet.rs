@@ -118,7 +118,12 @@ pub struct Args {
 impl Args {
     /// The load alone (no database case), as fast as the broker takes it: for other benchmarks
     /// that reuse these publishers (`ember-bench bridge`).
-    pub(crate) fn load(devices: usize, records: usize, channels: usize, connections: usize) -> Args {
+    pub(crate) fn load(
+        devices: usize,
+        records: usize,
+        channels: usize,
+        connections: usize,
+    ) -> Args {
         Args {
             db: Vec::new(),
             devices,

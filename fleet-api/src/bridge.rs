@@ -217,10 +217,7 @@ pub async fn run(
     shutdown: CancellationToken,
     force: CancellationToken,
 ) -> Result<(), BridgeError> {
-    let b = settings
-        .bridge
-        .clone()
-        .ok_or(BridgeError::NotConfigured)?;
+    let b = settings.bridge.clone().ok_or(BridgeError::NotConfigured)?;
     let m = &settings.mqtt;
     let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.ingest_port);
     opts.set_keep_alive(Duration::from_secs(m.keep_alive_s));
@@ -268,7 +265,18 @@ pub async fn run(
         "Bridging the broker to Pub/Sub.");
 
     let (mqtt, eventloop) = AsyncClient::new(opts, request_capacity);
-    bridge(&settings, &b, mqtt, eventloop, &publisher, &metrics, &ready, shutdown, force.clone()).await;
+    bridge(
+        &settings,
+        &b,
+        mqtt,
+        eventloop,
+        &publisher,
+        &metrics,
+        &ready,
+        shutdown,
+        force.clone(),
+    )
+    .await;
 
     if !force.is_cancelled() {
         publisher.shutdown().await;

@@ -999,7 +999,10 @@ fn resolve_pubsub(raw: Option<RawPubSub>) -> Result<PubSubSettings, ConfigError>
     }
     let max_outstanding = p.max_outstanding.unwrap_or(DEFAULT_PUBSUB_MAX_OUTSTANDING);
     if !(1..=1_000_000).contains(&max_outstanding) {
-        return Err(invalid("ingest.pubsub.max_outstanding", "must be 1-1000000"));
+        return Err(invalid(
+            "ingest.pubsub.max_outstanding",
+            "must be 1-1000000",
+        ));
     }
     let ack_deadline_s = p.ack_deadline_s.unwrap_or(DEFAULT_PUBSUB_ACK_DEADLINE_S);
     if !(10..=600).contains(&ack_deadline_s) {
@@ -1521,10 +1524,7 @@ mod tests {
                 "[ingest]\nsource = \"pubsub\"",
                 "ingest.pubsub.subscription",
             ),
-            (
-                "[ingest.pubsub]\nsubscription = \"sub1\"",
-                "ingest.pubsub",
-            ),
+            ("[ingest.pubsub]\nsubscription = \"sub1\"", "ingest.pubsub"),
             (
                 "[ingest]\nsource = \"pubsub\"\n[ingest.pubsub]\nsubscription = \"projects/p/topics/t12\"",
                 "ingest.pubsub.subscription",

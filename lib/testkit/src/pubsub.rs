@@ -340,7 +340,8 @@ fn try_call(port: u16, method: &str, path: &str, body: &str) -> Result<(u16, Val
 fn dechunk(mut body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(String::from_utf8_lossy(&body[..eol]).trim(), 16).unwrap_or(0);
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&body[..eol]).trim(), 16).unwrap_or(0);
         if size == 0 || body.len() < eol + 2 + size {
             break;
         }

@@ -160,9 +160,15 @@ impl IngestSource for PubSubSource {
 /// What a Pub/Sub message is to the fleet.
 #[derive(Debug)]
 enum Envelope {
-    Message { device: String, channel: Channel },
+    Message {
+        device: String,
+        channel: Channel,
+    },
     /// Not something the bridge wrote: stored as a reject under this device.
-    Refused { device: String, detail: String },
+    Refused {
+        device: String,
+        detail: String,
+    },
 }
 
 /// Reads the bridge's attributes (the payload is classified like an MQTT message's).
@@ -184,8 +190,9 @@ fn envelope(attributes: &HashMap<String, String>) -> Envelope {
             device: device
                 .cloned()
                 .unwrap_or_else(|| super::classify::INVALID_DEVICE.to_string()),
-            detail: "the message lacks the device or channel attribute that ember-fleet bridge sets"
-                .to_string(),
+            detail:
+                "the message lacks the device or channel attribute that ember-fleet bridge sets"
+                    .to_string(),
         },
     }
 }
@@ -256,7 +263,12 @@ impl PubSubSource {
 
     /// One message: refused ones to the dead-letter topic first, then to the writer. False
     /// when reading must stop (shutdown during a dead-letter publish, or the writer gone).
-    async fn handle(&self, intake: &Intake, m: ReceivedMessage, shutdown: &CancellationToken) -> bool {
+    async fn handle(
+        &self,
+        intake: &Intake,
+        m: ReceivedMessage,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let received_at = now_us();
         let attributes = &m.message.attributes;
         let (sm, item) = match envelope(attributes) {
@@ -450,7 +462,9 @@ pub async fn run(
     .await;
     // The writer and the source are gone: the batcher ends once it sent what is left.
     if tokio::time::timeout(ACK_DRAIN, batcher).await.is_err() {
-        tracing::warn!("Could not send every Pub/Sub acknowledgement in time; those messages come again and are deduplicated.");
+        tracing::warn!(
+            "Could not send every Pub/Sub acknowledgement in time; those messages come again and are deduplicated."
+        );
     }
     if let Some(mut dl) = dead_letter {
         dl.shutdown().await;
