@@ -198,8 +198,8 @@ fn rows(url: &str, device: &str) -> (i64, i64, i64) {
     })
 }
 
-/// The seqs of a device's stream where the fleet's receive time went backwards: a record
-/// first stored after a later record of the same device (out of order).
+/// The records of a device's stream first stored before an earlier record of that device
+/// (seq, µs before the latest earlier one): the reordering the fleet saw.
 fn out_of_order(url: &str, device: &str) -> Vec<(i64, i64)> {
     with_db(url, async |db: &Db| {
         let rows = sqlx::query(
@@ -394,8 +394,8 @@ fn pubsub_bridge_and_fleet_survive_sigkills() {
     eprintln!(
         "pubsub: {total} records from {AGENTS} agents through bridge and emulator; bridge SIGKILLed \
          twice (after {published_at_kill:?} messages published by that run), each of 2 replicas once; \
-         0 lost, 0 duplicates stored; {reordered} records first stored after a later one of their \
-         device (subscription unordered); {duplicates} records delivered \
+         0 lost, 0 duplicates stored; {reordered} records first stored before an earlier one of \
+         their device (subscription unordered); {duplicates} records delivered \
          again and dropped by the replicas running at the end; {} dead-lettered, {refused} refused \
          by those replicas; {:.1} s",
         dead.len(),
