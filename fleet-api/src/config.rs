@@ -964,7 +964,7 @@ fn check_pubsub_name(key: &str, name: &str, kind: &str) -> Result<(), ConfigErro
                 _ => {
                     return Err(invalid(
                         key,
-                        &format!("must be an id or projects/<project>/{kind}/<id>"),
+                        format!("must be an id or projects/<project>/{kind}/<id>"),
                     ));
                 }
             }
