@@ -5,7 +5,8 @@
 # lavapipe (software Vulkan), the fleet's Python test peers, Chromium and Python's playwright,
 # promtool and PyYAML for the monitoring checks, qemu-user, qemu-system-arm (the firmware's
 # tests) and the gcc cross linkers, the Rust cross targets, and for the container path Docker
-# Engine, compose, debootstrap, musl-tools and the deployment validators; cargo-deb and
+# Engine, compose, debootstrap, musl-tools and the deployment validators; Java and Google's
+# Pub/Sub emulator (the GCP bridge tests); cargo-deb and
 # cargo-cyclonedx for the packaging.
 set -euo pipefail
 
@@ -53,6 +54,8 @@ command -v musl-gcc >/dev/null 2>&1 || need_apt+=(musl-tools)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v jq >/dev/null 2>&1 || need_apt+=(jq)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# Java for the Google Pub/Sub emulator (below).
+command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: installing ${need_apt[*]}"
@@ -63,6 +66,29 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+# The Google Pub/Sub emulator for the GCP bridge and Pub/Sub source tests
+# (fleet-api/tests/it/pubsub.rs, ember_testkit::TestPubSub): Google's
+# google-cloud-cli-pubsub-emulator package, which Debian does not ship. Installed from Google's
+# apt repository where one is configured; otherwise this stops here, saying so (the tests would
+# fail the same way: nothing is skipped).
+pubsub_emulator() {
+  local sdk
+  sdk=$(gcloud info --format='value(installation.sdk_root)' 2>/dev/null || true)
+  for d in /usr/lib/google-cloud-sdk /usr/share/google-cloud-sdk ${sdk:+"$sdk"}; do
+    [ -x "$d/platform/pubsub-emulator/bin/cloud-pubsub-emulator" ] && return 0
+  done
+  return 1
+}
+if ! pubsub_emulator; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  if apt-cache policy google-cloud-cli-pubsub-emulator 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends google-cloud-cli-pubsub-emulator >/dev/null
+  fi
+  pubsub_emulator || {
+    echo "install-deps: the Pub/Sub emulator is missing: install google-cloud-cli-pubsub-emulator from Google's apt repository (https://cloud.google.com/sdk/docs/install#deb) or run \`gcloud components install pubsub-emulator\`" >&2
+    exit 1
+  }
 fi
 # binfmt_misc handlers for ARM binaries with flag F (the interpreter is opened now, so it also
 # runs inside FROM-scratch containers): what systemd-binfmt does at boot where systemd runs.

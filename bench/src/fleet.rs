@@ -115,6 +115,33 @@ pub struct Args {
     replicas: Vec<usize>,
 }
 
+impl Args {
+    /// The load alone (no database case), as fast as the broker takes it: for other benchmarks
+    /// that reuse these publishers (`ember-bench bridge`).
+    pub(crate) fn load(
+        devices: usize,
+        records: usize,
+        channels: usize,
+        connections: usize,
+    ) -> Args {
+        Args {
+            db: Vec::new(),
+            devices,
+            records,
+            channels,
+            rate: 0.0,
+            connections,
+            batch_max_records: None,
+            batch_max_delay_ms: None,
+            channel_capacity: None,
+            max_connections: None,
+            fleet_bin: None,
+            no_baselines: false,
+            replicas: vec![1],
+        }
+    }
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum DbCase {
     Sqlite,
@@ -345,7 +372,7 @@ pub(crate) fn sibling_binary(name: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
@@ -362,14 +389,14 @@ fn now_us() -> u64 {
 
 /// Counters shared by the publishers and the harness.
 #[derive(Default)]
-struct Load {
+pub(crate) struct Load {
     /// Telemetry records handed to the MQTT clients (QoS 1).
     records: AtomicU64,
     /// Messages of any kind handed to the clients, and PUBACKs received for them.
     messages: AtomicU64,
     acks: AtomicU64,
     /// Records the downstream (the fleet, or the plain subscriber) has taken.
-    downstream: AtomicU64,
+    pub(crate) downstream: AtomicU64,
     /// Microseconds publishers spent held back by `LAG_CAP`.
     held_back_us: AtomicU64,
     /// Set to stop publishing telemetry (final statuses follow).
@@ -521,10 +548,10 @@ fn device_ids(n: usize) -> Vec<String> {
 }
 
 /// A publisher task; it returns each of its devices' last seq.
-type Publisher = tokio::task::JoinHandle<Result<Vec<(String, u64)>>>;
+pub(crate) type Publisher = tokio::task::JoinHandle<Result<Vec<(String, u64)>>>;
 
 /// Starts the publishers; each connection carries every `connections`-th device.
-fn start_load(port: u16, args: &Args, load: &Arc<Load>) -> Vec<Publisher> {
+pub(crate) fn start_load(port: u16, args: &Args, load: &Arc<Load>) -> Vec<Publisher> {
     let ids = device_ids(args.devices);
     (0..args.connections)
         .map(|c| {
@@ -541,7 +568,7 @@ fn start_load(port: u16, args: &Args, load: &Arc<Load>) -> Vec<Publisher> {
 
 /// Stops the publishers and waits until they sent their final statuses and every message
 /// was acknowledged; returns every device's last seq.
-async fn stop_load(load: &Load, tasks: Vec<Publisher>) -> Result<Vec<(String, u64)>> {
+pub(crate) async fn stop_load(load: &Load, tasks: Vec<Publisher>) -> Result<Vec<(String, u64)>> {
     load.stop.store(true, Ordering::Relaxed);
     let mut seqs = Vec::new();
     for t in tasks {
@@ -554,7 +581,7 @@ async fn stop_load(load: &Load, tasks: Vec<Publisher>) -> Result<Vec<(String, u6
 
 /// Records/s the broker delivers to one plain QoS 1 subscriber (shared subscription, automatic
 /// acknowledgements, nothing decoded) from the same publishers.
-async fn broker_delivery(args: &Args, measure: Duration) -> Result<f64> {
+pub(crate) async fn broker_delivery(args: &Args, measure: Duration) -> Result<f64> {
     let broker = TestBroker::start();
     let load = Arc::new(Load::default());
     let mut o = MqttOptions::new("bench-plain-subscriber", "127.0.0.1", broker.port());
@@ -718,7 +745,7 @@ impl Drop for FleetProcess {
 }
 
 /// utime + stime of a process, in seconds (clock ticks of 1/100 s, Linux's `USER_HZ`).
-fn proc_cpu(pid: u32) -> f64 {
+pub(crate) fn proc_cpu(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return f64::NAN;
     };

@@ -10,12 +10,14 @@
 //! target/release/ember-bench rollout              # 1,000-device staged rollout (rollout.rs)
 //! cargo build --release -p ember-agent -p ember-fleet -p ember-bench
 //! target/release/ember-bench --seconds 20 ack     # end-to-end acknowledgement: cost, latency (ack.rs)
+//! target/release/ember-bench --seconds 20 bridge  # MQTT to Pub/Sub emulator (bridge.rs)
 //! ```
 //!
 //! Cases are declared in `cases()`: what load, which configuration, what is measured. Every
 //! broker is a real Mosquitto on an ephemeral 127.0.0.1 port; every agent is the real binary.
 
 mod ack;
+mod bridge;
 mod fleet;
 mod rollout;
 
@@ -52,6 +54,9 @@ enum Cmd {
     /// (with --include-downloads, every device also downloads and checks the bundle), against
     /// publishing the same number of retained messages.
     Rollout(rollout::Args),
+    /// `ember-fleet bridge` (MQTT to Pub/Sub) into the Pub/Sub emulator: messages/s and
+    /// records/s, against the broker's plain delivery in the same run.
+    Bridge(bridge::Args),
     /// End-to-end acknowledgement: throughput with and without it through a real fleet, against
     /// both ceilings, and the sensor-to-database latency at 1,000 records/s per device.
     Ack(ack::Args),
@@ -105,6 +110,7 @@ fn main() -> Result<()> {
         Cmd::Fleet(args) => rt.block_on(fleet::run(args, measure)),
         Cmd::Rollout(args) => rt.block_on(rollout::run(args)),
         Cmd::Ack(args) => rt.block_on(ack::run(args, measure)),
+        Cmd::Bridge(args) => rt.block_on(bridge::run(args, measure)),
     }
 }
 

@@ -212,6 +212,7 @@ def gcp_fleet_roles_minimal(c: Config) -> None:
     got = sorted((t, r, tgt) for t, r, tgt, _ in g)
     want = sorted([
         ("google_pubsub_subscription_iam_member", "roles/pubsub.subscriber", "${google_pubsub_subscription.fleet.id}"),
+        ("google_pubsub_topic_iam_member", "roles/pubsub.publisher", "${google_pubsub_topic.dead_letter.id}"),
         ("google_storage_bucket_iam_member", "roles/storage.objectAdmin", "${each.value.name}"),
         ("google_project_iam_member", "roles/cloudsql.client", "${var.project_id}"),
     ])

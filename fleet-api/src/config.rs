@@ -93,6 +93,8 @@ pub struct RawConfig {
     pub shutdown: RawShutdown,
     #[serde(default)]
     pub models: RawModels,
+    /// `[bridge]`: `ember-fleet bridge` (MQTT to Google Pub/Sub); ignored by the service.
+    pub bridge: Option<RawBridge>,
 }
 
 /// `[models]`: the model registry.
@@ -183,10 +185,11 @@ pub struct RawIngest {
     pub batch_max_delay_ms: Option<u64>,
     pub channel_capacity: Option<usize>,
     pub aggregate_channels: Option<usize>,
-    /// `"mqtt"` (default), `"kinesis"` or `"eventhubs"`.
+    /// `"mqtt"` (default), `"kinesis"`, `"eventhubs"` or `"pubsub"`.
     pub source: Option<String>,
     pub kinesis: Option<RawKinesis>,
     pub eventhubs: Option<RawEventHubs>,
+    pub pubsub: Option<RawPubSub>,
 }
 
 /// `[desired]`: where desired states go.
@@ -271,6 +274,8 @@ pub struct Settings {
     pub retention: RetentionSettings,
     pub shutdown: ShutdownSettings,
     pub models: ModelSettings,
+    /// `[bridge]`, for `ember-fleet bridge` only.
+    pub bridge: Option<BridgeSettings>,
 }
 
 /// Where the registry keeps bundle bytes.
@@ -420,6 +425,9 @@ pub enum IngestSource {
     /// An Azure Event Hub over AMQP 1.0 (IoT Hub's built-in endpoint): partition leases in the
     /// database, checkpoint (sequence number) in the batch's transaction.
     EventHubs(EventHubsSettings),
+    /// A Google Pub/Sub subscription that `ember-fleet bridge` fills (acknowledged after the
+    /// batch's commit).
+    PubSub(PubSubSettings),
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -686,13 +694,34 @@ impl Settings {
         let i = raw.ingest;
         let source = match i.source.as_deref() {
             Some("eventhubs") => {
-                if i.kinesis.is_some() {
+                if i.kinesis.is_some() || i.pubsub.is_some() {
                     return Err(invalid(
                         "ingest.kinesis",
                         "is set but ingest.source is not \"kinesis\"",
                     ));
                 }
                 IngestSource::EventHubs(resolve_eventhubs(i.eventhubs.unwrap_or_default())?)
+            }
+            Some("pubsub") => {
+                if i.kinesis.is_some() {
+                    return Err(invalid(
+                        "ingest.kinesis",
+                        "is set but ingest.source is not \"kinesis\"",
+                    ));
+                }
+                if i.eventhubs.is_some() {
+                    return Err(invalid(
+                        "ingest.eventhubs",
+                        "is set but ingest.source is not \"eventhubs\"",
+                    ));
+                }
+                IngestSource::PubSub(resolve_pubsub(i.pubsub)?)
+            }
+            _ if i.pubsub.is_some() => {
+                return Err(invalid(
+                    "ingest.pubsub",
+                    "is set but ingest.source is not \"pubsub\"",
+                ));
             }
             other => {
                 if i.eventhubs.is_some() {
@@ -776,6 +805,7 @@ impl Settings {
             retention,
             shutdown,
             models,
+            bridge: raw.bridge.map(resolve_bridge).transpose()?,
         })
     }
 
@@ -905,7 +935,7 @@ fn resolve_ingest_source(
         }
         _ => Err(invalid(
             "ingest.source",
-            "must be \"mqtt\", \"kinesis\" or \"eventhubs\"",
+            "must be \"mqtt\", \"kinesis\", \"eventhubs\" or \"pubsub\"",
         )),
     }
 }
@@ -1063,6 +1093,168 @@ fn resolve_azure_twin(t: RawAzureTwin) -> Result<AzureTwinSettings, ConfigError>
         connection_string_file,
         endpoint: t.endpoint,
         token_ttl_s,
+/// `[ingest.pubsub]`: the Google Pub/Sub subscription that `ember-fleet bridge` fills
+/// (terraform/gcp creates it with message ordering on).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPubSub {
+    /// The subscription: an id in `project`, or `projects/<project>/subscriptions/<id>`.
+    pub subscription: Option<String>,
+    /// The Google Cloud project (default: from a full name, the metadata server on GKE, or
+    /// the emulator's default).
+    pub project: Option<String>,
+    /// Where messages the fleet refuses go (an id in `project` or `projects/<p>/topics/<id>`),
+    /// published by the fleet itself before it acknowledges them; unset: they are only stored
+    /// as rejects.
+    pub dead_letter_topic: Option<String>,
+    /// Messages Pub/Sub may have outstanding at this replica (flow control).
+    pub max_outstanding: Option<i64>,
+    /// The ack deadline the streaming pull asks for, seconds (10-600).
+    pub ack_deadline_s: Option<i32>,
+}
+
+/// `[bridge]`: `ember-fleet bridge`, MQTT to Google Pub/Sub.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBridge {
+    /// The topic: an id in `project`, or `projects/<project>/topics/<id>`.
+    pub topic: Option<String>,
+    pub project: Option<String>,
+    /// The bridges' shared-subscription group (not the fleet's: they must not split messages
+    /// with a fleet that reads the same broker).
+    pub share_group: Option<String>,
+    /// Device messages taken from the broker and not yet acknowledged by Pub/Sub (the MQTT 5
+    /// Receive Maximum the bridge announces, 1-65535).
+    pub max_in_flight: Option<usize>,
+}
+
+/// Resolved `[ingest.pubsub]`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PubSubSettings {
+    pub subscription: String,
+    pub project: Option<String>,
+    pub dead_letter_topic: Option<String>,
+    pub max_outstanding: i64,
+    pub ack_deadline_s: i32,
+}
+
+/// Resolved `[bridge]`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BridgeSettings {
+    pub topic: String,
+    pub project: Option<String>,
+    pub share_group: String,
+    pub max_in_flight: usize,
+}
+
+/// Default `ingest.pubsub.max_outstanding`.
+pub const DEFAULT_PUBSUB_MAX_OUTSTANDING: i64 = 1000;
+/// Default `ingest.pubsub.ack_deadline_s`: far above a batch's commit time.
+pub const DEFAULT_PUBSUB_ACK_DEADLINE_S: i32 = 60;
+/// Default `bridge.share_group`.
+pub const DEFAULT_BRIDGE_SHARE_GROUP: &str = "ember-bridge";
+/// Default `bridge.max_in_flight`.
+pub const DEFAULT_BRIDGE_MAX_IN_FLIGHT: usize = 1000;
+
+/// Checks a Pub/Sub resource name: an id, or `projects/<project>/<kind>/<id>`.
+fn check_pubsub_name(key: &str, name: &str, kind: &str) -> Result<(), ConfigError> {
+    let id = match name.strip_prefix("projects/") {
+        Some(rest) => {
+            let mut parts = rest.split('/');
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some(p), Some(k), Some(id), None) if !p.is_empty() && k == kind => id,
+                _ => {
+                    return Err(invalid(
+                        key,
+                        format!("must be an id or projects/<project>/{kind}/<id>"),
+                    ));
+                }
+            }
+        }
+        None => name,
+    };
+    let ok = (3..=255).contains(&id.len())
+        && id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.~+%".contains(c));
+    if !ok {
+        return Err(invalid(
+            key,
+            "must be 3-255 characters: a letter first, then letters, digits and - _ . ~ + %",
+        ));
+    }
+    Ok(())
+}
+
+fn resolve_pubsub(raw: Option<RawPubSub>) -> Result<PubSubSettings, ConfigError> {
+    let p = raw.unwrap_or_default();
+    let subscription = p.subscription.filter(|s| !s.is_empty()).ok_or_else(|| {
+        invalid(
+            "ingest.pubsub.subscription",
+            "is required with ingest.source = \"pubsub\" (terraform output pubsub.subscription)",
+        )
+    })?;
+    check_pubsub_name("ingest.pubsub.subscription", &subscription, "subscriptions")?;
+    if let Some(t) = &p.dead_letter_topic {
+        check_pubsub_name("ingest.pubsub.dead_letter_topic", t, "topics")?;
+    }
+    let max_outstanding = p.max_outstanding.unwrap_or(DEFAULT_PUBSUB_MAX_OUTSTANDING);
+    if !(1..=1_000_000).contains(&max_outstanding) {
+        return Err(invalid(
+            "ingest.pubsub.max_outstanding",
+            "must be 1-1000000",
+        ));
+    }
+    let ack_deadline_s = p.ack_deadline_s.unwrap_or(DEFAULT_PUBSUB_ACK_DEADLINE_S);
+    if !(10..=600).contains(&ack_deadline_s) {
+        return Err(invalid(
+            "ingest.pubsub.ack_deadline_s",
+            "must be 10-600 (Pub/Sub's limits)",
+        ));
+    }
+    Ok(PubSubSettings {
+        subscription,
+        project: p.project.filter(|s| !s.is_empty()),
+        dead_letter_topic: p.dead_letter_topic,
+        max_outstanding,
+        ack_deadline_s,
+    })
+}
+
+fn resolve_bridge(raw: RawBridge) -> Result<BridgeSettings, ConfigError> {
+    let topic = raw.topic.filter(|s| !s.is_empty()).ok_or_else(|| {
+        invalid(
+            "bridge.topic",
+            "is required for ember-fleet bridge (terraform output pubsub.topic)",
+        )
+    })?;
+    check_pubsub_name("bridge.topic", &topic, "topics")?;
+    let share_group = raw
+        .share_group
+        .unwrap_or_else(|| DEFAULT_BRIDGE_SHARE_GROUP.to_string());
+    if share_group.is_empty()
+        || share_group
+            .chars()
+            .any(|c| matches!(c, '/' | '+' | '#') || c.is_whitespace())
+    {
+        return Err(invalid(
+            "bridge.share_group",
+            "must be non-empty, without '/', '+', '#' or spaces (several bridges split the messages)",
+        ));
+    }
+    let max_in_flight = raw.max_in_flight.unwrap_or(DEFAULT_BRIDGE_MAX_IN_FLIGHT);
+    if !(1..=65_535).contains(&max_in_flight) {
+        return Err(invalid(
+            "bridge.max_in_flight",
+            "must be 1-65535 (it is the MQTT 5 Receive Maximum)",
+        ));
+    }
+    Ok(BridgeSettings {
+        topic,
+        project: raw.project.filter(|s| !s.is_empty()),
+        share_group,
+        max_in_flight,
     })
 }
 
@@ -1259,6 +1451,9 @@ const STRING_KEYS: &[&str] = &[
     "http.listen",
     "log.level",
     "log.format",
+    "bridge.topic",
+    "bridge.project",
+    "bridge.share_group",
 ];
 
 /// `EMBER_FLEET_<KEY>` / `EMBER_FLEET_<SECTION>__<KEY>` (names in `ember_host::env::RESERVED`,
@@ -1434,6 +1629,36 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_pubsub_source_and_the_bridge_resolve() {
+        let s = Settings::from_toml(
+            "[ingest]\nsource = \"pubsub\"\n[ingest.pubsub]\n\
+             subscription = \"projects/p1/subscriptions/ember-fleet\"\n\
+             dead_letter_topic = \"ember-dead\"\n\
+             [bridge]\ntopic = \"projects/p1/topics/ember-ingest\"\n",
+            "test",
+            Vec::new(),
+        )
+        .unwrap();
+        let IngestSource::PubSub(p) = &s.ingest.source else {
+            panic!("{:?}", s.ingest.source)
+        };
+        assert_eq!(p.subscription, "projects/p1/subscriptions/ember-fleet");
+        assert_eq!(p.dead_letter_topic.as_deref(), Some("ember-dead"));
+        assert_eq!(p.max_outstanding, DEFAULT_PUBSUB_MAX_OUTSTANDING);
+        assert_eq!(p.ack_deadline_s, DEFAULT_PUBSUB_ACK_DEADLINE_S);
+        let b = s.bridge.unwrap();
+        assert_eq!(b.topic, "projects/p1/topics/ember-ingest");
+        assert_eq!(b.share_group, DEFAULT_BRIDGE_SHARE_GROUP);
+        assert_eq!(b.max_in_flight, DEFAULT_BRIDGE_MAX_IN_FLIGHT);
+        let env = vec![(
+            "EMBER_FLEET_BRIDGE__TOPIC".to_string(),
+            "projects/p2/topics/other".to_string(),
+        )];
+        let s = Settings::from_toml("[bridge]\ntopic = \"abc\"\n", "test", env).unwrap();
+        assert_eq!(s.bridge.unwrap().topic, "projects/p2/topics/other");
+    }
+
     /// Finding 8 of issue 16: a persistent session under an id that changes when the process
     /// is replaced (the default from a generated host name, an unexpanded variable) is refused
     /// at start, naming the key and the fix; a StatefulSet's stable name is accepted.
@@ -1527,6 +1752,29 @@ mod tests {
                 "mqtt.session_expiry_s",
             ),
             ("[mqtt]\nshare_group = \"a/b\"", "mqtt.share_group"),
+            (
+                "[ingest]\nsource = \"pubsub\"",
+                "ingest.pubsub.subscription",
+            ),
+            ("[ingest.pubsub]\nsubscription = \"sub1\"", "ingest.pubsub"),
+            (
+                "[ingest]\nsource = \"pubsub\"\n[ingest.pubsub]\nsubscription = \"projects/p/topics/t12\"",
+                "ingest.pubsub.subscription",
+            ),
+            (
+                "[ingest]\nsource = \"pubsub\"\n[ingest.pubsub]\nsubscription = \"sub1\"\nack_deadline_s = 5",
+                "ingest.pubsub.ack_deadline_s",
+            ),
+            ("[bridge]\nmax_in_flight = 10", "bridge.topic"),
+            ("[bridge]\ntopic = \"t1\"", "bridge.topic"),
+            (
+                "[bridge]\ntopic = \"topic1\"\nmax_in_flight = 0",
+                "bridge.max_in_flight",
+            ),
+            (
+                "[bridge]\ntopic = \"topic1\"\nshare_group = \"\"",
+                "bridge.share_group",
+            ),
             ("[mqtt]\npassword = \"p\"", "mqtt.password"),
             ("[database]\nurl = \"mysql://x\"", "database.url"),
             (

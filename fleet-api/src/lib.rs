@@ -28,6 +28,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod bridge;
 pub mod cli;
 pub mod cloud;
 pub mod config;

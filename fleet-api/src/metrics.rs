@@ -241,6 +241,48 @@ const FAMILIES: &[Family] = &[
         help: "Twin desired-property PATCHes to IoT Hub (desired.sink = \"azure-twin\"): accepted (`ok`), throttled (`throttled`, 429, retried after Retry-After), failed and retried (`retry`) or refused (`error`).",
     },
     Family {
+        name: "pubsub_messages_total",
+        kind: Kind::Counter,
+        labels: &["outcome"],
+        help: "Pub/Sub messages read (ingest.source = \"pubsub\"): handed to the writer (`message`), refused before storing and stored as a reject (`refused`), of which copied to the dead-letter topic (`dead_lettered`).",
+    },
+    Family {
+        name: "pubsub_acks_total",
+        kind: Kind::Counter,
+        labels: &["outcome"],
+        help: "Pub/Sub acknowledgements after commit: `acked`, or `failed` (Pub/Sub delivers the message again; it is deduplicated).",
+    },
+    Family {
+        name: "pubsub_errors_total",
+        kind: Kind::Counter,
+        labels: &["kind"],
+        help: "Failed Pub/Sub calls, by what failed (`subscribe`, `dead_letter`, `ack`), retried with backoff.",
+    },
+    Family {
+        name: "bridge_messages_total",
+        kind: Kind::Counter,
+        labels: &["channel", "outcome"],
+        help: "`ember-fleet bridge`: device messages published to Pub/Sub and then acknowledged to the broker (`published`), or QoS 0 heartbeats dropped while the in-flight window was full (`dropped`).",
+    },
+    Family {
+        name: "bridge_in_flight",
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "`ember-fleet bridge`: messages taken from the broker and not yet acknowledged by Pub/Sub (at most bridge.max_in_flight).",
+    },
+    Family {
+        name: "bridge_publish_seconds",
+        kind: Kind::Histogram(SECONDS_BUCKETS),
+        labels: &[],
+        help: "`ember-fleet bridge`: from taking a message from the broker to Pub/Sub's acknowledgement of it.",
+    },
+    Family {
+        name: "bridge_publish_errors_total",
+        kind: Kind::Counter,
+        labels: &[],
+        help: "`ember-fleet bridge`: publishes Pub/Sub failed after its client's retries; the bridge publishes the message again (it is never acknowledged to the broker before).",
+    },
+    Family {
         name: "acks_skipped_total",
         kind: Kind::Counter,
         labels: &[],

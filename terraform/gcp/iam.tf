@@ -4,6 +4,7 @@
 # by scripts/up.sh): pods get short-lived tokens from the GKE metadata server.
 #
 #   ember-fleet  (KSA ember/ember-fleet):  pubsub.subscriber on the fleet subscription;
+#                pubsub.publisher on the dead-letter topic (the copies of refused messages);
 #                storage.objectAdmin on the models and lake buckets; cloudsql.client (through
 #                the Auth Proxy sidecar), conditioned on the one instance
 #   ember-bridge (KSA ember/ember-bridge): pubsub.publisher on the ingest topic
@@ -38,6 +39,13 @@ resource "google_pubsub_subscription_iam_member" "fleet_subscriber" {
   subscription = google_pubsub_subscription.fleet.id
   role         = "roles/pubsub.subscriber"
   member       = "serviceAccount:${google_service_account.fleet.email}"
+}
+
+# Fleet: copy the messages it refuses to the dead-letter topic (before acknowledging them).
+resource "google_pubsub_topic_iam_member" "fleet_dead_letter_publisher" {
+  topic  = google_pubsub_topic.dead_letter.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${google_service_account.fleet.email}"
 }
 
 # Fleet: the model store and the lake, these two buckets only.

@@ -14,8 +14,9 @@ resource "local_file" "fleet_toml" {
   filename        = "${local.k8s_dir}/fleet.toml"
   file_permission = "0644"
   content = templatefile("${path.module}/templates/fleet.toml.tftpl", {
-    models_bucket = google_storage_bucket.ember["models"].name
-    subscription  = google_pubsub_subscription.fleet.id
+    models_bucket     = google_storage_bucket.ember["models"].name
+    subscription      = google_pubsub_subscription.fleet.id
+    dead_letter_topic = google_pubsub_topic.dead_letter.id
   })
 }
 

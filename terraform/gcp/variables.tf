@@ -163,9 +163,9 @@ variable "state_dir" {
 }
 
 variable "bridge_replicas" {
-  description = "Replicas of ember-bridge (MQTT to Pub/Sub). 0 until `ember-fleet bridge` ships (issue 18): until then the fleet reads the broker directly."
+  description = "Replicas of ember-bridge (`ember-fleet bridge`: MQTT to Pub/Sub, which the fleet reads). At least 1, or no device message reaches the fleet."
   type        = number
-  default     = 0
+  default     = 2
   validation {
     condition     = var.bridge_replicas >= 0 && var.bridge_replicas <= 16 && floor(var.bridge_replicas) == var.bridge_replicas
     error_message = "bridge_replicas must be a whole number from 0 to 16."

@@ -71,6 +71,10 @@ pub enum Command {
     /// Staged model rollouts over the fleet's HTTP API: create, list, show, pause, resume,
     /// abort, rollback.
     Rollout(rollout::RolloutArgs),
+    /// Forward the devices' messages from the broker to a Google Pub/Sub topic (`[bridge]`,
+    /// `[mqtt]`; metrics and health on `http.listen`), for a fleet with
+    /// `ingest.source = "pubsub"` (GKE, terraform/gcp).
+    Bridge,
     /// Ask a running fleet's /api/v1/health (no token): exits 0 when it answers 200 (database
     /// answers, broker subscribed), 1 otherwise. The container images' health check.
     Health(HealthArgs),
@@ -201,6 +205,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Ok(())
         }
         Command::Run => serve(settings),
+        Command::Bridge => bridge(settings),
         Command::Migrate => migrate(settings),
         Command::Token(cmd) => token::run(settings, cmd),
         Command::Pki(_) | Command::Rollout(_) | Command::Model(_) | Command::Health(_) => Ok(()),
@@ -254,6 +259,23 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         ember_host::signals::spawn_two_stage(shutdown.clone(), force.clone(), SIGNALS)
             .context("cannot install the SIGTERM/SIGINT handlers")?;
         crate::run(settings, listener, shutdown, force).await?;
+        Ok(())
+    })
+}
+
+/// `ember-fleet bridge`: the broker to Pub/Sub until a signal (see [`crate::bridge`]).
+fn bridge(settings: Settings) -> anyhow::Result<()> {
+    if settings.bridge.is_none() {
+        return Err(crate::bridge::BridgeError::NotConfigured.into());
+    }
+    init_logging(&settings);
+    runtime()?.block_on(async move {
+        let listener = crate::bridge::bind(&settings).await?;
+        let shutdown = CancellationToken::new();
+        let force = CancellationToken::new();
+        ember_host::signals::spawn_two_stage(shutdown.clone(), force.clone(), SIGNALS)
+            .context("cannot install the SIGTERM/SIGINT handlers")?;
+        crate::bridge::run(std::sync::Arc::new(settings), listener, shutdown, force).await?;
         Ok(())
     })
 }

@@ -3,3 +3,4 @@
 //! ([`crate::ota::rollout::sink`]) other than the MQTT broker.
 
 pub mod aws;
+pub mod gcp;

@@ -22,6 +22,7 @@ mod kinesis;
 mod live;
 mod models;
 mod ota;
+mod pubsub;
 mod python;
 mod replicas;
 mod rollout_service;

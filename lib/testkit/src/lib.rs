@@ -9,6 +9,7 @@
 //! * [`TestS3`]: a private S3-compatible server (`moto`) on an ephemeral 127.0.0.1 port.
 //! * [`TestRabbitMq`]: a private RabbitMQ with its AMQP 1.0 plugin on an ephemeral 127.0.0.1
 //!   port (the Event Hubs source's transport test).
+//! * [`TestPubSub`]: a private Google Pub/Sub emulator on an ephemeral 127.0.0.1 port.
 //! * [`docs`]: sections of the Markdown docs generated from the code (metric tables), checked
 //!   by a test that prints the fix.
 //! * [`bundles`]: signed variants of the committed model bundles (development key).
@@ -43,6 +44,7 @@ pub mod iot_core;
 pub mod node;
 mod postgres;
 mod rabbitmq;
+mod pubsub;
 mod s3;
 mod subscriber;
 pub mod tls;
@@ -54,6 +56,7 @@ pub use agent::{Metrics, TestAgent, TestAgentBuilder, parse_prometheus, tail};
 pub use broker::TestBroker;
 pub use postgres::{PG_BIN_DIR, TestPostgres};
 pub use rabbitmq::{RABBITMQ_PASSWORD, RABBITMQ_USER, TestRabbitMq};
+pub use pubsub::{PUBSUB_PROJECT, Pulled, TestPubSub};
 pub use s3::{S3Answer, TestS3};
 pub use subscriber::{InferenceLog, RecordSeen, StreamLog, Subscriber, SubscriberView};
 

@@ -51,6 +51,7 @@ pub mod classify;
 pub mod commits;
 pub mod eventhubs;
 pub mod kinesis;
+pub mod pubsub;
 pub mod source;
 pub mod writer;
 
@@ -204,6 +205,13 @@ pub async fn run(
         let k = k.clone();
         return kinesis::run(
             settings, k, db, metrics, state, events, rollouts, shutdown, force,
+        )
+        .await;
+    }
+    if let crate::config::IngestSource::PubSub(p) = &settings.ingest.source {
+        let p = p.clone();
+        return pubsub::run(
+            settings, p, db, metrics, state, events, rollouts, shutdown, force,
         )
         .await;
     }

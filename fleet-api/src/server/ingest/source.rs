@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::IngestState;
-use super::classify::classify;
+use super::classify::{Item, Reject, classify};
 use super::writer::{AckToken, Inbound};
 use crate::db::{Db, Sql, now_us};
 use crate::metrics::Metrics;
@@ -113,8 +113,28 @@ impl Intake {
     /// Classifies `m` (size, schema, device match, exactly as for MQTT) and queues it for the
     /// writer, waiting while the channel is full.
     pub async fn send(&self, m: SourceMessage) -> Result<(), Closed> {
+        let item = self.classify(&m);
+        self.send_classified(m, item).await
+    }
+
+    /// Classifies `m` as [`Intake::send`] does, for a source that acts on a refusal before
+    /// handing the message over (the Pub/Sub source copies it to its dead-letter topic).
+    pub fn classify(&self, m: &SourceMessage) -> Result<Item, Reject> {
         let topic = format!("{}/{}/{}", ember_proto::topic::PREFIX, m.device, m.channel);
-        let item = classify(&topic, &m.payload, self.max_payload_bytes);
+        classify(&topic, &m.payload, self.max_payload_bytes)
+    }
+
+    /// True once the writer is gone.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Queues `m` with what [`Intake::classify`] made of it.
+    pub async fn send_classified(
+        &self,
+        m: SourceMessage,
+        item: Result<Item, Reject>,
+    ) -> Result<(), Closed> {
         let (ack, checkpoint) = match m.ack {
             Settle::Nothing => (None, None),
             Settle::After(t) => (Some(t), None),
