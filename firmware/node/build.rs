@@ -209,11 +209,19 @@ mod model {
         let _ = writeln!(o, "pub const GOLDEN_TOLERANCE: f32 = {};", lit(tolerance));
         let n = vectors.len();
         let mut notes = Vec::new();
-        let _ = writeln!(o, "pub static GOLDEN_INPUTS: [[f32; {}]; {n}] = [", channels * window);
+        let _ = writeln!(
+            o,
+            "pub static GOLDEN_INPUTS: [[f32; {}]; {n}] = [",
+            channels * window
+        );
         let mut outputs = String::new();
         for (i, v) in vectors.iter().enumerate() {
             let input = floats(&bundle, &v["input"], &format!("golden.vectors[{i}].input"));
-            let output = floats(&bundle, &v["output"], &format!("golden.vectors[{i}].output"));
+            let output = floats(
+                &bundle,
+                &v["output"],
+                &format!("golden.vectors[{i}].output"),
+            );
             if input.len() != channels * window || output.len() != classes {
                 fail(&bundle, &format!("golden.vectors[{i}] has the wrong size"));
             }
@@ -222,7 +230,10 @@ mod model {
             notes.push(v["note"].as_str().unwrap_or("").to_string());
         }
         let _ = writeln!(o, "];");
-        let _ = writeln!(o, "pub static GOLDEN_OUTPUTS: [[f32; {classes}]; {n}] = [\n{outputs}];");
+        let _ = writeln!(
+            o,
+            "pub static GOLDEN_OUTPUTS: [[f32; {classes}]; {n}] = [\n{outputs}];"
+        );
         let _ = writeln!(o, "pub static GOLDEN_NOTES: [&str; {n}] = {notes:?};");
         std::fs::write(out_dir.join("model.rs"), o).expect("write model.rs");
     }

@@ -233,8 +233,7 @@ impl Link {
     fn frame(&mut self, frame: NodeFrame, now_us: u64, out: &mut Vec<Sample>) {
         match frame {
             NodeFrame::Hello(h) => {
-                if !(MIN_LINK_VERSION..=LINK_VERSION).contains(&h.version) && !self.version_warned
-                {
+                if !(MIN_LINK_VERSION..=LINK_VERSION).contains(&h.version) && !self.version_warned {
                     self.version_warned = true;
                     tracing::error!(stream = %self.stream, node = h.version, agent = LINK_VERSION, oldest = MIN_LINK_VERSION, "The serial node speaks another link version: update the node's firmware or the agent.");
                 }

@@ -36,7 +36,10 @@ pub const WINDOW_LEN: usize = CHANNELS * WINDOW;
 
 /// The manifest's golden vectors: raw input windows and the outputs the model must give.
 pub mod golden {
-    pub use super::generated::{GOLDEN_INPUTS as INPUTS, GOLDEN_NOTES as NOTES, GOLDEN_OUTPUTS as OUTPUTS, GOLDEN_TOLERANCE as TOLERANCE};
+    pub use super::generated::{
+        GOLDEN_INPUTS as INPUTS, GOLDEN_NOTES as NOTES, GOLDEN_OUTPUTS as OUTPUTS,
+        GOLDEN_TOLERANCE as TOLERANCE,
+    };
 }
 
 /// Why the model could not be loaded.
@@ -163,7 +166,12 @@ impl NodeModel {
             }
         }
         let x = Tensor::<3>::from_data(TensorData::new(x, [1, CHANNELS, WINDOW]), &self.device);
-        let values = self.net.probabilities(x).into_data().try_into_vec::<f32>().ok()?;
+        let values = self
+            .net
+            .probabilities(x)
+            .into_data()
+            .try_into_vec::<f32>()
+            .ok()?;
         values.try_into().ok()
     }
 }

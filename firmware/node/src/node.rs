@@ -747,7 +747,11 @@ mod tests {
             [(0, 4, 3.0), (1, 6, 5.0), (2, 8, 7.0)]
         );
         assert_eq!(
-            (results[0].window_start_us, results[0].ts_us, results[0].cycles),
+            (
+                results[0].window_start_us,
+                results[0].ts_us,
+                results[0].cycles
+            ),
             (10_000, 40_000, 1234)
         );
         assert_eq!(n.status().next_seq, 3, "seq numbers results");
@@ -768,7 +772,10 @@ mod tests {
                 from_seq: 1
             })
         );
-        assert_eq!(again[1..], [NodeFrame::Result(results[1]), NodeFrame::Result(results[2])]);
+        assert_eq!(
+            again[1..],
+            [NodeFrame::Result(results[1]), NodeFrame::Result(results[2])]
+        );
     }
 
     #[test]
@@ -778,7 +785,11 @@ mod tests {
             n.tick();
         }
         assert_eq!(n.status().overruns, 5);
-        assert_eq!(n.take_sample().map(|s| s.n), Some(5), "the oldest were dropped");
+        assert_eq!(
+            n.take_sample().map(|s| s.n),
+            Some(5),
+            "the oldest were dropped"
+        );
         // A node without a model ignores results.
         let mut plain = node();
         plain.push_result(

@@ -13,8 +13,14 @@ pub fn start(syst: &mut SYST, rate_hz: u16) {
     syst.set_clock_source(SystClkSource::Core);
     syst.set_reload(crate::SYSCLK_HZ / rate - 1);
     syst.clear_current();
+    PERIODS.store(0, Ordering::Relaxed);
     syst.enable_interrupt();
     syst.enable_counter();
+    // The cleared counter reads 0 until its first reload: wait for that, so the first
+    // `Instant::now` does not take it for the end of a period.
+    while SYST::get_current() == 0 {
+        core::hint::spin_loop();
+    }
 }
 
 pub fn stop(syst: &mut SYST) {
@@ -44,7 +50,11 @@ impl Instant {
             let current = SYST::get_current();
             if !SCB::is_pendst_pending() && PERIODS.load(Ordering::Relaxed) == periods {
                 let period = SYST::get_reload() + 1;
-                return Instant(periods.wrapping_mul(period).wrapping_add(period - 1 - current));
+                return Instant(
+                    periods
+                        .wrapping_mul(period)
+                        .wrapping_add(period - 1 - current),
+                );
             }
         }
     }

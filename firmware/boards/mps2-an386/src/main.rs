@@ -34,7 +34,11 @@ fn main() -> ! {
         min_rate_hz: MIN_RATE_HZ,
         max_rate_hz: MAX_RATE_HZ,
         // Every 10 s at 100 Hz: samples, or (results mode) results at one per hop.
-        status_every: if cfg!(feature = "inference") { 20 } else { 1000 },
+        status_every: if cfg!(feature = "inference") {
+            20
+        } else {
+            1000
+        },
     };
     let node = Node::new(ReplayImu::new(), boot, config);
     #[cfg(feature = "inference")]
@@ -85,7 +89,7 @@ fn main() -> ! {
 /// Results mode: windows of the node's samples through the model.
 #[cfg(feature = "inference")]
 mod model {
-    use ember_node::model::{NodeModel, OUTPUTS, WINDOW, WINDOW_LEN, CHANNELS, HOP};
+    use ember_node::model::{CHANNELS, HOP, NodeModel, OUTPUTS, WINDOW, WINDOW_LEN};
     use ember_node::window::Windower;
     use ember_node_mps2_an386::{clock::Instant, heap};
 
