@@ -89,7 +89,7 @@ fn main() -> ! {
 /// Results mode: windows of the node's samples through the model.
 #[cfg(feature = "inference")]
 mod model {
-    use ember_node::model::{CHANNELS, HOP, NodeModel, OUTPUTS, WINDOW, WINDOW_LEN};
+    use ember_node::model::{CHANNELS, HOP, NodeModel, WINDOW, WINDOW_LEN};
     use ember_node::window::Windower;
     use ember_node_mps2_an386::{clock::Instant, heap};
 
@@ -124,7 +124,6 @@ mod model {
                 // A backend that returned another shape gives no result; the next window
                 // comes as usual (never observed: the shapes are fixed at build).
                 if let Some(outputs) = outputs {
-                    let outputs: [f32; OUTPUTS] = outputs;
                     super::with_node(|n| n.push_result(span, &outputs, cycles));
                 }
             }
