@@ -16,7 +16,8 @@
 #
 # The signing key is an ed25519 private key in PEM (`openssl genpkey -algorithm ed25519`): a
 # file named by EMBER_RELEASE_KEY_FILE, or the PEM text itself in EMBER_RELEASE_KEY (for CI
-# secrets). It is never written anywhere by this script and never committed. Verify with
+# secrets; the script puts that text in a 0600 temporary file it deletes on exit). Never commit
+# it. Verify with
 #   openssl pkeyutl -verify -pubin -inkey release.pub.pem -rawin -in SHA256SUMS -sigfile SHA256SUMS.sig
 #   sha256sum -c SHA256SUMS
 #
