@@ -5,7 +5,8 @@
   ELF's symbols (each symbol name is a JSON object; the symbol's data holds the test function's
   address), boots QEMU once per test with `run_addr <address>` on the semihosting command line,
   and prints libtest's format, ending with the `test result:` line scripts/test.sh counts.
-  Arguments: an optional name filter, `--exact`, `--list`; others that libtest takes are accepted.
+  Arguments: an optional name filter, `--exact`, `--list`, `--nocapture` (print what every test
+  printed over semihosting, not only a failed one's); others that libtest takes are accepted.
 * Any other ELF (the firmware): runs it with UART0 on this process's stdin/stdout until QEMU
   exits (Ctrl-A X) or is killed.
 
@@ -101,6 +102,7 @@ def tests_of(elf):
 def run_tests(elf_path, tests, args):
     exact = "--exact" in args
     listing = "--list" in args
+    nocapture = "--nocapture" in args
     filters = [a for a in args if not a.startswith("-")]
     chosen = [t for t in tests if not filters or any(
         (t["full_name"] == f) if exact else (f in t["full_name"]) for f in filters)]
@@ -134,6 +136,8 @@ def run_tests(elf_path, tests, args):
         if ok:
             passed += 1
             print(f"test {name} ... ok")
+            if nocapture and out.strip():
+                print(out.rstrip())
         else:
             failed += 1
             failures.append((name, code, out))

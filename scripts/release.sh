@@ -6,8 +6,9 @@
 # Writes to DIR (default target/release-artefacts/VERSION):
 #   ember-agent-VERSION-<arch>              stripped release binary (profile.release strips)
 #   ember-agent_VERSION-1_<arch>.deb        the package (cargo-deb; agent/Cargo.toml's metadata)
-#   ember-agent-VERSION.cdx.json            CycloneDX SBOM of ember-agent's dependency tree
-#                                           (cargo-cyclonedx, for every target's features)
+#   ember-agent-VERSION-<arch>.cdx.json     CycloneDX 1.5 SBOM of what each binary is built from
+#                                           (cargo-cyclonedx, then cut down to `cargo tree`'s
+#                                           graph of that target: see the SBOM step below)
 #   SHA256SUMS                              sha256 of every file above
 #   SHA256SUMS.sig                          ed25519 signature of SHA256SUMS (OpenSSL), when a
 #                                           key is given (below); without one the script says
@@ -15,7 +16,8 @@
 #
 # The signing key is an ed25519 private key in PEM (`openssl genpkey -algorithm ed25519`): a
 # file named by EMBER_RELEASE_KEY_FILE, or the PEM text itself in EMBER_RELEASE_KEY (for CI
-# secrets). It is never written anywhere by this script and never committed. Verify with
+# secrets; the script puts that text in a 0600 temporary file it deletes on exit). Never commit
+# it. Verify with
 #   openssl pkeyutl -verify -pubin -inkey release.pub.pem -rawin -in SHA256SUMS -sigfile SHA256SUMS.sig
 #   sha256sum -c SHA256SUMS
 #
@@ -77,13 +79,44 @@ for t in $targets; do
   [[ $(dpkg-deb -f "$deb" Architecture) == "$arch" ]] || die "$deb is not $arch"
 done
 
-say "cargo cyclonedx (SBOM)"
+say "cargo cyclonedx (SBOM per target)"
 sbom_dir=$(mktemp -d)
 trap 'rm -rf "$sbom_dir"' EXIT
-# cargo-cyclonedx writes next to each manifest: generate, then move the agent's into $out.
-cargo cyclonedx --manifest-path agent/Cargo.toml --format json \
-  --override-filename "ember-agent-$VERSION.cdx" >/dev/null
-mv "agent/ember-agent-$VERSION.cdx.json" "$out/"
+# cargo-cyclonedx 0.5 (flags checked against `cargo cyclonedx --help` of 0.5.9):
+# * it writes one file next to EVERY workspace member's Cargo.toml, whatever --manifest-path
+#   says: the agent's is moved into $out, the others deleted;
+# * it lists optional dependencies of dependencies whose features are off (burn-cuda, burn-tch,
+#   wgpu, ...: 553 crates for aarch64 where the binary links 250; upstream issue
+#   CycloneDX/cyclonedx-rust-cargo#766), so its components and graph are cut down to the
+#   crates `cargo tree -e normal` says the target's build uses. Build dependencies are left
+#   out (--no-build-deps): they are not in the binary.
+for t in $targets; do
+  arch=$(arch_of "$t")
+  name="ember-agent-$VERSION-$arch.cdx"
+  cargo cyclonedx --manifest-path agent/Cargo.toml --format json --spec-version 1.5 \
+    --no-build-deps --target "$t" --override-filename "$name" -q
+  mv "agent/$name.json" "$sbom_dir/$name.json"
+  find "$root" -name "$name.json" -not -path "$tgt/*" -delete
+  cargo tree --locked -p ember-agent --target "$t" -e normal --prefix none --format '{p}' \
+    | sed -E 's/ \(.*$//; s/ v/ /' | sort -u >"$sbom_dir/$arch.tree"
+  python3 - "$sbom_dir/$name.json" "$sbom_dir/$arch.tree" "$out/$name.json" <<'PY'
+import json, sys
+bom = json.load(open(sys.argv[1]))
+used = {tuple(l.split(" ", 1)) for l in open(sys.argv[2]).read().splitlines() if l}
+keep = [c for c in bom.get("components", []) if (c["name"], c.get("version")) in used]
+refs = {c["bom-ref"] for c in keep} | {bom["metadata"]["component"]["bom-ref"]}
+bom["components"] = keep
+bom["dependencies"] = [
+    {**d, "dependsOn": [r for r in d.get("dependsOn", []) if r in refs]}
+    for d in bom.get("dependencies", []) if d["ref"] in refs
+]
+missing = len(used) - len(keep) - 1  # the agent itself is the metadata component
+if missing > 0:
+    sys.exit(f"release: the SBOM lacks {missing} crates cargo tree lists")
+json.dump(bom, open(sys.argv[3], "w"), indent=1)
+print(f"release: SBOM {sys.argv[3]}: {len(keep)} crates")
+PY
+done
 
 say "SHA256SUMS"
 (cd "$out" && sha256sum -- * >SHA256SUMS)

@@ -55,11 +55,13 @@ step monitoring python3 scripts/lint-monitoring.py
 step systemd-unit systemd-analyze security --offline=true --threshold=20 agent/debian/ember-agent.service
 # The sensor-node firmware (firmware/, its own workspace): format and lint, the core's unit tests
 # on the host, then the on-target tests on a Cortex-M4F in qemu-system-arm's mps2-an386 (one boot
-# per test, through firmware/qemu-run.py).
+# per test, through firmware/qemu-run.py). With `--features inference` the node runs the int8
+# activity model itself (burn's no_std flex backend): linted, and its on-target test holds it to
+# the bundle's golden vectors (a cold build of burn for thumbv7em adds minutes: docs/hil.md).
 HOST_TRIPLE=$(rustc -vV | sed -n 's/^host: //p')
 step firmware-fmt bash -c 'cd firmware && cargo fmt --all -- --check'
-step firmware-clippy bash -c 'cd firmware && cargo clippy -p ember-node-mps2-an386 --lib --bins --test on_target -- -D warnings && cargo clippy -p ember-node --all-targets --target "$1" -- -D warnings' _ "$HOST_TRIPLE"
-step firmware-tests bash -c 'cd firmware; rc=0; cargo test -p ember-node --target "$1" || rc=1; cargo test -p ember-node-mps2-an386 || rc=1; exit $rc' _ "$HOST_TRIPLE"
+step firmware-clippy bash -c 'cd firmware && cargo clippy -p ember-node-mps2-an386 --lib --bins --test on_target -- -D warnings && cargo clippy -p ember-node-mps2-an386 --features inference --lib --bins --test on_target --test model_on_target -- -D warnings && cargo clippy -p ember-node --features inference -- -D warnings && cargo clippy -p ember-node --all-targets --target "$1" -- -D warnings' _ "$HOST_TRIPLE"
+step firmware-tests bash -c 'cd firmware; rc=0; cargo test -p ember-node --target "$1" || rc=1; cargo test -p ember-node-mps2-an386 || rc=1; cargo test -p ember-node-mps2-an386 --features inference --test model_on_target || rc=1; exit $rc' _ "$HOST_TRIPLE"
 
 # The container path (docs/deploy.md): offline validation of the Kubernetes manifests,
 # Terraform and Dockerfiles, then the images built and the local stack tested on the real

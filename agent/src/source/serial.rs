@@ -44,6 +44,14 @@
 //! agent's clock at the first frame of each boot, so the node's spacing is exact (the two
 //! clocks drift apart by the node's crystal error). `"agent"`: the agent's clock on arrival.
 //!
+//! # Results from a node's own model (link version 3)
+//! A node built with a model (firmware feature `inference`) sends one result per window instead
+//! of samples, numbered as samples are. The source passes each result on as a sample of its
+//! stream whose values are the model's outputs (class probabilities in the model's label order,
+//! or `[score]`), stamped with the window's last sample, with the same ledger, acknowledgements
+//! and `Resume` as samples: the stream then holds the node's results exactly once each. The
+//! node names its model's weights (`Model`, after every hello); the source logs it.
+//!
 //! **Invariant:** malformed input never stops the source: a damaged frame is counted and the
 //! reader resynchronizes at the next COBS delimiter; a line that fails is reopened with
 //! backoff until shutdown.
@@ -54,8 +62,8 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use ember_proto::node::{
-    self as link, FrameError, FrameReader, HostCommand, LINK_VERSION, MAX_FRAME_BYTES, NodeFrame,
-    Pushed, Resumed, SampleFrame,
+    self as link, FrameError, FrameReader, HostCommand, LINK_VERSION, MAX_FRAME_BYTES,
+    MIN_LINK_VERSION, ModelInfo, NodeFrame, Pushed, ResultFrame, Resumed, SampleFrame,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -107,6 +115,8 @@ pub struct Link {
     refused: u64,
     /// A node on another link version is reported once.
     version_warned: bool,
+    /// The model a results-sending node announced last (logged when it changes).
+    model: Option<ModelInfo>,
     /// The latest timestamp handed out: a new boot's clock is anchored no earlier, so the
     /// stream's time never goes back at a reboot.
     last_ts: u64,
@@ -143,6 +153,7 @@ impl Link {
             refused_pending: 0,
             refused: 0,
             version_warned: false,
+            model: None,
             last_ts: 0,
             resuming: false,
             skip_below: None,
@@ -222,9 +233,9 @@ impl Link {
     fn frame(&mut self, frame: NodeFrame, now_us: u64, out: &mut Vec<Sample>) {
         match frame {
             NodeFrame::Hello(h) => {
-                if h.version != LINK_VERSION && !self.version_warned {
+                if !(MIN_LINK_VERSION..=LINK_VERSION).contains(&h.version) && !self.version_warned {
                     self.version_warned = true;
-                    tracing::error!(stream = %self.stream, node = h.version, agent = LINK_VERSION, "The serial node speaks another link version: update the node's firmware or the agent.");
+                    tracing::error!(stream = %self.stream, node = h.version, agent = LINK_VERSION, oldest = MIN_LINK_VERSION, "The serial node speaks another link version: update the node's firmware or the agent.");
                 }
                 // A hello is the first frame of a boot: its numbering starts at 0.
                 self.enter_boot(h.boot, now_us, Some(0), 0);
@@ -237,6 +248,13 @@ impl Link {
             }
             NodeFrame::Sample(s) => self.sample(s, now_us, out),
             NodeFrame::Resumed(r) => self.resumed(r, now_us),
+            NodeFrame::Result(r) => self.sample(result_as_sample(r), now_us, out),
+            NodeFrame::Model(m) => {
+                if self.model != Some(m) {
+                    self.model = Some(m);
+                    tracing::info!(stream = %self.stream, weights_sha256 = %format!("{:016x}", m.weights_sha256), window = m.window, hop = m.hop, outputs = m.outputs, "The serial node runs a model: its stream carries one result per window.");
+                }
+            }
         }
     }
 
@@ -364,6 +382,17 @@ impl Link {
             values: s.values.as_slice().to_vec(),
             origin: Some(origin(s.boot, s.seq)),
         });
+    }
+}
+
+/// A result passes through the ledger as a sample of its position whose values are the
+/// model's outputs, stamped with the window's last sample.
+fn result_as_sample(r: ResultFrame) -> SampleFrame {
+    SampleFrame {
+        boot: r.boot,
+        seq: r.seq,
+        ts_us: r.ts_us,
+        values: r.outputs,
     }
 }
 
@@ -863,6 +892,56 @@ mod tests {
             "the source joined at 7: nothing before it is counted"
         );
         assert_eq!(m.serial_node_reboots.load(Relaxed), 1);
+    }
+
+    fn result(boot: u32, seq: u32) -> NodeFrame {
+        NodeFrame::Result(ResultFrame {
+            boot,
+            seq,
+            window_start_us: 500_000 * seq as u64,
+            ts_us: 500_000 * seq as u64 + 990_000,
+            samples: 100 + 50 * seq,
+            cycles: 1_000,
+            outputs: Values::from_slice(&[seq as f32, 0.25, 0.5, 0.25]).expect("fits"),
+        })
+    }
+
+    #[test]
+    fn a_results_node_s_results_are_the_stream_with_the_same_ledger() {
+        let m = metrics();
+        let mut l = link(&m, SerialTimestamps::Node);
+        let model = NodeFrame::Model(ModelInfo {
+            weights_sha256: 0x0d17_37de_4d3a_1a5c,
+            window: 100,
+            hop: 50,
+            outputs: 4,
+        });
+        let mut line = bytes(&[hello(2), model, result(2, 0), result(2, 1)]);
+        // Result 2 damaged on the line, 3 dropped by the node, 4 arrives.
+        let mut damaged = bytes(&[result(2, 2)]);
+        damaged[4] ^= 0x20;
+        line.extend(damaged);
+        line.extend(bytes(&[result(2, 4)]));
+        let mut out = Vec::new();
+        l.push(&line, 7_000_000, &mut out);
+        assert_eq!(seqs(&out), [0, 1, 4]);
+        assert_eq!(out[0].values, vec![0.0, 0.25, 0.5, 0.25]);
+        assert_eq!(out[1].origin, Some(origin(2, 1)));
+        assert_eq!(
+            out[1].ts_us - out[0].ts_us,
+            500_000,
+            "stamped by the node's clock"
+        );
+        assert_eq!(rejected(&m), (1, 1, 2));
+        // After a restart the source resumes at the result after the last one stored.
+        l.restore(origin(2, 4));
+        assert_eq!(
+            l.resume(),
+            Some(HostCommand::Resume {
+                boot: 2,
+                next_seq: 5
+            })
+        );
     }
 
     /// No durable position: a source that starts fresh.

@@ -19,14 +19,69 @@
 //!   than by an overrun (the ring full): what a crashed host had not stored comes again.
 //! - A command the node cannot decode or accept is counted in `bad_commands` and changes nothing.
 //! - No call blocks or allocates; [`Node::tick`] is short enough for an interrupt handler.
+//!
+//! # Results instead of samples (link version 3)
+//! A node built with a model ([`Node::with_model`]) sends one [`NodeFrame::Result`] per window
+//! instead of the window's samples: [`Node::tick`] puts each sample on a short queue, the
+//! board's main loop takes them ([`Node::take_sample`]) into a [`crate::window::Windower`],
+//! runs the model on each full window outside the interrupt, and hands the outputs back
+//! ([`Node::push_result`]). Then `seq` numbers results, and the ring, acknowledgements and
+//! `Resume` work on results exactly as they do on samples. A [`NodeFrame::Model`] follows every
+//! hello. Samples the main loop fell behind on (the short queue full) are counted in `overruns`
+//! and restart the window (see `window`).
 
 use ember_proto::node::{
     self as link, FrameError, Hello, HostCommand, LINK_VERSION, MAX_CHANNELS, MAX_FRAME_BYTES,
-    NodeFrame, NodeStatus, Resumed, SampleFrame, Values,
+    ModelInfo, NodeFrame, NodeStatus, ResultFrame, Resumed, SampleFrame, Values,
 };
 
 use crate::ring::Ring;
 use crate::sensor::Sensor;
+
+/// Samples that wait for the main loop between the sample clock and the model (results mode):
+/// 64 are 640 ms at 100 Hz, longer than one inference on the boards measured (docs/hil.md).
+pub const PENDING_SAMPLES: usize = 64;
+
+/// What the ring keeps until the host has it: samples, or (results mode) results.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kept {
+    Sample(SampleFrame),
+    Result(ResultFrame),
+}
+
+impl Kept {
+    pub fn seq(&self) -> u32 {
+        match self {
+            Kept::Sample(s) => s.seq,
+            Kept::Result(r) => r.seq,
+        }
+    }
+
+    fn frame(self) -> NodeFrame {
+        match self {
+            Kept::Sample(s) => NodeFrame::Sample(s),
+            Kept::Result(r) => NodeFrame::Result(r),
+        }
+    }
+}
+
+/// One sample taken in results mode, on its way to the model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Taken {
+    /// The sample's number this boot (0, 1, ...; results mode numbers results with `seq`).
+    pub n: u32,
+    pub ts_us: u64,
+    pub values: Values,
+}
+
+/// A full window, as [`crate::window::Windower`] reports it: enough to number its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSpan {
+    pub start_us: u64,
+    pub end_us: u64,
+    /// Samples taken this boot up to and including the window's last one.
+    pub samples: u32,
+}
 
 /// What a command asks the board to change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -69,7 +124,14 @@ pub struct Node<S: Sensor, const N: usize> {
     now_us: u64,
     /// Sub-microsecond remainder of the period, so that rates like 3 Hz keep exact time.
     now_frac: u64,
-    ring: Ring<SampleFrame, N>,
+    ring: Ring<Kept, N>,
+    /// Results mode: the model's identity (sent after every hello) and the samples on their way
+    /// to it.
+    model: Option<ModelInfo>,
+    model_pending: bool,
+    pending: Ring<Taken, PENDING_SAMPLES>,
+    /// Results mode: samples taken this boot (`next_seq` numbers results there).
+    samples: u32,
     frames: u32,
     commands: u32,
     bad_commands: u32,
@@ -103,6 +165,10 @@ impl<S: Sensor, const N: usize> Node<S, N> {
             now_us: 0,
             now_frac: 0,
             ring: Ring::new(),
+            model: None,
+            model_pending: false,
+            pending: Ring::new(),
+            samples: 0,
             frames: 0,
             commands: 0,
             bad_commands: 0,
@@ -113,6 +179,14 @@ impl<S: Sensor, const N: usize> Node<S, N> {
             acked_mode: false,
             since_status: 0,
         }
+    }
+
+    /// Results mode: the node evaluates `model` on the node and sends its results instead of
+    /// samples (see the module comment).
+    pub fn with_model(mut self, model: ModelInfo) -> Self {
+        self.model = Some(model);
+        self.model_pending = true;
+        self
     }
 
     pub fn boot(&self) -> u32 {
@@ -144,13 +218,27 @@ impl<S: Sensor, const N: usize> Node<S, N> {
         let Some(values) = Values::from_slice(&buf[..channels]) else {
             return; // unreachable: `channels` is capped at MAX_CHANNELS above
         };
-        self.ring.push(SampleFrame {
+        if self.model.is_some() {
+            self.pending.push(Taken {
+                n: self.samples,
+                ts_us: self.now_us,
+                values,
+            });
+            self.samples = self.samples.wrapping_add(1);
+            // A status follows every `status_every` results, not samples (`push_result`).
+            return;
+        }
+        self.ring.push(Kept::Sample(SampleFrame {
             boot: self.boot,
             seq: self.next_seq,
             ts_us: self.now_us,
             values,
-        });
+        }));
         self.next_seq = self.next_seq.wrapping_add(1);
+        self.count_for_status();
+    }
+
+    fn count_for_status(&mut self) {
         if self.config.status_every > 0 {
             self.since_status += 1;
             if self.since_status >= self.config.status_every {
@@ -160,12 +248,39 @@ impl<S: Sensor, const N: usize> Node<S, N> {
         }
     }
 
+    /// Results mode: the oldest sample the main loop has not taken yet.
+    pub fn take_sample(&mut self) -> Option<Taken> {
+        self.pending.pop()
+    }
+
+    /// Results mode: the model's `outputs` for the window `span`, which took `cycles`; numbered
+    /// with the next `seq` and kept like a sample. Ignored in samples mode.
+    pub fn push_result(&mut self, span: WindowSpan, outputs: &[f32], cycles: u32) {
+        if self.model.is_none() {
+            return;
+        }
+        let Some(outputs) = Values::from_slice(outputs) else {
+            return; // a model has at most MAX_CHANNELS outputs (checked when it is built)
+        };
+        self.ring.push(Kept::Result(ResultFrame {
+            boot: self.boot,
+            seq: self.next_seq,
+            window_start_us: span.start_us,
+            ts_us: span.end_us,
+            samples: span.samples,
+            cycles,
+            outputs,
+        }));
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.count_for_status();
+    }
+
     pub fn status(&self) -> NodeStatus {
         NodeStatus {
             boot: self.boot,
             next_seq: self.next_seq,
             rate_hz: self.rate_hz,
-            overruns: self.ring.overruns(),
+            overruns: self.ring.overruns().wrapping_add(self.pending.overruns()),
             frames: self.frames,
             commands: self.commands,
             bad_commands: self.bad_commands,
@@ -185,15 +300,18 @@ impl<S: Sensor, const N: usize> Node<S, N> {
                 rate_hz: self.rate_hz,
                 channels: self.sensor.channels() as u8,
             })
+        } else if let Some(m) = self.model.filter(|_| self.model_pending) {
+            self.model_pending = false;
+            NodeFrame::Model(m)
         } else if let Some(r) = self.resumed_pending.take() {
             NodeFrame::Resumed(r)
         } else if self.status_pending {
             self.status_pending = false;
             NodeFrame::Status(self.status())
         } else if self.acked_mode {
-            NodeFrame::Sample(self.ring.next_unsent()?)
+            self.ring.next_unsent()?.frame()
         } else {
-            NodeFrame::Sample(self.ring.pop()?)
+            self.ring.pop()?.frame()
         };
         self.frames = self.frames.wrapping_add(1);
         // MAX_FRAME_BYTES bounds every NodeFrame (ember-proto's tests hold it to that).
@@ -230,6 +348,7 @@ impl<S: Sensor, const N: usize> Node<S, N> {
                 self.frames = 0;
                 self.sensor_errors = 0;
                 self.ring.reset_overruns();
+                self.pending.reset_overruns();
                 self.status_pending = true;
                 Effect::None
             }
@@ -245,7 +364,7 @@ impl<S: Sensor, const N: usize> Node<S, N> {
                 // Another boot's position (the node reset since): this boot is all unacknowledged.
                 self.release(boot, next_seq);
                 self.ring.rewind();
-                let from_seq = self.ring.front().map_or(self.next_seq, |s| s.seq);
+                let from_seq = self.ring.front().map_or(self.next_seq, Kept::seq);
                 self.resumed_pending = Some(Resumed {
                     boot: self.boot,
                     from_seq,
@@ -258,7 +377,7 @@ impl<S: Sensor, const N: usize> Node<S, N> {
     /// Forgets this boot's samples below `next_seq` (the host holds them).
     fn release(&mut self, boot: u32, next_seq: u32) {
         if boot == self.boot {
-            self.ring.release_while(|s| seq_before(s.seq, next_seq));
+            self.ring.release_while(|k| seq_before(k.seq(), next_seq));
         }
     }
 
@@ -578,6 +697,111 @@ mod tests {
                 from_seq: 3
             })]
         );
+    }
+
+    fn info() -> ModelInfo {
+        ModelInfo {
+            weights_sha256: 0x0d17_37de_4d3a_1a5c,
+            window: 4,
+            hop: 2,
+            outputs: 2,
+        }
+    }
+
+    #[test]
+    fn results_mode_numbers_results_keeps_them_and_announces_the_model() {
+        use crate::window::Windower;
+        let mut n = node().with_model(info());
+        let mut w = Windower::<6, 4>::new(2);
+        ack(
+            &mut n,
+            HostCommand::Ack {
+                boot: 5,
+                next_seq: 0,
+            },
+        );
+        for _ in 0..8 {
+            n.tick();
+            let s = n.take_sample().expect("each tick queues one sample");
+            if let Some(span) = w.push(&s) {
+                n.push_result(span, &[s.n as f32, 0.5], 1234);
+            }
+        }
+        assert_eq!(n.take_sample(), None);
+        let frames = drain(&mut n);
+        assert!(matches!(frames[0], NodeFrame::Hello(_)));
+        assert_eq!(frames[1], NodeFrame::Model(info()));
+        let results: Vec<ResultFrame> = frames[2..]
+            .iter()
+            .map(|f| match f {
+                NodeFrame::Result(r) => *r,
+                other => panic!("expected a result, got {other:?}"),
+            })
+            .collect();
+        // Windows end at samples 3, 5, 7 (numbered from 0): results 0, 1, 2.
+        assert_eq!(
+            results
+                .iter()
+                .map(|r| (r.seq, r.samples, r.outputs.as_slice()[0]))
+                .collect::<Vec<_>>(),
+            [(0, 4, 3.0), (1, 6, 5.0), (2, 8, 7.0)]
+        );
+        assert_eq!(
+            (
+                results[0].window_start_us,
+                results[0].ts_us,
+                results[0].cycles
+            ),
+            (10_000, 40_000, 1234)
+        );
+        assert_eq!(n.status().next_seq, 3, "seq numbers results");
+        // Kept until acknowledged, resent on Resume, like samples.
+        assert_eq!(n.buffered(), 3);
+        ack(
+            &mut n,
+            HostCommand::Resume {
+                boot: 5,
+                next_seq: 1,
+            },
+        );
+        let again = drain(&mut n);
+        assert_eq!(
+            again[0],
+            NodeFrame::Resumed(Resumed {
+                boot: 5,
+                from_seq: 1
+            })
+        );
+        assert_eq!(
+            again[1..],
+            [NodeFrame::Result(results[1]), NodeFrame::Result(results[2])]
+        );
+    }
+
+    #[test]
+    fn results_mode_counts_samples_the_main_loop_fell_behind_on() {
+        let mut n = node().with_model(info());
+        for _ in 0..(PENDING_SAMPLES + 5) {
+            n.tick();
+        }
+        assert_eq!(n.status().overruns, 5);
+        assert_eq!(
+            n.take_sample().map(|s| s.n),
+            Some(5),
+            "the oldest were dropped"
+        );
+        // A node without a model ignores results.
+        let mut plain = node();
+        plain.push_result(
+            WindowSpan {
+                start_us: 0,
+                end_us: 0,
+                samples: 1,
+            },
+            &[1.0],
+            1,
+        );
+        assert_eq!((plain.status().next_seq, plain.buffered()), (0, 0));
     }
 
     struct Flaky(u32);

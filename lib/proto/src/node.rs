@@ -32,14 +32,28 @@
 //! [`NodeFrame::Resumed`] with the seq it sends next, and sends its kept samples from there
 //! again. So a host that crashed loses nothing it acknowledged, and gets again what it had not:
 //! every sample between `next_seq` and `from_seq` that the node no longer holds is a gap.
+//!
+//! # Results instead of samples (link version 3)
+//! A node that runs a model itself (firmware feature `inference`) sends one
+//! [`NodeFrame::Result`] per evaluated window instead of the window's samples. Its `seq`
+//! numbers results the way it numbers samples otherwise: from 0 each boot, one per window the
+//! node evaluated (sent or dropped), so every rule above (gaps, overruns, `Ack`, `Resume`,
+//! `NodeStatus::next_seq`) applies to results unchanged. A node MUST NOT send both kinds in
+//! one boot. Before its first result it sends a [`NodeFrame::Model`] (after every `Hello`) that
+//! names the model's weights, so the host can check it knows the labels the outputs are in.
+//! A version 2 node never sends either frame; a host accepts versions [`MIN_LINK_VERSION`]
+//! to [`LINK_VERSION`].
 
 use serde::de::{Error as _, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The most channels one sample frame carries.
 pub const MAX_CHANNELS: usize = 16;
-/// The version the node announces in [`Hello`]; the host refuses a node with another.
-pub const LINK_VERSION: u8 = 2;
+/// The version the node announces in [`Hello`].
+pub const LINK_VERSION: u8 = 3;
+/// The oldest version a host still reads (version 2 nodes send no results); the host refuses a
+/// node outside `MIN_LINK_VERSION..=LINK_VERSION`.
+pub const MIN_LINK_VERSION: u8 = 2;
 /// An upper bound of one encoded frame, delimiter included: postcard's worst case for the
 /// largest message, its CRC, COBS's overhead (one byte per 254) and the delimiter.
 pub const MAX_FRAME_BYTES: usize = 128;
@@ -58,6 +72,44 @@ pub enum NodeFrame {
     Status(NodeStatus),
     /// The answer to [`HostCommand::Resume`], before any sample it makes the node send again.
     Resumed(Resumed),
+    /// One window evaluated by the node's own model (link version 3): sent instead of the
+    /// window's samples, numbered like them.
+    Result(ResultFrame),
+    /// The model the node's results come from (link version 3): after every `Hello` of a node
+    /// that sends results.
+    Model(ModelInfo),
+}
+
+/// The output of the node's model for one window of samples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ResultFrame {
+    pub boot: u32,
+    /// Per-boot result number (see the module comment: results are numbered as samples are).
+    pub seq: u32,
+    /// Node time of the window's first and last sample, microseconds since the node booted.
+    pub window_start_us: u64,
+    pub ts_us: u64,
+    /// How many samples the node had taken this boot when the window ended (its last sample's
+    /// own number plus one).
+    pub samples: u32,
+    /// Time the model took for this window, in cycles of the node's clock (on QEMU with
+    /// `-icount shift=0` these are the board's clock ticks of guest time, see docs/hil.md).
+    pub cycles: u32,
+    /// Class probabilities in the model's label order, or `[score]` for an anomaly model.
+    pub outputs: Values,
+}
+
+/// Which model a node runs: enough for the host to find the labels its outputs are in.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The first 8 bytes of the SHA-256 of the model's weights (the bundle manifest's
+    /// `weights.sha256`), big-endian: the same weights the host holds in the bundle.
+    pub weights_sha256: u64,
+    /// Samples per window and between window starts.
+    pub window: u16,
+    pub hop: u16,
+    /// Values in every result's `outputs`.
+    pub outputs: u8,
 }
 
 /// Where a node resumes: the next sample it sends is `from_seq` of `boot` (or a later one of
@@ -400,6 +452,21 @@ mod tests {
             NodeFrame::Resumed(Resumed {
                 boot: u32::MAX,
                 from_seq: u32::MAX,
+            }),
+            NodeFrame::Result(ResultFrame {
+                boot: u32::MAX,
+                seq: u32::MAX,
+                window_start_us: u64::MAX,
+                ts_us: u64::MAX,
+                samples: u32::MAX,
+                cycles: u32::MAX,
+                outputs: Values::from_slice(&[f32::MIN_POSITIVE; MAX_CHANNELS]).expect("fits"),
+            }),
+            NodeFrame::Model(ModelInfo {
+                weights_sha256: u64::MAX,
+                window: u16::MAX,
+                hop: u16::MAX,
+                outputs: u8::MAX,
             }),
             NodeFrame::Status(NodeStatus {
                 boot: u32::MAX,

@@ -66,7 +66,8 @@ pub struct NodeTruth {
     pub boots: Vec<BootSeen>,
     /// The last sample's (boot, seq).
     pub last: Option<(u32, u32)>,
-    /// Sample frames seen (each boot's, resent or not).
+    /// Sample (or, from a node running a model, result) frames seen (each boot's, resent or
+    /// not).
     pub sample_frames: u64,
 }
 
@@ -99,6 +100,14 @@ impl NodeTruth {
                 self.sample_frames += 1;
                 (s.boot, u64::from(s.seq) + 1, None)
             }
+            // A node running a model numbers its results as it numbers samples.
+            NodeFrame::Result(r) => {
+                self.last = Some((r.boot, r.seq));
+                self.sample_frames += 1;
+                (r.boot, u64::from(r.seq) + 1, None)
+            }
+            // Names the node's model; numbers nothing.
+            NodeFrame::Model(_) => return,
         };
         if self.boots.last().is_none_or(|b| b.boot != boot) {
             self.boots.push(BootSeen {

@@ -1,6 +1,7 @@
 //! The mps2-an386 board (QEMU's model of ARM's AN386: a Cortex-M4F at 25 MHz): the only
-//! board-specific parts of the node are here: the CMSDK UART0 driver, the SysTick sample clock,
-//! and the RAM that keeps the boot counter across resets. `main.rs` wires them to
+//! board-specific parts of the node are here: the CMSDK UART0 driver, the SysTick sample clock
+//! (which also times the model), the RAM that keeps the boot counter across resets, and (feature
+//! `inference`) the heap. `main.rs` wires them to
 //! `ember_node::node::Node`.
 //!
 //! A real board replaces this crate (its UART, its timer, its memory map); the node core and the
@@ -9,6 +10,8 @@
 
 pub mod boot;
 pub mod clock;
+#[cfg(feature = "inference")]
+pub mod heap;
 pub mod uart;
 
 /// The core and peripheral clock of the AN386 (QEMU's `sysclk_frq` for this board).
