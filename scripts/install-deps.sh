@@ -6,8 +6,8 @@
 # promtool and PyYAML for the monitoring checks, qemu-user, qemu-system-arm (the firmware's
 # tests) and the gcc cross linkers, the Rust cross targets, and for the container path Docker
 # Engine, compose, debootstrap, musl-tools and the deployment validators; Java and Google's
-# Pub/Sub emulator (the GCP bridge tests); cargo-deb and
-# cargo-cyclonedx for the packaging.
+# Pub/Sub emulator (the GCP bridge tests); RabbitMQ (the Event Hubs transport test); cargo-deb
+# for the packaging.
 set -euo pipefail
 
 need_apt=()
@@ -127,8 +127,7 @@ installed=$(rustup target list --installed)
 for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf thumbv7em-none-eabihf x86_64-unknown-linux-musl; do
   grep -qx "$t" <<<"$installed" || rustup target add "$t"
 done
-# Packaging (agent/debian/, scripts/release.sh): cargo-deb builds the agent's .deb (the
-# packaging test in scripts/test.sh), cargo-cyclonedx the release's SBOM. From crates.io,
-# ≈ 2 and ≈ 4 minutes to build once on 2 cores.
+# Packaging (agent/debian/): cargo-deb builds the agent's .deb (the packaging test in
+# scripts/test.sh), ≈ 2 minutes to build once on 2 cores. scripts/release.sh installs
+# cargo-cyclonedx (the release's SBOM, ≈ 4 minutes) itself: the tests do not need it.
 command -v cargo-deb >/dev/null 2>&1 || cargo install --locked cargo-deb
-command -v cargo-cyclonedx >/dev/null 2>&1 || cargo install --locked cargo-cyclonedx

@@ -24,7 +24,8 @@
 # Cross builds use Debian's cross gcc (gcc-aarch64-linux-gnu, gcc-arm-linux-gnueabihf, set up
 # in .cargo/config.toml; scripts/install-deps.sh installs them), not `cross`: Cross.toml's
 # images live in a container registry that CI machines cannot reach. Tools from crates.io:
-# cargo-deb and cargo-cyclonedx (scripts/install-deps.sh installs both).
+# cargo-deb (scripts/install-deps.sh installs it) and cargo-cyclonedx (installed here on first
+# use: only releases need it, so the test machines do not spend minutes building it).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -43,9 +44,8 @@ done
 tgt=${CARGO_TARGET_DIR:-$root/target}
 out=${out:-$tgt/release-artefacts/$VERSION}
 die() { echo "release: $*" >&2; exit 1; }
-for tool in cargo-deb cargo-cyclonedx; do
-  command -v "$tool" >/dev/null 2>&1 || die "$tool is missing: cargo install --locked $tool (or bash scripts/install-deps.sh)"
-done
+command -v cargo-deb >/dev/null 2>&1 || die "cargo-deb is missing: cargo install --locked cargo-deb (or bash scripts/install-deps.sh)"
+command -v cargo-cyclonedx >/dev/null 2>&1 || cargo install --locked cargo-cyclonedx || die "cargo-cyclonedx is missing and could not be installed: cargo install --locked cargo-cyclonedx"
 command -v openssl >/dev/null 2>&1 || die "openssl is missing: apt-get install openssl"
 t0=$SECONDS
 say() { echo "release: [$((SECONDS - t0)) s] $*"; }
