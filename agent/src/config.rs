@@ -644,7 +644,9 @@ impl Settings {
             None => None,
         };
         let file_profile = match &profile_file {
-            Some(f) => Some(Profile::parse(&f.profile).map_err(|e| invalid("mqtt.profile_file", e))?),
+            Some(f) => {
+                Some(Profile::parse(&f.profile).map_err(|e| invalid("mqtt.profile_file", e))?)
+            }
             None => None,
         };
         let profile = match (m.profile.as_deref(), file_profile) {
@@ -672,9 +674,7 @@ impl Settings {
         if m.port.is_none() {
             m.port = profile_file.as_ref().map(|f| f.port);
         }
-        let port = m
-            .port
-            .unwrap_or(if aws { 8883 } else { DEFAULT_MQTT_PORT });
+        let port = m.port.unwrap_or(if aws { 8883 } else { DEFAULT_MQTT_PORT });
         if aws {
             // IoT Core takes MQTT on 443 only from clients that offer its ALPN protocol.
             let alpn = profile_file
@@ -751,7 +751,9 @@ impl Settings {
             insecure: m.insecure.unwrap_or(false),
             profile,
             max_publish_rate: m.max_publish_rate.unwrap_or(if aws {
-                profile::AWS_DEFAULT_PUBLISH_RATE.min(limits.publish_per_second * 9 / 10).max(1)
+                profile::AWS_DEFAULT_PUBLISH_RATE
+                    .min(limits.publish_per_second * 9 / 10)
+                    .max(1)
             } else {
                 0
             }),
@@ -1192,7 +1194,10 @@ fn check_aws(mqtt: &MqttSettings, device_id: &str, limits: &Limits) -> Result<()
         ));
     }
     let Some(tls) = &mqtt.tls else {
-        return Err(invalid("mqtt.tls", format!("missing: {aws} TLS is required")));
+        return Err(invalid(
+            "mqtt.tls",
+            format!("missing: {aws} TLS is required"),
+        ));
     };
     if tls.cert_file.is_none() {
         return Err(invalid(
@@ -1240,8 +1245,7 @@ pub fn resolve_tls(
             None
         }
         (ca_file, false) => {
-            let (ca_file, ca) =
-                tls_files::mqtt_ca_file(ca_file).map_err(|(k, m)| invalid(k, m))?;
+            let (ca_file, ca) = tls_files::mqtt_ca_file(ca_file).map_err(|(k, m)| invalid(k, m))?;
             let mut roots = rustls::RootCertStore::empty();
             for c in ca {
                 roots
@@ -2118,8 +2122,11 @@ mod tests {
         std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
         std::fs::write(dir.join("device.pem"), cert.pem()).unwrap();
         std::fs::write(dir.join("device.key"), key.serialize_pem()).unwrap();
-        std::fs::set_permissions(dir.join("device.key"), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
+        std::fs::set_permissions(
+            dir.join("device.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         format!(
             "[mqtt.tls]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
             dir.join("ca.pem"),
@@ -2151,7 +2158,10 @@ mod tests {
         assert_eq!(s.mqtt.tls.unwrap().alpn, vec!["x-amzn-mqtt-ca".to_string()]);
         // The generic profile changes nothing.
         let s = load(MIN).unwrap();
-        assert_eq!((s.mqtt.profile, s.mqtt.max_publish_rate), (Profile::Generic, 0));
+        assert_eq!(
+            (s.mqtt.profile, s.mqtt.max_publish_rate),
+            (Profile::Generic, 0)
+        );
     }
 
     #[test]
@@ -2159,20 +2169,66 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tls = aws_tls(dir.path());
         let cases: &[(&str, &str, &str, &[&str])] = &[
-            ("edge.1", "", &tls, &["device_id", "thing name", "a-z A-Z 0-9 _ - :"]),
-            ("edge-1", "client_id = \"other\"", &tls, &["mqtt.client_id", "thing name"]),
-            ("edge-1", "keep_alive_s = 10", &tls, &["mqtt.keep_alive_s", "30-1200"]),
-            ("edge-1", "keep_alive_s = 1300", &tls, &["mqtt.keep_alive_s", "30-1200"]),
-            ("edge-1", "message_max_bytes = 200000", &tls, &["mqtt.message_max_bytes", "131072"]),
-            ("edge-1", "max_publish_rate = 150", &tls, &["mqtt.max_publish_rate", "100"]),
-            ("edge-1", "max_publish_rate = 0", &tls, &["mqtt.max_publish_rate", "100"]),
-            ("edge-1", "reconnect_min_ms = 250", &tls, &["mqtt.reconnect_min_ms", "one connect per second"]),
+            (
+                "edge.1",
+                "",
+                &tls,
+                &["device_id", "thing name", "a-z A-Z 0-9 _ - :"],
+            ),
+            (
+                "edge-1",
+                "client_id = \"other\"",
+                &tls,
+                &["mqtt.client_id", "thing name"],
+            ),
+            (
+                "edge-1",
+                "keep_alive_s = 10",
+                &tls,
+                &["mqtt.keep_alive_s", "30-1200"],
+            ),
+            (
+                "edge-1",
+                "keep_alive_s = 1300",
+                &tls,
+                &["mqtt.keep_alive_s", "30-1200"],
+            ),
+            (
+                "edge-1",
+                "message_max_bytes = 200000",
+                &tls,
+                &["mqtt.message_max_bytes", "131072"],
+            ),
+            (
+                "edge-1",
+                "max_publish_rate = 150",
+                &tls,
+                &["mqtt.max_publish_rate", "100"],
+            ),
+            (
+                "edge-1",
+                "max_publish_rate = 0",
+                &tls,
+                &["mqtt.max_publish_rate", "100"],
+            ),
+            (
+                "edge-1",
+                "reconnect_min_ms = 250",
+                &tls,
+                &["mqtt.reconnect_min_ms", "one connect per second"],
+            ),
             ("edge-1", "", "", &["mqtt.tls", "mutual TLS"]),
             ("edge-1", "insecure = true", &tls, &["mqtt.insecure"]),
-            ("edge-1", "profile = \"aws\"", &tls, &["mqtt.profile", "aws-iot-core"]),
+            (
+                "edge-1",
+                "profile = \"aws\"",
+                &tls,
+                &["mqtt.profile", "aws-iot-core"],
+            ),
         ];
         for (id, mqtt, tls, want) in cases {
-            let text = aws_config(id, mqtt, tls).replace("profile = \"aws-iot-core\"\nhost", "host");
+            let text =
+                aws_config(id, mqtt, tls).replace("profile = \"aws-iot-core\"\nhost", "host");
             let text = if mqtt.starts_with("profile") {
                 text
             } else {
@@ -2210,10 +2266,7 @@ mod tests {
                            "thing_name_max_bytes": 128}}"#,
         )
         .unwrap();
-        let text = format!(
-            "{MIN}[mqtt]\nprofile_file = {:?}\n{tls}",
-            file
-        );
+        let text = format!("{MIN}[mqtt]\nprofile_file = {:?}\n{tls}", file);
         let s = load(&text).unwrap();
         assert_eq!(s.mqtt.profile, Profile::AwsIotCore);
         assert_eq!(s.mqtt.host, "x9-ats.iot.us-east-1.amazonaws.com");
@@ -2221,8 +2274,13 @@ mod tests {
         assert_eq!(s.mqtt.tls.unwrap().alpn, vec!["x-amzn-mqtt-ca".to_string()]);
         assert_eq!(s.mqtt.message_max_bytes, 65_536);
         assert_eq!(s.mqtt.max_publish_rate, 45);
-        let e = err(&format!("{MIN}[mqtt]\nprofile_file = \"/nonexistent.json\"\n{tls}"));
-        assert!(e.contains("mqtt.profile_file") && e.contains("terraform"), "{e}");
+        let e = err(&format!(
+            "{MIN}[mqtt]\nprofile_file = \"/nonexistent.json\"\n{tls}"
+        ));
+        assert!(
+            e.contains("mqtt.profile_file") && e.contains("terraform"),
+            "{e}"
+        );
         let e = err(&format!(
             "{MIN}[mqtt]\nprofile = \"generic\"\nprofile_file = {file:?}\n{tls}"
         ));

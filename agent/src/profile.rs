@@ -71,7 +71,9 @@ impl Profile {
 pub fn check_thing_name(name: &str) -> Result<(), String> {
     let rule = "a thing name is 1-128 characters of a-z A-Z 0-9 _ - : (no '.', no spaces)";
     if name.is_empty() || name.len() > AWS_THING_NAME_MAX {
-        return Err(format!("{name:?} is not a valid AWS IoT thing name: {rule}"));
+        return Err(format!(
+            "{name:?} is not a valid AWS IoT thing name: {rule}"
+        ));
     }
     if let Some(c) = name
         .chars()
@@ -148,7 +150,9 @@ pub fn read_profile_file(path: &Path) -> Result<ProfileFile, String> {
 /// [`read_profile_file`] on text already read.
 pub fn parse_profile_file(text: &str) -> Result<ProfileFile, String> {
     let f: ProfileFile = serde_json::from_str(text).map_err(|e| {
-        format!("not an agent profile ({e}); it is the JSON of terraform/aws's output agent_profile")
+        format!(
+            "not an agent profile ({e}); it is the JSON of terraform/aws's output agent_profile"
+        )
     })?;
     Profile::parse(&f.profile)?;
     if f.endpoint.trim().is_empty() {
@@ -185,7 +189,9 @@ pub fn parse_profile_file(text: &str) -> Result<ProfileFile, String> {
             ));
         }
         if l.max_qos < 1 {
-            return Err("limits.max_qos is 0: the agent needs QoS 1 to know what was delivered".into());
+            return Err(
+                "limits.max_qos is 0: the agent needs QoS 1 to know what was delivered".into(),
+            );
         }
         if l.max_payload_bytes < 1024
             || l.keep_alive_min_s > l.keep_alive_max_s
@@ -256,6 +262,10 @@ mod tests {
         assert!(parse_profile_file(&t).unwrap_err().contains("client_id"));
         let t = TERRAFORM_OUTPUT.replace("\"max_qos\": 1", "\"max_qos\": 0");
         assert!(parse_profile_file(&t).unwrap_err().contains("max_qos"));
-        assert!(parse_profile_file("{}").unwrap_err().contains("agent_profile"));
+        assert!(
+            parse_profile_file("{}")
+                .unwrap_err()
+                .contains("agent_profile")
+        );
     }
 }

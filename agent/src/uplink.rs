@@ -987,7 +987,12 @@ impl Uplink {
     fn publish_status(&mut self, client: &AsyncClient, state: DeviceState) {
         let status = self.status(state);
         let limit = self.settings.mqtt.message_max_bytes;
-        match fit_status(status, self.settings.mqtt.encoding, limit, self.status_offset) {
+        match fit_status(
+            status,
+            self.settings.mqtt.encoding,
+            limit,
+            self.status_offset,
+        ) {
             Ok(fitted) => {
                 if fitted.streams_total > fitted.streams_sent {
                     self.metrics.status_trimmed.fetch_add(1, Relaxed);
@@ -995,7 +1000,9 @@ impl Uplink {
                     if !self.warned_status_size {
                         self.warned_status_size = true;
                         tracing::warn!(
-                            limit, streams = fitted.streams_total, per_status = fitted.streams_sent,
+                            limit,
+                            streams = fitted.streams_total,
+                            per_status = fitted.streams_sent,
                             "The status message is larger than mqtt.message_max_bytes: each status carries the streams that fit, in turn (counted in status_trimmed_total)."
                         );
                     }
@@ -1351,7 +1358,11 @@ mod tests {
                 seen.extend(back.streams.into_iter().map(|s| s.stream));
                 offset = f.next_offset;
             }
-            assert_eq!(seen.len(), total, "every stream reported within 20 statuses");
+            assert_eq!(
+                seen.len(),
+                total,
+                "every stream reported within 20 statuses"
+            );
         }
     }
 

@@ -1093,6 +1093,9 @@ fn resolve_azure_twin(t: RawAzureTwin) -> Result<AzureTwinSettings, ConfigError>
         connection_string_file,
         endpoint: t.endpoint,
         token_ttl_s,
+    })
+}
+
 /// `[ingest.pubsub]`: the Google Pub/Sub subscription that `ember-fleet bridge` fills
 /// (terraform/gcp creates it with message ordering on).
 #[derive(Debug, Default, Deserialize)]

@@ -25,7 +25,11 @@ fn aws_agent(device: &str, pki: &TestPki, cert: &CertFiles, port: u16) -> TestAg
         .mqtt("reconnect_min_ms", "1000")
         .mqtt("reconnect_max_ms", "2000")
         .set("mqtt.tls", "system_roots", "true")
-        .set("mqtt.tls", "cert_file", &format!("'{}'", cert.cert.display()))
+        .set(
+            "mqtt.tls",
+            "cert_file",
+            &format!("'{}'", cert.cert.display()),
+        )
         .set("mqtt.tls", "key_file", &format!("'{}'", cert.key.display()))
         .set("mqtt.tls", "alpn", &format!("[\"{ALPN}\"]"))
         .env("SSL_CERT_FILE", &pki.ca_file().display().to_string())
@@ -59,8 +63,15 @@ fn the_aws_iot_core_profile_passes_iot_cores_connect_checks_and_delivers_everyth
     let s = &sessions[0];
     assert_eq!(s.sni.as_deref(), Some(ENDPOINT));
     assert_eq!(s.alpn.as_deref(), Some(ALPN));
-    assert_eq!((s.thing.as_str(), s.client_id.as_str()), ("edge-1", "edge-1"));
-    assert!((30..=1200).contains(&s.keep_alive_s), "keep-alive {}", s.keep_alive_s);
+    assert_eq!(
+        (s.thing.as_str(), s.client_id.as_str()),
+        ("edge-1", "edge-1")
+    );
+    assert!(
+        (30..=1200).contains(&s.keep_alive_s),
+        "keep-alive {}",
+        s.keep_alive_s
+    );
     // The retained status reaches the broker through the front.
     assert!(
         sub.wait_for(|v| v.status("edge-1").is_some(), SHORT),
@@ -76,8 +87,16 @@ fn the_aws_iot_core_profile_passes_iot_cores_connect_checks_and_delivers_everyth
     let generic = |id: &str| {
         agent(id, front.port())
             .mqtt("host", &format!("\"{ENDPOINT}\""))
-            .set("mqtt.tls", "ca_file", &format!("'{}'", pki.ca_file().display()))
-            .set("mqtt.tls", "cert_file", &format!("'{}'", cert.cert.display()))
+            .set(
+                "mqtt.tls",
+                "ca_file",
+                &format!("'{}'", pki.ca_file().display()),
+            )
+            .set(
+                "mqtt.tls",
+                "cert_file",
+                &format!("'{}'", cert.cert.display()),
+            )
             .set("mqtt.tls", "key_file", &format!("'{}'", cert.key.display()))
             .sim("imu", 10.0, 1)
     };
@@ -162,7 +181,10 @@ fn catching_up_after_a_60_s_outage_stays_under_iot_cores_publish_rate() {
         "the backlog should be over 1,000 messages, got {}",
         session.publishes.len()
     );
-    assert!(max >= 80, "the catch-up should run near the limit, got {max}/s");
+    assert!(
+        max >= 80,
+        "the catch-up should run near the limit, got {max}/s"
+    );
     assert!(paced > 0.0, "the pacer never held a message back");
 }
 

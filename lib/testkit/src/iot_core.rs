@@ -40,7 +40,8 @@ pub const ALPN: &str = "x-amzn-mqtt-ca";
 /// Mosquitto settings that apply IoT Core's limits to what the front relays: keep-alive at
 /// most 1200 s (a v3.1.1 client asking for more is refused), QoS at most 1, packets at most
 /// 128 KiB of payload plus the topic and headers, retained messages available.
-pub const IOT_CORE_LIMITS: &str = "max_keepalive 1200\nmax_qos 1\nmax_packet_size 132096\nretain_available true\n";
+pub const IOT_CORE_LIMITS: &str =
+    "max_keepalive 1200\nmax_qos 1\nmax_packet_size 132096\nretain_available true\n";
 
 /// One accepted connection.
 #[derive(Debug, Clone)]
@@ -106,10 +107,12 @@ impl IotCoreFront {
         for c in CertificateDer::pem_slice_iter(pki.ca_pem().as_bytes()) {
             roots.add(c.expect("a CA PEM")).expect("a usable CA");
         }
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
-                .build()
-                .expect("a client verifier");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .build()
+        .expect("a client verifier");
         let chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(server.cert_pem.as_bytes())
                 .map(|c| c.expect("a certificate PEM"))
@@ -125,7 +128,9 @@ impl IotCoreFront {
         let config = Arc::new(config);
 
         let (listener, port) = bind();
-        listener.set_nonblocking(true).expect("nonblocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
         let shared = Arc::new(Shared {
             down: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -232,7 +237,10 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, s: Arc<Shared>) {
         .alpn_protocol()
         .map(|p| String::from_utf8_lossy(p).into_owned());
     if sni.as_deref() != Some(s.endpoint.as_str()) {
-        refuse(&s, format!("SNI {sni:?} is not the endpoint {:?}", s.endpoint));
+        refuse(
+            &s,
+            format!("SNI {sni:?} is not the endpoint {:?}", s.endpoint),
+        );
         return;
     }
     if s.require_alpn && alpn.as_deref() != Some(ALPN) {
@@ -291,7 +299,8 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, s: Arc<Shared>) {
         log.sessions.len() - 1
     };
     let closed = |s: &Shared| {
-        s.log.lock().unwrap_or_else(|p| p.into_inner()).sessions[index].closed = Some(Instant::now());
+        s.log.lock().unwrap_or_else(|p| p.into_inner()).sessions[index].closed =
+            Some(Instant::now());
     };
     if up.write_all(&connect).is_err() {
         closed(&s);
@@ -456,7 +465,15 @@ mod tests {
             thing: String::new(),
             client_id: String::new(),
             keep_alive_s: 30,
-            publishes: vec![at(0), at(100), at(999), at(1000), at(1001), at(1500), at(3000)],
+            publishes: vec![
+                at(0),
+                at(100),
+                at(999),
+                at(1000),
+                at(1001),
+                at(1500),
+                at(3000),
+            ],
             opened: t0,
             closed: None,
         };
