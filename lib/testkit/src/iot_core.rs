@@ -477,8 +477,9 @@ mod tests {
             opened: t0,
             closed: None,
         };
-        // 100, 999, 1000, 1001, 1500 lie within one second of 100.
-        assert_eq!(s.max_per_second(), 5);
+        // 100, 999, 1000 and 1001 lie within one second (so do 999 to 1500); 0 and 1000 do
+        // not (a full second apart).
+        assert_eq!(s.max_per_second(), 4);
     }
 
     #[test]
