@@ -90,6 +90,15 @@ if ! pubsub_emulator; then
     exit 1
   }
 fi
+# The Docker Engine (deploy/tests/stack-test.sh, the .deb test): machines start it before a run;
+# where it is not running (no systemd, or it was stopped), it is started here.
+if ! docker info >/dev/null 2>&1 && command -v dockerd >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  echo "install-deps: the Docker Engine is not running: starting dockerd (log: /tmp/ember-dockerd.log)"
+  $SUDO setsid dockerd >/tmp/ember-dockerd.log 2>&1 </dev/null &
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || { echo "install-deps: dockerd did not start; see /tmp/ember-dockerd.log" >&2; exit 1; }
+fi
 # binfmt_misc handlers for ARM binaries with flag F (the interpreter is opened now, so it also
 # runs inside FROM-scratch containers): what systemd-binfmt does at boot where systemd runs.
 for h in aarch64 arm; do
