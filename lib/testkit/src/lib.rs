@@ -18,6 +18,7 @@
 //! * [`iot_core`]: a stand-in for AWS IoT Core's front door (TLS, SNI, ALPN, client id = the
 //!   certificate's thing, payload and QoS limits, publish timing) relaying to a Mosquitto with
 //!   IoT Core's limits ([`TestBroker::start_with_conf`]).
+//! * [`process`]: killing a child's whole process group (safely: see [`process::kill_group`]).
 //! * [`node`]: the sensor-node firmware in `qemu-system-arm` ([`node::QemuNode`]) and a TCP
 //!   line to the agent that decodes the ground truth and flips bits ([`node::LineProxy`]).
 //!
@@ -43,6 +44,7 @@ pub mod docs;
 pub mod iot_core;
 pub mod node;
 mod postgres;
+pub mod process;
 mod pubsub;
 mod rabbitmq;
 mod s3;

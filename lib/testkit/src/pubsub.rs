@@ -14,6 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
 
+use crate::process::kill_group;
 use crate::{free_port, localhost};
 
 /// How long a starting emulator may take to answer HTTP (a JVM start; about 2 s when idle).
@@ -254,16 +255,6 @@ impl TestPubSub {
             std::thread::sleep(crate::POLL_INTERVAL * 5);
         }
     }
-}
-
-fn kill_group(child: &mut Child) {
-    // The group's id is the launcher's pid (process_group(0)).
-    let _ = Command::new("kill")
-        .arg("-KILL")
-        .arg(format!("-{}", child.id()))
-        .status();
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 impl Drop for TestPubSub {

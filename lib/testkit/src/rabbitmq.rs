@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::process::kill_group;
 use crate::{POLL_INTERVAL, free_port, localhost};
 
 /// Where Debian's `rabbitmq-server` package puts the server's own start script (the one in
@@ -161,17 +162,6 @@ impl TestRabbitMq {
             std::thread::sleep(POLL_INTERVAL * 5);
         }
     }
-}
-
-fn kill_group(child: &mut Child) {
-    // The child leads its process group (process_group(0)): signal the whole group.
-    let _ = Command::new("kill")
-        .args(["-KILL", "--", &format!("-{}", child.id())])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 impl Drop for TestRabbitMq {
