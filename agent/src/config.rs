@@ -180,6 +180,12 @@ pub struct RawMqtt {
     pub profile_file: Option<PathBuf>,
     /// Publishes per second per connection the uplink allows itself (0: no limit).
     pub max_publish_rate: Option<u32>,
+    /// `azure-iot-hub`: the device's symmetric key (base64, mode 0600) for SAS tokens.
+    pub sas_key_file: Option<PathBuf>,
+    /// `azure-iot-hub`: how long each SAS token is valid; renewed at 80 % of it.
+    pub sas_token_ttl_s: Option<u64>,
+    /// `azure-iot-hub`: the twin's reported properties are patched at most this often.
+    pub twin_report_min_interval_s: Option<u64>,
     /// `[mqtt.tls]`: see `crate::tls`.
     pub tls: Option<RawTls>,
 }
@@ -374,6 +380,14 @@ pub struct MqttSettings {
     pub profile: Profile,
     /// Publishes per sliding second the uplink allows itself for records (0: no limit).
     pub max_publish_rate: u32,
+    /// The MQTT username (`azure-iot-hub`: `{hub}/{device_id}/?api-version=…`).
+    pub username: Option<String>,
+    /// `azure-iot-hub` with SAS: the device key file; the password is a SAS token made from it.
+    pub sas_key_file: Option<PathBuf>,
+    /// Lifetime of each SAS token (seconds); the uplink reconnects with a new one at 80 % of it.
+    pub sas_token_ttl_s: u64,
+    /// `azure-iot-hub`: least seconds between two patches of the twin's reported properties.
+    pub twin_report_min_interval_s: u64,
     /// TLS to the broker; `None` is plaintext (loopback, or `insecure`).
     pub tls: Option<TlsSettings>,
 }
@@ -674,7 +688,42 @@ impl Settings {
         if m.port.is_none() {
             m.port = profile_file.as_ref().map(|f| f.port);
         }
-        let port = m.port.unwrap_or(if aws { 8883 } else { DEFAULT_MQTT_PORT });
+        let azure = profile == Profile::AzureIotHub;
+        let port = m.port.unwrap_or(if aws || azure {
+            8883
+        } else {
+            DEFAULT_MQTT_PORT
+        });
+        if azure {
+            if m.tls.is_none() {
+                return Err(invalid(
+                    "mqtt.tls",
+                    "missing: Azure IoT Hub (mqtt.profile = \"azure-iot-hub\") accepts only TLS; add [mqtt.tls] with ca_file (the hub's root CA, DigiCert Global Root G2) or system_roots = true, plus cert_file and key_file for a device that authenticates with X.509",
+                ));
+            }
+            if m.insecure == Some(true) {
+                return Err(invalid(
+                    "mqtt.insecure",
+                    "Azure IoT Hub accepts only TLS: remove mqtt.insecure",
+                ));
+            }
+        } else {
+            for (key, set) in [
+                ("mqtt.sas_key_file", m.sas_key_file.is_some()),
+                ("mqtt.sas_token_ttl_s", m.sas_token_ttl_s.is_some()),
+                (
+                    "mqtt.twin_report_min_interval_s",
+                    m.twin_report_min_interval_s.is_some(),
+                ),
+            ] {
+                if set {
+                    return Err(invalid(
+                        key,
+                        "applies only to Azure IoT Hub: set mqtt.profile = \"azure-iot-hub\" or remove it",
+                    ));
+                }
+            }
+        }
         if aws {
             // IoT Core takes MQTT on 443 only from clients that offer its ALPN protocol.
             let alpn = profile_file
@@ -701,7 +750,7 @@ impl Settings {
         let host = m.host.as_deref().unwrap_or(DEFAULT_MQTT_HOST);
         let tls = resolve_tls(m.tls, m.insecure, host)?;
         let mqtt = MqttSettings {
-            host: m.host.unwrap_or_else(|| DEFAULT_MQTT_HOST.into()),
+            host: m.host.clone().unwrap_or_else(|| DEFAULT_MQTT_HOST.into()),
             port,
             client_id: m.client_id.unwrap_or_else(|| device_id.clone()),
             keep_alive_s: m.keep_alive_s.unwrap_or(DEFAULT_KEEP_ALIVE_S),
@@ -718,6 +767,8 @@ impl Settings {
             message_max_records: m.message_max_records.unwrap_or(DEFAULT_MESSAGE_MAX_RECORDS),
             message_max_bytes: m.message_max_bytes.unwrap_or(if aws {
                 DEFAULT_MESSAGE_MAX_BYTES.min(limits.max_payload_bytes)
+            } else if azure {
+                DEFAULT_MESSAGE_MAX_BYTES.min(profile::azure::MAX_MESSAGE_BYTES)
             } else {
                 DEFAULT_MESSAGE_MAX_BYTES
             }),
@@ -734,6 +785,15 @@ impl Settings {
             heartbeat_s: m.heartbeat_s.unwrap_or(DEFAULT_HEARTBEAT_S),
             status_interval_s: m.status_interval_s.unwrap_or(DEFAULT_STATUS_INTERVAL_S),
             delivery: match m.delivery.as_deref() {
+                // IoT Hub's PUBACK means the hub stored the message; a fleet watermark cannot
+                // reach a device there (no topic the fleet can publish to).
+                None | Some("auto") | Some("puback") if azure => DeliveryMode::Puback,
+                Some("commit") if azure => {
+                    return Err(invalid(
+                        "mqtt.delivery",
+                        "\"commit\" cannot work on Azure IoT Hub: the fleet cannot publish commit watermarks to a device there, and IoT Hub's PUBACK means the hub has durably stored the message; use \"puback\" (or leave it out)",
+                    ));
+                }
                 None | Some("auto") => DeliveryMode::Auto,
                 Some("commit") => DeliveryMode::Commit,
                 Some("puback") => DeliveryMode::Puback,
@@ -757,6 +817,21 @@ impl Settings {
             } else {
                 0
             }),
+            username: if azure {
+                Some(profile::azure::username(
+                    m.host.as_deref().unwrap_or(DEFAULT_MQTT_HOST),
+                    &device_id,
+                ))
+            } else {
+                None
+            },
+            sas_key_file: m.sas_key_file,
+            sas_token_ttl_s: m
+                .sas_token_ttl_s
+                .unwrap_or(profile::azure::DEFAULT_SAS_TTL_S),
+            twin_report_min_interval_s: m
+                .twin_report_min_interval_s
+                .unwrap_or(profile::azure::DEFAULT_TWIN_REPORT_MIN_INTERVAL_S),
             tls,
         };
         if mqtt.host.trim().is_empty() {
@@ -851,6 +926,9 @@ impl Settings {
         }
         if aws {
             check_aws(&mqtt, &device_id, &limits)?;
+        }
+        if azure {
+            check_azure(&mqtt, &device_id)?;
         }
 
         let q = raw.queue;
@@ -1217,6 +1295,104 @@ fn check_aws(mqtt: &MqttSettings, device_id: &str, limits: &Limits) -> Result<()
         ));
     }
     Ok(())
+}
+
+/// Azure IoT Hub's rules (`crate::profile::azure`), on settings otherwise valid.
+fn check_azure(mqtt: &MqttSettings, device_id: &str) -> Result<(), ConfigError> {
+    use crate::profile::azure;
+    let azure = "with mqtt.profile = \"azure-iot-hub\"";
+    if mqtt.client_id != device_id {
+        return Err(invalid(
+            "mqtt.client_id",
+            format!(
+                "{:?} differs from the device id {device_id:?}: {azure} the client id must be the IoT Hub device id; remove mqtt.client_id",
+                mqtt.client_id
+            ),
+        ));
+    }
+    // IoT Hub takes MQTT on 8883 (the default); other ports are left to gateways and test
+    // stand-ins, but 443 is MQTT over WebSockets and 1883 plaintext, which IoT Hub refuses.
+    if mqtt.port == 443 || mqtt.port == 1883 {
+        return Err(invalid(
+            "mqtt.port",
+            format!(
+                "{} is not IoT Hub's MQTT port: use 8883 (port 443 is MQTT over WebSockets, which the agent does not speak; 1883 is plaintext)",
+                mqtt.port
+            ),
+        ));
+    }
+    if mqtt.keep_alive_s > azure::KEEP_ALIVE_MAX_S {
+        return Err(invalid(
+            "mqtt.keep_alive_s",
+            format!(
+                "{} is too long {azure}: IoT Hub closes connections idle for more than {} seconds",
+                mqtt.keep_alive_s,
+                azure::KEEP_ALIVE_MAX_S
+            ),
+        ));
+    }
+    if mqtt.message_max_bytes > azure::MAX_MESSAGE_BYTES {
+        return Err(invalid(
+            "mqtt.message_max_bytes",
+            format!(
+                "{} is above IoT Hub's message limit of {} bytes: use at most that",
+                mqtt.message_max_bytes,
+                azure::MAX_MESSAGE_BYTES
+            ),
+        ));
+    }
+    let x509 = mqtt.tls.as_ref().is_some_and(|t| t.cert_file.is_some());
+    match (&mqtt.sas_key_file, x509) {
+        (Some(_), true) => {
+            return Err(invalid(
+                "mqtt.sas_key_file",
+                format!(
+                    "is set and so is mqtt.tls.cert_file: {azure} a device authenticates with a SAS token or with its X.509 certificate, not both; remove one"
+                ),
+            ));
+        }
+        (None, false) => {
+            return Err(invalid(
+                "mqtt.sas_key_file",
+                format!(
+                    "missing: {azure} the device authenticates with a SAS token made from its symmetric key (sas_key_file, the key as `az iot hub device-identity show` prints it, mode 0600) or with its X.509 certificate (mqtt.tls.cert_file and key_file)"
+                ),
+            ));
+        }
+        (Some(path), false) => {
+            check_key_permissions(path).map_err(|m| invalid("mqtt.sas_key_file", m))?;
+            read_sas_key(path).map_err(|m| invalid("mqtt.sas_key_file", m))?;
+        }
+        (None, true) => {}
+    }
+    if !(azure::SAS_TTL_MIN_S..=azure::SAS_TTL_MAX_S).contains(&mqtt.sas_token_ttl_s) {
+        return Err(invalid(
+            "mqtt.sas_token_ttl_s",
+            format!(
+                "{} is out of range: use {}-{} seconds",
+                mqtt.sas_token_ttl_s,
+                azure::SAS_TTL_MIN_S,
+                azure::SAS_TTL_MAX_S
+            ),
+        ));
+    }
+    if !(1..=86_400).contains(&mqtt.twin_report_min_interval_s) {
+        return Err(invalid(
+            "mqtt.twin_report_min_interval_s",
+            format!(
+                "{} is out of range: use 1-86400 seconds",
+                mqtt.twin_report_min_interval_s
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a device's symmetric key file (base64 as Azure shows it). `Err` never quotes the key.
+pub fn read_sas_key(path: &Path) -> Result<ember_host::sas::SasKey, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    ember_host::sas::SasKey::from_base64(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Resolves `[mqtt.tls]` and `mqtt.insecure` for a broker on `host`, checking the files: they
@@ -1652,6 +1828,7 @@ const STRING_KEYS: &[&str] = &[
     "mqtt.delivery",
     "mqtt.profile",
     "mqtt.profile_file",
+    "mqtt.sas_key_file",
     "queue.full_policy",
     "queue.fsync",
     "metrics.listen",
@@ -2248,6 +2425,142 @@ mod tests {
         assert!(err(&aws_config("edge-1", "port = 443", &h2)).contains("x-amzn-mqtt-ca"));
         let both = format!("{tls}system_roots = true\n");
         assert!(err(&aws_config("edge-1", "", &both)).contains("mqtt.tls.system_roots"));
+    }
+
+    /// `[mqtt.tls]` trusting a CA only (server authentication), and a 0600 SAS key file.
+    fn azure_files(dir: &Path) -> (String, String) {
+        use std::os::unix::fs::PermissionsExt;
+        let tls = aws_tls(dir);
+        let ca_only = tls
+            .lines()
+            .filter(|l| !l.starts_with("cert_file") && !l.starts_with("key_file"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n";
+        let key = dir.join("device.sas-key");
+        std::fs::write(&key, "c2VjcmV0LWRldmljZS1rZXk=\n").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (ca_only, format!("sas_key_file = {key:?}"))
+    }
+
+    fn azure_config(id: &str, mqtt: &str, tls: &str) -> String {
+        format!(
+            "device_id = \"{id}\"\n[[source]]\ntype = \"sim\"\nstream = \"imu\"\n[mqtt]\nprofile = \"azure-iot-hub\"\nhost = \"ember-hub.azure-devices.net\"\n{mqtt}\n{tls}"
+        )
+    }
+
+    #[test]
+    fn the_azure_profile_sets_iot_hubs_username_delivery_and_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tls, sas) = azure_files(dir.path());
+        let s = load(&azure_config("edge-1", &sas, &tls)).unwrap();
+        assert_eq!(s.mqtt.profile, Profile::AzureIotHub);
+        assert_eq!(s.mqtt.port, 8883);
+        assert_eq!(s.mqtt.client_id, "edge-1");
+        assert_eq!(
+            s.mqtt.username.as_deref(),
+            Some("ember-hub.azure-devices.net/edge-1/?api-version=2021-04-12")
+        );
+        assert_eq!(s.mqtt.delivery, DeliveryMode::Puback);
+        assert_eq!(s.mqtt.message_max_bytes, 131_072);
+        assert_eq!(s.mqtt.sas_token_ttl_s, 3600);
+        // X.509 instead of SAS: the full aws_tls has a client certificate.
+        let x509 = aws_tls(dir.path());
+        let s = load(&azure_config("edge-1", "", &x509)).unwrap();
+        assert!(s.mqtt.sas_key_file.is_none());
+        assert!(
+            s.mqtt.username.is_some(),
+            "IoT Hub wants the username with X.509 too"
+        );
+    }
+
+    #[test]
+    fn the_azure_profile_refuses_what_iot_hub_would_refuse_naming_the_rule() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (tls, sas) = azure_files(dir.path());
+        let x509 = aws_tls(dir.path());
+        let readable = dir.path().join("readable.key");
+        std::fs::write(&readable, "c2VjcmV0\n").unwrap();
+        std::fs::set_permissions(&readable, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let not_b64 = dir.path().join("bad.key");
+        std::fs::write(&not_b64, "not base64!\n").unwrap();
+        std::fs::set_permissions(&not_b64, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let readable = format!("sas_key_file = {readable:?}");
+        let not_b64 = format!("sas_key_file = {not_b64:?}");
+        let cases: Vec<(String, String, Vec<&str>)> = vec![
+            (
+                format!("{sas}\nclient_id = \"x\""),
+                tls.clone(),
+                vec!["mqtt.client_id", "device id"],
+            ),
+            (
+                format!("{sas}\nport = 443"),
+                tls.clone(),
+                vec!["mqtt.port", "WebSockets"],
+            ),
+            (
+                format!("{sas}\nkeep_alive_s = 1800"),
+                tls.clone(),
+                vec!["mqtt.keep_alive_s", "1767"],
+            ),
+            (
+                format!("{sas}\nmessage_max_bytes = 300000"),
+                tls.clone(),
+                vec!["mqtt.message_max_bytes", "262144"],
+            ),
+            (
+                format!("{sas}\ndelivery = \"commit\""),
+                tls.clone(),
+                vec!["mqtt.delivery", "puback"],
+            ),
+            (
+                format!("{sas}\nsas_token_ttl_s = 5"),
+                tls.clone(),
+                vec!["mqtt.sas_token_ttl_s"],
+            ),
+            (sas.clone(), String::new(), vec!["mqtt.tls", "only TLS"]),
+            (
+                format!("{sas}\ninsecure = true"),
+                tls.clone(),
+                vec!["mqtt.insecure"],
+            ),
+            (
+                String::new(),
+                tls.clone(),
+                vec!["mqtt.sas_key_file", "missing", "X.509"],
+            ),
+            (
+                sas.clone(),
+                x509.clone(),
+                vec!["mqtt.sas_key_file", "not both"],
+            ),
+            (
+                readable,
+                tls.clone(),
+                vec!["mqtt.sas_key_file", "chmod 600"],
+            ),
+            (
+                not_b64.clone(),
+                tls.clone(),
+                vec!["mqtt.sas_key_file", "not base64"],
+            ),
+        ];
+        for (mqtt, tls, want) in &cases {
+            let e = err(&azure_config("edge-1", mqtt, tls));
+            for w in want {
+                assert!(e.contains(w), "{mqtt}: {e:?} should mention {w:?}");
+            }
+            assert!(
+                !e.contains("c2VjcmV0"),
+                "an error must never quote the key: {e}"
+            );
+        }
+        // SAS settings under another profile are refused, not ignored.
+        let generic = format!(
+            "device_id = \"d\"\n[[source]]\ntype = \"sim\"\nstream = \"imu\"\n[mqtt]\n{sas}\n"
+        );
+        assert!(err(&generic).contains("azure-iot-hub"));
     }
 
     #[test]

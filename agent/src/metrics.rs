@@ -53,6 +53,10 @@ pub struct Metrics {
     pub publishes_paced: AtomicU64,
     /// Status messages that carried only part of their streams to fit `message_max_bytes`.
     pub status_trimmed: AtomicU64,
+    /// Azure IoT Hub: reconnects to renew the SAS token before it expired.
+    pub sas_renewals: AtomicU64,
+    /// Azure IoT Hub: patches of the device twin's reported properties.
+    pub twin_reports: AtomicU64,
     pub in_flight: AtomicU64,
     pub queue_resets: AtomicU64,
     /// Records sent again because the fleet had not committed them in time.
@@ -172,7 +176,7 @@ impl Metrics {
 
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render(&self, device_id: &str) -> String {
-        let counters: [(&str, &str, &str, &str, &AtomicU64); 45] = [
+        let counters: [(&str, &str, &str, &str, &AtomicU64); 47] = [
             (
                 "records_captured_total",
                 "counter",
@@ -319,6 +323,20 @@ impl Metrics {
                 "Status messages that listed only some streams (in turn) to stay within mqtt.message_max_bytes.",
                 "",
                 &self.status_trimmed,
+            ),
+            (
+                "sas_renewals_total",
+                "counter",
+                "Azure IoT Hub: reconnects made to renew the SAS token before it expired (mqtt.sas_token_ttl_s).",
+                "",
+                &self.sas_renewals,
+            ),
+            (
+                "twin_reports_total",
+                "counter",
+                "Azure IoT Hub: patches of the device twin's reported properties (at most one per mqtt.twin_report_min_interval_s).",
+                "",
+                &self.twin_reports,
             ),
             (
                 "queue_resets_total",

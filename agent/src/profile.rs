@@ -21,6 +21,14 @@
 //! Retained messages (the status and its Last Will, the desired state the fleet publishes)
 //! work on IoT Core when the device policy grants `iot:RetainPublish` (docs/deploy-aws.md).
 //!
+//! `mqtt.profile = "azure-iot-hub"` speaks Azure IoT Hub's MQTT dialect (see [`azure`]): the
+//! client id is the device id, the username `{hub}/{device_id}/?api-version=2021-04-12`, the
+//! password a SAS token made from the device key in `mqtt.sas_key_file` (renewed before it
+//! expires) unless the device authenticates with its X.509 certificate; every message goes to
+//! `devices/{device_id}/messages/events/` with Ember's properties in the topic's property bag,
+//! never retained; the status also goes to the device twin's reported properties, and the
+//! desired state comes from the twin's desired properties.
+//!
 //! `mqtt.profile_file` reads the agent profile `terraform/aws` outputs (`agent_profile_json`,
 //! written by `scripts/up.sh aws`): its endpoint and port become `mqtt.host`/`mqtt.port` unless
 //! the file sets them, its limits replace the built-in ones, and its topics must be Ember's.
@@ -53,6 +61,7 @@ pub enum Profile {
     #[default]
     Generic,
     AwsIotCore,
+    AzureIotHub,
 }
 
 impl Profile {
@@ -60,8 +69,9 @@ impl Profile {
         match s {
             "generic" => Ok(Profile::Generic),
             "aws-iot-core" => Ok(Profile::AwsIotCore),
+            "azure-iot-hub" => Ok(Profile::AzureIotHub),
             other => Err(format!(
-                "{other:?} is not a profile: use \"generic\" (Mosquitto, EMQX and other MQTT brokers) or \"aws-iot-core\""
+                "{other:?} is not a profile: use \"generic\" (Mosquitto, EMQX and other MQTT brokers), \"aws-iot-core\" or \"azure-iot-hub\""
             )),
         }
     }
@@ -203,6 +213,139 @@ pub fn parse_profile_file(text: &str) -> Result<ProfileFile, String> {
     Ok(f)
 }
 
+/// Azure IoT Hub's MQTT dialect: its fixed topics, the username, the property bag and the
+/// device twin's request/response topics.
+pub mod azure {
+    use ember_host::sas::url_encode;
+    use ember_proto::Channel;
+
+    /// The API version the username names (the twin topics and property bags below are this
+    /// version's).
+    pub const API_VERSION: &str = "2021-04-12";
+    /// IoT Hub's largest device-to-cloud message (bytes).
+    pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+    /// IoT Hub's longest keep-alive (29.45 minutes); it closes connections idle longer.
+    pub const KEEP_ALIVE_MAX_S: u64 = 1767;
+    /// The SAS token lifetime when `mqtt.sas_token_ttl_s` is not set.
+    pub const DEFAULT_SAS_TTL_S: u64 = 3600;
+    /// Shortest and longest token lifetimes the agent accepts.
+    pub const SAS_TTL_MIN_S: u64 = 30;
+    pub const SAS_TTL_MAX_S: u64 = 365 * 24 * 3600;
+    /// The twin's reported properties are patched at most this often (IoT Hub throttles twin
+    /// updates per hub unit); changes in between are coalesced into the next patch.
+    pub const DEFAULT_TWIN_REPORT_MIN_INTERVAL_S: u64 = 60;
+    /// The twin property (desired and reported) that holds Ember's state; the fleet's
+    /// `azure-twin` desired-state sink writes the desired one.
+    pub const TWIN_PROPERTY: &str = "ember";
+    /// Properties of every device-to-cloud message (the fleet's Event Hubs source reads them).
+    pub const PROP_CHANNEL: &str = "ember-channel";
+    pub const PROP_STREAM: &str = "ember-stream";
+    pub const PROP_ENCODING: &str = "ember-encoding";
+    /// Responses to the device's twin requests (`$rid` in the topic).
+    pub const TWIN_RESPONSES: &str = "$iothub/twin/res/#";
+    /// Desired-property changes IoT Hub pushes (`$version` in the topic).
+    pub const TWIN_DESIRED_PATCHES: &str = "$iothub/twin/PATCH/properties/desired/#";
+    const TWIN_DESIRED_PATCH_PREFIX: &str = "$iothub/twin/PATCH/properties/desired/";
+    const TWIN_RESPONSE_PREFIX: &str = "$iothub/twin/res/";
+
+    /// The MQTT username IoT Hub requires, for SAS and X.509 alike.
+    pub fn username(hub: &str, device_id: &str) -> String {
+        format!("{hub}/{device_id}/?api-version={API_VERSION}")
+    }
+
+    /// The resource a device's SAS token is for.
+    pub fn sas_resource(hub: &str, device_id: &str) -> String {
+        format!("{hub}/devices/{device_id}")
+    }
+
+    /// The events topic of one message: `devices/{id}/messages/events/` and a property bag with
+    /// the channel, the stream (when the message has one) and the encoding, URL-encoded.
+    pub fn events_topic(
+        device_id: &str,
+        channel: Channel,
+        stream: Option<&str>,
+        encoding: &str,
+    ) -> String {
+        let mut t = format!(
+            "devices/{device_id}/messages/events/{PROP_CHANNEL}={}",
+            channel.as_str()
+        );
+        if let Some(s) = stream {
+            t.push_str(&format!("&{PROP_STREAM}={}", url_encode(s)));
+        }
+        t.push_str(&format!("&{PROP_ENCODING}={encoding}"));
+        t
+    }
+
+    /// The twin GET request with request id `rid`.
+    pub fn twin_get(rid: u64) -> String {
+        format!("$iothub/twin/GET/?$rid={rid}")
+    }
+
+    /// The reported-properties PATCH request with request id `rid`.
+    pub fn twin_patch_reported(rid: u64) -> String {
+        format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}")
+    }
+
+    /// A message on the twin topics, as the agent understands it.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum TwinTopic {
+        /// A response: HTTP-like status, the request id, the twin's new version (on PATCHes).
+        Response {
+            status: u16,
+            rid: u64,
+            version: Option<u64>,
+        },
+        /// A desired-properties patch pushed by IoT Hub, with the desired version.
+        DesiredPatch { version: Option<u64> },
+    }
+
+    /// Parses a twin topic; `None` for any other topic.
+    pub fn parse_twin_topic(topic: &str) -> Option<TwinTopic> {
+        if let Some(rest) = topic.strip_prefix(TWIN_RESPONSE_PREFIX) {
+            let (status, query) = rest.split_once('/').unwrap_or((rest, ""));
+            let status = status.parse().ok()?;
+            let rid = query_value(query, "$rid")?.parse().ok()?;
+            let version = query_value(query, "$version").and_then(|v| v.parse().ok());
+            return Some(TwinTopic::Response {
+                status,
+                rid,
+                version,
+            });
+        }
+        let query = topic.strip_prefix(TWIN_DESIRED_PATCH_PREFIX)?;
+        Some(TwinTopic::DesiredPatch {
+            version: query_value(query, "$version").and_then(|v| v.parse().ok()),
+        })
+    }
+
+    fn query_value<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+        query
+            .trim_start_matches('?')
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    }
+
+    /// Ember's desired state in a twin document: `(state, $version)`. `doc` is the desired
+    /// section (a GET response's `desired`, or a PATCH's body). `Ok(None)` when the twin holds
+    /// no Ember state (or it was removed: `"ember": null`).
+    pub fn desired_from_twin(
+        doc: &serde_json::Value,
+    ) -> Result<(Option<serde_json::Value>, Option<u64>), String> {
+        let obj = doc
+            .as_object()
+            .ok_or("the twin's desired properties are not a JSON object")?;
+        let version = obj.get("$version").and_then(serde_json::Value::as_u64);
+        match obj.get(TWIN_PROPERTY) {
+            None | Some(serde_json::Value::Null) => Ok((None, version)),
+            Some(v) if v.is_object() => Ok((Some(v.clone()), version)),
+            Some(_) => Err(format!(
+                "the twin's desired property {TWIN_PROPERTY:?} is not an object"
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,7 +366,62 @@ mod tests {
     fn profiles() {
         assert_eq!(Profile::parse("aws-iot-core"), Ok(Profile::AwsIotCore));
         assert_eq!(Profile::parse("generic"), Ok(Profile::Generic));
+        assert_eq!(Profile::parse("azure-iot-hub"), Ok(Profile::AzureIotHub));
         assert!(Profile::parse("aws").unwrap_err().contains("aws-iot-core"));
+        assert!(
+            Profile::parse("azure")
+                .unwrap_err()
+                .contains("azure-iot-hub")
+        );
+    }
+
+    #[test]
+    fn azure_topics_and_twin_messages() {
+        use ember_proto::Channel;
+        assert_eq!(
+            azure::username("h.azure-devices.net", "d-1"),
+            "h.azure-devices.net/d-1/?api-version=2021-04-12"
+        );
+        assert_eq!(
+            azure::events_topic("d-1", Channel::Telemetry, Some("imu a"), "cbor"),
+            "devices/d-1/messages/events/ember-channel=telemetry&ember-stream=imu%20a&ember-encoding=cbor"
+        );
+        assert_eq!(
+            azure::events_topic("d-1", Channel::Status, None, "json"),
+            "devices/d-1/messages/events/ember-channel=status&ember-encoding=json"
+        );
+        assert_eq!(
+            azure::parse_twin_topic("$iothub/twin/res/200/?$rid=7"),
+            Some(azure::TwinTopic::Response {
+                status: 200,
+                rid: 7,
+                version: None
+            })
+        );
+        assert_eq!(
+            azure::parse_twin_topic("$iothub/twin/res/204/?$rid=8&$version=12"),
+            Some(azure::TwinTopic::Response {
+                status: 204,
+                rid: 8,
+                version: Some(12)
+            })
+        );
+        assert_eq!(
+            azure::parse_twin_topic("$iothub/twin/PATCH/properties/desired/?$version=5"),
+            Some(azure::TwinTopic::DesiredPatch { version: Some(5) })
+        );
+        assert_eq!(
+            azure::parse_twin_topic("devices/d/messages/devicebound/x"),
+            None
+        );
+        let doc = serde_json::json!({"ember": {"v": 1}, "$version": 4});
+        assert_eq!(
+            azure::desired_from_twin(&doc),
+            Ok((Some(serde_json::json!({"v": 1})), Some(4)))
+        );
+        let cleared = serde_json::json!({"ember": null, "$version": 5});
+        assert_eq!(azure::desired_from_twin(&cleared), Ok((None, Some(5))));
+        assert!(azure::desired_from_twin(&serde_json::json!({"ember": 3})).is_err());
     }
 
     /// The file `terraform/aws/outputs.tf` writes, as `terraform output -json` prints it.

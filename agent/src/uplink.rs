@@ -60,6 +60,28 @@
 //! the broker acknowledged is deleted and the uplink deletes on PUBACK, until a watermark
 //! arrives. `"puback"` deletes on PUBACK and does not subscribe. The mode in force is in the
 //! status message (`delivery`) and the `delivery_commit` gauge.
+//!
+//! # Azure IoT Hub (`mqtt.profile = "azure-iot-hub"`, `crate::profile::azure`)
+//!
+//! * **Credentials.** The username is `{hub}/{device_id}/?api-version=2021-04-12`. With
+//!   `mqtt.sas_key_file` the password is a SAS token for `{hub}/devices/{device_id}`, made from
+//!   the key file before every connect (a rotated key is read again) and valid
+//!   `sas_token_ttl_s`; at 80 % of that the uplink disconnects and connects again with a new
+//!   token (`sas_renewals_total`), before IoT Hub would close the connection. What was in
+//!   flight is sent again from the queue, as after any reconnect: nothing is lost, and the
+//!   fleet drops the repeats. With X.509 (`mqtt.tls.cert_file`) there is no password.
+//! * **Topics.** Every message (records, status, heartbeat and the Last Will) goes to
+//!   `devices/{device_id}/messages/events/` with the property bag `ember-channel=…`,
+//!   `ember-stream=…` (records) and `ember-encoding=…`, never retained. Delivery is on PUBACK
+//!   (the hub has stored the message; no watermark can reach a device there).
+//! * **Device twin.** After every CONNACK the uplink subscribes to `$iothub/twin/res/#` and,
+//!   with OTA, `$iothub/twin/PATCH/properties/desired/#`, and GETs the whole twin. The desired
+//!   property `ember` (written by the fleet's `azure-twin` sink) is the desired state; a
+//!   document whose `$version` is not newer than the one applied is dropped, so a patch that
+//!   overtook the GET's answer is not undone by it. The status also goes to the reported
+//!   property `ember`, at most once per `twin_report_min_interval_s` (changes in between are
+//!   coalesced; a throttled patch, 429, is sent again), trimmed to 24 KB like the status
+//!   message (`twin_reports_total`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -78,6 +100,7 @@ use ember_proto::{
 
 use crate::config::{DeliveryMode, Settings};
 use crate::metrics::Metrics;
+use crate::profile::{Profile, azure};
 use crate::queue::{Queue, StreamId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +197,32 @@ pub struct Uplink {
     /// Where the next status too large for one message starts its list of streams.
     status_offset: usize,
     warned_status_size: bool,
+    /// Azure IoT Hub's dialect (`mqtt.profile = "azure-iot-hub"`); `None` for MQTT brokers.
+    azure: Option<AzureLink>,
+}
+
+/// What the uplink keeps for Azure IoT Hub (see the module docs, "Azure IoT Hub").
+struct AzureLink {
+    /// The device's symmetric key file (SAS); `None`: the device authenticates with X.509.
+    sas_key_file: Option<std::path::PathBuf>,
+    /// When the token of the current connection is renewed (80 % of its lifetime).
+    renew_at: Option<tokio::time::Instant>,
+    next_rid: u64,
+    /// The twin GET in flight (request id), or due (`get_due`) after a refusal.
+    get_rid: Option<u64>,
+    get_due: bool,
+    /// The desired `$version` last handed to OTA.
+    desired_version: Option<u64>,
+    /// The reported properties need a patch (coalesced), and when the last one went out.
+    report_due: bool,
+    last_report: Option<Instant>,
+}
+
+impl AzureLink {
+    fn rid(&mut self) -> u64 {
+        self.next_rid += 1;
+        self.next_rid
+    }
 }
 
 struct Topics {
@@ -226,6 +275,36 @@ impl Uplink {
             .store(u64::from(mode != Mode::Puback), Relaxed);
         let backoff = Duration::from_millis(settings.mqtt.reconnect_min_ms);
         let pacer = Pacer::new(settings.mqtt.max_publish_rate);
+        let azure = (settings.mqtt.profile == Profile::AzureIotHub).then(|| AzureLink {
+            sas_key_file: settings.mqtt.sas_key_file.clone(),
+            renew_at: None,
+            next_rid: 0,
+            get_rid: None,
+            get_due: false,
+            desired_version: None,
+            report_due: false,
+            last_report: None,
+        });
+        let topics = if azure.is_some() {
+            let events = |c| {
+                azure::events_topic(
+                    &settings.device_id,
+                    c,
+                    None,
+                    settings.mqtt.encoding.as_str(),
+                )
+            };
+            Topics {
+                telemetry: events(Channel::Telemetry),
+                inference: events(Channel::Inference),
+                status: events(Channel::Status),
+                heartbeat: events(Channel::Heartbeat),
+                desired: azure::TWIN_DESIRED_PATCHES.into(),
+                committed: String::new(),
+            }
+        } else {
+            topics
+        };
         Uplink {
             settings,
             queue,
@@ -253,6 +332,7 @@ impl Uplink {
             pacer,
             status_offset: 0,
             warned_status_size: false,
+            azure,
         }
     }
 
@@ -279,12 +359,16 @@ impl Uplink {
         let will =
             ember_proto::message::encode(&Status::offline(&self.settings.device_id), m.encoding)
                 .unwrap_or_default();
+        // IoT Hub retains nothing: its Last Will is an event like any other status.
         o.set_last_will(LastWill::new(
             self.topics.status.clone(),
             will,
             QoS::AtLeastOnce,
-            true,
+            self.azure.is_none(),
         ));
+        if let Some(user) = &m.username {
+            o.set_credentials(user.clone(), String::new());
+        }
         if let Some(tls) = &self.tls {
             o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
                 tls.clone(),
@@ -316,6 +400,7 @@ impl Uplink {
         // wins (a batch became durable, a timer fired) would abort a connection attempt half-way
         // (TCP connect, CONNECT, CONNACK), so while records keep arriving the agent could
         // never get back online after an outage.
+        self.refresh_credentials(&mut eventloop.mqtt_options);
         let mut polling = poll_owned(eventloop);
         let mut heartbeat =
             tokio::time::interval(Duration::from_secs(self.settings.mqtt.heartbeat_s));
@@ -356,6 +441,12 @@ impl Uplink {
             } else {
                 None
             };
+            // Azure with SAS: when the connection's token must be replaced.
+            let renew_at = if self.connected {
+                self.renew_at()
+            } else {
+                None
+            };
             tokio::select! {
                 biased;
                 _ = force.cancelled() => break DrainOutcome::GraceExpired,
@@ -369,7 +460,11 @@ impl Uplink {
                 _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(far_future)).await }, if retry_at.is_some() => {
                     retry_at = None;
                 }
-                (el, ev) = &mut polling, if retry_at.is_none() => {
+                (mut el, ev) = &mut polling, if retry_at.is_none() => {
+                    if ev.is_err() {
+                        // The next poll connects again: with a fresh SAS token (Azure).
+                        self.refresh_credentials(&mut el.mqtt_options);
+                    }
                     polling = poll_owned(el);
                     match ev {
                         Ok(ev) => self.on_event(ev, &client),
@@ -380,6 +475,16 @@ impl Uplink {
                     }
                 }
                 _ = queue.records_ready().notified() => {}
+                _ = async { tokio::time::sleep_until(renew_at.unwrap_or_else(far_future)).await }, if renew_at.is_some() => {
+                    // IoT Hub closes a connection whose token expires: reconnect before that
+                    // with a new one (what is in flight is sent again from the queue).
+                    tracing::info!("Renewing the SAS token: reconnecting to Azure IoT Hub.");
+                    if let Some(a) = self.azure.as_mut() {
+                        a.renew_at = None;
+                    }
+                    self.metrics.sas_renewals.fetch_add(1, Relaxed);
+                    let _ = client.try_disconnect();
+                }
                 _ = hangup.recv() => {
                     if self.connected {
                         tracing::info!("SIGHUP: reconnecting to pick up the TLS credentials on disk.");
@@ -412,7 +517,9 @@ impl Uplink {
                     }
                 }
                 _ = commit_tick.tick() => {
-                    if self.connected {
+                    if self.connected && self.azure.is_some() {
+                        self.twin_tick(&client);
+                    } else if self.connected {
                         self.check_commits(&client);
                     }
                 }
@@ -468,6 +575,10 @@ impl Uplink {
                     self.set_state(UplinkState::CatchingUp);
                 }
                 self.publish_status(client, DeviceState::Online);
+                if self.azure.is_some() {
+                    self.on_azure_connack(client);
+                    return;
+                }
                 if self.ota.is_some()
                     && let Err(e) =
                         client.try_subscribe(self.topics.desired.clone(), QoS::AtLeastOnce)
@@ -480,6 +591,9 @@ impl Uplink {
                 {
                     tracing::error!(error = %e, "Cannot subscribe to the fleet's commit watermark; records stay queued until the next connection.");
                 }
+            }
+            Event::Incoming(Packet::Publish(p)) if self.azure.is_some() => {
+                self.on_twin_message(&p.topic, &p.payload);
             }
             Event::Incoming(Packet::Publish(p)) if p.topic == self.topics.desired => {
                 self.on_desired(&p.payload);
@@ -923,10 +1037,19 @@ impl Uplink {
         let first = records[0].0;
         let last = records[take - 1].0;
         let _ = last_seq;
-        let topic = if inference {
-            self.topics.inference.clone()
-        } else {
-            self.topics.telemetry.clone()
+        let topic = match (&self.azure, inference) {
+            (Some(_), _) => azure::events_topic(
+                &self.settings.device_id,
+                if inference {
+                    Channel::Inference
+                } else {
+                    Channel::Telemetry
+                },
+                Some(&stream),
+                self.settings.mqtt.encoding.as_str(),
+            ),
+            (None, true) => self.topics.inference.clone(),
+            (None, false) => self.topics.telemetry.clone(),
         };
         match client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
             Ok(()) => {
@@ -1007,11 +1130,16 @@ impl Uplink {
                         );
                     }
                 }
+                // Azure: an event (IoT Hub retains nothing), and the twin's reported
+                // properties at their own pace (`twin_tick`).
+                if let Some(a) = self.azure.as_mut() {
+                    a.report_due = true;
+                }
                 if client
                     .try_publish(
                         self.topics.status.clone(),
                         QoS::AtLeastOnce,
-                        true,
+                        self.azure.is_none(),
                         fitted.payload,
                     )
                     .is_ok()
@@ -1050,7 +1178,234 @@ impl Uplink {
     pub fn state(&self) -> UplinkState {
         self.state
     }
+
+    /// When the current SAS token must be replaced (Azure with SAS, connected).
+    fn renew_at(&self) -> Option<tokio::time::Instant> {
+        self.azure.as_ref().and_then(|a| a.renew_at)
+    }
+
+    /// Azure with SAS: a new token as the MQTT password for the next CONNECT, made from the
+    /// key file as it is now (a rotated key is picked up), and when to renew it. Other
+    /// profiles: nothing to do.
+    fn refresh_credentials(&mut self, o: &mut MqttOptions) {
+        let Some(a) = self.azure.as_mut() else {
+            return;
+        };
+        let Some(path) = &a.sas_key_file else {
+            return;
+        };
+        let m = &self.settings.mqtt;
+        let user = m.username.clone().unwrap_or_default();
+        let ttl = m.sas_token_ttl_s;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let resource = azure::sas_resource(&m.host, &self.settings.device_id);
+        match crate::config::read_sas_key(path).and_then(|k| {
+            k.token(&resource, now + ttl, None)
+                .map_err(|e| e.to_string())
+        }) {
+            Ok(token) => {
+                o.set_credentials(user, token);
+                a.renew_at =
+                    Some(tokio::time::Instant::now() + Duration::from_millis(ttl * 1000 * 8 / 10));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot make a SAS token (mqtt.sas_key_file); IoT Hub will refuse the connection.");
+                o.set_credentials(user, String::new());
+                a.renew_at = None;
+            }
+        }
+    }
+
+    /// Azure, connected: the twin's response and desired-patch topics, then the whole twin
+    /// (its desired properties are the desired state); the status goes to the twin too.
+    fn on_azure_connack(&mut self, client: &AsyncClient) {
+        let ota = self.ota.is_some();
+        let Some(a) = self.azure.as_mut() else {
+            return;
+        };
+        a.report_due = true;
+        let mut topics = vec![azure::TWIN_RESPONSES];
+        if ota {
+            topics.push(azure::TWIN_DESIRED_PATCHES);
+        }
+        for t in topics {
+            if let Err(e) = client.try_subscribe(t, QoS::AtLeastOnce) {
+                tracing::error!(error = %e, topic = t, "Cannot subscribe to the device twin's topics; retrying at the next connection.");
+            }
+        }
+        if ota {
+            self.request_twin(client);
+        }
+    }
+
+    fn request_twin(&mut self, client: &AsyncClient) {
+        let Some(a) = self.azure.as_mut() else {
+            return;
+        };
+        let rid = a.rid();
+        match client.try_publish(azure::twin_get(rid), QoS::AtMostOnce, false, Vec::new()) {
+            Ok(()) => {
+                a.get_rid = Some(rid);
+                a.get_due = false;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "Cannot request the device twin now; retrying.");
+                a.get_due = true;
+            }
+        }
+    }
+
+    /// Every second while connected to IoT Hub: a twin GET that is due again, and the reported
+    /// properties when they changed and the last patch is old enough.
+    fn twin_tick(&mut self, client: &AsyncClient) {
+        let min = Duration::from_secs(self.settings.mqtt.twin_report_min_interval_s);
+        let (get_due, report_now) = match &self.azure {
+            Some(a) => (
+                a.get_due,
+                a.report_due && a.last_report.is_none_or(|t| t.elapsed() >= min),
+            ),
+            None => return,
+        };
+        if get_due && self.ota.is_some() {
+            self.request_twin(client);
+        }
+        if report_now {
+            self.report_to_twin(client);
+        }
+    }
+
+    /// Patches the twin's reported property `ember` with the status (as JSON; trimmed like
+    /// the status message to fit the twin's 32 KB limit on reported properties).
+    fn report_to_twin(&mut self, client: &AsyncClient) {
+        let status = self.status(DeviceState::Online);
+        let Ok(fitted) = fit_status(
+            status,
+            ember_proto::Encoding::Json,
+            TWIN_REPORT_MAX_BYTES,
+            self.status_offset,
+        ) else {
+            return;
+        };
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&fitted.payload) else {
+            return;
+        };
+        let body = serde_json::json!({ azure::TWIN_PROPERTY: value });
+        let Some(a) = self.azure.as_mut() else {
+            return;
+        };
+        let rid = a.rid();
+        if client
+            .try_publish(
+                azure::twin_patch_reported(rid),
+                QoS::AtLeastOnce,
+                false,
+                body.to_string().into_bytes(),
+            )
+            .is_ok()
+        {
+            a.report_due = false;
+            a.last_report = Some(Instant::now());
+            self.awaiting_pkid.push_back(Pending::Control);
+            self.pacer.note(Instant::now());
+            self.metrics.twin_reports.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A message on the twin's topics: the GET's answer, a reported patch's answer, or a
+    /// desired-properties patch. A desired state older than (or as old as) the one applied
+    /// (`$version`) is dropped.
+    fn on_twin_message(&mut self, topic: &str, payload: &[u8]) {
+        let Some(a) = self.azure.as_mut() else {
+            return;
+        };
+        let desired = match azure::parse_twin_topic(topic) {
+            Some(azure::TwinTopic::Response { status, rid, .. }) if Some(rid) == a.get_rid => {
+                a.get_rid = None;
+                if status != 200 {
+                    tracing::warn!(
+                        status,
+                        "IoT Hub refused the twin request; asking again in a second."
+                    );
+                    a.get_due = true;
+                    return;
+                }
+                match serde_json::from_slice::<serde_json::Value>(payload) {
+                    Ok(twin) => twin.get("desired").cloned().unwrap_or_default(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "The device twin is not JSON; ignoring it.");
+                        self.metrics.ota_desired_invalid.fetch_add(1, Relaxed);
+                        return;
+                    }
+                }
+            }
+            Some(azure::TwinTopic::Response { status, .. }) => {
+                if status == 429 {
+                    // Throttled: the next tick after the interval patches again.
+                    a.report_due = true;
+                }
+                if !(200..300).contains(&status) {
+                    tracing::warn!(
+                        status,
+                        "IoT Hub refused a twin update of the reported properties."
+                    );
+                }
+                return;
+            }
+            Some(azure::TwinTopic::DesiredPatch { .. }) => {
+                match serde_json::from_slice::<serde_json::Value>(payload) {
+                    Ok(patch) => patch,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "A desired-properties patch is not JSON; ignoring it.");
+                        self.metrics.ota_desired_invalid.fetch_add(1, Relaxed);
+                        return;
+                    }
+                }
+            }
+            None => {
+                tracing::debug!(
+                    topic,
+                    "Ignoring a message on a topic the agent does not use."
+                );
+                return;
+            }
+        };
+        let (state, version) = match azure::desired_from_twin(&desired) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "Ignoring the twin's desired properties.");
+                self.metrics.ota_desired_invalid.fetch_add(1, Relaxed);
+                return;
+            }
+        };
+        if let (Some(v), Some(applied)) = (version, a.desired_version)
+            && v <= applied
+        {
+            tracing::debug!(
+                version = v,
+                applied,
+                "Dropping a twin desired state no newer than the one applied."
+            );
+            return;
+        }
+        if version.is_some() {
+            a.desired_version = version;
+        }
+        match state {
+            Some(state) => {
+                let bytes = state.to_string().into_bytes();
+                self.on_desired(&bytes);
+            }
+            None => tracing::info!("The twin holds no desired state for Ember."),
+        }
+    }
 }
+
+/// The twin's reported properties may hold 32 KB; Ember's property stays below that with room
+/// for IoT Hub's metadata.
+const TWIN_REPORT_MAX_BYTES: usize = 24 * 1024;
 
 type PollFuture = std::pin::Pin<
     Box<dyn std::future::Future<Output = (EventLoop, Result<Event, ConnectionError>)> + Send>,

@@ -538,6 +538,7 @@ async fn device_tokens(
         url: db_url.into(),
         backend,
         max_connections: 1,
+        token_source: None,
     };
     let db = ember_fleet::db::Db::open(&settings).await?;
     let mut tokens = HashMap::with_capacity(ids.len());

@@ -154,6 +154,8 @@ pub struct RawHttp {
 pub struct RawDatabase {
     pub url: Option<String>,
     pub max_connections: Option<u32>,
+    /// `azure-workload-identity`: the password is an Entra ID token ([`TokenSource`]).
+    pub token_source: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -367,6 +369,18 @@ pub struct DatabaseSettings {
     pub url: String,
     pub backend: Backend,
     pub max_connections: u32,
+    /// Where the password comes from when it is not in the URL (`None`: the URL).
+    pub token_source: Option<TokenSource>,
+}
+
+/// `database.token_source`: a short-lived token as the PostgreSQL password, renewed by the
+/// fleet ([`crate::db`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TokenSource {
+    /// Microsoft Entra ID through AKS workload identity (Azure Database for PostgreSQL with
+    /// Entra sign-in; [`crate::cloud::azure`]).
+    AzureWorkloadIdentity,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -604,6 +618,45 @@ impl Settings {
                 ),
             ));
         };
+        let token_source = match raw.database.token_source.as_deref() {
+            None => None,
+            Some("azure-workload-identity") => {
+                if backend != Backend::Postgres {
+                    return Err(invalid(
+                        "database.token_source",
+                        "\"azure-workload-identity\" signs in to PostgreSQL: set database.url to postgres://<identity name>@<server>.postgres.database.azure.com/<db>?sslmode=require",
+                    ));
+                }
+                let userinfo = url
+                    .split_once("://")
+                    .and_then(|(_, rest)| rest.split_once('@'))
+                    .map(|(u, _)| u);
+                match userinfo {
+                    None | Some("") => {
+                        return Err(invalid(
+                            "database.url",
+                            "names no user: with database.token_source the user is the managed identity's name (postgres://<identity name>@<server>/<db>)",
+                        ));
+                    }
+                    Some(u) if u.contains(':') => {
+                        return Err(invalid(
+                            "database.url",
+                            "has a password, and database.token_source supplies one: remove it from the URL",
+                        ));
+                    }
+                    Some(_) => {}
+                }
+                Some(TokenSource::AzureWorkloadIdentity)
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "database.token_source",
+                    format!(
+                        "{other:?} is not a token source: use \"azure-workload-identity\" (Entra ID through AKS workload identity) or leave it out (the password, if any, is in database.url)"
+                    ),
+                ));
+            }
+        };
         let database = DatabaseSettings {
             url,
             backend,
@@ -611,6 +664,7 @@ impl Settings {
                 .database
                 .max_connections
                 .unwrap_or(DEFAULT_DB_MAX_CONNECTIONS),
+            token_source,
         };
         if !(1..=1000).contains(&database.max_connections) {
             return Err(invalid("database.max_connections", "must be 1-1000"));
@@ -1444,6 +1498,7 @@ const STRING_KEYS: &[&str] = &[
     "data_dir",
     "bootstrap_token",
     "database.url",
+    "database.token_source",
     "mqtt.host",
     "mqtt.client_id",
     "ingest.source",

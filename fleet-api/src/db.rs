@@ -32,7 +32,7 @@ use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::{AnyPool, Executor, Row};
 
-use crate::config::{Backend, DatabaseSettings};
+use crate::config::{Backend, DatabaseSettings, TokenSource};
 use crate::error::FleetError;
 
 /// Migrations per backend, compiled in: `(version, description, sql)`.
@@ -169,6 +169,14 @@ impl Db {
                     Ok(())
                 })
             });
+        let signer = match settings.token_source {
+            Some(TokenSource::AzureWorkloadIdentity) => {
+                let mut s = EntraSigner::new().map_err(|e| FleetError::Token(e.to_string()))?;
+                url = s.url_with_token(&settings.url).await?;
+                Some(s)
+            }
+            None => None,
+        };
         let pool = options
             .connect(&url)
             .await
@@ -176,6 +184,9 @@ impl Db {
                 url: crate::config::mask_password(&settings.url),
                 source,
             })?;
+        if let Some(s) = signer {
+            tokio::spawn(s.renew(pool.clone(), settings.url.clone()));
+        }
         Ok(Db { pool, backend })
     }
 
@@ -471,6 +482,77 @@ where
         metrics.inc("db_errors_total", &[("op", op)], 1);
     }
     r
+}
+
+/// Signs in to PostgreSQL with Entra ID tokens (`database.token_source =
+/// "azure-workload-identity"`, [`crate::cloud::azure`]): the token is the password of new
+/// connections; PostgreSQL checks it only when a connection opens, so open connections
+/// outlive it. A task renews it at 80 % of its lifetime and gives the pool the new URL, until
+/// the pool closes; a failed renewal is retried every 30 s while the old token still holds.
+struct EntraSigner {
+    identity: crate::cloud::azure::WorkloadIdentity,
+    http: reqwest::Client,
+    expires_in: std::time::Duration,
+}
+
+impl EntraSigner {
+    fn new() -> Result<EntraSigner, crate::cloud::azure::EntraError> {
+        // reqwest finds the process-wide rustls provider; install ring (what the rest of the
+        // fleet uses) unless someone installed one already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder().build().map_err(|e| {
+            crate::cloud::azure::EntraError::Http {
+                url: "(client)".into(),
+                detail: e.to_string(),
+            }
+        })?;
+        Ok(EntraSigner {
+            identity: crate::cloud::azure::WorkloadIdentity::from_env()?,
+            http,
+            expires_in: std::time::Duration::ZERO,
+        })
+    }
+
+    async fn url_with_token(&mut self, url: &str) -> Result<String, FleetError> {
+        let t = self
+            .identity
+            .token(&self.http, crate::cloud::azure::POSTGRES_SCOPE)
+            .await
+            .map_err(|e| FleetError::Token(e.to_string()))?;
+        self.expires_in = t.expires_in;
+        Ok(crate::cloud::azure::with_password(url, &t.token))
+    }
+
+    async fn renew(mut self, pool: AnyPool, url: String) {
+        const RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+        let mut wait = self.expires_in.mul_f64(0.8).max(RETRY);
+        loop {
+            tokio::time::sleep(wait).await;
+            if pool.is_closed() {
+                return;
+            }
+            match self.url_with_token(&url).await {
+                Ok(signed) => match signed.parse::<sqlx::any::AnyConnectOptions>() {
+                    Ok(o) => {
+                        pool.set_connect_options(o);
+                        tracing::info!(
+                            valid_s = self.expires_in.as_secs(),
+                            "Renewed the Entra ID token for PostgreSQL."
+                        );
+                        wait = self.expires_in.mul_f64(0.8).max(RETRY);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "The database URL with the new token does not parse; keeping the old token.");
+                        wait = RETRY;
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_s = RETRY.as_secs(), "Cannot renew the Entra ID token for PostgreSQL; new connections use the old one until it expires.");
+                    wait = RETRY;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ pub enum FleetError {
         "cannot open the database {url}: {source} (check database.url and that the server runs)"
     )]
     Connect { url: String, source: sqlx::Error },
+    #[error("cannot sign in to the database: {0}")]
+    Token(String),
     #[error("cannot migrate the database: {0} (was it written by a newer ember-fleet?)")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]

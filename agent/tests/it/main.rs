@@ -6,6 +6,7 @@
 //! Needs `mosquitto` (`apt-get install mosquitto`); without it every broker test fails saying so.
 
 mod aws_iot;
+mod azure_iot;
 mod common;
 mod config;
 mod crash;

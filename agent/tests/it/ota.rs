@@ -39,7 +39,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// `activity-f32.bundle` as another version, edited by `edit`, signed by `key` (default: the
 /// dev key the agent trusts).
-fn make_bundle(
+pub(crate) fn make_bundle(
     version: &str,
     key: Option<&ed25519_dalek::SigningKey>,
     edit: impl FnOnce(&mut ember_models::Manifest),
@@ -75,13 +75,13 @@ struct ServerState {
 
 /// A minimal HTTP/1.1 file server: GET with optional `Range: bytes=N-`, bearer token check,
 /// one connection per request.
-struct BundleServer {
+pub(crate) struct BundleServer {
     port: u16,
     state: Arc<(Mutex<ServerState>, Condvar)>,
 }
 
 impl BundleServer {
-    fn start() -> BundleServer {
+    pub(crate) fn start() -> BundleServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let state: Arc<(Mutex<ServerState>, Condvar)> = Arc::default();
@@ -96,11 +96,11 @@ impl BundleServer {
         BundleServer { port, state }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    fn put(&self, path: &str, bytes: Vec<u8>) {
+    pub(crate) fn put(&self, path: &str, bytes: Vec<u8>) {
         self.state
             .0
             .lock()
@@ -215,7 +215,7 @@ fn serve(mut conn: TcpStream, st: &(Mutex<ServerState>, Condvar)) {
 
 // ---- helpers --------------------------------------------------------------------------------
 
-fn desired_entry(version: &str, bytes: &[u8], url: &str) -> DesiredModel {
+pub(crate) fn desired_entry(version: &str, bytes: &[u8], url: &str) -> DesiredModel {
     DesiredModel {
         name: "activity".into(),
         version: Some(version.into()),
@@ -268,7 +268,7 @@ fn ota_agent(dev: &str, broker: &TestBroker, server: &BundleServer, dir: &Path) 
     ota_builder(dev, broker, server, dir).start()
 }
 
-fn ota_builder(
+pub(crate) fn ota_builder(
     dev: &str,
     broker: &TestBroker,
     server: &BundleServer,
@@ -297,7 +297,7 @@ fn ota_builder(
         )
 }
 
-fn report(sub: &Subscriber, dev: &str) -> Option<OtaReport> {
+pub(crate) fn report(sub: &Subscriber, dev: &str) -> Option<OtaReport> {
     sub.with_view(|v| {
         v.status(dev)
             .and_then(|s| s.ota.iter().find(|r| r.model == "activity").cloned())
@@ -305,7 +305,12 @@ fn report(sub: &Subscriber, dev: &str) -> Option<OtaReport> {
 }
 
 /// Waits for the status to carry a report on `version` in `state`; fails with the last one.
-fn wait_report(sub: &Subscriber, dev: &str, version: &str, state: OtaState) -> OtaReport {
+pub(crate) fn wait_report(
+    sub: &Subscriber,
+    dev: &str,
+    version: &str,
+    state: OtaState,
+) -> OtaReport {
     let ok = sub.wait_for(
         |v| {
             v.status(dev).is_some_and(|s| {
@@ -324,7 +329,7 @@ fn wait_report(sub: &Subscriber, dev: &str, version: &str, state: OtaState) -> O
     report(sub, dev).expect("report")
 }
 
-fn serving(sub: &Subscriber, dev: &str) -> Option<String> {
+pub(crate) fn serving(sub: &Subscriber, dev: &str) -> Option<String> {
     sub.with_view(|v| {
         v.status(dev)
             .and_then(|s| s.models.get("activity").cloned())
@@ -340,7 +345,7 @@ fn results(sub: &Subscriber, dev: &str) -> Vec<InferenceRecord> {
 }
 
 /// Waits until at least `n` results of `version` arrived.
-fn wait_results_of(sub: &Subscriber, dev: &str, version: &str, n: usize) {
+pub(crate) fn wait_results_of(sub: &Subscriber, dev: &str, version: &str, n: usize) {
     let ok = sub.wait_for(
         |v| {
             v.inference(dev, STREAM)

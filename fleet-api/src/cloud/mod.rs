@@ -3,4 +3,5 @@
 //! ([`crate::ota::rollout::sink`]) other than the MQTT broker.
 
 pub mod aws;
+pub mod azure;
 pub mod gcp;

@@ -106,6 +106,7 @@ mod tests {
             url: format!("sqlite://{}", dir.path().join("t.db").display()),
             backend: Backend::Sqlite,
             max_connections: 2,
+            token_source: None,
         })
         .await
         .unwrap();

@@ -227,6 +227,7 @@ fn stored(url: &str) -> Stored {
         url: url.to_string(),
         backend: Backend::Postgres,
         max_connections: 1,
+        token_source: None,
     };
     rt().block_on(async {
         let db = Db::connect(&settings).await.expect("db");

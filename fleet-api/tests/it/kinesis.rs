@@ -128,6 +128,7 @@ fn stored(url: &str) -> Stored {
         url: url.to_string(),
         backend: Backend::Postgres,
         max_connections: 1,
+        token_source: None,
     };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

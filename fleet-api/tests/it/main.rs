@@ -14,6 +14,7 @@ mod cli;
 #[cfg(feature = "demo")]
 mod demo;
 mod e2e_ack;
+mod entra;
 mod eventhubs;
 mod hil;
 mod inference;

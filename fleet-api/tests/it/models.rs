@@ -163,6 +163,7 @@ fn assign(kind: Kind, db_url: &str, device: &str, model: &str, version: &str) {
             Kind::Postgres => Backend::Postgres,
         },
         max_connections: 1,
+        token_source: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

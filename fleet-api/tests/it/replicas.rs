@@ -61,6 +61,7 @@ fn rows(url: &str, device: &str) -> (i64, i64, i64) {
         url: url.to_string(),
         backend: Backend::Postgres,
         max_connections: 1,
+        token_source: None,
     };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

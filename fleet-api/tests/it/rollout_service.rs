@@ -172,6 +172,7 @@ pub(crate) fn register_model(
             Kind::Postgres => Backend::Postgres,
         },
         max_connections: 1,
+        token_source: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

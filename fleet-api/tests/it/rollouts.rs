@@ -26,6 +26,7 @@ fn rollout_state_history_and_outbox_round_trip(kind: Kind) {
             Kind::Postgres => Backend::Postgres,
         },
         max_connections: 2,
+        token_source: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

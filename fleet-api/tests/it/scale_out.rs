@@ -45,6 +45,7 @@ fn db_settings(store: &Store, kind: Kind) -> DatabaseSettings {
             Kind::Postgres => Backend::Postgres,
         },
         max_connections: 2,
+        token_source: None,
     }
 }
 

@@ -198,7 +198,7 @@ impl Drop for IotCoreFront {
     }
 }
 
-fn bind() -> (TcpListener, u16) {
+pub(crate) fn bind() -> (TcpListener, u16) {
     for _ in 0..20 {
         let port = free_port();
         if let Ok(l) = TcpListener::bind(localhost(port)) {
@@ -359,13 +359,13 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, s: Arc<Shared>) {
 
 /// Splits an MQTT byte stream into whole packets.
 #[derive(Default)]
-struct Packets {
+pub(crate) struct Packets {
     buf: Vec<u8>,
 }
 
 impl Packets {
     /// The next whole packet: `Ok(None)` when none is complete yet (read timed out).
-    fn next(&mut self, r: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
+    pub(crate) fn next(&mut self, r: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
         loop {
             if let Some(len) = packet_len(&self.buf) {
                 return Ok(Some(self.buf.drain(..len).collect()));
@@ -391,7 +391,7 @@ fn packet_len(b: &[u8]) -> Option<usize> {
 }
 
 /// MQTT's variable-length integer: (value, bytes used).
-fn remaining_length(b: &[u8]) -> Option<(usize, usize)> {
+pub(crate) fn remaining_length(b: &[u8]) -> Option<(usize, usize)> {
     let mut value = 0usize;
     for (i, byte) in b.iter().take(4).enumerate() {
         value |= ((byte & 0x7f) as usize) << (7 * i);
@@ -402,7 +402,7 @@ fn remaining_length(b: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+pub(crate) fn u16_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
 }
 

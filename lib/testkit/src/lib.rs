@@ -18,6 +18,8 @@
 //! * [`iot_core`]: a stand-in for AWS IoT Core's front door (TLS, SNI, ALPN, client id = the
 //!   certificate's thing, payload and QoS limits, publish timing) relaying to a Mosquitto with
 //!   IoT Core's limits ([`TestBroker::start_with_conf`]).
+//! * [`iot_hub`]: a stand-in for Azure IoT Hub's MQTT front door (SAS, fixed topics, no
+//!   retain) and a device-twin responder on the documented `$iothub/twin/…` topics.
 //! * [`process`]: killing a child's whole process group (safely: see [`process::kill_group`]).
 //! * [`node`]: the sensor-node firmware in `qemu-system-arm` ([`node::QemuNode`]) and a TCP
 //!   line to the agent that decodes the ground truth and flips bits ([`node::LineProxy`]).
@@ -42,6 +44,7 @@ mod broker;
 pub mod bundles;
 pub mod docs;
 pub mod iot_core;
+pub mod iot_hub;
 pub mod node;
 mod postgres;
 pub mod process;

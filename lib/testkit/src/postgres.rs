@@ -155,6 +155,53 @@ impl TestPostgres {
         self.database_url(name)
     }
 
+    /// Runs `sql` as the superuser in database `db`; panics with psql's error.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new(Path::new(PG_BIN_DIR).join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+            ])
+            .args(["-v", "ON_ERROR_STOP=1", "-At", "-c"])
+            .arg(sql)
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run psql");
+        assert!(
+            out.status.success(),
+            "psql {sql:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// From now on `role` must give its password (SCRAM) on TCP connections: a line ahead of
+    /// the cluster's trust rules, and the server reloads its configuration.
+    pub fn require_password(&self, role: &str) {
+        let hba = self.data_dir().join("pg_hba.conf");
+        let old = fs::read_to_string(&hba).expect("read pg_hba.conf");
+        fs::write(
+            &hba,
+            format!("host all \"{role}\" 127.0.0.1/32 scram-sha-256\n{old}"),
+        )
+        .expect("write pg_hba.conf");
+        let data = self.data_dir();
+        let out = self.pg_command("pg_ctl", |c| {
+            c.arg("-D").arg(&data).arg("reload");
+        });
+        assert!(
+            out.status.success(),
+            "pg_ctl reload failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The server's log.
     pub fn log_text(&self) -> String {
         fs::read_to_string(self.log_path()).unwrap_or_default()

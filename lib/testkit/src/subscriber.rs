@@ -205,7 +205,10 @@ impl SubscriberView {
     fn on_publish(&mut self, topic: &str, payload: &[u8], keep_values: bool) {
         let channel = match Topic::parse(topic) {
             Ok(t) => t.channel,
-            Err(e) => return self.decode_error(topic, &e.to_string()),
+            Err(e) => match azure_channel(topic) {
+                Some(c) => c,
+                None => return self.decode_error(topic, &e.to_string()),
+            },
         };
         let enc = match Encoding::sniff(payload) {
             Ok(e) => e.as_str(),
@@ -307,6 +310,18 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, SubscriberView> {
         self.view.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The channel of an Azure IoT Hub events topic
+/// (`devices/{id}/messages/events/ember-channel=telemetry&…`, the agent's `azure-iot-hub`
+/// profile), from its property bag.
+fn azure_channel(topic: &str) -> Option<Channel> {
+    let rest = topic.strip_prefix("devices/")?;
+    let (_, bag) = rest.split_once("/messages/events/")?;
+    bag.split('&')
+        .find_map(|kv| kv.strip_prefix("ember-channel="))?
+        .parse()
+        .ok()
 }
 
 /// A QoS1, clean-session MQTT subscriber on its own thread. It reconnects and resubscribes by

@@ -555,6 +555,7 @@ mod tests {
             url: format!("sqlite://{}", dir.path().join("t.db").display()),
             backend: crate::config::Backend::Sqlite,
             max_connections: 2,
+            token_source: None,
         })
         .await
         .unwrap();

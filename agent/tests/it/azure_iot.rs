@@ -1,0 +1,226 @@
+//! The `azure-iot-hub` connection profile against a stand-in for IoT Hub's MQTT front door
+//! and device twin (`ember_testkit::iot_hub`: TLS with SNI, client id = device id, the
+//! username IoT Hub requires, SAS tokens checked against the device key and enforced at their
+//! expiry, no retain, fixed topics) in front of a Mosquitto configured like IoT Hub
+//! (`retain_available false`, per-device topic ACL). Not tested here: the real service
+//! (docs/deploy-azure.md says what that leaves open).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use ember_proto::{DesiredState, OtaState, ShadowPolicy};
+use ember_testkit::iot_hub::{IotHubFront, TwinResponder, start_broker};
+use ember_testkit::tls::TestPki;
+use ember_testkit::{Subscriber, TestAgentBuilder, wait_until};
+
+use crate::common::*;
+use crate::ota::{BundleServer, desired_entry, make_bundle, ota_builder, serving, wait_report};
+
+/// The host name the front answers to (its certificate is for `localhost`; a real hub is
+/// `<name>.azure-devices.net`).
+const HUB: &str = "localhost";
+const DEVICE: &str = "edge-az";
+/// The device's symmetric key as Azure shows it (base64), and another one.
+const KEY: &str = "c2VjcmV0LWRldmljZS1rZXktZm9yLWVkZ2UtYXotMDAwMA==";
+const WRONG_KEY: &str = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktMDAwMA==";
+/// Every events topic (the test subscriber reads them all).
+const EVENTS: &str = "devices/+/messages/events/#";
+
+fn key_file(dir: &Path, name: &str, key: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("{key}\n")).expect("write the key");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    p
+}
+
+/// `builder` with the `azure-iot-hub` profile: the hub `HUB` on the front's `port`, TLS
+/// trusting the test CA, a SAS token from `key` valid `ttl_s` seconds.
+fn azure(
+    builder: TestAgentBuilder,
+    pki: &TestPki,
+    key: &Path,
+    port: u16,
+    ttl_s: u64,
+) -> TestAgentBuilder {
+    builder
+        .broker_port(port)
+        .mqtt("profile", "\"azure-iot-hub\"")
+        .mqtt("host", &format!("\"{HUB}\""))
+        .mqtt("delivery", "\"puback\"")
+        .mqtt("sas_key_file", &format!("'{}'", key.display()))
+        .mqtt("sas_token_ttl_s", &ttl_s.to_string())
+        .mqtt("twin_report_min_interval_s", "2")
+        .mqtt("reconnect_min_ms", "200")
+        .mqtt("reconnect_max_ms", "1000")
+        .set(
+            "mqtt.tls",
+            "ca_file",
+            &format!("'{}'", pki.ca_file().display()),
+        )
+}
+
+/// One agent through IoT Hub's rules for more than a SAS token's lifetime: it gets in with
+/// the right username and token; every message goes to its events topic with Ember's
+/// properties, never retained; it renews its token before expiry by reconnecting, and no
+/// record is lost or repeated across that; its status reaches the twin's reported properties
+/// (rate-limited); a model version set in the twin's desired properties is installed (the
+/// whole OTA path: download, verify, shadow, switch) and reported back through the twin. The
+/// same agent with a wrong key or without the profile is refused for exactly that.
+#[test]
+fn the_azure_iot_hub_profile_streams_events_renews_its_token_and_follows_the_twin() {
+    let pki = TestPki::new("Ember test CA");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = start_broker(dir.path());
+    let front = IotHubFront::start(&pki, HUB, &[(DEVICE, KEY)], broker.port());
+    let twin = TwinResponder::start(broker.port());
+    let sub = Subscriber::start(broker.port(), EVENTS);
+    let server = BundleServer::start();
+    let v110 = make_bundle("1.1.0", None, |_| {});
+    let path = "/api/v1/models/activity/1.1.0/bundle";
+    server.put(path, v110.clone());
+    let key = key_file(dir.path(), "device.key", KEY);
+
+    // A 30 s token: renewed after 24 s, well inside the test.
+    let a = azure(
+        ota_builder(DEVICE, &broker, &server, dir.path()),
+        &pki,
+        &key,
+        front.port(),
+        30,
+    )
+    .sim("imu", 50.0, 3)
+    .start();
+    wait_highest_above(&sub, DEVICE, "imu", 100, LONG);
+    let first = front.sessions();
+    assert_eq!(first.len(), 1, "refused: {:?}", front.refused());
+    assert_eq!(
+        first[0].username,
+        format!("{HUB}/{DEVICE}/?api-version=2021-04-12")
+    );
+    assert!(twin.gets() >= 1, "the agent reads its twin on connect");
+
+    // The desired state as the fleet's azure-twin sink writes it: property "ember".
+    let mut want = desired_entry("1.1.0", &v110, path);
+    want.shadow = Some(ShadowPolicy {
+        windows: 20,
+        min_agreement: 0.5,
+        max_latency_ratio: 50.0,
+    });
+    let mut desired = DesiredState::new(DEVICE);
+    desired.models = vec![want];
+    let state: serde_json::Value = serde_json::from_slice(
+        &ember_proto::message::encode(&desired, ember_proto::Encoding::Json).expect("encode"),
+    )
+    .expect("JSON");
+    twin.set_desired(serde_json::json!({ "ember": state }));
+    wait_report(&sub, DEVICE, "1.1.0", OtaState::Active);
+    assert_eq!(serving(&sub, DEVICE).as_deref(), Some("1.1.0"));
+    // The same report reaches the twin's reported properties.
+    let reported_active = || {
+        twin.reported()["ember"]["ota"].as_array().is_some_and(|r| {
+            r.iter()
+                .any(|r| r["version"] == "1.1.0" && r["state"] == "active")
+        })
+    };
+    assert!(
+        wait_until(SHORT, reported_active),
+        "the twin's reported properties lack the active 1.1.0: {}",
+        twin.reported()
+    );
+
+    // Past the first token's expiry: the agent renewed it before, by reconnecting, and the
+    // stream goes on (the front would have closed the first session at its expiry).
+    assert!(
+        wait_until(LONG, || {
+            let s = front.sessions();
+            s.len() >= 2 && s[0].closed.is_some()
+        }),
+        "the agent did not reconnect with a new token; sessions: {:?}",
+        front.sessions()
+    );
+    let past_expiry = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            > first[0].expiry + 1
+    };
+    assert!(wait_until(LONG, past_expiry));
+    let marks = a.metric("records_enqueued_total");
+    assert!(
+        sub.wait_for(|v| v.unique(DEVICE, "imu") as f64 > marks, LONG),
+        "the stream stalled after the renewal"
+    );
+    let renewals = a.metric("sas_renewals_total");
+    stop_gracefully(&a, LONG);
+    let last = stream_status(&final_status(&sub, DEVICE), "imu").last_seq;
+    wait_all_delivered(&sub, DEVICE, "imu", last, SHORT);
+    sub.with_view(assert_clean_delivery);
+    assert_no_panic(&a);
+
+    let sessions = front.sessions();
+    assert!(renewals >= 1.0, "sas_renewals_total = {renewals}");
+    for s in &sessions {
+        assert_eq!(
+            s.closed_by_front, None,
+            "the front had to close a session: {s:?}"
+        );
+    }
+    assert!(front.refused().is_empty(), "{:?}", front.refused());
+    let patches = twin.reported_patches();
+    assert!(!patches.is_empty(), "no reported patch reached the twin");
+    let fastest = patches
+        .windows(2)
+        .map(|w| w[1].0.duration_since(w[0].0))
+        .min();
+    assert!(
+        fastest.is_none_or(|d| d >= std::time::Duration::from_millis(1900)),
+        "twin reports closer than twin_report_min_interval_s (2 s): {fastest:?}"
+    );
+    eprintln!(
+        "azure: {} sessions (token renewed {renewals} times), {} imu records once each, {} twin GETs, {} reported patches",
+        sessions.len(),
+        last,
+        twin.gets(),
+        patches.len()
+    );
+
+    // The checks are real: a wrong key and a generic client are refused, for that reason.
+    let wrong = key_file(dir.path(), "wrong.key", WRONG_KEY);
+    let bad = azure(
+        agent(DEVICE, front.port()),
+        &pki,
+        &wrong,
+        front.port(),
+        3600,
+    )
+    .sim("imu", 10.0, 1)
+    .start();
+    assert!(
+        wait_until(SHORT, || front
+            .refused()
+            .iter()
+            .any(|r| r.contains("signature does not match"))),
+        "a wrong key must be refused: {:?}",
+        front.refused()
+    );
+    drop(bad);
+    let generic = agent(DEVICE, front.port())
+        .mqtt("host", &format!("\"{HUB}\""))
+        .set(
+            "mqtt.tls",
+            "ca_file",
+            &format!("'{}'", pki.ca_file().display()),
+        )
+        .sim("imu", 10.0, 1)
+        .start();
+    assert!(
+        wait_until(SHORT, || front
+            .refused()
+            .iter()
+            .any(|r| r.contains("username"))),
+        "a client without IoT Hub's username must be refused: {:?}",
+        front.refused()
+    );
+    drop(generic);
+}
