@@ -143,6 +143,9 @@ impl<'s> MigrationSource<'s> for Embedded {
 pub struct Db {
     pool: AnyPool,
     backend: Backend,
+    /// With `database.token_source`: the URL carrying the current token, for connections the
+    /// fleet opens outside the pool ([`Db::connect_url`]).
+    signed_url: std::sync::Arc<std::sync::RwLock<Option<String>>>,
 }
 
 impl Db {
@@ -184,10 +187,26 @@ impl Db {
                 url: crate::config::mask_password(&settings.url),
                 source,
             })?;
+        let signed_url = std::sync::Arc::new(std::sync::RwLock::new(None));
         if let Some(s) = signer {
-            tokio::spawn(s.renew(pool.clone(), settings.url.clone()));
+            *signed_url.write().unwrap_or_else(|p| p.into_inner()) = Some(url.clone());
+            tokio::spawn(s.renew(pool.clone(), settings.url.clone(), signed_url.clone()));
         }
-        Ok(Db { pool, backend })
+        Ok(Db {
+            pool,
+            backend,
+            signed_url,
+        })
+    }
+
+    /// The URL a connection outside the pool (the replica lock, LISTEN) opens with: the
+    /// configured one, or with `database.token_source` the one carrying the current token.
+    pub fn connect_url(&self, configured: &str) -> String {
+        self.signed_url
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| configured.to_string())
     }
 
     /// Connects and brings the schema up to date (or checks that a newer one is compatible).
@@ -523,7 +542,12 @@ impl EntraSigner {
         Ok(crate::cloud::azure::with_password(url, &t.token))
     }
 
-    async fn renew(mut self, pool: AnyPool, url: String) {
+    async fn renew(
+        mut self,
+        pool: AnyPool,
+        url: String,
+        signed_url: std::sync::Arc<std::sync::RwLock<Option<String>>>,
+    ) {
         const RETRY: std::time::Duration = std::time::Duration::from_secs(30);
         let mut wait = self.expires_in.mul_f64(0.8).max(RETRY);
         loop {
@@ -535,6 +559,7 @@ impl EntraSigner {
                 Ok(signed) => match signed.parse::<sqlx::any::AnyConnectOptions>() {
                     Ok(o) => {
                         pool.set_connect_options(o);
+                        *signed_url.write().unwrap_or_else(|p| p.into_inner()) = Some(signed);
                         tracing::info!(
                             valid_s = self.expires_in.as_secs(),
                             "Renewed the Entra ID token for PostgreSQL."

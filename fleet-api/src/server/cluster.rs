@@ -95,7 +95,7 @@ impl Membership {
                 let url = settings.database.url.clone();
                 let client_id = settings.mqtt.client_id.clone();
                 let identity = identity_key(&client_id);
-                let mut conn = connect(&url).await?;
+                let mut conn = connect(&db.connect_url(&url)).await?;
                 if !try_lock(&mut conn, identity).await? {
                     return Err(FleetError::Misconfigured(format!(
                         "another running ember-fleet replica on this database uses mqtt.client_id {client_id:?}: \
@@ -108,6 +108,7 @@ impl Membership {
                 metrics.set("leader", &[], 0.0);
                 let task = tokio::spawn(maintain(
                     url,
+                    db.clone(),
                     client_id,
                     identity,
                     conn,
@@ -215,6 +216,7 @@ async fn try_lock(conn: &mut PgConnection, key: i64) -> Result<bool, sqlx::Error
 /// Keeps the lock connection: checks it, tries to lead, reconnects after a failure.
 async fn maintain(
     url: String,
+    db: Db,
     client_id: String,
     identity: i64,
     conn: PgConnection,
@@ -260,7 +262,7 @@ async fn maintain(
                     }
                 }
             }
-            None => match connect(&url).await {
+            None => match connect(&db.connect_url(&url)).await {
                 Ok(mut c) => match try_lock(&mut c, identity).await {
                     Ok(true) => conn = Some(c),
                     Ok(false) => tracing::error!(client_id = %client_id,

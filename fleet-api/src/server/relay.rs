@@ -62,13 +62,13 @@ pub fn spawn(
     let origin = origin_id();
     vec![
         tokio::spawn(notify(
-            db,
+            db.clone(),
             rx,
             origin.clone(),
             metrics.clone(),
             shutdown.clone(),
         )),
-        tokio::spawn(listen(url, origin, events, rollouts, metrics, shutdown)),
+        tokio::spawn(listen(url, db, origin, events, rollouts, metrics, shutdown)),
     ]
 }
 
@@ -158,6 +158,7 @@ async fn send(db: &Db, metrics: &Metrics, channel: &str, payload: &str) {
 
 async fn listen(
     url: String,
+    db: Db,
     origin: String,
     events: Arc<Events>,
     rollouts: Arc<Rollouts>,
@@ -165,7 +166,7 @@ async fn listen(
     shutdown: CancellationToken,
 ) {
     'connect: while !shutdown.is_cancelled() {
-        let mut listener = match PgListener::connect(&url).await {
+        let mut listener = match PgListener::connect(&db.connect_url(&url)).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "Cannot listen for other replicas' events; retrying.");
