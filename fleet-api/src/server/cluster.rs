@@ -106,9 +106,9 @@ impl Membership {
                 let (tx, rx) = watch::channel(false);
                 let stop = CancellationToken::new();
                 metrics.set("leader", &[], 0.0);
+                let lock_db = db.clone();
                 let task = tokio::spawn(maintain(
-                    url,
-                    db.clone(),
+                    move || lock_db.connect_url(&url),
                     client_id,
                     identity,
                     conn,
@@ -215,8 +215,7 @@ async fn try_lock(conn: &mut PgConnection, key: i64) -> Result<bool, sqlx::Error
 
 /// Keeps the lock connection: checks it, tries to lead, reconnects after a failure.
 async fn maintain(
-    url: String,
-    db: Db,
+    url: impl Fn() -> String + Send + 'static,
     client_id: String,
     identity: i64,
     conn: PgConnection,
@@ -262,7 +261,7 @@ async fn maintain(
                     }
                 }
             }
-            None => match connect(&db.connect_url(&url)).await {
+            None => match connect(&url()).await {
                 Ok(mut c) => match try_lock(&mut c, identity).await {
                     Ok(true) => conn = Some(c),
                     Ok(false) => tracing::error!(client_id = %client_id,

@@ -3,14 +3,14 @@
 //! subscription (`ingest.source = "pubsub"`), with the bridge and the fleet SIGKILLed
 //! mid-stream. Two tests, because of one limit of the emulator:
 //!
-//! * [`pubsub_bridge_and_fleet_survive_sigkills`]: two fleet replicas on one subscription with
+//! * `pubsub_bridge_and_fleet_survive_sigkills`: two fleet replicas on one subscription with
 //!   **message ordering off**; the bridge SIGKILLed twice and each replica once. The emulator
 //!   (0.8.20) never delivers again the messages of an ordering key that were outstanding at a
 //!   subscriber killed with SIGKILL (real Pub/Sub does after the ack deadline): with ordering
 //!   on, every device whose key the killed replica held stops for the rest of the test (seen: 4
 //!   of 10 devices stuck for minutes). So this one asserts 0 lost and 0 duplicates stored, and
 //!   measures (prints) how many records were first stored after a later record of their device.
-//! * [`an_ordered_subscription_keeps_each_devices_order_across_bridge_kills`]: the
+//! * `an_ordered_subscription_keeps_each_devices_order_across_bridge_kills`: the
 //!   subscription as terraform/gcp creates it (**ordering on**), the bridge SIGKILLed twice
 //!   mid-stream, the fleet alive: 0 lost, 0 duplicates, and **every device's records first
 //!   stored in sequence order**.
