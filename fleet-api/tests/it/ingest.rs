@@ -514,6 +514,15 @@ fn fleet_restart_loses_nothing(kind: Kind) {
     let fleet = TestFleet::start_with(&store, broker.port(), &id, "");
     agent.sigterm();
     assert!(agent.wait_exit(WAIT).success());
+    // The agent's goodbye (its offline status) carries its final count; until the fleet has
+    // worked through the backlog to it, an older status can make the ledger look complete.
+    assert!(
+        wait_until(
+            WAIT,
+            || fleet.get_json("/api/v1/devices/restart-dev")["online"] == false
+        ),
+        "the agent's offline status never reached the fleet"
+    );
     let l = fleet.wait_ledger("restart-dev", "imu", complete);
     assert_exactly_once(
         &fleet,
