@@ -59,6 +59,14 @@ fn azure(
         )
 }
 
+fn wait_refused(front: &IotHubFront, what: &str) {
+    assert!(
+        wait_until(SHORT, || front.refused().iter().any(|r| r.contains(what))),
+        "the front should refuse a connection for {what:?}; refused: {:?}",
+        front.refused()
+    );
+}
+
 /// One agent through IoT Hub's rules for more than a SAS token's lifetime: it gets in with
 /// the right username and token; every message goes to its events topic with Ember's
 /// properties, never retained; it renews its token before expiry by reconnecting, and no
@@ -197,14 +205,7 @@ fn the_azure_iot_hub_profile_streams_events_renews_its_token_and_follows_the_twi
     )
     .sim("imu", 10.0, 1)
     .start();
-    assert!(
-        wait_until(SHORT, || front
-            .refused()
-            .iter()
-            .any(|r| r.contains("signature does not match"))),
-        "a wrong key must be refused: {:?}",
-        front.refused()
-    );
+    wait_refused(&front, "signature does not match");
     drop(bad);
     let generic = agent(DEVICE, front.port())
         .mqtt("host", &format!("\"{HUB}\""))
@@ -215,13 +216,6 @@ fn the_azure_iot_hub_profile_streams_events_renews_its_token_and_follows_the_twi
         )
         .sim("imu", 10.0, 1)
         .start();
-    assert!(
-        wait_until(SHORT, || front
-            .refused()
-            .iter()
-            .any(|r| r.contains("username"))),
-        "a client without IoT Hub's username must be refused: {:?}",
-        front.refused()
-    );
+    wait_refused(&front, "username");
     drop(generic);
 }

@@ -251,6 +251,22 @@ fn wait_progress(url: &str, more: i64, what: &str) {
     wait_for(what, WAIT, || total_rows(url) >= from + more);
 }
 
+/// The emulator with the ingest and dead-letter topics and the fleet's subscription (message
+/// ordering `ordered`), and the `[ingest]` tables of a fleet reading it.
+fn gcp(ordered: bool) -> (TestPubSub, String) {
+    let emulator = TestPubSub::start();
+    emulator.create_topic(TOPIC);
+    emulator.create_topic(DEAD_LETTER);
+    emulator.create_subscription(SUBSCRIPTION, TOPIC, ordered, 10);
+    let extra = format!(
+        "[ingest]\nsource = \"pubsub\"\nbatch_max_records = 200\n\
+         [ingest.pubsub]\nsubscription = \"{}\"\ndead_letter_topic = \"{DEAD_LETTER}\"\n\
+         ack_deadline_s = 10\nmax_outstanding = 200\n",
+        TestPubSub::subscription_name(SUBSCRIPTION)
+    );
+    (emulator, extra)
+}
+
 /// Waits until every agent's `imu` ledger is complete at the fleet (`fleet_port`), then
 /// asserts that exactly seqs 1..=captured are stored (0 lost, 0 duplicates). Returns each
 /// device's captured count and its records first stored after a later one (see
@@ -296,22 +312,13 @@ fn every_record_stored_once(
 #[test]
 fn pubsub_bridge_and_fleet_survive_sigkills() {
     let started = Instant::now();
-    let emulator = TestPubSub::start();
-    emulator.create_topic(TOPIC);
-    emulator.create_topic(DEAD_LETTER);
     // Ordering off: see the module header.
-    emulator.create_subscription(SUBSCRIPTION, TOPIC, false, 10);
+    let (emulator, extra) = gcp(false);
     emulator.create_subscription(DEAD_LETTER_SUB, DEAD_LETTER, false, 10);
     let broker = TestBroker::start();
     let store = Store::new(Kind::Postgres);
     let url = store.url();
     let data = tempfile::tempdir().expect("temp dir");
-    let extra = format!(
-        "[ingest]\nsource = \"pubsub\"\nbatch_max_records = 200\n\
-         [ingest.pubsub]\nsubscription = \"{}\"\ndead_letter_topic = \"{DEAD_LETTER}\"\n\
-         ack_deadline_s = 10\nmax_outstanding = 200\n",
-        TestPubSub::subscription_name(SUBSCRIPTION)
-    );
     let host = emulator.host();
     let env = [("PUBSUB_EMULATOR_HOST", host.as_str())];
     let mut fleets: Vec<FleetProcess> = ["ember-fleet-gcp-a", "ember-fleet-gcp-b"]
@@ -432,20 +439,11 @@ fn pubsub_bridge_and_fleet_survive_sigkills() {
 #[test]
 fn an_ordered_subscription_keeps_each_devices_order_across_bridge_kills() {
     let started = Instant::now();
-    let emulator = TestPubSub::start();
-    emulator.create_topic(TOPIC);
-    emulator.create_topic(DEAD_LETTER);
-    emulator.create_subscription(SUBSCRIPTION, TOPIC, true, 10);
+    let (emulator, extra) = gcp(true);
     let broker = TestBroker::start();
     let store = Store::new(Kind::Postgres);
     let url = store.url();
     let data = tempfile::tempdir().expect("temp dir");
-    let extra = format!(
-        "[ingest]\nsource = \"pubsub\"\nbatch_max_records = 200\n\
-         [ingest.pubsub]\nsubscription = \"{}\"\ndead_letter_topic = \"{DEAD_LETTER}\"\n\
-         ack_deadline_s = 10\nmax_outstanding = 200\n",
-        TestPubSub::subscription_name(SUBSCRIPTION)
-    );
     let host = emulator.host();
     let env = [("PUBSUB_EMULATOR_HOST", host.as_str())];
     let fleet = FleetProcess::start_env(

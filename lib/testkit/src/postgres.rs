@@ -133,25 +133,7 @@ impl TestPostgres {
 
     /// Creates database `name` and returns its URL.
     pub fn create_database(&self, name: &str) -> String {
-        let out = Command::new(Path::new(PG_BIN_DIR).join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .args(["-v", "ON_ERROR_STOP=1", "-c"])
-            .arg(format!("CREATE DATABASE \"{name}\""))
-            .stdin(Stdio::null())
-            .output()
-            .expect("cannot run psql");
-        assert!(
-            out.status.success(),
-            "CREATE DATABASE {name} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.psql("postgres", &format!("CREATE DATABASE \"{name}\""));
         self.database_url(name)
     }
 
