@@ -27,7 +27,9 @@ use sqlx::Row;
 
 use crate::support::mqtt::{Msg, publish};
 use crate::support::replicas::{FleetProcess, wait_for};
-use crate::support::{Kind, Store, WAIT, agent_bin, complete, fleet_bin, http, stream_ledger};
+use crate::support::{
+    ADMIN, Kind, Store, WAIT, agent_bin, complete, fleet_bin, http, stream_ledger,
+};
 
 const TOPIC: &str = "ember-ingest";
 const SUBSCRIPTION: &str = "ember-fleet";
@@ -251,6 +253,18 @@ fn wait_progress(url: &str, more: i64, what: &str) {
     wait_for(what, WAIT, || total_rows(url) >= from + more);
 }
 
+/// Whether the fleet has the device offline (it stored the agent's goodbye).
+fn offline(port: u16, device: &str) -> bool {
+    http::try_request(
+        port,
+        "GET",
+        &format!("/api/v1/devices/{device}"),
+        Some(ADMIN),
+        None,
+    )
+    .is_ok_and(|r| r.status == 200 && r.json()["online"] == false)
+}
+
 /// The emulator with the ingest and dead-letter topics and the fleet's subscription (message
 /// ordering `ordered`), and the `[ingest]` tables of a fleet reading it.
 fn gcp(ordered: bool) -> (TestPubSub, String) {
@@ -281,9 +295,11 @@ fn every_record_stored_once(
     let mut captured = BTreeMap::new();
     for a in agents {
         let mut last = None;
+        // The agent's goodbye (its offline status) carries its final count: until the fleet
+        // has stored it, an older status can make the ledger look complete.
         let ok = wait_until(WAIT * 2, || {
             last = stream_ledger(fleet_port, a.device_id(), "imu");
-            last.as_ref().is_some_and(complete)
+            last.as_ref().is_some_and(complete) && offline(fleet_port, a.device_id())
         });
         assert!(ok, "{}: ledger {last:?}; {}", a.device_id(), logs());
         let c = last
