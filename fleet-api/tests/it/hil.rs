@@ -4,12 +4,15 @@
 //! int8 activity model on that stream, Mosquitto, and this fleet. What the node put on the line
 //! (decoded by the proxy before any damage) must be accounted for in the fleet's ledger.
 //!
+//! With `EMBER_HIL_SERIAL` set the node is a real board instead (`ember_testkit::node::HilNode`;
+//! docs/hil.md, "A real board").
+//!
 //! Needs `qemu-system-arm` and the thumbv7em-none-eabihf Rust target (scripts/install-deps.sh);
 //! without them the test fails saying so.
 
 use std::time::Duration;
 
-use ember_testkit::node::{LineProxy, QemuNode, firmware_elf};
+use ember_testkit::node::{HilNode, LineProxy, firmware_elf};
 use ember_testkit::{TestAgent, TestBroker, bundles, tail, wait_until};
 use serde_json::Value;
 
@@ -38,7 +41,7 @@ fn every_sample_the_node_sent_is_accounted_for_in_the_fleets_ledger() {
     let store = Store::new(Kind::Sqlite);
     let fleet = TestFleet::start(&store, broker.port());
     let proxy = LineProxy::start();
-    let mut qemu = QemuNode::start(elf, proxy.node_port);
+    let mut node = HilNode::start(elf, proxy.node_port);
     let dev = "hil-node-1";
     let dev_pub = format!(
         "[{:?}]",
@@ -60,8 +63,8 @@ fn every_sample_the_node_sent_is_accounted_for_in_the_fleets_ledger() {
         "the agent's serial source never connected to tcp:127.0.0.1:{}",
         proxy.agent_port
     );
-    // The agent is connected (it greets the node at once); only now does the guest run.
-    qemu.execute("cont");
+    // The agent is connected (it greets the node at once); only now does the node run.
+    node.resume();
 
     // 1. Clean.
     agent.expect_metric("records_captured_total", |v| v >= 2000.0, LONG);
@@ -72,13 +75,13 @@ fn every_sample_the_node_sent_is_accounted_for_in_the_fleets_ledger() {
     let before = agent.metric("records_captured_total");
     agent.expect_metric("records_captured_total", |v| v >= before + 500.0, LONG);
     // 3. Reset mid-stream.
-    qemu.execute("system_reset");
+    node.reset();
     agent.expect_metric("serial_node_reboots_total", |v| v >= 1.0, LONG);
     let before = agent.metric("records_captured_total");
     agent.expect_metric("records_captured_total", |v| v >= before + 2000.0, LONG);
 
     // 4. Pause the node; the agent's ledger closes against the line's truth.
-    qemu.execute("stop");
+    node.halt();
     let ledger = || {
         let m = agent.metrics();
         m.get("records_captured_total").copied().unwrap_or(0.0) + rejected_total(&m)
@@ -155,7 +158,7 @@ fn an_agent_killed_while_the_node_streams_loses_nothing_it_acknowledged() {
     let store = Store::new(Kind::Sqlite);
     let fleet = TestFleet::start(&store, broker.port());
     let proxy = LineProxy::start();
-    let mut qemu = QemuNode::start(elf, proxy.node_port);
+    let mut node = HilNode::start(elf, proxy.node_port);
     let dev = "hil-node-2";
     let agent = TestAgent::builder(agent_bin())
         .device_id(dev)
@@ -170,7 +173,7 @@ fn an_agent_killed_while_the_node_streams_loses_nothing_it_acknowledged() {
         wait_until(WAIT, || proxy.agent_connections() > 0),
         "the agent's serial source never connected"
     );
-    qemu.execute("cont");
+    node.resume();
     for round in 1..=2u64 {
         // Each run's counters start at 0: it has stored some of its own before it dies.
         agent.expect_metric("records_enqueued_total", |v| v >= 1500.0, LONG);
@@ -182,8 +185,8 @@ fn an_agent_killed_while_the_node_streams_loses_nothing_it_acknowledged() {
         );
     }
     agent.expect_metric("records_captured_total", |v| v >= 1500.0, LONG);
-    qemu.execute("stop");
-    // What the line carried may still be in the proxy's socket when QEMU stops: the truth is
+    node.halt();
+    // What the line carried may still be in the proxy's socket when the node stops: the truth is
     // read again on every poll. A busy machine (the whole suite in parallel) can take a while
     // to store the last restart's backlog: LONG, not WAIT.
     //

@@ -21,8 +21,9 @@
 //! * [`iot_hub`]: a stand-in for Azure IoT Hub's MQTT front door (SAS, fixed topics, no
 //!   retain) and a device-twin responder on the documented `$iothub/twin/…` topics.
 //! * [`process`]: killing a child's whole process group (safely: see [`process::kill_group`]).
-//! * [`node`]: the sensor-node firmware in `qemu-system-arm` ([`node::QemuNode`]) and a TCP
-//!   line to the agent that decodes the ground truth and flips bits ([`node::LineProxy`]).
+//! * [`node`]: the sensor-node firmware in `qemu-system-arm` ([`node::QemuNode`]) or on a real
+//!   board (`EMBER_HIL_SERIAL`: [`node::BoardNode`]), chosen by [`node::HilNode::start`], and a
+//!   TCP line to the agent that decodes the ground truth and flips bits ([`node::LineProxy`]).
 //!
 //! Rules the harness follows, and tests built on it should too:
 //! * Every service gets its own free port (bind `127.0.0.1:0`, read the port, pass it on); no

@@ -5,6 +5,12 @@
 //!
 //! Needs `qemu-system-arm` and the `thumbv7em-none-eabihf` Rust target (scripts/install-deps.sh
 //! installs both); without them the harness panics saying so.
+//!
+//! A real board instead of QEMU: [`HilNode::start`] gives a [`BoardNode`] when
+//! `EMBER_HIL_SERIAL` names the board's serial port ([`BoardConfig::from_env`] lists the other
+//! variables; docs/hil.md, "A real board"), and [`firmware_elf`] the board's image when
+//! `EMBER_HIL_ELF` names one. [`QemuBoard`] is QEMU playing such a board (a pseudo-terminal,
+//! QMP commands): the board path's self-test.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -19,12 +25,35 @@ use ember_proto::node::{self as link, FrameReader, MAX_FRAME_BYTES, NodeFrame, P
 
 use crate::wait_until;
 
+mod board;
+pub use board::{BoardConfig, BoardNode, DEFAULT_BAUD, QemuBoard, sh_quote};
+
 /// How long QEMU may take to open its monitor socket, or to answer a monitor command.
 const QMP_WAIT: Duration = Duration::from_secs(20);
 
+/// The node's firmware image for the HIL tests: the file `EMBER_HIL_ELF` names (a real
+/// board's image), else [`qemu_firmware_elf`].
+pub fn firmware_elf() -> &'static Path {
+    static ELF: OnceLock<PathBuf> = OnceLock::new();
+    ELF.get_or_init(
+        || match std::env::var_os("EMBER_HIL_ELF").filter(|v| !v.is_empty()) {
+            Some(elf) => {
+                let elf = PathBuf::from(elf);
+                assert!(
+                    elf.is_file(),
+                    "EMBER_HIL_ELF={} is not a file (the board's firmware image, built for it)",
+                    elf.display()
+                );
+                elf
+            }
+            None => qemu_firmware_elf().to_path_buf(),
+        },
+    )
+}
+
 /// The firmware (`ember-node` for mps2-an386, release), built once per test binary into
 /// `$CARGO_TARGET_DIR/hil-firmware` (or `<repo>/target/hil-firmware`).
-pub fn firmware_elf() -> &'static Path {
+pub fn qemu_firmware_elf() -> &'static Path {
     static ELF: OnceLock<PathBuf> = OnceLock::new();
     ELF.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -140,9 +169,9 @@ struct ProxyShared {
     stop: AtomicBool,
 }
 
-/// A TCP line between QEMU (which connects to [`LineProxy::node_port`]) and the agent's serial
-/// source (which connects to [`LineProxy::agent_port`], and may reconnect). Forwards both
-/// ways; decodes every node frame before any damage ([`LineProxy::truth`]); while
+/// A TCP line between the node (QEMU, or a board's tty bridge: [`HilNode`]; it connects to
+/// [`LineProxy::node_port`]) and the agent's serial source (which connects to
+/// [`LineProxy::agent_port`], and may reconnect). Forwards both ways; decodes every node frame before any damage ([`LineProxy::truth`]); while
 /// [`LineProxy::flip_every`] is set, flips one bit in every that many bytes from the node.
 ///
 /// While no agent is connected the proxy stops reading from the node, as a USB CDC-ACM line
@@ -227,7 +256,7 @@ impl LineProxy {
         self.shared.agent_connections.load(Relaxed)
     }
 
-    /// Whether QEMU's serial line is connected.
+    /// Whether the node's side (QEMU's serial line, a board's bridge) is connected.
     pub fn node_connected(&self) -> bool {
         self.shared.node_connected.load(Relaxed)
     }
@@ -302,6 +331,48 @@ impl Drop for LineProxy {
     }
 }
 
+/// The node under test: the firmware in QEMU (the default), or a real board when
+/// `EMBER_HIL_SERIAL` names its serial port ([`BoardConfig::from_env`]). Either way its line
+/// connects to `127.0.0.1:serial_port` (a [`LineProxy`]'s node side) and the node does not
+/// run until [`HilNode::resume`].
+pub enum HilNode {
+    Qemu(QemuNode),
+    Board(BoardNode),
+}
+
+impl HilNode {
+    pub fn start(elf: &Path, serial_port: u16) -> HilNode {
+        match BoardConfig::from_env() {
+            Some(config) => HilNode::Board(BoardNode::start(config, elf, serial_port)),
+            None => HilNode::Qemu(QemuNode::start(elf, serial_port)),
+        }
+    }
+
+    /// Starts the node (the first time), or lets it run again after [`Self::halt`].
+    pub fn resume(&mut self) {
+        match self {
+            HilNode::Qemu(q) => q.resume(),
+            HilNode::Board(b) => b.resume(),
+        }
+    }
+
+    /// Stops the node: nothing more reaches the line until [`Self::resume`].
+    pub fn halt(&mut self) {
+        match self {
+            HilNode::Qemu(q) => q.halt(),
+            HilNode::Board(b) => b.halt(),
+        }
+    }
+
+    /// Resets the node mid-stream: a new boot (its boot counter survives in RAM).
+    pub fn reset(&mut self) {
+        match self {
+            HilNode::Qemu(q) => q.reset(),
+            HilNode::Board(b) => b.reset(),
+        }
+    }
+}
+
 /// The node in QEMU, paused until `execute("cont")`; its QMP monitor on a Unix socket, its
 /// UART0 connected to `127.0.0.1:serial_port`.
 pub struct QemuNode {
@@ -369,6 +440,21 @@ impl QemuNode {
         writeln!(self.qmp.get_mut(), "{{\"execute\":\"{cmd}\"}}").expect("QMP write");
         let reply = self.read_reply(cmd);
         assert!(reply.contains("\"return\""), "QMP {cmd} failed: {reply}");
+    }
+
+    /// QMP `cont`.
+    pub fn resume(&mut self) {
+        self.execute("cont");
+    }
+
+    /// QMP `stop`.
+    pub fn halt(&mut self) {
+        self.execute("stop");
+    }
+
+    /// QMP `system_reset` (a stopped guest stays stopped).
+    pub fn reset(&mut self) {
+        self.execute("system_reset");
     }
 }
 
