@@ -73,7 +73,8 @@ fn wait_refused(front: &IotHubFront, what: &str) {
 /// record is lost or repeated across that; its status reaches the twin's reported properties
 /// (rate-limited); a model version set in the twin's desired properties is installed (the
 /// whole OTA path: download, verify, shadow, switch) and reported back through the twin. The
-/// same agent with a wrong key or without the profile is refused for exactly that.
+/// same agent with a wrong key or without the profile is refused for exactly that; with its
+/// X.509 certificate instead of a SAS key it gets in, and with another device's it does not.
 #[test]
 fn the_azure_iot_hub_profile_streams_events_renews_its_token_and_follows_the_twin() {
     let pki = TestPki::new("Ember test CA");
@@ -218,4 +219,45 @@ fn the_azure_iot_hub_profile_streams_events_renews_its_token_and_follows_the_twi
         .start();
     wait_refused(&front, "username");
     drop(generic);
+
+    // X.509 instead of SAS: the device's certificate (common name = device id) and no
+    // password; a certificate for another device is refused.
+    let x509 = |cn: &str| {
+        let cert = pki.client(&format!("x509-{cn}"), cn, 30);
+        agent(DEVICE, front.port())
+            .mqtt("profile", "\"azure-iot-hub\"")
+            .mqtt("host", &format!("\"{HUB}\""))
+            .mqtt("reconnect_min_ms", "200")
+            .mqtt("reconnect_max_ms", "1000")
+            .set(
+                "mqtt.tls",
+                "ca_file",
+                &format!("'{}'", pki.ca_file().display()),
+            )
+            .set(
+                "mqtt.tls",
+                "cert_file",
+                &format!("'{}'", cert.cert.display()),
+            )
+            .set("mqtt.tls", "key_file", &format!("'{}'", cert.key.display()))
+            .sim("x509", 20.0, 1)
+    };
+    let other = x509("edge-other").start();
+    wait_refused(&front, "the client certificate is for \"edge-other\"");
+    drop(other);
+    let before = front.sessions().len();
+    let by_cert = x509(DEVICE).start();
+    wait_highest_above(&sub, DEVICE, "x509", 20, LONG);
+    let s = front.sessions();
+    let s = s[before..]
+        .iter()
+        .find(|s| s.expiry == u64::MAX)
+        .expect("an X.509 session");
+    assert_eq!(
+        s.username,
+        format!("{HUB}/{DEVICE}/?api-version=2021-04-12")
+    );
+    stop_gracefully(&by_cert, LONG);
+    let last = stream_status(&final_status(&sub, DEVICE), "x509").last_seq;
+    wait_all_delivered(&sub, DEVICE, "x509", last, SHORT);
 }

@@ -437,7 +437,7 @@ fn publish_payload_len(p: &[u8]) -> Option<usize> {
     remaining.checked_sub(2 + topic + id)
 }
 
-fn common_name(der: &[u8]) -> Option<String> {
+pub(crate) fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_string)

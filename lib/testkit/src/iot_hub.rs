@@ -3,8 +3,10 @@
 //!
 //! * [`IotHubFront`] terminates TLS (server authentication; the SNI must be the hub's host
 //!   name) and checks a device's CONNECT the way IoT Hub documents it: MQTT 3.1.1, client id =
-//!   a registered device id, username `{hub}/{device}/?api-version=…`, password a SAS token for
-//!   `{hub}/devices/{device}` signed with that device's key and not expired. It closes the
+//!   a registered device id, username `{hub}/{device}/?api-version=…`, and either a password
+//!   that is a SAS token for `{hub}/devices/{device}` signed with that device's key and not
+//!   expired, or (X.509) no password and a client certificate from the test CA whose common
+//!   name is the device id. It closes the
 //!   connection when the token expires (as IoT Hub does), and refuses what IoT Hub does not
 //!   take from a device: a retained PUBLISH or Last Will (IoT Hub keeps nothing), a topic other
 //!   than `devices/{device}/messages/events/…` and `$iothub/twin/…`, QoS 2, a message over
@@ -16,7 +18,7 @@
 //!
 //! **Limits of the stand-in:** IoT Hub scopes `$iothub/twin/…` to each connection; through one
 //! Mosquitto they are shared by every client, so a test runs one device against the twin
-//! responder. X.509 device authentication is not checked here (only SAS).
+//! responder.
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
@@ -32,7 +34,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 
-use crate::iot_core::{Packets, bind, remaining_length, u16_at};
+use crate::iot_core::{Packets, bind, common_name, remaining_length, u16_at};
 use crate::tls::TestPki;
 use crate::{TestBroker, localhost, wait_until};
 
@@ -75,7 +77,7 @@ pub fn start_broker(dir: &Path) -> TestBroker {
 pub struct HubSession {
     pub device: String,
     pub username: String,
-    /// The SAS token's expiry (Unix seconds).
+    /// The SAS token's expiry (Unix seconds); `u64::MAX` for an X.509 device.
     pub expiry: u64,
     pub keep_alive_s: u16,
     pub publishes: usize,
@@ -136,10 +138,23 @@ impl IotHubFront {
                 .map(|c| c.expect("a certificate PEM"))
                 .collect();
         let key = PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).expect("a key PEM");
+        // A client certificate is optional: X.509 devices show one from the test CA, SAS
+        // devices none.
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(pki.ca_pem().as_bytes()) {
+            roots.add(c.expect("a CA PEM")).expect("a usable CA");
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .expect("a client verifier");
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("TLS versions")
-            .with_no_client_auth()
+            .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .expect("the server certificate");
         let config = Arc::new(config);
@@ -324,6 +339,11 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, s: Arc<Shared>) {
         }
     }
     let sni = tls.conn.server_name().map(str::to_string);
+    let cert_cn = tls
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| common_name(c.as_ref()));
     if sni.as_deref() != Some(s.hub.as_str()) {
         s.refuse(format!("SNI {sni:?} is not the hub {:?}", s.hub));
         return;
@@ -366,7 +386,23 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, s: Arc<Shared>) {
         if c.will_retain {
             return Err("a retained Last Will (IoT Hub retains nothing)".into());
         }
-        let password = c.password.as_deref().ok_or("no password (SAS token)")?;
+        // X.509: no password, a certificate from the CA whose common name is the device id.
+        if c.password.is_none()
+            && let Some(cn) = &cert_cn
+        {
+            return if *cn == c.client_id {
+                Ok(u64::MAX)
+            } else {
+                Err(format!(
+                    "the client certificate is for {cn:?}, not the device {:?}",
+                    c.client_id
+                ))
+            };
+        }
+        let password = c
+            .password
+            .as_deref()
+            .ok_or("no password (SAS token) and no client certificate")?;
         check_token(&s, &c.client_id, password)
     })();
     let expiry = match checked {
