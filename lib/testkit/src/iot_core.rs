@@ -306,55 +306,84 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, s: Arc<Shared>) {
         closed(&s);
         return;
     }
+    let why = relay(
+        &mut tls,
+        &mut up,
+        &mut reader,
+        || match s.down.load(SeqCst) || s.stop.load(SeqCst) {
+            true => Err(None),
+            false => Ok(()),
+        },
+        |p| {
+            if p[0] >> 4 == 3 {
+                let qos = (p[0] >> 1) & 3;
+                let payload = publish_payload_len(p).unwrap_or(usize::MAX);
+                if qos > 1 {
+                    return Err("PUBLISH at QoS 2".into());
+                }
+                if payload > MAX_PAYLOAD {
+                    return Err(format!("PUBLISH of {payload} bytes > {MAX_PAYLOAD}"));
+                }
+                s.log.lock().unwrap_or_else(|p| p.into_inner()).sessions[index]
+                    .publishes
+                    .push(Instant::now());
+            }
+            Ok(())
+        },
+    );
+    if let Some(why) = why {
+        refuse(&s, why);
+    }
+    closed(&s);
+    let _ = tls.sock.shutdown(std::net::Shutdown::Both);
+    let _ = up.shutdown(std::net::Shutdown::Both);
+}
+
+/// A device's TLS connection relayed to the broker's TCP connection and back, until either
+/// side closes, `stop` says so (`Err(reason)`, the reason optional) or `check`, called with
+/// each whole device → broker packet before it is forwarded, refuses it. Returns why the front
+/// ended it (`None`: a side closed, or `stop` gave no reason).
+pub(crate) fn relay(
+    tls: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+    up: &mut TcpStream,
+    reader: &mut Packets,
+    mut stop: impl FnMut() -> Result<(), Option<String>>,
+    mut check: impl FnMut(&[u8]) -> Result<(), String>,
+) -> Option<String> {
     let poll = Duration::from_millis(2);
     let _ = tls.sock.set_read_timeout(Some(poll));
     let _ = up.set_read_timeout(Some(poll));
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        if s.down.load(SeqCst) || s.stop.load(SeqCst) {
-            break;
+        if let Err(why) = stop() {
+            return why;
         }
-        // Device -> broker, packet by packet (to time PUBLISHes and check them).
-        match reader.next(&mut tls) {
+        // Device -> broker, packet by packet (to check and time them).
+        match reader.next(tls) {
             Ok(Some(p)) => {
-                if p[0] >> 4 == 3 {
-                    let qos = (p[0] >> 1) & 3;
-                    let payload = publish_payload_len(&p).unwrap_or(usize::MAX);
-                    if qos > 1 {
-                        refuse(&s, "PUBLISH at QoS 2".into());
-                        break;
-                    }
-                    if payload > MAX_PAYLOAD {
-                        refuse(&s, format!("PUBLISH of {payload} bytes > {MAX_PAYLOAD}"));
-                        break;
-                    }
-                    s.log.lock().unwrap_or_else(|p| p.into_inner()).sessions[index]
-                        .publishes
-                        .push(Instant::now());
+                if let Err(why) = check(&p) {
+                    return Some(why);
                 }
                 if up.write_all(&p).is_err() {
-                    break;
+                    return None;
                 }
                 continue;
             }
             Ok(None) => {}
-            Err(_) => break,
+            Err(_) => return None,
         }
         // Broker -> device.
         match up.read(&mut buf) {
-            Ok(0) => break,
+            Ok(0) => return None,
             Ok(n) => {
                 if tls.write_all(&buf[..n]).and_then(|_| tls.flush()).is_err() {
-                    break;
+                    return None;
                 }
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => break,
+            Err(_) => return None,
         }
     }
-    closed(&s);
-    let _ = tls.sock.shutdown(std::net::Shutdown::Both);
-    let _ = up.shutdown(std::net::Shutdown::Both);
 }
 
 /// Splits an MQTT byte stream into whole packets.

@@ -21,7 +21,7 @@
 //! responder.
 
 use std::collections::BTreeMap;
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -34,7 +34,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 
-use crate::iot_core::{Packets, bind, common_name, remaining_length, u16_at};
+use crate::iot_core::{Packets, bind, common_name, relay, remaining_length, u16_at};
 use crate::tls::TestPki;
 use crate::{TestBroker, localhost, wait_until};
 
@@ -448,61 +448,46 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, s: Arc<Shared>) {
         return;
     }
     let events = format!("devices/{}/messages/events/", c.client_id);
-    let poll = Duration::from_millis(2);
-    let _ = tls.sock.set_read_timeout(Some(poll));
-    let _ = up.set_read_timeout(Some(poll));
-    let mut buf = vec![0u8; 64 * 1024];
-    let why = loop {
-        if s.stop.load(SeqCst) {
-            break None;
-        }
-        if unix_now() >= expiry {
-            break Some(format!(
-                "{}: the SAS token expired (se {expiry}); IoT Hub closes the connection",
-                c.client_id
-            ));
-        }
-        match reader.next(&mut tls) {
-            Ok(Some(p)) => {
-                if p[0] >> 4 == 3 {
-                    let Some((retain, qos, topic, len)) = parse_publish(&p) else {
-                        break Some("a malformed PUBLISH".into());
-                    };
-                    if retain {
-                        break Some(format!(
-                            "a retained PUBLISH to {topic} (IoT Hub retains nothing)"
-                        ));
-                    }
-                    if qos > 1 {
-                        break Some("a PUBLISH at QoS 2".into());
-                    }
-                    if len > MAX_MESSAGE {
-                        break Some(format!("a PUBLISH of {len} bytes > {MAX_MESSAGE}"));
-                    }
-                    if !topic.starts_with(&events) && !topic.starts_with("$iothub/twin/") {
-                        break Some(format!("a PUBLISH to {topic:?}, not {events}…"));
-                    }
-                    s.lock().sessions[index].publishes += 1;
-                }
-                if up.write_all(&p).is_err() {
-                    break None;
-                }
-                continue;
+    let why = relay(
+        &mut tls,
+        &mut up,
+        &mut reader,
+        || {
+            if s.stop.load(SeqCst) {
+                return Err(None);
             }
-            Ok(None) => {}
-            Err(_) => break None,
-        }
-        match up.read(&mut buf) {
-            Ok(0) => break None,
-            Ok(n) => {
-                if tls.write_all(&buf[..n]).and_then(|_| tls.flush()).is_err() {
-                    break None;
-                }
+            if unix_now() >= expiry {
+                return Err(Some(format!(
+                    "{}: the SAS token expired (se {expiry}); IoT Hub closes the connection",
+                    c.client_id
+                )));
             }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => break None,
-        }
-    };
+            Ok(())
+        },
+        |p| {
+            if p[0] >> 4 != 3 {
+                return Ok(());
+            }
+            let (retain, qos, topic, len) =
+                parse_publish(p).ok_or_else(|| "a malformed PUBLISH".to_string())?;
+            if retain {
+                return Err(format!(
+                    "a retained PUBLISH to {topic} (IoT Hub retains nothing)"
+                ));
+            }
+            if qos > 1 {
+                return Err("a PUBLISH at QoS 2".into());
+            }
+            if len > MAX_MESSAGE {
+                return Err(format!("a PUBLISH of {len} bytes > {MAX_MESSAGE}"));
+            }
+            if !topic.starts_with(&events) && !topic.starts_with("$iothub/twin/") {
+                return Err(format!("a PUBLISH to {topic:?}, not {events}…"));
+            }
+            s.lock().sessions[index].publishes += 1;
+            Ok(())
+        },
+    );
     close(&s, why);
     let _ = tls.sock.shutdown(std::net::Shutdown::Both);
     let _ = up.shutdown(std::net::Shutdown::Both);
