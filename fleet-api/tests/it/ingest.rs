@@ -237,6 +237,26 @@ fn injected_gap_is_lost_until_explained(kind: Kind) {
         l["missing_count"], 5,
         "21..=23 evicted, 24..=25 pending: {l}"
     );
+
+    // An older status (an earlier `ts`, nothing queued) arriving late, as a transport without
+    // order delivers it, does not undo the newer one: still pending, not lost. A marker status
+    // of another device published after it says it was processed.
+    let mut older = status("gap-dev", "imu", 25, 0, &[]);
+    older.ts -= 60_000_000;
+    publish(
+        broker.port(),
+        vec![
+            Msg::status(&older),
+            Msg::status(&status("gap-marker", "imu", 1, 0, &[])),
+        ],
+    );
+    fleet.wait_ledger("gap-marker", "imu", |l| l["captured"] == 1);
+    let l = fleet.wait_ledger("gap-dev", "imu", |_| true);
+    assert_eq!(
+        l["pending_count"], 2,
+        "an older status set queued back: {l}"
+    );
+    assert_eq!(l["lost_count"], 0, "{l}");
 }
 
 /// Garbage, a future schema version, an oversized payload, a device speaking for another, a

@@ -1691,7 +1691,10 @@ async fn apply_status(tx: &mut Tx, status: &Status, received_at: i64) -> Result<
         " AND (status_ts IS NULL OR status_ts <= {ts} OR status_at < "
     ));
     q.bind(received_at - STALE_STATUS_US).push(")");
-    q.query().execute(&mut **tx).await?;
+    // Whether this is the newest status applied: an older one (a transport without order,
+    // such as an unordered Pub/Sub subscription, delivers them in any order) must not set the
+    // streams' `queued` back either.
+    let newest = q.query().execute(&mut **tx).await?.rows_affected() > 0;
 
     for s in &status.streams {
         let mut q = Sql::new(
@@ -1705,13 +1708,15 @@ async fn apply_status(tx: &mut Tx, status: &Status, received_at: i64) -> Result<
             .bind(s.channels.map(i64::from))
             .push(")");
         // The schema the agent reports is the stream's from then on (an earlier one stays:
-        // a stream's channel count does not change).
-        q.push(
+        // a stream's channel count does not change). `queued` follows the newest `last_seq`,
+        // and at an equal one the newest status.
+        let queued_from = if newest { ">=" } else { ">" };
+        q.push(&format!(
             " ON CONFLICT (device_id, stream) DO UPDATE SET \
              channels = COALESCE(streams.channels, excluded.channels), \
-             queued = CASE WHEN excluded.last_seq >= streams.last_seq THEN excluded.queued ELSE streams.queued END, \
+             queued = CASE WHEN excluded.last_seq {queued_from} streams.last_seq THEN excluded.queued ELSE streams.queued END, \
              last_seq = CASE WHEN excluded.last_seq > streams.last_seq THEN excluded.last_seq ELSE streams.last_seq END",
-        );
+        ));
         q.query().execute(&mut **tx).await?;
         if s.evicted.is_empty() {
             continue;
