@@ -27,9 +27,7 @@ use sqlx::Row;
 
 use crate::support::mqtt::{Msg, publish};
 use crate::support::replicas::{FleetProcess, wait_for};
-use crate::support::{
-    ADMIN, Kind, Store, WAIT, agent_bin, complete, fleet_bin, http, stream_ledger,
-};
+use crate::support::{Kind, Store, WAIT, agent_bin, complete, fleet_bin, http, stream_ledger};
 
 const TOPIC: &str = "ember-ingest";
 const SUBSCRIPTION: &str = "ember-fleet";
@@ -253,18 +251,6 @@ fn wait_progress(url: &str, more: i64, what: &str) {
     wait_for(what, WAIT, || total_rows(url) >= from + more);
 }
 
-/// Whether the fleet has the device offline (it stored the agent's goodbye).
-fn offline(port: u16, device: &str) -> bool {
-    http::try_request(
-        port,
-        "GET",
-        &format!("/api/v1/devices/{device}"),
-        Some(ADMIN),
-        None,
-    )
-    .is_ok_and(|r| r.status == 200 && r.json()["online"] == false)
-}
-
 /// The emulator with the ingest and dead-letter topics and the fleet's subscription (message
 /// ordering `ordered`), and the `[ingest]` tables of a fleet reading it.
 fn gcp(ordered: bool) -> (TestPubSub, String) {
@@ -281,42 +267,60 @@ fn gcp(ordered: bool) -> (TestPubSub, String) {
     (emulator, extra)
 }
 
-/// Waits until every agent's `imu` ledger is complete at the fleet (`fleet_port`), then
-/// asserts that exactly seqs 1..=captured are stored (0 lost, 0 duplicates). Returns each
-/// device's captured count and its records first stored after a later one (see
-/// [`out_of_order`]).
+/// Waits until, for every agent, the fleet (`fleet_port`) stores exactly seqs 1..=captured of
+/// its `imu` stream (0 lost, 0 duplicates), its ledger is complete, and `captured` is at least
+/// what the agent had enqueued just before it was stopped (`floors`): with a transport that
+/// may deliver statuses out of order, an older status can make the ledger look complete for a
+/// while, so the ledger, the rows and the floor are checked together. Returns each device's
+/// captured count and its records first stored after a later one (see [`out_of_order`]).
 #[allow(clippy::type_complexity)]
 fn every_record_stored_once(
     url: &str,
     fleet_port: u16,
-    agents: &[TestAgent],
+    floors: &BTreeMap<String, i64>,
     logs: impl Fn() -> String,
 ) -> (BTreeMap<String, i64>, BTreeMap<String, Vec<(i64, i64)>>) {
     let mut captured = BTreeMap::new();
-    for a in agents {
-        let mut last = None;
-        // The agent's goodbye (its offline status) carries its final count: until the fleet
-        // has stored it, an older status can make the ledger look complete.
+    for (device, floor) in floors {
+        let (mut last, mut stored) = (None, (0, 0, 0));
         let ok = wait_until(WAIT * 2, || {
-            last = stream_ledger(fleet_port, a.device_id(), "imu");
-            last.as_ref().is_some_and(complete) && offline(fleet_port, a.device_id())
+            last = stream_ledger(fleet_port, device, "imu");
+            let Some(c) = last
+                .as_ref()
+                .filter(|l| complete(l))
+                .and_then(|l| l["captured"].as_i64())
+            else {
+                return false;
+            };
+            stored = rows(url, device);
+            c >= *floor && stored == (c, c, c)
         });
-        assert!(ok, "{}: ledger {last:?}; {}", a.device_id(), logs());
-        let c = last
-            .and_then(|l| l["captured"].as_i64())
-            .unwrap_or_default();
-        captured.insert(a.device_id().to_string(), c);
-    }
-    let mut reordered = BTreeMap::new();
-    for (device, c) in &captured {
-        assert_eq!(
-            rows(url, device),
-            (*c, *c, *c),
-            "{device}: stored rows must be exactly 1..={c} (0 lost, 0 duplicates)"
+        assert!(
+            ok,
+            "{device}: stored (rows, distinct seqs, highest seq) {stored:?} must be exactly \
+             1..=captured with captured >= {floor} (0 lost, 0 duplicates); ledger {last:?}; {}",
+            logs()
         );
-        reordered.insert(device.clone(), out_of_order(url, device));
+        captured.insert(device.clone(), stored.0);
     }
+    let reordered = captured
+        .keys()
+        .map(|d| (d.clone(), out_of_order(url, d)))
+        .collect();
     (captured, reordered)
+}
+
+/// What each agent has enqueued so far: a lower bound of what the fleet must end up with.
+fn floors(agents: &[TestAgent]) -> BTreeMap<String, i64> {
+    agents
+        .iter()
+        .map(|a| {
+            (
+                a.device_id().to_string(),
+                a.metric("records_enqueued_total") as i64,
+            )
+        })
+        .collect()
 }
 
 /// Ten agents through Mosquitto → bridge → Pub/Sub emulator → two fleet replicas on one
@@ -381,6 +385,7 @@ fn pubsub_bridge_and_fleet_survive_sigkills() {
     );
     emulator.publish(TOPIC, b"no attributes", &[], "");
 
+    let floors = floors(&agents);
     for a in &agents {
         a.sigterm();
     }
@@ -395,7 +400,7 @@ fn pubsub_bridge_and_fleet_survive_sigkills() {
             ember_testkit::tail(&fleets[1].log_text(), 30)
         )
     };
-    let (captured, reordered) = every_record_stored_once(&url, fleets[0].port, &agents, logs);
+    let (captured, reordered) = every_record_stored_once(&url, fleets[0].port, &floors, logs);
     let reordered: usize = reordered.values().map(Vec::len).sum();
 
     // The dead-letter topic holds both refused messages, with the reason; the rejects too.
@@ -485,6 +490,7 @@ fn an_ordered_subscription_keeps_each_devices_order_across_bridge_kills() {
         bridge.restart();
         wait_progress(&url, 200, "the stream goes on after the bridge came back");
     }
+    let floors = floors(&agents);
     for a in &agents {
         a.sigterm();
     }
@@ -498,7 +504,7 @@ fn an_ordered_subscription_keeps_each_devices_order_across_bridge_kills() {
             ember_testkit::tail(&fleet.log_text(), 30)
         )
     };
-    let (captured, reordered) = every_record_stored_once(&url, fleet.port, &agents, logs);
+    let (captured, reordered) = every_record_stored_once(&url, fleet.port, &floors, logs);
     for (device, bad) in &reordered {
         assert!(
             bad.is_empty(),
