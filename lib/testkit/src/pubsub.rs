@@ -28,6 +28,10 @@ const LAUNCHERS: [&str; 2] = [
     "/usr/share/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator",
 ];
 
+/// How long a REST call may wait for the emulator's answer, and the start-up probe.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The Pub/Sub emulator, killed (its whole process group: the launcher and the JVM) when
 /// dropped. Keeps everything in memory.
 pub struct TestPubSub {
@@ -207,7 +211,8 @@ impl TestPubSub {
 
     /// One REST call; panics with the emulator's answer unless it is 200.
     pub fn call(&self, method: &str, path: &str, body: &Value) -> Value {
-        match try_call(self.port, method, path, &body.to_string()) {
+        // A JVM starved of CPU (the whole suite in parallel) can take a while to answer.
+        match try_call(self.port, method, path, &body.to_string(), CALL_TIMEOUT) {
             Ok((200, v)) => v,
             Ok((status, v)) => panic!("{method} {path}: the emulator answered {status}: {v}"),
             Err(e) => panic!("{method} {path} to the Pub/Sub emulator failed: {e}"),
@@ -240,7 +245,7 @@ impl TestPubSub {
                     self.log_text()
                 ));
             }
-            if try_call(self.port, "GET", "/", "").is_ok_and(|(s, _)| s == 200) {
+            if try_call(self.port, "GET", "/", "", PROBE_TIMEOUT).is_ok_and(|(s, _)| s == 200) {
                 self.child = Some(child);
                 return Ok(());
             }
@@ -268,10 +273,16 @@ impl Drop for TestPubSub {
 /// One HTTP/1.1 request on its own connection, read up to its `Content-Length` (the emulator
 /// keeps connections open whatever the request says): (status, JSON body or the text as a
 /// JSON string).
-fn try_call(port: u16, method: &str, path: &str, body: &str) -> Result<(u16, Value), String> {
-    let mut s = TcpStream::connect_timeout(&localhost(port), Duration::from_millis(500))
-        .map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
+fn try_call(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> Result<(u16, Value), String> {
+    let mut s = TcpStream::connect_timeout(&localhost(port), Duration::from_secs(2))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
