@@ -51,9 +51,10 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ember_models::baseline::window_stats;
 use ember_models::manifest::OutputSpec;
 use ember_models::{Bundle, Device, LoadedModel, Output, TrustedKeys};
-use ember_proto::{InferenceOutput, InferenceRecord};
+use ember_proto::{InferenceOutput, InferenceRecord, InputStats};
 
 use crate::config::{Backend, ForwardRaw, InferenceSettings, Settings, SourceSettings};
 use crate::metrics::Metrics;
@@ -973,6 +974,10 @@ impl Engine {
             s.source.clone(),
         );
         let hop = s.model.input().hop as u64;
+        let (samples, norm) = (
+            s.model.input().window,
+            s.model.input().normalization.clone(),
+        );
         for (i, w) in windows.iter().enumerate() {
             let values = output.window(i);
             let out = match &output {
@@ -1015,6 +1020,11 @@ impl Engine {
                     version: version.clone(),
                     latency_us,
                     output: out,
+                    input: {
+                        let (mean_z, std_ratio) =
+                            window_stats(&w.data, samples, &norm.mean, &norm.std);
+                        Some(InputStats { mean_z, std_ratio })
+                    },
                 },
             };
             match InferenceItem::new(stream.clone(), &stored) {

@@ -828,6 +828,10 @@ async function route() {
       nav = "devices";
       markNav(nav);
       await showDevice(decodeURIComponent(path.slice("/device/".length)));
+    } else if (path.startsWith("/monitoring")) {
+      nav = "monitoring";
+      markNav(nav);
+      await showMonitoring(); // monitoring.js
     } else if (path.startsWith("/models")) {
       nav = "models";
       markNav(nav);

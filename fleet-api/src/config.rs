@@ -93,6 +93,12 @@ pub struct RawConfig {
     pub shutdown: RawShutdown,
     #[serde(default)]
     pub models: RawModels,
+    /// `[lake]`: the Parquet data lake; absent (or no `store`) means no export.
+    #[serde(default)]
+    pub lake: RawLake,
+    /// `[monitoring]`: model monitoring (drift against the bundles' baselines).
+    #[serde(default)]
+    pub monitoring: RawMonitoring,
     /// `[bridge]`: `ember-fleet bridge` (MQTT to Google Pub/Sub); ignored by the service.
     pub bridge: Option<RawBridge>,
 }
@@ -108,6 +114,31 @@ pub struct RawModels {
     /// or one string of comma-separated paths (what `EMBER_FLEET_MODELS__TRUSTED_KEYS` gives).
     pub trusted_keys: Option<PathList>,
     pub max_bundle_bytes: Option<u64>,
+}
+
+/// `[monitoring]`: model monitoring (ota/monitor.rs).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMonitoring {
+    pub window_s: Option<u64>,
+    pub interval_s: Option<u64>,
+    pub min_windows: Option<u64>,
+    pub psi_threshold: Option<f64>,
+    pub input_psi_threshold: Option<f64>,
+    pub max_rows: Option<u64>,
+}
+
+/// `[lake]`: the data lake (server/lake/).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLake {
+    /// A directory (absolute, or relative to the working directory; `file:///abs` also works) or
+    /// an object-storage URL (`s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`).
+    pub store: Option<String>,
+    pub interval_s: Option<u64>,
+    pub max_rows_per_file: Option<u64>,
+    pub compact_min_files: Option<u64>,
+    pub compact_target_bytes: Option<u64>,
 }
 
 /// A list of paths, or one comma-separated string of them.
@@ -276,6 +307,9 @@ pub struct Settings {
     pub retention: RetentionSettings,
     pub shutdown: ShutdownSettings,
     pub models: ModelSettings,
+    /// `[lake]`: `None` when no store is configured (no export).
+    pub lake: Option<LakeSettings>,
+    pub monitoring: MonitoringSettings,
     /// `[bridge]`, for `ember-fleet bridge` only.
     pub bridge: Option<BridgeSettings>,
 }
@@ -455,9 +489,51 @@ pub struct KinesisSettings {
     pub poll_ms: u64,
 }
 
+/// `[monitoring]`: model monitoring (ota/monitor.rs, docs/monitoring.md).
+#[derive(Debug, Clone, Serialize)]
+pub struct MonitoringSettings {
+    /// Results received in the last `window_s` seconds are compared with the baseline.
+    pub window_s: u64,
+    /// Seconds between two computations.
+    pub interval_s: u64,
+    /// Fewer results than this give statistics but no drift verdict.
+    pub min_windows: u64,
+    /// PSI above which an output distribution (class, confidence, score) drifts.
+    pub psi_threshold: f64,
+    /// PSI above which an input channel's distribution drifts.
+    pub input_psi_threshold: f64,
+    /// Most recent results read per computation.
+    pub max_rows: u64,
+}
+
+/// Where the lake's files go.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub enum LakeStore {
+    /// Files under this directory.
+    Dir(PathBuf),
+    /// An object-storage URL (`s3://`, `gs://`, `az://`).
+    Object { url: String },
+}
+
+/// `[lake]`: committed records exported as Parquet (server/lake/).
+#[derive(Debug, Clone, Serialize)]
+pub struct LakeSettings {
+    pub store: LakeStore,
+    /// Seconds between export passes.
+    pub interval_s: u64,
+    /// Most records one export of one stream writes (one file per UTC day it spans).
+    pub max_rows_per_file: u64,
+    /// A partition's stream is compacted once it has this many files smaller than
+    /// `compact_target_bytes`.
+    pub compact_min_files: u64,
+    pub compact_target_bytes: u64,
+}
+
 /// Days to keep rows; 0 keeps them forever.
 #[derive(Debug, Clone, Serialize)]
 pub struct RetentionSettings {
+    /// Set when the lake is on: retention never deletes a record the lake does not hold yet.
+    pub keep_unexported: bool,
     pub telemetry_days: u32,
     pub aggregates_days: u32,
     pub rejects_days: u32,
@@ -819,7 +895,10 @@ impl Settings {
         };
 
         let r = raw.retention;
+        let lake = resolve_lake(raw.lake)?;
+        let monitoring = resolve_monitoring(raw.monitoring)?;
         let retention = RetentionSettings {
+            keep_unexported: lake.is_some(),
             telemetry_days: r.telemetry_days.unwrap_or(DEFAULT_TELEMETRY_DAYS),
             aggregates_days: r.aggregates_days.unwrap_or(DEFAULT_AGGREGATE_DAYS),
             rejects_days: r.rejects_days.unwrap_or(DEFAULT_REJECT_DAYS),
@@ -857,6 +936,8 @@ impl Settings {
             ingest,
             desired,
             retention,
+            lake,
+            monitoring,
             shutdown,
             models,
             bridge: raw.bridge.map(resolve_bridge).transpose()?,
@@ -1347,6 +1428,124 @@ fn resolve_models(raw: RawModels) -> Result<ModelSettings, ConfigError> {
     })
 }
 
+fn resolve_monitoring(raw: RawMonitoring) -> Result<MonitoringSettings, ConfigError> {
+    let m = MonitoringSettings {
+        window_s: raw.window_s.unwrap_or(3600),
+        interval_s: raw.interval_s.unwrap_or(30),
+        min_windows: raw.min_windows.unwrap_or(200),
+        psi_threshold: raw.psi_threshold.unwrap_or(0.25),
+        input_psi_threshold: raw.input_psi_threshold.unwrap_or(0.25),
+        max_rows: raw.max_rows.unwrap_or(200_000),
+    };
+    if !(60..=30 * 86_400).contains(&m.window_s) {
+        return Err(invalid("monitoring.window_s", "must be 60-2592000 seconds"));
+    }
+    if !(1..=86_400).contains(&m.interval_s) {
+        return Err(invalid("monitoring.interval_s", "must be 1-86400 seconds"));
+    }
+    if !(1..=10_000_000).contains(&m.min_windows) {
+        return Err(invalid("monitoring.min_windows", "must be 1-10000000"));
+    }
+    for (key, v) in [
+        ("monitoring.psi_threshold", m.psi_threshold),
+        ("monitoring.input_psi_threshold", m.input_psi_threshold),
+    ] {
+        if !(v.is_finite() && v > 0.0 && v <= 10.0) {
+            return Err(invalid(
+                key,
+                "must be a number above 0 and at most 10 (0.1: moderate shift, 0.25: major shift)",
+            ));
+        }
+    }
+    if !(1_000..=10_000_000).contains(&m.max_rows) {
+        return Err(invalid("monitoring.max_rows", "must be 1000-10000000"));
+    }
+    Ok(m)
+}
+
+/// Export every 60 s by default.
+pub const DEFAULT_LAKE_INTERVAL_S: u64 = 60;
+/// At most 100,000 records per export file.
+pub const DEFAULT_LAKE_MAX_ROWS: u64 = 100_000;
+/// Compact a partition's stream once it has 16 small files...
+pub const DEFAULT_LAKE_COMPACT_MIN_FILES: u64 = 16;
+/// ...smaller than 64 MiB each.
+pub const DEFAULT_LAKE_COMPACT_TARGET_BYTES: u64 = 64 << 20;
+
+fn resolve_lake(raw: RawLake) -> Result<Option<LakeSettings>, ConfigError> {
+    let Some(text) = raw.store.filter(|s| !s.is_empty()) else {
+        for (key, set) in [
+            ("lake.interval_s", raw.interval_s.is_some()),
+            ("lake.max_rows_per_file", raw.max_rows_per_file.is_some()),
+            ("lake.compact_min_files", raw.compact_min_files.is_some()),
+            (
+                "lake.compact_target_bytes",
+                raw.compact_target_bytes.is_some(),
+            ),
+        ] {
+            if set {
+                return Err(invalid(
+                    key,
+                    "is set but lake.store is not: set lake.store to a directory or an object-storage URL (s3://bucket/prefix, gs://..., az://...) to export to the lake",
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let store = if let Some(path) = text.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            return Err(invalid(
+                "lake.store",
+                format!(
+                    "{text:?} is not a file URL with an absolute path: use file:///path/to/lake or a plain directory path"
+                ),
+            ));
+        }
+        LakeStore::Dir(PathBuf::from(path))
+    } else if text.contains("://") {
+        match parse_model_store(&text) {
+            Ok(ModelStore::Object { url }) => LakeStore::Object { url },
+            Ok(ModelStore::Fs) => unreachable!("\"fs\" has no ://"),
+            Err(ConfigError::Invalid { message, .. }) => {
+                return Err(invalid(
+                    "lake.store",
+                    message.replace("\"fs\" (files under <data_dir>/models/), ", "a directory, "),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        LakeStore::Dir(PathBuf::from(text))
+    };
+    let lake = LakeSettings {
+        store,
+        interval_s: raw.interval_s.unwrap_or(DEFAULT_LAKE_INTERVAL_S),
+        max_rows_per_file: raw.max_rows_per_file.unwrap_or(DEFAULT_LAKE_MAX_ROWS),
+        compact_min_files: raw
+            .compact_min_files
+            .unwrap_or(DEFAULT_LAKE_COMPACT_MIN_FILES),
+        compact_target_bytes: raw
+            .compact_target_bytes
+            .unwrap_or(DEFAULT_LAKE_COMPACT_TARGET_BYTES),
+    };
+    if !(1..=86_400).contains(&lake.interval_s) {
+        return Err(invalid("lake.interval_s", "must be 1-86400 seconds"));
+    }
+    if !(1..=10_000_000).contains(&lake.max_rows_per_file) {
+        return Err(invalid("lake.max_rows_per_file", "must be 1-10000000"));
+    }
+    if !(2..=100_000).contains(&lake.compact_min_files) {
+        return Err(invalid("lake.compact_min_files", "must be 2-100000"));
+    }
+    if !(1024..=(16u64 << 30)).contains(&lake.compact_target_bytes) {
+        return Err(invalid(
+            "lake.compact_target_bytes",
+            "must be 1 KiB to 16 GiB",
+        ));
+    }
+    Ok(Some(lake))
+}
+
 /// `"fs"` or an object-storage URL; anything else is an error naming `models.store`.
 fn parse_model_store(text: &str) -> Result<ModelStore, ConfigError> {
     let bad = |why: &str| {
@@ -1494,6 +1693,7 @@ fn default_client_id(host: Option<&str>) -> String {
 /// (`the_string_keys_are_every_text_setting` keeps the list complete).
 const STRING_KEYS: &[&str] = &[
     "models.store",
+    "lake.store",
     "models.trusted_keys",
     "data_dir",
     "bootstrap_token",

@@ -68,6 +68,16 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "ingest sources",
         include_str!("../migrations/sqlite/0007_ingest_sources.sql"),
     ),
+    (
+        8,
+        "lake",
+        include_str!("../migrations/sqlite/0008_lake.sql"),
+    ),
+    (
+        9,
+        "monitoring",
+        include_str!("../migrations/sqlite/0009_monitoring.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -105,10 +115,20 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         "ingest sources",
         include_str!("../migrations/postgres/0007_ingest_sources.sql"),
     ),
+    (
+        8,
+        "lake",
+        include_str!("../migrations/postgres/0008_lake.sql"),
+    ),
+    (
+        9,
+        "monitoring",
+        include_str!("../migrations/postgres/0009_monitoring.sql"),
+    ),
 ];
 
 /// The schema version of this build: its highest migration (the same for both engines).
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// How long a caller waits for a pooled connection before the request fails.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);

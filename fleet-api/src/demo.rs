@@ -708,8 +708,16 @@ share_group = ""
 grace_ms = 5000
 [models]
 trusted_keys = [{key:?}]
+[lake]
+store = {lake:?}
+interval_s = 10
+[monitoring]
+interval_s = 5
+window_s = 600
+min_windows = 50
 "#,
         dir = fleet_dir.display().to_string(),
+        lake = fleet_dir.join("lake").display().to_string(),
         key = trusted_key.display().to_string(),
     );
     Ok(Settings::from_toml(&text, "<demo>", std::iter::empty())?)

@@ -28,6 +28,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod blob;
 pub mod bridge;
 pub mod cli;
 pub mod cloud;
@@ -145,6 +146,27 @@ pub async fn run(
             )
         }
     });
+    let lake = match &settings.lake {
+        Some(l) => Some(Arc::new(
+            server::lake::Lake::open(db.clone(), l)
+                .map_err(|e| FleetError::Misconfigured(e.to_string()))?,
+        )),
+        None => None,
+    };
+    let lake_task = lake.map(|lake| {
+        spawn_singleton("lake", membership.leader(), shutdown.clone(), {
+            let metrics = metrics.clone();
+            move |stop| server::lake::run(lake.clone(), metrics.clone(), stop)
+        })
+    });
+    let monitor = Arc::new(ota::monitor::Monitor::default());
+    let monitoring = tokio::spawn(ota::monitor::run(
+        db.clone(),
+        settings.monitoring.clone(),
+        monitor.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let gauges = tokio::spawn(gauges::run(db.clone(), metrics.clone(), shutdown.clone()));
     tls::record_cert_expiry(&settings, &metrics);
     let app = api::router(api::AppState {
@@ -155,6 +177,7 @@ pub async fn run(
         events,
         rollouts,
         registry: Arc::new(registry),
+        monitor,
         shutdown: shutdown.clone(),
     });
     let addr = listener.local_addr().map_err(FleetError::Serve)?;
@@ -211,9 +234,10 @@ pub async fn run(
         server.abort();
     }
     gauges.abort();
+    monitoring.abort();
     // The singleton tasks stop on `shutdown`; what the publisher had not got acknowledged
     // stays in the outbox.
-    for mut task in [publisher, driver, retention] {
+    for mut task in [publisher, driver, retention].into_iter().chain(lake_task) {
         if tokio::time::timeout(Duration::from_secs(2), &mut task)
             .await
             .is_err()

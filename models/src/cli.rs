@@ -84,6 +84,20 @@ enum Command {
         #[arg(long, default_value = data::DATA_DIR)]
         data: PathBuf,
     },
+    /// Record (or recompute) a bundle's training baseline, what model monitoring compares the
+    /// field with: the model run over the TRAIN split as one stream. Writes an unsigned bundle
+    /// unless --key is given (then signed with it). Weights are unchanged.
+    Baseline {
+        bundle: PathBuf,
+        /// Secret key file to sign the result with.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Where to write the bundle (default: in place).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value = data::DATA_DIR)]
+        data: PathBuf,
+    },
     /// Sign a bundle with an ed25519 secret key file (replaces any signature).
     Sign {
         bundle: PathBuf,
@@ -235,6 +249,36 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "wrote {} (unsigned: sign it with `ember-models sign`)",
                 out.display()
+            );
+            Ok(())
+        }
+        Command::Baseline {
+            bundle,
+            key,
+            out,
+            data,
+        } => {
+            let b = Bundle::read_file(&bundle)?;
+            let bm = data::load(&data)?;
+            let model = LoadedModel::load(&b, &crate::Device::flex())?;
+            let baseline = crate::baseline::compute(&model, &bm.train, "BasicMotions TRAIN split")?;
+            let windows = baseline.windows;
+            let mut manifest = b.manifest().clone();
+            manifest.baseline = Some(baseline);
+            let mut nb = Bundle::new(manifest, b.weights().to_vec())?;
+            if let Some(key) = key {
+                nb.sign(&keys::read_signing_key(&key)?);
+            }
+            let out = out.unwrap_or(bundle);
+            write(&out, &nb.to_bytes())?;
+            println!(
+                "{}: baseline of {windows} windows recorded ({})",
+                out.display(),
+                if nb.signature().is_some() {
+                    "signed"
+                } else {
+                    "unsigned"
+                }
             );
             Ok(())
         }

@@ -59,6 +59,7 @@
 pub mod activity;
 pub mod anomaly;
 pub mod backend;
+pub mod baseline;
 pub mod bundle;
 pub mod data;
 pub mod eval;

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use ember_bundle::Baseline;
+
 use crate::bundle::BundleError;
 use crate::model::Architecture;
 
@@ -42,6 +44,40 @@ pub struct Manifest {
     pub created_at: String,
     /// Inputs with their expected outputs: a loaded model must reproduce them.
     pub golden: Golden,
+    /// What the model saw and said on its training data: model monitoring's reference
+    /// (`ember_bundle::baseline`). Bundles built before it have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Baseline>,
+    /// Where the model came from: datasets, lake snapshot, code version, seed (the retraining
+    /// pipeline writes it; bundles built by `ember-models train` have the training section only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<Lineage>,
+}
+
+/// Where a model came from (`ember-models pipeline` writes it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lineage {
+    /// Each dataset file or lake extract used, with its SHA-256.
+    pub datasets: Vec<DatasetRef>,
+    /// The lake snapshot the field data was read at: the export watermark it covered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lake_snapshot: Option<String>,
+    /// The code that trained it: `ember-models <version>` and the git commit when known.
+    pub code_version: String,
+    pub seed: u64,
+    /// The version it was compared with and what the gate measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub evaluation: BTreeMap<String, f64>,
+}
+
+/// One input of a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetRef {
+    pub name: String,
+    pub sha256: String,
+    pub records: u64,
 }
 
 /// What the model consumes.
@@ -412,6 +448,10 @@ impl Manifest {
             if !v.is_finite() {
                 return Err(invalid(&format!("metrics.{k}"), "is not a finite number"));
             }
+        }
+        if let Some(b) = &self.baseline {
+            b.check(self.input.channels, self.labels().map(<[String]>::len))
+                .map_err(|(field, problem)| invalid(&field, problem))?;
         }
         Ok(())
     }

@@ -152,6 +152,7 @@ pub fn build_bundle(
         }
     }
     let golden = golden_vectors(&model, bm)?;
+    let baseline = crate::baseline::compute(&model, &bm.train, "BasicMotions TRAIN split")?;
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         name: opts.name.clone(),
@@ -170,6 +171,8 @@ pub fn build_bundle(
         quantization,
         created_at: opts.created_at.clone(),
         golden,
+        baseline: Some(baseline),
+        lineage: None,
     };
     let bundle = Bundle::new(manifest, weights)?;
     // What a device will do: parse the bytes, load, reproduce the golden vectors.

@@ -640,6 +640,7 @@ fn result(i: u64) -> InferenceItem {
                 threshold: 0.5,
                 anomalous: i > 0,
             },
+            input: None,
         },
     };
     InferenceItem::new("imu.anomaly".into(), &stored).unwrap()

@@ -18,6 +18,7 @@ const INDEX: &str = include_str!("../../dashboard/index.html");
 const APP_JS: &str = include_str!("../../dashboard/app.js");
 const ROLLOUTS_JS: &str = include_str!("../../dashboard/rollouts.js");
 const MODELS_JS: &str = include_str!("../../dashboard/models.js");
+const MONITORING_JS: &str = include_str!("../../dashboard/monitoring.js");
 const APP_CSS: &str = include_str!("../../dashboard/app.css");
 
 /// Same-origin only; no inline script; styles only from the stylesheet (plus `style`
@@ -45,6 +46,10 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/dashboard/models.js",
             get(|| async { file(MODELS_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/dashboard/monitoring.js",
+            get(|| async { file(MONITORING_JS, "text/javascript; charset=utf-8") }),
         )
         .route(
             "/dashboard/app.css",

@@ -20,6 +20,7 @@ pub mod error;
 mod inference;
 mod live;
 mod models;
+mod monitoring;
 mod ops;
 mod rollouts;
 
@@ -56,6 +57,8 @@ pub struct AppState {
     pub rollouts: Arc<crate::ota::rollout::service::Service>,
     /// The model registry (bundles and their blobs).
     pub registry: Arc<crate::ota::registry::Registry>,
+    /// Model monitoring's latest report.
+    pub monitor: Arc<crate::ota::monitor::Monitor>,
     /// Fires when the service shuts down: ends the live event streams.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -83,6 +86,8 @@ pub struct AppState {
         inference::anomalies,
         inference::incidents,
         inference::rates,
+        monitoring::report,
+        monitoring::version,
         ops::list_rejects,
         live::overview,
         rollouts::create,
@@ -137,6 +142,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/anomalies", get(inference::anomalies))
         .route("/api/v1/anomalies/incidents", get(inference::incidents))
         .route("/api/v1/anomalies/rates", get(inference::rates))
+        .route("/api/v1/monitoring", get(monitoring::report))
+        .route(
+            "/api/v1/monitoring/{model}/{version}",
+            get(monitoring::version),
+        )
         .route("/api/v1/overview", get(live::overview))
         .route("/api/v1/events", get(live::events))
         .route(

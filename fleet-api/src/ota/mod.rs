@@ -6,6 +6,9 @@
 //!   persistence ([`rollout::store`]), the service that drives it in the running fleet
 //!   ([`rollout::service`]) and the retained desired-state publisher
 //!   ([`rollout::publisher`]).
+//! * [`monitor`]: model monitoring: each version's results against its bundle's training
+//!   baseline (drift).
 
+pub mod monitor;
 pub mod registry;
 pub mod rollout;

@@ -37,15 +37,13 @@
 //! trusted keys when it was uploaded, and whose blob was durably stored before the row was
 //! committed. A (name, version) is never overwritten: a new build needs a new version.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use object_store::{ObjectStore, PutOptions, PutPayload};
+use std::path::Path;
 
 use ember_bundle::{BundleError, RawBundle, TrustedKeys, Version};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use crate::blob::{BlobError, BlobStore, FsStore, ObjStore, store_err, write_create_only};
 use crate::config::{ModelSettings, ModelStore};
 use crate::db::{Db, Sql, get_bool, now_us};
 
@@ -280,11 +278,11 @@ impl Registry {
         settings: &ModelSettings,
     ) -> Result<Registry, RegistryError> {
         let store = match &settings.store {
-            ModelStore::Fs => BlobStore::Fs(FsStore {
-                root: data_dir.join("models"),
-            }),
+            ModelStore::Fs => BlobStore::Fs(FsStore::new(data_dir.join("models"))),
             ModelStore::Object { url } => {
-                BlobStore::Object(ObjStore::open(url, &settings.store_options)?)
+                let store = ObjStore::open(url, &settings.store_options)?;
+                tracing::info!(store = %store.display(), "Model bundles go to object storage.");
+                BlobStore::Object(store)
             }
         };
         Ok(Registry {
@@ -396,7 +394,7 @@ impl Registry {
         start: u64,
         end: u64,
     ) -> Result<Vec<u8>, RegistryError> {
-        self.store.read_range(&entry.blob_key, start, end).await
+        Ok(self.store.read_range(&entry.blob_key, start, end).await?)
     }
 }
 
@@ -414,7 +412,7 @@ fn fs_store_id(root: &Path) -> Result<String, RegistryError> {
             Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_string())),
             Ok(_) => Err(RegistryError::Store(format!("{} is empty", path.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(store_err("read", path, e)),
+            Err(e) => Err(store_err("read", path, e).into()),
         }
     };
     if let Some(id) = read(&path)? {
@@ -429,274 +427,8 @@ fn fs_store_id(root: &Path) -> Result<String, RegistryError> {
     read(&path)?.ok_or_else(|| RegistryError::Store(format!("{} vanished", path.display())))
 }
 
-/// Where bundle bytes live.
-pub enum BlobStore {
-    Fs(FsStore),
-    Object(ObjStore),
-}
-
-impl BlobStore {
-    /// Stores `bytes` under `key` durably (replacing a leftover without a row).
-    pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), RegistryError> {
-        match self {
-            BlobStore::Fs(fs) => {
-                let path = fs.path(key)?;
-                tokio::task::spawn_blocking(move || write_durably(&path, &bytes))
-                    .await
-                    .map_err(|e| RegistryError::Store(e.to_string()))?
-            }
-            BlobStore::Object(o) => {
-                let path = o.path(key)?;
-                o.store
-                    .put_opts(&path, PutPayload::from(bytes), PutOptions::default())
-                    .await
-                    .map_err(|e| o.err("write", &path, e))?;
-                Ok(())
-            }
-        }
+impl From<BlobError> for RegistryError {
+    fn from(e: BlobError) -> RegistryError {
+        RegistryError::Store(e.0)
     }
-
-    /// Removes the blob `key` (absent is fine).
-    pub async fn delete(&self, key: &str) -> Result<(), RegistryError> {
-        match self {
-            BlobStore::Fs(fs) => {
-                let path = fs.path(key)?;
-                match tokio::fs::remove_file(&path).await {
-                    Ok(()) => Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(store_err("remove", &path, e)),
-                }
-            }
-            BlobStore::Object(o) => {
-                use futures_util::StreamExt;
-                let path = o.path(key)?;
-                // `delete_stream` (the trait's boxed, Send stream) with one location.
-                let one = futures_util::stream::once(std::future::ready(Ok(path.clone()))).boxed();
-                match o.store.delete_stream(one).next().await {
-                    None | Some(Ok(_)) | Some(Err(object_store::Error::NotFound { .. })) => Ok(()),
-                    Some(Err(e)) => Err(o.err("delete", &path, e)),
-                }
-            }
-        }
-    }
-
-    /// Bytes `[start, end)` of the blob `key`.
-    pub async fn read_range(
-        &self,
-        key: &str,
-        start: u64,
-        end: u64,
-    ) -> Result<Vec<u8>, RegistryError> {
-        match self {
-            BlobStore::Fs(fs) => {
-                let path = fs.path(key)?;
-                tokio::task::spawn_blocking(move || read_range(&path, start, end))
-                    .await
-                    .map_err(|e| RegistryError::Store(e.to_string()))?
-            }
-            BlobStore::Object(o) => {
-                let path = o.path(key)?;
-                if start >= end {
-                    return Ok(Vec::new());
-                }
-                // `get_ranges` (the trait's boxed, Send future) with one range: a ranged GET.
-                let bytes: Vec<u8> = o
-                    .store
-                    .get_ranges(&path, std::slice::from_ref(&(start..end)))
-                    .await
-                    .map_err(|e| o.err("read", &path, e))?
-                    .concat();
-                if bytes.len() as u64 != end - start {
-                    return Err(RegistryError::Store(format!(
-                        "{}/{path} is shorter than its registry row says",
-                        o.display
-                    )));
-                }
-                Ok(bytes)
-            }
-        }
-    }
-}
-
-/// Objects in a bucket (S3, GCS) or container (Azure) under a prefix.
-pub struct ObjStore {
-    store: Arc<dyn ObjectStore>,
-    prefix: object_store::path::Path,
-    /// `scheme://bucket` (for messages; the URL never carries credentials).
-    display: String,
-}
-
-impl ObjStore {
-    /// Builds the client for `url` from the provider's environment variables, then `options`
-    /// (lowercase builder keys such as `aws_endpoint_url`).
-    pub fn open(url: &str, options: &[(String, String)]) -> Result<ObjStore, RegistryError> {
-        use object_store::aws::AmazonS3Builder;
-        use object_store::azure::MicrosoftAzureBuilder;
-        use object_store::gcp::GoogleCloudStorageBuilder;
-
-        // reqwest finds the process-wide rustls provider; install ring (what the rest of the
-        // fleet uses) unless someone installed one already.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let bad = |e: &dyn std::fmt::Display| RegistryError::Store(format!("{url}: {e}"));
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| bad(&"not an object-storage URL"))?;
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let base = format!("{scheme}://{bucket}");
-        // Each provider's builder takes the same `(key, value)` options, parsed into its own
-        // config-key type.
-        fn configure<B, K: std::str::FromStr>(
-            mut builder: B,
-            options: &[(String, String)],
-            set: fn(B, K, String) -> B,
-            bad: &dyn Fn(&dyn std::fmt::Display) -> RegistryError,
-        ) -> Result<B, RegistryError> {
-            for (k, v) in options {
-                let key = k
-                    .to_ascii_lowercase()
-                    .parse()
-                    .map_err(|_| bad(&format!("unknown store option {k:?}")))?;
-                builder = set(builder, key, v.clone());
-            }
-            Ok(builder)
-        }
-        let store: Arc<dyn ObjectStore> = match scheme {
-            "s3" => {
-                let b = AmazonS3Builder::from_env().with_url(&base);
-                let b = configure(b, options, |b, k, v| b.with_config(k, v), &bad)?;
-                Arc::new(b.build().map_err(|e| bad(&e))?)
-            }
-            "gs" => {
-                let b = GoogleCloudStorageBuilder::from_env().with_url(&base);
-                let b = configure(b, options, |b, k, v| b.with_config(k, v), &bad)?;
-                Arc::new(b.build().map_err(|e| bad(&e))?)
-            }
-            "az" => {
-                let b = MicrosoftAzureBuilder::from_env().with_url(&base);
-                let b = configure(b, options, |b, k, v| b.with_config(k, v), &bad)?;
-                Arc::new(b.build().map_err(|e| bad(&e))?)
-            }
-            other => return Err(bad(&format!("unsupported scheme {other:?}"))),
-        };
-        tracing::info!(store = %base, prefix, "Model bundles go to object storage.");
-        Ok(ObjStore {
-            store,
-            prefix: object_store::path::Path::from(prefix),
-            display: base,
-        })
-    }
-
-    fn path(&self, key: &str) -> Result<object_store::path::Path, RegistryError> {
-        check_key(key)?;
-        Ok(key
-            .split('/')
-            .fold(self.prefix.clone(), |p, part| p.join(part)))
-    }
-
-    /// Names the object and the failure (the error's text never carries credentials).
-    fn err(
-        &self,
-        what: &str,
-        path: &object_store::path::Path,
-        e: object_store::Error,
-    ) -> RegistryError {
-        RegistryError::Store(format!("cannot {what} {}/{path}: {e}", self.display))
-    }
-}
-
-/// Keys are `<name>/<version>.bundle` with checked name and version; refuse anything that
-/// could leave the root or prefix anyway.
-fn check_key(key: &str) -> Result<(), RegistryError> {
-    if key
-        .split('/')
-        .any(|p| p.is_empty() || p == "." || p == "..")
-        || key.starts_with('/')
-    {
-        return Err(RegistryError::Store(format!("invalid blob key {key:?}")));
-    }
-    Ok(())
-}
-
-/// Files under a root directory.
-pub struct FsStore {
-    root: PathBuf,
-}
-
-impl FsStore {
-    fn path(&self, key: &str) -> Result<PathBuf, RegistryError> {
-        check_key(key)?;
-        Ok(self.root.join(key))
-    }
-}
-
-fn store_err(what: &str, path: &Path, e: std::io::Error) -> RegistryError {
-    RegistryError::Store(format!("cannot {what} {}: {e}", path.display()))
-}
-
-fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| RegistryError::Store(format!("{} has no directory", path.display())))?;
-    std::fs::create_dir_all(dir).map_err(|e| store_err("create", dir, e))?;
-    write_create_only(path, bytes)
-}
-
-/// Writes `bytes` to `path` only if `path` does not exist yet, durably: a temporary file with
-/// a unique name (several replicas may write into one shared directory), fsynced, then
-/// hard-linked to `path` (atomic and create-only), the temporary name removed, the directory
-/// fsynced. An existing `path` is left alone (keys are content-addressed: it holds the same
-/// bytes).
-fn write_create_only(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .ok_or_else(|| RegistryError::Store(format!("{} has no directory", path.display())))?;
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).map_err(|e| RegistryError::Store(e.to_string()))?;
-    let unique: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{unique}.tmp"));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| store_err("create", &tmp, e))?;
-        f.write_all(bytes)
-            .map_err(|e| store_err("write", &tmp, e))?;
-        f.sync_all().map_err(|e| store_err("sync", &tmp, e))?;
-        match std::fs::hard_link(&tmp, path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(store_err("link", path, e)),
-        }
-        Ok(())
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    result?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| store_err("sync", dir, e))
-}
-
-fn read_range(path: &Path, start: u64, end: u64) -> Result<Vec<u8>, RegistryError> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path).map_err(|e| store_err("open", path, e))?;
-    f.seek(SeekFrom::Start(start))
-        .map_err(|e| store_err("seek in", path, e))?;
-    let len = end.saturating_sub(start);
-    let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-    f.take(len)
-        .read_to_end(&mut out)
-        .map_err(|e| store_err("read", path, e))?;
-    if out.len() as u64 != len {
-        return Err(RegistryError::Store(format!(
-            "{} is shorter than its registry row says",
-            path.display()
-        )));
-    }
-    Ok(out)
 }

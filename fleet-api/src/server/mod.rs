@@ -13,12 +13,15 @@
 //! * [`cluster`]: replicas on one database: a replica's identity, the leader that runs the
 //!   singleton work (rollout driver, retention, desired-state publisher), SQLite's
 //!   one-process lock.
+//! * [`lake`]: committed records exported exactly once as Parquet files (hive-partitioned) to
+//!   a directory or object storage, compacted; leader only.
 //! * [`relay`]: live events between replicas over PostgreSQL `LISTEN/NOTIFY`.
 
 pub mod cluster;
 pub mod events;
 pub mod gauges;
 pub mod ingest;
+pub mod lake;
 pub mod ledger;
 pub mod relay;
 pub mod retention;

@@ -10,7 +10,9 @@
 //! stream's `pruned_through` becomes S, all in one transaction. A record whose seq is at or
 //! below `pruned_through` that arrives later is counted as `expired` and not stored.
 //! Deleting a prefix may keep a few rows past their age when a device's clock went backwards;
-//! it never deletes a row younger than the cut-off.
+//! it never deletes a row younger than the cut-off. With the data lake on
+//! (`RetentionSettings::keep_unexported`), S is also at most the stream's `lake_through`: a
+//! record is never deleted before the lake holds it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,7 +108,15 @@ pub async fn prune(db: &Db, settings: &RetentionSettings, now: i64) -> Result<Pr
             let device: String = row.try_get("device_id")?;
             let stream: String = row.try_get("stream")?;
             let table = records_table(&row.try_get::<String, _>("kind")?);
-            let deleted = prune_stream(db, table, &device, &stream, cutoff).await?;
+            let deleted = prune_stream(
+                db,
+                table,
+                &device,
+                &stream,
+                cutoff,
+                settings.keep_unexported,
+            )
+            .await?;
             match table {
                 RecordsTable::Telemetry => out.telemetry += deleted,
                 RecordsTable::Inference => out.inference += deleted,
@@ -137,6 +147,7 @@ async fn prune_stream(
     device: &str,
     stream: &str,
     cutoff: i64,
+    keep_unexported: bool,
 ) -> Result<u64, sqlx::Error> {
     let mut tx = db.pool().begin().await?;
     // A write first: it takes SQLite's write lock (no read-to-write upgrade to fail later) and
@@ -144,11 +155,12 @@ async fn prune_stream(
     // while its gaps are archived and its rows deleted.
     let mut q = Sql::new("UPDATE streams SET pruned_through = pruned_through WHERE device_id = ");
     q.bind(device).push(" AND stream = ").bind(stream);
-    q.push(" RETURNING pruned_through");
+    q.push(" RETURNING pruned_through, lake_through");
     let Some(row) = q.query().fetch_optional(&mut *tx).await? else {
         return Ok(0);
     };
     let pruned: i64 = row.try_get("pruned_through")?;
+    let lake_through: i64 = row.try_get("lake_through")?;
     let mut q = Sql::new(&format!(
         "SELECT MIN(CASE WHEN ts >= $3 THEN seq END) AS first_recent, MAX(seq) AS last_stored \
          FROM {table} WHERE device_id = $1 AND stream = $2 AND seq > $4"
@@ -164,6 +176,12 @@ async fn prune_stream(
         (Some(f), _) => f - 1,
         (None, Some(l)) => l,
         (None, None) => return Ok(0),
+    };
+    // With the lake on, a record leaves the database only once the lake holds it.
+    let through = if keep_unexported {
+        through.min(lake_through)
+    } else {
+        through
     };
     if through <= pruned {
         return Ok(0);

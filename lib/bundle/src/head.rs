@@ -30,6 +30,9 @@ pub struct ManifestHead {
     /// RFC 3339 UTC.
     #[serde(default)]
     pub created_at: Option<String>,
+    /// What the model saw and said on its training data (model monitoring's reference).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<crate::Baseline>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

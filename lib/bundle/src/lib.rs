@@ -28,11 +28,13 @@
 //! [`RawBundle::verify`] additionally proves that a trusted key signed it and that the weights
 //! are the ones its manifest names.
 
+pub mod baseline;
 pub mod edit;
 mod head;
 pub mod hex;
 pub mod keys;
 
+pub use baseline::Baseline;
 pub use edit::{EditError, rebundle};
 pub use head::{ArchitectureHead, MANIFEST_FORMAT, ManifestHead, Version, WeightsHead};
 pub use head::{check_model_name, check_semver};

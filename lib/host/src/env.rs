@@ -47,6 +47,11 @@ pub const RESERVED: &[Reserved] = &[
         meaning: "`N`: abort right after the N-th committed batch, before its commit watermark and its PUBACKs go out",
     },
     Reserved {
+        name: "EMBER_FLEET_FAULT_LAKE_CRASH",
+        read_by: "ember-fleet built with the `fault-injection` feature (tests only)",
+        meaning: "`export:N`: abort after the N-th lake export wrote its files, before it is recorded; `compaction:N`: abort after the N-th compaction replaced its inputs' rows, before it deletes their files",
+    },
+    Reserved {
         name: "EMBER_FLEET_CONFIG",
         read_by: "ember-fleet",
         meaning: "the fleet's config file (instead of --config)",

@@ -40,8 +40,8 @@ pub use commit::{Committed, CommittedStream, Delivery};
 #[cfg(feature = "alloc")]
 pub use message::{
     AgentCounters, DeviceState, Encoding, EvictedRange, Heartbeat, InferenceBatch, InferenceOutput,
-    InferenceRecord, Message, QueueGauge, SCHEMA_VERSION, Status, StreamStatus, TelemetryBatch,
-    WireRecord,
+    InferenceRecord, InputStats, Message, QueueGauge, SCHEMA_VERSION, Status, StreamStatus,
+    TelemetryBatch, WireRecord,
 };
 #[cfg(feature = "alloc")]
 pub use ota::{DesiredModel, DesiredState, OtaReport, OtaState, ShadowPolicy};

@@ -152,6 +152,19 @@ pub struct InferenceRecord {
     /// Time spent in the model for this window's batch, microseconds.
     pub latency_us: u32,
     pub output: InferenceOutput,
+    /// Per-channel statistics of the window's raw input against the model's normalization
+    /// (model monitoring's input drift). Absent from agents that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<InputStats>,
+}
+
+/// One window's input, per channel, in the model's normalized units: `mean_z[c] = (mean of
+/// channel c - normalization.mean[c]) / normalization.std[c]` and `std_ratio[c] = (population
+/// std of channel c) / normalization.std[c]` (`ember_bundle::baseline::window_stats`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputStats {
+    pub mean_z: Vec<f32>,
+    pub std_ratio: Vec<f32>,
 }
 
 /// Results of one inference stream, in increasing `seq` order, published on
@@ -209,6 +222,15 @@ impl InferenceBatch {
             if r.model.is_empty() || r.version.is_empty() {
                 return Err(bad(alloc::format!(
                     "seq {}: model name and version must not be empty",
+                    r.seq
+                )));
+            }
+            if let Some(i) = &r.input
+                && (i.mean_z.len() != i.std_ratio.len()
+                    || i.mean_z.iter().chain(&i.std_ratio).any(|v| !v.is_finite()))
+            {
+                return Err(bad(alloc::format!(
+                    "seq {}: input statistics must be finite, one mean_z and std_ratio per channel",
                     r.seq
                 )));
             }
@@ -609,6 +631,10 @@ mod tests {
                         class: 3,
                         probabilities: alloc::vec![0.01, 0.02, 0.03, 0.94],
                     },
+                    input: Some(InputStats {
+                        mean_z: alloc::vec![0.5, -1.25],
+                        std_ratio: alloc::vec![1.0, 0.75],
+                    }),
                 },
                 InferenceRecord {
                     seq: 2,
@@ -623,6 +649,7 @@ mod tests {
                         threshold: 0.5,
                         anomalous: true,
                     },
+                    input: None,
                 },
             ],
         }

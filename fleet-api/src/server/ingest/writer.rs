@@ -1069,7 +1069,7 @@ async fn insert_inference<'a>(
         let mut q = Sql::new(
             "INSERT INTO inference (device_id, stream, seq, ts, window_start, source_seq, model, \
              version, latency_us, output_kind, label, class, probabilities, score, threshold, \
-             anomalous, received_at) VALUES ",
+             anomalous, received_at, confidence, input_mean_z, input_std_ratio) VALUES ",
         );
         let (mut current, mut d, mut s) = (usize::MAX, String::new(), String::new());
         for (i, (l, n)) in chunk.iter().enumerate() {
@@ -1112,7 +1112,28 @@ async fn insert_inference<'a>(
                     q.push(", ").bind(*anomalous);
                 }
             }
-            q.push(", ").bind(at).push(")");
+            q.push(", ").bind(at).push(", ");
+            let confidence = match &r.output {
+                InferenceOutput::Class { probabilities, .. } => probabilities
+                    .iter()
+                    .copied()
+                    .fold(None, |m: Option<f32>, p| Some(m.map_or(p, |m| m.max(p))))
+                    .map(f64::from),
+                InferenceOutput::Anomaly { .. } => None,
+            };
+            match confidence {
+                Some(c) => q.bind(c),
+                None => q.push("NULL"),
+            };
+            match &r.input {
+                Some(i) => {
+                    q.push(", ").bind(encode_values(&i.mean_z)).push(", ");
+                    q.bind(encode_values(&i.std_ratio)).push(")");
+                }
+                None => {
+                    q.push(", NULL, NULL)");
+                }
+            }
         }
         q.push(" ON CONFLICT (device_id, stream, seq) DO NOTHING RETURNING device_id, stream, seq");
         let rows = q.query().fetch_all(&mut **tx).await?;

@@ -210,6 +210,32 @@ impl FleetProcess {
         self.wait_healthy();
     }
 
+    /// Sets (Some) or removes (None) an environment variable of the next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_string(), v.to_string()));
+        }
+    }
+
+    /// Starts it again without waiting for health (it may abort on a fault hook first).
+    pub fn respawn(&mut self) {
+        self.sigkill();
+        self.spawn();
+    }
+
+    /// Waits until the process exits on its own; true if it did within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let Some(c) = self.child.as_mut() else {
+            return true;
+        };
+        let exited = wait_until(timeout, || c.try_wait().ok().flatten().is_some());
+        if exited {
+            self.child = None;
+        }
+        exited
+    }
+
     /// GET with the admin token (None while it does not answer).
     pub fn try_get_json(&self, path: &str) -> Option<Value> {
         let r = http::try_request(self.port, "GET", path, Some(super::ADMIN), None).ok()?;

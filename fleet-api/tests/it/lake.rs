@@ -1,0 +1,309 @@
+//! The data lake (`[lake]`, fleet-api/src/server/lake/): a real `ember-fleet` process (on
+//! SQLite and on PostgreSQL) exports what devices send (telemetry and model results) as Parquet files to a
+//! directory, is killed twice by its fault hook in the middle of the work (after an export
+//! wrote its files and before it recorded them; after a compaction replaced its inputs' rows
+//! and before it deleted their files), and at the end DuckDB, reading the lake without Ember,
+//! finds every record exactly once, with the counts and sums of what was sent and the counts
+//! of the fleet's ledger.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use ember_testkit::TestBroker;
+use serde_json::Value;
+use sqlx::Row;
+
+use crate::on_both_backends;
+use crate::support::mqtt::{Msg, Out, batch, inference_batch, publish};
+use crate::support::replicas::{FleetProcess, wait_for};
+use crate::support::{Kind, Store, WAIT, client_id, now_us, stream_ledger};
+
+const DEVICES: usize = 4;
+/// Telemetry records per device and phase, and model results per device and phase.
+const TELEMETRY: u64 = 300;
+const RESULTS: u64 = 100;
+const FAULT: &str = "EMBER_FLEET_FAULT_LAKE_CRASH";
+
+fn device(i: usize) -> String {
+    format!("lake-{i:02}")
+}
+
+/// Phase `phase` (0, 1) of every device: telemetry `imu` and results `imu.activity`, spread
+/// over two UTC days so exports split by day.
+fn phase(phase: u64) -> Vec<Msg> {
+    let day = 86_400_000_000u64;
+    let base = (now_us() / day) * day - day + phase * day - 150_000;
+    let mut msgs = Vec::new();
+    for i in 0..DEVICES {
+        let d = device(i);
+        let first = phase * TELEMETRY + 1;
+        let seqs: Vec<u64> = (first..first + TELEMETRY).collect();
+        for chunk in seqs.chunks(50) {
+            // ts = base + seq ms: phase 0's records straddle a midnight.
+            msgs.push(Msg::telemetry(&batch(
+                &d,
+                "imu",
+                chunk.iter().copied(),
+                base,
+            )));
+        }
+        let first = phase * RESULTS + 1;
+        let seqs: Vec<u64> = (first..first + RESULTS).collect();
+        for chunk in seqs.chunks(25) {
+            let results: Vec<(u64, u64, Out<'_>)> = chunk
+                .iter()
+                .map(|&s| {
+                    let out = if s % 2 == 0 {
+                        Out::Class("Walking", 1, &[0.2, 0.8])
+                    } else {
+                        Out::Class("Standing", 0, &[0.9, 0.1])
+                    };
+                    (s, base + 200_000 + s * 1000, out)
+                })
+                .collect();
+            msgs.push(inference_batch(&d, "imu", "activity", "1.0.0", &results));
+        }
+    }
+    msgs
+}
+
+fn duckdb(root: &Path) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/lake_query.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(root)
+        .output()
+        .expect("run python3 (pip install -r fleet-api/tests/python/requirements.txt)");
+    assert!(
+        out.status.success(),
+        "lake_query.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("lake_query.py prints JSON")
+}
+
+/// Every file under `root` (relative paths), recursively.
+fn files(root: &Path) -> Vec<String> {
+    fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, root, out);
+            } else {
+                out.push(
+                    p.strip_prefix(root)
+                        .expect("well-formed test data")
+                        .display()
+                        .to_string(),
+                );
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+struct LakeDb {
+    rt: tokio::runtime::Runtime,
+    pool: sqlx::AnyPool,
+}
+
+impl LakeDb {
+    fn open(url: &str) -> LakeDb {
+        sqlx::any::install_default_drivers();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let pool = rt
+            .block_on(sqlx::AnyPool::connect(url))
+            .expect("connect to the test database");
+        LakeDb { rt, pool }
+    }
+
+    fn count(&self, sql: &str) -> i64 {
+        self.rt
+            .block_on(sqlx::query(sql).fetch_one(&self.pool))
+            .expect(sql)
+            .try_get::<i64, _>(0)
+            .expect("a count")
+    }
+
+    fn paths(&self) -> Vec<String> {
+        let rows = self
+            .rt
+            .block_on(
+                sqlx::query("SELECT path FROM lake_files ORDER BY path").fetch_all(&self.pool),
+            )
+            .expect("lake_files");
+        rows.iter()
+            .map(|r| r.try_get("path").expect("well-formed test data"))
+            .collect()
+    }
+}
+
+on_both_backends!(
+    fleet_killed_mid_export_and_mid_compaction_twice_leaves_every_record_in_the_lake_once
+);
+
+fn fleet_killed_mid_export_and_mid_compaction_twice_leaves_every_record_in_the_lake_once(
+    kind: Kind,
+) {
+    let store = Store::new(kind);
+    let broker = TestBroker::start();
+    let data = tempfile::tempdir().expect("temp dir");
+    let lake = tempfile::tempdir().expect("temp dir");
+    let extra = format!(
+        "[lake]\nstore = \"{}\"\ninterval_s = 1\nmax_rows_per_file = 40\ncompact_min_files = 4\ncompact_target_bytes = 1048576\n",
+        lake.path().display()
+    );
+    let started = std::time::Instant::now();
+
+    // The fleet ingests phase 0 and dies in its 5th export, after writing the files and
+    // before recording them.
+    let mut fleet = FleetProcess::start_env(
+        &store.url(),
+        broker.port(),
+        &client_id(),
+        data.path(),
+        &extra,
+        &[(FAULT, "export:5")],
+    );
+    publish(broker.port(), phase(0));
+    assert!(
+        fleet.wait_exit(WAIT),
+        "the export fault hook did not fire; log:\n{}",
+        fleet.log_text()
+    );
+    let db = LakeDb::open(&store.url());
+    assert!(
+        db.count("SELECT COUNT(*) FROM lake_exports WHERE done_at IS NULL") >= 1,
+        "the crash left no export pending"
+    );
+
+    // Second run: phase 1 arrives while it exports; it dies in its 2nd compaction, after the
+    // merged file replaced its inputs' rows and before the input files are deleted.
+    fleet.set_env(FAULT, Some("compaction:2"));
+    fleet.respawn();
+    publish(broker.port(), phase(1));
+    assert!(
+        fleet.wait_exit(WAIT),
+        "the compaction fault hook did not fire; log:\n{}",
+        fleet.log_text()
+    );
+    assert!(
+        db.count("SELECT COUNT(*) FROM lake_compactions WHERE done_at IS NULL") >= 1,
+        "the crash left no compaction unfinished"
+    );
+
+    // Third run: no fault. It finishes both and catches up.
+    fleet.set_env(FAULT, None);
+    fleet.restart();
+    let (tel, res) = (2 * TELEMETRY, 2 * RESULTS);
+    wait_for("every ledger complete", WAIT, || {
+        (0..DEVICES).all(|i| {
+            let d = device(i);
+            [("imu", tel), ("imu.activity", res)].iter().all(|(s, n)| {
+                stream_ledger(fleet.port, &d, s)
+                    .is_some_and(|l| l["received"] == *n && l["missing_count"] == 0)
+            })
+        })
+    });
+    wait_for("the lake caught up", WAIT, || {
+        db.count("SELECT COUNT(*) FROM streams WHERE lake_through < committed_through") == 0
+            && db.count("SELECT COUNT(*) FROM lake_exports WHERE done_at IS NULL") == 0
+            && db.count("SELECT COUNT(*) FROM lake_compactions WHERE done_at IS NULL") == 0
+            && fleet.metric("lake_export_lag_records") == 0.0
+    });
+
+    let lake_view = duckdb(lake.path());
+    let by_stream = |kind: &str| -> BTreeMap<(String, String), Value> {
+        lake_view[kind]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| {
+                (
+                    (
+                        r["device"]
+                            .as_str()
+                            .expect("well-formed test data")
+                            .to_string(),
+                        r["stream"]
+                            .as_str()
+                            .expect("well-formed test data")
+                            .to_string(),
+                    ),
+                    r.clone(),
+                )
+            })
+            .collect()
+    };
+    let telemetry = by_stream("telemetry");
+    let inference = by_stream("inference");
+    assert_eq!(telemetry.len(), DEVICES, "{lake_view}");
+    assert_eq!(inference.len(), DEVICES, "{lake_view}");
+    for i in 0..DEVICES {
+        let d = device(i);
+        for (rows, stream, n) in [(&telemetry, "imu", tel), (&inference, "imu.activity", res)] {
+            let r = &rows[&(d.clone(), stream.to_string())];
+            let ledger = stream_ledger(fleet.port, &d, stream).expect("ledger");
+            assert_eq!(r["n"], n, "{d}/{stream}: {r}");
+            assert_eq!(r["n"], ledger["received"], "{d}/{stream}: lake vs ledger");
+            assert_eq!(
+                r["distinct_seq"], n,
+                "{d}/{stream}: duplicates in the lake: {r}"
+            );
+            assert_eq!(r["sum_seq"], n * (n + 1) / 2, "{d}/{stream}: {r}");
+            assert_eq!(
+                (r["min_seq"].as_u64(), r["max_seq"].as_u64()),
+                (Some(1), Some(n))
+            );
+        }
+        // Values [seq, seq/2]: the sum over 1..=n is 1.5 n(n+1)/2.
+        let sum = telemetry[&(d.clone(), "imu".to_string())]["value_sum"]
+            .as_f64()
+            .expect("well-formed test data");
+        assert!(
+            (sum - 1.5 * (tel * (tel + 1) / 2) as f64).abs() < 1.0,
+            "{sum}"
+        );
+    }
+    assert_eq!(lake_view["misplaced"], 0, "rows in another day's partition");
+    assert_eq!(lake_view["schema_versions"], serde_json::json!(["1"]));
+
+    // The lake holds exactly the files the database lists: no orphan, no temporary file, no
+    // compacted input left behind.
+    let on_disk = files(lake.path());
+    assert_eq!(on_disk, db.paths(), "files on disk vs lake_files");
+    assert!(
+        on_disk.iter().any(|p| p.contains("-c0")),
+        "no compacted file: {on_disk:?}"
+    );
+    let compactions = db.count("SELECT COUNT(*) FROM lake_compactions");
+    let exports = db.count("SELECT COUNT(*) FROM lake_exports");
+    let log = fleet.log_text();
+    assert_eq!(
+        log.matches("Fault hook EMBER_FLEET_FAULT_LAKE_CRASH")
+            .count(),
+        2
+    );
+    let bytes: u64 = on_disk
+        .iter()
+        .map(|p| {
+            std::fs::metadata(lake.path().join(p))
+                .expect("well-formed test data")
+                .len()
+        })
+        .sum();
+    println!(
+        "lake: {} records in {} files ({bytes} B) from {exports} exports and {compactions} compactions, 2 kills, {:.1} s",
+        DEVICES as u64 * (tel + res),
+        on_disk.len(),
+        started.elapsed().as_secs_f64()
+    );
+    fleet.stop();
+}
