@@ -19,6 +19,7 @@
 mod ack;
 mod bridge;
 mod fleet;
+mod lake;
 mod rollout;
 
 use std::path::PathBuf;
@@ -57,6 +58,9 @@ enum Cmd {
     /// `ember-fleet bridge` (MQTT to Pub/Sub) into the Pub/Sub emulator: messages/s and
     /// records/s, against the broker's plain delivery in the same run.
     Bridge(bridge::Args),
+    /// The data lake: Parquet export records/s against inserting the same rows into the
+    /// database, and the lake's size per million records against the database's.
+    Lake(lake::Args),
     /// End-to-end acknowledgement: throughput with and without it through a real fleet, against
     /// both ceilings, and the sensor-to-database latency at 1,000 records/s per device.
     Ack(ack::Args),
@@ -111,6 +115,7 @@ fn main() -> Result<()> {
         Cmd::Rollout(args) => rt.block_on(rollout::run(args)),
         Cmd::Ack(args) => rt.block_on(ack::run(args, measure)),
         Cmd::Bridge(args) => rt.block_on(bridge::run(args, measure)),
+        Cmd::Lake(args) => rt.block_on(lake::run(args)),
     }
 }
 

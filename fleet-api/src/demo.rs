@@ -715,6 +715,9 @@ interval_s = 10
 interval_s = 5
 window_s = 600
 min_windows = 50
+# The demo replays BasicMotions' TEST split; its inputs read a PSI of about 0.23 against the
+# TRAIN split's baseline with nothing wrong (docs/monitoring.md), too close to the default.
+input_psi_threshold = 0.5
 "#,
         dir = fleet_dir.display().to_string(),
         lake = fleet_dir.join("lake").display().to_string(),

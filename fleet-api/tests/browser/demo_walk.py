@@ -79,6 +79,18 @@ def main(problems):
         check("1.1.0" in listed, f"activity 1.1.0 is not registered: {listed!r}")
         shot(page, cfg, "models.png")
 
+        # Monitoring: both models' versions in use, compared with their bundles' baselines.
+        page.click('#nav a[data-nav="monitoring"]')
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#monitor-versions tbody tr')]"
+            ".filter((r) => r.textContent.includes('yes')).length >= 2"
+        )
+        monitored = page.text_content("#monitor-versions tbody")
+        check(
+            "activity" in monitored and "anomaly" in monitored,
+            f"the monitoring page does not list both models: {monitored!r}",
+        )
+
         # Rollouts: the demo's rollout, then its detail until it completes.
         page.click('#nav a[data-nav="rollouts"]')
         row = f'#rollout-list tr[data-rollout="{cfg["rollout"]}"]'
