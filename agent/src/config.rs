@@ -143,6 +143,18 @@ pub struct RawInference {
 pub struct RawModel {
     pub bundle: Option<PathBuf>,
     pub source: Option<String>,
+    /// `[model.capture]`: which raw windows to keep for labelling (docs/capture.md).
+    pub capture: Option<RawCapture>,
+}
+
+/// `[model.capture]` of a `[[model]]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCapture {
+    pub anomalies: Option<bool>,
+    pub below_confidence: Option<f32>,
+    pub sample: Option<f64>,
+    pub max_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -337,7 +349,32 @@ pub struct ModelSettings {
     pub bundle: PathBuf,
     /// The source stream whose windows it evaluates.
     pub source: String,
+    /// Which raw windows go to the capture stream `{source}.{model}.capture`.
+    pub capture: CaptureSettings,
 }
+
+/// Which windows a model's capture policy keeps (`[model.capture]`, docs/capture.md); the
+/// default keeps none.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CaptureSettings {
+    /// Windows an anomaly model calls anomalous.
+    pub anomalies: bool,
+    /// Windows whose top class probability is below this (classifiers).
+    pub below_confidence: Option<f32>,
+    /// A random fraction of all windows, 0-1.
+    pub sample: f64,
+    /// At most this many captures a minute per model (a sliding minute).
+    pub max_per_minute: u32,
+}
+
+impl CaptureSettings {
+    pub fn enabled(&self) -> bool {
+        self.anomalies || self.below_confidence.is_some() || self.sample > 0.0
+    }
+}
+
+/// Captures per model and minute unless `max_per_minute` says otherwise.
+pub const DEFAULT_CAPTURE_MAX_PER_MINUTE: u32 = 30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -1164,7 +1201,48 @@ fn resolve_inference(
                 ),
             ));
         }
-        models.push(ModelSettings { bundle, source });
+        let capture = match m.capture {
+            None => CaptureSettings::default(),
+            Some(c) => {
+                let capture = CaptureSettings {
+                    anomalies: c.anomalies.unwrap_or(false),
+                    below_confidence: c.below_confidence,
+                    sample: c.sample.unwrap_or(0.0),
+                    max_per_minute: c.max_per_minute.unwrap_or(DEFAULT_CAPTURE_MAX_PER_MINUTE),
+                };
+                if let Some(t) = capture.below_confidence
+                    && !(t.is_finite() && t > 0.0 && t <= 1.0)
+                {
+                    return Err(invalid(
+                        key("capture.below_confidence"),
+                        format!(
+                            "{t} is out of range: use a probability above 0 and at most 1, e.g. 0.6"
+                        ),
+                    ));
+                }
+                if !(capture.sample.is_finite() && (0.0..=1.0).contains(&capture.sample)) {
+                    return Err(invalid(
+                        key("capture.sample"),
+                        format!(
+                            "{} is out of range: use a fraction from 0 to 1, e.g. 0.01 for one window in a hundred",
+                            capture.sample
+                        ),
+                    ));
+                }
+                if !(1..=6000).contains(&capture.max_per_minute) {
+                    return Err(invalid(
+                        key("capture.max_per_minute"),
+                        format!("{} is out of range: use 1-6000", capture.max_per_minute),
+                    ));
+                }
+                capture
+            }
+        };
+        models.push(ModelSettings {
+            bundle,
+            source,
+            capture,
+        });
     }
     Ok((
         InferenceSettings {

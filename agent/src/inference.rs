@@ -54,9 +54,11 @@ use std::time::{Duration, Instant};
 use ember_models::baseline::window_stats;
 use ember_models::manifest::OutputSpec;
 use ember_models::{Bundle, Device, LoadedModel, Output, TrustedKeys};
-use ember_proto::{InferenceOutput, InferenceRecord, InputStats};
+use ember_proto::{Capture, InferenceOutput, InferenceRecord, InputStats};
 
-use crate::config::{Backend, ForwardRaw, InferenceSettings, Settings, SourceSettings};
+use crate::config::{
+    Backend, CaptureSettings, ForwardRaw, InferenceSettings, Settings, SourceSettings,
+};
 use crate::metrics::Metrics;
 use crate::queue::{InferenceItem, StoredInference};
 use crate::source::Sample;
@@ -144,6 +146,8 @@ pub struct ModelSlot {
     pub stream: Arc<str>,
     pub bundle: PathBuf,
     pub model: LoadedModel,
+    /// Which raw windows go to the capture stream `{stream}.capture` (kept across swaps).
+    pub capture: CaptureSettings,
 }
 
 impl ModelSlot {
@@ -297,6 +301,7 @@ pub fn load_models(settings: &Settings) -> Result<Vec<ModelSlot>, InferenceError
             stream: stream.into(),
             bundle: m.bundle.clone(),
             model,
+            capture: m.capture.clone(),
         });
     }
     if settings.inference.forward_raw == ForwardRaw::Anomalies {
@@ -712,6 +717,75 @@ struct Engine {
     last_misfit_log: Option<Instant>,
     /// Candidate models under shadow evaluation, by inference stream.
     shadows: HashMap<Arc<str>, Shadow>,
+    /// Per slot: the capture policy's recent captures (rate limit) and random state.
+    captures: Vec<CaptureState>,
+}
+
+/// A slot's capture policy at run time.
+struct CaptureState {
+    recent: VecDeque<Instant>,
+    /// xorshift64* state for `capture.sample` (seeded per slot; no security role).
+    rng: u64,
+}
+
+impl CaptureState {
+    fn new(seed: u64) -> CaptureState {
+        CaptureState {
+            recent: VecDeque::new(),
+            rng: seed | 1,
+        }
+    }
+
+    /// A uniform number in [0, 1).
+    fn uniform(&mut self) -> f64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Which trigger, if any, captures this window, within `max_per_minute`.
+    fn decide(
+        &mut self,
+        policy: &CaptureSettings,
+        out: &InferenceOutput,
+        now: Instant,
+    ) -> Option<&'static str> {
+        if !policy.enabled() {
+            return None;
+        }
+        let trigger = match out {
+            InferenceOutput::Anomaly {
+                anomalous: true, ..
+            } if policy.anomalies => Some("anomaly"),
+            InferenceOutput::Class { probabilities, .. }
+                if policy
+                    .below_confidence
+                    .is_some_and(|t| probabilities.iter().copied().fold(0.0f32, f32::max) < t) =>
+            {
+                Some("low_confidence")
+            }
+            _ => None,
+        };
+        let trigger = match trigger {
+            Some(t) => Some(t),
+            None if policy.sample > 0.0 && self.uniform() < policy.sample => Some("sample"),
+            None => None,
+        };
+        trigger?;
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            self.recent.pop_front();
+        }
+        if self.recent.len() >= policy.max_per_minute as usize {
+            return None;
+        }
+        self.recent.push_back(now);
+        trigger
+    }
 }
 
 impl Engine {
@@ -725,6 +799,7 @@ impl Engine {
         let mut by_source: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
         let mut windowers = Vec::new();
         let mut keep = 0;
+        let slots_len = slots.len();
         for (i, s) in slots.iter().enumerate() {
             by_source.entry(s.source.clone()).or_default().push(i);
             let input = s.model.input();
@@ -755,6 +830,11 @@ impl Engine {
             active,
             last_error_log: None,
             last_misfit_log: None,
+            captures: (0..slots_len)
+                .map(|i| {
+                    CaptureState::new(0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1) ^ seed_from_clock())
+                })
+                .collect(),
             shadows: HashMap::new(),
         }
     }
@@ -974,10 +1054,13 @@ impl Engine {
             s.source.clone(),
         );
         let hop = s.model.input().hop as u64;
-        let (samples, norm) = (
+        let (samples, channels, norm) = (
             s.model.input().window,
+            s.model.input().channels,
             s.model.input().normalization.clone(),
         );
+        let capture_policy = s.capture.clone();
+        let capture_stream: Arc<str> = format!("{stream}.capture").into();
         for (i, w) in windows.iter().enumerate() {
             let values = output.window(i);
             let out = match &output {
@@ -1009,6 +1092,7 @@ impl Engine {
             {
                 self.forward_around(&source, w.first_seq, w.last_seq, hop);
             }
+            let trigger = self.captures[slot].decide(&capture_policy, &out, Instant::now());
             let stored = StoredInference {
                 source: source.to_string(),
                 record: InferenceRecord {
@@ -1025,17 +1109,34 @@ impl Engine {
                             window_stats(&w.data, samples, &norm.mean, &norm.std);
                         Some(InputStats { mean_z, std_ratio })
                     },
+                    capture: None,
                 },
             };
-            match InferenceItem::new(stream.clone(), &stored) {
-                Ok(item) => {
-                    if self.out.blocking_send(Produced::Result(item)).is_err() {
-                        return;
+            let captured = trigger.map(|t| {
+                let mut c = stored.clone();
+                c.record.capture = Some(Capture {
+                    trigger: t.to_string(),
+                    channels: channels as u32,
+                    window: w.data.clone(),
+                });
+                (t, c)
+            });
+            let mut items = vec![(stream.clone(), stored)];
+            if let Some((t, c)) = captured {
+                items.push((capture_stream.clone(), c));
+                self.metrics.count_capture(t);
+            }
+            for (stream, stored) in items {
+                match InferenceItem::new(stream, &stored) {
+                    Ok(item) => {
+                        if self.out.blocking_send(Produced::Result(item)).is_err() {
+                            return;
+                        }
                     }
-                }
-                Err(e) => {
-                    self.metrics.inference_errors.fetch_add(1, Relaxed);
-                    self.log_error(&format!("cannot encode a result: {e}"));
+                    Err(e) => {
+                        self.metrics.inference_errors.fetch_add(1, Relaxed);
+                        self.log_error(&format!("cannot encode a result: {e}"));
+                    }
                 }
             }
         }
@@ -1331,4 +1432,12 @@ mod tests {
         assert_eq!(windows, vec![4, 6, 11, 13, 15, 17, 19]);
         assert_eq!(misfits, 2);
     }
+}
+
+/// A seed for the capture sampler that differs between runs and devices.
+fn seed_from_clock() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()).rotate_left(32)
 }

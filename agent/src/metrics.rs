@@ -88,6 +88,10 @@ pub struct Metrics {
     pub inference_windows_misfit: AtomicU64,
     /// Samples that bypassed inference because its channel was full.
     pub inference_samples_skipped: AtomicU64,
+    /// Windows captured for labelling, by trigger (`[model.capture]`).
+    pub captures_anomaly: AtomicU64,
+    pub captures_low_confidence: AtomicU64,
+    pub captures_sample: AtomicU64,
     /// OTA (`crate::ota`): bundle downloads finished, bytes received, installs that failed,
     /// model switches, crash-loop rollbacks, desired-state messages ignored as invalid.
     pub ota_downloads: AtomicU64,
@@ -135,6 +139,16 @@ impl RejectReason {
 }
 
 impl Metrics {
+    /// Counts one captured window under its trigger.
+    pub fn count_capture(&self, trigger: &str) {
+        let c = match trigger {
+            "anomaly" => &self.captures_anomaly,
+            "low_confidence" => &self.captures_low_confidence,
+            _ => &self.captures_sample,
+        };
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Counts one refused input under `reason` (and in the total).
     pub fn reject(&self, reason: RejectReason) {
         self.rejected.fetch_add(1, Relaxed);
@@ -176,7 +190,7 @@ impl Metrics {
 
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render(&self, device_id: &str) -> String {
-        let counters: [(&str, &str, &str, &str, &AtomicU64); 47] = [
+        let counters: [(&str, &str, &str, &str, &AtomicU64); 50] = [
             (
                 "records_captured_total",
                 "counter",
@@ -400,6 +414,27 @@ impl Metrics {
                 "Samples that bypassed inference because its channel was full.",
                 "",
                 &self.inference_samples_skipped,
+            ),
+            (
+                "inference_captures_total",
+                "counter",
+                "Raw windows captured for labelling (queued on the capture stream), by trigger.",
+                "trigger=\"anomaly\"",
+                &self.captures_anomaly,
+            ),
+            (
+                "inference_captures_total",
+                "counter",
+                "",
+                "trigger=\"low_confidence\"",
+                &self.captures_low_confidence,
+            ),
+            (
+                "inference_captures_total",
+                "counter",
+                "",
+                "trigger=\"sample\"",
+                &self.captures_sample,
             ),
             (
                 "inference_latency_seconds_count",

@@ -828,6 +828,10 @@ async function route() {
       nav = "devices";
       markNav(nav);
       await showDevice(decodeURIComponent(path.slice("/device/".length)));
+    } else if (path.startsWith("/captures")) {
+      nav = "captures";
+      markNav(nav);
+      await showCaptures(); // captures.js
     } else if (path.startsWith("/monitoring")) {
       nav = "monitoring";
       markNav(nav);

@@ -28,6 +28,9 @@ const TOKEN_PREFIX: &str = "ef_";
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Scope {
     Read,
+    /// `read`, and labelling captured windows (`PUT`/`POST /api/v1/captures/...`): a labelling
+    /// team's or tool's token, without the admin scope.
+    Label,
     Admin,
     Device(String),
 }
@@ -40,6 +43,7 @@ impl Scope {
     pub fn name(&self) -> String {
         match self {
             Scope::Read => "read".into(),
+            Scope::Label => "label".into(),
             Scope::Admin => "admin".into(),
             Scope::Device(id) => format!("{DEVICE_SCOPE_PREFIX}{id}"),
         }
@@ -48,6 +52,7 @@ impl Scope {
     pub fn parse(s: &str) -> Option<Scope> {
         match s {
             "read" => Some(Scope::Read),
+            "label" => Some(Scope::Label),
             "admin" => Some(Scope::Admin),
             other => {
                 let id = other.strip_prefix(DEVICE_SCOPE_PREFIX)?;
@@ -60,7 +65,7 @@ impl Scope {
     /// Whether this scope may read the resources of `device_id`.
     pub fn may_read_device(&self, device_id: &str) -> bool {
         match self {
-            Scope::Read | Scope::Admin => true,
+            Scope::Read | Scope::Label | Scope::Admin => true,
             Scope::Device(own) => own == device_id,
         }
     }
@@ -156,6 +161,41 @@ pub async fn create(db: &Db, scope: &Scope, name: &str) -> Result<(i64, String),
 }
 
 /// The scope of a valid, unrevoked token.
+/// Who a request's token is: its id and name (for records such as who labelled a capture).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenIdentity {
+    pub id: i64,
+    pub name: String,
+}
+
+impl std::fmt::Display for TokenIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "token {} ({})", self.id, self.name)
+    }
+}
+
+/// The scope and identity of a valid, unrevoked token.
+pub async fn lookup_identity(
+    db: &Db,
+    token: &str,
+) -> Result<Option<(Scope, TokenIdentity)>, sqlx::Error> {
+    let mut q = Sql::new("SELECT id, name, scope FROM api_tokens WHERE token_hash = ");
+    q.bind(hash(token)).push(" AND revoked_at IS NULL");
+    let Some(row) = q.query().fetch_optional(db.pool()).await? else {
+        return Ok(None);
+    };
+    let Some(scope) = Scope::parse(&row.try_get::<String, _>("scope")?) else {
+        return Ok(None);
+    };
+    Ok(Some((
+        scope,
+        TokenIdentity {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+        },
+    )))
+}
+
 pub async fn lookup(db: &Db, token: &str) -> Result<Option<Scope>, sqlx::Error> {
     let mut q = Sql::new("SELECT scope FROM api_tokens WHERE token_hash = ");
     q.bind(hash(token)).push(" AND revoked_at IS NULL");

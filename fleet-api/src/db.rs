@@ -78,6 +78,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "monitoring",
         include_str!("../migrations/sqlite/0009_monitoring.sql"),
     ),
+    (
+        10,
+        "captures",
+        include_str!("../migrations/sqlite/0010_captures.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -125,10 +130,15 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         "monitoring",
         include_str!("../migrations/postgres/0009_monitoring.sql"),
     ),
+    (
+        10,
+        "captures",
+        include_str!("../migrations/postgres/0010_captures.sql"),
+    ),
 ];
 
 /// The schema version of this build: its highest migration (the same for both engines).
-pub const SCHEMA_VERSION: i64 = 9;
+pub const SCHEMA_VERSION: i64 = 10;
 
 /// How long a caller waits for a pooled connection before the request fails.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);

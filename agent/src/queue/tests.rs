@@ -641,6 +641,7 @@ fn result(i: u64) -> InferenceItem {
                 anomalous: i > 0,
             },
             input: None,
+            capture: None,
         },
     };
     InferenceItem::new("imu.anomaly".into(), &stored).unwrap()

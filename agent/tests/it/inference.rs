@@ -345,6 +345,7 @@ fn slot(path: &Path, trusted: &TrustedKeys) -> ModelSlot {
         stream: "motion.activity".into(),
         bundle: path.to_path_buf(),
         model,
+        capture: Default::default(),
     }
 }
 

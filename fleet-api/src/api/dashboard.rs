@@ -19,6 +19,7 @@ const APP_JS: &str = include_str!("../../dashboard/app.js");
 const ROLLOUTS_JS: &str = include_str!("../../dashboard/rollouts.js");
 const MODELS_JS: &str = include_str!("../../dashboard/models.js");
 const MONITORING_JS: &str = include_str!("../../dashboard/monitoring.js");
+const CAPTURES_JS: &str = include_str!("../../dashboard/captures.js");
 const APP_CSS: &str = include_str!("../../dashboard/app.css");
 
 /// Same-origin only; no inline script; styles only from the stylesheet (plus `style`
@@ -50,6 +51,10 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/dashboard/monitoring.js",
             get(|| async { file(MONITORING_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/dashboard/captures.js",
+            get(|| async { file(CAPTURES_JS, "text/javascript; charset=utf-8") }),
         )
         .route(
             "/dashboard/app.css",

@@ -13,6 +13,7 @@
 /// `application/octet-stream`.
 pub const BUNDLE_MEDIA_TYPE: &str = "application/vnd.ember.bundle";
 
+mod captures;
 mod dashboard;
 mod data;
 mod devices;
@@ -88,6 +89,9 @@ pub struct AppState {
         inference::rates,
         monitoring::report,
         monitoring::version,
+        captures::list,
+        captures::set_label,
+        captures::bulk,
         ops::list_rejects,
         live::overview,
         rollouts::create,
@@ -143,6 +147,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/anomalies/incidents", get(inference::incidents))
         .route("/api/v1/anomalies/rates", get(inference::rates))
         .route("/api/v1/monitoring", get(monitoring::report))
+        .route("/api/v1/captures", get(captures::list))
+        .route("/api/v1/captures/labels", post(captures::bulk))
+        .route(
+            "/api/v1/captures/{device_id}/{stream}/{seq}/label",
+            put(captures::set_label),
+        )
         .route(
             "/api/v1/monitoring/{model}/{version}",
             get(monitoring::version),
@@ -239,10 +249,11 @@ async fn require_token(
         .ok_or_else(|| {
             AppError::Unauthorized("the Authorization header is not `Bearer <token>`".into())
         })?;
-    let scope = crate::auth::lookup(&state.db, token)
+    let (scope, who) = crate::auth::lookup_identity(&state.db, token)
         .await?
         .ok_or_else(|| AppError::Unauthorized("unknown or revoked token".into()))?;
     req.extensions_mut().insert(scope);
+    req.extensions_mut().insert(who);
     Ok(next.run(req).await)
 }
 
@@ -255,8 +266,30 @@ impl<S: Send + Sync> FromRequestParts<S> for AdminAccess {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, AppError> {
         match parts.extensions.get::<Scope>() {
             Some(Scope::Admin) => Ok(AdminAccess),
-            Some(Scope::Read | Scope::Device(_)) => Err(AppError::Forbidden(
+            Some(Scope::Read | Scope::Label | Scope::Device(_)) => Err(AppError::Forbidden(
                 "this route changes data and needs a token with the admin scope".into(),
+            )),
+            None => Err(AppError::Unauthorized("no token".into())),
+        }
+    }
+}
+
+/// Present in handlers that label captured windows: a `label` or `admin` token; carries who.
+pub struct LabelAccess(pub crate::auth::TokenIdentity);
+
+impl<S: Send + Sync> FromRequestParts<S> for LabelAccess {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, AppError> {
+        let who = parts
+            .extensions
+            .get::<crate::auth::TokenIdentity>()
+            .cloned()
+            .ok_or_else(|| AppError::Unauthorized("no token".into()))?;
+        match parts.extensions.get::<Scope>() {
+            Some(Scope::Admin | Scope::Label) => Ok(LabelAccess(who)),
+            Some(Scope::Read | Scope::Device(_)) => Err(AppError::Forbidden(
+                "labelling captures needs a token with the label or admin scope (ember-fleet token create --scope label)".into(),
             )),
             None => Err(AppError::Unauthorized("no token".into())),
         }

@@ -541,7 +541,7 @@ pub async fn download(
 ) -> Result<Response, AppError> {
     check_path(&p)?;
     match extensions.get::<Scope>() {
-        Some(Scope::Read | Scope::Admin) => {}
+        Some(Scope::Read | Scope::Label | Scope::Admin) => {}
         Some(Scope::Device(device)) => {
             if !registry::device_may_download(&state.db, device, &p.name, &p.version).await? {
                 return Err(AppError::Forbidden(format!(

@@ -11,7 +11,8 @@ use crate::db::Db;
 pub enum TokenCommand {
     /// Create a token and print it (it is shown only this once; only its hash is stored).
     Create {
-        /// `read` (GET routes), `admin` (also the write routes) or `device:<id>` (only that
+        /// `read` (GET routes), `label` (GET routes and labelling captures), `admin` (also the
+        /// write routes) or `device:<id>` (only that
         /// device's own resources).
         #[arg(long)]
         scope: String,
@@ -38,7 +39,7 @@ pub fn run(settings: Settings, cmd: TokenCommand) -> anyhow::Result<()> {
         match cmd {
             TokenCommand::Create { scope, name } => {
                 let scope = Scope::parse(&scope)
-                    .context("scope must be read, admin or device:<device id>")?;
+                    .context("scope must be read, label, admin or device:<device id>")?;
                 let (id, token) = auth::create(&db, &scope, &name).await?;
                 eprintln!(
                     "Created token {id} ({name}, scope {}). It is shown only now:",

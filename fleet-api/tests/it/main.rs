@@ -9,6 +9,7 @@ mod support;
 mod api;
 mod broker_conf;
 mod browser;
+mod captures;
 mod cli;
 // `ember-fleet demo` exists only with the `demo` feature (scripts/test.sh enables it).
 #[cfg(feature = "demo")]

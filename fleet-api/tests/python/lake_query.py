@@ -43,5 +43,37 @@ for kind in ("telemetry", "inference"):
         ]
     except duckdb.IOException:
         out[kind] = []
+# Captured windows (capture streams' results carry their raw window) and the labels given to
+# them: the latest labelling of each capture is its label.
+try:
+    out["captures"] = [
+        {"device": r[0], "stream": r[1], "seq": r[2], "trigger": r[3], "values": r[4], "source_seq": r[5]}
+        for r in con.execute(
+            f"""
+            SELECT device, stream, seq, capture_trigger, len(capture_window), source_seq
+            FROM read_parquet('{root}/kind=inference/*/*/*.parquet', hive_partitioning = true)
+            WHERE capture_window IS NOT NULL ORDER BY device, stream, seq
+            """
+        ).fetchall()
+    ]
+except duckdb.IOException:
+    out["captures"] = []
+try:
+    out["label_events"] = con.execute(
+        f"SELECT count(*) FROM read_parquet('{root}/kind=label/*/*/*.parquet', hive_partitioning = true)"
+    ).fetchone()[0]
+    out["labels"] = [
+        {"device": r[0], "stream": r[1], "seq": r[2], "label": r[3]}
+        for r in con.execute(
+            f"""
+            SELECT device, stream, seq, arg_max(label, id)
+            FROM read_parquet('{root}/kind=label/*/*/*.parquet', hive_partitioning = true)
+            GROUP BY device, stream, seq ORDER BY device, stream, seq
+            """
+        ).fetchall()
+    ]
+except duckdb.IOException:
+    out["label_events"] = 0
+    out["labels"] = []
 out["schema_versions"] = sorted(set(out["schema_versions"]))
 print(json.dumps(out, default=str))

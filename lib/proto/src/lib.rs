@@ -39,9 +39,9 @@ pub mod topic;
 pub use commit::{Committed, CommittedStream, Delivery};
 #[cfg(feature = "alloc")]
 pub use message::{
-    AgentCounters, DeviceState, Encoding, EvictedRange, Heartbeat, InferenceBatch, InferenceOutput,
-    InferenceRecord, InputStats, Message, QueueGauge, SCHEMA_VERSION, Status, StreamStatus,
-    TelemetryBatch, WireRecord,
+    AgentCounters, CAPTURE_TRIGGERS, Capture, DeviceState, Encoding, EvictedRange, Heartbeat,
+    InferenceBatch, InferenceOutput, InferenceRecord, InputStats, Message, QueueGauge,
+    SCHEMA_VERSION, Status, StreamStatus, TelemetryBatch, WireRecord,
 };
 #[cfg(feature = "alloc")]
 pub use ota::{DesiredModel, DesiredState, OtaReport, OtaState, ShadowPolicy};

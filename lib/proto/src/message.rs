@@ -156,6 +156,23 @@ pub struct InferenceRecord {
     /// (model monitoring's input drift). Absent from agents that predate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<InputStats>,
+    /// Set on the records of a capture stream (`{source}.{model}.capture`): the raw window the
+    /// result is about, kept for labelling and retraining (docs/capture.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<Capture>,
+}
+
+/// Why a window was captured (`Capture::trigger`).
+pub const CAPTURE_TRIGGERS: [&str; 3] = ["anomaly", "low_confidence", "sample"];
+
+/// A captured window: what the model saw, raw (before normalization), `[channel][sample]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capture {
+    /// One of [`CAPTURE_TRIGGERS`].
+    pub trigger: String,
+    pub channels: u32,
+    /// `channels × samples` values.
+    pub window: Vec<f32>,
 }
 
 /// One window's input, per channel, in the model's normalized units: `mean_z[c] = (mean of
@@ -233,6 +250,21 @@ impl InferenceBatch {
                     "seq {}: input statistics must be finite, one mean_z and std_ratio per channel",
                     r.seq
                 )));
+            }
+            if let Some(c) = &r.capture {
+                let channels = c.channels as usize;
+                if !CAPTURE_TRIGGERS.contains(&c.trigger.as_str())
+                    || channels == 0
+                    || c.window.is_empty()
+                    || c.window.len() % channels != 0
+                    || c.window.len() > 1 << 20
+                    || c.window.iter().any(|v| !v.is_finite())
+                {
+                    return Err(bad(alloc::format!(
+                        "seq {}: a capture needs a trigger (anomaly, low_confidence, sample) and a window of channels × samples finite values",
+                        r.seq
+                    )));
+                }
             }
             match &r.output {
                 InferenceOutput::Class {
@@ -635,6 +667,11 @@ mod tests {
                         mean_z: alloc::vec![0.5, -1.25],
                         std_ratio: alloc::vec![1.0, 0.75],
                     }),
+                    capture: Some(Capture {
+                        trigger: "low_confidence".into(),
+                        channels: 2,
+                        window: alloc::vec![1.0, 2.0, 3.0, 4.0],
+                    }),
                 },
                 InferenceRecord {
                     seq: 2,
@@ -650,6 +687,7 @@ mod tests {
                         anomalous: true,
                     },
                     input: None,
+                    capture: None,
                 },
             ],
         }

@@ -105,6 +105,16 @@ impl TestAgentBuilder {
         self
     }
 
+    /// [`Self::model`] with a capture policy: `capture` holds the `[model.capture]` keys
+    /// (`below_confidence = 0.9`, `sample = 0.2`, ...), one per line.
+    pub fn model_with_capture(mut self, bundle: &Path, source: &str, capture: &str) -> Self {
+        self = self.model(bundle, source);
+        if let Some(m) = self.models.last_mut() {
+            m.push_str(&format!("[model.capture]\n{}\n", capture.trim_end()));
+        }
+        self
+    }
+
     /// A `[[source]]` table written as given (keys and values in TOML, one per line), for
     /// settings the other helpers do not cover (`channels`, `max_backwards_ms`, ...).
     pub fn source(mut self, toml: &str) -> Self {

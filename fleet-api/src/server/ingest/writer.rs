@@ -1139,6 +1139,30 @@ async fn insert_inference<'a>(
         let rows = q.query().fetch_all(&mut **tx).await?;
         mark_inserted(&mut results, &inference_index, rows)?;
     }
+    // The raw windows of capture records, for the rows that were new.
+    for live in &results {
+        for (seq, (r, _)) in &live.rows {
+            let Some(c) = &r.capture else { continue };
+            if !live.inserted.contains(seq) {
+                continue;
+            }
+            let mut q = Sql::new(
+                "INSERT INTO captures (device_id, stream, seq, trigger_kind, channels, window_vals) VALUES (",
+            );
+            q.bind(live.device)
+                .push(", ")
+                .bind(live.stream)
+                .push(", ")
+                .bind(*seq);
+            q.push(", ")
+                .bind(text(&c.trigger))
+                .push(", ")
+                .bind(i64::from(c.channels));
+            q.push(", ").bind(encode_values(&c.window));
+            q.push(") ON CONFLICT (device_id, stream, seq) DO NOTHING");
+            q.query().execute(&mut **tx).await?;
+        }
+    }
 
     Ok(results)
 }

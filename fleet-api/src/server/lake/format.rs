@@ -31,6 +31,8 @@ const ROW_GROUP: usize = 65_536;
 pub enum Kind {
     Telemetry,
     Inference,
+    /// Labels given to captured windows, in the order they were given.
+    Label,
 }
 
 impl Kind {
@@ -38,6 +40,7 @@ impl Kind {
         match self {
             Kind::Telemetry => "telemetry",
             Kind::Inference => "inference",
+            Kind::Label => "label",
         }
     }
 
@@ -46,6 +49,7 @@ impl Kind {
         match s {
             "telemetry" => Some(Kind::Telemetry),
             "inference" => Some(Kind::Inference),
+            "label" => Some(Kind::Label),
             _ => None,
         }
     }
@@ -54,6 +58,7 @@ impl Kind {
         match self {
             Kind::Telemetry => TELEMETRY_SCHEMA,
             Kind::Inference => INFERENCE_SCHEMA,
+            Kind::Label => LABEL_SCHEMA,
         }
     }
 }
@@ -103,6 +108,22 @@ message ember_inference {
       required float element;
     }
   }
+  optional binary capture_trigger (STRING);
+  optional group capture_window (LIST) {
+    repeated group list {
+      required float element;
+    }
+  }
+}";
+
+const LABEL_SCHEMA: &str = "
+message ember_label {
+  required int64 id;
+  required binary stream (STRING);
+  required int64 seq;
+  required binary label (STRING);
+  required binary labelled_by (STRING);
+  required int64 labelled_at (TIMESTAMP(MICROS, true));
 }";
 
 /// One sensor record.
@@ -138,6 +159,23 @@ pub struct InferenceRow {
     /// The window's per-channel input statistics (model monitoring), when the agent sent them.
     pub input_mean_z: Option<Vec<f32>>,
     pub input_std_ratio: Option<Vec<f32>>,
+    /// Capture streams: why the window was captured, and the raw window `[channel][sample]`.
+    pub capture_trigger: Option<String>,
+    pub capture_window: Option<Vec<f32>>,
+}
+
+/// One labelling of a captured window (`capture_labels`); the latest `id` of a (device,
+/// stream, seq) is its current label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelRow {
+    pub id: i64,
+    /// Not stored in the file (the `device=` partition); kept for splitting.
+    pub device: String,
+    pub stream: String,
+    pub seq: i64,
+    pub label: String,
+    pub labelled_by: String,
+    pub labelled_at: i64,
 }
 
 /// The rows of one file, all of one kind.
@@ -145,6 +183,7 @@ pub struct InferenceRow {
 pub enum Rows {
     Telemetry(Vec<TelemetryRow>),
     Inference(Vec<InferenceRow>),
+    Label(Vec<LabelRow>),
 }
 
 impl Rows {
@@ -152,6 +191,7 @@ impl Rows {
         match kind {
             Kind::Telemetry => Rows::Telemetry(Vec::new()),
             Kind::Inference => Rows::Inference(Vec::new()),
+            Kind::Label => Rows::Label(Vec::new()),
         }
     }
 
@@ -159,6 +199,7 @@ impl Rows {
         match self {
             Rows::Telemetry(_) => Kind::Telemetry,
             Rows::Inference(_) => Kind::Inference,
+            Rows::Label(_) => Kind::Label,
         }
     }
 
@@ -166,6 +207,7 @@ impl Rows {
         match self {
             Rows::Telemetry(r) => r.len(),
             Rows::Inference(r) => r.len(),
+            Rows::Label(r) => r.len(),
         }
     }
 
@@ -173,11 +215,12 @@ impl Rows {
         self.len() == 0
     }
 
-    /// `(seq, ts)` of each row, in order.
+    /// `(seq, ts)` of each row, in order (labels: `(id, labelled_at)`).
     pub fn keys(&self) -> Vec<(i64, i64)> {
         match self {
             Rows::Telemetry(r) => r.iter().map(|r| (r.seq, r.ts)).collect(),
             Rows::Inference(r) => r.iter().map(|r| (r.seq, r.ts)).collect(),
+            Rows::Label(r) => r.iter().map(|r| (r.id, r.labelled_at)).collect(),
         }
     }
 
@@ -186,6 +229,7 @@ impl Rows {
         match (self, other) {
             (Rows::Telemetry(a), Rows::Telemetry(b)) => a.extend(b),
             (Rows::Inference(a), Rows::Inference(b)) => a.extend(b),
+            (Rows::Label(a), Rows::Label(b)) => a.extend(b),
             _ => {}
         }
     }
@@ -200,6 +244,10 @@ impl Rows {
             Rows::Inference(r) => {
                 r.sort_by(|a, b| (&a.stream, a.seq).cmp(&(&b.stream, b.seq)));
                 r.dedup_by(|a, b| a.stream == b.stream && a.seq == b.seq);
+            }
+            Rows::Label(r) => {
+                r.sort_by_key(|l| l.id);
+                r.dedup_by_key(|l| l.id);
             }
         }
     }
@@ -225,6 +273,25 @@ impl Rows {
         match self {
             Rows::Telemetry(r) => split(r, |r| r.ts, Rows::Telemetry),
             Rows::Inference(r) => split(r, |r| r.ts, Rows::Inference),
+            Rows::Label(r) => split(r, |r| r.labelled_at, Rows::Label),
+        }
+    }
+
+    /// Labels: runs of rows of one device, in order of first appearance (other kinds: one run
+    /// under `device`).
+    pub fn split_by_device(self, device: &str) -> Vec<(String, Rows)> {
+        match self {
+            Rows::Label(rows) => {
+                let mut out: Vec<(String, Vec<LabelRow>)> = Vec::new();
+                for r in rows {
+                    match out.iter_mut().find(|(d, _)| *d == r.device) {
+                        Some((_, v)) => v.push(r),
+                        None => out.push((r.device.clone(), vec![r])),
+                    }
+                }
+                out.into_iter().map(|(d, v)| (d, Rows::Label(v))).collect()
+            }
+            other => vec![(device.to_string(), other)],
         }
     }
 }
@@ -351,6 +418,39 @@ pub fn write(rows: &Rows, device: &str) -> Result<Vec<u8>, FormatError> {
                     rows.iter().map(|r| r.input_std_ratio.as_deref()),
                     true,
                 )?;
+                optional::<ByteArrayType, _>(
+                    &mut g,
+                    rows.iter().map(|r| {
+                        r.capture_trigger
+                            .as_deref()
+                            .map(|s| ByteArray::from(s.as_bytes().to_vec()))
+                    }),
+                )?;
+                float_lists(
+                    &mut g,
+                    rows.iter().map(|r| r.capture_window.as_deref()),
+                    true,
+                )?;
+                g.close()?;
+            }
+        }
+        Rows::Label(all) => {
+            for rows in all.chunks(ROW_GROUP) {
+                let mut g = w.next_row_group()?;
+                column::<Int64Type>(&mut g, &rows.iter().map(|r| r.id).collect::<Vec<_>>(), None)?;
+                strings(&mut g, rows.iter().map(|r| r.stream.as_str()))?;
+                column::<Int64Type>(
+                    &mut g,
+                    &rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+                    None,
+                )?;
+                strings(&mut g, rows.iter().map(|r| r.label.as_str()))?;
+                strings(&mut g, rows.iter().map(|r| r.labelled_by.as_str()))?;
+                column::<Int64Type>(
+                    &mut g,
+                    &rows.iter().map(|r| r.labelled_at).collect::<Vec<_>>(),
+                    None,
+                )?;
                 g.close()?;
             }
         }
@@ -457,6 +557,7 @@ pub fn read(bytes: Vec<u8>) -> Result<Rows, FormatError> {
         .as_deref()
         .and_then(Kind::parse)
         .ok_or_else(|| FormatError("no ember.lake.kind in the file's metadata".into()))?;
+    let device = kv("ember.lake.device").unwrap_or_default();
     let mut rows = Rows::empty(kind);
     for row in reader.get_row_iter(None)? {
         let row = row?;
@@ -487,6 +588,17 @@ pub fn read(bytes: Vec<u8>) -> Result<Rows, FormatError> {
                 received_at: row.get_timestamp_micros(15)?,
                 input_mean_z: opt_floats(&row, 16)?,
                 input_std_ratio: opt_floats(&row, 17)?,
+                capture_trigger: opt(&row, 18, |r, i| r.get_string(i).cloned())?,
+                capture_window: opt_floats(&row, 19)?,
+            }),
+            Rows::Label(out) => out.push(LabelRow {
+                id: row.get_long(0)?,
+                device: device.clone(),
+                stream: row.get_string(1)?.clone(),
+                seq: row.get_long(2)?,
+                label: row.get_string(3)?.clone(),
+                labelled_by: row.get_string(4)?.clone(),
+                labelled_at: row.get_timestamp_micros(5)?,
             }),
         }
     }
@@ -568,6 +680,8 @@ mod tests {
                 received_at: 3,
                 input_mean_z: Some(vec![0.5, -0.25]),
                 input_std_ratio: Some(vec![1.0, 0.0]),
+                capture_trigger: Some("low_confidence".into()),
+                capture_window: Some(vec![1.0, 2.0, 3.0, 4.0]),
             },
             InferenceRow {
                 stream: "imu.anomaly".into(),
@@ -588,14 +702,33 @@ mod tests {
                 received_at: 5,
                 input_mean_z: None,
                 input_std_ratio: None,
+                capture_trigger: None,
+                capture_window: None,
             },
         ])
     }
 
+    fn labels() -> Rows {
+        Rows::Label(vec![LabelRow {
+            id: 3,
+            device: "d".into(),
+            stream: "imu.activity.capture".into(),
+            seq: 9,
+            label: "Walking".into(),
+            labelled_by: "token 2 (alice)".into(),
+            labelled_at: 1_765_000_000_000_000,
+        }])
+    }
+
     #[test]
-    fn both_kinds_round_trip() {
-        for rows in [telemetry(), inference(), Rows::empty(Kind::Telemetry)] {
-            let bytes = write(&rows, "dev-1").unwrap();
+    fn every_kind_round_trips() {
+        for rows in [
+            telemetry(),
+            inference(),
+            labels(),
+            Rows::empty(Kind::Telemetry),
+        ] {
+            let bytes = write(&rows, "d").unwrap();
             assert_eq!(&bytes[..4], b"PAR1");
             assert_eq!(read(bytes).unwrap(), rows);
         }

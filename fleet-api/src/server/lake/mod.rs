@@ -130,8 +130,30 @@ impl Lake {
                 self.finish_export(export, &mut out).await?;
             }
         }
+        self.export_labels(&mut out).await?;
         self.compact(&mut out).await?;
         Ok(out)
+    }
+
+    /// Labels given since the last export, by `capture_labels.id` (ids are committed in
+    /// increasing order, so nothing can appear below the watermark later).
+    async fn export_labels(&self, out: &mut Pass) -> Result<(), LakeError> {
+        loop {
+            let through = labels_through(&self.db).await?;
+            let max: Option<i64> = sqlx::query("SELECT MAX(id) AS m FROM capture_labels")
+                .fetch_one(self.db.pool())
+                .await?
+                .try_get("m")?;
+            let Some(max) = max.filter(|m| *m > through) else {
+                return Ok(());
+            };
+            let limit = i64::try_from(self.settings.max_rows_per_file).unwrap_or(i64::MAX);
+            let to = max.min(through.saturating_add(limit));
+            let e = self
+                .begin_export(LABELS_DEVICE, LABELS_STREAM, Kind::Label, through + 1, to)
+                .await?;
+            self.finish_export(e, out).await?;
+        }
     }
 
     /// Records the range, or finds the one a racing or crashed exporter recorded first.
@@ -168,25 +190,35 @@ impl Lake {
     }
 
     /// Writes the export's files (again, if a crash interrupted it) and commits them with the
-    /// stream's new `lake_through`.
+    /// stream's new `lake_through` (labels: the `lake.labels_through` fact).
     async fn finish_export(&self, e: Export, out: &mut Pass) -> Result<(), LakeError> {
         let rows = self.read_rows(&e).await?;
         let total = rows.len() as u64;
         let mut files = Vec::new();
         for (day, rows) in rows.split_by_day() {
-            let keys = rows.keys();
-            let (min, max) = (keys[0].0, keys[keys.len() - 1].0);
-            let path = format!(
-                "{}/{}-{:012}-{:012}.parquet",
-                partition(e.kind, &day, &e.device),
-                e.stream,
-                e.from,
-                e.to
-            );
-            let bytes = format::write(&rows, &e.device)?;
-            let len = bytes.len() as u64;
-            self.store.put(&path, bytes).await?;
-            files.push((path, day, min, max, rows.len() as i64, len));
+            for (device, rows) in rows.split_by_device(&e.device) {
+                let keys = rows.keys();
+                let (min, max) = (keys[0].0, keys[keys.len() - 1].0);
+                let path = format!(
+                    "{}/{}-{:012}-{:012}.parquet",
+                    partition(e.kind, &day, &device),
+                    e.stream,
+                    e.from,
+                    e.to
+                );
+                let bytes = format::write(&rows, &device)?;
+                let len = bytes.len() as u64;
+                self.store.put(&path, bytes).await?;
+                files.push(File {
+                    path,
+                    day: day.clone(),
+                    device,
+                    min,
+                    max,
+                    rows: rows.len() as i64,
+                    bytes: len,
+                });
+            }
         }
         fault::crash_at("export");
         let mut tx = self.db.pool().begin().await?;
@@ -200,66 +232,102 @@ impl Lake {
             return Ok(());
         }
         let now = now_us();
-        for (path, day, min, max, rows, len) in &files {
+        for f in &files {
             let mut q = Sql::new(
                 "INSERT INTO lake_files (path, kind, day, device_id, stream, min_seq, max_seq, rows_in, bytes, created_at) VALUES (",
             );
-            q.bind(path.as_str())
+            q.bind(f.path.as_str())
                 .push(", ")
                 .bind(e.kind.as_str())
                 .push(", ");
-            q.bind(day.as_str())
+            q.bind(f.day.as_str())
                 .push(", ")
-                .bind(e.device.as_str())
+                .bind(f.device.as_str())
                 .push(", ");
             q.bind(e.stream.as_str())
                 .push(", ")
-                .bind(*min)
+                .bind(f.min)
                 .push(", ")
-                .bind(*max);
+                .bind(f.max);
+            q.push(", ").bind(f.rows).push(", ").bind(f.bytes as i64);
             q.push(", ")
-                .bind(*rows)
-                .push(", ")
-                .bind(*len as i64)
-                .push(", ")
-                .bind(now);
-            q.push(") ON CONFLICT (path) DO NOTHING");
+                .bind(now)
+                .push(") ON CONFLICT (path) DO NOTHING");
             q.query().execute(&mut *tx).await?;
         }
-        let mut q = Sql::new("UPDATE streams SET lake_through = ");
-        q.bind(e.to)
-            .push(" WHERE device_id = ")
-            .bind(e.device.as_str());
-        q.push(" AND stream = ").bind(e.stream.as_str());
-        q.push(" AND lake_through < ").bind(e.to);
-        q.query().execute(&mut *tx).await?;
+        if e.kind == Kind::Label {
+            let mut q = Sql::new("INSERT INTO fleet_facts (name, value) VALUES (");
+            q.bind(LABELS_FACT).push(", ").bind(e.to.to_string());
+            q.push(") ON CONFLICT (name) DO UPDATE SET value = excluded.value");
+            q.query().execute(&mut *tx).await?;
+        } else {
+            let mut q = Sql::new("UPDATE streams SET lake_through = ");
+            q.bind(e.to)
+                .push(" WHERE device_id = ")
+                .bind(e.device.as_str());
+            q.push(" AND stream = ").bind(e.stream.as_str());
+            q.push(" AND lake_through < ").bind(e.to);
+            q.query().execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         out.exports += 1;
         *out.records.entry(e.kind.as_str()).or_default() += total;
         out.files += files.len() as u64;
-        out.bytes += files.iter().map(|f| f.5).sum::<u64>();
+        out.bytes += files.iter().map(|f| f.bytes).sum::<u64>();
         Ok(())
     }
 
     async fn read_rows(&self, e: &Export) -> Result<Rows, LakeError> {
-        let table = e.kind.as_str();
-        let cols = match e.kind {
-            Kind::Telemetry => "seq, ts, vals, received_at",
+        let mut q = match e.kind {
+            Kind::Telemetry => {
+                let mut q = Sql::new(
+                    "SELECT t.seq, t.ts, t.vals, t.received_at FROM telemetry t WHERE t.device_id = ",
+                );
+                q.bind(e.device.as_str());
+                q
+            }
             Kind::Inference => {
-                "seq, ts, window_start, source_seq, model, version, latency_us, output_kind, \
-                 label, class, probabilities, score, threshold, anomalous, received_at, \
-                 input_mean_z, input_std_ratio"
+                let mut q = Sql::new(
+                    "SELECT t.seq, t.ts, t.window_start, t.source_seq, t.model, t.version, \
+                     t.latency_us, t.output_kind, t.label, t.class, t.probabilities, t.score, \
+                     t.threshold, t.anomalous, t.received_at, t.input_mean_z, t.input_std_ratio, \
+                     c.trigger_kind, c.window_vals FROM inference t LEFT JOIN captures c \
+                     ON c.device_id = t.device_id AND c.stream = t.stream AND c.seq = t.seq \
+                     WHERE t.device_id = ",
+                );
+                q.bind(e.device.as_str());
+                q
+            }
+            Kind::Label => {
+                let mut q = Sql::new(
+                    "SELECT id, device_id, stream, seq, label, labelled_by, labelled_at \
+                     FROM capture_labels WHERE id >= ",
+                );
+                q.bind(e.from)
+                    .push(" AND id <= ")
+                    .bind(e.to)
+                    .push(" ORDER BY id");
+                let mut out = Vec::new();
+                for r in q.query().fetch_all(self.db.pool()).await? {
+                    out.push(format::LabelRow {
+                        id: r.try_get("id")?,
+                        device: r.try_get("device_id")?,
+                        stream: r.try_get("stream")?,
+                        seq: r.try_get("seq")?,
+                        label: r.try_get("label")?,
+                        labelled_by: r.try_get("labelled_by")?,
+                        labelled_at: r.try_get("labelled_at")?,
+                    });
+                }
+                return Ok(Rows::Label(out));
             }
         };
-        let mut q = Sql::new(&format!("SELECT {cols} FROM {table} WHERE device_id = "));
-        q.bind(e.device.as_str())
-            .push(" AND stream = ")
-            .bind(e.stream.as_str());
-        q.push(" AND seq >= ")
+        q.push(" AND t.stream = ").bind(e.stream.as_str());
+        q.push(" AND t.seq >= ")
             .bind(e.from)
-            .push(" AND seq <= ")
+            .push(" AND t.seq <= ")
             .bind(e.to);
-        q.push(" ORDER BY seq");
+        q.push(" ORDER BY t.seq");
         let rows = q.query().fetch_all(self.db.pool()).await?;
         let mut out = Rows::empty(e.kind);
         for r in rows {
@@ -285,20 +353,17 @@ impl Lake {
                     class: r
                         .try_get::<Option<i64>, _>("class")?
                         .map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
-                    probabilities: r
-                        .try_get::<Option<Vec<u8>>, _>("probabilities")?
-                        .map(|b| decode_values(&b)),
+                    probabilities: blob_floats(&r, "probabilities")?,
                     score: r.try_get("score")?,
                     threshold: r.try_get("threshold")?,
                     anomalous: get_bool(&r, "anomalous")?,
                     received_at: r.try_get("received_at")?,
-                    input_mean_z: r
-                        .try_get::<Option<Vec<u8>>, _>("input_mean_z")?
-                        .map(|b| decode_values(&b)),
-                    input_std_ratio: r
-                        .try_get::<Option<Vec<u8>>, _>("input_std_ratio")?
-                        .map(|b| decode_values(&b)),
+                    input_mean_z: blob_floats(&r, "input_mean_z")?,
+                    input_std_ratio: blob_floats(&r, "input_std_ratio")?,
+                    capture_trigger: r.try_get("trigger_kind")?,
+                    capture_window: blob_floats(&r, "window_vals")?,
                 }),
+                Rows::Label(_) => {}
             }
         }
         Ok(out)
@@ -534,6 +599,38 @@ mod fault {
 
     #[cfg(not(feature = "fault-injection"))]
     pub fn crash_at(_: &str) {}
+}
+
+/// One file an export wrote.
+struct File {
+    path: String,
+    day: String,
+    device: String,
+    min: i64,
+    max: i64,
+    rows: i64,
+    bytes: u64,
+}
+
+/// A nullable column of little-endian f32s.
+fn blob_floats(r: &sqlx::any::AnyRow, col: &str) -> Result<Option<Vec<f32>>, sqlx::Error> {
+    Ok(r.try_get::<Option<Vec<u8>>, _>(col)?
+        .map(|b| decode_values(&b)))
+}
+
+/// The pseudo-stream label exports are recorded under in `lake_exports`.
+const LABELS_DEVICE: &str = "";
+const LABELS_STREAM: &str = "labels";
+/// `fleet_facts` name of the label export watermark (`capture_labels.id`).
+const LABELS_FACT: &str = "lake.labels_through";
+
+async fn labels_through(db: &Db) -> Result<i64, LakeError> {
+    let mut q = Sql::new("SELECT value FROM fleet_facts WHERE name = ");
+    q.bind(LABELS_FACT);
+    Ok(match q.query().fetch_optional(db.pool()).await? {
+        Some(r) => r.try_get::<String, _>("value")?.parse().unwrap_or(0),
+        None => 0,
+    })
 }
 
 /// `kind=<kind>/date=<day>/device=<id>`.
