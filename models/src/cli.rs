@@ -98,6 +98,63 @@ enum Command {
         #[arg(long, default_value = data::DATA_DIR)]
         data: PathBuf,
     },
+    /// The retraining loop (docs/retraining.md): labelled captures from the data lake plus
+    /// BasicMotions → train → evaluate against the production bundle on BasicMotions TEST and a
+    /// field hold-out → gate (exit status 3 when refused, no bundle written) → sign → with
+    /// --rollout, upload to the fleet and start a rollout with shadow evaluation. Writes the
+    /// bundle, report.md and report.svg to --out.
+    Pipeline {
+        /// The fleet's lake directory (lake.store), or a synced copy of its bucket.
+        #[arg(long)]
+        lake: PathBuf,
+        /// The bundle in production now (the parent): evaluated beside the candidate.
+        #[arg(long)]
+        production: PathBuf,
+        /// The candidate's version (default: the production version's next patch).
+        #[arg(long)]
+        version: Option<String>,
+        /// Largest accuracy drop against production the gate accepts, on either hold-out.
+        #[arg(long, default_value_t = 0.02)]
+        margin: f64,
+        /// Fraction of the labelled captures held out for evaluation.
+        #[arg(long, default_value_t = 0.3)]
+        holdout: f64,
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long)]
+        max_epochs: Option<usize>,
+        /// Secret key file to sign with (default: the key file's text in
+        /// EMBER_MODELS_SIGNING_KEY).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = data::DATA_DIR)]
+        data: PathBuf,
+        /// Upload the accepted bundle and start a rollout with shadow evaluation.
+        #[arg(long)]
+        rollout: bool,
+        /// The fleet (default: EMBER_FLEET_URL); token from --token-file or EMBER_FLEET_TOKEN
+        /// (an admin token).
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Roll out to devices with these tags (`key=value`); default: every device.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "canary,50%,100%")]
+        waves: Vec<String>,
+        /// Shadow evaluation on each device: windows, and the agreement required.
+        #[arg(long, default_value_t = 20)]
+        shadow_windows: u32,
+        #[arg(long, default_value_t = 0.8)]
+        min_agreement: f64,
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Sign a bundle with an ed25519 secret key file (replaces any signature).
     Sign {
         bundle: PathBuf,
@@ -137,9 +194,25 @@ enum Command {
 }
 
 /// Runs the CLI; errors are printed with their causes and exit with status 1.
+/// The pipeline's gate refused the candidate (exit status 3).
+#[derive(Debug)]
+struct GateRefused(Vec<String>);
+
+impl std::fmt::Display for GateRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the gate refused the candidate: {}", self.0.join("; "))
+    }
+}
+
+impl std::error::Error for GateRefused {}
+
 pub fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<GateRefused>().is_some() => {
+            eprintln!("refused: {e:#}");
+            ExitCode::from(crate::pipeline::EXIT_REFUSED)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -281,6 +354,77 @@ fn run(cli: Cli) -> Result<()> {
                 }
             );
             Ok(())
+        }
+        Command::Pipeline {
+            lake,
+            production,
+            version,
+            margin,
+            holdout,
+            seed,
+            max_epochs,
+            key,
+            out,
+            data,
+            rollout,
+            url,
+            ca_file,
+            token_file,
+            tags,
+            waves,
+            shadow_windows,
+            min_agreement,
+            quiet,
+        } => {
+            if !(0.0..=1.0).contains(&margin) {
+                bail!("--margin {margin} is out of range: use 0-1 (an accuracy difference)");
+            }
+            if !(0.0..1.0).contains(&holdout) {
+                bail!("--holdout {holdout} is out of range: use 0 to below 1");
+            }
+            let rollout = if rollout {
+                Some(crate::pipeline::RolloutOptions {
+                    fleet: ember_host::client::Target::resolve(
+                        url,
+                        ca_file,
+                        token_file.as_deref(),
+                    )?,
+                    tags,
+                    waves,
+                    shadow_windows,
+                    min_agreement,
+                })
+            } else {
+                None
+            };
+            let opts = crate::pipeline::Options {
+                lake,
+                production,
+                data,
+                out,
+                version,
+                margin,
+                holdout,
+                seed,
+                max_epochs,
+                key,
+                quiet,
+                rollout,
+            };
+            match crate::pipeline::run(&opts)? {
+                crate::pipeline::Outcome::Accepted {
+                    bundle,
+                    version,
+                    rollout,
+                } => {
+                    println!("accepted {version}: {}", bundle.display());
+                    if let Some(id) = rollout {
+                        println!("rollout {id}");
+                    }
+                    Ok(())
+                }
+                crate::pipeline::Outcome::Refused { reasons } => Err(GateRefused(reasons).into()),
+            }
         }
         Command::Sign { bundle, key, out } => {
             let mut b = Bundle::read_file(&bundle)?;

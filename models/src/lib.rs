@@ -78,6 +78,8 @@ pub mod cli;
 #[cfg(feature = "train")]
 pub mod package;
 #[cfg(feature = "train")]
+pub mod pipeline;
+#[cfg(feature = "train")]
 pub mod train;
 
 pub use backend::{Backend, BackendError};

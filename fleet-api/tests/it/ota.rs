@@ -55,10 +55,19 @@ struct Ota {
     /// The fleet's HTTP port, kept across restarts (the agents' `ota.fleet_url`).
     port: u16,
     agents: Vec<TestAgent>,
+    /// More fleet config (TOML tables), and the agents' `[model.capture]` keys if any.
+    extra: String,
+    capture: Option<String>,
 }
 
 impl Ota {
     fn start() -> Ota {
+        Ota::start_with(|_| (String::new(), None))
+    }
+
+    /// A fleet with more config and agents with a capture policy, both given the fleet's
+    /// data dir.
+    fn start_with(setup: impl FnOnce(&Path) -> (String, Option<String>)) -> Ota {
         let broker = TestBroker::start();
         let store = Store::new(Kind::Sqlite);
         let fleet_dir = tempfile::tempdir().expect("temp dir");
@@ -71,7 +80,10 @@ impl Ota {
             client_id,
             port: 0,
             agents: Vec::new(),
+            extra: String::new(),
+            capture: None,
         };
+        (ota.extra, ota.capture) = setup(ota.fleet_dir.path());
         ota.start_fleet();
         ota
     }
@@ -84,7 +96,11 @@ impl Ota {
                 &self.store.url(),
                 self.broker.port(),
                 &self.client_id,
-                &format!("[models]\ntrusted_keys = [\"{}\"]\n", dev_pub().display()),
+                &format!(
+                    "[models]\ntrusted_keys = [\"{}\"]\n{}",
+                    dev_pub().display(),
+                    self.extra
+                ),
             )
         )
     }
@@ -144,7 +160,6 @@ impl Ota {
                 100.0,
                 true,
             )
-            .model(&bundle_path(), "motion")
             .set(
                 "inference",
                 "trusted_keys",
@@ -156,6 +171,10 @@ impl Ota {
                 "token_file",
                 &format!("\"{}\"", token_file.display()),
             );
+        b = match &self.capture {
+            Some(c) => b.model_with_capture(&bundle_path(), "motion", c),
+            None => b.model(&bundle_path(), "motion"),
+        };
         for (k, v) in env {
             b = b.env(k, v);
         }
@@ -721,4 +740,207 @@ fn crash_looping_model_is_rolled_back_by_the_agent() {
     for a in &ota.agents {
         assert!(a.is_running(), "{}", tail(&a.stderr_text(), 4000));
     }
+}
+
+/// The BasicMotions TEST series (channel-major windows) and their labels.
+fn test_series() -> Vec<(Vec<f32>, String)> {
+    let text = std::fs::read_to_string(repo().join("models/data/BasicMotions_TEST.ts"))
+        .expect("read BasicMotions TEST");
+    let ts = ember_ts::parse_ts(&text).expect("parse");
+    ts.series
+        .iter()
+        .map(|s| {
+            (
+                s.channels.iter().flatten().copied().collect(),
+                s.label.clone().expect("labelled"),
+            )
+        })
+        .collect()
+}
+
+/// Runs `ember-models pipeline` against this fleet; its exit status, stderr and wall time.
+fn pipeline(ota: &Ota, lake: &Path, out: &Path, extra: &[&str]) -> (Option<i32>, String, f64) {
+    let token = ota.fleet_dir.path().join("admin.token");
+    write_private(&token, ADMIN);
+    let started = std::time::Instant::now();
+    let o = std::process::Command::new(crate::support::models_bin())
+        .arg("pipeline")
+        .arg("--lake")
+        .arg(lake)
+        .arg("--production")
+        .arg(bundle_path())
+        .arg("--key")
+        .arg(repo().join("models/keys/dev/dev.key"))
+        .arg("--out")
+        .arg(out)
+        .args(["--rollout", "--url", &ota.fleet_url(), "--token-file"])
+        .arg(&token)
+        .args([
+            "--waves",
+            "canary,100%",
+            "--shadow-windows",
+            "10",
+            "--quiet",
+        ])
+        .args(extra)
+        .env_remove("EMBER_FLEET_URL")
+        .env_remove("EMBER_FLEET_TOKEN")
+        .output()
+        .expect("run ember-models pipeline");
+    (
+        o.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        started.elapsed().as_secs_f64(),
+    )
+}
+
+/// The MLOps loop: three agents capture every window; the operator labels the captures through
+/// the REST API (each window that lies inside one recorded series gets that series' activity);
+/// the lake exports windows and labels; `ember-models pipeline` retrains from them. A
+/// deliberately worse candidate (one epoch of training) is refused by the gate: no bundle, no
+/// upload, no rollout. The real run is accepted, uploaded with its lineage, and rolled out with
+/// shadow evaluation until every device serves it.
+#[test]
+fn labelled_captures_retrain_a_gated_version_that_rolls_out_and_a_worse_one_is_refused() {
+    let mut ota = Ota::start_with(|dir| {
+        (
+            format!(
+                "[lake]\nstore = \"{}\"\ninterval_s = 1\n",
+                dir.join("lake").display()
+            ),
+            Some("sample = 1.0\nmax_per_minute = 6000".into()),
+        )
+    });
+    let lake = ota.fleet_dir.path().join("lake");
+    let url = ota.fleet_url();
+    ota.spawn_agents(3, &url, &[]);
+    let all = devices(3);
+    ota.wait_versions(&all, "1.0.0");
+
+    // Captures accumulate; label those inside one series with its activity.
+    let series = test_series();
+    let mut labels: Vec<Value> = Vec::new();
+    let ok = wait_until(WAIT * 2, || {
+        let page = ota
+            .fleet()
+            .get_json("/api/v1/captures?limit=500&labelled=false");
+        for c in page["items"].as_array().cloned().unwrap_or_default() {
+            let window: Vec<f32> = c["window"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|v| v.as_f64().unwrap_or(f64::NAN) as f32)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let Some((_, label)) = series.iter().find(|(s, _)| *s == window) {
+                labels.push(json!({"device": c["device"], "stream": c["stream"],
+                    "seq": c["seq"], "label": label}));
+            }
+        }
+        if !labels.is_empty() {
+            let r = ota.fleet().request(
+                "POST",
+                "/api/v1/captures/labels",
+                Some(ADMIN),
+                Some(&json!({ "labels": labels })),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+        let labelled = ota
+            .fleet()
+            .get_json("/api/v1/captures?limit=500&labelled=true");
+        labels.clear();
+        labelled["items"].as_array().map_or(0, Vec::len) >= 40
+    });
+    assert!(ok, "fewer than 40 labelled captures");
+    let labelled = ota
+        .fleet()
+        .get_json("/api/v1/captures?limit=500&labelled=true")["items"]
+        .as_array()
+        .map_or(0, Vec::len);
+    // The lake has every labelling before the pipeline reads it.
+    let ok = wait_until(WAIT, || {
+        let out = std::process::Command::new("python3")
+            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/lake_query.py"))
+            .arg(&lake)
+            .output()
+            .expect("python3");
+        serde_json::from_slice::<Value>(&out.stdout)
+            .is_ok_and(|v| v["labels"].as_array().map_or(0, Vec::len) >= labelled)
+    });
+    assert!(ok, "the lake did not export the labels");
+
+    // A deliberately worse candidate: one epoch of training. Refused, nothing uploaded.
+    let worse = tempfile::tempdir().expect("temp dir");
+    let (code, log, _) = pipeline(&ota, &lake, worse.path(), &["--max-epochs", "1"]);
+    assert_eq!(code, Some(3), "the worse candidate was not refused:\n{log}");
+    let report = std::fs::read_to_string(worse.path().join("report.md")).expect("report");
+    assert!(report.contains("**Refused**"), "{report}");
+    println!(
+        "worse candidate refused: {}",
+        report
+            .lines()
+            .filter(|l| l.starts_with("| ") || l.starts_with("- "))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    assert!(
+        !std::fs::read_dir(worse.path())
+            .expect("out dir")
+            .flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == "bundle")),
+        "a refused candidate left a bundle"
+    );
+    assert_eq!(
+        ota.fleet().get("/api/v1/models/activity/1.0.1").status,
+        404,
+        "a refused candidate was uploaded"
+    );
+
+    // The real run: accepted, uploaded with lineage, rolled out with shadow evaluation.
+    let good = tempfile::tempdir().expect("temp dir");
+    let (code, log, wall) = pipeline(&ota, &lake, good.path(), &[]);
+    assert_eq!(code, Some(0), "the pipeline failed:\n{log}");
+    let id = log
+        .lines()
+        .find_map(|l| l.strip_prefix("rollout "))
+        .expect("the pipeline printed its rollout")
+        .trim()
+        .to_string();
+    let report = std::fs::read_to_string(good.path().join("report.md")).expect("report");
+    assert!(report.contains("**Accepted**"), "{report}");
+    let m = ota.fleet().get_json("/api/v1/models/activity/1.0.1");
+    let lineage = &m["manifest"]["lineage"];
+    assert_eq!(lineage["parent"], "1.0.0", "{m}");
+    assert!(
+        lineage["datasets"][1]["records"].as_u64().unwrap_or(0) > 0,
+        "{lineage}"
+    );
+    assert!(
+        lineage["lake_snapshot"]
+            .as_str()
+            .is_some_and(|s| s.contains("sha256")),
+        "{lineage}"
+    );
+    assert!(
+        m["manifest"]["baseline"].is_object(),
+        "the new version has no baseline"
+    );
+    let r = ota.wait_rollout(&id, "completed");
+    assert_eq!(ota.devices_in(&r, &["active"]).len(), 3, "{r}");
+    ota.wait_versions(&all, "1.0.1");
+    println!(
+        "pipeline: {labelled} labelled captures, accepted 1.0.1 in {wall:.1} s; {}",
+        report
+            .lines()
+            .filter(|l| l.starts_with("| "))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    ota.stop_and_check_ledgers();
 }

@@ -52,6 +52,11 @@ pub const RESERVED: &[Reserved] = &[
         meaning: "`export:N`: abort after the N-th lake export wrote its files, before it is recorded; `compaction:N`: abort after the N-th compaction replaced its inputs' rows, before it deletes their files",
     },
     Reserved {
+        name: "EMBER_MODELS_SIGNING_KEY",
+        read_by: "ember-models pipeline",
+        meaning: "the text of an ed25519 secret key file to sign retrained bundles with (instead of --key); set it from a CI secret, never commit a key",
+    },
+    Reserved {
         name: "EMBER_FLEET_CONFIG",
         read_by: "ember-fleet",
         meaning: "the fleet's config file (instead of --config)",

@@ -386,6 +386,18 @@ pub fn agent_bin() -> PathBuf {
     bin
 }
 
+/// The `ember-models` binary of this build (next to `ember-agent`; the models crate's own tests
+/// build it).
+pub fn models_bin() -> PathBuf {
+    let bin = agent_bin().with_file_name("ember-models");
+    assert!(
+        bin.is_file(),
+        "{} does not exist: run `cargo build -p ember-models` first (scripts/test.sh builds the workspace before testing)",
+        bin.display()
+    );
+    bin
+}
+
 /// The `ember-fleet` binary built for these tests.
 pub fn fleet_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ember-fleet"))
