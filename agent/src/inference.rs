@@ -1251,6 +1251,14 @@ fn argmax(values: &[f32]) -> usize {
     best
 }
 
+/// A seed for the capture sampler that differs between runs and devices.
+fn seed_from_clock() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()).rotate_left(32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1432,12 +1440,4 @@ mod tests {
         assert_eq!(windows, vec![4, 6, 11, 13, 15, 17, 19]);
         assert_eq!(misfits, 2);
     }
-}
-
-/// A seed for the capture sampler that differs between runs and devices.
-fn seed_from_clock() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-        ^ u64::from(std::process::id()).rotate_left(32)
 }
