@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use ember_fleet::auth::Scope;
 use ember_testkit::{TestAgent, TestBroker, bundles, wait_until};
@@ -37,21 +36,6 @@ fn replay_stream() -> Vec<Vec<f32>> {
     out
 }
 
-fn duckdb(root: &Path) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/lake_query.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(root)
-        .output()
-        .expect("run python3");
-    assert!(
-        out.status.success(),
-        "lake_query.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
-}
-
 /// A `label` token (id, secret) named alice, and a `read` token.
 fn tokens(db_url: &str) -> ((i64, String), String) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -77,6 +61,16 @@ fn tokens(db_url: &str) -> ((i64, String), String) {
         db.close().await;
         (t, read)
     })
+}
+
+fn post_labels(port: u16, labels: &[Value]) -> http::Resp {
+    http::request(
+        port,
+        "POST",
+        "/api/v1/captures/labels",
+        Some(ADMIN),
+        Some(&json!({ "labels": labels }).to_string()),
+    )
 }
 
 fn put_label(port: u16, token: &str, seq: i64, label: &str) -> http::Resp {
@@ -251,26 +245,14 @@ fn captured_windows_arrive_exactly_are_labelled_through_the_api_and_land_in_the_
         .map(|s| json!({"device": DEVICE, "stream": CAPTURES, "seq": s, "label": "Standing"}))
         .collect();
     bulk[1]["label"] = json!("standing up");
-    let r = http::request(
-        fleet.port,
-        "POST",
-        "/api/v1/captures/labels",
-        Some(ADMIN),
-        Some(&json!({ "labels": bulk }).to_string()),
-    );
+    let r = post_labels(fleet.port, &bulk);
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("labels[1]"), "{}", r.body);
     let labelled = fleet.get_json("/api/v1/captures?labelled=true&limit=500");
     let before = usize::from(items[0]["seq"].as_i64() != Some(seqs[0])) + 1;
     assert_eq!(labelled["items"].as_array().map(Vec::len), Some(before));
     bulk[1]["label"] = json!("Badminton");
-    let r = http::request(
-        fleet.port,
-        "POST",
-        "/api/v1/captures/labels",
-        Some(ADMIN),
-        Some(&json!({ "labels": bulk }).to_string()),
-    );
+    let r = post_labels(fleet.port, &bulk);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["labelled"], seqs.len() as i64 - 1);
     let unlabelled = fleet.get_json("/api/v1/captures?labelled=false");
@@ -292,7 +274,7 @@ fn captured_windows_arrive_exactly_are_labelled_through_the_api_and_land_in_the_
     let events = 1 + 2 + seqs.len() as i64 - 1;
     let mut view = Value::Null;
     let ok = wait_until(WAIT, || {
-        view = duckdb(&lake);
+        view = crate::lake::duckdb(&lake);
         view["captures"].as_array().map(Vec::len) == Some(n as usize)
             && view["label_events"] == events
     });

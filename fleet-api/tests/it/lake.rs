@@ -68,7 +68,8 @@ fn phase(phase: u64) -> Vec<Msg> {
     msgs
 }
 
-fn duckdb(root: &Path) -> Value {
+/// The lake at `root` as DuckDB reads it (`tests/python/lake_query.py`).
+pub(crate) fn duckdb(root: &Path) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/lake_query.py");
     let out = Command::new("python3")
         .arg(script)

@@ -865,13 +865,10 @@ fn labelled_captures_retrain_a_gated_version_that_rolls_out_and_a_worse_one_is_r
         .map_or(0, Vec::len);
     // The lake has every labelling before the pipeline reads it.
     let ok = wait_until(WAIT, || {
-        let out = std::process::Command::new("python3")
-            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/lake_query.py"))
-            .arg(&lake)
-            .output()
-            .expect("python3");
-        serde_json::from_slice::<Value>(&out.stdout)
-            .is_ok_and(|v| v["labels"].as_array().map_or(0, Vec::len) >= labelled)
+        crate::lake::duckdb(&lake)["labels"]
+            .as_array()
+            .map_or(0, Vec::len)
+            >= labelled
     });
     assert!(ok, "the lake did not export the labels");
 

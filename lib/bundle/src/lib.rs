@@ -37,7 +37,7 @@ pub mod keys;
 pub use baseline::Baseline;
 pub use edit::{EditError, rebundle};
 pub use head::{ArchitectureHead, MANIFEST_FORMAT, ManifestHead, Version, WeightsHead};
-pub use head::{check_model_name, check_semver};
+pub use head::{check_model_name, check_semver, format_utc};
 pub use keys::{KeyError, KeyId, TrustedKeys};
 
 use ed25519_dalek::Signature;

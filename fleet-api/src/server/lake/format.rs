@@ -300,29 +300,8 @@ impl Rows {
 /// epoch fall on 1970-01-01.
 pub fn day_of(ts_us: i64) -> String {
     let secs = u64::try_from(ts_us.div_euclid(1_000_000)).unwrap_or(0);
-    let t = format_utc(secs);
+    let t = ember_bundle::format_utc(secs);
     t[..10].to_string()
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` (Howard Hinnant's days-to-civil).
-fn format_utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
 }
 
 /// Why a file could not be written or read.
