@@ -527,6 +527,10 @@ pub struct LakeSettings {
     /// `compact_target_bytes`.
     pub compact_min_files: u64,
     pub compact_target_bytes: u64,
+    /// Object-store client options (lowercase builder keys such as `aws_endpoint_url`) that
+    /// override the provider's environment; never read from the config file (tests, embedding).
+    #[serde(skip)]
+    pub store_options: Vec<(String, String)>,
 }
 
 /// Days to keep rows; 0 keeps them forever.
@@ -1527,6 +1531,7 @@ fn resolve_lake(raw: RawLake) -> Result<Option<LakeSettings>, ConfigError> {
         compact_target_bytes: raw
             .compact_target_bytes
             .unwrap_or(DEFAULT_LAKE_COMPACT_TARGET_BYTES),
+        store_options: Vec::new(),
     };
     if !(1..=86_400).contains(&lake.interval_s) {
         return Err(invalid("lake.interval_s", "must be 1-86400 seconds"));

@@ -28,15 +28,18 @@ pub struct CaptureQuery {
     pub device: Option<String>,
     /// Only this model's (name).
     pub model: Option<String>,
-    /// Only this version's (needs `model`).
+    /// Only this version's.
     pub version: Option<String>,
     /// Only this trigger: `anomaly`, `low_confidence`, `sample`.
+    #[param(pattern = "^(anomaly|low_confidence|sample)$")]
     pub trigger: Option<String>,
     /// `true`: only labelled captures; `false`: only unlabelled ones.
     pub labelled: Option<bool>,
     /// Page size, 1-500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page.
+    #[param(pattern = "^[0-9]{1,18}$")]
     pub cursor: Option<String>,
 }
 
@@ -121,9 +124,6 @@ pub async fn list(
                 AppError::invalid("cursor is not a next_cursor this API returned")
             })?,
         };
-    if q.version.is_some() && q.model.is_none() {
-        return Err(AppError::invalid("version needs model"));
-    }
     if let Some(t) = &q.trigger
         && !ember_proto::CAPTURE_TRIGGERS.contains(&t.as_str())
     {
@@ -218,6 +218,7 @@ fn view(r: &sqlx::any::AnyRow) -> Result<CaptureView, sqlx::Error> {
 pub struct SetLabel {
     /// For a classifier, one of its manifest's labels; for an anomaly model `normal` or
     /// `anomaly`; 1-64 characters of letters, digits, space, `.`, `_` or `-`.
+    #[schema(pattern = "^[A-Za-z0-9 ._-]{1,64}$", min_length = 1, max_length = 64)]
     pub label: String,
 }
 
@@ -227,6 +228,7 @@ pub struct BulkLabel {
     pub device: String,
     pub stream: String,
     pub seq: i64,
+    #[schema(pattern = "^[A-Za-z0-9 ._-]{1,64}$", min_length = 1, max_length = 64)]
     pub label: String,
 }
 
@@ -234,6 +236,7 @@ pub struct BulkLabel {
 #[serde(deny_unknown_fields)]
 pub struct BulkLabels {
     /// 1-1000 labels, applied together or not at all.
+    #[schema(min_items = 1, max_items = 1000)]
     pub labels: Vec<BulkLabel>,
 }
 
@@ -292,8 +295,8 @@ pub async fn set_label(
 
 /// Label many captures
 ///
-/// Sets up to 1,000 labels in one transaction: all of them, or none when one is invalid or
-/// names a capture that does not exist (the error names its index).
+/// Sets up to 1,000 labels in one transaction: all of them, or none when one is invalid (400)
+/// or names a capture that does not exist (404); the error names its index.
 #[utoipa::path(
     post,
     path = "/api/v1/captures/labels",
@@ -304,6 +307,7 @@ pub async fn set_label(
         (status = 400, description = "An invalid item (none applied)", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "The token has neither the label nor the admin scope", body = ErrorBody),
+        (status = 404, description = "An item names no capture (none applied)", body = ErrorBody),
     )
 )]
 pub async fn bulk(
@@ -382,11 +386,7 @@ async fn apply(db: &Db, items: &[BulkLabel], who: &str, bulk: bool) -> Result<La
                 "no capture {}/{}/{} (list them with GET /api/v1/captures)",
                 it.device, it.stream, it.seq
             );
-            return Err(if bulk {
-                AppError::invalid(at_item(i, msg))
-            } else {
-                AppError::NotFound(msg)
-            });
+            return Err(AppError::NotFound(at_item(i, msg)));
         };
         let (model, version): (String, String) = (row.try_get("model")?, row.try_get("version")?);
         if let Some(allowed) = allowed_labels(db, &model, &version).await?

@@ -81,7 +81,9 @@ impl Lake {
     pub fn open(db: Db, settings: &LakeSettings) -> Result<Lake, LakeError> {
         let store = match &settings.store {
             LakeStore::Dir(dir) => BlobStore::Fs(FsStore::new(dir.clone())),
-            LakeStore::Object { url } => BlobStore::Object(ObjStore::open(url, &[])?),
+            LakeStore::Object { url } => {
+                BlobStore::Object(ObjStore::open(url, &settings.store_options)?)
+            }
         };
         Ok(Lake {
             db,
