@@ -6,12 +6,12 @@
 //! the lake exports).
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::{ApiJson, ApiPath, ErrorBody};
+use super::error::{ApiJson, ApiPath, ApiQuery, ErrorBody};
 use super::{AppError, AppState, LabelAccess};
 use crate::db::{Db, Sql, get_bool, now_us};
 use crate::server::ingest::writer::decode_values;
@@ -111,7 +111,7 @@ pub struct CapturePage {
 )]
 pub async fn list(
     State(state): State<AppState>,
-    Query(q): Query<CaptureQuery>,
+    ApiQuery(q): ApiQuery<CaptureQuery>,
 ) -> Result<Json<CapturePage>, AppError> {
     let limit = q.limit.unwrap_or(50);
     if !(1..=MAX_LIMIT).contains(&limit) {

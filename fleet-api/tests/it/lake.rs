@@ -314,7 +314,6 @@ fn check_lake(lake_view: &Value, fleet_port: u16, tel: u64, res: u64) {
     }
     assert_eq!(lake_view["misplaced"], 0, "rows in another day's partition");
     assert_eq!(lake_view["schema_versions"], serde_json::json!(["1"]));
-
 }
 
 /// The lake in an S3-compatible object store (moto's server): the same exactly-once content,
@@ -368,7 +367,9 @@ fn a_lake_in_s3_holds_every_record_once() {
     for key in &keys {
         let object = s3.get("ember-lake", key);
         assert_eq!(object.status, 200, "{key}");
-        let path = copy.path().join(key.strip_prefix("prod/").expect("under the prefix"));
+        let path = copy
+            .path()
+            .join(key.strip_prefix("prod/").expect("under the prefix"));
         std::fs::create_dir_all(path.parent().expect("a directory")).expect("mkdir");
         std::fs::write(&path, &object.body).expect("write the copy");
     }
