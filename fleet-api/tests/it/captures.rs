@@ -122,21 +122,11 @@ fn captured_windows_arrive_exactly_are_labelled_through_the_api_and_land_in_the_
         )
         .start();
 
-    // Every window of the recording evaluated; the capture stream's ledger is exact.
+    // Every window of the recording evaluated and its result stored: the agent's capture count
+    // is final. Then the capture stream's ledger is exact and holds that many.
     let results = fleet.wait_ledger(DEVICE, "imu.activity", |l| {
         l["received"].as_u64().unwrap_or(0) >= 79
     });
-    let ledger = fleet.wait_ledger(DEVICE, CAPTURES, |l| {
-        l["received"].as_u64().unwrap_or(0) > 0
-            && l["received"] == l["captured"]
-            && l["missing_count"] == 0
-            && l["lost_count"] == 0
-    });
-    let n = ledger["received"].as_i64().expect("received");
-    assert!(
-        n >= 5 && n < results["received"].as_i64().expect("received"),
-        "{n} captures of {results}"
-    );
     let metrics = agent.metrics();
     let counted: f64 = ["low_confidence", "sample", "anomaly"]
         .iter()
@@ -147,7 +137,18 @@ fn captured_windows_arrive_exactly_are_labelled_through_the_api_and_land_in_the_
                 .unwrap_or(0.0)
         })
         .sum();
-    assert_eq!(counted as i64, n, "{metrics:?}");
+    let n = counted as i64;
+    let ledger = fleet.wait_ledger(DEVICE, CAPTURES, |l| {
+        l["received"].as_i64() == Some(n)
+            && l["received"] == l["captured"]
+            && l["missing_count"] == 0
+            && l["lost_count"] == 0
+    });
+    assert_eq!(ledger["received"].as_i64(), Some(n), "{ledger}");
+    assert!(
+        n >= 5 && n < results["received"].as_i64().expect("received"),
+        "{n} captures of {results}"
+    );
 
     // Each capture is the raw window the model saw: the replayed samples ending at source_seq.
     let page = fleet.get_json(&format!("/api/v1/captures?device={DEVICE}&limit=500"));

@@ -58,6 +58,8 @@ struct Ota {
     /// More fleet config (TOML tables), and the agents' `[model.capture]` keys if any.
     extra: String,
     capture: Option<String>,
+    /// What the agents replay, relative to the repository (BasicMotions TEST by default).
+    recording: &'static str,
 }
 
 impl Ota {
@@ -82,6 +84,7 @@ impl Ota {
             agents: Vec::new(),
             extra: String::new(),
             capture: None,
+            recording: "models/data/BasicMotions_TEST.ts",
         };
         (ota.extra, ota.capture) = setup(ota.fleet_dir.path());
         ota.start_fleet();
@@ -154,12 +157,7 @@ impl Ota {
         let mut b = TestAgent::builder(agent_bin())
             .device_id(id)
             .broker_port(self.broker.port())
-            .replay_ts(
-                "motion",
-                &repo().join("models/data/BasicMotions_TEST.ts"),
-                100.0,
-                true,
-            )
+            .replay_ts("motion", &repo().join(&self.recording), 100.0, true)
             .set(
                 "inference",
                 "trusted_keys",
@@ -742,10 +740,11 @@ fn crash_looping_model_is_rolled_back_by_the_agent() {
     }
 }
 
-/// The BasicMotions TEST series (channel-major windows) and their labels.
-fn test_series() -> Vec<(Vec<f32>, String)> {
-    let text = std::fs::read_to_string(repo().join("models/data/BasicMotions_TEST.ts"))
-        .expect("read BasicMotions TEST");
+/// The BasicMotions TRAIN series (channel-major windows) and their labels: what the agents of
+/// the retraining test replay, so the fixed hold-out (TEST) stays unseen.
+fn train_series() -> Vec<(Vec<f32>, String)> {
+    let text = std::fs::read_to_string(repo().join("models/data/BasicMotions_TRAIN.ts"))
+        .expect("read BasicMotions TRAIN");
     let ts = ember_ts::parse_ts(&text).expect("parse");
     ts.series
         .iter()
@@ -798,7 +797,8 @@ fn pipeline(ota: &Ota, lake: &Path, out: &Path, extra: &[&str]) -> (Option<i32>,
     )
 }
 
-/// The MLOps loop: three agents capture every window; the operator labels the captures through
+/// The MLOps loop: three agents capture every window of BasicMotions TRAIN replays (the field;
+/// TEST stays the unseen fixed hold-out); the operator labels the captures through
 /// the REST API (each window that lies inside one recorded series gets that series' activity);
 /// the lake exports windows and labels; `ember-models pipeline` retrains from them. A
 /// deliberately worse candidate (one epoch of training) is refused by the gate: no bundle, no
@@ -815,6 +815,7 @@ fn labelled_captures_retrain_a_gated_version_that_rolls_out_and_a_worse_one_is_r
             Some("sample = 1.0\nmax_per_minute = 6000".into()),
         )
     });
+    ota.recording = "models/data/BasicMotions_TRAIN.ts";
     let lake = ota.fleet_dir.path().join("lake");
     let url = ota.fleet_url();
     ota.spawn_agents(3, &url, &[]);
@@ -822,7 +823,7 @@ fn labelled_captures_retrain_a_gated_version_that_rolls_out_and_a_worse_one_is_r
     ota.wait_versions(&all, "1.0.0");
 
     // Captures accumulate; label those inside one series with its activity.
-    let series = test_series();
+    let series = train_series();
     let mut labels: Vec<Value> = Vec::new();
     let ok = wait_until(WAIT * 2, || {
         let page = ota
