@@ -1,8 +1,8 @@
 //! The data lake (`[lake]`, fleet-api/src/server/lake/): a real `ember-fleet` process (on
 //! SQLite and on PostgreSQL) exports what devices send (telemetry and model results) as Parquet files to a
-//! directory, is killed twice by its fault hook in the middle of the work (after an export
-//! wrote its files and before it recorded them; after a compaction replaced its inputs' rows
-//! and before it deleted their files), and at the end DuckDB, reading the lake without Ember,
+//! directory, is SIGKILLed twice where its fault hook stopped the lake task in the middle of
+//! the work (after an export wrote its files and before it recorded them; after a compaction
+//! replaced its inputs' rows and before it deleted their files), and at the end DuckDB, reading the lake without Ember,
 //! finds every record exactly once, with the counts and sums of what was sent and the counts
 //! of the fleet's ledger.
 
@@ -84,6 +84,24 @@ pub(crate) fn duckdb(root: &Path) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("lake_query.py prints JSON")
+}
+
+/// Waits until the fleet's fault hook stopped the lake task (the `nth` time it did in this
+/// test's log, at `point`), then SIGKILLs the fleet there.
+fn sigkill_at_hook(fleet: &mut FleetProcess, nth: usize, point: &str) {
+    wait_for(&format!("the {point} fault hook"), WAIT, || {
+        fleet
+            .log_text()
+            .matches("Fault hook EMBER_FLEET_FAULT_LAKE_CRASH: stopped at")
+            .count()
+            >= nth
+    });
+    assert!(
+        fleet.log_text().contains(&format!("stopped at {point}")),
+        "{}",
+        fleet.log_text()
+    );
+    fleet.sigkill();
 }
 
 /// Every file under `root` (relative paths), recursively.
@@ -176,11 +194,7 @@ fn fleet_killed_mid_export_and_mid_compaction_twice_leaves_every_record_in_the_l
         &[(FAULT, "export:5")],
     );
     publish(broker.port(), phase(0));
-    assert!(
-        fleet.wait_exit(WAIT),
-        "the export fault hook did not fire; log:\n{}",
-        fleet.log_text()
-    );
+    sigkill_at_hook(&mut fleet, 1, "export");
     let db = LakeDb::open(&store.url());
     assert!(
         db.count("SELECT COUNT(*) FROM lake_exports WHERE done_at IS NULL") >= 1,
@@ -192,11 +206,7 @@ fn fleet_killed_mid_export_and_mid_compaction_twice_leaves_every_record_in_the_l
     fleet.set_env(FAULT, Some("compaction:2"));
     fleet.respawn();
     publish(broker.port(), phase(1));
-    assert!(
-        fleet.wait_exit(WAIT),
-        "the compaction fault hook did not fire; log:\n{}",
-        fleet.log_text()
-    );
+    sigkill_at_hook(&mut fleet, 2, "compaction");
     assert!(
         db.count("SELECT COUNT(*) FROM lake_compactions WHERE done_at IS NULL") >= 1,
         "the crash left no compaction unfinished"

@@ -49,7 +49,7 @@ pub const RESERVED: &[Reserved] = &[
     Reserved {
         name: "EMBER_FLEET_FAULT_LAKE_CRASH",
         read_by: "ember-fleet built with the `fault-injection` feature (tests only)",
-        meaning: "`export:N`: abort after the N-th lake export wrote its files, before it is recorded; `compaction:N`: abort after the N-th compaction replaced its inputs' rows, before it deletes their files",
+        meaning: "`export:N`: stop the lake task after the N-th lake export wrote its files, before it is recorded; `compaction:N`: after the N-th compaction replaced its inputs' rows, before it deletes their files (the test then SIGKILLs the fleet)",
     },
     Reserved {
         name: "EMBER_MODELS_SIGNING_KEY",

@@ -571,8 +571,9 @@ impl Lake {
     }
 }
 
-/// The test-only crash hook `EMBER_FLEET_FAULT_LAKE_CRASH` (`export:N`, `compaction:N`),
-/// compiled only with the cargo feature `fault-injection`.
+/// The test-only crash hook `EMBER_FLEET_FAULT_LAKE_CRASH` (`export:N`, `compaction:N`): the
+/// lake task stops at that point and logs it, and the test kills the process with SIGKILL.
+/// Compiled only with the cargo feature `fault-injection`.
 mod fault {
     #[cfg(feature = "fault-injection")]
     pub fn crash_at(point: &str) {
@@ -594,8 +595,13 @@ mod fault {
         let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
         *seen += 1;
         if *seen == *n {
-            tracing::warn!("Fault hook {NAME}: aborting at {point} {n} (test only).");
-            std::process::abort();
+            // Stop here (this task only) and say so; the test SIGKILLs the process.
+            tracing::warn!(
+                "Fault hook {NAME}: stopped at {point} {n}, waiting for SIGKILL (test only)."
+            );
+            loop {
+                std::thread::park();
+            }
         }
     }
 
