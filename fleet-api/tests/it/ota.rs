@@ -157,7 +157,7 @@ impl Ota {
         let mut b = TestAgent::builder(agent_bin())
             .device_id(id)
             .broker_port(self.broker.port())
-            .replay_ts("motion", &repo().join(&self.recording), 100.0, true)
+            .replay_ts("motion", &repo().join(self.recording), 100.0, true)
             .set(
                 "inference",
                 "trusted_keys",

@@ -224,18 +224,6 @@ impl FleetProcess {
         self.spawn();
     }
 
-    /// Waits until the process exits on its own; true if it did within `timeout`.
-    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
-        let Some(c) = self.child.as_mut() else {
-            return true;
-        };
-        let exited = wait_until(timeout, || c.try_wait().ok().flatten().is_some());
-        if exited {
-            self.child = None;
-        }
-        exited
-    }
-
     /// GET with the admin token (None while it does not answer).
     pub fn try_get_json(&self, path: &str) -> Option<Value> {
         let r = http::try_request(self.port, "GET", path, Some(super::ADMIN), None).ok()?;
