@@ -780,9 +780,17 @@ forward_raw = "all"
 bundle = {activity:?}
 source = "motion"
 
+[model.capture]
+below_confidence = 0.8
+sample = 0.02
+
 [[model]]
 bundle = {anomaly:?}
 source = "motion"
+
+[model.capture]
+anomalies = true
+max_per_minute = 6
 
 [ota]
 enabled = true

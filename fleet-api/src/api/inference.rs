@@ -16,6 +16,11 @@ use super::{
 use crate::db::{Sql, get_bool};
 use crate::server::ingest::writer::{BUCKET_US, decode_values};
 
+/// Capture streams (`{source}.{model}.capture`, docs/capture.md) repeat results of their
+/// inference stream for the windows they captured: fleet-wide anomaly lists, incidents and
+/// rates leave them out, or they would count those windows twice.
+const NOT_CAPTURE: &str = "stream NOT LIKE '%.capture'";
+
 /// One model result.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct InferenceResult {
@@ -337,7 +342,8 @@ pub async fn anomalies(
         }
     };
     let mut q = Sql::new(&format!(
-        "SELECT {RESULT_COLUMNS} FROM inference WHERE anomalous = TRUE ORDER BY ts DESC, device_id, stream, seq LIMIT "
+        "SELECT {RESULT_COLUMNS} FROM inference WHERE anomalous = TRUE AND {NOT_CAPTURE} \
+         ORDER BY ts DESC, device_id, stream, seq LIMIT "
     ));
     q.bind(limit);
     let rows = q.query().fetch_all(state.db.pool()).await?;
@@ -462,7 +468,7 @@ pub async fn incidents(
          MAX(s.max_seq) AS stream_max \
          FROM (SELECT device_id, stream, model, version, ts, seq, score, threshold, \
                seq - ROW_NUMBER() OVER (PARTITION BY device_id, stream ORDER BY seq) AS island \
-               FROM inference WHERE anomalous = TRUE AND ts >= ",
+               FROM inference WHERE anomalous = TRUE AND stream NOT LIKE '%.capture' AND ts >= ",
     );
     q.bind(from);
     q.push(
@@ -499,6 +505,7 @@ pub async fn incidents(
         let mut q = Sql::new(
             "SELECT c.label AS label, CAST(COUNT(*) AS BIGINT) AS n FROM inference a \
              JOIN inference c ON c.device_id = a.device_id AND c.output_kind = 'class' \
+             AND c.stream NOT LIKE '%.capture' \
              AND c.source_seq = a.source_seq AND c.window_start = a.window_start \
              AND c.stream > ",
         );
@@ -583,7 +590,7 @@ pub async fn rates(
          CAST(SUM(anomalies) AS BIGINT) AS anomalies FROM inference_1m WHERE bucket >= ",
     );
     q.bind(from)
-        .push(" AND scored > 0 GROUP BY device_id, stream ORDER BY device_id, stream");
+        .push(" AND scored > 0 AND stream NOT LIKE '%.capture' GROUP BY device_id, stream ORDER BY device_id, stream");
     let rows = q.query().fetch_all(state.db.pool()).await?;
     let mut items = rows
         .iter()

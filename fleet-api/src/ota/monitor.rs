@@ -14,6 +14,9 @@
 //! `monitoring.input_psi_threshold` (inputs). A version without a registered bundle, or whose
 //! bundle has no baseline, is reported with its statistics and no drift verdict.
 //!
+//! Capture streams (`{source}.{model}.capture`) repeat results for the windows they captured,
+//! a biased sample (low confidence, anomalies), so they are left out.
+//!
 //! Every replica computes the report every `monitoring.interval_s` from the database (reads
 //! only) into a [`Monitor`] the API serves (`/api/v1/monitoring`) and the metrics export
 //! (`model_drift_psi`, `model_drift_alert`, `model_drifting_devices`; device ids are never
@@ -314,7 +317,8 @@ pub async fn compute(db: &Db, s: &MonitoringSettings, now: i64) -> Result<Report
     let cutoff = now - i64::try_from(s.window_s).unwrap_or(i64::MAX / 2) * 1_000_000;
     let mut q = Sql::new(
         "SELECT device_id, model, version, class, confidence, score, anomalous, latency_us, \
-         input_mean_z, input_std_ratio FROM inference WHERE received_at >= ",
+         input_mean_z, input_std_ratio FROM inference WHERE stream NOT LIKE '%.capture' \
+         AND received_at >= ",
     );
     q.bind(cutoff);
     q.push(" ORDER BY received_at DESC LIMIT ")

@@ -91,6 +91,10 @@ def main(problems):
             f"the monitoring page does not list both models: {monitored!r}",
         )
 
+        # Captures: the agents' capture policies (low confidence, samples, anomalies) filled it.
+        page.click('#nav a[data-nav="captures"]')
+        page.wait_for_selector("#captures tbody tr svg polyline")
+
         # Rollouts: the demo's rollout, then its detail until it completes.
         page.click('#nav a[data-nav="rollouts"]')
         row = f'#rollout-list tr[data-rollout="{cfg["rollout"]}"]'
