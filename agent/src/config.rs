@@ -2039,6 +2039,40 @@ mod tests {
     }
 
     #[test]
+    fn capture_policies_resolve_and_name_the_key_when_invalid() {
+        let base = format!(
+            "{MIN}[inference]\ntrusted_keys = [\"k.pub\"]\n[[model]]\nbundle = \"m.bundle\"\nsource = \"imu\"\n"
+        );
+        let s = load(&base).unwrap();
+        assert_eq!(s.models[0].capture, CaptureSettings::default());
+        assert!(!s.models[0].capture.enabled());
+        let s = load(&format!(
+            "{base}[model.capture]\nanomalies = true\nbelow_confidence = 0.6\nsample = 0.01\n"
+        ))
+        .unwrap();
+        let c = &s.models[0].capture;
+        assert!(c.anomalies && c.enabled());
+        assert_eq!(c.below_confidence, Some(0.6));
+        assert_eq!(c.sample, 0.01);
+        assert_eq!(c.max_per_minute, DEFAULT_CAPTURE_MAX_PER_MINUTE);
+        for (body, key) in [
+            (
+                "below_confidence = 1.5",
+                "model[0].capture.below_confidence",
+            ),
+            ("below_confidence = 0", "model[0].capture.below_confidence"),
+            ("sample = 2", "model[0].capture.sample"),
+            ("sample = -0.1", "model[0].capture.sample"),
+            ("max_per_minute = 0", "model[0].capture.max_per_minute"),
+        ] {
+            let e = err(&format!("{base}[model.capture]\n{body}\n"));
+            assert!(e.contains(key), "{body}: {e}");
+        }
+        let e = err(&format!("{base}[model.capture]\nsampel = 0.1\n"));
+        assert!(e.contains("sampel"), "{e}");
+    }
+
+    #[test]
     fn inference_keys_resolve_and_name_the_key_when_invalid() {
         let ok = format!(
             "{MIN}[inference]\ntrusted_keys = [\"k.pub\"]\nforward_raw = \"anomalies\"\n[[model]]\nbundle = \"m.bundle\"\nsource = \"imu\"\n"
