@@ -12,12 +12,10 @@ use sqlx::Row;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiJson, ApiPath, ApiQuery, ErrorBody};
-use super::{AppError, AppState, LabelAccess};
+use super::{AppError, AppState, LabelAccess, cursor, page_limit};
 use crate::db::{Db, Sql, get_bool, now_us};
 use crate::server::ingest::writer::decode_values;
 
-/// Most captures one page lists.
-const MAX_LIMIT: i64 = 500;
 /// Most labels one bulk request sets.
 pub const MAX_BULK_LABELS: usize = 1000;
 
@@ -35,11 +33,13 @@ pub struct CaptureQuery {
     pub trigger: Option<String>,
     /// `true`: only labelled captures; `false`: only unlabelled ones.
     pub labelled: Option<bool>,
-    /// Page size, 1-500 (default 50).
-    #[param(minimum = 1, maximum = 500)]
-    pub limit: Option<i64>,
-    /// `next_cursor` of the previous page.
-    #[param(pattern = "^[0-9]{1,18}$")]
+    /// Page size (default `http.default_page_limit`, at most `http.max_page_limit`).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page. Pages are keyed by the last item, so captures
+    /// stored or labelled while a client pages (a labelling tool walking `labelled=false`)
+    /// neither shift nor hide the ones it has not seen.
+    #[param(pattern = "^([0-9]{1,18}~[0-9]{1,18}~[A-Za-z0-9._-]{1,64}~[A-Za-z0-9._-]{1,64})?$")]
     pub cursor: Option<String>,
 }
 
@@ -73,6 +73,8 @@ pub struct CaptureView {
     pub window_start: i64,
     /// Sequence number, in the source stream, of the window's last sample.
     pub source_seq: i64,
+    /// When the fleet stored it (µs).
+    pub received_at: i64,
     pub model: String,
     pub version: String,
     /// Why it was captured: `anomaly`, `low_confidence`, `sample`.
@@ -113,17 +115,8 @@ pub async fn list(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<CaptureQuery>,
 ) -> Result<Json<CapturePage>, AppError> {
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(AppError::invalid(format!("limit must be 1-{MAX_LIMIT}")));
-    }
-    let offset: i64 =
-        match &q.cursor {
-            None => 0,
-            Some(c) => c.parse().ok().filter(|o| *o >= 0).ok_or_else(|| {
-                AppError::invalid("cursor is not a next_cursor this API returned")
-            })?,
-        };
+    let limit = page_limit(&state.settings, q.limit)?;
+    let after = cursor(&q.cursor).map(parse_cursor).transpose()?;
     if let Some(t) = &q.trigger
         && !ember_proto::CAPTURE_TRIGGERS.contains(&t.as_str())
     {
@@ -155,8 +148,13 @@ pub async fn list(
         }
         None => {}
     }
-    sql.push(" ORDER BY i.received_at DESC, c.device_id, c.stream, c.seq DESC LIMIT ");
-    sql.bind(limit + 1).push(" OFFSET ").bind(offset);
+    if let Some((at, seq, device, stream)) = &after {
+        sql.push(" AND (i.received_at, c.device_id, c.stream, c.seq) < (");
+        sql.bind(*at).push(", ").bind(device.as_str()).push(", ");
+        sql.bind(stream.as_str()).push(", ").bind(*seq).push(")");
+    }
+    sql.push(" ORDER BY i.received_at DESC, c.device_id DESC, c.stream DESC, c.seq DESC LIMIT ");
+    sql.bind(limit + 1);
     let rows = sql.query().fetch_all(state.db.pool()).await?;
     let more = rows.len() as i64 > limit;
     let items = rows
@@ -164,16 +162,44 @@ pub async fn list(
         .take(limit as usize)
         .map(view)
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(CapturePage {
-        items,
-        next_cursor: more.then(|| (offset + limit).to_string()),
-    }))
+    let next_cursor = match (more, items.last()) {
+        (true, Some(last)) => Some(format!(
+            "{}~{}~{}~{}",
+            last.received_at, last.seq, last.device, last.stream
+        )),
+        _ => None,
+    };
+    Ok(Json(CapturePage { items, next_cursor }))
+}
+
+/// `received_at~seq~device~stream` of the last item of the previous page (`~` is in no name).
+fn parse_cursor(c: &str) -> Result<(i64, i64, String, String), AppError> {
+    let bad = || AppError::BadRequest {
+        code: "invalid_cursor",
+        message: "the cursor is not one this API returned; start again without it".into(),
+    };
+    let mut parts = c.split('~');
+    let (Some(at), Some(seq), Some(device), Some(stream), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return Err(bad());
+    };
+    Ok((
+        at.parse().map_err(|_| bad())?,
+        seq.parse().map_err(|_| bad())?,
+        device.to_string(),
+        stream.to_string(),
+    ))
 }
 
 fn select_sql() -> Sql {
     Sql::new(
         "SELECT c.device_id, c.stream, c.seq, c.trigger_kind, c.channels, c.window_vals, c.label, \
-         c.labelled_by, c.labelled_at, i.ts, i.window_start, i.source_seq, i.model, i.version, i.output_kind, \
+         c.labelled_by, c.labelled_at, i.ts, i.window_start, i.source_seq, i.received_at, i.model, i.version, i.output_kind, \
          i.label AS out_label, i.class, i.probabilities, i.score, i.threshold, i.anomalous \
          FROM captures c JOIN inference i ON i.device_id = c.device_id AND i.stream = c.stream \
          AND i.seq = c.seq",
@@ -190,6 +216,7 @@ fn view(r: &sqlx::any::AnyRow) -> Result<CaptureView, sqlx::Error> {
         ts: r.try_get("ts")?,
         window_start: r.try_get("window_start")?,
         source_seq: r.try_get("source_seq")?,
+        received_at: r.try_get("received_at")?,
         model: r.try_get("model")?,
         version: r.try_get("version")?,
         trigger: r.try_get("trigger_kind")?,

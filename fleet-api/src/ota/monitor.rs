@@ -149,7 +149,7 @@ struct Acc {
 }
 
 impl Acc {
-    fn add(&mut self, r: &Result1) {
+    fn add(&mut self, r: &ResultRow) {
         self.results += 1;
         if let Some(c) = r.class {
             *self.class_counts.entry(c).or_default() += 1;
@@ -302,7 +302,7 @@ fn compare(h: &Histogram, values: &[f64]) -> f64 {
 }
 
 /// One result row.
-struct Result1 {
+struct ResultRow {
     class: Option<i64>,
     confidence: Option<f64>,
     score: Option<f64>,
@@ -326,7 +326,7 @@ pub async fn compute(db: &Db, s: &MonitoringSettings, now: i64) -> Result<Report
     let rows = q.query().fetch_all(db.pool()).await?;
     let mut versions: BTreeMap<(String, String), (Acc, BTreeMap<String, Acc>)> = BTreeMap::new();
     for r in rows {
-        let res = Result1 {
+        let res = ResultRow {
             class: r.try_get("class")?,
             confidence: r.try_get("confidence")?,
             score: r.try_get("score")?,
