@@ -1,7 +1,8 @@
 """Markdown tables from bench/onnx/run.sh's results (target/onnx-bench/*.jsonl).
 
-For each case: the median over rounds of p50 and p99, the range of p50 over rounds, and the
-ratio of the median p50 to ONNX Runtime's single-threaded median p50 (< 1: faster than ORT).
+For each case: the median over rounds of p50 and p99, the range of p50 over rounds, the
+ratio of the median p50 to ONNX Runtime's (C API, one thread) median p50 (< 1: faster than
+ORT), and per call the minor page faults and Rust heap allocations of the timed loop.
 """
 
 import json
@@ -10,7 +11,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-RUNTIMES = ["burn-flex", "burn-wgpu", "ort-1thread", "ort-default", "tract"]
+RUNTIMES = ["burn-flex", "burn-wgpu", "ort-c-1thread", "tract"]
+BASE = "ort-c-1thread"
 
 
 def lines(path):
@@ -25,12 +27,12 @@ def main():
     models = sorted({m for m, _, _ in cases if not m.startswith("identity")})
     rounds = len({r["round"] for rs in cases.values() for r in rs})
     print(f"Latency, µs per call (median over {rounds} rounds; p50 range over rounds in brackets; "
-          "ratio = p50 / ORT 1-thread p50)\n")
-    print("| model | batch | runtime | p50 | p50 range | p99 | ratio vs ORT 1 thread |")
-    print("|---|---:|---|---:|---|---:|---:|")
+          "ratio = p50 / ONNX Runtime C API 1-thread p50; faults and allocations per call)\n")
+    print("| model | batch | runtime | p50 | p50 range | p99 | ratio vs ORT | minor faults / call | Rust allocations / call |")
+    print("|---|---:|---|---:|---|---:|---:|---:|---:|")
     for m in models:
         for b in (1, 32):
-            base = cases.get((m, b, "ort-1thread"))
+            base = cases.get((m, b, BASE))
             base_p50 = statistics.median(r["p50_us"] for r in base) if base else None
             for rt in RUNTIMES:
                 rs = cases.get((m, b, rt))
@@ -40,12 +42,10 @@ def main():
                 p50 = statistics.median(p50s)
                 p99 = statistics.median(r["p99_us"] for r in rs)
                 ratio = f"{p50 / base_p50:.2f}" if base_p50 else "—"
-                print(f"| {m} | {b} | {rt} | {p50:.1f} | {min(p50s):.1f}–{max(p50s):.1f} | {p99:.1f} | {ratio} |")
-    ident = cases.get(("identity (binding overhead)", 1, "ort-1thread"))
-    if ident:
-        p50s = [r["p50_us"] for r in ident]
-        print(f"\nORT Python binding overhead (Identity graph, batch 1): p50 {statistics.median(p50s):.1f} µs "
-              f"({min(p50s):.1f}–{max(p50s):.1f})")
+                faults = statistics.median(r.get("minor_faults_per_call", float("nan")) for r in rs)
+                allocs = statistics.median(r.get("rust_allocations_per_call", float("nan")) for r in rs)
+                print(f"| {m} | {b} | {rt} | {p50:.1f} | {min(p50s):.1f}–{max(p50s):.1f} | {p99:.1f} | {ratio} "
+                      f"| {faults:.2f} | {allocs:.1f} |")
     agreement = out / "agreement.jsonl"
     if agreement.exists():
         print("\nAgreement with burn on the golden vectors (max |difference|):\n")

@@ -69,8 +69,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let bundle = ember_models::Bundle::read(&std::fs::read(&path)?)?;
         let model = ember_models::LoadedModel::load(&bundle, &device)?;
         let net = model.net();
-        let plan = ember_models::plan::Plan::new(net).expect("committed bundles have a plan");
         let (channels, window) = (model.input().channels, model.input().window);
+        let plan = ember_models::plan::Plan::new(net, channels, window)
+            .expect("committed bundles have a plan");
+        // The other rows get the input as it is: the plan normalizes with the identity.
+        let identity = ember_models::manifest::Normalization {
+            mean: vec![0.0; channels],
+            std: vec![1.0; channels],
+        };
         for batch in [1usize, 32] {
             // The benchmark's input (bench/inference): the golden windows, cycled.
             let golden = &bundle.manifest().golden.vectors;
@@ -82,7 +88,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 TensorData::new(input.clone(), [batch, channels, window]),
                 &device,
             );
-            let normalized = x.clone().into_data().try_into_vec::<f32>()?;
             let iters = if batch == 1 { 4000 } else { 400 };
             // Old (module) forward vs the rewritten forward, the output head included, and
             // what `infer` adds around the latter (checks, normalization, tensor in and out).
@@ -107,12 +112,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         Box::new(|| drop(net.outputs(x.clone()).into_data())),
                     ),
                     (
-                        "Plan::outputs (weights laid out at load)",
-                        Box::new(|| drop(plan.outputs(x.clone()).into_data())),
-                    ),
-                    (
-                        "Plan::output_values (last step on the host)",
-                        Box::new(|| drop(plan.output_values(x.clone(), &normalized))),
+                        "Plan::run_into (host buffers, no allocation)",
+                        Box::new(|| {
+                            let mut out = Vec::with_capacity(batch * 4);
+                            plan.run_into(&input, &identity, &mut out);
+                            drop(out)
+                        }),
                     ),
                     ("LoadedModel::infer", Box::new(|| drop(model.infer(&input)))),
                     (

@@ -210,7 +210,7 @@ impl LoadedModel {
         };
         // int8 weights kept quantized run through the network as stored (the plan reads f32).
         let plan = (manifest.precision == Precision::F32 || options.dequantize)
-            .then(|| Plan::new(&net))
+            .then(|| Plan::new(&net, manifest.input.channels, manifest.input.window))
             .flatten();
         Ok(LoadedModel {
             net,
@@ -235,7 +235,7 @@ impl LoadedModel {
         device: &Device,
     ) -> LoadedModel {
         LoadedModel {
-            plan: Plan::new(&net),
+            plan: Plan::new(&net, input.channels, input.window),
             net,
             device: device.clone(),
             architecture,
@@ -272,6 +272,25 @@ impl LoadedModel {
 
     /// Runs a batch of raw windows, `[window][channel][sample]`, normalizing them first.
     pub fn infer(&self, windows: &[f32]) -> Result<Output, ModelError> {
+        let mut values = Vec::new();
+        self.infer_into(windows, &mut values)?;
+        Ok(match &self.output {
+            OutputSpec::Classes { labels } => Output::Classes {
+                classes: labels.len(),
+                probabilities: values,
+            },
+            OutputSpec::AnomalyScore { threshold, .. } => Output::Anomaly {
+                threshold: *threshold,
+                scores: values,
+            },
+        })
+    }
+
+    /// [`LoadedModel::infer`]'s values (`[window][class]` probabilities or one score per
+    /// window) written into `out` (cleared first). On flex with a [`Plan`] this allocates
+    /// nothing once `out` has grown to the batch's size: the agent's steady state.
+    pub fn infer_into(&self, windows: &[f32], out: &mut Vec<f32>) -> Result<(), ModelError> {
+        out.clear();
         let (channels, window) = (self.input.channels, self.input.window);
         let per_window = self.window_len();
         if windows.is_empty() || !windows.len().is_multiple_of(per_window) {
@@ -290,36 +309,31 @@ impl LoadedModel {
                 value: windows[i],
             });
         }
+        if let Some(plan) = &self.plan {
+            plan.run_into(windows, &self.input.normalization, out);
+            return Ok(());
+        }
         let batch = windows.len() / per_window;
         let mut x = windows.to_vec();
         self.input.normalization.apply(&mut x, window);
-        let shape = [batch, channels, window];
-        let values = match &self.plan {
-            // The plan finishes on the host, against this copy of the normalized input.
-            Some(plan) => plan.output_values(
-                Tensor::<3>::from_data(TensorData::new(x.clone(), shape), &self.device),
-                &x,
-            ),
-            None => self
-                .net
-                .outputs(Tensor::<3>::from_data(
-                    TensorData::new(x, shape),
-                    &self.device,
-                ))
-                .try_into_vec_as::<f32>()
-                .map_err(|e| e.to_string()),
-        }
-        .map_err(|message| ModelError::Backend { message })?;
-        Ok(match &self.output {
-            OutputSpec::Classes { labels } => Output::Classes {
-                classes: labels.len(),
-                probabilities: values,
-            },
-            OutputSpec::AnomalyScore { threshold, .. } => Output::Anomaly {
-                threshold: *threshold,
-                scores: values,
-            },
-        })
+        let values = self
+            .net
+            .outputs(Tensor::<3>::from_data(
+                TensorData::new(x, [batch, channels, window]),
+                &self.device,
+            ))
+            .try_into_vec_as::<f32>()
+            .map_err(|e| ModelError::Backend {
+                message: e.to_string(),
+            })?;
+        out.extend_from_slice(&values);
+        Ok(())
+    }
+
+    /// Whether this model runs through an inference [`Plan`] (flex, f32 weights) rather than
+    /// burn's modules.
+    pub fn planned(&self) -> bool {
+        self.plan.is_some()
     }
 
     /// Runs every golden vector (one at a time, as they were recorded) and compares.
