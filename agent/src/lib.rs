@@ -1,6 +1,8 @@
 //! `ember-agent`: the edge daemon. See ARCHITECTURE.md for the codemap.
 //!
-//! The binary (`main.rs`) only parses arguments and calls [`runtime::run`].
+//! The binary (`main.rs`) only parses arguments and calls [`cli::run`], which sets up logging,
+//! signals and the runtime and calls [`runtime::run`]; the fleet's demo build runs its agents
+//! through [`cli`] too (`ember-fleet agent ARGS`).
 //!
 //! # Layers
 //!
@@ -9,6 +11,7 @@
 //! this table) fails on an import against it.
 //!
 //! ```text
+//! 10 cli               the command line: logging, signals, runtime, exit statuses
 //! 9  runtime           wires everything, start-up and shutdown order
 //! 8  writer            the one task that appends, commits and maintains the queue
 //! 7  uplink            MQTT state machine: reads and acks the queue, feeds OTA
@@ -22,6 +25,7 @@
 //!    profile           a managed broker's rules (AWS IoT Core): limits, thing names
 //! ```
 
+pub mod cli;
 pub mod config;
 pub mod inference;
 pub mod metrics;

@@ -5,7 +5,9 @@
 //!    threads) starts;
 //! 2. the fleet service ([`crate::run`]) starts on it with SQLite in `<data_dir>/fleet.db`
 //!    and serves the API and dashboard on `listen`;
-//! 3. `agents` real `ember-agent` processes start, each replaying the BasicMotions test
+//! 3. `agents` real agent processes start (this executable run as `ember-fleet agent ARGS`,
+//!    which is `ember-agent ARGS`: [`agent_args`]; or the binary `--agent-bin` names), each
+//!    replaying the BasicMotions test
 //!    recordings (its own rotation of the 40 series) through the committed, signed int8
 //!    `activity` and `anomaly` bundles, written with their trusted development key into
 //!    `<data_dir>/assets` from copies embedded in this binary;
@@ -77,7 +79,8 @@ pub struct DemoOptions {
     pub listen: SocketAddr,
     /// The demo's state: database, agent queues, generated configs and assets.
     pub data_dir: PathBuf,
-    /// The `ember-agent` binary; `None` looks beside this executable.
+    /// An `ember-agent` binary to run the agents with; `None` runs this executable as
+    /// `ember-fleet agent` (the agent the demo build embeds).
     pub agent_bin: Option<PathBuf>,
     /// Replay speed: 1.0 is the recordings' real 10 Hz; the default 5.0 shows a new window
     /// every two seconds per agent.
@@ -111,12 +114,10 @@ pub enum DemoError {
     },
     #[error("the embedded MQTT broker did not start: {0}")]
     Broker(String),
-    #[error(
-        "no ember-agent binary at {0}: build it with `cargo build --release -p ember-agent` (or pass --agent-bin)"
-    )]
+    #[error("no ember-agent binary at {0} (--agent-bin)")]
     AgentMissing(PathBuf),
-    #[error("cannot build ember-agent with cargo: {0}")]
-    AgentBuild(String),
+    #[error("cannot find this executable to run the agents with: {0}")]
+    CurrentExe(std::io::Error),
     #[error("cannot start agent {device}: {source}")]
     AgentSpawn {
         device: String,
@@ -175,12 +176,10 @@ pub async fn run(
         )));
     }
     let agent_bin = match &opts.agent_bin {
-        Some(p) => p.clone(),
-        None => find_or_build_agent()?,
+        Some(p) if p.is_file() => AgentProgram::External(p.clone()),
+        Some(p) => return Err(DemoError::AgentMissing(p.clone())),
+        None => AgentProgram::Embedded(std::env::current_exe().map_err(DemoError::CurrentExe)?),
     };
-    if !agent_bin.is_file() {
-        return Err(DemoError::AgentMissing(agent_bin));
-    }
 
     let data_dir = &opts.data_dir;
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
@@ -562,42 +561,47 @@ fn rotated_recordings(by: usize) -> String {
     out
 }
 
-/// `ember-agent` beside this executable (both are built into the same `target/<profile>`); when
-/// it is missing and we run under `cargo run`, build it with the same profile first.
-fn find_or_build_agent() -> Result<PathBuf, DemoError> {
-    let exe = std::env::current_exe().map_err(|e| DemoError::AgentBuild(e.to_string()))?;
-    let dir = exe
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let bin = dir.join(format!("ember-agent{}", std::env::consts::EXE_SUFFIX));
-    if bin.is_file() {
-        return Ok(bin);
+/// The hidden subcommand that makes a demo build of `ember-fleet` an `ember-agent`.
+pub const AGENT_SUBCOMMAND: &str = "agent";
+
+/// `ember-fleet agent ARGS` → `Some(["ember-agent", ARGS..])`, the command line to parse with
+/// `ember_agent::cli::Cli` (so usage, errors and `--version` read as `ember-agent`'s); any
+/// other command line → `None`. `main.rs` checks this before parsing its own arguments, so
+/// the agent's flags and `EMBER_*` environment never meet the fleet's parser.
+pub fn agent_args(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Option<Vec<std::ffi::OsString>> {
+    let mut args = args.into_iter();
+    let _program = args.next()?;
+    let first = args.next()?;
+    if first != AGENT_SUBCOMMAND {
+        return None;
     }
-    // `cargo run` tells its child where cargo is; outside cargo, say how to build it.
-    let Some(cargo) = std::env::var_os("CARGO") else {
-        return Err(DemoError::AgentMissing(bin));
-    };
-    let release = dir.file_name().is_some_and(|n| n == "release");
-    tracing::info!(
-        "Building ember-agent once ({} profile); this takes a few minutes the first time.",
-        if release { "release" } else { "dev" }
-    );
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "ember-agent", "--bin", "ember-agent"]);
-    if release {
-        cmd.arg("--release");
-    }
-    let status = cmd
-        .status()
-        .map_err(|e| DemoError::AgentBuild(e.to_string()))?;
-    if !status.success() {
-        return Err(DemoError::AgentBuild(format!("cargo exited with {status}")));
-    }
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(DemoError::AgentMissing(bin))
+    Some(std::iter::once("ember-agent".into()).chain(args).collect())
+}
+
+/// What the demo runs its agents with. One `cargo run` builds the fleet and the agent library
+/// together (the `demo` feature depends on `ember-agent`), so no second cargo build is needed
+/// before the agents start; they stay separate processes (each its own queue, signals, exit).
+#[derive(Debug, Clone)]
+enum AgentProgram {
+    /// This executable, run as `ember-fleet agent ARGS`.
+    Embedded(PathBuf),
+    /// A separately built `ember-agent` (`--agent-bin`).
+    External(PathBuf),
+}
+
+impl AgentProgram {
+    /// The command, before the agent's own arguments.
+    fn command(&self) -> Command {
+        match self {
+            Self::Embedded(exe) => {
+                let mut cmd = Command::new(exe);
+                cmd.arg(AGENT_SUBCOMMAND);
+                cmd
+            }
+            Self::External(bin) => Command::new(bin),
+        }
     }
 }
 
@@ -817,7 +821,7 @@ struct Agents {
 impl Agents {
     fn spawn(
         &mut self,
-        bin: &Path,
+        program: &AgentProgram,
         data_dir: &Path,
         assets: &Assets,
         index: usize,
@@ -835,7 +839,7 @@ impl Agents {
         let log_file = std::fs::File::create(&log).map_err(io(&log))?;
         // A clean environment: the user's unrelated `EMBER_*` variables (EMBER_REPO, ...)
         // would reach the agent's configuration overlay, which refuses unknown keys.
-        let mut cmd = Command::new(bin);
+        let mut cmd = program.command();
         cmd.env_clear();
         if let Some(path) = std::env::var_os("PATH") {
             cmd.env("PATH", path);

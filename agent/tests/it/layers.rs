@@ -23,6 +23,8 @@ const LAYERS: &[&[&str]] = &[
     &["uplink"],
     &["writer"],
     &["runtime"],
+    // The command line (main.rs's body, shared with the fleet's demo build).
+    &["cli"],
 ];
 
 /// Files that are not a layer of their own: the library root declares the modules, and the

@@ -151,7 +151,8 @@ pub struct DemoArgs {
     /// The demo's state (database, agent queues, generated configs); kept between runs.
     #[arg(long, default_value = "ember-demo")]
     pub data_dir: PathBuf,
-    /// The ember-agent binary (default: beside this executable, built with cargo if missing).
+    /// An ember-agent binary to run the agents with (default: this executable, whose demo
+    /// build embeds the agent: `ember-fleet agent ARGS` is `ember-agent ARGS`).
     #[arg(long)]
     pub agent_bin: Option<PathBuf>,
     /// Replay speed relative to the recordings' real 10 Hz.

@@ -1,8 +1,11 @@
 //! `ember-fleet demo`, the README's first command: embedded broker, the service on SQLite and
-//! real agents running the committed models; online within 30 s; the demo's registered models
+//! real agent processes (this binary run as `ember-fleet agent`, as in the README's build)
+//! running the committed models; online within 30 s; the demo's registered models
 //! and its staged rollout, walked page by page in Chromium until the rollout completes (the
 //! screenshots in `docs/screenshots/` come from this run with `EMBER_UPDATE_SCREENSHOTS=1`);
-//! the rollout CLI with the demo's admin token; a clean stop on SIGINT.
+//! the rollout CLI with the demo's admin token; a clean stop on SIGINT. `ember-fleet agent ARGS`
+//! behaves as `ember-agent ARGS` (output and exit status), and `--agent-bin` still names a
+//! separately built agent.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -30,8 +33,6 @@ fn demo_brings_agents_online_rolls_out_a_model_and_stops_cleanly_on_sigint() {
         .arg(format!("127.0.0.1:{port}"))
         .arg("--data-dir")
         .arg(dir.path())
-        .arg("--agent-bin")
-        .arg(agent_bin())
         .env("NO_COLOR", "1")
         // Unrelated variables of the user's shell never reach the agents' config overlay.
         .env("EMBER_REPO", "/home/someone/ember")
@@ -293,6 +294,76 @@ fn demo_brings_agents_online_rolls_out_a_model_and_stops_cleanly_on_sigint() {
             "demo-{i:02}:\n{log}"
         );
     }
+}
+
+/// `ember-fleet agent ARGS` is `ember-agent ARGS`: the same output and exit status for its
+/// version, a resolved configuration, an invalid one (status 2, the key named) and a usage
+/// error (clap's status 2, naming `ember-agent`).
+#[test]
+fn the_demo_builds_embedded_agent_is_ember_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "device_id = \"x\"\nno_such_key = 1\n").unwrap();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../agent/examples/agent.toml");
+    let cases: Vec<Vec<std::ffi::OsString>> = vec![
+        vec!["--version".into()],
+        vec!["check-config".into(), "--config".into(), example.into()],
+        vec!["check-config".into(), "--config".into(), bad.clone().into()],
+        vec!["--no-such-flag".into()],
+    ];
+    let run = |mut cmd: Command| {
+        // Only PATH: the test's own EMBER_* variables would reach the configuration overlay.
+        let out = cmd
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for args in cases {
+        let mut embedded = Command::new(fleet_bin());
+        embedded.arg("agent").args(&args);
+        let mut agent = Command::new(agent_bin());
+        agent.args(&args);
+        let (embedded, agent) = (run(embedded), run(agent));
+        assert_eq!(embedded, agent, "{args:?}");
+        assert!(agent.0.is_some(), "{args:?}: {agent:?}");
+    }
+    let (code, _, stderr) = {
+        let mut cmd = Command::new(fleet_bin());
+        cmd.args(["agent", "check-config", "--config"]).arg(&bad);
+        run(cmd)
+    };
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("no_such_key"), "{stderr}");
+}
+
+/// `--agent-bin` names a separately built agent; one that does not exist stops the demo before
+/// it writes or binds anything.
+#[test]
+fn the_demo_refuses_an_agent_bin_that_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-ember-agent");
+    let out = Command::new(fleet_bin())
+        .args(["demo", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("demo"))
+        .arg("--agent-bin")
+        .arg(&missing)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("no ember-agent binary at {}", missing.display())),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("demo").exists(), "{stderr}");
 }
 
 /// Sends SIGINT to the demo when the test ends, however it ends, and waits (at most 30 s) for
