@@ -389,6 +389,10 @@ struct RssArgs {
     /// simulated sensor.
     #[arg(long)]
     models: bool,
+    /// The agent binary to measure (default: `ember-agent` beside this binary), e.g. a
+    /// `device`-profile build: target/device/ember-agent.
+    #[arg(long)]
+    agent: Option<PathBuf>,
     /// Another agent binary (an older build) to measure the same way in the same run; the
     /// report gives this one's figures as ratios to it.
     #[arg(long)]
@@ -413,7 +417,9 @@ struct Memory {
 }
 
 fn repo_path(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel)
 }
 
 /// `/proc/PID/<file>` fields of the `Name:   N kB` form, in MiB.
@@ -434,14 +440,11 @@ async fn rss(args: RssArgs, measure: Duration) -> Result<()> {
     } else {
         "one 6-channel simulated sensor at 1,000 records/s"
     };
-    let ours = rss_case(
-        &agent_binary()?,
-        broker.port(),
-        args.models,
-        args.smaps,
-        measure,
-    )
-    .await?;
+    let bin = match args.agent {
+        Some(bin) => bin,
+        None => agent_binary()?,
+    };
+    let ours = rss_case(&bin, broker.port(), args.models, args.smaps, measure).await?;
     let base = match &args.baseline {
         Some(bin) => Some(rss_case(bin, broker.port(), args.models, args.smaps, measure).await?),
         None => None,
@@ -489,7 +492,11 @@ async fn rss_case(
                 100.0,
                 true,
             )
-            .set("inference", "trusted_keys", &format!("[{:?}]", key.display().to_string()))
+            .set(
+                "inference",
+                "trusted_keys",
+                &format!("[{:?}]", key.display().to_string()),
+            )
             .model(&bundle("activity-int8.bundle"), "motion")
             .model(&bundle("anomaly-int8.bundle"), "motion");
     } else {
@@ -549,21 +556,27 @@ fn print_smaps(pid: u32, bin: &std::path::Path) -> Result<()> {
         let first = parts.next().unwrap_or("");
         if first.contains('-') && !first.ends_with(':') {
             let (lo, hi) = first.split_once('-').unwrap_or(("0", "0"));
-            let size = u64::from_str_radix(hi, 16).unwrap_or(0) - u64::from_str_radix(lo, 16).unwrap_or(0);
+            let start = u64::from_str_radix(lo, 16).unwrap_or(0);
+            let size = u64::from_str_radix(hi, 16)
+                .unwrap_or(0)
+                .saturating_sub(start);
             let perms = parts.next().unwrap_or("");
             let path = parts.nth(3).unwrap_or("");
             let class = if path == exe.to_string_lossy() {
                 format!("binary {perms}")
             } else if path == "[heap]" {
-                "[heap] (main malloc arena)".into()
+                "[heap] (the main malloc arena)".into()
             } else if path == "[stack]" {
                 "[stack] (main thread)".into()
             } else if path.starts_with('[') {
                 path.to_string()
-            } else if path.is_empty() && (size == 2 << 20 || size == (2 << 20) + 4096) {
-                "anon 2 MiB (thread stacks)".into()
+            } else if path.is_empty() && (2 << 20..(2 << 20) + (64 << 10)).contains(&size) {
+                "anon: thread stacks (2 MiB)".into()
+            } else if path.is_empty() && start % (64 << 20) == 0 && perms.starts_with("rw") {
+                // glibc's per-thread arenas are 64 MiB-aligned reservations.
+                "anon: malloc arenas of other threads".into()
             } else if path.is_empty() {
-                "anon other (malloc arenas, large allocations)".into()
+                "anon: other (large allocations, guard pages)".into()
             } else if path.contains(".so") {
                 "shared libraries".into()
             } else {
