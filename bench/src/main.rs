@@ -506,7 +506,7 @@ async fn rss_case(
     let pid = agent.pid().context("the agent is not running")?;
     let mut samples = Vec::new();
     let t0 = Instant::now();
-    while t0.elapsed() < measure {
+    while t0.elapsed() < measure || samples.is_empty() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         samples.push(kb_field(&status, "VmRSS:"));
@@ -572,7 +572,7 @@ fn print_smaps(pid: u32, bin: &std::path::Path) -> Result<()> {
                 path.to_string()
             } else if path.is_empty() && (2 << 20..(2 << 20) + (64 << 10)).contains(&size) {
                 "anon: thread stacks (2 MiB)".into()
-            } else if path.is_empty() && start % (64 << 20) == 0 && perms.starts_with("rw") {
+            } else if path.is_empty() && start.is_multiple_of(64 << 20) && perms.starts_with("rw") {
                 // glibc's per-thread arenas are 64 MiB-aligned reservations.
                 "anon: malloc arenas of other threads".into()
             } else if path.is_empty() {
