@@ -550,7 +550,7 @@ fn print_smaps(pid: u32, bin: &std::path::Path) -> Result<()> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_else(|_| bin.to_path_buf());
     let mut classes: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
-    let mut current: Option<(String, u64)> = None;
+    let mut current: Option<String> = None;
     for line in smaps.lines() {
         let mut parts = line.split_whitespace();
         let first = parts.next().unwrap_or("");
@@ -582,14 +582,14 @@ fn print_smaps(pid: u32, bin: &std::path::Path) -> Result<()> {
             } else {
                 "other files".into()
             };
-            current = Some((class, size));
-        } else if first == "Rss:" {
-            if let Some((class, _)) = &current {
-                let kb: f64 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-                let e = classes.entry(class.clone()).or_default();
-                e.0 += kb / 1024.0;
-                e.1 += 1;
-            }
+            current = Some(class);
+        } else if first == "Rss:"
+            && let Some(class) = &current
+        {
+            let kb: f64 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            let e = classes.entry(class.clone()).or_default();
+            e.0 += kb / 1024.0;
+            e.1 += 1;
         }
     }
     println!("  resident memory per mapping class ({}):", bin.display());
