@@ -4,7 +4,8 @@
 #   scripts/release.sh [--out DIR] [--targets "TRIPLE ..."] [--deb-version V]
 #
 # Writes to DIR (default target/release-artefacts/VERSION):
-#   ember-agent-VERSION-<arch>              stripped release binary (profile.release strips)
+#   ember-agent-VERSION-<arch>              stripped binary of the `device` profile (Cargo.toml:
+#                                           release plus fat LTO and one codegen unit; it strips)
 #   ember-agent_VERSION-1_<arch>.deb        the package (cargo-deb; agent/Cargo.toml's metadata)
 #   ember-agent-VERSION-<arch>.cdx.json     CycloneDX 1.5 SBOM of what each binary is built from
 #                                           (cargo-cyclonedx, then cut down to `cargo tree`'s
@@ -64,14 +65,14 @@ mkdir -p "$out"
 for t in $targets; do
   arch=$(arch_of "$t")
   rustup target list --installed 2>/dev/null | grep -qx "$t" || die "the Rust target $t is missing: rustup target add $t"
-  say "cargo build --release --locked -p ember-agent --target $t"
-  cargo build --release --locked -p ember-agent --target "$t"
-  bin=$tgt/$t/release/ember-agent
-  # profile.release strips at link time: refuse a binary that still has a symbol table.
+  say "cargo build --profile device --locked -p ember-agent --target $t"
+  cargo build --profile device --locked -p ember-agent --target "$t"
+  bin=$tgt/$t/device/ember-agent
+  # profile.device strips at link time: refuse a binary that still has a symbol table.
   if readelf -S "$bin" | grep -q '\.symtab'; then die "$bin is not stripped"; fi
   cp "$bin" "$out/ember-agent-$VERSION-$arch"
   say "cargo deb --target $t ($arch)"
-  cargo deb -p ember-agent --target "$t" --no-build --no-strip ${deb_version:+--deb-version "$deb_version"} \
+  cargo deb -p ember-agent --target "$t" --profile device --no-build --no-strip ${deb_version:+--deb-version "$deb_version"} \
     -o "$out/" >/dev/null
   # The cross .deb's dependency line names the architecture (libc6:arm64): it must be the
   # package's own.

@@ -5,6 +5,7 @@
 //! cargo build --release -p ember-agent -p ember-bench
 //! target/release/ember-bench e2e        # throughput vs. plain rumqttc and bare sled
 //! target/release/ember-bench rss        # agent memory while streaming 1,000 records/s
+//! target/release/ember-bench rss --models --smaps [--baseline OLD_AGENT]  # 100 Hz, both int8 models
 //! cargo build --release -p ember-fleet -p ember-bench
 //! target/release/ember-bench --seconds 30 fleet   # fleet ingest + API latency (see fleet.rs)
 //! target/release/ember-bench rollout              # 1,000-device staged rollout (rollout.rs)
@@ -47,8 +48,9 @@ struct Cli {
 enum Cmd {
     /// End-to-end throughput with 1 and 100 records per message, against both ceilings.
     E2e,
-    /// Resident memory of the agent streaming 1,000 records/s for the measurement time.
-    Rss,
+    /// Resident memory of the agent streaming 1,000 records/s for the measurement time, or
+    /// (`--models`) one 6-channel 100 Hz replay through both committed int8 models.
+    Rss(RssArgs),
     /// Fleet ingest throughput (SQLite, PostgreSQL) and API latency under 1,000 devices.
     Fleet(fleet::Args),
     /// A staged rollout to 1,000 simulated devices: create to completed, MQTT bytes each way
@@ -110,7 +112,7 @@ fn main() -> Result<()> {
     let measure = Duration::from_secs(cli.seconds);
     match cli.cmd {
         Cmd::E2e => rt.block_on(e2e(measure)),
-        Cmd::Rss => rt.block_on(rss(measure)),
+        Cmd::Rss(args) => rt.block_on(rss(args, measure)),
         Cmd::Fleet(args) => rt.block_on(fleet::run(args, measure)),
         Cmd::Rollout(args) => rt.block_on(rollout::run(args)),
         Cmd::Ack(args) => rt.block_on(ack::run(args, measure)),
@@ -380,30 +382,219 @@ async fn agent_throughput(broker: u16, case: &Case, measure: Duration) -> Result
     Ok(rate("records_acked_total"))
 }
 
-async fn rss(measure: Duration) -> Result<()> {
+#[derive(clap::Args)]
+struct RssArgs {
+    /// One 6-channel 100 Hz replay (BasicMotions, looped) through both committed int8 models
+    /// (`activity` and `anomaly`, as the demo's agents run them) instead of the 1,000 records/s
+    /// simulated sensor.
+    #[arg(long)]
+    models: bool,
+    /// The agent binary to measure (default: `ember-agent` beside this binary), e.g. a
+    /// `device`-profile build: target/device/ember-agent.
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Another agent binary (an older build) to measure the same way in the same run; the
+    /// report gives this one's figures as ratios to it.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Print the resident memory per mapping class (/proc/PID/smaps) at the end.
+    #[arg(long)]
+    smaps: bool,
+}
+
+/// What one agent's memory looked like over a run.
+struct Memory {
+    /// Median VmRSS over the second half of the measurement (MiB).
+    plateau: f64,
+    /// VmHWM at the end (MiB).
+    peak: f64,
+    /// /proc/PID/smaps_rollup at the end: anonymous and file-backed resident MiB.
+    anon: f64,
+    file: f64,
+    threads: u64,
+    acked: f64,
+    inferences: f64,
+}
+
+fn repo_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel)
+}
+
+/// `/proc/PID/<file>` fields of the `Name:   N kB` form, in MiB.
+fn kb_field(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+async fn rss(args: RssArgs, measure: Duration) -> Result<()> {
     println!("machine: {}", machine());
     let broker = TestBroker::start();
-    let agent = agent(broker.port(), "bench-rss", 1, 1000.0)?.start();
-    tokio::time::sleep(measure).await;
-    let m = agent.metrics();
-    let pid = agent.pid().context("the agent is not running")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .map(|kb| kb / 1024.0)
-            .unwrap_or(f64::NAN)
+    let case = if args.models {
+        "one 6-channel 100 Hz replay through both int8 models"
+    } else {
+        "one 6-channel simulated sensor at 1,000 records/s"
     };
-    println!(
-        "agent streaming 1,000 records/s for {} s: RSS {:.1} MiB, peak RSS {:.1} MiB; acked {} records, queue {} records",
-        measure.as_secs(),
-        field("VmRSS:"),
-        field("VmHWM:"),
-        m.get("records_acked_total").copied().unwrap_or(0.0),
-        m.get("queue_records").copied().unwrap_or(0.0)
-    );
+    let bin = match args.agent {
+        Some(bin) => bin,
+        None => agent_binary()?,
+    };
+    let ours = rss_case(&bin, broker.port(), args.models, args.smaps, measure).await?;
+    let base = match &args.baseline {
+        Some(bin) => Some(rss_case(bin, broker.port(), args.models, args.smaps, measure).await?),
+        None => None,
+    };
+    println!("agent streaming {case} for {} s:", measure.as_secs());
+    let line = |who: &str, m: &Memory| {
+        println!(
+            "  {who}: RSS plateau {:.1} MiB (anon {:.1}, file {:.1}), peak {:.1} MiB, {} threads; acked {} records, {} inferences",
+            m.plateau, m.anon, m.file, m.peak, m.threads, m.acked, m.inferences
+        );
+    };
+    line("agent", &ours);
+    if let Some(b) = &base {
+        line("baseline", b);
+        println!(
+            "  ratio agent/baseline: plateau {:.3}, peak {:.3}, anon {:.3}, file {:.3}",
+            ours.plateau / b.plateau,
+            ours.peak / b.peak,
+            ours.anon / b.anon,
+            ours.file / b.file
+        );
+    }
+    Ok(())
+}
+
+async fn rss_case(
+    bin: &std::path::Path,
+    broker: u16,
+    models: bool,
+    smaps: bool,
+    measure: Duration,
+) -> Result<Memory> {
+    let mut b = TestAgent::builder(bin)
+        .device_id("bench-rss")
+        .broker_port(broker)
+        .set("log", "level", "\"warn\"")
+        .set("mqtt", "max_in_flight", &IN_FLIGHT.to_string());
+    if models {
+        let bundle = |name: &str| repo_path(&format!("models/bundles/{name}"));
+        let key = repo_path("models/keys/dev/dev.pub");
+        b = b
+            .replay_ts(
+                "motion",
+                &repo_path("models/data/BasicMotions_TEST.ts"),
+                100.0,
+                true,
+            )
+            .set(
+                "inference",
+                "trusted_keys",
+                &format!("[{:?}]", key.display().to_string()),
+            )
+            .model(&bundle("activity-int8.bundle"), "motion")
+            .model(&bundle("anomaly-int8.bundle"), "motion");
+    } else {
+        b = b.sim("s0", 1000.0, CHANNELS);
+    }
+    let agent = b.start();
+    let pid = agent.pid().context("the agent is not running")?;
+    let mut samples = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < measure || samples.is_empty() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        samples.push(kb_field(&status, "VmRSS:"));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let mut tail = samples[samples.len() / 2..].to_vec();
+    tail.sort_by(f64::total_cmp);
+    let rss = kb_field(&rollup, "Rss:");
+    let anon = kb_field(&rollup, "Anonymous:");
+    if smaps {
+        print_smaps(pid, bin)?;
+    }
+    let m = agent.metrics();
+    let total = |prefix: &str| -> f64 {
+        m.iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| *v)
+            .sum()
+    };
+    Ok(Memory {
+        plateau: tail[tail.len() / 2],
+        peak: kb_field(&status, "VmHWM:"),
+        anon,
+        file: rss - anon,
+        threads: status
+            .lines()
+            .find(|l| l.starts_with("Threads:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        acked: m.get("records_acked_total").copied().unwrap_or(0.0),
+        inferences: total("inference_windows_total"),
+    })
+}
+
+/// Resident memory per class of mapping: the agent's own binary, shared libraries, the brk
+/// heap, anonymous mappings (glibc's per-thread malloc arenas and large allocations; 2 MiB ones
+/// are thread stacks), the main stack.
+fn print_smaps(pid: u32, bin: &std::path::Path) -> Result<()> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_else(|_| bin.to_path_buf());
+    let mut classes: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+    let mut current: Option<String> = None;
+    for line in smaps.lines() {
+        let mut parts = line.split_whitespace();
+        let first = parts.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            let (lo, hi) = first.split_once('-').unwrap_or(("0", "0"));
+            let start = u64::from_str_radix(lo, 16).unwrap_or(0);
+            let size = u64::from_str_radix(hi, 16)
+                .unwrap_or(0)
+                .saturating_sub(start);
+            let perms = parts.next().unwrap_or("");
+            let path = parts.nth(3).unwrap_or("");
+            let class = if path == exe.to_string_lossy() {
+                format!("binary {perms}")
+            } else if path == "[heap]" {
+                "[heap] (the main malloc arena)".into()
+            } else if path == "[stack]" {
+                "[stack] (main thread)".into()
+            } else if path.starts_with('[') {
+                path.to_string()
+            } else if path.is_empty() && (2 << 20..(2 << 20) + (64 << 10)).contains(&size) {
+                "anon: thread stacks (2 MiB)".into()
+            } else if path.is_empty() && start.is_multiple_of(64 << 20) && perms.starts_with("rw") {
+                // glibc's per-thread arenas are 64 MiB-aligned reservations.
+                "anon: malloc arenas of other threads".into()
+            } else if path.is_empty() {
+                "anon: other (large allocations, guard pages)".into()
+            } else if path.contains(".so") {
+                "shared libraries".into()
+            } else {
+                "other files".into()
+            };
+            current = Some(class);
+        } else if first == "Rss:"
+            && let Some(class) = &current
+        {
+            let kb: f64 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            let e = classes.entry(class.clone()).or_default();
+            e.0 += kb / 1024.0;
+            e.1 += 1;
+        }
+    }
+    println!("  resident memory per mapping class ({}):", bin.display());
+    for (class, (mib, n)) in &classes {
+        println!("    {class:<48} {mib:>6.2} MiB  ({n} mappings)");
+    }
     Ok(())
 }
