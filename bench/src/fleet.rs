@@ -868,6 +868,7 @@ pub(crate) async fn broker_delivery(args: &Args, measure: Duration) -> Result<f6
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut plain = args.clone();
     plain.rate = 0.0;
+    plain.ramp = Vec::new();
     let tasks = start_load(broker.port(), &plain, &load);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (t0, d0) = (Instant::now(), load.downstream.load(Ordering::Relaxed));

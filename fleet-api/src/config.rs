@@ -50,8 +50,9 @@ pub const DEFAULT_BATCH_MAX_RECORDS: usize = 1000;
 pub const DEFAULT_BATCH_MAX_DELAY_MS: u64 = 50;
 /// PostgreSQL: a batch with at least this many telemetry records is written with a binary
 /// `COPY` into a staging table instead of a multi-row `INSERT` (see
-/// `server::ingest::staging`; measured in docs/benchmarks.md).
-pub const DEFAULT_COPY_MIN_RECORDS: usize = 200;
+/// `server::ingest::staging`). Off (0) by default: with 1,000-record batches it lost to the
+/// multi-row `INSERT` on the 2-core benchmark machine (docs/benchmarks.md, 2026-12-07).
+pub const DEFAULT_COPY_MIN_RECORDS: usize = 0;
 /// Messages between the MQTT reader and the database writer.
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 512;
 /// Channels per record that get per-minute aggregates (the rest are stored, not aggregated).
