@@ -1280,7 +1280,7 @@ async fn fleet_case(
     }
 
     let seqs = stop_load(&load, tasks).await?;
-    let (lists, devices, ledgers, pages, errors) = dash.stop();
+    let (_, _, _, _, errors) = dash.stop();
     let published: u64 = seqs.iter().map(|(_, s)| *s).sum();
     eprintln!("published {published} records; waiting for the fleet to store them all");
     let check = verify(&ports, &url, &seqs, published).await;
@@ -1310,7 +1310,6 @@ async fn fleet_case(
     let mut step = steps.get(shown).cloned().unwrap_or_default();
     // The dashboard's error count covers the whole run.
     step.http_errors = errors;
-    let _ = (lists, devices, ledgers, pages);
     Ok(Outcome {
         case,
         replicas,
