@@ -64,6 +64,13 @@ const THINK: Duration = Duration::from_millis(50);
 /// Longest wait for the fleet to store the backlog once publishing stops.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 const WARMUP: Duration = Duration::from_secs(10);
+/// With `--ramp`: how long each step after the first runs before its window, so the fleet
+/// settles at the new rate (or its backlog starts to show).
+const STEP_SETTLE: Duration = Duration::from_secs(5);
+/// A ramp step is sustained when the publishers offered at least this share of its rate,
+/// the fleet stored at least this share of what was offered, and the unstored backlog grew
+/// by less than `1 - SUSTAINED` of the offered rate.
+const SUSTAINED: f64 = 0.95;
 
 #[derive(clap::Args, Clone)]
 pub struct Args {
@@ -113,6 +120,15 @@ pub struct Args {
     /// runs one process), each with its own stable client id, on a fresh database each.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     replicas: Vec<usize>,
+    /// Ramp the offered load through these rates (records/s, ascending), each step `--seconds`
+    /// long after `STEP_SETTLE`, until the fleet falls behind (see [`Step::verdict`]); reports
+    /// every step and the maximum sustained rate. Overrides `--rate`.
+    #[arg(long, value_delimiter = ',')]
+    ramp: Vec<f64>,
+    /// Fleet `ingest.copy_min_records` (default: the fleet's); not passed to an `--fleet-bin`
+    /// that predates it unless given.
+    #[arg(long)]
+    copy_min_records: Option<usize>,
 }
 
 impl Args {
@@ -138,6 +154,8 @@ impl Args {
             fleet_bin: None,
             no_baselines: false,
             replicas: vec![1],
+            ramp: Vec::new(),
+            copy_min_records: None,
         }
     }
 }
@@ -190,6 +208,14 @@ impl Store {
         }
     }
 
+    /// The PostgreSQL server's postmaster, for its CPU time.
+    fn postgres_pid(&self) -> Option<u32> {
+        match self {
+            Store::Sqlite(_) => None,
+            Store::Postgres(pg) => pg.pid(),
+        }
+    }
+
     /// The fleet's database for the run with `replicas` replicas (a fresh one per run).
     fn fleet_url(&self, replicas: usize) -> String {
         match (self, replicas) {
@@ -207,19 +233,171 @@ struct Outcome {
     /// Mean of the ceiling measured before and after the fleet, and the two values.
     ceiling: f64,
     ceiling_range: (f64, f64),
+    /// PostgreSQL: the same with binary `COPY` (NaN for SQLite).
+    copy_ceiling: f64,
+    copy_ceiling_range: (f64, f64),
+    /// The step the summary shows: the maximum sustained one of a ramp.
+    step: Step,
+    steps: Vec<Step>,
+    max_sustained: Option<usize>,
+    ramp: bool,
+    check: String,
+}
+
+/// One measurement window at one offered rate.
+#[derive(Default, Clone)]
+struct Step {
+    /// The rate asked of the publishers (0: as fast as the broker takes them).
+    target: f64,
     offered: f64,
     stored: f64,
+    /// Records/s by which the published-but-unstored backlog grew over the window.
+    backlog_growth: f64,
+    /// Share of the window the publishers were held back by the backlog cap.
     held_back: f64,
     list: Latencies,
     device: Latencies,
     ledger: Latencies,
     page: Latencies,
     http_errors: u64,
-    fleet_cpu: f64,
-    machine_cpu: f64,
+    /// CPU, in cores (1.0 = one core busy): the fleet processes, PostgreSQL (postmaster and
+    /// backends), Mosquitto, and this process (load generator, dashboard clients, scraper).
+    cpu_fleet: f64,
+    cpu_postgres: f64,
+    cpu_broker: f64,
+    cpu_bench: f64,
+    /// Share of all cores busy, and how many there are.
+    machine_busy: f64,
+    cores: f64,
     flush_ms: f64,
     batch_records: f64,
-    check: String,
+}
+
+/// What a step reads at its start and end.
+struct Sample {
+    at: Instant,
+    metrics: std::collections::BTreeMap<String, f64>,
+    published: u64,
+    held_back_us: u64,
+    cpu: [f64; 4],
+    machine: (f64, f64),
+}
+
+/// Where a step's numbers come from.
+struct Probe {
+    ports: Vec<u16>,
+    fleets: Vec<u32>,
+    broker: Option<u32>,
+    postgres: Option<u32>,
+}
+
+impl Probe {
+    async fn sample(&self, load: &Load) -> Sample {
+        let ports = self.ports.clone();
+        let metrics = tokio::task::spawn_blocking(move || metrics_sum(&ports))
+            .await
+            .unwrap_or_default();
+        Sample {
+            at: Instant::now(),
+            metrics,
+            published: load.records.load(Ordering::Relaxed),
+            held_back_us: load.held_back_us.load(Ordering::Relaxed),
+            cpu: [
+                self.fleets.iter().map(|p| proc_cpu(*p)).sum(),
+                self.postgres.map_or(0.0, tree_cpu),
+                self.broker.map_or(0.0, proc_cpu),
+                proc_cpu(std::process::id()),
+            ],
+            machine: machine_jiffies(),
+        }
+    }
+}
+
+impl Step {
+    fn between(target: f64, a: &Sample, b: &Sample, dash: Samples, connections: usize) -> Step {
+        let secs = b.at.duration_since(a.at).as_secs_f64();
+        let delta = |k: &str| {
+            b.metrics.get(k).copied().unwrap_or(0.0) - a.metrics.get(k).copied().unwrap_or(0.0)
+        };
+        let stored_at = |s: &Sample| s.metrics.get(STORED).copied().unwrap_or(0.0);
+        let backlog = |s: &Sample| s.published as f64 - stored_at(s);
+        let flushes = delta("db_seconds_count{op=\"flush\"}");
+        let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+        let (lists, devices, ledgers, pages, errors) = dash;
+        Step {
+            target,
+            offered: (b.published - a.published) as f64 / secs,
+            stored: delta(STORED) / secs,
+            backlog_growth: (backlog(b) - backlog(a)) / secs,
+            held_back: (b.held_back_us - a.held_back_us) as f64 / 1e6 / secs / connections as f64,
+            list: lists,
+            device: devices,
+            ledger: ledgers,
+            page: pages,
+            http_errors: errors,
+            cpu_fleet: (b.cpu[0] - a.cpu[0]) / secs,
+            cpu_postgres: (b.cpu[1] - a.cpu[1]) / secs,
+            cpu_broker: (b.cpu[2] - a.cpu[2]) / secs,
+            cpu_bench: (b.cpu[3] - a.cpu[3]) / secs,
+            machine_busy: (b.machine.0 - a.machine.0) / (b.machine.1 - a.machine.1),
+            cores,
+            flush_ms: delta("db_seconds_sum{op=\"flush\"}") / flushes * 1e3,
+            batch_records: delta("batch_records_sum") / delta("batch_records_count").max(1.0),
+        }
+    }
+
+    /// Whether the fleet kept up with this step (see [`SUSTAINED`]).
+    fn sustained(&self) -> bool {
+        self.verdict() == "sustained"
+    }
+
+    fn verdict(&self) -> &'static str {
+        if self.held_back > 0.01 {
+            "behind: publishers held back by the backlog cap"
+        } else if self.stored < SUSTAINED * self.offered {
+            "behind: stored < 95% of offered"
+        } else if self.backlog_growth > (1.0 - SUSTAINED) * self.offered {
+            "behind: backlog growing"
+        } else if self.target > 0.0 && self.offered < SUSTAINED * self.target {
+            "generator limit: offered < 95% of the step, not held back"
+        } else {
+            "sustained"
+        }
+    }
+
+    /// CPU of each process group in % of one core, and of the whole machine in %.
+    fn cpu(&self) -> String {
+        format!(
+            "{:.0} / {:.0} / {:.0} / {:.0} / {:.0} of {:.0}",
+            self.cpu_fleet * 100.0,
+            self.cpu_postgres * 100.0,
+            self.cpu_broker * 100.0,
+            self.cpu_bench * 100.0,
+            self.machine_busy * self.cores * 100.0,
+            self.cores * 100.0
+        )
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "step {}: offered {:.0}/s, stored {:.0}/s, backlog {:+.0}/s, held back {:.0}%, mean flush {:.1} ms for {:.0} records, list p50/p99 {} ms, page {} ms, CPU % of a core fleet/postgres/mosquitto/bench/machine {}: {}",
+            if self.target > 0.0 {
+                format!("{:.0}", self.target)
+            } else {
+                "max".into()
+            },
+            self.offered,
+            self.stored,
+            self.backlog_growth,
+            self.held_back * 100.0,
+            self.flush_ms,
+            self.batch_records,
+            self.list.show(),
+            self.page.show(),
+            self.cpu(),
+            self.verdict()
+        )
+    }
 }
 
 #[derive(Default, Clone)]
@@ -278,14 +456,23 @@ pub async fn run(args: Args, measure: Duration) -> Result<()> {
         let batch = args
             .batch_max_records
             .unwrap_or(ember_fleet::config::DEFAULT_BATCH_MAX_RECORDS);
-        // The ceiling is measured before and after the fleet (the machine's load drifts), and
-        // their mean is the baseline.
-        let before = if args.no_baselines {
-            f64::NAN
+        let pg = case != DbCase::Sqlite;
+        // The ceilings are measured before and after the fleet (the machine's load drifts),
+        // and their mean is the baseline.
+        let (before, copy_before) = if args.no_baselines {
+            (f64::NAN, f64::NAN)
         } else {
             let c = db_ceiling(&store.url("ceiling_a"), &args, batch, measure).await?;
-            eprintln!("database ceiling before: {c:.0} records/s");
-            c
+            eprintln!("database ceiling (INSERT) before: {c:.0} records/s");
+            let k = if pg {
+                let k =
+                    db_copy_ceiling(&store.url("copy_ceiling_a"), &args, batch, measure).await?;
+                eprintln!("database ceiling (COPY) before: {k:.0} records/s");
+                k
+            } else {
+                f64::NAN
+            };
+            (c, k)
         };
         let mut runs = Vec::new();
         for &replicas in &args.replicas {
@@ -296,16 +483,26 @@ pub async fn run(args: Args, measure: Duration) -> Result<()> {
             eprintln!("-- {replicas} replica(s)");
             runs.push(fleet_case(&args, case, &store, &fleet_bin, measure, replicas).await?);
         }
-        let after = if args.no_baselines {
-            f64::NAN
+        let (after, copy_after) = if args.no_baselines {
+            (f64::NAN, f64::NAN)
         } else {
             let c = db_ceiling(&store.url("ceiling_b"), &args, batch, measure).await?;
-            eprintln!("database ceiling after: {c:.0} records/s");
-            c
+            eprintln!("database ceiling (INSERT) after: {c:.0} records/s");
+            let k = if pg {
+                let k =
+                    db_copy_ceiling(&store.url("copy_ceiling_b"), &args, batch, measure).await?;
+                eprintln!("database ceiling (COPY) after: {k:.0} records/s");
+                k
+            } else {
+                f64::NAN
+            };
+            (c, k)
         };
         for mut o in runs {
             o.ceiling = (before + after) / 2.0;
             o.ceiling_range = (before.min(after), before.max(after));
+            o.copy_ceiling = (copy_before + copy_after) / 2.0;
+            o.copy_ceiling_range = (copy_before.min(copy_after), copy_before.max(copy_after));
             outcomes.push(o);
         }
     }
@@ -320,39 +517,94 @@ pub async fn run(args: Args, measure: Duration) -> Result<()> {
         "| Mosquitto plain delivery, one subscriber connection | | | {delivery:.0} | | | | | baseline |"
     );
     for o in &outcomes {
+        let st = &o.step;
         println!(
-            "| {} | {} | {:.0} | **{:.0}** | **{:.2}** | {:.0} ({:.0}-{:.0}) | {} | {} | {} |",
+            "| {}{} | {} | {:.0} | **{:.0}** | **{:.2}** | {:.0} ({:.0}-{:.0}) | {} | {} | {} |",
             o.case.label(),
+            if o.ramp {
+                ", max sustained ramp step"
+            } else {
+                ""
+            },
             o.replicas,
-            o.offered,
-            o.stored,
-            o.stored / o.ceiling,
+            st.offered,
+            st.stored,
+            st.stored / o.ceiling,
             o.ceiling,
             o.ceiling_range.0,
             o.ceiling_range.1,
-            o.list.show(),
-            o.page.show(),
+            st.list.show(),
+            st.page.show(),
             o.check
         );
     }
     println!();
     for o in &outcomes {
+        let st = &o.step;
         println!(
-            "{} x{}: stored/broker delivery {:.2}; publishers held back {:.0}% of the window; GET device p50/p99 {} ms, ledger {} ms, {} list + {} page samples, {} HTTP errors; fleet CPU {:.0}% of one core, machine CPU busy {:.0}%; mean flush {:.1} ms for {:.0} records",
+            "{} x{}: stored/broker delivery {:.2}; publishers held back {:.0}% of the window; GET device p50/p99 {} ms, ledger {} ms, {} list + {} page samples, {} HTTP errors; CPU % of one core fleet/postgres/mosquitto/bench/machine {}; mean flush {:.1} ms for {:.0} records",
             o.case.label(),
             o.replicas,
-            o.stored / delivery,
-            o.held_back * 100.0,
-            o.device.show(),
-            o.ledger.show(),
-            o.list.0.len(),
-            o.page.0.len(),
-            o.http_errors,
-            o.fleet_cpu * 100.0,
-            o.machine_cpu * 100.0,
-            o.flush_ms,
-            o.batch_records
+            st.stored / delivery,
+            st.held_back * 100.0,
+            st.device.show(),
+            st.ledger.show(),
+            st.list.0.len(),
+            st.page.0.len(),
+            st.http_errors,
+            st.cpu(),
+            st.flush_ms,
+            st.batch_records
         );
+    }
+    for o in outcomes.iter().filter(|o| o.ramp) {
+        println!();
+        println!(
+            "Ramp, {} x{} (DB ceiling INSERT {:.0} ({:.0}-{:.0}), COPY {:.0} ({:.0}-{:.0}) rec/s):",
+            o.case.label(),
+            o.replicas,
+            o.ceiling,
+            o.ceiling_range.0,
+            o.ceiling_range.1,
+            o.copy_ceiling,
+            o.copy_ceiling_range.0,
+            o.copy_ceiling_range.1
+        );
+        println!();
+        println!(
+            "| step rec/s | offered | stored | of INSERT ceiling | of COPY ceiling | backlog rec/s | mean flush ms (records) | list p50 / p99 ms | page p50 / p99 ms | CPU % of a core: fleet / postgres / mosquitto / bench / machine | verdict |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
+        for st in &o.steps {
+            println!(
+                "| {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:+.0} | {:.1} ({:.0}) | {} | {} | {} | {} |",
+                st.target,
+                st.offered,
+                st.stored,
+                st.stored / o.ceiling,
+                st.stored / o.copy_ceiling,
+                st.backlog_growth,
+                st.flush_ms,
+                st.batch_records,
+                st.list.show(),
+                st.page.show(),
+                st.cpu(),
+                st.verdict()
+            );
+        }
+        match o.max_sustained {
+            Some(i) => println!(
+                "\nmax sustained: {:.0} rec/s stored at the {:.0} rec/s step = {:.2} of the INSERT ceiling, {:.2} of the COPY ceiling; list p50/p99 {} ms, page {} ms; {}",
+                o.steps[i].stored,
+                o.steps[i].target,
+                o.steps[i].stored / o.ceiling,
+                o.steps[i].stored / o.copy_ceiling,
+                o.steps[i].list.show(),
+                o.steps[i].page.show(),
+                o.check
+            ),
+            None => println!("\nno step sustained; {}", o.check),
+        }
     }
     Ok(())
 }
@@ -401,6 +653,9 @@ pub(crate) struct Load {
     held_back_us: AtomicU64,
     /// Set to stop publishing telemetry (final statuses follow).
     stop: AtomicBool,
+    /// The offered rate in records/s (`f64` bits; 0: as fast as the broker takes them); a
+    /// ramp raises it while the publishers run.
+    rate: AtomicU64,
 }
 
 /// Publishes for the devices `first, first + step, ...` on one connection until `load.stop`;
@@ -447,21 +702,24 @@ async fn publisher(
     for d in &devices {
         publish(&client, &load, &status_topic(d), status(d, 0), true).await?;
     }
-    // Seconds per message on this connection, for the share of the offered rate it carries.
-    let interval = (args.rate > 0.0).then(|| {
-        Duration::from_secs_f64(args.records as f64 * args.connections as f64 / args.rate)
-    });
     let mut next = tokio::time::Instant::now();
     let mut i = 0usize;
     while !load.stop.load(Ordering::Relaxed) {
-        if let Some(interval) = interval {
-            next += interval;
+        let rate = f64::from_bits(load.rate.load(Ordering::Relaxed));
+        if rate > 0.0 {
+            // Seconds per message on this connection, for the share of the offered rate it
+            // carries; a publisher that fell behind catches up for at most a second.
+            let interval =
+                Duration::from_secs_f64(args.records as f64 * args.connections as f64 / rate);
+            let now = tokio::time::Instant::now();
+            next = (next + interval).max(now.checked_sub(Duration::from_secs(1)).unwrap_or(now));
             tokio::time::sleep_until(next).await;
         }
+        // The backlog cap: at least two seconds of the offered rate.
+        let cap = LAG_CAP.max((rate * 2.0) as u64);
         let t = Instant::now();
         let mut held = false;
-        while load.records.load(Ordering::Relaxed)
-            > load.downstream.load(Ordering::Relaxed) + LAG_CAP
+        while load.records.load(Ordering::Relaxed) > load.downstream.load(Ordering::Relaxed) + cap
             && !load.stop.load(Ordering::Relaxed)
         {
             held = true;
@@ -552,6 +810,8 @@ pub(crate) type Publisher = tokio::task::JoinHandle<Result<Vec<(String, u64)>>>;
 
 /// Starts the publishers; each connection carries every `connections`-th device.
 pub(crate) fn start_load(port: u16, args: &Args, load: &Arc<Load>) -> Vec<Publisher> {
+    let first = args.ramp.first().copied().unwrap_or(args.rate);
+    load.rate.store(first.to_bits(), Ordering::Relaxed);
     let ids = device_ids(args.devices);
     (0..args.connections)
         .map(|c| {
@@ -608,6 +868,7 @@ pub(crate) async fn broker_delivery(args: &Args, measure: Duration) -> Result<f6
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut plain = args.clone();
     plain.rate = 0.0;
+    plain.ramp = Vec::new();
     let tasks = start_load(broker.port(), &plain, &load);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (t0, d0) = (Instant::now(), load.downstream.load(Ordering::Relaxed));
@@ -678,6 +939,73 @@ async fn db_ceiling(url: &str, args: &Args, batch: usize, measure: Duration) -> 
     }
 }
 
+/// Records/s of the fleet writer's PostgreSQL `COPY` path alone: per transaction, `batch`
+/// records of `batch / records` devices copied in binary into the writer's staging table
+/// ([`ember_fleet::server::ingest::staging`]), then moved into `telemetry` by the writer's
+/// `INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING` in one transaction of the pool.
+async fn db_copy_ceiling(url: &str, args: &Args, batch: usize, measure: Duration) -> Result<f64> {
+    use ember_fleet::server::ingest::staging::{StagedRow, Staging, encode_binary};
+    let settings = Settings::from_toml(
+        &format!("[database]\nurl = \"{url}\"\n"),
+        "bench",
+        Vec::new(),
+    )?;
+    let db = Db::open(&settings.database).await?;
+    let mut staging = Staging::open(&db.own_url()).await?;
+    let insert = format!(
+        "INSERT INTO telemetry (device_id, stream, seq, ts, vals, received_at) \
+         SELECT device_id, stream, seq, ts, vals, received_at FROM {} \
+         ORDER BY device_id, stream, seq \
+         ON CONFLICT (device_id, stream, seq) DO NOTHING RETURNING seq",
+        staging.table()
+    );
+    let ids = device_ids(args.devices);
+    let mut seqs = vec![0u64; ids.len()];
+    let per_tx = (batch / args.records).max(1);
+    let base_ts = now_us() as i64;
+    let mut device = 0usize;
+    let mut stored = 0u64;
+    let start = Instant::now();
+    let mut t0: Option<(Instant, u64)> = None;
+    loop {
+        let at = now_us() as i64;
+        let mut rows: Vec<(usize, i64, Vec<f32>)> = Vec::with_capacity(per_tx * args.records);
+        for _ in 0..per_tx {
+            for _ in 0..args.records {
+                seqs[device] += 1;
+                let seq = seqs[device] as i64;
+                let vals = (0..args.channels)
+                    .map(|c| (seq % 1000) as f32 * 0.01 + c as f32)
+                    .collect();
+                rows.push((device, seq, vals));
+            }
+            device = (device + 1) % ids.len();
+        }
+        let copy = encode_binary(rows.iter().map(|(d, seq, vals)| StagedRow {
+            device: &ids[*d],
+            stream: STREAM,
+            seq: *seq,
+            ts: base_ts + seq * SAMPLE_US as i64,
+            vals,
+            received_at: at,
+        }));
+        staging.stage(&copy).await?;
+        let mut tx = db.pool().begin().await?;
+        stored += sqlx::query(&insert).fetch_all(&mut *tx).await?.len() as u64;
+        tx.commit().await?;
+        if t0.is_none() && start.elapsed() >= Duration::from_secs(3) {
+            t0 = Some((Instant::now(), stored));
+        }
+        if let Some((t, s)) = t0
+            && t.elapsed() >= measure
+        {
+            staging.close().await;
+            db.close().await;
+            return Ok((stored - s) as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+}
+
 // ---- the fleet --------------------------------------------------------------------------
 
 /// The `ember-fleet` binary as a child process; SIGTERMed (then killed) when dropped.
@@ -719,11 +1047,6 @@ impl FleetProcess {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-
-    /// User + system CPU seconds so far.
-    fn cpu_seconds(&self) -> f64 {
-        proc_cpu(self.child.id())
-    }
 }
 
 impl Drop for FleetProcess {
@@ -757,6 +1080,30 @@ pub(crate) fn proc_cpu(pid: u32) -> f64 {
         .collect();
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
     (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+}
+
+/// CPU seconds of a process and its children (PostgreSQL: the postmaster and its backends;
+/// a backend that exited between two samples is not counted).
+fn tree_cpu(pid: u32) -> f64 {
+    let mut total = proc_cpu(pid);
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                total += proc_cpu(child);
+            }
+        }
+    }
+    total
 }
 
 /// (busy, total) jiffies of the whole machine.
@@ -805,6 +1152,9 @@ fn fleet_config(
     }
     if let Some(n) = args.channel_capacity {
         c.push_str(&format!("channel_capacity = {n}\n"));
+    }
+    if let Some(n) = args.copy_min_records {
+        c.push_str(&format!("copy_min_records = {n}\n"));
     }
     c
 }
@@ -895,41 +1245,42 @@ async fn fleet_case(
     let dash = Dashboard::start(http, args.devices, measuring.clone());
     tokio::time::sleep(WARMUP).await;
 
-    let snap = || {
-        let ports = ports.clone();
-        async move {
-            tokio::task::spawn_blocking(move || metrics_sum(&ports))
-                .await
-                .unwrap_or_default()
-        }
+    let probe = Probe {
+        ports: ports.clone(),
+        fleets: fleets.iter().map(|f| f.child.id()).collect(),
+        broker: broker.pid(),
+        postgres: store.postgres_pid(),
     };
-    let cpu = |fleets: &[FleetProcess]| fleets.iter().map(FleetProcess::cpu_seconds).sum::<f64>();
-    let m0 = snap().await;
-    let (r0, h0) = (
-        load.records.load(Ordering::Relaxed),
-        load.held_back_us.load(Ordering::Relaxed),
-    );
-    let (cpu0, mach0, t0) = (cpu(&fleets), machine_jiffies(), Instant::now());
-    measuring.store(true, Ordering::Relaxed);
-    tokio::time::sleep(measure).await;
-    measuring.store(false, Ordering::Relaxed);
-    let m1 = snap().await;
-    let secs = t0.elapsed().as_secs_f64();
-    let (cpu1, mach1) = (cpu(&fleets), machine_jiffies());
-    let r1 = load.records.load(Ordering::Relaxed);
-    let h1 = load.held_back_us.load(Ordering::Relaxed);
-    let delta = |k: &str| m1.get(k).copied().unwrap_or(0.0) - m0.get(k).copied().unwrap_or(0.0);
-    let stored = delta(STORED) / secs;
-    let offered = (r1 - r0) as f64 / secs;
-    let flushes = delta("db_seconds_count{op=\"flush\"}");
-    let flush_ms = delta("db_seconds_sum{op=\"flush\"}") / flushes * 1e3;
-    let batch_records = delta("batch_records_sum") / delta("batch_records_count").max(1.0);
-    eprintln!(
-        "window: offered {offered:.0}/s, stored {stored:.0}/s, {flushes:.0} flushes, mean {flush_ms:.1} ms, {batch_records:.0} records/batch"
-    );
+    let rates = if args.ramp.is_empty() {
+        vec![args.rate]
+    } else {
+        args.ramp.clone()
+    };
+    let mut steps = Vec::new();
+    for (k, &rate) in rates.iter().enumerate() {
+        if !args.ramp.is_empty() {
+            load.rate.store(rate.to_bits(), Ordering::Relaxed);
+            if k > 0 {
+                tokio::time::sleep(STEP_SETTLE).await;
+            }
+        }
+        let a = probe.sample(&load).await;
+        let samples0 = dash.lengths();
+        measuring.store(true, Ordering::Relaxed);
+        tokio::time::sleep(measure).await;
+        measuring.store(false, Ordering::Relaxed);
+        let b = probe.sample(&load).await;
+        let step = Step::between(rate, &a, &b, dash.since(samples0), args.connections);
+        eprintln!("{}", step.line());
+        let behind = !step.sustained();
+        steps.push(step);
+        if !args.ramp.is_empty() && behind {
+            break;
+        }
+    }
 
     let seqs = stop_load(&load, tasks).await?;
-    let (lists, devices, ledgers, pages, errors) = dash.stop();
+    let (_, _, _, _, errors) = dash.stop();
     let published: u64 = seqs.iter().map(|(_, s)| *s).sum();
     eprintln!("published {published} records; waiting for the fleet to store them all");
     let check = verify(&ports, &url, &seqs, published).await;
@@ -952,23 +1303,24 @@ async fn fleet_case(
         }
     }
     drop(fleets);
+    // The step reported in the main table: the highest sustained one of a ramp (or the last
+    // if none was), the only one otherwise.
+    let max_sustained = steps.iter().rposition(Step::sustained);
+    let shown = max_sustained.unwrap_or(steps.len().saturating_sub(1));
+    let mut step = steps.get(shown).cloned().unwrap_or_default();
+    // The dashboard's error count covers the whole run.
+    step.http_errors = errors;
     Ok(Outcome {
         case,
         replicas,
         ceiling: f64::NAN,
         ceiling_range: (f64::NAN, f64::NAN),
-        offered,
-        stored,
-        held_back: (h1 - h0) as f64 / 1e6 / secs / args.connections as f64,
-        list: lists,
-        device: devices,
-        ledger: ledgers,
-        page: pages,
-        http_errors: errors,
-        fleet_cpu: (cpu1 - cpu0) / secs,
-        machine_cpu: (mach1.0 - mach0.0) / (mach1.1 - mach0.1),
-        flush_ms,
-        batch_records,
+        copy_ceiling: f64::NAN,
+        copy_ceiling_range: (f64::NAN, f64::NAN),
+        step,
+        steps,
+        max_sustained,
+        ramp: !args.ramp.is_empty(),
         check,
     })
 }
@@ -1148,6 +1500,37 @@ impl Dashboard {
             threads: vec![list, page],
             samples,
         }
+    }
+
+    /// How many samples (and errors) there are so far, for [`Dashboard::since`].
+    fn lengths(&self) -> [usize; 5] {
+        self.samples.lock().map_or([0; 5], |s| {
+            [
+                s.0.0.len(),
+                s.1.0.len(),
+                s.2.0.len(),
+                s.3.0.len(),
+                s.4 as usize,
+            ]
+        })
+    }
+
+    /// The samples taken since `lengths`.
+    fn since(&self, l: [usize; 5]) -> Samples {
+        self.samples.lock().map_or_else(
+            |_| Samples::default(),
+            |s| {
+                let tail =
+                    |v: &Latencies, from: usize| Latencies(v.0.get(from..).unwrap_or(&[]).to_vec());
+                (
+                    tail(&s.0, l[0]),
+                    tail(&s.1, l[1]),
+                    tail(&s.2, l[2]),
+                    tail(&s.3, l[3]),
+                    s.4.saturating_sub(l[4] as u64),
+                )
+            },
+        )
     }
 
     fn stop(self) -> Samples {

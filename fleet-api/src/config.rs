@@ -48,6 +48,11 @@ pub const DEFAULT_SESSION_EXPIRY_S: u32 = 3600;
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 pub const DEFAULT_BATCH_MAX_RECORDS: usize = 1000;
 pub const DEFAULT_BATCH_MAX_DELAY_MS: u64 = 50;
+/// PostgreSQL: a batch with at least this many telemetry records is written with a binary
+/// `COPY` into a staging table instead of a multi-row `INSERT` (see
+/// `server::ingest::staging`). Off (0) by default: with 1,000-record batches it lost to the
+/// multi-row `INSERT` on the 2-core benchmark machine (docs/benchmarks.md, 2026-12-07).
+pub const DEFAULT_COPY_MIN_RECORDS: usize = 0;
 /// Messages between the MQTT reader and the database writer.
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 512;
 /// Channels per record that get per-minute aggregates (the rest are stored, not aggregated).
@@ -216,6 +221,7 @@ pub struct RawIngest {
     pub max_payload_bytes: Option<usize>,
     pub batch_max_records: Option<usize>,
     pub batch_max_delay_ms: Option<u64>,
+    pub copy_min_records: Option<usize>,
     pub channel_capacity: Option<usize>,
     pub aggregate_channels: Option<usize>,
     /// `"mqtt"` (default), `"kinesis"`, `"eventhubs"` or `"pubsub"`.
@@ -455,6 +461,8 @@ pub struct IngestSettings {
     pub max_payload_bytes: usize,
     pub batch_max_records: usize,
     pub batch_max_delay_ms: u64,
+    /// PostgreSQL: telemetry by `COPY` from this many records in a batch; 0: never.
+    pub copy_min_records: usize,
     pub channel_capacity: usize,
     pub aggregate_channels: usize,
     /// Where device messages come from (`ingest.source`).
@@ -872,6 +880,7 @@ impl Settings {
             max_payload_bytes: i.max_payload_bytes.unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES),
             batch_max_records: i.batch_max_records.unwrap_or(DEFAULT_BATCH_MAX_RECORDS),
             batch_max_delay_ms: i.batch_max_delay_ms.unwrap_or(DEFAULT_BATCH_MAX_DELAY_MS),
+            copy_min_records: i.copy_min_records.unwrap_or(DEFAULT_COPY_MIN_RECORDS),
             channel_capacity: i.channel_capacity.unwrap_or(DEFAULT_CHANNEL_CAPACITY),
             aggregate_channels: i.aggregate_channels.unwrap_or(DEFAULT_AGGREGATE_CHANNELS),
         };
@@ -886,6 +895,9 @@ impl Settings {
         }
         if !(1..=60_000).contains(&ingest.batch_max_delay_ms) {
             return Err(invalid("ingest.batch_max_delay_ms", "must be 1-60000"));
+        }
+        if ingest.copy_min_records > 100_000 {
+            return Err(invalid("ingest.copy_min_records", "must be 0-100000"));
         }
         if !(1..=65_536).contains(&ingest.channel_capacity) {
             return Err(invalid("ingest.channel_capacity", "must be 1-65536"));
@@ -1781,6 +1793,7 @@ mod tests {
             "max_payload_bytes",
             "batch_max_records",
             "batch_max_delay_ms",
+            "copy_min_records",
             "channel_capacity",
             "aggregate_channels",
             "source",

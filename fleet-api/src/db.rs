@@ -176,6 +176,8 @@ pub struct Db {
     /// With `database.token_source`: the URL carrying the current token, for connections the
     /// fleet opens outside the pool ([`Db::connect_url`]).
     signed_url: std::sync::Arc<std::sync::RwLock<Option<String>>>,
+    /// `database.url` as configured, for [`Db::own_url`].
+    configured_url: std::sync::Arc<str>,
 }
 
 impl Db {
@@ -226,6 +228,7 @@ impl Db {
             pool,
             backend,
             signed_url,
+            configured_url: settings.url.as_str().into(),
         })
     }
 
@@ -237,6 +240,12 @@ impl Db {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .unwrap_or_else(|| configured.to_string())
+    }
+
+    /// [`Db::connect_url`] of the URL this pool was opened with: for a connection of its own
+    /// (the ingest writer's PostgreSQL `COPY` connection).
+    pub fn own_url(&self) -> String {
+        self.connect_url(&self.configured_url)
     }
 
     /// Connects and brings the schema up to date (or checks that a newer one is compatible).

@@ -157,6 +157,12 @@ const FAMILIES: &[Family] = &[
         help: "Telemetry records per database write batch.",
     },
     Family {
+        name: "records_copied_total",
+        kind: Kind::Counter,
+        labels: &[],
+        help: "Telemetry records the PostgreSQL writer sent by binary COPY through its staging table (batches of at least ingest.copy_min_records); each is also counted in records_total as stored or duplicate.",
+    },
+    Family {
         name: "batch_messages",
         kind: Kind::Histogram(BATCH_BUCKETS),
         labels: &[],

@@ -121,6 +121,18 @@ impl TestPostgres {
         self.port
     }
 
+    /// The postmaster's process id (from `postmaster.pid`), for benchmarks that read the
+    /// server's CPU time from `/proc` (its backends are its children).
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// `postgres://postgres@127.0.0.1:<port>/postgres` (trust authentication).
     pub fn url(&self) -> String {
         self.database_url("postgres")

@@ -53,6 +53,7 @@ pub mod eventhubs;
 pub mod kinesis;
 pub mod pubsub;
 pub mod source;
+pub mod staging;
 pub mod writer;
 
 use std::collections::{HashMap, VecDeque};
