@@ -459,21 +459,8 @@ pub async fn run(args: Args, measure: Duration) -> Result<()> {
         let pg = case != DbCase::Sqlite;
         // The ceilings are measured before and after the fleet (the machine's load drifts),
         // and their mean is the baseline.
-        let (before, copy_before) = if args.no_baselines {
-            (f64::NAN, f64::NAN)
-        } else {
-            let c = db_ceiling(&store.url("ceiling_a"), &args, batch, measure).await?;
-            eprintln!("database ceiling (INSERT) before: {c:.0} records/s");
-            let k = if pg {
-                let k =
-                    db_copy_ceiling(&store.url("copy_ceiling_a"), &args, batch, measure).await?;
-                eprintln!("database ceiling (COPY) before: {k:.0} records/s");
-                k
-            } else {
-                f64::NAN
-            };
-            (c, k)
-        };
+        let (before, copy_before) =
+            ceilings(&store, &args, batch, measure, pg, ("before", "a")).await?;
         let mut runs = Vec::new();
         for &replicas in &args.replicas {
             if case == DbCase::Sqlite && replicas != 1 {
@@ -483,21 +470,8 @@ pub async fn run(args: Args, measure: Duration) -> Result<()> {
             eprintln!("-- {replicas} replica(s)");
             runs.push(fleet_case(&args, case, &store, &fleet_bin, measure, replicas).await?);
         }
-        let (after, copy_after) = if args.no_baselines {
-            (f64::NAN, f64::NAN)
-        } else {
-            let c = db_ceiling(&store.url("ceiling_b"), &args, batch, measure).await?;
-            eprintln!("database ceiling (INSERT) after: {c:.0} records/s");
-            let k = if pg {
-                let k =
-                    db_copy_ceiling(&store.url("copy_ceiling_b"), &args, batch, measure).await?;
-                eprintln!("database ceiling (COPY) after: {k:.0} records/s");
-                k
-            } else {
-                f64::NAN
-            };
-            (c, k)
-        };
+        let (after, copy_after) =
+            ceilings(&store, &args, batch, measure, pg, ("after", "b")).await?;
         for mut o in runs {
             o.ceiling = (before + after) / 2.0;
             o.ceiling_range = (before.min(after), before.max(after));
@@ -877,6 +851,37 @@ pub(crate) async fn broker_delivery(args: &Args, measure: Duration) -> Result<f6
     stop_load(&load, tasks).await?;
     sub.abort();
     Ok(rate)
+}
+
+/// The bare database ceilings, INSERT and (PostgreSQL) COPY, into databases named by `tag`
+/// (NaN with `--no-baselines`); `when` is for the log line.
+async fn ceilings(
+    store: &Store,
+    args: &Args,
+    batch: usize,
+    measure: Duration,
+    pg: bool,
+    (when, tag): (&str, &str),
+) -> Result<(f64, f64)> {
+    if args.no_baselines {
+        return Ok((f64::NAN, f64::NAN));
+    }
+    let c = db_ceiling(&store.url(&format!("ceiling_{tag}")), args, batch, measure).await?;
+    eprintln!("database ceiling (INSERT) {when}: {c:.0} records/s");
+    let k = if pg {
+        let k = db_copy_ceiling(
+            &store.url(&format!("copy_ceiling_{tag}")),
+            args,
+            batch,
+            measure,
+        )
+        .await?;
+        eprintln!("database ceiling (COPY) {when}: {k:.0} records/s");
+        k
+    } else {
+        f64::NAN
+    };
+    Ok((c, k))
 }
 
 /// Records/s of the fleet writer's telemetry statement alone: per transaction, `batch`
