@@ -1269,7 +1269,9 @@ mod tests {
     }
 
     /// Every committed bundle verifies with the dev key and reproduces its golden vectors on
-    /// flex. CI also runs this under qemu-aarch64 (`--target aarch64-unknown-linux-gnu`).
+    /// flex. CI also runs this under qemu-aarch64 (`--target aarch64-unknown-linux-gnu`),
+    /// where the agent is built as for devices: without `wgpu`, so ember-models runs every
+    /// model through its plan and has no burn forward pass to fall back on.
     #[test]
     fn golden_vectors_of_every_committed_bundle_pass_on_flex() {
         golden_vectors_pass_on(Backend::Flex);
@@ -1293,8 +1295,16 @@ mod tests {
             if path.extension().and_then(|e| e.to_str()) != Some("bundle") {
                 continue;
             }
-            prepare_bundle(&path, &trusted, &device)
+            let (_, model) = prepare_bundle(&path, &trusted, &device)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            // On flex every committed model runs through ember-models' inference plan: the
+            // device build (no `wgpu`, so no burn modules) could run no other way.
+            assert_eq!(
+                model.planned(),
+                backend == Backend::Flex,
+                "{}",
+                path.display()
+            );
             seen += 1;
         }
         assert!(seen >= 4, "expected the 4 committed bundles, found {seen}");

@@ -7,7 +7,7 @@
 
 use burn::prelude::*;
 use burn::store::ModuleRecord;
-use burn::tensor::{Bytes, TensorData};
+use burn::tensor::Bytes;
 
 use crate::bundle::Bundle;
 use crate::hex;
@@ -64,6 +64,13 @@ pub enum ModelError {
     KeepQuantized { device: String },
     #[error("the backend failed to return a result: {message}")]
     Backend { message: String },
+    #[error(
+        "this build runs models only through Ember's inference plan, which cannot run this {architecture} model ({reason}); use a build with burn's modules (the agent's `wgpu` feature, or ember-models' `burn-modules`)"
+    )]
+    Unplanned {
+        architecture: String,
+        reason: &'static str,
+    },
 }
 
 /// How to load a model.
@@ -212,6 +219,17 @@ impl LoadedModel {
         let plan = (manifest.precision == Precision::F32 || options.dequantize)
             .then(|| Plan::new(&net, manifest.input.channels, manifest.input.window))
             .flatten();
+        #[cfg(not(feature = "burn-modules"))]
+        if plan.is_none() {
+            return Err(ModelError::Unplanned {
+                architecture: manifest.architecture.kind().to_string(),
+                reason: if manifest.precision == Precision::Int8 && !options.dequantize {
+                    "int8 weights kept quantized"
+                } else {
+                    "its layers or sizes do not chain"
+                },
+            });
+        }
         Ok(LoadedModel {
             net,
             plan,
@@ -313,6 +331,15 @@ impl LoadedModel {
             plan.run_into(windows, &self.input.normalization, out);
             return Ok(());
         }
+        self.run_modules(windows, out)
+    }
+
+    /// The network through burn's modules (GPU devices, int8 weights kept quantized).
+    #[cfg(feature = "burn-modules")]
+    fn run_modules(&self, windows: &[f32], out: &mut Vec<f32>) -> Result<(), ModelError> {
+        use burn::tensor::TensorData;
+        let (channels, window) = (self.input.channels, self.input.window);
+        let per_window = self.window_len();
         let batch = windows.len() / per_window;
         let mut x = windows.to_vec();
         self.input.normalization.apply(&mut x, window);
@@ -328,6 +355,16 @@ impl LoadedModel {
             })?;
         out.extend_from_slice(&values);
         Ok(())
+    }
+
+    /// Never reached: without `burn-modules` every loaded model has a plan (`load_with`
+    /// refuses the others) and `from_net` networks are on flex.
+    #[cfg(not(feature = "burn-modules"))]
+    fn run_modules(&self, _windows: &[f32], _out: &mut Vec<f32>) -> Result<(), ModelError> {
+        Err(ModelError::Unplanned {
+            architecture: self.architecture.kind().to_string(),
+            reason: "the network is not on flex or its sizes do not chain",
+        })
     }
 
     /// Whether this model runs through an inference [`Plan`] (flex, f32 weights) rather than
