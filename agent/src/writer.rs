@@ -60,8 +60,6 @@ pub async fn run(
         // sled's own cadence: flushed (not fsynced) every 500 ms.
         FsyncPolicy::Never => Some(Duration::from_millis(500)),
     };
-    // Housekeeping runs between batches, never starved by a busy channel.
-    let housekeeping = commit_every.unwrap_or(MAINTAIN_EVERY).min(MAINTAIN_EVERY);
     let mut last_commit = tokio::time::Instant::now();
     let mut last_maintain = tokio::time::Instant::now();
     let mut batch: Vec<Sample> = Vec::with_capacity(max);
@@ -76,7 +74,9 @@ pub async fn run(
         if (open || inf_open) && batch.len() < max {
             let deadline = tokio::time::sleep(delay);
             tokio::pin!(deadline);
-            let chores = tokio::time::sleep_until(last_commit.min(last_maintain) + housekeeping);
+            // Housekeeping runs between batches, never starved by a busy channel.
+            let chores =
+                tokio::time::sleep_until(next_chore(last_commit, last_maintain, commit_every));
             tokio::pin!(chores);
             // Collect a batch: wait for the first sample, then take what arrives in `delay`.
             loop {
@@ -183,6 +183,22 @@ pub async fn run(
     }
 }
 
+/// When the collect loop stops waiting for samples to do housekeeping: the next commit (on an
+/// fsync interval) or the next maintenance, whichever is due first. Both are reset when they
+/// run, so this is always ahead of the last chore. (It once took the older of the two *last*
+/// times plus the shorter period, which stays in the past when commits are not on a timer,
+/// `fsync = "every_batch"`, the default, or come faster than maintenance: from the first
+/// second on, an agent whose channel was not always busy woke at once, forever, and held a
+/// core.)
+fn next_chore(
+    last_commit: tokio::time::Instant,
+    last_maintain: tokio::time::Instant,
+    commit_every: Option<Duration>,
+) -> tokio::time::Instant {
+    let maintain_at = last_maintain + MAINTAIN_EVERY;
+    commit_every.map_or(maintain_at, |every| maintain_at.min(last_commit + every))
+}
+
 async fn recv_produced(inference: &mut Option<WriterInference>) -> Option<Produced> {
     match inference.as_mut() {
         Some(inf) => inf.rx.recv().await,
@@ -279,5 +295,93 @@ async fn maintain(queue: &Arc<Queue>) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "Queue maintenance failed."),
         Err(e) => tracing::error!(error = %e, "Queue maintenance panicked."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc as std_mpsc;
+
+    use super::*;
+    use crate::config::{FullPolicy, QueueSettings};
+    use crate::metrics::Metrics;
+
+    fn queue_settings(fsync: FsyncPolicy) -> QueueSettings {
+        QueueSettings {
+            max_bytes: 1 << 30,
+            max_age_s: 3600,
+            full_policy: FullPolicy::DropOldest,
+            fsync,
+            append_max_records: 1000,
+            append_max_delay_ms: 10,
+            cache_bytes: 1 << 20,
+            reclaim_bytes: 1 << 20,
+            min_free_bytes: 0,
+        }
+    }
+
+    /// An idle writer (sources open, nothing arriving) sleeps until its next chore, for every
+    /// fsync policy. On tokio's paused clock time only moves while every task waits: a writer
+    /// that woke at once, forever (what it did, holding a core, until the chore deadline was
+    /// fixed) keeps the clock still, the minute below never passes and the real-time watchdog
+    /// fails the test.
+    #[test]
+    fn an_idle_writer_sleeps_between_chores() {
+        for fsync in [
+            FsyncPolicy::EveryBatch,
+            FsyncPolicy::Interval { ms: 100 },
+            FsyncPolicy::Interval { ms: 5_000 },
+            FsyncPolicy::Never,
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut settings = Settings::from_toml(
+                "device_id = \"d1\"\n[[source]]\ntype = \"sim\"\nstream = \"imu\"\n",
+                "test.toml",
+                Vec::new(),
+            )
+            .expect("settings");
+            settings.queue = queue_settings(fsync);
+            let (queue, _) = Queue::open(
+                dir.path(),
+                settings.queue.clone(),
+                Arc::new(Metrics::default()),
+            )
+            .expect("queue");
+            let (done_tx, done_rx) = std_mpsc::channel();
+            let runner = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .start_paused(true)
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let (tx, rx) = mpsc::channel::<Sample>(16);
+                    let (done, shutdown, force) = (
+                        CancellationToken::new(),
+                        CancellationToken::new(),
+                        CancellationToken::new(),
+                    );
+                    let writer = tokio::spawn(run(
+                        Arc::new(settings),
+                        Arc::new(queue),
+                        rx,
+                        None,
+                        done,
+                        shutdown,
+                        force.clone(),
+                    ));
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    force.cancel();
+                    drop(tx);
+                    writer.await.expect("writer");
+                });
+                let _ = done_tx.send(());
+            });
+            assert!(
+                done_rx.recv_timeout(Duration::from_secs(30)).is_ok(),
+                "with fsync {fsync:?} the idle writer kept the paused clock from reaching one minute: it is waking without waiting"
+            );
+            runner.join().expect("runner");
+        }
     }
 }

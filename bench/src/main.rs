@@ -414,6 +414,25 @@ struct Memory {
     threads: u64,
     acked: f64,
     inferences: f64,
+    /// CPU seconds (user + system) the agent spent in the measurement window.
+    cpu: f64,
+    /// Mean time of one model call (µs; both models, the whole run).
+    infer_us: f64,
+}
+
+/// User + system CPU seconds of a process so far (`/proc/PID/stat` fields 14 and 15, in
+/// USER_HZ ticks: 100 per second on every Linux ABI Ember ships for).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces: count from after its closing parenthesis.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let field = |n: usize| -> f64 {
+        rest.split_whitespace()
+            .nth(n - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    Ok((field(14) + field(15)) / 100.0)
 }
 
 fn repo_path(rel: &str) -> PathBuf {
@@ -452,19 +471,30 @@ async fn rss(args: RssArgs, measure: Duration) -> Result<()> {
     println!("agent streaming {case} for {} s:", measure.as_secs());
     let line = |who: &str, m: &Memory| {
         println!(
-            "  {who}: RSS plateau {:.1} MiB (anon {:.1}, file {:.1}), peak {:.1} MiB, {} threads; acked {} records, {} inferences",
-            m.plateau, m.anon, m.file, m.peak, m.threads, m.acked, m.inferences
+            "  {who}: RSS plateau {:.1} MiB (anon {:.1}, file {:.1}), peak {:.1} MiB, {} threads; acked {} records, {} inferences ({:.1} µs a model call); CPU {:.2} s ({:.1} % of one core)",
+            m.plateau,
+            m.anon,
+            m.file,
+            m.peak,
+            m.threads,
+            m.acked,
+            m.inferences,
+            m.infer_us,
+            m.cpu,
+            100.0 * m.cpu / measure.as_secs_f64()
         );
     };
     line("agent", &ours);
     if let Some(b) = &base {
         line("baseline", b);
         println!(
-            "  ratio agent/baseline: plateau {:.3}, peak {:.3}, anon {:.3}, file {:.3}",
+            "  ratio agent/baseline: plateau {:.3}, peak {:.3}, anon {:.3}, file {:.3}, CPU {:.3}, model call {:.3}",
             ours.plateau / b.plateau,
             ours.peak / b.peak,
             ours.anon / b.anon,
-            ours.file / b.file
+            ours.file / b.file,
+            ours.cpu / b.cpu,
+            ours.infer_us / b.infer_us
         );
     }
     Ok(())
@@ -505,12 +535,14 @@ async fn rss_case(
     let agent = b.start();
     let pid = agent.pid().context("the agent is not running")?;
     let mut samples = Vec::new();
+    let cpu0 = cpu_seconds(pid)?;
     let t0 = Instant::now();
     while t0.elapsed() < measure || samples.is_empty() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         samples.push(kb_field(&status, "VmRSS:"));
     }
+    let cpu = cpu_seconds(pid)? - cpu0;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
     let mut tail = samples[samples.len() / 2..].to_vec();
@@ -540,6 +572,9 @@ async fn rss_case(
             .unwrap_or(0),
         acked: m.get("records_acked_total").copied().unwrap_or(0.0),
         inferences: total("inference_windows_total"),
+        cpu,
+        infer_us: 1e6 * total("inference_latency_seconds_sum")
+            / total("inference_latency_seconds_count"),
     })
 }
 
