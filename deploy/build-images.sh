@@ -85,8 +85,8 @@ if want fleet || want agent || want mosquitto; then
 fi
 
 # The agent for ARM devices: one build per architecture, static, in the `device` profile
-# (Cargo.toml: release plus fat LTO and one codegen unit: a smaller binary for devices, a
-# slower build; EMBER_AGENT_PROFILE=release trades that back). The amd64 image above shares the
+# (Cargo.toml: release plus fat LTO, one codegen unit and opt-level "s" outside the hot loops:
+# a smaller binary for devices, a slower build; EMBER_AGENT_PROFILE=release trades that back). The amd64 image above shares the
 # release build with the fleet.
 profile=${EMBER_AGENT_PROFILE:-device}
 if want agent; then

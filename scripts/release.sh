@@ -5,7 +5,7 @@
 #
 # Writes to DIR (default target/release-artefacts/VERSION):
 #   ember-agent-VERSION-<arch>              stripped binary of the `device` profile (Cargo.toml:
-#                                           release plus fat LTO and one codegen unit; it strips)
+#                                           release plus fat LTO, one codegen unit and opt-level "s" outside the hot loops; it strips)
 #   ember-agent_VERSION-1_<arch>.deb        the package (cargo-deb; agent/Cargo.toml's metadata)
 #   ember-agent-VERSION-<arch>.cdx.json     CycloneDX 1.5 SBOM of what each binary is built from
 #                                           (cargo-cyclonedx, then cut down to `cargo tree`'s
