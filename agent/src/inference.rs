@@ -46,8 +46,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -392,11 +393,70 @@ struct Shadow {
     done: std::sync::mpsc::Sender<ShadowOutcome>,
 }
 
+/// The samples waiting for the inference thread: at most `cap`, as with
+/// `sync_channel(cap)`, but its memory grows and shrinks with what is queued. `sync_channel`
+/// reserves every slot up front (1 MiB at the default 16,384 samples), all of it resident once
+/// the ring has gone round: a tenth of a device agent's memory.
+#[derive(Clone)]
+struct TapSender {
+    tx: std::sync::mpsc::Sender<Tap>,
+    queued: Arc<AtomicUsize>,
+    cap: usize,
+}
+
+impl TapSender {
+    /// Queues `t` unless `cap` samples are waiting or the thread is gone.
+    fn try_send(&self, t: Tap) -> bool {
+        // Counted before the send and uncounted after the receive: never below zero.
+        if self.queued.fetch_add(1, Relaxed) >= self.cap {
+            self.queued.fetch_sub(1, Relaxed);
+            return false;
+        }
+        if self.tx.send(t).is_err() {
+            self.queued.fetch_sub(1, Relaxed);
+            return false;
+        }
+        true
+    }
+}
+
+struct TapReceiver {
+    rx: Receiver<Tap>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl TapReceiver {
+    fn recv_timeout(&self, wait: Duration) -> Result<Tap, RecvTimeoutError> {
+        let t = self.rx.recv_timeout(wait)?;
+        self.queued.fetch_sub(1, Relaxed);
+        Ok(t)
+    }
+
+    fn try_recv(&self) -> Option<Tap> {
+        let t = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(1, Relaxed);
+        Some(t)
+    }
+}
+
+fn tap_channel(cap: usize) -> (TapSender, TapReceiver) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        TapSender {
+            tx,
+            queued: queued.clone(),
+            cap,
+        },
+        TapReceiver { rx, queued },
+    )
+}
+
 /// Feeds the inference thread and swaps its models. Cloneable; the thread stops once every
 /// handle's tap side is gone (see [`InferenceHandle::close_taps`]).
 #[derive(Clone)]
 pub struct InferenceHandle {
-    taps: Option<SyncSender<Tap>>,
+    taps: Option<TapSender>,
     swaps: std::sync::mpsc::Sender<Control>,
     active: Arc<Mutex<Vec<ModelSlot>>>,
     metrics: Arc<Metrics>,
@@ -411,13 +471,11 @@ impl InferenceHandle {
         let Some(tx) = &self.taps else {
             return false;
         };
-        match tx.try_send(t) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.metrics.inference_samples_skipped.fetch_add(1, Relaxed);
-                false
-            }
+        let queued = tx.try_send(t);
+        if !queued {
+            self.metrics.inference_samples_skipped.fetch_add(1, Relaxed);
         }
+        queued
     }
 
     /// Drops this handle's tap sender: when no handle has one, the thread flushes and stops.
@@ -523,7 +581,7 @@ pub fn spawn(
 ) -> Result<(InferenceHandle, std::thread::JoinHandle<()>), InferenceError> {
     let trusted = Arc::new(trusted_keys(settings)?);
     let device = device(settings.backend)?;
-    let (tap_tx, tap_rx) = std::sync::mpsc::sync_channel(settings.queue_samples);
+    let (tap_tx, tap_rx) = tap_channel(settings.queue_samples);
     let (swap_tx, swap_rx) = std::sync::mpsc::channel();
     let active = Arc::new(Mutex::new(slots.clone()));
     publish_models(&metrics, &slots);
@@ -839,7 +897,7 @@ impl Engine {
         }
     }
 
-    fn run(mut self, taps: Receiver<Tap>, swaps: Receiver<Control>) {
+    fn run(mut self, taps: TapReceiver, swaps: Receiver<Control>) {
         loop {
             // Swaps land here, between batches: never inside one.
             while let Ok(req) = swaps.try_recv() {
@@ -856,8 +914,8 @@ impl Engine {
                     // Take what is already waiting without blocking, up to a batch.
                     while self.pending.len() < self.max_batch {
                         match taps.try_recv() {
-                            Ok(t) => self.on_sample(t),
-                            Err(_) => break,
+                            Some(t) => self.on_sample(t),
+                            None => break,
                         }
                     }
                 }
@@ -1308,6 +1366,34 @@ mod tests {
             seen += 1;
         }
         assert!(seen >= 4, "expected the 4 committed bundles, found {seen}");
+    }
+
+    #[test]
+    fn the_tap_queue_holds_at_most_its_capacity_and_frees_room_as_the_thread_takes() {
+        let (tx, rx) = tap_channel(2);
+        assert!(tx.try_send(tap(1)));
+        assert!(tx.clone().try_send(tap(2)));
+        assert!(!tx.try_send(tap(3)), "a third sample must not fit");
+        assert_eq!(rx.try_recv().map(|t| t.seq), Some(1));
+        assert!(tx.try_send(tap(4)));
+        assert!(!tx.try_send(tap(5)));
+        let seqs: Vec<u64> = [rx.recv_timeout(Duration::from_secs(1)).ok(), rx.try_recv()]
+            .into_iter()
+            .flatten()
+            .map(|t| t.seq)
+            .collect();
+        assert_eq!(seqs, vec![2, 4]);
+        assert!(rx.try_recv().is_none());
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_millis(1)),
+            Err(RecvTimeoutError::Timeout)
+        ));
+        drop(rx);
+        assert!(
+            !tx.try_send(tap(6)),
+            "nothing is queued once the thread is gone"
+        );
+        assert_eq!(tx.queued.load(Relaxed), 0);
     }
 
     fn tap(seq: u64) -> Tap {
