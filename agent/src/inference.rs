@@ -1368,6 +1368,29 @@ mod tests {
         assert!(seen >= 4, "expected the 4 committed bundles, found {seen}");
     }
 
+    /// The device build (no `wgpu`, so ember-models without burn's modules; CI runs it under
+    /// qemu-aarch64) refuses at load what only burn's modules could run, naming the build
+    /// that can, instead of failing on the first window.
+    #[cfg(not(feature = "wgpu"))]
+    #[test]
+    fn without_burn_modules_int8_kept_quantized_is_refused_at_load() {
+        let bundle = Bundle::read_file(&bundles_dir().join("activity-int8.bundle")).unwrap();
+        let flex = device(Backend::Flex).unwrap();
+        let e = LoadedModel::load_with(
+            &bundle,
+            &flex,
+            ember_models::LoadOptions { dequantize: false },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ember_models::ModelError::Unplanned { .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("burn-modules"), "{e}");
+        // The default load of the same bundle runs through the plan.
+        assert!(LoadedModel::load(&bundle, &flex).unwrap().planned());
+    }
+
     #[test]
     fn the_tap_queue_holds_at_most_its_capacity_and_frees_room_as_the_thread_takes() {
         let (tx, rx) = tap_channel(2);
