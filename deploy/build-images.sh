@@ -96,9 +96,8 @@ if want agent; then
     command -v "${ARM_GCC[$a]}" >/dev/null 2>&1 || die "${ARM_GCC[$a]} is missing: apt-get install gcc-${ARM_GCC[$a]%-gcc} (or bash scripts/install-deps.sh)"
     rustup target list --installed 2>/dev/null | grep -qx "$t" || die "the Rust target $t is missing: rustup target add $t"
     say "cargo build --profile $profile --target $t -p ember-agent"
-    tv=${t//-/_}
-    env "CARGO_TARGET_${tv^^}_RUSTFLAGS=-C target-feature=+crt-static" \
-      cargo build --profile "$profile" --locked --target "$t" -p ember-agent
+    # .cargo/config.toml links both ARM targets statically (crt-static).
+    cargo build --profile "$profile" --locked --target "$t" -p ember-agent
     b=${CARGO_TARGET_DIR:-$root/target}/$t/$profile/ember-agent
     if readelf -l "$b" | grep -q 'program interpreter'; then die "$b is not static"; fi
     mkdir -p "$ctx/agent-$a/state"

@@ -43,7 +43,16 @@ WGPU=(--features ember-models/wgpu,ember-agent/wgpu,ember-agent/fault-injection,
 step clippy cargo clippy --workspace --all-targets "${WGPU[@]}" -- -D warnings
 step host-tests cargo test --workspace --no-fail-fast "${WGPU[@]}"
 step thumbv7em-proto cargo build -p ember-proto --no-default-features --features alloc,node --target thumbv7em-none-eabihf
-step aarch64-tests cargo test -p ember-proto -p ember-ts -p ember-agent --lib --no-fail-fast --target aarch64-unknown-linux-gnu
+# The ARM and container builds below (these unit tests, the deploy-stack step's images and the
+# .deb) use the release profile at opt-level 1: the same code with less of LLVM's time, which a
+# cold CI run on 2 cores spends in minutes. They share one build per target: the aarch64 unit
+# tests compile exactly the dependencies, features and flags of the arm64 image's agent
+# (agent/Cargo.toml's ARM-only feature unification, .cargo/config.toml's crt-static), which
+# deploy-stack then links without compiling them again. Run by hand, deploy/tests/stack-test.sh
+# builds at the release profile's own opt-level 3.
+CI_RELEASE=(env CARGO_PROFILE_RELEASE_OPT_LEVEL=1)
+A64=aarch64-unknown-linux-gnu
+step aarch64-tests "${CI_RELEASE[@]}" bash -c 'rc=0; cargo test --release --locked -p ember-agent --lib --no-fail-fast --target "$1" || rc=1; cargo test --release --locked -p ember-proto -p ember-ts --lib --no-fail-fast --target "$1" || rc=1; exit $rc' _ "$A64"
 # armv7 (and aarch64) release builds of the agent, static, are linked and run under qemu in the
 # deploy-stack step below: they are the ARM container images, and the armv7 agent streams
 # through the local stack there.
@@ -67,11 +76,11 @@ step firmware-tests bash -c 'cd firmware; rc=0; cargo test -p ember-node --targe
 # Terraform and Dockerfiles, then the images built and the local stack tested on the real
 # Docker Engine (terraform apply/destroy, outages, refused identities, up.sh/down.sh).
 step deploy-validate bash deploy/tests/validate.sh
-step deploy-stack bash deploy/tests/stack-test.sh
+step deploy-stack "${CI_RELEASE[@]}" bash deploy/tests/stack-test.sh
 # The agent's .deb (cargo-deb, from the static release binary deploy-stack built) installed in a
 # container with systemd as PID 1: the unit reaches active, the watchdog restarts a frozen
 # agent, an upgrade keeps the queue, purge removes it (agent/debian/tests/container.sh).
-step deb-packaging bash agent/debian/tests/container.sh
+step deb-packaging "${CI_RELEASE[@]}" bash agent/debian/tests/container.sh
 
 
 passed=0; failed=0
