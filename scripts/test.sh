@@ -30,6 +30,37 @@ step() {
 
 bash scripts/install-deps.sh || { echo "0 passed, 1 failed"; exit 1; }
 
+# The ARM and container builds (the aarch64 unit tests, the deploy-stack step's images and the
+# .deb) use the release profile at opt-level 1: the same code with less of LLVM's time, which a
+# cold CI run on 2 cores spends in minutes. They share one build per target: the aarch64 unit
+# tests compile exactly the dependencies, features and flags of the arm64 image's agent
+# (agent/Cargo.toml's ARM-only feature unification, .cargo/config.toml's crt-static), which
+# deploy-stack then links without compiling them again. Run by hand, deploy/tests/stack-test.sh
+# builds at the release profile's own opt-level 3.
+CI_RELEASE=(env CARGO_PROFILE_RELEASE_OPT_LEVEL=1)
+A64=aarch64-unknown-linux-gnu
+# Those builds start now, in the background at the lowest CPU priority (nice 19): they use the
+# cores that the lint and the host tests leave idle (a test run mostly waits on brokers,
+# databases and timeouts; half the CPU on 2 cores) and take almost nothing from them. Each is
+# the exact invocation (profile, flags, environment) its step runs later, which then finds it
+# built, or waits on cargo's lock of that build directory (target/<triple>/release; the host
+# tests build in target/debug) and finds it built; a failure shows again in its own step. The
+# background log is $LOGS/prebuild.log.
+prebuild() {
+  "${CI_RELEASE[@]}" cargo test --release --locked -p ember-agent --lib --no-run --target "$A64"
+  "${CI_RELEASE[@]}" cargo test --release --locked -p ember-proto -p ember-ts --lib --no-run --target "$A64"
+  "${CI_RELEASE[@]}" CC_x86_64_unknown_linux_musl=musl-gcc cargo build --release --locked \
+    --target x86_64-unknown-linux-musl -p ember-fleet -p ember-agent
+  "${CI_RELEASE[@]}" cargo build --release --locked --target armv7-unknown-linux-gnueabihf -p ember-agent
+}
+(
+  renice -n 19 -p "$BASHPID" >/dev/null
+  t0=$SECONDS
+  prebuild
+  echo "prebuild: done ($((SECONDS - t0)) s)"
+) >"$LOGS/prebuild.log" 2>&1 &
+prebuild_pid=$!
+
 step fmt cargo fmt --all -- --check
 # One feature set for lint and tests: burn is built once, with its wgpu backend beside flex, so
 # the wgpu golden vectors (models/tests/wgpu_golden.rs, the agent's
@@ -41,17 +72,13 @@ step fmt cargo fmt --all -- --check
 # bundles).
 WGPU=(--features ember-models/wgpu,ember-agent/wgpu,ember-agent/fault-injection,ember-fleet/demo,ember-fleet/fault-injection)
 step clippy cargo clippy --workspace --all-targets "${WGPU[@]}" -- -D warnings
+# The README's demo build: ember-fleet without its default `cloud` feature (the cloud clients
+# the demo never runs), linted so that the first command keeps building.
+step clippy-demo cargo clippy -p ember-fleet --no-default-features --features demo --lib --bins -- -D warnings
 step host-tests cargo test --workspace --no-fail-fast "${WGPU[@]}"
 step thumbv7em-proto cargo build -p ember-proto --no-default-features --features alloc,node --target thumbv7em-none-eabihf
-# The ARM and container builds below (these unit tests, the deploy-stack step's images and the
-# .deb) use the release profile at opt-level 1: the same code with less of LLVM's time, which a
-# cold CI run on 2 cores spends in minutes. They share one build per target: the aarch64 unit
-# tests compile exactly the dependencies, features and flags of the arm64 image's agent
-# (agent/Cargo.toml's ARM-only feature unification, .cargo/config.toml's crt-static), which
-# deploy-stack then links without compiling them again. Run by hand, deploy/tests/stack-test.sh
-# builds at the release profile's own opt-level 3.
-CI_RELEASE=(env CARGO_PROFILE_RELEASE_OPT_LEVEL=1)
-A64=aarch64-unknown-linux-gnu
+# The aarch64 unit tests under qemu-aarch64, built (above, in the background) in the profile
+# and with the flags of the arm64 image's agent.
 step aarch64-tests "${CI_RELEASE[@]}" bash -c 'rc=0; cargo test --release --locked -p ember-agent --lib --no-fail-fast --target "$1" || rc=1; cargo test --release --locked -p ember-proto -p ember-ts --lib --no-fail-fast --target "$1" || rc=1; exit $rc' _ "$A64"
 # armv7 (and aarch64) release builds of the agent, static, are linked and run under qemu in the
 # deploy-stack step below: they are the ARM container images, and the armv7 agent streams
@@ -82,6 +109,9 @@ step deploy-stack "${CI_RELEASE[@]}" bash deploy/tests/stack-test.sh
 # agent, an upgrade keeps the queue, purge removes it (agent/debian/tests/container.sh).
 step deb-packaging "${CI_RELEASE[@]}" bash agent/debian/tests/container.sh
 
+
+wait "$prebuild_pid" 2>/dev/null
+tail -1 "$LOGS/prebuild.log"
 
 passed=0; failed=0
 for f in "$LOGS"/host-tests.log "$LOGS"/aarch64-tests.log "$LOGS"/monitoring.log "$LOGS"/firmware-tests.log "$LOGS"/deploy-validate.log "$LOGS"/deploy-stack.log "$LOGS"/deb-packaging.log; do

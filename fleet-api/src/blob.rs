@@ -6,8 +6,10 @@
 //! Keys are `/`-separated relative paths; a key with an empty, `.` or `..` segment is refused.
 
 use std::path::{Path, PathBuf};
+#[cfg(feature = "cloud")]
 use std::sync::Arc;
 
+#[cfg(feature = "cloud")]
 use object_store::{ObjectStore, PutOptions, PutPayload};
 
 /// Why a blob operation failed (the text names the object and never carries credentials).
@@ -18,6 +20,8 @@ pub struct BlobError(pub String);
 /// Where bundle bytes live.
 pub enum BlobStore {
     Fs(FsStore),
+    /// Only in builds with the `cloud` feature (the default).
+    #[cfg(feature = "cloud")]
     Object(ObjStore),
 }
 
@@ -31,6 +35,7 @@ impl BlobStore {
                     .await
                     .map_err(|e| BlobError(e.to_string()))?
             }
+            #[cfg(feature = "cloud")]
             BlobStore::Object(o) => {
                 let path = o.path(key)?;
                 o.store
@@ -53,6 +58,7 @@ impl BlobStore {
                     Err(e) => Err(store_err("remove", &path, e)),
                 }
             }
+            #[cfg(feature = "cloud")]
             BlobStore::Object(o) => {
                 use futures_util::StreamExt;
                 let path = o.path(key)?;
@@ -75,6 +81,7 @@ impl BlobStore {
                     .await
                     .map_err(|e| BlobError(e.to_string()))?
             }
+            #[cfg(feature = "cloud")]
             BlobStore::Object(o) => {
                 let path = o.path(key)?;
                 if start >= end {
@@ -100,6 +107,7 @@ impl BlobStore {
 }
 
 /// Objects in a bucket (S3, GCS) or container (Azure) under a prefix.
+#[cfg(feature = "cloud")]
 pub struct ObjStore {
     store: Arc<dyn ObjectStore>,
     prefix: object_store::path::Path,
@@ -107,6 +115,7 @@ pub struct ObjStore {
     display: String,
 }
 
+#[cfg(feature = "cloud")]
 impl ObjStore {
     /// `scheme://bucket`, for messages.
     pub fn display(&self) -> &str {

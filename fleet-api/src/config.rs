@@ -942,7 +942,7 @@ impl Settings {
 
         let models = resolve_models(raw.models)?;
 
-        Ok(Settings {
+        let settings = Settings {
             data_dir,
             bootstrap_token: raw.bootstrap_token,
             log,
@@ -957,7 +957,61 @@ impl Settings {
             shutdown,
             models,
             bridge: raw.bridge.map(resolve_bridge).transpose()?,
-        })
+        };
+        settings.check_build()?;
+        Ok(settings)
+    }
+
+    /// Refuses what this binary was built without: the cloud clients (cargo feature `cloud`:
+    /// on by default, in every release build and image; the README's demo build leaves it
+    /// out). The error names the key and the build that has it, before any port is bound.
+    pub fn check_build(&self) -> Result<(), ConfigError> {
+        self.check_features(cfg!(feature = "cloud"))
+    }
+
+    /// [`Settings::check_build`] for a build with (`cloud`) or without the cloud clients.
+    fn check_features(&self, cloud: bool) -> Result<(), ConfigError> {
+        let mut needs_cloud: Vec<(&str, String)> = Vec::new();
+        match &self.ingest.source {
+            IngestSource::Mqtt => {}
+            IngestSource::Kinesis(_) => needs_cloud.push(("ingest.source", "\"kinesis\"".into())),
+            IngestSource::EventHubs(_) => {
+                needs_cloud.push(("ingest.source", "\"eventhubs\"".into()))
+            }
+            IngestSource::PubSub(_) => needs_cloud.push(("ingest.source", "\"pubsub\"".into())),
+        }
+        match &self.desired.sink {
+            DesiredSink::Mqtt => {}
+            DesiredSink::AwsIotData { .. } => {
+                needs_cloud.push(("desired.sink", "AWS IoT Core's data plane".into()))
+            }
+            DesiredSink::AzureTwin(_) => {
+                needs_cloud.push(("desired.sink", "Azure IoT Hub's device twins".into()))
+            }
+        }
+        if self.database.token_source.is_some() {
+            needs_cloud.push(("database.token_source", "Entra ID sign-in".into()));
+        }
+        if let ModelStore::Object { url } = &self.models.store {
+            needs_cloud.push(("models.store", format!("the object store {url}")));
+        }
+        if let Some(LakeStore::Object { url }) = self.lake.as_ref().map(|l| &l.store) {
+            needs_cloud.push(("lake.store", format!("the object store {url}")));
+        }
+        if self.bridge.is_some() {
+            needs_cloud.push(("bridge", "the Pub/Sub bridge".into()));
+        }
+        if !cloud {
+            if let Some((key, what)) = needs_cloud.into_iter().next() {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{what} needs ember-fleet built with its `cloud` feature, which this binary was built without (it is on by default: `cargo build --release -p ember-fleet`, or the ember-fleet image)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The resolved settings as TOML (secrets masked), for `check-config`.
@@ -1903,6 +1957,61 @@ mod tests {
                 "`{key}` holds text: add it to STRING_KEYS"
             );
         }
+    }
+
+    /// A build without the `cloud` feature (the README's demo) refuses each option that needs
+    /// it, naming the key and the build that has it; the default build takes them all.
+    #[test]
+    fn a_build_without_the_cloud_clients_refuses_what_needs_them() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "[ingest]\nsource = \"kinesis\"\n[ingest.kinesis]\nstream = \"s\"\nregion = \"eu-west-1\"\n",
+                "ingest.source",
+            ),
+            (
+                "[ingest]\nsource = \"eventhubs\"\n[ingest.eventhubs]\nconnection_string_file = \"/x\"\n",
+                "ingest.source",
+            ),
+            (
+                "[ingest]\nsource = \"pubsub\"\n[ingest.pubsub]\nsubscription = \"projects/p/subscriptions/s\"\n",
+                "ingest.source",
+            ),
+            (
+                "[desired]\nsink = \"aws-iot-data\"\n[desired.aws_iot_data]\nregion = \"eu-west-1\"\nendpoint = \"a-ats.iot.eu-west-1.amazonaws.com\"\n",
+                "desired.sink",
+            ),
+            (
+                "[desired]\nsink = \"azure-twin\"\n[desired.azure_twin]\nconnection_string_file = \"/x\"\n",
+                "desired.sink",
+            ),
+            (
+                "[database]\nurl = \"postgres://ember-id@h.postgres.database.azure.com/ember\"\ntoken_source = \"azure-workload-identity\"\n",
+                "database.token_source",
+            ),
+            (
+                "[models]\nstore = \"s3://bucket/bundles\"\n",
+                "models.store",
+            ),
+            ("[lake]\nstore = \"gs://bucket/lake\"\n", "lake.store"),
+            ("[bridge]\ntopic = \"projects/p/topics/t\"\n", "bridge"),
+        ];
+        for (toml, key) in cases {
+            let s = Settings::from_toml(toml, "test", Vec::new()).unwrap();
+            s.check_features(true).unwrap();
+            let e = s.check_features(false).expect_err(toml).to_string();
+            assert!(
+                e.contains(key) && e.contains("`cloud` feature") && e.contains("cargo build"),
+                "{toml}: {e}"
+            );
+        }
+        // What the demo configures (SQLite, a lake directory, bundles on disk) needs nothing.
+        let s = Settings::from_toml(
+            "[lake]\nstore = \"/var/lib/ember/lake\"\n",
+            "test",
+            Vec::new(),
+        )
+        .unwrap();
+        s.check_features(false).unwrap();
     }
 
     #[test]

@@ -32,7 +32,7 @@ use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::{AnyPool, Executor, Row};
 
-use crate::config::{Backend, DatabaseSettings, TokenSource};
+use crate::config::{Backend, DatabaseSettings};
 use crate::error::FleetError;
 
 /// Migrations per backend, compiled in: `(version, description, sql)`.
@@ -204,8 +204,16 @@ impl Db {
                     Ok(())
                 })
             });
+        #[cfg(not(feature = "cloud"))]
+        if settings.token_source.is_some() {
+            // Refused by `Settings::check_build` already, for callers that skip it.
+            return Err(FleetError::Token(
+                "database.token_source needs ember-fleet built with its `cloud` feature".into(),
+            ));
+        }
+        #[cfg(feature = "cloud")]
         let signer = match settings.token_source {
-            Some(TokenSource::AzureWorkloadIdentity) => {
+            Some(crate::config::TokenSource::AzureWorkloadIdentity) => {
                 let mut s = EntraSigner::new().map_err(|e| FleetError::Token(e.to_string()))?;
                 url = s.url_with_token(&settings.url).await?;
                 Some(s)
@@ -220,6 +228,7 @@ impl Db {
                 source,
             })?;
         let signed_url = std::sync::Arc::new(std::sync::RwLock::new(None));
+        #[cfg(feature = "cloud")]
         if let Some(s) = signer {
             *signed_url.write().unwrap_or_else(|p| p.into_inner()) = Some(url.clone());
             tokio::spawn(s.renew(pool.clone(), settings.url.clone(), signed_url.clone()));
@@ -547,12 +556,14 @@ where
 /// connections; PostgreSQL checks it only when a connection opens, so open connections
 /// outlive it. A task renews it at 80 % of its lifetime and gives the pool the new URL, until
 /// the pool closes; a failed renewal is retried every 30 s while the old token still holds.
+#[cfg(feature = "cloud")]
 struct EntraSigner {
     identity: crate::cloud::azure::WorkloadIdentity,
     http: reqwest::Client,
     expires_in: std::time::Duration,
 }
 
+#[cfg(feature = "cloud")]
 impl EntraSigner {
     fn new() -> Result<EntraSigner, crate::cloud::azure::EntraError> {
         // reqwest finds the process-wide rustls provider; install ring (what the rest of the

@@ -29,8 +29,10 @@
 pub mod api;
 pub mod auth;
 pub mod blob;
+#[cfg(feature = "cloud")]
 pub mod bridge;
 pub mod cli;
+#[cfg(feature = "cloud")]
 pub mod cloud;
 pub mod config;
 pub mod db;

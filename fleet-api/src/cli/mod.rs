@@ -29,7 +29,7 @@ use crate::config::{LogFormat, Settings};
 
 /// What `ember-fleet demo` says in a build without the `demo` feature.
 pub const DEMO_MISSING: &str = "this ember-fleet was built without the demo (the cargo feature `demo`); \
-     run it with `cargo run --release -p ember-fleet --features demo -- demo`";
+     run it with `cargo run --release -p ember-fleet --no-default-features --features demo -- demo`";
 
 #[derive(Parser)]
 #[command(
@@ -265,6 +265,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
 }
 
 /// `ember-fleet bridge`: the broker to Pub/Sub until a signal (see [`crate::bridge`]).
+#[cfg(feature = "cloud")]
 fn bridge(settings: Settings) -> anyhow::Result<()> {
     if settings.bridge.is_none() {
         return Err(crate::bridge::BridgeError::NotConfigured.into());
@@ -279,6 +280,14 @@ fn bridge(settings: Settings) -> anyhow::Result<()> {
         crate::bridge::run(std::sync::Arc::new(settings), listener, shutdown, force).await?;
         Ok(())
     })
+}
+
+/// `ember-fleet bridge` in a build without the cloud clients.
+#[cfg(not(feature = "cloud"))]
+fn bridge(_settings: Settings) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "ember-fleet bridge needs ember-fleet built with its `cloud` feature, which this binary was built without (it is on by default: `cargo build --release -p ember-fleet`, or the ember-fleet image)"
+    )
 }
 
 /// `ember-fleet migrate`: the schema brought to this build's version, once.

@@ -43,7 +43,9 @@ use ember_bundle::{BundleError, RawBundle, TrustedKeys, Version};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use crate::blob::{BlobError, BlobStore, FsStore, ObjStore, store_err, write_create_only};
+#[cfg(feature = "cloud")]
+use crate::blob::ObjStore;
+use crate::blob::{BlobError, BlobStore, FsStore, store_err, write_create_only};
 use crate::config::{ModelSettings, ModelStore};
 use crate::db::{Db, Sql, get_bool, now_us};
 
@@ -279,10 +281,19 @@ impl Registry {
     ) -> Result<Registry, RegistryError> {
         let store = match &settings.store {
             ModelStore::Fs => BlobStore::Fs(FsStore::new(data_dir.join("models"))),
+            #[cfg(feature = "cloud")]
             ModelStore::Object { url } => {
                 let store = ObjStore::open(url, &settings.store_options)?;
                 tracing::info!(store = %store.display(), "Model bundles go to object storage.");
                 BlobStore::Object(store)
+            }
+            // Refused by `Settings::check_build` already, for callers that skip it.
+            #[cfg(not(feature = "cloud"))]
+            ModelStore::Object { url } => {
+                return Err(BlobError(format!(
+                    "models.store = {url:?} needs ember-fleet built with its `cloud` feature"
+                ))
+                .into());
             }
         };
         Ok(Registry {

@@ -13,6 +13,7 @@
 //! The request and response types of the REST API live in `crate::api::rollouts`; the
 //! `ember-fleet rollout` command in `crate::cli::rollout`.
 
+#[cfg(feature = "cloud")]
 pub mod azure_twin;
 pub mod machine;
 pub mod publisher;

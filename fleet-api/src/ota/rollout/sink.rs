@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::publisher::PUBLISH_INTERVAL;
 use super::service::Service;
+#[cfg(feature = "cloud")]
 use crate::cloud::aws::{AwsClient, AwsError};
 
 /// A boxed future, for the object-safe trait below.
@@ -45,12 +46,14 @@ pub trait DesiredStateSink: Send + Sync + 'static {
 /// AWS IoT Core's data plane: `POST /topics/ember%2Fv1%2F<device>%2Fdesired?qos=1&retain=true`
 /// on the account's ATS endpoint, signed with the fleet's IAM role (IRSA on EKS; needs
 /// `iot:Publish` and `iot:RetainPublish` on the desired topics, terraform/aws/modules/eks).
+#[cfg(feature = "cloud")]
 pub struct IotDataSink {
     pub client: AwsClient,
     /// `https://<prefix>-ats.iot.<region>.amazonaws.com` (or a local emulator's URL).
     pub endpoint: String,
 }
 
+#[cfg(feature = "cloud")]
 impl DesiredStateSink for IotDataSink {
     fn name(&self) -> &'static str {
         "aws-iot-data"
@@ -162,12 +165,20 @@ pub fn from_settings(
 ) -> Option<Arc<dyn DesiredStateSink>> {
     match &settings.desired.sink {
         crate::config::DesiredSink::Mqtt => None,
+        // Refused by `Settings::check_build` already, for callers that skip it.
+        #[cfg(not(feature = "cloud"))]
+        crate::config::DesiredSink::AzureTwin(_)
+        | crate::config::DesiredSink::AwsIotData { .. } => Some(Arc::new(Unavailable(
+            "this desired.sink needs ember-fleet built with its `cloud` feature".into(),
+        ))),
+        #[cfg(feature = "cloud")]
         crate::config::DesiredSink::AzureTwin(t) => Some(
             match super::azure_twin::AzureTwinSink::from_settings(t, metrics.clone()) {
                 Ok(sink) => Arc::new(sink),
                 Err(e) => Arc::new(Unavailable(e.to_string())),
             },
         ),
+        #[cfg(feature = "cloud")]
         crate::config::DesiredSink::AwsIotData { endpoint, region } => Some(
             match AwsClient::from_env(region, endpoint.starts_with("http://")) {
                 Ok(client) => Arc::new(IotDataSink {

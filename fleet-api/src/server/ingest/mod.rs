@@ -49,8 +49,11 @@
 
 pub mod classify;
 pub mod commits;
+#[cfg(feature = "cloud")]
 pub mod eventhubs;
+#[cfg(feature = "cloud")]
 pub mod kinesis;
+#[cfg(feature = "cloud")]
 pub mod pubsub;
 pub mod source;
 pub mod staging;
@@ -195,6 +198,15 @@ pub async fn run(
     shutdown: CancellationToken,
     force: CancellationToken,
 ) {
+    #[cfg(not(feature = "cloud"))]
+    if settings.ingest.source != crate::config::IngestSource::Mqtt {
+        // Refused by `Settings::check_build` already, for callers that skip it.
+        tracing::error!(
+            "This ingest.source needs ember-fleet built with its `cloud` feature; ingestion does not start."
+        );
+        return;
+    }
+    #[cfg(feature = "cloud")]
     if let crate::config::IngestSource::EventHubs(e) = &settings.ingest.source {
         let e = e.clone();
         return eventhubs::run(
@@ -202,6 +214,7 @@ pub async fn run(
         )
         .await;
     }
+    #[cfg(feature = "cloud")]
     if let crate::config::IngestSource::Kinesis(k) = &settings.ingest.source {
         let k = k.clone();
         return kinesis::run(
@@ -209,6 +222,7 @@ pub async fn run(
         )
         .await;
     }
+    #[cfg(feature = "cloud")]
     if let crate::config::IngestSource::PubSub(p) = &settings.ingest.source {
         let p = p.clone();
         return pubsub::run(

@@ -39,7 +39,9 @@ use std::time::{Duration, Instant};
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
-use crate::blob::{BlobError, BlobStore, FsStore, ObjStore};
+#[cfg(feature = "cloud")]
+use crate::blob::ObjStore;
+use crate::blob::{BlobError, BlobStore, FsStore};
 use crate::config::{LakeSettings, LakeStore};
 use crate::db::{Db, Sql, get_bool, now_us};
 use crate::metrics::Metrics;
@@ -81,8 +83,17 @@ impl Lake {
     pub fn open(db: Db, settings: &LakeSettings) -> Result<Lake, LakeError> {
         let store = match &settings.store {
             LakeStore::Dir(dir) => BlobStore::Fs(FsStore::new(dir.clone())),
+            #[cfg(feature = "cloud")]
             LakeStore::Object { url } => {
                 BlobStore::Object(ObjStore::open(url, &settings.store_options)?)
+            }
+            // Refused by `Settings::check_build` already, for callers that skip it.
+            #[cfg(not(feature = "cloud"))]
+            LakeStore::Object { url } => {
+                return Err(BlobError(format!(
+                    "lake.store = {url:?} needs ember-fleet built with its `cloud` feature"
+                ))
+                .into());
             }
         };
         Ok(Lake {
