@@ -46,12 +46,18 @@ A64=aarch64-unknown-linux-gnu
 # built, or waits on cargo's lock of that build directory (target/<triple>/release; the host
 # tests build in target/debug) and finds it built; a failure shows again in its own step. The
 # background log is $LOGS/prebuild.log.
+# The README's demo build: ember-fleet without its default `cloud` feature (the cloud clients
+# the demo never runs), linted (last step below) so that the first command keeps building. Its
+# features unify differently from the test build's (tokio, hyper, ...): it checks in a target
+# directory of its own, which the background fills too.
+DEMO_LINT=(env CARGO_TARGET_DIR=target/demo-lint cargo clippy --locked -p ember-fleet --no-default-features --features demo --lib --bins -- -D warnings)
 prebuild() {
   "${CI_RELEASE[@]}" cargo test --release --locked -p ember-agent --lib --no-run --target "$A64"
   "${CI_RELEASE[@]}" cargo test --release --locked -p ember-proto -p ember-ts --lib --no-run --target "$A64"
   "${CI_RELEASE[@]}" CC_x86_64_unknown_linux_musl=musl-gcc cargo build --release --locked \
     --target x86_64-unknown-linux-musl -p ember-fleet -p ember-agent
   "${CI_RELEASE[@]}" cargo build --release --locked --target armv7-unknown-linux-gnueabihf -p ember-agent
+  "${DEMO_LINT[@]}"
 }
 (
   renice -n 19 -p "$BASHPID" >/dev/null
@@ -72,9 +78,6 @@ step fmt cargo fmt --all -- --check
 # bundles).
 WGPU=(--features ember-models/wgpu,ember-agent/wgpu,ember-agent/fault-injection,ember-fleet/demo,ember-fleet/fault-injection)
 step clippy cargo clippy --workspace --all-targets "${WGPU[@]}" -- -D warnings
-# The README's demo build: ember-fleet without its default `cloud` feature (the cloud clients
-# the demo never runs), linted so that the first command keeps building.
-step clippy-demo cargo clippy -p ember-fleet --no-default-features --features demo --lib --bins -- -D warnings
 step host-tests cargo test --workspace --no-fail-fast "${WGPU[@]}"
 step thumbv7em-proto cargo build -p ember-proto --no-default-features --features alloc,node --target thumbv7em-none-eabihf
 # The aarch64 unit tests under qemu-aarch64, built (above, in the background) in the profile
@@ -110,6 +113,7 @@ step deploy-stack "${CI_RELEASE[@]}" bash deploy/tests/stack-test.sh
 step deb-packaging "${CI_RELEASE[@]}" bash agent/debian/tests/container.sh
 
 
+step clippy-demo "${DEMO_LINT[@]}"
 wait "$prebuild_pid" 2>/dev/null
 tail -1 "$LOGS/prebuild.log"
 

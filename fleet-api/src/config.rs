@@ -1001,17 +1001,15 @@ impl Settings {
         if self.bridge.is_some() {
             needs_cloud.push(("bridge", "the Pub/Sub bridge".into()));
         }
-        if !cloud {
-            if let Some((key, what)) = needs_cloud.into_iter().next() {
-                return Err(invalid(
-                    key,
-                    format!(
-                        "{what} needs ember-fleet built with its `cloud` feature, which this binary was built without (it is on by default: `cargo build --release -p ember-fleet`, or the ember-fleet image)"
-                    ),
-                ));
-            }
+        match needs_cloud.into_iter().next() {
+            Some((key, what)) if !cloud => Err(invalid(
+                key,
+                format!(
+                    "{what} needs ember-fleet built with its `cloud` feature, which this binary was built without (it is on by default: `cargo build --release -p ember-fleet`, or the ember-fleet image)"
+                ),
+            )),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// The resolved settings as TOML (secrets masked), for `check-config`.
@@ -1973,7 +1971,7 @@ mod tests {
                 "ingest.source",
             ),
             (
-                "[ingest]\nsource = \"pubsub\"\n[ingest.pubsub]\nsubscription = \"projects/p/subscriptions/s\"\n",
+                "[ingest]\nsource = \"pubsub\"\n[ingest.pubsub]\nsubscription = \"projects/p1/subscriptions/ember-fleet\"\n",
                 "ingest.source",
             ),
             (
@@ -1993,7 +1991,10 @@ mod tests {
                 "models.store",
             ),
             ("[lake]\nstore = \"gs://bucket/lake\"\n", "lake.store"),
-            ("[bridge]\ntopic = \"projects/p/topics/t\"\n", "bridge"),
+            (
+                "[bridge]\ntopic = \"projects/p1/topics/ember-ingest\"\n",
+                "bridge",
+            ),
         ];
         for (toml, key) in cases {
             let s = Settings::from_toml(toml, "test", Vec::new()).unwrap();

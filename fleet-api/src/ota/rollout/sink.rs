@@ -163,6 +163,8 @@ pub fn from_settings(
     settings: &crate::config::Settings,
     metrics: &Arc<crate::metrics::Metrics>,
 ) -> Option<Arc<dyn DesiredStateSink>> {
+    #[cfg(not(feature = "cloud"))]
+    let _ = metrics;
     match &settings.desired.sink {
         crate::config::DesiredSink::Mqtt => None,
         // Refused by `Settings::check_build` already, for callers that skip it.
