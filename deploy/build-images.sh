@@ -15,8 +15,8 @@
 #
 # --arch (default amd64, or $EMBER_IMAGE_ARCHS) chooses the agent's architectures: amd64 is
 # `ember-agent:VERSION` (the host's; musl), arm64 and armv7 are built from
-# aarch64-unknown-linux-gnu / armv7-unknown-linux-gnueabihf binaries linked statically here
-# (glibc, crt-static; Debian's cross gcc), tagged `-arm64` / `-armv7`. rustup ships no musl
+# aarch64-unknown-linux-gnu / armv7-unknown-linux-gnueabihf binaries linked statically
+# (glibc, crt-static from .cargo/config.toml; Debian's cross gcc), tagged `-arm64` / `-armv7`. rustup ships no musl
 # standard library for armv7, and glibc's allocator is the faster one for the models; glibc
 # 2.36 resolves host names without NSS modules (no nsswitch.conf in the image: DNS, then
 # /etc/hosts), which is all the agent needs. The
