@@ -483,7 +483,27 @@ fn column(row: &Row, name: &str) -> Option<usize> {
 }
 
 /// The labelled captures of `model` in the lake at `root`, and a name for the snapshot read.
+/// A live lake is compacted by the fleet: a file listed can be replaced by its compacted
+/// successor (the same rows) before it is read. The snapshot is then read again, from a fresh
+/// listing, up to five times.
 pub fn read_lake(root: &Path, model: &str) -> Result<(Vec<LabelledCapture>, String)> {
+    let mut attempt = 1;
+    loop {
+        match read_lake_once(root, model) {
+            Err(e)
+                if attempt < 5
+                    && e.downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) =>
+            {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn read_lake_once(root: &Path, model: &str) -> Result<(Vec<LabelledCapture>, String)> {
     if !root.is_dir() {
         bail!(
             "{} is not a directory: point --lake at the fleet's lake directory (lake.store), or sync a bucket's copy first (aws s3 sync, gsutil rsync, azcopy sync)",
